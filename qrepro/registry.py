@@ -1,0 +1,40 @@
+"""A tiny name -> factory registry whose unknown-name error lists the known names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from qrepro.errors import QreproError
+
+
+class Registry:
+    def __init__(self, kind: str, config_group: str | None = None) -> None:
+        self.kind = kind
+        self.config_group = config_group or kind
+        self._items: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def deco(obj: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items))
+            raise QreproError(
+                f"unknown {self.kind} {name!r}; choose one of: {known} "
+                f"(e.g. {self.config_group}={next(iter(sorted(self._items)), '?')})"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
