@@ -1,0 +1,1 @@
+"""Training engine: loop, hooks, checkpoints, run records."""

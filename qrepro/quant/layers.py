@@ -1,0 +1,84 @@
+"""Quantized Conv2d / Linear built by composition: the layer holds a weight fake-quantizer ``wq`` and an
+activation (input) fake-quantizer ``aq``; the maths lives in those modules.
+
+The layers keep the FP parameter names (``weight``, ``bias``) so an FP checkpoint loads strictly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _QMixin:
+    wq: nn.Module | None
+    aq: nn.Module | None
+
+    def _set_quantizers(self, wq: nn.Module | None, aq: nn.Module | None) -> None:
+        # register as sub-modules (None allowed) so their parameters are part of the model
+        self.wq = wq
+        self.aq = aq
+        for q in (wq, aq):
+            bind = getattr(q, "bind", None)
+            if callable(bind):
+                bind(self)
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight  # type: ignore[attr-defined]
+        return self.wq(w) if self.wq is not None else w
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aq(x) if self.aq is not None else x
+
+
+class QConv2d(_QMixin, nn.Conv2d):
+    """nn.Conv2d whose weight and input pass through the method's fake-quantizers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, wq: nn.Module | None, aq: nn.Module | None) -> QConv2d:
+        q = cls.__new__(cls)
+        q.__dict__ = conv.__dict__.copy()  # shares parameters, buffers, hooks and hyper-parameters
+        q._parameters = conv._parameters
+        q._buffers = conv._buffers
+        q._modules = dict(conv._modules)
+        q._set_quantizers(wq, aq)
+        return q
+
+
+class QLinear(_QMixin, nn.Linear):
+    """nn.Linear whose weight and input pass through the method's fake-quantizers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.effective_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, wq: nn.Module | None, aq: nn.Module | None) -> QLinear:
+        q = cls.__new__(cls)
+        q.__dict__ = lin.__dict__.copy()
+        q._parameters = lin._parameters
+        q._buffers = lin._buffers
+        q._modules = dict(lin._modules)
+        q._set_quantizers(wq, aq)
+        return q
+
+
+QUANT_LAYERS = (QConv2d, QLinear)
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QConv2d | QLinear]]:
+    """(name, layer) for every quantized layer of ``model`` in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_LAYERS):
+            yield name, m
+
+
+def is_quantizer_param(qualified_name: str) -> bool:
+    """True for parameters/buffers owned by a quantizer sub-module (``...wq.*`` / ``...aq.*``)."""
+    parts = qualified_name.split(".")
+    return "wq" in parts[:-1] or "aq" in parts[:-1]

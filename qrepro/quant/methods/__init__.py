@@ -1,0 +1,89 @@
+"""Quantization methods: one module per method, each registering a builder into ``METHODS``.
+
+A method is a weight fake-quantizer + an activation fake-quantizer + a per-layer policy (composition);
+see docs/architecture.md. Every module in this package is imported on first use, so adding a method is
+one new file plus one ``configs/quantizer/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+from qrepro.registry import Registry
+
+METHODS = Registry("quantizer")
+
+FP_BITS = 32
+
+
+@dataclass
+class LayerInfo:
+    """What a method sees of a layer when deciding how to quantize it."""
+
+    name: str
+    module: nn.Module
+    role: str  # "first" | "last" | "middle"
+    index: int
+    is_depthwise: bool
+    next_module: nn.Module | None
+    w_bits: int
+    a_bits: int
+
+
+@dataclass
+class Method:
+    name: str
+    quantize_layer: Callable[[LayerInfo], tuple[nn.Module | None, nn.Module | None] | None]
+    regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None
+    hooks: list[Any] = field(default_factory=list)
+    w_bits: int = FP_BITS
+    a_bits: int = FP_BITS
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+    _loaded = True
+
+
+def check_bits(method: str, w_bits: int, a_bits: int, supported: Sequence[int]) -> None:
+    """Raise a one-line QreproError if a bit-width is not supported by ``method``."""
+    for what, b in (("weight", w_bits), ("activation", a_bits)):
+        if b not in supported:
+            sup = ", ".join(str(s) for s in supported)
+            raise QreproError(
+                f"{what} bit-width {b} is not supported by quantizer={method} (supported: {sup}); "
+                f"choose another precision, e.g. precision=w4a4"
+            )
+
+
+def build_method(name: str, w_bits: int, a_bits: int, **options: Any) -> Method:
+    """Build the registered method ``name`` for a (w_bits, a_bits) budget."""
+    _load_all()
+    builder = METHODS.get(name)
+    try:
+        method = builder(w_bits, a_bits, **options)
+    except TypeError as e:  # unknown option names from the config
+        raise QreproError(f"bad options for quantizer={name}: {e}") from None
+    method.w_bits, method.a_bits = w_bits, a_bits
+    return method
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return METHODS.names()
