@@ -1,0 +1,259 @@
+"""Run every cell of a paper table: ``python -m qrepro.run_table <name> [--dry-run] [overrides...]``.
+
+Each cell becomes one ``python -m qrepro.train +experiment=<cell.experiment> <cell.overrides...> <extra...>
+++logger.group=<table>`` subprocess (``python -m qrepro.ptq`` for cells with a ``ptq:`` field). Cells run in
+the table's order, except that a cell starting from another cell's checkpoint (``init_from_cell``, or
+``ptq.from_cell``) runs after it, with ``init_from=<that run's dir>/checkpoints/last.pt``; the run directory
+is read from the ``record: <run dir>/record.json`` line the trainer prints last. A cell whose complete record
+already exists is skipped (the trainer would skip it too) and its run directory still feeds the chain.
+``--seeds 0 1 2`` runs each chain once per seed (seed s starts from the parent's seed-s run).
+Afterwards, ``python -m qrepro.tables <name>`` builds the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qrepro.errors import QreproError
+from qrepro.tables.records import (
+    DEFAULT_RUN_ROOTS,
+    Record,
+    load_records,
+    match_cell,
+    override_key,
+    override_value,
+)
+from qrepro.tables.schema import Cell, Table, load_table, resolve_table
+
+
+@dataclass(frozen=True)
+class RunResult:
+    returncode: int
+    record: Path | None  # the record.json the run reported (``record: <path>``), if any
+
+
+Runner = Callable[[list[str]], RunResult]
+
+
+@dataclass
+class Job:
+    """One run of one cell (for one seed) and what it depends on."""
+
+    cell: Cell
+    seed: int | None
+    overrides: list[str]  # the cell's overrides + extra overrides (+ seed), without init_from / logger
+    parent: tuple[str, int | None] | None  # (cell id, seed) whose checkpoint initialises this run
+    done: Record | None = None  # a complete record of this exact run (then it is skipped)
+    run_dir: Path | None = field(default=None)
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return (self.cell.id, self.seed)
+
+    @property
+    def module(self) -> str:
+        return "qrepro.ptq" if self.cell.extra.get("ptq") else "qrepro.train"
+
+
+def _sources(cell: Cell) -> list[str]:
+    return [p for p in (cell.init_from_cell, cell.ptq_from_cell) if p]
+
+
+def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]:
+    """Cells in table order, each moved after the cells it starts from.
+
+    ``only`` restricts to those cells plus, transitively, the cells they start from.
+    """
+    keep = set(table.ids())
+    if only is not None:
+        keep, todo = set(), [table.cell(i).id for i in only]
+        while todo:
+            cid = todo.pop()
+            if cid not in keep:
+                keep.add(cid)
+                todo += _sources(table.cell(cid))
+    out: list[Cell] = []
+    placed: set[str] = set()
+
+    def place(cell: Cell) -> None:  # the schema guarantees the chains are acyclic
+        if cell.id in placed:
+            return
+        for parent in _sources(cell):
+            place(table.cell(parent))
+        placed.add(cell.id)
+        out.append(cell)
+
+    for c in table.cells:
+        if c.id in keep:
+            place(c)
+    return out
+
+
+def plan(
+    table: Table,
+    records: Sequence[Record],
+    extra: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
+    only: Sequence[str] | None = None,
+) -> list[Job]:
+    """The runs in execution order, with completed ones marked (``job.done``)."""
+    extra = list(extra)
+    if seeds and any(override_key(o) == "seed" for o in extra):
+        raise QreproError("give the seed either as --seeds or as a seed=... override, not both")
+    requested = next((override_value(o) for o in extra if override_key(o) == "seed"), None)
+    jobs = []
+    for cell in ordered_cells(table, only):
+        parent_id = cell.init_from_cell or cell.ptq_from_cell
+        for seed in seeds or [None]:
+            overrides = list(cell.overrides) + extra + ([f"seed={seed}"] if seed is not None else [])
+            want = seed if seed is not None else requested
+            hits = [r for r in match_cell(cell, records, extra_overrides=extra) if _same_seed(r, want)]
+            job = Job(
+                cell, seed, overrides, (parent_id, seed) if parent_id else None, hits[0] if hits else None
+            )
+            if job.done is not None:
+                job.run_dir = job.done.run_dir
+            jobs.append(job)
+    return jobs
+
+
+def _same_seed(record: Record, seed: object) -> bool:
+    """A run of the requested seed; without one, a run that did not override the seed (the default)."""
+    if seed is None:
+        return not any(override_key(str(o)) == "seed" for o in record.data.get("overrides") or [])
+    return record.seed == seed
+
+
+def command(job: Job, table: Table, init_from: str | None, python: str = sys.executable) -> list[str]:
+    cmd = [python, "-m", job.module, f"+experiment={job.cell.experiment}", *job.overrides]
+    cmd.append(f"++logger.group={table.name}")
+    if init_from is not None:
+        cmd.append(f"init_from={init_from}")
+    return cmd
+
+
+def parse_record_line(lines: Sequence[str]) -> Path | None:
+    """The path on the last ``record: <path>`` line (the trainer prints it last), or None."""
+    for line in reversed(lines):
+        if line.startswith("record: "):
+            return Path(line[len("record: ") :].strip())
+    return None
+
+
+def subprocess_runner(cmd: list[str]) -> RunResult:
+    """Run ``cmd``, streaming its output, and pick up the ``record: <path>`` line."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            lines.append(line.rstrip("\n"))
+    return RunResult(proc.returncode, parse_record_line(lines))
+
+
+def run_table(
+    table: Table,
+    jobs: Sequence[Job],
+    *,
+    runner: Runner = subprocess_runner,
+    dry_run: bool = False,
+    python: str = sys.executable,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Run (or, with ``dry_run``, print) the jobs in order; returns 0, or 1 when a run failed."""
+    by_key = {j.key: j for j in jobs}
+    failed: list[str] = []
+    for job in jobs:
+        label = f"{table.name}/{job.cell.id}" + (f" seed={job.seed}" if job.seed is not None else "")
+        parent = by_key.get(job.parent) if job.parent else None
+        init_from = None
+        if job.parent is not None:
+            if parent is None or (parent.run_dir is None and not dry_run):
+                failed.append(label)
+                out(f"# {label}: skipped, its source cell {job.parent[0]} did not produce a run")
+                continue
+            run_dir = parent.run_dir.as_posix() if parent.run_dir else f"<run dir of {job.parent[0]}>"
+            init_from = f"{run_dir}/checkpoints/last.pt"
+        if job.done is not None:
+            out(f"# {label}: complete, skipped ({job.done.path.as_posix()})")
+            continue
+        cmd = command(job, table, init_from, python)
+        out(shlex.join(cmd))
+        if dry_run:
+            continue
+        result = runner(cmd)
+        if result.returncode != 0 or result.record is None:
+            why = f"exit code {result.returncode}" if result.returncode else "no 'record: <path>' line"
+            out(f"# {label}: failed ({why})")
+            failed.append(label)
+            continue
+        job.run_dir = result.record.parent
+    if failed:
+        out(f"# {len(failed)} run(s) failed or were skipped: {', '.join(failed)}")
+        return 1
+    if not dry_run:
+        out(f"# done; build the table with: python -m qrepro.tables {table.name}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m qrepro.run_table",
+        description="Run every cell of a paper table (progressive chains in order, complete cells skipped).",
+    )
+    p.add_argument("name", help="table name (configs/table/<name>.yaml) or a path to a table YAML")
+    p.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides for every run (e.g. trainer.device=cuda)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the commands in order without running them")
+    p.add_argument(
+        "--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2: every cell once per seed"
+    )
+    p.add_argument("--cells", type=_str_list, help="comma-separated cell ids: only these (and their sources)")
+    p.add_argument(
+        "--runs",
+        action="append",
+        metavar="DIR",
+        help=f"where complete records are looked up; repeatable (default: {' '.join(DEFAULT_RUN_ROOTS)})",
+    )
+    p.add_argument("--configs", default="configs", help="config root holding table/")
+    p.add_argument("--python", default=sys.executable, help="python executable for the runs")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) -> int:
+    try:
+        args = build_parser().parse_intermixed_args(argv)
+        bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
+        if bad:
+            raise QreproError(f"extra overrides must look like key=value, got {' '.join(bad)}")
+        table = load_table(resolve_table(args.name, args.configs))
+        records = load_records(args.runs or DEFAULT_RUN_ROOTS)
+        jobs = plan(table, records, args.overrides, args.seeds, args.cells)
+        return run_table(table, jobs, runner=runner, dry_run=args.dry_run, python=args.python)
+    except QreproError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Paper vs ours, cell by cell: aggregation over seeds, differences and the tolerance verdict.
+
+Verdict rule (also printed in every generated table):
+
+- ``missing``: no complete record for the cell (never filled in from anywhere else).
+- ``n/a``: the paper prints no number for the cell (``paper: null``).
+- Otherwise the *basis* is the FP-difference when it can be formed, i.e. the cell names an ``fp_cell`` that
+  has records and the paper's FP value is known (``paper_fp``, else the FP cell's ``paper``):
+  ``gap = (ours − our FP) − (paper − paper FP)``; this comparison survives a different copy of the dataset
+  (e.g. the JPEG CIFAR-10) or a different FP recipe. Else the basis is the absolute difference
+  ``ours − paper``.
+- ``pass`` when ``|basis value| <= tolerance`` (exactly at the tolerance passes; a 1e-9 slack absorbs float
+  round-off), ``fail`` otherwise — in either direction: beating the paper by more than the tolerance is also
+  a failure to reproduce it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qrepro.errors import QreproError
+from qrepro.tables.records import Record, match_cell
+from qrepro.tables.schema import SELECTIONS, Cell, Table
+
+EPS = 1e-9
+PASS, FAIL, MISSING, NA = "pass", "fail", "missing", "n/a"
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Mean, sample standard deviation (None for a single seed) and count over seeds."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @staticmethod
+    def of(values: Sequence[float]) -> Stats:
+        if not values:
+            return Stats(None, None, 0)
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return Stats(statistics.fmean(values), std, len(values))
+
+
+@dataclass(frozen=True)
+class Row:
+    cell: Cell
+    records: tuple[Record, ...]
+    ours: Stats
+    paper_fp: float | None  # the paper's FP value for this row (paper_fp, else the FP cell's paper value)
+    ours_fp: float | None  # mean of our FP cell
+    diff: float | None  # ours − paper
+    paper_dfp: float | None  # paper − paper FP
+    ours_dfp: float | None  # ours − our FP
+    gap: float | None  # ours_dfp − paper_dfp
+    basis: str | None  # "dFP" | "abs" | None
+    verdict: str
+
+
+def within(value: float, tolerance: float) -> bool:
+    """``|value| <= tolerance``; exactly at the tolerance passes."""
+    return abs(value) <= tolerance + EPS
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def cell_values(records: Sequence[Record], select: str, metric: str) -> list[float]:
+    return [v for v in (r.metric(select, metric) for r in records) if v is not None]
+
+
+def compare(table: Table, records: Sequence[Record], select: str | None = None) -> list[Row]:
+    """One :class:`Row` per cell, in the table's order. ``select`` defaults to what the paper reports."""
+    select = select or table.reported
+    if select not in SELECTIONS:
+        raise QreproError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    matched = {c.id: tuple(match_cell(c, records)) for c in table.cells}
+    stats = {cid: Stats.of(cell_values(recs, select, table.metric)) for cid, recs in matched.items()}
+    rows = []
+    for c in table.cells:
+        ours = stats[c.id]
+        fp = table.cell(c.fp_cell) if c.fp_cell else None
+        paper_fp = c.paper_fp if c.paper_fp is not None else (fp.paper if fp is not None else None)
+        ours_fp = stats[fp.id].mean if fp is not None else None
+        diff = _sub(ours.mean, c.paper)
+        paper_dfp = _sub(c.paper, paper_fp)
+        ours_dfp = _sub(ours.mean, ours_fp)
+        gap = _sub(ours_dfp, paper_dfp)
+        if ours.n == 0:
+            basis, verdict = None, MISSING
+        elif c.paper is None:
+            basis, verdict = None, NA
+        elif gap is not None:
+            basis, verdict = "dFP", PASS if within(gap, table.tolerance) else FAIL
+        else:
+            basis, verdict = "abs", PASS if within(diff, table.tolerance) else FAIL
+        rows.append(
+            Row(c, matched[c.id], ours, paper_fp, ours_fp, diff, paper_dfp, ours_dfp, gap, basis, verdict)
+        )
+    return rows
+
+
+def failures(rows: Sequence[Row]) -> list[Row]:
+    return [r for r in rows if r.verdict == FAIL]
+
+
+def summary(rows: Sequence[Row]) -> str:
+    """``'5/8 cells present: 4 pass, 1 fail, 3 missing'`` (n/a counted when present)."""
+    count = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, MISSING, NA)}
+    present = len(rows) - count[MISSING]
+    parts = [f"{count[PASS]} pass", f"{count[FAIL]} fail", f"{count[MISSING]} missing"]
+    if count[NA]:
+        parts.append(f"{count[NA]} without a paper number")
+    return f"{present}/{len(rows)} cells present: " + ", ".join(parts)

@@ -1,0 +1,233 @@
+"""Figures regenerated with the tables (matplotlib Agg, PNG), from local records only.
+
+Per table ``<name>``, into the figures folder (each figure is skipped, with a note, when no record has its
+data):
+- ``<name>_curves.png``: test accuracy per epoch, each quantized cell against its FP cell (mean over seeds,
+  min–max band when several seeds).
+- ``<name>_tr.png``: transition-rate diagnostics (curve keys ``tr``, ``tr_running``, ``tr_target``, ``talr``).
+- ``<name>_kappa.png``: SAT variance diagnostics (curve keys ``kappa0``, ``kappa1*``; log scale).
+- ``<name>_bits.png``: accuracy vs weight bits per method (ours solid, paper dashed) and the robustness view,
+  accuracy minus the FP cell's accuracy vs bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from qrepro.tables.compare import Row
+from qrepro.tables.schema import Table
+
+TR_KEYS = ("tr", "tr_running", "tr_target", "talr")
+PNG_META = {"Software": None}  # no library version in the file: identical bytes across environments
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_curve(row: Row, key: str) -> tuple[list[float], list[float], list[float], list[float]] | None:
+    """(epochs, mean, min, max) over the row's seeds, truncated to the shortest curve; None without data."""
+    curves = [c for c in (r.curve(key) for r in row.records) if c is not None and len(c) > 0]
+    curves = [[float(v) for v in c if v is not None] for c in curves]
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    n = min(len(c) for c in curves)
+    epochs = row.records[0].curve("epoch") if row.records else None
+    xs = [float(e) for e in epochs[:n]] if epochs and len(epochs) >= n else [float(i + 1) for i in range(n)]
+    cols = [[c[i] for c in curves] for i in range(n)]
+    return xs, [sum(v) / len(v) for v in cols], [min(v) for v in cols], [max(v) for v in cols]
+
+
+def _grid(plt, n: int, width: float = 4.2, height: float = 3.2):
+    ncols = min(3, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    flat = [ax for line in axes for ax in line]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _save(plt, fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=PNG_META)
+    plt.close(fig)
+    return path
+
+
+def _plot_line(ax, data, label: str, **kw) -> None:
+    xs, mean, lo, hi = data
+    (line,) = ax.plot(xs, mean, label=label, **kw)
+    if lo != hi:
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def learning_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+    key = f"test_{table.metric}"
+    by_id = {r.cell.id: r for r in rows}
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        if _mean_curve(r, key) is not None:
+            groups.setdefault(r.cell.fp_cell or r.cell.id, []).append(r)
+    # a group is worth a panel when it holds a quantized cell (not just an FP cell drawn in another panel)
+    panels = [
+        (g, rs)
+        for g, rs in groups.items()
+        if any(r.cell.id != g for r in rs) or g not in {c.fp_cell for c in table.cells}
+    ]
+    if not panels:
+        return None, f"{table.name}: no record has a '{key}' curve — skipped the learning-curve figure"
+    plt = _plt()
+    fig, axes = _grid(plt, len(panels))
+    for ax, (gid, members) in zip(axes, panels):
+        fp = by_id.get(gid)
+        if fp is not None and gid not in {m.cell.id for m in members}:
+            data = _mean_curve(fp, key)
+            if data is not None:
+                _plot_line(ax, data, f"{gid} (FP)", color="black", linestyle="--")
+        for m in members:
+            style = {"color": "black", "linestyle": "--"} if m.cell.id == gid and len(members) > 1 else {}
+            label = f"{m.cell.id} ({m.cell.precision}, n={m.ours.n})"
+            _plot_line(ax, _mean_curve(m, key), label, **style)
+        ax.set_title(f"{table.name}: {gid}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"test {table.metric} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, out / f"{table.name}_curves.png"), None
+
+
+def _keyed_curves(
+    table: Table,
+    rows: Sequence[Row],
+    keys: Sequence[str],
+    out: Path,
+    suffix: str,
+    what: str,
+    log: bool = False,
+) -> tuple[Path | None, str | None]:
+    present = [k for k in keys if any(_mean_curve(r, k) is not None for r in rows)]
+    if not present:
+        return None, f"{table.name}: no record has {what} curves — skipped the {suffix} figure"
+    plt = _plt()
+    fig, axes = _grid(plt, len(present))
+    for ax, key in zip(axes, present):
+        for r in rows:
+            data = _mean_curve(r, key)
+            if data is not None:
+                _plot_line(ax, data, f"{r.cell.id} ({r.cell.precision})")
+        ax.set_title(f"{table.name}: {key}", fontsize=9)
+        ax.set_xlabel("epoch")
+        if log and all(v > 0 for r in rows if (d := _mean_curve(r, key)) for v in d[1]):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, out / f"{table.name}_{suffix}.png"), None
+
+
+def tr_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+    return _keyed_curves(table, rows, TR_KEYS, out, "tr", "transition-rate (tr, tr_running, tr_target, talr)")
+
+
+def kappa_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+    keys = sorted({k for r in rows for rec in r.records for k in rec.curve_keys() if k.startswith("kappa")})
+    return _keyed_curves(table, rows, keys, out, "kappa", "SAT variance (kappa0, kappa1*)", log=True)
+
+
+def _group_key(row: Row) -> tuple[str, ...]:
+    c = row.cell
+    ptq = c.extra.get("ptq")
+    alg = str(ptq.get("algorithm", "PTQ")) if isinstance(ptq, dict) else ""
+    act = "W=A" if c.a_bits == c.w_bits else ("A FP" if c.a_bits >= 32 else f"A{c.a_bits}")
+    return (c.model, c.method, c.optimizer or "", alg, act)
+
+
+def bits_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+    """Accuracy vs weight bits per method (left) and the robustness view ΔFP vs bits (right)."""
+    groups: dict[tuple[str, ...], list[Row]] = {}
+    for r in rows:
+        if r.cell.w_bits < 32:
+            groups.setdefault(_group_key(r), []).append(r)
+    groups = {
+        k: sorted(v, key=lambda r: r.cell.w_bits)
+        for k, v in groups.items()
+        if len({r.cell.w_bits for r in v}) >= 2 and any(r.ours.n for r in v)
+    }
+    if not groups:
+        return (
+            None,
+            f"{table.name}: no method has records at two or more bit-widths — skipped the bits figure",
+        )
+    plt = _plt()
+    fig, (ax_abs, ax_dfp) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (key, rs) in enumerate(sorted(groups.items())):
+        color = colors[i % len(colors)]
+        label = " ".join(k for k in key if k)
+        for ax, ours_of, paper_of in (
+            (ax_abs, lambda r: r.ours.mean, lambda r: r.cell.paper),
+            (ax_dfp, lambda r: r.ours_dfp, lambda r: r.paper_dfp),
+        ):
+            pts = [(r.cell.w_bits, ours_of(r), r.ours.std or 0.0) for r in rs if ours_of(r) is not None]
+            if pts:
+                ax.errorbar(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    yerr=[p[2] for p in pts],
+                    color=color,
+                    marker="o",
+                    capsize=3,
+                    label=f"{label} (ours)",
+                )
+            ppts = [(r.cell.w_bits, paper_of(r)) for r in rs if paper_of(r) is not None]
+            if ppts:
+                ax.plot(
+                    [p[0] for p in ppts],
+                    [p[1] for p in ppts],
+                    color=color,
+                    linestyle="--",
+                    marker="o",
+                    markerfacecolor="none",
+                    label=f"{label} (paper)",
+                )
+    robust = " (PTQ)" if any(key[3] for key in groups) else ""
+    for ax, ylabel, title in (
+        (ax_abs, f"{table.metric} (%)", "accuracy vs bits"),
+        (ax_dfp, "quantized − FP (points)", "robustness: accuracy − FP vs bits"),
+    ):
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{table.name}: {title}{robust}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _save(plt, fig, out / f"{table.name}_bits.png"), None
+
+
+FIGURES = {"curves": learning_curves, "tr": tr_curves, "kappa": kappa_curves, "bits": bits_curves}
+
+
+def make_figures(table: Table, rows: Sequence[Row], out: str | Path) -> tuple[list[Path], list[str]]:
+    """Write every figure that has data; returns (written paths, notes about the skipped ones).
+
+    A skipped figure's file from an earlier run is removed, so the folder never shows stale data.
+    """
+    written, notes = [], []
+    for suffix, fn in FIGURES.items():
+        path, note = fn(table, rows, Path(out))
+        if path is not None:
+            written.append(path)
+        else:
+            Path(out, f"{table.name}_{suffix}.png").unlink(missing_ok=True)
+        if note:
+            notes.append(note)
+    return written, notes

@@ -1,0 +1,175 @@
+"""Local run records (``record.json``) and how they are matched to table cells.
+
+A record belongs to a cell when its ``experiment`` equals the cell's experiment and its Hydra overrides equal
+the cell's overrides as a set, after dropping the keys that do not change *what* is trained: the seed (seeds
+are aggregated), paths (``dataset.root``, ``init_from``, ``resume``), the device, logging and
+Hydra's own keys.
+``+key=v``, ``++key=v`` and ``key=v`` are the same assignment; values compare as Hydra parses them
+(``1e-4`` == ``0.0001``). Only records with ``complete: true`` count.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qrepro.tables.schema import Cell
+
+DEFAULT_RUN_ROOTS = ("runs", "results/records")
+# Keys ignored when matching a record to a cell: exact keys, and every key starting with a prefix.
+IGNORED_EXACT = ("seed", "dataset.root", "init_from", "resume", "trainer.device", "experiment")
+IGNORED_PREFIX = ("logger", "hydra")
+# Directories never holding a record (pruned from the walk to keep it fast over big run trees).
+_PRUNE = {"checkpoints", "wandb", ".hydra", "__pycache__", ".git"}
+
+
+def _ignored(key: str, keep_seed: bool) -> bool:
+    if keep_seed and key == "seed":
+        return False
+    return key in IGNORED_EXACT or key.startswith(IGNORED_PREFIX)
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_one(text: str) -> tuple[str, str, str]:
+    """``'+a.b=1e-4'`` -> ``('set', 'a.b', '0.0001')`` using Hydra's own override grammar."""
+    try:
+        (ov,) = _parser().parse_overrides([text])
+        kind = "del" if ov.type.name == "DEL" else "set"
+        key = ov.key_or_group if ov.package is None else f"{ov.key_or_group}@{ov.package}"
+        value = None if kind == "del" else ov.value()
+        return kind, key, json.dumps(value, sort_keys=True, default=str)
+    except Exception:  # not valid Hydra syntax: compare as plain text
+        kind = "del" if text.startswith("~") else "set"
+        key, _, value = text.lstrip("+~").partition("=")
+        return kind, key.strip(), json.dumps(value.strip())
+
+
+def canonical_overrides(
+    overrides: Iterable[str] | dict[str, Any] | None, *, keep_seed: bool = False
+) -> frozenset:
+    """The set of assignments that identify *what* a run trains (see module docstring)."""
+    if overrides is None:
+        return frozenset()
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
+    out = set()
+    for text in overrides:
+        kind, key, value = _parse_one(str(text).strip())
+        if not _ignored(key, keep_seed):
+            out.add((kind, key, value))
+    return frozenset(out)
+
+
+def override_key(text: str) -> str:
+    """The key an override assigns (``'++logger.group=x'`` -> ``'logger.group'``)."""
+    return _parse_one(text)[1]
+
+
+def override_value(text: str) -> Any:
+    """The value an override assigns, as Hydra parses it (``'seed=3'`` -> ``3``)."""
+    return json.loads(_parse_one(text)[2])
+
+
+@dataclass(frozen=True)
+class Record:
+    """One run's ``record.json`` (see docs/architecture.md, "Checkpoints and records")."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return self.data.get("complete") is True
+
+    @property
+    def experiment(self) -> str | None:
+        return self.data.get("experiment")
+
+    @property
+    def seed(self) -> Any:
+        return self.data.get("seed")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (the record's own folder: robust to runs moved or copied elsewhere)."""
+        return self.path.parent
+
+    def canonical(self, *, keep_seed: bool = False) -> frozenset:
+        return canonical_overrides(self.data.get("overrides"), keep_seed=keep_seed)
+
+    def metric(self, select: str, metric: str) -> float | None:
+        """``metrics[f"{select}_{metric}"]`` (e.g. best_top1), or None when absent."""
+        value = (self.data.get("metrics") or {}).get(f"{select}_{metric}")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def curve(self, key: str) -> list[float] | None:
+        values = (self.data.get("curves") or {}).get(key)
+        return list(values) if isinstance(values, list) and values else None
+
+    def curve_keys(self) -> list[str]:
+        return sorted((self.data.get("curves") or {}).keys())
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _PRUNE)
+        if "record.json" in filenames:
+            yield Path(dirpath, "record.json")
+
+
+def load_records(
+    roots: Sequence[str | Path] = DEFAULT_RUN_ROOTS, *, complete_only: bool = True
+) -> list[Record]:
+    """Every ``record.json`` under the roots (missing roots are skipped), sorted by path.
+
+    The same run found twice (e.g. under ``runs/`` and copied into ``results/records/``) counts once: records
+    with equal experiment, overrides and seed are duplicates; the one finished last wins (ties: first root).
+    """
+    found: dict[tuple, Record] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for path in _walk(root):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                print(f"note: skipping unreadable record {path} ({type(exc).__name__})", file=sys.stderr)
+                continue
+            if not isinstance(data, dict):
+                continue
+            rec = Record(path, data)
+            if complete_only and not rec.complete:
+                continue
+            key = (rec.experiment, rec.canonical(keep_seed=True), json.dumps(rec.seed))
+            prev = found.get(key)
+            if prev is None or str(data.get("finished") or "") > str(prev.data.get("finished") or ""):
+                found[key] = rec
+    return sorted(found.values(), key=lambda r: str(r.path))
+
+
+def match_cell(cell: Cell, records: Iterable[Record], *, extra_overrides: Sequence[str] = ()) -> list[Record]:
+    """The records that belong to ``cell`` (any seed; sorted by seed, then path)."""
+    want = canonical_overrides(list(cell.overrides) + list(extra_overrides))
+    hits = [r for r in records if r.experiment == cell.experiment and r.canonical() == want]
+    return sorted(hits, key=lambda r: (_seed_order(r.seed), str(r.path)))
+
+
+def _seed_order(seed: Any) -> tuple:
+    """Numeric seeds first, in numeric order (2 before 10), then anything else by its text."""
+    if isinstance(seed, (int, float)) and not isinstance(seed, bool):
+        return (0, seed, "")
+    return (1, 0, json.dumps(seed))
