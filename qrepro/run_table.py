@@ -118,7 +118,7 @@ def plan(
                 cell, seed, overrides, (parent_id, seed) if parent_id else None, hits[0] if hits else None
             )
             if job.done is not None:
-                job.run_dir = job.done.run_dir
+                job.run_dir = job.done.checkpoint_dir() or job.done.run_dir
             jobs.append(job)
     return jobs
 
@@ -185,6 +185,11 @@ def run_table(
         if job.done is not None:
             out(f"# {label}: complete, skipped ({job.done.path.as_posix()})")
             continue
+        if parent is not None and parent.done is not None and parent.done.checkpoint_dir() is None:
+            out(
+                f"# {label}: warning: no {init_from} (only a copied record of {job.parent[0]}); recreate it "
+                f"with: python -m qrepro.run_table {table.name} --cells {job.parent[0]} --runs runs"
+            )
         cmd = command(job, table, init_from, python)
         out(shlex.join(cmd))
         if dry_run:

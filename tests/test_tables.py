@@ -364,6 +364,17 @@ def test_figures_written_and_skipped(tmp_path, capsys):
     assert list((tmp_path / "out" / "figures").iterdir()) == []  # stale figures removed
 
 
+def test_collect_copies_matched_records(tmp_path, capsys):
+    dest = tmp_path / "committed"
+    args = ["demo", "--no-figures", "--collect", str(dest), *_cli(tmp_path)]
+    assert tables_main(args) == 0
+    copied = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("record.json"))
+    assert "demo_fp/seed=1/record.json" in copied and "demo_q/precision=w3a3/record.json" in copied
+    assert not any("w2a2" in c or "epochs=1" in c for c in copied)  # only records that belong to cells
+    assert "copied 7 record(s)" in capsys.readouterr().out
+    assert tables_main(args) == 0 and "copied 0 record(s)" in capsys.readouterr().out  # idempotent
+
+
 # -------------------------------------------------------------------------------------------- run_table
 
 
@@ -381,6 +392,8 @@ def test_dry_run_prints_commands_in_order(tmp_path, capsys):
     fp_root = tmp_path / "r"
     (fp_root / "fp0").mkdir(parents=True)
     (fp_root / "fp0" / "record.json").write_text((FIX / "records/demo_fp/seed=0/record.json").read_text())
+    (fp_root / "fp0" / "checkpoints").mkdir()
+    (fp_root / "fp0" / "checkpoints" / "last.pt").write_bytes(b"")
     code = run_table_main(
         [
             "demo",
@@ -411,6 +424,11 @@ def test_dry_run_prints_commands_in_order(tmp_path, capsys):
         lines[5].startswith("py -m qrepro.ptq +experiment=demo_ptq") and "fp0/checkpoints/last.pt" in lines[5]
     )
     assert len(lines) == 6
+    # a committed copy of a record has no checkpoint next to it: said before the chained command
+    (fp_root / "fp0" / "checkpoints" / "last.pt").unlink()
+    run_table_main(["demo", "--dry-run", "--configs", str(CONFIGS), "--runs", str(fp_root), "--cells", "w4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "warning: no" in lines[1] and "--cells fp" in lines[1] and len(lines) == 3
 
 
 def test_runner_chains_run_dirs_and_stops_dependents_on_failure(table, tmp_path, capsys):

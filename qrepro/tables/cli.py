@@ -16,7 +16,7 @@ from pathlib import Path
 from qrepro.errors import QreproError
 from qrepro.tables import figures as figs
 from qrepro.tables.compare import Row, compare, failures, summary
-from qrepro.tables.records import DEFAULT_RUN_ROOTS, Record, load_records
+from qrepro.tables.records import DEFAULT_RUN_ROOTS, Record, collect, load_records
 from qrepro.tables.render import LEGEND, fmt, to_csv, to_latex, to_markdown
 from qrepro.tables.schema import SELECTIONS, Table, load_table, resolve_table, table_paths
 
@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/tables", help="folder for the tables (default results/tables)")
     p.add_argument(
         "--figures", default="results/figures", help="folder for the figures (default results/figures)"
+    )
+    p.add_argument(
+        "--collect",
+        metavar="DIR",
+        help="also copy the matched record.json files under DIR (e.g. results/records) to commit them",
     )
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--readme", default=None, help="index written with --all (default: <out>/../README.md)")
@@ -192,6 +197,9 @@ def run(argv: Sequence[str] | None = None) -> int:
                 print(f"note: {note}")
         print(f"{table.name}: {summary(rows)} -> {', '.join(p.as_posix() for p in written)}")
         entries.append((table, rows, fig_paths))
+        if args.collect:
+            copied = collect([rec for r in rows for rec in r.records], args.collect)
+            print(f"{table.name}: copied {len(copied)} record(s) under {args.collect}")
         failed += [(table, r) for r in failures(rows)]
     if args.all:
         readme = Path(args.readme) if args.readme else out.parent / "README.md"

@@ -89,6 +89,7 @@ class Record:
 
     path: Path
     data: dict[str, Any]
+    root: Path | None = None  # the search root it was found under
 
     @property
     def complete(self) -> bool:
@@ -106,6 +107,14 @@ class Record:
     def run_dir(self) -> Path:
         """The run directory (the record's own folder: robust to runs moved or copied elsewhere)."""
         return self.path.parent
+
+    def checkpoint_dir(self) -> Path | None:
+        """The run directory that still holds ``checkpoints/last.pt`` (the record's folder, else the
+        ``run_dir`` it names), or None: committed copies under ``results/records`` carry no checkpoint."""
+        for d in (self.run_dir, Path(str(self.data.get("run_dir") or ""))):
+            if str(d) not in ("", ".") and (d / "checkpoints" / "last.pt").is_file():
+                return d
+        return None
 
     def canonical(self, *, keep_seed: bool = False) -> frozenset:
         return canonical_overrides(self.data.get("overrides"), keep_seed=keep_seed)
@@ -151,7 +160,7 @@ def load_records(
                 continue
             if not isinstance(data, dict):
                 continue
-            rec = Record(path, data)
+            rec = Record(path, data, root)
             if complete_only and not rec.complete:
                 continue
             key = (rec.experiment, rec.canonical(keep_seed=True), json.dumps(rec.seed))
@@ -173,3 +182,20 @@ def _seed_order(seed: Any) -> tuple:
     if isinstance(seed, (int, float)) and not isinstance(seed, bool):
         return (0, seed, "")
     return (1, 0, json.dumps(seed))
+
+
+def collect(records: Iterable[Record], dest: str | Path) -> list[Path]:
+    """Copy records (``record.json`` only, no checkpoints) under ``dest``, keeping their path below their
+    search root, so the runs behind a table can be committed (``results/records``). Returns the new files."""
+    dest = Path(dest)
+    written = []
+    for rec in records:
+        if rec.root is None or rec.path.resolve().is_relative_to(dest.resolve()):
+            continue  # already there
+        target = dest / rec.path.relative_to(rec.root)
+        if target.is_file() and target.read_bytes() == rec.path.read_bytes():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(rec.path.read_bytes())
+        written.append(target)
+    return written
