@@ -114,9 +114,7 @@ def plan(
             overrides = list(cell.overrides) + extra + ([f"seed={seed}"] if seed is not None else [])
             want = seed if seed is not None else requested
             hits = [r for r in match_cell(cell, records, extra_overrides=extra) if _same_seed(r, want)]
-            job = Job(
-                cell, seed, overrides, (parent_id, seed) if parent_id else None, hits[0] if hits else None
-            )
+            job = Job(cell, seed, overrides, (parent_id, seed) if parent_id else None, hits[0] if hits else None)
             if job.done is not None:
                 job.run_dir = job.done.checkpoint_dir() or job.done.run_dir
             jobs.append(job)
@@ -134,8 +132,18 @@ def command(job: Job, table: Table, init_from: str | None, python: str = sys.exe
     cmd = [python, "-m", job.module, f"+experiment={job.cell.experiment}", *job.overrides]
     cmd.append(f"++logger.group={table.name}")
     if init_from is not None:
-        cmd.append(f"init_from={init_from}")
+        cmd.append(f"init_from={hydra_quote(init_from)}")
     return cmd
+
+
+def hydra_quote(value: str) -> str:
+    """Quote a value for a Hydra override: run directories contain ``=`` and ``,`` (``precision=w4a4,seed=1``),
+    which the override grammar would otherwise parse."""
+    if '"' not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    raise QreproError(f"cannot pass the path {value!r} to Hydra: it holds both quote characters; rename it")
 
 
 def parse_record_line(lines: Sequence[str]) -> Path | None:
@@ -149,9 +157,7 @@ def parse_record_line(lines: Sequence[str]) -> Path | None:
 def subprocess_runner(cmd: list[str]) -> RunResult:
     """Run ``cmd``, streaming its output, and pick up the ``record: <path>`` line."""
     lines: list[str] = []
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -226,13 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every cell of a paper table (progressive chains in order, complete cells skipped).",
     )
     p.add_argument("name", help="table name (configs/table/<name>.yaml) or a path to a table YAML")
-    p.add_argument(
-        "overrides", nargs="*", help="extra Hydra overrides for every run (e.g. trainer.device=cuda)"
-    )
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. trainer.device=cuda)")
     p.add_argument("--dry-run", action="store_true", help="print the commands in order without running them")
-    p.add_argument(
-        "--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2: every cell once per seed"
-    )
+    p.add_argument("--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2: every cell once per seed")
     p.add_argument("--cells", type=_str_list, help="comma-separated cell ids: only these (and their sources)")
     p.add_argument(
         "--runs",

@@ -27,7 +27,7 @@ from qrepro.tables import (
     table_paths,
 )
 from qrepro.tables.cli import main as tables_main
-from qrepro.tables.compare import within
+from qrepro.tables.compare import failures, within
 
 FIX = Path(__file__).parent / "fixtures" / "tables"
 CONFIGS = FIX / "configs"
@@ -156,6 +156,8 @@ def test_override_canonicalisation():
         "++logger.group=t",
         "hydra.run.dir=.",
         "+experiment=q",
+        "trainer.compile=true",
+        "force=true",
     ]
     assert canonical_overrides(["precision=w4a4", "optimizer.lr=1e-4", *ignored]) == same
     assert canonical_overrides(["precision=w4a4"]) != same
@@ -184,9 +186,7 @@ def test_unreadable_record_is_skipped(tmp_path, capsys):
 def test_aggregation_over_seeds(rows):
     fp = rows["fp"]
     assert fp.ours.n == 3 and fp.ours.mean == pytest.approx(91.0) and fp.ours.std == pytest.approx(1.0)
-    w4 = rows[
-        "w4"
-    ]  # seed 1's record has seed/dataset.root/logger/device/init_from/hydra overrides: still matches
+    w4 = rows["w4"]  # seed 1's record has seed/dataset.root/logger/device/init_from/hydra overrides: still matches
     assert w4.ours.n == 2 and w4.ours.mean == pytest.approx(90.2) and w4.ours.std == pytest.approx(0.2828427)
     assert [r.seed for r in w4.records] == [0, 1]
     assert rows["w3"].ours.n == 1 and rows["w3"].ours.std is None
@@ -262,17 +262,33 @@ def test_tolerance_edges_absolute(tmp_path, ours, verdict):
     assert (row.basis, row.verdict) == ("abs", verdict)
 
 
-@pytest.mark.parametrize(
-    "ours_q, verdict", [(69.3, "pass"), (71.3, "pass"), (69.29, "fail"), (71.31, "fail")]
-)
+@pytest.mark.parametrize("ours_q, verdict", [(69.3, "pass"), (71.3, "pass"), (69.29, "fail"), (71.31, "fail")])
 def test_tolerance_edges_fp_difference(tmp_path, ours_q, verdict):
     # paper: 71.1 − 72.0 = −0.9; ours: q − 71.2; gap = q − 70.3, so |gap| = 1.0 at 69.3 and 71.3
     table = parse_table(_one_cell_table(71.1, 72.0, 1.0))
-    (row,) = [
-        r for r in compare(table, _records(tmp_path, {"e_q": ours_q, "e_fp": 71.2})) if r.cell.id == "q"
-    ]
+    (row,) = [r for r in compare(table, _records(tmp_path, {"e_q": ours_q, "e_fp": 71.2})) if r.cell.id == "q"]
     assert (row.basis, row.verdict) == ("dFP", verdict)
     assert within(1.0 + 1e-12, 1.0) and not within(1.0 + 1e-6, 1.0)
+
+
+def test_diverged_run_is_shown_never_filled_in(tmp_path):
+    d = tmp_path / "q"
+    d.mkdir()
+    rec = {
+        "complete": False,
+        "status": "diverged",
+        "experiment": "e_q",
+        "overrides": [],
+        "seed": 0,
+        "metrics": {"best_top1": 60.0, "last_top1": 10.0},
+    }
+    (d / "record.json").write_text(json.dumps(rec))
+    table = parse_table(_one_cell_table(71.1, None, 1.0))
+    (row,) = [r for r in compare(table, load_records([tmp_path], complete_only=False)) if r.cell.id == "q"]
+    assert (row.verdict, row.ours.n, row.ours.mean, len(row.diverged)) == ("diverged", 0, None, 1)
+    assert failures([row]) == [row]
+    (row,) = [r for r in compare(table, load_records([tmp_path])) if r.cell.id == "q"]
+    assert row.verdict == "missing"
 
 
 def test_fp_cell_without_records_falls_back_to_absolute(tmp_path):
@@ -356,9 +372,7 @@ def test_figures_written_and_skipped(tmp_path, capsys):
         "--figures",
         str(tmp_path / "out/figures"),
     ]
-    tables_main(
-        ["demo", "--out", str(tmp_path / "t"), *args]
-    )  # no records: every figure skipped, with a note
+    tables_main(["demo", "--out", str(tmp_path / "t"), *args])  # no records: every figure skipped, with a note
     printed = capsys.readouterr().out
     assert printed.count("note: demo:") == 4 and "skipped the learning-curve figure" in printed
     assert list((tmp_path / "out" / "figures").iterdir()) == []  # stale figures removed
@@ -412,17 +426,14 @@ def test_dry_run_prints_commands_in_order(tmp_path, capsys):
     assert lines[0].startswith("# demo/fp: complete, skipped")
     assert lines[1] == (
         f"py -m qrepro.train +experiment=demo_q precision=w4a4 trainer.device=cpu "
-        f"++logger.group=demo init_from={(fp_root / 'fp0').as_posix()}/checkpoints/last.pt"
+        f"++logger.group=demo 'init_from=\"{(fp_root / 'fp0').as_posix()}/checkpoints/last.pt\"'"
     )
     assert lines[2].endswith(
-        "precision=w3a3 trainer.device=cpu ++logger.group=demo "
-        "'init_from=<run dir of w4>/checkpoints/last.pt'"
+        "precision=w3a3 trainer.device=cpu ++logger.group=demo 'init_from=\"<run dir of w4>/checkpoints/last.pt\"'"
     )
     assert "precision=w2a2" in lines[3] and "<run dir of w3>" in lines[3]
     assert "optimizer=sgdt" in lines[4] and "init_from" not in lines[4]
-    assert (
-        lines[5].startswith("py -m qrepro.ptq +experiment=demo_ptq") and "fp0/checkpoints/last.pt" in lines[5]
-    )
+    assert lines[5].startswith("py -m qrepro.ptq +experiment=demo_ptq") and "fp0/checkpoints/last.pt" in lines[5]
     assert len(lines) == 6
     # a committed copy of a record has no checkpoint next to it: said before the chained command
     (fp_root / "fp0" / "checkpoints" / "last.pt").unlink()
@@ -444,11 +455,10 @@ def test_runner_chains_run_dirs_and_stops_dependents_on_failure(table, tmp_path,
     argv = ["demo", "--seeds", "0,1", "--configs", str(CONFIGS), "--runs", str(tmp_path / "none"), "a.b=1"]
     assert run_table_main(argv, runner=fake) == 1
     assert all("++logger.group=demo" in c and "a.b=1" in c for c in calls)
-    w4_seed1 = next(
-        c for c in calls if c[4:] == ["precision=w4a4", "a.b=1", "seed=1", "++logger.group=demo"] + c[8:]
-    )
+    w4_seed1 = next(c for c in calls if c[4:] == ["precision=w4a4", "a.b=1", "seed=1", "++logger.group=demo"] + c[8:])
     fp_seed1 = (tmp_path / "+experiment=demo_fp,a.b=1,seed=1").as_posix()
-    assert w4_seed1[-1] == f"init_from={fp_seed1}/checkpoints/last.pt"  # seed s starts from the FP seed-s run
+    # seed s starts from the FP seed-s run; the path (it holds "=" and ",") is quoted for Hydra
+    assert w4_seed1[-1] == f'init_from="{fp_seed1}/checkpoints/last.pt"'
     assert not any("precision=w2a2" in c for c in calls)  # its source (w3) failed: skipped, not run
     assert "w2 seed=0: skipped" in capsys.readouterr().out
     assert sum("precision=w3a3" in c for c in calls) == 2  # both seeds tried
@@ -461,6 +471,24 @@ def test_complete_cells_are_skipped_per_seed(table, records):
     assert not [j for j in plan(table, records, extra=["trainer.epochs=3"]) if j.done is not None]
     with pytest.raises(QreproError, match="either as --seeds"):
         plan(table, records, extra=["seed=1"], seeds=[0])
+
+
+def test_trainer_records_match_their_cell(table):
+    """The overrides the trainer stores in record.json (qrepro.train.semantic_overrides) match the cell that
+    run_table launched them for, whatever path, device, logging and seed overrides came with it."""
+    from qrepro.run_table import command, hydra_quote
+    from qrepro.tables.records import Record, match_cell
+    from qrepro.train import semantic_overrides
+
+    (job,) = [j for j in plan(table, [], extra=["trainer.device=cpu", "seed=3"]) if j.cell.id == "w3"]
+    argv = command(job, table, "runs/demo_q/precision=w4a4,seed=3/checkpoints/last.pt")[3:]
+    assert argv[-1] == "init_from=" + hydra_quote("runs/demo_q/precision=w4a4,seed=3/checkpoints/last.pt")
+    rec = Record(
+        Path("r/record.json"),
+        {"complete": True, "experiment": "demo_q", "seed": 3, "overrides": semantic_overrides(argv)},
+    )
+    assert match_cell(table.cell("w3"), [rec]) == [rec]
+    assert match_cell(table.cell("w4"), [rec]) == []
 
 
 def test_parse_record_line():

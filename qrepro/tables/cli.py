@@ -38,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="best-over-epochs or last-epoch accuracy (default: what each paper reports)",
     )
     p.add_argument("--format", default="md,csv", help="comma-separated subset of md,csv,tex (default md,csv)")
-    p.add_argument(
-        "--verify", action="store_true", help="exit 1 when a cell with records misses its tolerance"
-    )
+    p.add_argument("--verify", action="store_true", help="exit 1 when a cell with records misses its tolerance")
     p.add_argument(
         "--runs",
         nargs="+",
@@ -49,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"roots searched for record.json (default: {' '.join(DEFAULT_RUN_ROOTS)})",
     )
     p.add_argument("--out", default="results/tables", help="folder for the tables (default results/tables)")
-    p.add_argument(
-        "--figures", default="results/figures", help="folder for the figures (default results/figures)"
-    )
+    p.add_argument("--figures", default="results/figures", help="folder for the figures (default results/figures)")
     p.add_argument(
         "--collect",
         metavar="DIR",
@@ -144,15 +140,12 @@ def readme_text(
         lines += ["No table files yet (`configs/table/*.yaml`).", ""]
     for table, rows, _ in entries:
         lines.append(
-            f"- [{table.name}]({rel(out / f'{table.name}.md')}) — {table.paper}, {table.title}: "
-            f"{summary(rows)}"
+            f"- [{table.name}]({rel(out / f'{table.name}.md')}) — {table.paper}, {table.title}: {summary(rows)}"
         )
     lines.append("")
     for table, rows, fig_paths in entries:
         sel = select or table.reported
-        lines.append(
-            to_markdown(table, rows, sel, configs=configs, link_base=base, heading="###").rstrip("\n")
-        )
+        lines.append(to_markdown(table, rows, sel, configs=configs, link_base=base, heading="###").rstrip("\n"))
         for p in fig_paths:
             lines += ["", f"![{p.stem}]({rel(p)})"]
         lines.append("")
@@ -160,6 +153,8 @@ def readme_text(
 
 
 def _fail_line(table: Table, row: Row) -> str:
+    if row.verdict == "diverged":
+        return f"FAIL {table.name}/{row.cell.id}: diverged (paper {fmt(row.cell.paper)})"
     if row.basis == "dFP":
         detail = (
             f"ours−FP {fmt(row.ours_dfp, signed=True)} vs paper−FP {fmt(row.paper_dfp, signed=True)} "
@@ -182,13 +177,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
     paths = table_paths(args.configs) if args.all else [resolve_table(n, args.configs) for n in args.names]
     tables = [load_table(p) for p in paths]  # validate all before writing anything
-    records = load_records(args.runs or DEFAULT_RUN_ROOTS)
+    records = load_records(args.runs or DEFAULT_RUN_ROOTS, complete_only=False)
     out, fig_out = Path(args.out), Path(args.figures)
     entries, failed = [], []
     for table in tables:
-        rows, written = write_table(
-            table, records, select=args.select, formats=formats, out=out, configs=args.configs
-        )
+        rows, written = write_table(table, records, select=args.select, formats=formats, out=out, configs=args.configs)
         fig_paths: list[Path] = []
         if not args.no_figures:
             fig_paths, notes = figs.make_figures(table, rows, fig_out)

@@ -3,6 +3,7 @@
 Verdict rule (also printed in every generated table):
 
 - ``missing``: no complete record for the cell (never filled in from anywhere else).
+- ``diverged``: no complete record, but a run of the cell stopped on a non-finite loss (``status: diverged``).
 - ``n/a``: the paper prints no number for the cell (``paper: null``).
 - Otherwise the *basis* is the FP-difference when it can be formed, i.e. the cell names an ``fp_cell`` that
   has records and the paper's FP value is known (``paper_fp``, else the FP cell's ``paper``):
@@ -25,7 +26,7 @@ from qrepro.tables.records import Record, match_cell
 from qrepro.tables.schema import SELECTIONS, Cell, Table
 
 EPS = 1e-9
-PASS, FAIL, MISSING, NA = "pass", "fail", "missing", "n/a"
+PASS, FAIL, MISSING, NA, DIVERGED = "pass", "fail", "missing", "n/a", "diverged"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Stats:
 @dataclass(frozen=True)
 class Row:
     cell: Cell
-    records: tuple[Record, ...]
+    records: tuple[Record, ...]  # the complete records the values come from
     ours: Stats
     paper_fp: float | None  # the paper's FP value for this row (paper_fp, else the FP cell's paper value)
     ours_fp: float | None  # mean of our FP cell
@@ -57,6 +58,7 @@ class Row:
     gap: float | None  # ours_dfp − paper_dfp
     basis: str | None  # "dFP" | "abs" | None
     verdict: str
+    diverged: tuple[Record, ...] = ()  # diverged runs of the cell (no values)
 
 
 def within(value: float, tolerance: float) -> bool:
@@ -77,7 +79,8 @@ def compare(table: Table, records: Sequence[Record], select: str | None = None) 
     select = select or table.reported
     if select not in SELECTIONS:
         raise QreproError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
-    matched = {c.id: tuple(match_cell(c, records)) for c in table.cells}
+    hits = {c.id: match_cell(c, records) for c in table.cells}
+    matched = {cid: tuple(r for r in recs if r.complete) for cid, recs in hits.items()}
     stats = {cid: Stats.of(cell_values(recs, select, table.metric)) for cid, recs in matched.items()}
     rows = []
     for c in table.cells:
@@ -89,8 +92,9 @@ def compare(table: Table, records: Sequence[Record], select: str | None = None) 
         paper_dfp = _sub(c.paper, paper_fp)
         ours_dfp = _sub(ours.mean, ours_fp)
         gap = _sub(ours_dfp, paper_dfp)
+        diverged = tuple(r for r in hits[c.id] if r.diverged)
         if ours.n == 0:
-            basis, verdict = None, MISSING
+            basis, verdict = None, DIVERGED if diverged and not matched[c.id] else MISSING
         elif c.paper is None:
             basis, verdict = None, NA
         elif gap is not None:
@@ -98,20 +102,23 @@ def compare(table: Table, records: Sequence[Record], select: str | None = None) 
         else:
             basis, verdict = "abs", PASS if within(diff, table.tolerance) else FAIL
         rows.append(
-            Row(c, matched[c.id], ours, paper_fp, ours_fp, diff, paper_dfp, ours_dfp, gap, basis, verdict)
+            Row(c, matched[c.id], ours, paper_fp, ours_fp, diff, paper_dfp, ours_dfp, gap, basis, verdict, diverged)
         )
     return rows
 
 
 def failures(rows: Sequence[Row]) -> list[Row]:
-    return [r for r in rows if r.verdict == FAIL]
+    """Cells that miss the paper: outside tolerance, or diverged where the paper has a number."""
+    return [r for r in rows if r.verdict == FAIL or (r.verdict == DIVERGED and r.cell.paper is not None)]
 
 
 def summary(rows: Sequence[Row]) -> str:
     """``'5/8 cells present: 4 pass, 1 fail, 3 missing'`` (n/a counted when present)."""
-    count = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, MISSING, NA)}
+    count = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, MISSING, NA, DIVERGED)}
     present = len(rows) - count[MISSING]
     parts = [f"{count[PASS]} pass", f"{count[FAIL]} fail", f"{count[MISSING]} missing"]
+    if count[DIVERGED]:
+        parts.append(f"{count[DIVERGED]} diverged")
     if count[NA]:
         parts.append(f"{count[NA]} without a paper number")
     return f"{present}/{len(rows)} cells present: " + ", ".join(parts)

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qrepro.cli import NON_SEMANTIC_KEYS
 from qrepro.tables.schema import Cell
 
 DEFAULT_RUN_ROOTS = ("runs", "results/records")
-# Keys ignored when matching a record to a cell: exact keys, and every key starting with a prefix.
-IGNORED_EXACT = ("seed", "dataset.root", "init_from", "resume", "trainer.device", "experiment")
+# Keys ignored when matching a record to a cell: the trainer's non-semantic keys (paths, device, logging, ...;
+# also left out of the run directory name), the seed, and every key starting with a prefix.
+IGNORED_EXACT = frozenset(NON_SEMANTIC_KEYS) | {"seed", "dataset.root", "init_from", "resume", "trainer.device"}
 IGNORED_PREFIX = ("logger", "hydra")
 # Directories never holding a record (pruned from the walk to keep it fast over big run trees).
 _PRUNE = {"checkpoints", "wandb", ".hydra", "__pycache__", ".git"}
@@ -57,9 +59,7 @@ def _parse_one(text: str) -> tuple[str, str, str]:
         return kind, key.strip(), json.dumps(value.strip())
 
 
-def canonical_overrides(
-    overrides: Iterable[str] | dict[str, Any] | None, *, keep_seed: bool = False
-) -> frozenset:
+def canonical_overrides(overrides: Iterable[str] | dict[str, Any] | None, *, keep_seed: bool = False) -> frozenset:
     """The set of assignments that identify *what* a run trains (see module docstring)."""
     if overrides is None:
         return frozenset()
@@ -94,6 +94,11 @@ class Record:
     @property
     def complete(self) -> bool:
         return self.data.get("complete") is True
+
+    @property
+    def diverged(self) -> bool:
+        """The trainer stopped the run on a non-finite loss (``status: diverged``)."""
+        return not self.complete and self.data.get("status") == "diverged"
 
     @property
     def experiment(self) -> str | None:
@@ -139,10 +144,9 @@ def _walk(root: Path) -> Iterable[Path]:
             yield Path(dirpath, "record.json")
 
 
-def load_records(
-    roots: Sequence[str | Path] = DEFAULT_RUN_ROOTS, *, complete_only: bool = True
-) -> list[Record]:
-    """Every ``record.json`` under the roots (missing roots are skipped), sorted by path.
+def load_records(roots: Sequence[str | Path] = DEFAULT_RUN_ROOTS, *, complete_only: bool = True) -> list[Record]:
+    """Every ``record.json`` under the roots (missing roots are skipped), sorted by path; with
+    ``complete_only=False`` also diverged and unfinished ones.
 
     The same run found twice (e.g. under ``runs/`` and copied into ``results/records/``) counts once: records
     with equal experiment, overrides and seed are duplicates; the one finished last wins (ties: first root).

@@ -22,7 +22,8 @@ LEGEND = (
     "Verdict: when both FP values exist the basis is the gap (*dFP*), which survives a different dataset "
     "copy or FP recipe; otherwise the absolute difference Δ (*abs*). pass = |basis| ≤ tolerance (exactly at "
     "the tolerance passes), fail otherwise (in either direction); *missing* = no complete run record yet "
-    "(never filled in); *n/a* = the paper prints no number."
+    "(never filled in); *diverged* = the only runs stopped on a non-finite loss; *n/a* = the paper prints no "
+    "number."
 )
 
 CSV_COLUMNS = (
@@ -105,8 +106,7 @@ def header_lines(table: Table, select: str, configs: str | Path, link_base: str 
     if select != table.reported:
         lines += [
             "",
-            f"**Note:** ours uses `--select {select}` but the paper reports `{table.reported}`: "
-            "not like for like.",
+            f"**Note:** ours uses `--select {select}` but the paper reports `{table.reported}`: not like for like.",
         ]
     return lines
 
@@ -123,12 +123,7 @@ def to_markdown(
     """The table as GitHub Markdown; links are relative to ``link_base`` (the folder the file lands in)."""
     show_opt = any(r.cell.optimizer for r in rows)
     show_ds = len({r.cell.dataset for r in rows}) > 1
-    cols = (
-        ["cell", "model"]
-        + (["dataset"] if show_ds else [])
-        + ["method"]
-        + (["optimizer"] if show_opt else [])
-    )
+    cols = ["cell", "model"] + (["dataset"] if show_ds else []) + ["method"] + (["optimizer"] if show_opt else [])
     cols += ["W/A", "paper", "ours", "n", "Δ", "paper ΔFP", "ours ΔFP", "gap", "verdict", "records", "config"]
     out = [f"{heading} {table.paper} — {table.title}", ""]
     out += header_lines(table, select, configs, link_base)
@@ -137,17 +132,12 @@ def to_markdown(
     out += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         c = r.cell
-        links = (
-            " ".join(f"[{_seed_label(rec.seed)}]({_rel(rec.path, link_base)})" for rec in r.records) or "—"
-        )
+        links = [f"[{_seed_label(rec.seed)}]({_rel(rec.path, link_base)})" for rec in r.records]
+        links += [f"[{_seed_label(rec.seed)} diverged]({_rel(rec.path, link_base)})" for rec in r.diverged]
         cfg = f"[{c.experiment}]({_rel(experiment_path(table, c.experiment, configs), link_base)})"
         if c.overrides:
             cfg += " " + " ".join(f"`{_md_escape(o)}`" for o in c.overrides)
-        paper = (
-            fmt(c.paper)
-            if c.paper is not None
-            else "—" + (f" ({c.extra['note']})" if "note" in c.extra else "")
-        )
+        paper = fmt(c.paper) if c.paper is not None else "—" + (f" ({c.extra['note']})" if "note" in c.extra else "")
         cells = [f"`{c.id}`", c.model] + ([c.dataset] if show_ds else []) + [c.method]
         cells += [c.optimizer or "—"] if show_opt else []
         cells += [
@@ -160,7 +150,7 @@ def to_markdown(
             fmt(r.ours_dfp, signed=True),
             fmt(r.gap, signed=True),
             f"**{verdict_text(r)}**" if r.verdict == "fail" else verdict_text(r),
-            links,
+            " ".join(links) or "—",
             cfg,
         ]
         out.append("| " + " | ".join(_md_escape(x) if "](" not in x else x for x in cells) + " |")
@@ -257,9 +247,7 @@ def to_latex(table: Table, rows: Sequence[Row], select: str) -> str:
     for r in rows:
         c = r.cell
         ours = (
-            "--"
-            if r.ours.n == 0
-            else f(r.ours.mean) + (f" $\\pm$ {f(r.ours.std)}" if r.ours.std is not None else "")
+            "--" if r.ours.n == 0 else f(r.ours.mean) + (f" $\\pm$ {f(r.ours.std)}" if r.ours.std is not None else "")
         )
         lines.append(
             " & ".join(

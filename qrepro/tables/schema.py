@@ -106,9 +106,7 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
     """Validate a loaded table mapping and return a :class:`Table` (raises QreproError on any mistake)."""
     where = _where(path)
     if not isinstance(data, dict):
-        raise QreproError(
-            f"{where}: a table file must be a mapping with keys {', '.join(TABLE_KEYS_REQUIRED)}"
-        )
+        raise QreproError(f"{where}: a table file must be a mapping with keys {', '.join(TABLE_KEYS_REQUIRED)}")
     missing = [k for k in TABLE_KEYS_REQUIRED if k not in data]
     if missing:
         raise QreproError(f"{where}: missing table field(s) {', '.join(missing)} (see docs/architecture.md)")
@@ -173,9 +171,7 @@ def _parse_cell(raw: Any, index: int, where: str) -> Cell:
     cw = f"{where}: cell {cid!r}" if isinstance(cid, str) else f"{where}: cell #{index}"
     missing = [k for k in CELL_KEYS_REQUIRED if k not in raw]
     if missing:
-        raise QreproError(
-            f"{cw}: missing field(s) {', '.join(missing)} (paper: null when the paper has no number)"
-        )
+        raise QreproError(f"{cw}: missing field(s) {', '.join(missing)} (paper: null when the paper has no number)")
     overrides = raw.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
         raise QreproError(f"{cw}: overrides must be a list of 'key=value' strings, got {overrides!r}")
@@ -210,9 +206,7 @@ def _check_acyclic(cells: list[Cell], where: str) -> None:
             return
         if state.get(cid) == 1:
             cycle = " -> ".join(path[path.index(cid) :] + [cid])
-            raise QreproError(
-                f"{where}: init_from_cell chain is a cycle ({cycle}); one cell must start from scratch"
-            )
+            raise QreproError(f"{where}: init_from_cell chain is a cycle ({cycle}); one cell must start from scratch")
         state[cid] = 1
         for p in parents[cid]:
             visit(p, path + [cid])
