@@ -247,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def table_argv(train_argv: Sequence[str]) -> list[str] | None:
+    """``python -m qrepro.train +table=<name> [args...]`` -> this module's argv (``<name> [args...]``), or
+    None when no ``+table=`` is given. Lets the trainer's entry point hand a whole table over to :func:`main`."""
+    names = [a.split("=", 1)[1] for a in train_argv if a.lstrip("+").startswith("table=")]
+    if not names:
+        return None
+    if len(names) > 1 or not names[0]:
+        raise QreproError("give exactly one table: +table=<name>")
+    return [names[0], *(a for a in train_argv if not a.lstrip("+").startswith("table="))]
+
+
 def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) -> int:
     try:
         args = build_parser().parse_intermixed_args(argv)

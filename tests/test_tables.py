@@ -491,6 +491,19 @@ def test_trainer_records_match_their_cell(table):
     assert match_cell(table.cell("w4"), [rec]) == []
 
 
+def test_train_plus_table_argv():
+    from qrepro.run_table import table_argv
+
+    assert table_argv(["+experiment=x", "seed=1"]) is None
+    assert table_argv(["+table=demo", "trainer.device=cuda", "--dry-run"]) == [
+        "demo",
+        "trainer.device=cuda",
+        "--dry-run",
+    ]
+    with pytest.raises(QreproError, match="exactly one table"):
+        table_argv(["+table=a", "+table=b"])
+
+
 def test_parse_record_line():
     assert parse_record_line(["x", "record: runs/a/record.json", "bye"]).as_posix() == "runs/a/record.json"
     assert parse_record_line(["record: a/record.json", "record: b/record.json"]).as_posix() == "b/record.json"
