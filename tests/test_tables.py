@@ -321,8 +321,12 @@ def test_cli_writes_tables_and_verify_fails(tmp_path, capsys):
     assert "| `w4` |" in md and "90.20 ± 0.28" in md and "pass (dFP)" in md and "**fail (dFP)**" in md
     assert "precision=w4a4/record.json" in md and "configs/experiment/demo_q.yaml" in md
     assert "4/6 cells present: 2 pass, 1 fail, 2 missing" in md
+    assert "Note: Fixture note shown under the table header." in md  # table note
+    assert "| `w2` [1] |" in md and "| `w4_sgdt` [1] |" in md and "[1] not reported" in md  # shared footnote
+    assert "| paper top5 | ours top5 |" in md and "| 99.50 | 99.00 ± 0.00 |" in md  # paper_top5 given
     csv_lines = (out / "demo.csv").read_text().splitlines()
     assert len(csv_lines) == 7 and csv_lines[0].startswith("table,cell,experiment")
+    assert ",paper_top5,ours_top5_mean,note," in csv_lines[0] and ",99.5000,99.0000,," in csv_lines[1]
     assert "\\toprule" in (out / "demo.tex").read_text()
     capsys.readouterr()
     assert tables_main(["demo", "--verify", "--no-figures", *_cli(tmp_path)]) == 1

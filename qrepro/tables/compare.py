@@ -59,6 +59,18 @@ class Row:
     basis: str | None  # "dFP" | "abs" | None
     verdict: str
     diverged: tuple[Record, ...] = ()  # diverged runs of the cell (no values)
+    other: Stats = Stats(None, None, 0)  # ours on the other metric (top-5 for a top-1 table), no verdict
+    metric: str = "top1"  # the table's metric
+
+    @property
+    def paper_other(self) -> float | None:
+        """The paper's value on the other metric, when transcribed (``paper_top5`` / ``paper_top1``)."""
+        value = self.cell.extra.get(f"paper_{other_metric(self.metric)}")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def other_metric(metric: str) -> str:
+    return "top5" if metric == "top1" else "top1"
 
 
 def within(value: float, tolerance: float) -> bool:
@@ -82,6 +94,7 @@ def compare(table: Table, records: Sequence[Record], select: str | None = None) 
     hits = {c.id: match_cell(c, records) for c in table.cells}
     matched = {cid: tuple(r for r in recs if r.complete) for cid, recs in hits.items()}
     stats = {cid: Stats.of(cell_values(recs, select, table.metric)) for cid, recs in matched.items()}
+    other = other_metric(table.metric)
     rows = []
     for c in table.cells:
         ours = stats[c.id]
@@ -102,7 +115,22 @@ def compare(table: Table, records: Sequence[Record], select: str | None = None) 
         else:
             basis, verdict = "abs", PASS if within(diff, table.tolerance) else FAIL
         rows.append(
-            Row(c, matched[c.id], ours, paper_fp, ours_fp, diff, paper_dfp, ours_dfp, gap, basis, verdict, diverged)
+            Row(
+                c,
+                matched[c.id],
+                ours,
+                paper_fp,
+                ours_fp,
+                diff,
+                paper_dfp,
+                ours_dfp,
+                gap,
+                basis,
+                verdict,
+                diverged,
+                Stats.of(cell_values(matched[c.id], select, other)),
+                table.metric,
+            )
         )
     return rows
 

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from qrepro.tables.compare import Row, summary
+from qrepro.tables.compare import Row, other_metric, summary
 from qrepro.tables.schema import Table
 
 METRIC_LABEL = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
@@ -52,6 +52,9 @@ CSV_COLUMNS = (
     "basis",
     "tolerance",
     "verdict",
+    "paper_other",
+    "ours_other_mean",
+    "note",
     "seeds",
     "records",
     "config",
@@ -82,12 +85,14 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def ours_text(row: Row, digits: int = 2) -> str:
-    if row.ours.n == 0:
+def ours_text(row: Row, digits: int = 2, *, other: bool = False) -> str:
+    """``mean ± std`` over seeds (just the mean for one seed, — for none)."""
+    stats = row.other if other else row.ours
+    if stats.n == 0:
         return "—"
-    if row.ours.std is None:
-        return fmt(row.ours.mean, digits)
-    return f"{fmt(row.ours.mean, digits)} ± {fmt(row.ours.std, digits)}"
+    if stats.std is None:
+        return fmt(stats.mean, digits)
+    return f"{fmt(stats.mean, digits)} ± {fmt(stats.std, digits)}"
 
 
 def verdict_text(row: Row) -> str:
@@ -124,37 +129,51 @@ def to_markdown(
     show_opt = any(r.cell.optimizer for r in rows)
     show_ds = len({r.cell.dataset for r in rows}) > 1
     cols = ["cell", "model"] + (["dataset"] if show_ds else []) + ["method"] + (["optimizer"] if show_opt else [])
-    cols += ["W/A", "paper", "ours", "n", "Δ", "paper ΔFP", "ours ΔFP", "gap", "verdict", "records", "config"]
+    cols += ["W/A", "paper", "ours", "n", "Δ", "paper ΔFP", "ours ΔFP", "gap", "verdict"]
+    other = other_metric(table.metric)
+    show_other = any(r.paper_other is not None for r in rows)
+    cols += [f"paper {other}", f"ours {other}"] if show_other else []
+    cols += ["records", "config"]
     out = [f"{heading} {table.paper} — {table.title}", ""]
     out += header_lines(table, select, configs, link_base)
     if not show_ds:
         out[-1] += f" Dataset: {rows[0].cell.dataset}." if rows else ""
+    if isinstance(table.extra.get("note"), str):
+        out += ["", f"Note: {table.extra['note']}"]
+    notes: dict[str, int] = {}  # cell notes as numbered footnotes; equal texts share a number
+    for r in rows:
+        note = r.cell.extra.get("note")
+        if isinstance(note, str) and note not in notes:
+            notes[note] = len(notes) + 1
     out += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         c = r.cell
+        mark = f" [{notes[c.extra['note']]}]" if isinstance(c.extra.get("note"), str) else ""
         links = [f"[{_seed_label(rec.seed)}]({_rel(rec.path, link_base)})" for rec in r.records]
         links += [f"[{_seed_label(rec.seed)} diverged]({_rel(rec.path, link_base)})" for rec in r.diverged]
         cfg = f"[{c.experiment}]({_rel(experiment_path(table, c.experiment, configs), link_base)})"
         if c.overrides:
             cfg += " " + " ".join(f"`{_md_escape(o)}`" for o in c.overrides)
-        paper = fmt(c.paper) if c.paper is not None else "—" + (f" ({c.extra['note']})" if "note" in c.extra else "")
-        cells = [f"`{c.id}`", c.model] + ([c.dataset] if show_ds else []) + [c.method]
+        cells = [f"`{c.id}`{mark}", c.model] + ([c.dataset] if show_ds else []) + [c.method]
         cells += [c.optimizer or "—"] if show_opt else []
         cells += [
             c.precision,
-            paper,
+            fmt(c.paper),
             ours_text(r),
             str(r.ours.n),
             fmt(r.diff, signed=True),
             fmt(r.paper_dfp, signed=True),
             fmt(r.ours_dfp, signed=True),
             fmt(r.gap, signed=True),
-            f"**{verdict_text(r)}**" if r.verdict == "fail" else verdict_text(r),
-            " ".join(links) or "—",
-            cfg,
+            f"**{verdict_text(r)}**" if r.verdict in ("fail", "diverged") else verdict_text(r),
         ]
+        cells += [fmt(r.paper_other), ours_text(r, other=True)] if show_other else []
+        cells += [" ".join(links) or "—", cfg]
         out.append("| " + " | ".join(_md_escape(x) if "](" not in x else x for x in cells) + " |")
-    out += ["", summary(rows) + ".", ""]
+    out += ["", summary(rows) + "."]
+    if notes:
+        out += [""] + [f"[{i}] {_md_escape(text)}  " for text, i in notes.items()]
+    out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -162,7 +181,8 @@ def to_csv(table: Table, rows: Sequence[Row], select: str, *, configs: str | Pat
     """One line per cell, floats with 4 decimals, empty fields for missing values."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    other = other_metric(table.metric)
+    w.writerow([col.replace("other", other) if col.endswith(("_other", "_other_mean")) else col for col in CSV_COLUMNS])
     for r in rows:
         c = r.cell
 
@@ -196,6 +216,9 @@ def to_csv(table: Table, rows: Sequence[Row], select: str, *, configs: str | Pat
                 r.basis or "",
                 f(table.tolerance),
                 r.verdict,
+                f(r.paper_other),
+                f(r.other.mean),
+                c.extra.get("note", "") if isinstance(c.extra.get("note"), str) else "",
                 " ".join(json.dumps(rec.seed) for rec in r.records),
                 " ".join(rec.path.as_posix() for rec in r.records),
                 experiment_path(table, c.experiment, configs).as_posix(),
