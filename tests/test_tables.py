@@ -512,3 +512,18 @@ def test_parse_record_line():
     assert parse_record_line(["x", "record: runs/a/record.json", "bye"]).as_posix() == "runs/a/record.json"
     assert parse_record_line(["record: a/record.json", "record: b/record.json"]).as_posix() == "b/record.json"
     assert parse_record_line(["nothing"]) is None
+
+
+def test_entry_points_run_as_modules(tmp_path):
+    import subprocess
+    import sys
+
+    for module in ("qrepro.tables", "qrepro.run_table"):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "nosuch", "--configs", str(CONFIGS)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert proc.returncode == 2 and proc.stderr.startswith("error: unknown table 'nosuch'"), proc.stderr
