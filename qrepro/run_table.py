@@ -6,7 +6,7 @@ the table's order, except that a cell starting from another cell's checkpoint (`
 ``ptq.from_cell``) runs after it, with ``init_from=<that run's dir>/checkpoints/last.pt``; the run directory
 is read from the ``record: <run dir>/record.json`` line the trainer prints last. A cell whose complete record
 already exists is skipped (the trainer would skip it too) and its run directory still feeds the chain.
-``--seeds 0 1 2`` runs each chain once per seed (seed s starts from the parent's seed-s run).
+``--seeds 0,1,2`` runs each chain once per seed (seed s starts from the parent's seed-s run).
 Afterwards, ``python -m qrepro.tables <name>`` builds the table.
 """
 
