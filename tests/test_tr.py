@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,10 +168,7 @@ def test_calibration_sets_scales_and_restores_bn():
     x = torch.randn(8, 3, 8, 8, dtype=D)
     before = {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
     inputs = {}
-    hs = [
-        m[i].register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach()))
-        for i in (3, 6)
-    ]
+    hs = [m[i].register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach())) for i in (3, 6)]
     assert calibrate_scales(m, x) == 4
     for h in hs:
         h.remove()
@@ -178,9 +177,7 @@ def test_calibration_sets_scales_and_restores_bn():
     for i in (3, 6):
         assert math.isclose(m[i].wq.scale.item(), 3 * m[i].weight.std().item(), rel_tol=1e-12)
         # layer 6's input comes from the already-quantized layer 3 (progressive, as in a first iteration)
-        assert math.isclose(
-            m[i].aq.scale.item(), 3 * inputs[i].std().item() / F.HALF_NORMAL_STD, rel_tol=1e-12
-        )
+        assert math.isclose(m[i].aq.scale.item(), 3 * inputs[i].std().item() / F.HALF_NORMAL_STD, rel_tol=1e-12)
     s = m[3].aq.scale.item()
     assert calibrate_scales(m, 10 * x) == 0 and m[3].aq.scale.item() == s  # initialised: left alone (resume)
 
@@ -266,6 +263,18 @@ def test_talr_criteria_s32(rule, u, r):
     assert f(r) == pytest.approx(u, rel=1e-15)
 
 
+def test_bad_tr_options_raise_one_line_errors():
+    m = _one_layer([0.1, 0.2])
+    for tr in ({"rule": "bogus"}, {"scope": "net"}, {"momentum": 1.0}, {"factr": 1e-3}, {"factor": -1.0}):
+        with pytest.raises(QreproError, match="optimizer.tr"):
+            SGDT(m.parameters(), model=m, lr=0.1, tr=tr)
+    with pytest.raises(QreproError, match="does not take"):
+        optim_tr.OPTIMIZERS.get("adamt")([{"params": list(m.parameters())}], model=m, lr=1e-3, momentum=0.9)
+    fp = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(QreproError, match="quantizer=tr"):
+        SGDT(fp.parameters(), model=fp, lr=0.1)
+
+
 def test_target_follows_schedule_and_final_target():
     m = _one_layer([0.1, 0.2, 0.3, 0.4], bits=3)
     opt = SGDT(m.parameters(), model=m, lr=0.1, tr=dict(factor=1e-2, final_target=1e-4))
@@ -294,10 +303,7 @@ def test_t_optimizer_groups_and_frozen_weight_scale():
 
 def _batches(n, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(8, 3, 8, 8, generator=g, dtype=D), torch.randint(0, 5, (8,), generator=g))
-        for _ in range(n)
-    ]
+    return [(torch.randn(8, 3, 8, 8, generator=g, dtype=D), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
 
 
 def _train(model, opt, batches, extra_forward=False, lr_fn=None, base_lr=None):
@@ -394,15 +400,11 @@ def test_global_vs_layer_scope_and_step_size_measure():
     hist = {}
     for scope, measure in (("global", "transitions"), ("layer", "transitions"), ("global", "step_size")):
         mm = copy.deepcopy(m)
-        o = SGDT(
-            mm.parameters(), model=mm, lr=0.5, tr=dict(factor=0.05, scope=scope, measure=measure, rule="lr")
-        )
+        o = SGDT(mm.parameters(), model=mm, lr=0.5, tr=dict(factor=0.05, scope=scope, measure=measure, rule="lr"))
         o.set_target_schedule(lambda t: 1.0)
         hist[scope, measure] = _train(mm, o, batches)
     n = [m[3].weight.numel(), m[6].weight.numel()]
-    for g, lay, st in zip(
-        hist["global", "transitions"], hist["layer", "transitions"], hist["global", "step_size"]
-    ):
+    for g, lay, st in zip(hist["global", "transitions"], hist["layer", "transitions"], hist["global", "step_size"]):
         assert len(g["K"]) == 1 and len(lay["K"]) == 2
         if "k" in g:
             # global k^t (Eq. 5 over all N weights) = numel-weighted mean of the per-layer rates
@@ -482,3 +484,135 @@ def test_only_one_monitor_active():
     a.on_train_start(ctx)
     b.on_train_start(ctx)
     assert a.active and not b.active
+
+
+# ----------------------------------------------------------------------------------------- end to end
+FAST = ["logger=none", "trainer.progress=false", "model.width=8", "trainer.log_every=5"]
+
+
+def _train_digits(tmp_path, extra, sub="run"):
+    from qrepro.train import compose, train
+
+    cfg = compose([*FAST, "quantizer=tr", "precision=w2a2", *extra])
+    return json.loads(train(cfg, run_dir=tmp_path / sub, experiment="unit", overrides=extra).record_path.read_text())
+
+
+def test_digits_sgdt_records_tr_curves_and_follows_constant_target(tmp_path):
+    # Constant target R = λ·sqrt(2) with λ = 0.01. Two settings make 180 steps enough to settle: the running
+    # TR momentum m = 0.9 (time constant 10 steps instead of 100) and η = 1.0 = 20·U^0 (with the paper's
+    # η = U^0 the TALR needs thousands of steps to move by its own size).
+    extra = [
+        "optimizer=sgdt",
+        "optimizer.lr=0.05",
+        "scheduler=constant",
+        "optimizer.tr.factor=0.01",
+        "optimizer.tr.momentum=0.9",
+        "optimizer.tr.eta=1.0",
+        "trainer.epochs=4",
+        "trainer.batch_size=32",
+    ]
+    rec = _train_digits(tmp_path, extra)
+    c = rec["curves"]
+    for key in ("tr", "tr_running", "tr_target", "talr", "tr_step_size"):
+        assert len(c[key]) == 4, key
+    target = 0.01 * math.sqrt(2)
+    assert c["tr_target"] == pytest.approx([target] * 4, rel=1e-12)
+    # tolerance: the last epoch's mean TR and the final running TR within 25% of the target
+    assert c["tr"][-1] == pytest.approx(target, rel=0.25)
+    assert c["tr_running"][-1] == pytest.approx(target, rel=0.25)
+    assert c["talr"][-1] > 0.05  # the TALR rose from U^0 = lr to reach the target
+    assert c["lr"][-1] == pytest.approx(0.05)  # non-quantized parameters keep the scheduled LR
+    assert rec["metrics"]["best_top1"] > 50
+    # the Fig. S3/S4-style plot script reads such records
+    import runpy
+
+    plot = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "plot_tr.py"))
+    plot["main"]([str(tmp_path / "run" / "record.json"), "-o", str(tmp_path / "tr.png")])
+    assert (tmp_path / "tr.png").stat().st_size > 1000
+
+
+def test_digits_plain_sgd_is_monitored(tmp_path):
+    extra = ["optimizer=sgd", "optimizer.lr=0.05", "scheduler=constant", "trainer.epochs=1", "trainer.batch_size=128"]
+    c = _train_digits(tmp_path, extra)["curves"]
+    assert {"tr", "tr_running", "talr", "tr_step_size"} <= set(c) and "tr_target" not in c
+    assert 0 < c["tr"][0] < 1 and c["talr"] == [0.05]  # the LR that updates the latent weights
+
+
+def test_digits_sgdt_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    import qrepro.engine.trainer as trainer_mod
+
+    extra = ["optimizer=adamt", "optimizer.lr=1e-2", "trainer.epochs=2", "trainer.batch_size=128"]
+    ref = _train_digits(tmp_path, extra, "ref")
+    real, calls = trainer_mod.evaluate, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed in epoch 2, after epoch 1 was checkpointed
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer_mod, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _train_digits(tmp_path, extra, "int")
+    monkeypatch.setattr(trainer_mod, "evaluate", real)
+    rec = _train_digits(tmp_path, [*extra, "resume=true"], "int")
+    for key in ("tr", "tr_running", "tr_target", "talr", "test_top1"):
+        assert rec["curves"][key] == pytest.approx(ref["curves"][key], rel=1e-6, abs=1e-9), key
+
+
+T_OPTIMIZERS = ("sgdt", "adamt", "adamwt", "nadamt", "adamaxt", "rmspropt", "adagradt")
+TABLES = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "table").glob("tr_*.yaml"))
+
+
+def _experiment_view(name, overrides):
+    """The fields a cell is checked against: composed with Hydra when the cell has overrides, else read
+    from the experiment file (test_configs composes every experiment file already)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    if overrides:
+        from qrepro.train import compose
+
+        return compose([f"+experiment={name}", *overrides])
+    root = Path(__file__).resolve().parents[1] / "configs"
+    exp = yaml.safe_load((root / "experiment" / f"{name}.yaml").read_text())
+    cfg = {k: v for k, v in exp.items() if k != "defaults"}
+    for entry in exp["defaults"]:
+        ((key, choice),) = entry.items()
+        group = key.split()[-1].strip("/")
+        base = yaml.safe_load((root / group / f"{choice}.yaml").read_text())
+        cfg[group] = OmegaConf.merge(base, cfg.get(group, {}))
+    return OmegaConf.create(cfg)
+
+
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: p.stem)
+def test_table_cells_match_their_recipe(path):
+    import yaml
+
+    table = yaml.safe_load(path.read_text())
+    ids = [c["id"] for c in table["cells"]]
+    assert len(ids) == len(set(ids))
+    for cell in table["cells"]:
+        cfg = _experiment_view(cell["experiment"], cell.get("overrides", []))
+        assert cfg.name == cell["experiment"]
+        assert (cfg.model.name, cfg.dataset.name) == (cell["model"], cell["dataset"])
+        assert (cfg.precision.w_bits, cfg.precision.a_bits) == (cell["w_bits"], cell["a_bits"])
+        assert cfg.optimizer.name == cell["optimizer"]
+        assert cfg.quantizer.name == ("fp" if cell["w_bits"] == 32 else "tr")
+        for ref in ("fp_cell", "init_from_cell"):
+            assert cell.get(ref) in (None, *ids)
+        if cell["dataset"].startswith("cifar"):  # Table S8 CIFAR recipe
+            assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (400, 256)
+            assert cfg.model.shortcut == "A" and cfg.model.bn_before_fc is True
+        else:
+            assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (120, 256)
+        if cell["optimizer"] in T_OPTIMIZERS:
+            assert cfg.optimizer.tr.momentum == 0.99
+            assert cfg.optimizer.tr.factor == (5e-3 if cell["dataset"].startswith("cifar") else 1e-3) or any(
+                o.startswith("optimizer.tr.factor=") for o in cell.get("overrides", [])
+            )
+        if any(o.startswith("scheduler=multistep") for o in cell.get("overrides", [])):
+            assert cfg.scheduler.name == "multistep" and list(cfg.scheduler.milestones) == [100, 200, 300]
+            assert cfg.scheduler.gamma == 0.2
+        else:
+            assert cfg.scheduler.name == "cosine"

@@ -213,9 +213,7 @@ class TransitionRateMixin:
         else:
             self._tr_units = [list(range(len(layers)))]
         # R^0 of a unit: numel-weighted mean of λ·sqrt(b_l) (= λ·sqrt(b_w) when all layers share b_w)
-        self._tr_r0 = [
-            sum(r0_layers[i] * numel[i] for i in u) / sum(numel[i] for i in u) for u in self._tr_units
-        ]
+        self._tr_r0 = [sum(r0_layers[i] * numel[i] for i in u) / sum(numel[i] for i in u) for u in self._tr_units]
         self._tr_u0 = [base_lr] * len(self._tr_units)  # initial TALR = initial LR (Sec. S4.1)
         self._tr_eta = [cfg.eta if cfg.eta is not None else u0 for u0 in self._tr_u0]
         self._tr_U = list(self._tr_u0)
@@ -260,9 +258,7 @@ class TransitionRateMixin:
             # TALR groups: lr = U^t set before every step; `fixed_lr` keeps the LR scheduler off them
             talr = {**opts, "lr": base_lr, "talr": True, "fixed_lr": True}
             if cfg.scope == "layer":
-                out += [
-                    {**talr, "params": [p], "param_names": [n], "tr_unit": unit_of[id(p)]} for n, p in latent
-                ]
+                out += [{**talr, "params": [p], "param_names": [n], "tr_unit": unit_of[id(p)]} for n, p in latent]
             else:
                 out.append(
                     {
@@ -373,9 +369,7 @@ class TransitionRateMixin:
         super().load_state_dict(state_dict)  # type: ignore[misc]
         if tr is not None:
             if len(tr["K"]) != len(self._tr_K):
-                raise QreproError(
-                    "checkpoint TR state does not match optimizer.tr.scope; resume with the same"
-                )
+                raise QreproError("checkpoint TR state does not match optimizer.tr.scope; resume with the same")
             self._tr_t, self._tr_K, self._tr_U = int(tr["t"]), list(tr["K"]), list(tr["U"])
             self._tr_counter.load_state_dict(tr["counter"])
 

@@ -71,9 +71,7 @@ def level_spacing(bits: int) -> float:
 def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """x_q = round(clip(x/s_a·2^b, 0, 2^b − 1))/2^b with the STE on the rounding."""
     if not 1 <= bits <= 8:
-        raise QreproError(
-            f"TR activation quantizer supports 1..8 bits, got {bits}; choose e.g. precision=w2a2"
-        )
+        raise QreproError(f"TR activation quantizer supports 1..8 bits, got {bits}; choose e.g. precision=w2a2")
     n = float(2**bits)
     return round_ste(torch.clamp(x * (n / scale), 0.0, n - 1.0)) / n
 

@@ -105,11 +105,7 @@ def calibrate_scales(model: nn.Module, x: torch.Tensor | None) -> int:
         if isinstance(layer.wq, TRWeightQuantizer) and not bool(layer.wq.initialized):
             layer.wq.init_scale(layer.weight)
             n += 1
-    todo = [
-        layer
-        for _, layer in layers
-        if isinstance(layer.aq, TRActQuantizer) and not bool(layer.aq.initialized)
-    ]
+    todo = [layer for _, layer in layers if isinstance(layer.aq, TRActQuantizer) and not bool(layer.aq.initialized)]
     if not todo:
         return n
     if x is None:
