@@ -162,7 +162,7 @@ def talr_additive(u: float, big_k: float, r: float, eta: float) -> float:
 
 
 def talr_multiplicative(u: float, big_k: float, r: float) -> float:
-    """Eq. (S1): U^t = U^{t−1}·R^t/K^t (K^t = 0 leaves U unchanged when R^t = 0 and is guarded by 1e-12)."""
+    """Eq. (S1): U^t = U^{t−1}·R^t/K^t (R^t = 0 gives 0; K^t is floored at 1e-12)."""
     return u * r / max(big_k, 1e-12) if r > 0 else 0.0
 
 
