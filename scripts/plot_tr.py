@@ -35,10 +35,19 @@ def load(paths: list[str]) -> list[dict]:
     return records
 
 
-def label(rec: dict) -> str:
-    over = [o for o in rec.get("overrides", []) if not o.startswith("seed=")]
-    base = rec.get("experiment") or rec.get("name", "?")
-    return f"{base} [{rec.get('optimizer', '?')}]" + (f" {' '.join(over)}" if over else "")
+def labels(records: list[dict]) -> list[str]:
+    """Short legend labels: experiment (if they differ), optimizer and the overrides not shared by all."""
+    overs = [{o for o in r.get("overrides", []) if not o.startswith("seed=")} for r in records]
+    common = set.intersection(*overs) if overs else set()
+    exps = {r.get("experiment") or r.get("name") for r in records}
+    out = []
+    for r, o in zip(records, overs):
+        parts = [r.get("experiment") or r.get("name", "?")] if len(exps) > 1 else []
+        parts.append(str(r.get("optimizer", "?")))
+        parts += sorted(x for x in o - common if not x.startswith("optimizer="))
+        seed = r.get("seed")
+        out.append(" ".join(parts) + (f" (seed {seed})" if seed not in (None, 0) else ""))
+    return out
 
 
 def plot(records: list[dict], out: Path, log_tr: bool = True) -> None:
@@ -47,26 +56,26 @@ def plot(records: list[dict], out: Path, log_tr: bool = True) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
-    for i, rec in enumerate(records):
+    fig, axs = plt.subplots(2, 2, figsize=(12, 8))
+    axes = axs.ravel()
+    for i, (rec, lab) in enumerate(zip(records, labels(records))):
         c = rec["curves"]
         color = f"C{i % 10}"
         ep = c.get("epoch", list(range(1, len(c["tr"]) + 1)))
-        lab = label(rec)
         axes[0].plot(ep, c.get("test_top1", [None] * len(ep)), color=color, label=lab)
-        axes[1].plot(ep, c["tr"], color=color, label=f"{lab}: k")
+        axes[1].plot(ep, c["tr"], color=color)
         if "tr_running" in c:
-            axes[1].plot(ep, c["tr_running"], color=color, ls="--", label=f"{lab}: K")
+            axes[1].plot(ep, c["tr_running"], color=color, ls="--")
         if "tr_target" in c:
-            axes[1].plot(ep, c["tr_target"], color=color, ls=":", label=f"{lab}: R")
+            axes[1].plot(ep, c["tr_target"], color=color, ls=":")
         if "talr" in c:
-            axes[2].plot(ep, c["talr"], color=color, label=lab)
+            axes[2].plot(ep, c["talr"], color=color)
         if "tr_step_size" in c:
-            axes[3].plot(ep, c["tr_step_size"], color=color, label=lab)
+            axes[3].plot(ep, c["tr_step_size"], color=color)
     titles = (
         "(a) test top-1 (%)",
-        "(b) transition rate: k (solid), K (dashed), R (dotted)",
-        "(c) TALR U (T) / LR of the latent weights (plain)",
+        "(b) transition rate: k (solid), running K (dashed), target R (dotted)",
+        "(c) TALR U (T-optimizers) / LR of the latent weights (plain)",
         "(d) average effective step size mean |Δw_q|",
     )
     for ax, t in zip(axes, titles):
@@ -76,8 +85,7 @@ def plot(records: list[dict], out: Path, log_tr: bool = True) -> None:
     if log_tr:
         for ax in axes[1:]:
             ax.set_yscale("symlog", linthresh=1e-6)
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=6)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
