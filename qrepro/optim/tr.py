@@ -114,7 +114,11 @@ def tr_layers(model: nn.Module, strict: bool = True) -> list[tuple[str, nn.Param
 
 
 class TransitionCounter:
-    """Counts changes of the discrete weights w_d between consecutive calls, from the latent weights."""
+    """Counts changes of the discrete weights w_d between consecutive calls, from the latent weights.
+
+    The previous w_d are kept as int8 (one byte per weight), so quantizers must return integers in
+    [−128, 127] (TR weights of up to 8 bits do).
+    """
 
     def __init__(self, layers: Sequence[tuple[str, nn.Parameter, nn.Module]]) -> None:
         self.names = [n for n, _, _ in layers]
@@ -268,6 +272,9 @@ class TransitionRateMixin:
                         "tr_unit": 0,
                     }
                 )
+        if not any(g.get("param_names") for g in params):  # plain parameter lists: no names to carry
+            for g in out:
+                g.pop("param_names")
         found = {id(p) for g in out if g.get("talr") for p in g["params"]}
         missing = [n for n, w, _ in layers if id(w) not in found]
         if missing:
