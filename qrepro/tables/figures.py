@@ -4,7 +4,8 @@ Per table ``<name>``, into the figures folder (each figure is skipped, with a no
 data):
 - ``<name>_curves.png``: test accuracy per epoch, each quantized cell against its FP cell (mean over seeds,
   min–max band when several seeds).
-- ``<name>_tr.png``: transition-rate diagnostics (curve keys ``tr``, ``tr_running``, ``tr_target``, ``talr``).
+- ``<name>_tr.png``: transition-rate diagnostics (curve keys ``tr``, ``tr_running``, ``tr_target``, ``talr``,
+  ``tr_step_size``).
 - ``<name>_kappa.png``: SAT variance diagnostics (curve keys ``kappa0``, ``kappa1*``; log scale).
 - ``<name>_bits.png``: accuracy vs weight bits per method (ours solid, paper dashed) and the robustness view,
   accuracy minus the FP cell's accuracy vs bits.
@@ -18,7 +19,7 @@ from pathlib import Path
 from qrepro.tables.compare import Row
 from qrepro.tables.schema import Table
 
-TR_KEYS = ("tr", "tr_running", "tr_target", "talr")
+TR_KEYS = ("tr", "tr_running", "tr_target", "talr", "tr_step_size")
 PNG_META = {"Software": None}  # no library version in the file: identical bytes across environments
 
 
@@ -99,6 +100,7 @@ def learning_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path 
             _plot_line(ax, _mean_curve(m, key), label, **style)
         ax.set_title(f"{table.name}: {gid}", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(f"test {table.metric} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -126,6 +128,7 @@ def _keyed_curves(
                 _plot_line(ax, data, f"{r.cell.id} ({r.cell.precision})")
         ax.set_title(f"{table.name}: {key}", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if log and all(v > 0 for r in rows if (d := _mean_curve(r, key)) for v in d[1]):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -134,7 +137,7 @@ def _keyed_curves(
 
 
 def tr_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
-    return _keyed_curves(table, rows, TR_KEYS, out, "tr", "transition-rate (tr, tr_running, tr_target, talr)")
+    return _keyed_curves(table, rows, TR_KEYS, out, "tr", "transition-rate (" + ", ".join(TR_KEYS) + ")")
 
 
 def kappa_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
