@@ -378,7 +378,7 @@ def test_figures_written_and_skipped(tmp_path, capsys):
     ]
     tables_main(["demo", "--out", str(tmp_path / "t"), *args])  # no records: every figure skipped, with a note
     printed = capsys.readouterr().out
-    assert printed.count("note: demo:") == 4 and "skipped the learning-curve figure" in printed
+    assert printed.count("note: demo:") == 5 and "skipped the learning-curve figure" in printed
     assert list((tmp_path / "out" / "figures").iterdir()) == []  # stale figures removed
 
 
@@ -391,6 +391,32 @@ def test_collect_copies_matched_records(tmp_path, capsys):
     assert not any("w2a2" in c or "epochs=1" in c for c in copied)  # only records that belong to cells
     assert "copied 7 record(s)" in capsys.readouterr().out
     assert tables_main(args) == 0 and "copied 0 record(s)" in capsys.readouterr().out  # idempotent
+
+
+def test_sweep_figure_over_a_numeric_override(tmp_path, capsys):
+    from qrepro.tables.figures import make_figures
+
+    data = _one_cell_table(71.1, 72.0, 1.0)
+    q = data["cells"][1]
+    data["cells"][1:] = [dict(q, id=f"q{v}", overrides=[f"ptq.weight_step_scale={v}"]) for v in (0.5, 1.0, 2.0)]
+    table = parse_table(data)
+    for v, acc in ((0.5, 60.0), (1.0, 70.0), (2.0, 65.0)):
+        d = tmp_path / "runs" / str(v)
+        d.mkdir(parents=True)
+        rec = {
+            "complete": True,
+            "experiment": "e_q",
+            "overrides": [f"ptq.weight_step_scale={v}"],
+            "seed": 0,
+            "metrics": {"best_top1": acc},
+        }
+        (d / "record.json").write_text(json.dumps(rec))
+    rows = compare(table, load_records([tmp_path / "runs"]))
+    written, notes = make_figures(table, rows, tmp_path / "figs")
+    assert [p.name for p in written] == ["t_sweep_ptq.weight_step_scale.png"]
+    assert any("skipped the bits figure" in n for n in notes)  # one bit-width only
+    written, notes = make_figures(table, compare(table, []), tmp_path / "figs")
+    assert written == [] and list((tmp_path / "figs").iterdir()) == []  # stale sweep figure removed
 
 
 # -------------------------------------------------------------------------------------------- run_table

@@ -9,6 +9,8 @@ data):
 - ``<name>_kappa.png``: SAT variance diagnostics (curve keys ``kappa0``, ``kappa1*``; log scale).
 - ``<name>_bits.png``: accuracy vs weight bits per method (ours solid, paper dashed) and the robustness view,
   accuracy minus the FP cell's accuracy vs bits.
+- ``<name>_sweep_<key>.png``: the same two panels against any numeric override that is swept across otherwise
+  identical cells (e.g. ``ptq.weight_step_scale`` for a step-size robustness figure).
 """
 
 from __future__ import annotations
@@ -145,78 +147,122 @@ def kappa_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | N
     return _keyed_curves(table, rows, keys, out, "kappa", "SAT variance (kappa0, kappa1*)", log=True)
 
 
-def _group_key(row: Row) -> tuple[str, ...]:
+def _overrides(row: Row) -> dict[str, str]:
+    """The cell's overrides as ``{key: value text}`` (Hydra's ``+``/``++`` prefixes dropped)."""
+    out = {}
+    for o in row.cell.overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        out[key] = value
+    return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _label(row: Row, skip: tuple[str, ...], *, precision: bool = False) -> tuple[str, ...]:
+    """What identifies a line: model, method, optimizer, PTQ algorithm, the activation bits (or the whole
+    precision), and the other overrides."""
     c = row.cell
     ptq = c.extra.get("ptq")
     alg = str(ptq.get("algorithm", "PTQ")) if isinstance(ptq, dict) else ""
-    act = "W=A" if c.a_bits == c.w_bits else ("A FP" if c.a_bits >= 32 else f"A{c.a_bits}")
-    return (c.model, c.method, c.optimizer or "", alg, act)
+    act = "W=A" if c.a_bits == c.w_bits else ("A32" if c.a_bits >= 32 else f"A{c.a_bits}")
+    act = c.precision if precision else act
+    rest = sorted(f"{k}={v}" for k, v in _overrides(row).items() if k not in skip)
+    return (c.model, c.method, c.optimizer or "", alg, act, *rest)
 
 
-def bits_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
-    """Accuracy vs weight bits per method (left) and the robustness view ΔFP vs bits (right)."""
-    groups: dict[tuple[str, ...], list[Row]] = {}
-    for r in rows:
-        if r.cell.w_bits < 32:
-            groups.setdefault(_group_key(r), []).append(r)
-    groups = {
-        k: sorted(v, key=lambda r: r.cell.w_bits)
-        for k, v in groups.items()
-        if len({r.cell.w_bits for r in v}) >= 2 and any(r.ours.n for r in v)
-    }
-    if not groups:
-        return (
-            None,
-            f"{table.name}: no method has records at two or more bit-widths — skipped the bits figure",
-        )
-    plt = _plt()
-    fig, (ax_abs, ax_dfp) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (key, rs) in enumerate(sorted(groups.items())):
+def _plot_series(ax_abs, ax_dfp, series: dict[tuple[str, ...], list[tuple[float, Row]]], colors) -> None:
+    """Ours (solid, std error bars) and paper (dashed, hollow) per series on both panels."""
+    for i, (key, pts) in enumerate(sorted(series.items())):
         color = colors[i % len(colors)]
         label = " ".join(k for k in key if k)
         for ax, ours_of, paper_of in (
             (ax_abs, lambda r: r.ours.mean, lambda r: r.cell.paper),
             (ax_dfp, lambda r: r.ours_dfp, lambda r: r.paper_dfp),
         ):
-            pts = [(r.cell.w_bits, ours_of(r), r.ours.std or 0.0) for r in rs if ours_of(r) is not None]
-            if pts:
-                ax.errorbar(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    yerr=[p[2] for p in pts],
-                    color=color,
-                    marker="o",
-                    capsize=3,
-                    label=f"{label} (ours)",
-                )
-            ppts = [(r.cell.w_bits, paper_of(r)) for r in rs if paper_of(r) is not None]
-            if ppts:
+            ours = [(x, ours_of(r), r.ours.std or 0.0) for x, r in pts if ours_of(r) is not None]
+            if ours:
+                xs, ys, es = zip(*ours)
+                ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=3, label=f"{label} (ours)")
+            paper = [(x, paper_of(r)) for x, r in pts if paper_of(r) is not None]
+            if paper:
+                xs, ys = zip(*paper)
                 ax.plot(
-                    [p[0] for p in ppts],
-                    [p[1] for p in ppts],
-                    color=color,
-                    linestyle="--",
-                    marker="o",
-                    markerfacecolor="none",
-                    label=f"{label} (paper)",
+                    xs, ys, color=color, linestyle="--", marker="o", markerfacecolor="none", label=f"{label} (paper)"
                 )
-    robust = " (PTQ)" if any(key[3] for key in groups) else ""
+
+
+def _series_figure(table: Table, series: dict, xlabel: str, what: str, path: Path, integer_x: bool) -> Path:
+    plt = _plt()
+    fig, (ax_abs, ax_dfp) = plt.subplots(1, 2, figsize=(11, 4.2))
+    _plot_series(ax_abs, ax_dfp, series, plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for ax, ylabel, title in (
-        (ax_abs, f"{table.metric} (%)", "accuracy vs bits"),
-        (ax_dfp, "quantized − FP (points)", "robustness: accuracy − FP vs bits"),
+        (ax_abs, f"{table.metric} (%)", f"accuracy vs {what}"),
+        (ax_dfp, "quantized − FP (points)", f"robustness: accuracy − FP vs {what}"),
     ):
-        ax.set_xlabel("weight bits")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{table.name}: {title}{robust}", fontsize=9)
+        ax.set_title(f"{table.name}: {title}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if integer_x:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    return _save(plt, fig, out / f"{table.name}_bits.png"), None
+    return _save(plt, fig, path)
 
 
-FIGURES = {"curves": learning_curves, "tr": tr_curves, "kappa": kappa_curves, "bits": bits_curves}
+def _keep(series: dict) -> dict:
+    """Series with two or more x values, at least one of them with our records; points sorted by x."""
+    return {
+        k: sorted(v, key=lambda p: p[0])
+        for k, v in series.items()
+        if len({x for x, _ in v}) >= 2 and any(r.ours.n for _, r in v)
+    }
+
+
+def bits_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+    """Accuracy vs weight bits per method (left) and the robustness view, accuracy − FP vs bits (right)."""
+    series: dict[tuple[str, ...], list[tuple[float, Row]]] = {}
+    for r in rows:
+        if r.cell.w_bits < 32:
+            series.setdefault(_label(r, ("precision", "ptq.algorithm")), []).append((r.cell.w_bits, r))
+    series = _keep(series)
+    if not series:
+        return None, f"{table.name}: no method has records at two or more bit-widths — skipped the bits figure"
+    return _series_figure(table, series, "weight bits", "bits", out / f"{table.name}_bits.png", True), None
+
+
+def sweep_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+    """Accuracy vs any numeric override swept across otherwise identical cells (e.g. ``ptq.weight_step_scale``
+    for the SymReg step-size robustness figure); one figure per swept key, ``<name>_sweep_<key>.png``."""
+    by_key: dict[str, dict[tuple[str, ...], list[tuple[float, Row]]]] = {}
+    for r in rows:
+        for key, value in _overrides(r).items():
+            x = _number(value)
+            if key != "precision" and x is not None:
+                line = _label(r, ("precision", "ptq.algorithm", key), precision=True)
+                by_key.setdefault(key, {}).setdefault(line, []).append((x, r))
+    written = []
+    for key, series in sorted(by_key.items()):
+        kept = _keep(series)
+        if kept:
+            written.append(_series_figure(table, kept, key, key, out / f"{table.name}_sweep_{key}.png", False))
+    if not written:
+        return None, f"{table.name}: no swept numeric override has records — skipped the sweep figure"
+    return written, None
+
+
+FIGURES = {
+    "curves": learning_curves,
+    "tr": tr_curves,
+    "kappa": kappa_curves,
+    "bits": bits_curves,
+    "sweep": sweep_curves,
+}
 
 
 def make_figures(table: Table, rows: Sequence[Row], out: str | Path) -> tuple[list[Path], list[str]]:
@@ -226,11 +272,14 @@ def make_figures(table: Table, rows: Sequence[Row], out: str | Path) -> tuple[li
     """
     written, notes = [], []
     for suffix, fn in FIGURES.items():
-        path, note = fn(table, rows, Path(out))
-        if path is not None:
-            written.append(path)
-        else:
-            Path(out, f"{table.name}_{suffix}.png").unlink(missing_ok=True)
+        paths, note = fn(table, rows, Path(out))
+        paths = [] if paths is None else paths if isinstance(paths, list) else [paths]
+        # remove this figure's files from an earlier run that this run did not rewrite (no stale data)
+        pattern = f"{table.name}_{suffix}_*.png" if suffix == "sweep" else f"{table.name}_{suffix}.png"
+        for old in sorted(Path(out).glob(pattern)):
+            if old not in paths:
+                old.unlink()
+        written += paths
         if note:
             notes.append(note)
     return written, notes
