@@ -2,7 +2,7 @@
 
 Functional maths only; the quantizer modules and the per-layer policy live in ``qrepro.quant.methods.sat``.
 
-- ``dorefa_weight``  Eq. (5), (6), (8), (9): tanh clamping + DoReFa rounding, the effective weight Q in [-1, 1].
+- ``dorefa_weight``  Eq. (5, 6, 8, 9): tanh clamping + DoReFa rounding, the effective weight Q in [-1, 1].
 - ``sat_rescale``    Eq. (10): constant rescaling Q* = Q / sqrt(n_out VAR[Q]), VAR detached.
 - ``std_rescale``    Eq. (S23): rescaling with the standard deviation of the original weights.
 - ``pact``           Eq. (11)-(13): PACT clipping + quantization, calibrated (CG-PACT) or original gradient.

@@ -420,7 +420,7 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
         out["sat_kappa0"] = float(last.in_features * satf.mean_square(ws[-1].detach()) / k**2)
     k1 = []
     for i in range(len(layers) - 1):
-        (n0, m0), (n1, m1) = layers[i], layers[i + 1]
+        n0, n1 = layers[i][0], layers[i + 1][0]
         g0, g1 = grads[i], grads[i + 1]
         if g0 is None or g1 is None:
             continue
