@@ -15,7 +15,7 @@ from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods.sat import (
     PACTQuantizer,
     SATWeightQuantizer,
-    calibrate_signed_inputs,
+    calibrate_structure,
     fold_sat_rescale,
     sat_kappas,
 )
@@ -315,6 +315,54 @@ def q_layers(model: nn.Module) -> dict[str, nn.Module]:
     return dict(quantized_layers(model))
 
 
+def rescaled(layer: nn.Module) -> bool:
+    wq = layer.wq
+    return wq.rescale is not None and (not wq.gated or bool(wq.rescale_on))
+
+
+class PostAddBNUnit(nn.Module):
+    """bn_out(x + conv2(relu(bn1(conv1(x))))): conv2 feeds an addition, yet in module order it is directly
+    followed by a BN -- the case where next_module misleads and the data flow decides."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn_out = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn_out(x + self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def test_no_bn_rescaling_follows_data_flow() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        PostAddBNUnit(8),
+        PostAddBNUnit(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    m = prepare(net, build_method("sat", 2, 2, rescale="no_bn"))
+    ls = q_layers(m)
+    # initial guess from module order: conv2 is listed right before bn_out -> "followed by BN"
+    assert not rescaled(ls["1.conv2"]) and not rescaled(ls["1.conv1"]) and rescaled(ls["0"])
+    hooks = build_method("sat", 2, 2, rescale="no_bn").hooks
+    assert any(type(h).__name__ == "StructureCalibration" for h in hooks)
+    rep = calibrate_structure(m, torch.randn(2, 3, 8, 8))
+    # the data flow: the stem and both conv2 outputs feed additions, the conv1 outputs feed BNs
+    assert rep["rescaled"] == ["0", "1.conv2", "2.conv2"]
+    assert not rescaled(ls["1.conv1"]) and rescaled(ls["5"])
+    assert "1.conv2.wq.rescale_on" in m.state_dict()  # persisted with checkpoints
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(
+        ls["1.conv2"].effective_weight(),
+        sat_rescale(dorefa_weight(ls["1.conv2"].weight, 2), 8 * 9),
+    )
+    torch.testing.assert_close(ls["1.conv1"].effective_weight(), dorefa_weight(ls["1.conv1"].weight, 2))
+    m.eval()
+    assert torch.isfinite(m(x)).all()
+
+
 def test_policy_defaults() -> None:
     m = prepare(tiny_net(), build_method("sat", 4, 4))
     ls = q_layers(m)
@@ -337,7 +385,8 @@ def test_policy_switches() -> None:
     m = prepare(tiny_net(), build_method("sat", 2, 32))  # weight-only
     assert all(l.aq is None for l in q_layers(m).values())
     m = prepare(tiny_net(bn_after_last_conv=False), build_method("sat", 2, 32, rescale="no_bn"))
-    assert [n for n, l in q_layers(m).items() if l.wq.rescale] == ["6", "9"]  # conv w/o BN + last FC
+    assert calibrate_structure(m, torch.randn(2, 3, 8, 8))["rescaled"] == ["6"]  # + the (ungated) last FC
+    assert [n for n, l in q_layers(m).items() if rescaled(l)] == ["6", "9"]  # conv w/o BN + last FC
     m = prepare(tiny_net(), build_method("sat", 2, 2, rescale="all", rescale_method="std"))
     assert all(l.wq.rescale == "std" for l in q_layers(m).values())
     m = prepare(tiny_net(), build_method("sat", 2, 2, rescale="none"))
@@ -412,8 +461,8 @@ def test_signed_auto_detection() -> None:
     net = tiny_net(bn_after_last_conv=False)  # the 1x1 conv's output (signed) feeds the last FC via the pool
     m = prepare(net, build_method("sat", 4, 4))
     assert all(l.aq.auto_sign for l in q_layers(m).values() if l.aq is not None)
-    names = calibrate_signed_inputs(m, torch.randn(8, 3, 8, 8))
-    assert names == ["9"]
+    rep = calibrate_structure(m, torch.randn(8, 3, 8, 8))
+    assert rep == {"signed": ["9"], "rescaled": []}
     assert float(m[9].aq.signed) == 1 and float(m[3].aq.signed) == 0
     assert "aq.signed" in "".join(m.state_dict())  # persisted with checkpoints
     m2 = prepare(tiny_net(), build_method("sat", 4, 4, signed_act=["6"]))

@@ -9,8 +9,10 @@ Policy (paper §3.1, §4):
 - first conv and last FC: 8-bit weights (``first_last: 8bit``) or the network bit-width (``same``, S5);
 - first conv input (uint8 image) not quantized; every other layer input, including the last FC's, quantized
   with PACT at ``a_bits`` (``a_bits=32``: weight-only quantization, no activation quantizer at all);
-- constant rescaling (Eq. 10) on the last FC (``rescale: last``), on every layer not followed by BN plus the
-  last FC (``no_bn``, S6), on every layer (``all``) or nowhere (``none``); Eq. (S23) with
+- constant rescaling (Eq. 10) on the last FC (``rescale: last``), on every layer whose output does not go
+  straight into a BN plus the last FC (``no_bn``, §3.3.1 / S6; read off the data flow of the first batch,
+  because module order misses residual additions), on every layer (``all``, what S6's figure shows; the
+  same training, since a BN after a layer cancels a constant factor) or nowhere (``none``); Eq. (S23) with
   ``rescale_method: std``;
 - CG-PACT gradient (Eq. 13) with ``cg: true``, original PACT gradient with ``cg: false``;
 - alpha parameterised as |alpha|, initialised to 8 (convs) and 10 (last FC), tagged ``act_clip`` so configs
@@ -54,7 +56,9 @@ class SATWeightQuantizer(nn.Module):
 
     ``clamp=False`` (only with ``bits=32``) skips the tanh clamping, so the layer is a plain FP layer unless
     rescaling is on. ``foldable`` marks a layer whose positive rescale factor may be dropped at inference
-    (the last FC: logits only feed the arg-max / softmax), see ``fold_sat_rescale``.
+    (the last FC: logits only feed the arg-max / softmax), see ``fold_sat_rescale``. ``gated=True``
+    (``rescale: no_bn``) adds a persistent 0/1 buffer ``rescale_on`` that switches the factor on or off
+    without a Python branch; it is set from the real data flow by ``calibrate_structure``.
     """
 
     def __init__(
@@ -64,6 +68,8 @@ class SATWeightQuantizer(nn.Module):
         rescale: str | None = None,
         clamp: bool = True,
         foldable: bool = False,
+        gated: bool = False,
+        rescale_on: bool = True,
     ) -> None:
         super().__init__()
         if scheme not in satf.WEIGHT_SCHEMES:
@@ -85,6 +91,9 @@ class SATWeightQuantizer(nn.Module):
             clamp,
             foldable,
         )
+        self.gated = gated and rescale is not None
+        if self.gated:
+            self.register_buffer("rescale_on", torch.tensor(float(rescale_on)))
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         """Q before rescaling (Eq. 9; the clamped weight of Eq. 6 for 32 bits)."""
@@ -94,10 +103,14 @@ class SATWeightQuantizer(nn.Module):
         """The detached positive rescale factor (1 when rescaling is off)."""
         q = self.quantize(w) if q is None else q
         if self.rescale == "const":
-            return satf.sat_rescale_factor(q, satf.n_out(w))
-        if self.rescale == "std":
-            return satf.std_rescale_factor(q, w)
-        return torch.ones((), dtype=w.dtype, device=w.device)
+            f = satf.sat_rescale_factor(q, satf.n_out(w))
+        elif self.rescale == "std":
+            f = satf.std_rescale_factor(q, w)
+        else:
+            return torch.ones((), dtype=w.dtype, device=w.device)
+        if self.gated:
+            f = torch.where(self.rescale_on > 0, f, torch.ones_like(f))
+        return f
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         q = self.quantize(w)
@@ -106,7 +119,8 @@ class SATWeightQuantizer(nn.Module):
         return q * self.factor(w, q)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, scheme={self.scheme}, rescale={self.rescale}, clamp={self.clamp}"
+        gate = ", gated" if self.gated else ""
+        return f"bits={self.bits}, scheme={self.scheme}, rescale={self.rescale}{gate}, clamp={self.clamp}"
 
 
 class PACTQuantizer(nn.Module):
@@ -187,14 +201,18 @@ def _build(
         wb = info.w_bits
         if wb != satf.FP_BITS and (first or last) and first_last == "8bit":
             wb = 8
-        if rescale == "all":
-            do_rescale = True
-        elif rescale == "no_bn":
-            do_rescale = last or not isinstance(info.next_module, _BatchNorm)
-        else:
-            do_rescale = rescale == "last" and last
+        do_rescale = rescale == "all" or (last and rescale != "none") or rescale == "no_bn"
+        # no_bn: gated by the data flow (calibrate_structure); next_module is only the initial guess, since
+        # module order misses residual additions (a PreResNet conv3 is listed right before the next BN)
+        gated = rescale == "no_bn" and not last
         wq = SATWeightQuantizer(
-            wb, scheme, rescale_method if do_rescale else None, clamp=weight_clamp, foldable=last
+            wb,
+            scheme,
+            rescale_method if do_rescale else None,
+            clamp=weight_clamp,
+            foldable=last,
+            gated=gated,
+            rescale_on=not isinstance(info.next_module, _BatchNorm),
         )
         aq = None
         if not first and info.a_bits != satf.FP_BITS:  # first conv: uint8 image, not quantized
@@ -206,8 +224,8 @@ def _build(
         return wq, aq
 
     hooks: list[Hook] = []
-    if signed_act == "auto" and a_bits != satf.FP_BITS:
-        hooks.append(SignedInputCalibration())
+    if (signed_act == "auto" and a_bits != satf.FP_BITS) or rescale == "no_bn":
+        hooks.append(StructureCalibration())
     if diagnostics:
         hooks.append(SATDiagnostics())
     options = dict(
@@ -296,22 +314,44 @@ def build_dorefa(
 
 
 @torch.no_grad()
-def calibrate_signed_inputs(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Set ``signed = 1`` on every auto-sign PACT quantizer whose layer input takes a negative value on ``x``.
+def calibrate_structure(model: nn.Module, x: torch.Tensor) -> dict[str, list[str]]:
+    """Read two structural facts off one forward pass on ``x`` (eval mode, nothing else changes):
 
-    Signedness is structural (ReLU outputs are >= 0, linear-bottleneck/residual outputs are not), so a single
-    batch and any weights (also a random init) decide it. Runs in eval mode; returns the signed layer names.
+    - ``signed``: auto-sign PACT quantizers whose layer input takes negative values get ``signed = 1``
+      (ReLU outputs are >= 0, linear-bottleneck and residual outputs are not; any weights decide it);
+    - ``rescaled``: gated weight quantizers (``rescale: no_bn``) get ``rescale_on = 1`` unless the layer's
+      output tensor goes straight into a BatchNorm (ETR II / supplement S6: rescale layers without BN after).
+    Returns the layer names with ``signed`` / ``rescale_on`` set to 1.
     """
-    seen: dict[str, bool] = {}
+    neg: dict[str, bool] = {}
+    out_of: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # keep outputs alive so their ids are not reused during the pass
+    into_bn: set[str] = set()
     handles = []
-    for name, layer in quantized_layers(model):
-        aq = layer.aq
+    layers = dict(quantized_layers(model))
+    for name, layer in layers.items():
+        aq, wq = layer.aq, layer.wq
         if isinstance(aq, PACTQuantizer) and aq.auto_sign:
 
             def pre(mod: nn.Module, args: tuple, _n: str = name) -> None:
-                seen[_n] = seen.get(_n, False) or bool((args[0] < 0).any())
+                neg[_n] = neg.get(_n, False) or bool((args[0] < 0).any())
 
             handles.append(aq.register_forward_pre_hook(pre))
+        if isinstance(wq, SATWeightQuantizer) and wq.gated:
+
+            def post(mod: nn.Module, args: tuple, out: torch.Tensor, _n: str = name) -> None:
+                out_of[id(out)] = _n
+                keep.append(out)
+
+            handles.append(layer.register_forward_hook(post))
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+
+            def bn_pre(mod: nn.Module, args: tuple) -> None:
+                if id(args[0]) in out_of:
+                    into_bn.add(out_of[id(args[0])])
+
+            handles.append(m.register_forward_pre_hook(bn_pre))
     was_training = model.training
     model.eval()
     try:
@@ -320,27 +360,33 @@ def calibrate_signed_inputs(model: nn.Module, x: torch.Tensor) -> list[str]:
         model.train(was_training)
         for h in handles:
             h.remove()
-    signed = []
-    for name, layer in quantized_layers(model):
-        if name in seen:
-            layer.aq.signed.fill_(float(seen[name]))
-            if seen[name]:
-                signed.append(name)
-    return signed
+    report: dict[str, list[str]] = {"signed": [], "rescaled": []}
+    for name, layer in layers.items():
+        if name in neg:
+            layer.aq.signed.fill_(float(neg[name]))
+            if neg[name]:
+                report["signed"].append(name)
+        if isinstance(layer.wq, SATWeightQuantizer) and layer.wq.gated:
+            on = name not in into_bn
+            layer.wq.rescale_on.fill_(float(on))
+            if on:
+                report["rescaled"].append(name)
+    return report
 
 
-class SignedInputCalibration(Hook):
-    """``signed_act: auto``: detect two-sided layer inputs on the first training batch."""
+class StructureCalibration(Hook):
+    """``signed_act: auto`` / ``rescale: no_bn``: read the data flow off the first training batch."""
 
     def on_train_start(self, ctx: Context) -> None:
         if ctx.sample_batch is None:
             raise QreproError(
-                "signed_act=auto needs a sample batch at train start; set quantizer.signed_act explicitly"
+                "signed_act=auto and rescale=no_bn need a sample batch at train start; "
+                "set quantizer.signed_act explicitly and use rescale=all or last"
             )
-        names = calibrate_signed_inputs(ctx.model, ctx.sample_batch[0])
+        rep = calibrate_structure(ctx.model, ctx.sample_batch[0])
         print(
-            f"sat: signed activation quantization for {len(names)} layer inputs"
-            + (f": {names}" if names else "")
+            f"sat: {len(rep['signed'])} signed layer inputs {rep['signed']}; "
+            f"{len(rep['rescaled'])} gated layers rescaled {rep['rescaled']}"
         )
 
 
