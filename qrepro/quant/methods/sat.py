@@ -424,13 +424,13 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     """Logit scale kappa0 (Eq. S17a) and gradient-flow kappa1 per layer (Eq. S17b) on one batch.
 
     Uses the effective weights Xi (the output of ``wq``), VAR = mean square for weights (as the paper) and
-    the variance for gradients; k_pool = (output side of layer l) / (input side of layer l+1), 1 without
-    pooling; layers are paired in module order. The forward/backward runs in the model's current mode and
-    leaves parameters, gradients and buffers (BN running statistics) unchanged.
+    the variance for gradients; layers are paired in module order. k_pool is the spatial size of the last
+    feature map for a conv -> linear pair (global average pooling) and 1 otherwise: the paper analyses only
+    average pooling and sets k_pool = 1 for the stem's max pooling (S1.2). The forward/backward runs in the
+    model's current mode and leaves parameters, gradients and buffers (BN running statistics) unchanged.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     eff: dict[str, torch.Tensor] = {}
-    in_hw: dict[str, int] = {}
     out_hw: dict[str, int] = {}
     handles = []
     for name, m in layers:
@@ -443,7 +443,6 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
             handles.append(wq.register_forward_hook(wq_hook))
 
         def shape_hook(mod: nn.Module, args: tuple, out: torch.Tensor, _n: str = name) -> None:
-            in_hw[_n] = args[0].shape[-1] if args[0].dim() == 4 else 1
             out_hw[_n] = out.shape[-1] if out.dim() == 4 else 1
 
         handles.append(m.register_forward_hook(shape_hook))
@@ -462,15 +461,15 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     out: dict[str, float] = {}
     last_name, last = layers[-1]
     if isinstance(last, nn.Linear) and len(layers) > 1:
-        k = max(out_hw[layers[-2][0]] / in_hw[last_name], 1.0)
+        k = out_hw[layers[-2][0]]
         out["sat_kappa0"] = float(last.in_features * satf.mean_square(ws[-1].detach()) / k**2)
     k1 = []
     for i in range(len(layers) - 1):
-        n0, n1 = layers[i][0], layers[i + 1][0]
+        n0 = layers[i][0]
         g0, g1 = grads[i], grads[i + 1]
         if g0 is None or g1 is None:
             continue
-        k = max(out_hw[n0] / in_hw[n1], 1.0)
+        k = out_hw[n0] if isinstance(layers[i + 1][1], nn.Linear) else 1
         n_l, _ = _fan(ws[i])
         _, nh_l1 = _fan(ws[i + 1])
         v0, v1 = satf.mean_square(ws[i].detach()), satf.mean_square(ws[i + 1].detach())
