@@ -45,9 +45,7 @@ def std_ratio_vs_bits(channels: list[int], bits: list[int], seed: int) -> dict[s
         w = torch.randn(c, c, 3, 3, generator=g) * math.sqrt(2.0 / (9 * c))
         sd_clamped = float(mean_square(clamp_weight(w)).sqrt())
         for scheme in WEIGHT_SCHEMES:
-            out[scheme][c] = [
-                float(mean_square(dorefa_weight(w, b, scheme)).sqrt()) / sd_clamped for b in bits
-            ]
+            out[scheme][c] = [float(mean_square(dorefa_weight(w, b, scheme)).sqrt()) / sd_clamped for b in bits]
     return out
 
 
@@ -110,9 +108,7 @@ def main() -> None:
         },
     }
     (out / "sat_diagnostics.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(
-        json.dumps({"fig2a_mean": record["fig2a"]["ratio_mean"], "figS3_original": sr["original"]}, indent=1)
-    )
+    print(json.dumps({"fig2a_mean": record["fig2a"]["ratio_mean"], "figS3_original": sr["original"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -52,9 +52,7 @@ def away_from_ties(u: torch.Tensor, b: int, eps: float = 1e-6) -> torch.Tensor:
 @pytest.mark.parametrize("b", BITS)
 def test_quantize_unit_matches_reference(scheme: str, b: int) -> None:
     g = torch.Generator().manual_seed(b)
-    u = away_from_ties(
-        torch.cat([torch.rand(400, generator=g, dtype=D), torch.tensor([0.0, 1.0], dtype=D)]), b
-    )
+    u = away_from_ties(torch.cat([torch.rand(400, generator=g, dtype=D), torch.tensor([0.0, 1.0], dtype=D)]), b)
     q = quantize_unit(u, b, scheme)
     exp = torch.tensor([ref_level(float(v), b, scheme) for v in u], dtype=D)
     torch.testing.assert_close(q, exp, rtol=0, atol=1e-12)
@@ -63,13 +61,9 @@ def test_quantize_unit_matches_reference(scheme: str, b: int) -> None:
 def test_known_levels_two_bits() -> None:
     u = torch.tensor([0.0, 0.1, 0.2, 0.4, 0.6, 0.9, 1.0], dtype=D)
     # original: a = 3, round(3u) = 0 0 1 1 2 3 3
-    torch.testing.assert_close(
-        quantize_unit(u, 2, "original"), torch.tensor([0, 0, 1, 1, 2, 3, 3], dtype=D) / 3
-    )
+    torch.testing.assert_close(quantize_unit(u, 2, "original"), torch.tensor([0, 0, 1, 1, 2, 3, 3], dtype=D) / 3)
     # modified: min(floor(4u), 3) = 0 0 0 1 2 3 3 over 4
-    torch.testing.assert_close(
-        quantize_unit(u, 2, "modified"), torch.tensor([0, 0, 0, 1, 2, 3, 3], dtype=D) / 4
-    )
+    torch.testing.assert_close(quantize_unit(u, 2, "modified"), torch.tensor([0, 0, 0, 1, 2, 3, 3], dtype=D) / 4)
     torch.testing.assert_close(
         quantize_unit(u, 2, "centered"), (torch.tensor([0, 0, 0, 1, 2, 3, 3], dtype=D) + 0.5) / 4
     )
@@ -86,9 +80,7 @@ def test_dorefa_weight_values(scheme: str, b: int) -> None:
     keep = torch.isin(u, away_from_ties(u, b))
     w = torch.atanh(t[keep])
     q = dorefa_weight(w, b, scheme)
-    exp = torch.tensor(
-        [2 * ref_level(float(v), b, scheme) - 1 for v in u[keep]], dtype=D
-    )  # Eq. 9: Q = 2q - 1
+    exp = torch.tensor([2 * ref_level(float(v), b, scheme) - 1 for v in u[keep]], dtype=D)  # Eq. 9: Q = 2q - 1
     torch.testing.assert_close(q, exp, rtol=0, atol=1e-12)
     levels = torch.unique(q)
     if scheme == "original":  # symmetric, includes +-1
@@ -192,9 +184,7 @@ def test_pact_values(b: int, alpha: float) -> None:
     xc = x.clamp(0, a_abs)
     exp = a_abs * torch.round(xc / a_abs * (2**b - 1)) / (2**b - 1)  # Eq. 11: alpha q_k(x~/alpha), |alpha|
     torch.testing.assert_close(q, exp, rtol=0, atol=1e-12)
-    assert (
-        len(torch.unique(pact(torch.linspace(-1, a_abs + 1, 5001, dtype=D), torch.tensor(alpha), b))) == 2**b
-    )
+    assert len(torch.unique(pact(torch.linspace(-1, a_abs + 1, 5001, dtype=D), torch.tensor(alpha), b))) == 2**b
 
 
 @pytest.mark.parametrize("b", [2, 4])
@@ -224,9 +214,7 @@ def test_cg_pact_gradient_equals_eq13_and_surrogate_fd(b: int) -> None:
     torch.testing.assert_close(ga, fd, rtol=0, atol=1e-7)
     # and the forward pass itself above alpha: q = alpha, so dq/dalpha = 1 numerically too
     hi = x > alpha + 1e-2
-    fd_true = (
-        pact(x, torch.tensor(alpha + h, dtype=D), b) - pact(x, torch.tensor(alpha - h, dtype=D), b)
-    ) / (2 * h)
+    fd_true = (pact(x, torch.tensor(alpha + h, dtype=D), b) - pact(x, torch.tensor(alpha - h, dtype=D), b)) / (2 * h)
     torch.testing.assert_close(fd_true[hi], torch.ones_like(fd_true[hi]))
 
 
@@ -482,9 +470,7 @@ def test_kappa_diagnostics() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched
     assert all(p.grad is None for p in m.parameters())
     fc = m[11]
-    k0 = (
-        fc.in_features * float(fc.effective_weight().detach().square().mean()) / 8**2
-    )  # pool over the 8x8 map
+    k0 = fc.in_features * float(fc.effective_weight().detach().square().mean()) / 8**2  # pool over the 8x8 map
     assert abs(out["sat_kappa0"] - k0) < 1e-6
     assert {"sat_kappa1/0", "sat_kappa1/3", "sat_kappa1/6", "sat_kappa1_median"} <= set(out)
     assert all(math.isfinite(v) and v > 0 for v in out.values())

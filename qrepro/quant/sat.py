@@ -24,9 +24,7 @@ FP_BITS = 32
 
 def _check_bits(bits: int, what: str) -> None:
     if bits != FP_BITS and not (isinstance(bits, int) and 1 <= bits <= 16):
-        raise QreproError(
-            f"{what} bit-width {bits!r} is invalid; use an integer in 1..16 or 32 (= not quantized)"
-        )
+        raise QreproError(f"{what} bit-width {bits!r} is invalid; use an integer in 1..16 or 32 (= not quantized)")
 
 
 def clamp_weight(w: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ Registered methods (same builder, different defaults):
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,17 +74,11 @@ class SATWeightQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         if scheme not in satf.WEIGHT_SCHEMES:
-            raise QreproError(
-                f"unknown SAT weight scheme {scheme!r}; choose one of: {', '.join(satf.WEIGHT_SCHEMES)}"
-            )
+            raise QreproError(f"unknown SAT weight scheme {scheme!r}; choose one of: {', '.join(satf.WEIGHT_SCHEMES)}")
         if rescale is not None and rescale not in RESCALE_METHODS:
-            raise QreproError(
-                f"unknown rescale_method {rescale!r}; choose one of: {', '.join(RESCALE_METHODS)}"
-            )
+            raise QreproError(f"unknown rescale_method {rescale!r}; choose one of: {', '.join(RESCALE_METHODS)}")
         if not clamp and bits != satf.FP_BITS:
-            raise QreproError(
-                "weight_clamp=false is only valid with 32-bit weights (DoReFa rounds the clamped weight)"
-            )
+            raise QreproError("weight_clamp=false is only valid with 32-bit weights (DoReFa rounds the clamped weight)")
         self.bits, self.scheme, self.rescale, self.clamp, self.foldable = (
             bits,
             scheme,
@@ -130,9 +125,7 @@ class PACTQuantizer(nn.Module):
 
     param_tags = {"alpha": "act_clip"}
 
-    def __init__(
-        self, bits: int, alpha_init: float = 8.0, calibrated: bool = True, signed: bool = False
-    ) -> None:
+    def __init__(self, bits: int, alpha_init: float = 8.0, calibrated: bool = True, signed: bool = False) -> None:
         super().__init__()
         self.bits, self.calibrated = bits, calibrated
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
@@ -151,16 +144,12 @@ def _signed_policy(signed_act: Any, name: str) -> tuple[bool, bool]:
     if isinstance(signed_act, str):
         if signed_act == "auto":
             return False, True
-        raise QreproError(
-            f"signed_act={signed_act!r} is invalid; use auto, true, false or a list of layer patterns"
-        )
+        raise QreproError(f"signed_act={signed_act!r} is invalid; use auto, true, false or a list of layer patterns")
     if isinstance(signed_act, bool):
         return signed_act, False
     if isinstance(signed_act, Sequence):
         return any(fnmatch.fnmatchcase(name, str(p)) for p in signed_act), False
-    raise QreproError(
-        f"signed_act={signed_act!r} is invalid; use auto, true, false or a list of layer patterns"
-    )
+    raise QreproError(f"signed_act={signed_act!r} is invalid; use auto, true, false or a list of layer patterns")
 
 
 def _build(
@@ -217,9 +206,7 @@ def _build(
         aq = None
         if not first and info.a_bits != satf.FP_BITS:  # first conv: uint8 image, not quantized
             signed, auto = _signed_policy(signed_act, info.name)
-            aq = PACTQuantizer(
-                info.a_bits, alpha_init_last if last else alpha_init, calibrated=cg, signed=signed
-            )
+            aq = PACTQuantizer(info.a_bits, alpha_init_last if last else alpha_init, calibrated=cg, signed=signed)
             aq.auto_sign = auto
         return wq, aq
 
@@ -260,9 +247,7 @@ def build_sat(
     diagnostics: bool = False,
 ) -> Method:
     """SAT + CG-PACT (the paper's method). Options: see the module docstring."""
-    return _build(
-        "sat", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")}
-    )
+    return _build("sat", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
 
 
 @METHODS.register("pact")
@@ -282,9 +267,7 @@ def build_pact(
     diagnostics: bool = False,
 ) -> Method:
     """PACT baseline of Table 4: DoReFa weights, PACT activations with the original gradient, no rescaling."""
-    return _build(
-        "pact", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")}
-    )
+    return _build("pact", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
 
 
 @METHODS.register("dorefa")
@@ -304,9 +287,7 @@ def build_dorefa(
     diagnostics: bool = False,
 ) -> Method:
     """Clamped/DoReFa weights without SAT's rescaling (Fig. 2b 'clamping'); CG-PACT for activations."""
-    return _build(
-        "dorefa", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")}
-    )
+    return _build("dorefa", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,14 +405,15 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     """Logit scale kappa0 (Eq. S17a) and gradient-flow kappa1 per layer (Eq. S17b) on one batch.
 
     Uses the effective weights Xi (the output of ``wq``), VAR = mean square for weights (as the paper) and
-    the variance for gradients; layers are paired in module order. k_pool is the spatial size of the last
-    feature map for a conv -> linear pair (global average pooling) and 1 otherwise: the paper analyses only
-    average pooling and sets k_pool = 1 for the stem's max pooling (S1.2). The forward/backward runs in the
-    model's current mode and leaves parameters, gradients and buffers (BN running statistics) unchanged.
+    the variance for gradients; layers are paired in module order. For a conv -> linear pair the average
+    pooling in between has k_pool^2 = (conv output size per sample) / (linear in_features) (the feature-map
+    area for global pooling); k_pool = 1 otherwise, as the paper sets for the stem's max pooling (S1.2).
+    The forward/backward runs in the model's current mode and leaves parameters, gradients and buffers
+    (BN running statistics) unchanged.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     eff: dict[str, torch.Tensor] = {}
-    out_hw: dict[str, int] = {}
+    out_hw: dict[str, int] = {}  # output elements per sample
     handles = []
     for name, m in layers:
         wq = getattr(m, "wq", None) if isinstance(m, (QConv2d, QLinear)) else None
@@ -443,7 +425,7 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
             handles.append(wq.register_forward_hook(wq_hook))
 
         def shape_hook(mod: nn.Module, args: tuple, out: torch.Tensor, _n: str = name) -> None:
-            out_hw[_n] = out.shape[-1] if out.dim() == 4 else 1
+            out_hw[_n] = out[0].numel()
 
         handles.append(m.register_forward_hook(shape_hook))
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -461,7 +443,7 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     out: dict[str, float] = {}
     last_name, last = layers[-1]
     if isinstance(last, nn.Linear) and len(layers) > 1:
-        k = out_hw[layers[-2][0]]
+        k = math.sqrt(max(out_hw[layers[-2][0]] / last.in_features, 1.0))
         out["sat_kappa0"] = float(last.in_features * satf.mean_square(ws[-1].detach()) / k**2)
     k1 = []
     for i in range(len(layers) - 1):
@@ -469,7 +451,8 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
         g0, g1 = grads[i], grads[i + 1]
         if g0 is None or g1 is None:
             continue
-        k = out_hw[n0] if isinstance(layers[i + 1][1], nn.Linear) else 1
+        nxt = layers[i + 1][1]
+        k = math.sqrt(max(out_hw[n0] / nxt.in_features, 1.0)) if isinstance(nxt, nn.Linear) else 1.0
         n_l, _ = _fan(ws[i])
         _, nh_l1 = _fan(ws[i + 1])
         v0, v1 = satf.mean_square(ws[i].detach()), satf.mean_square(ws[i + 1].detach())
