@@ -4,6 +4,9 @@
   for an n x n weight matrix W ~ N(0, 1/n) (variance proportional to 1/n as in the paper).
 - Fig. S3: std[Q] / std[W^] of the quantized weight Q (Eq. 9) against the bit-width, for 3x3 conv weights
   with c input and c output channels, Kaiming-normal initialised (std = sqrt(2 / (9 c))).
+- kappa0 (Eq. S7/S17a, the logit-scale number of ETR I) and the median kappa1 (Eq. S17b) at initialisation for
+  the paper's and our CIFAR models: vanilla (quantizer=fp), clamped (dorefa, w32) and SAT (clamped + Eq. 10
+  rescaling of the last FC), cf. the supplement's Table 1 (kappa0 vanilla vs clamp).
 VAR is the mean of squares, as the paper defines it. Writes PNG figures and ``sat_diagnostics.json``.
 
     python scripts/sat_diagnostics.py --out results/sat
@@ -49,6 +52,32 @@ def std_ratio_vs_bits(channels: list[int], bits: list[int], seed: int) -> dict[s
     return out
 
 
+def kappas_at_init(seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    from qrepro.models import build_model
+    from qrepro.quant import build_method, prepare
+    from qrepro.quant.methods.sat import sat_kappas
+
+    cases = [
+        ("mobilenet_v1", 1000, 224),
+        ("mobilenet_v2", 1000, 224),
+        ("preresnet50", 1000, 224),
+        ("resnet20", 10, 32),
+        ("mobilenet_v2_cifar", 10, 32),
+    ]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for model, classes, size in cases:
+        out[model] = {}
+        for label, method in (("vanilla", "fp"), ("clamp", "dorefa"), ("sat", "sat")):
+            torch.manual_seed(seed)
+            m = prepare(build_model(model, num_classes=classes), build_method(method, 32, 32)).train()
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randint(0, 256, (2, 3, size, size), generator=g).float()  # uint8 pixels, as SAT
+            y = torch.randint(0, classes, (2,), generator=g)
+            k = sat_kappas(m, x, y)
+            out[model][label] = {"kappa0": k["sat_kappa0"], "kappa1_median": k["sat_kappa1_median"]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/sat")
@@ -62,6 +91,8 @@ def main() -> None:
     vr = variance_ratio_vs_neurons(ns, args.seeds)
     channels, bits = [16, 64, 256, 1024], list(range(1, 9))
     sr = std_ratio_vs_bits(channels, bits, seed=0)
+
+    ka = kappas_at_init(seed=0)
 
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     means = [sum(v) / len(v) for v in vr.values()]
@@ -106,9 +137,14 @@ def main() -> None:
             "bits": bits,
             "ratio": {s: {str(c): v for c, v in d.items()} for s, d in sr.items()},
         },
+        "kappa_at_init": {
+            "setup": "models at their default init, train mode, batch of 2 random uint8 images; w32a32; "
+            "vanilla = quantizer=fp, clamp = dorefa (clamped, no rescale), sat = clamped + Eq. 10 on the last FC",
+            "values": ka,
+        },
     }
     (out / "sat_diagnostics.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({"fig2a_mean": record["fig2a"]["ratio_mean"], "figS3_original": sr["original"]}, indent=1))
+    print(json.dumps({"fig2a_mean": record["fig2a"]["ratio_mean"], "kappa_at_init": ka}, indent=1))
 
 
 if __name__ == "__main__":
