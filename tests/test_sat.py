@@ -268,6 +268,14 @@ def test_pact_32_bits_clips_only() -> None:
     torch.testing.assert_close(pact(x, torch.tensor(8.0, dtype=D), 32), x.clamp(0, 8))
 
 
+def test_half_precision_input_quantized_in_float32() -> None:
+    aq = PACTQuantizer(8, alpha_init=6.0)
+    x = torch.linspace(-1, 7, 999)
+    q16 = aq(x.bfloat16())
+    assert q16.dtype == torch.bfloat16
+    torch.testing.assert_close(q16, aq(x.bfloat16().float()).bfloat16(), rtol=0, atol=0)
+
+
 def test_quantizers_trace_without_graph_breaks() -> None:
     """No .item() / data-dependent Python branches: dynamo captures the full graph."""
     wq = SATWeightQuantizer(4, "modified", rescale="const")

@@ -133,6 +133,8 @@ class PACTQuantizer(nn.Module):
         self.auto_sign = False  # set by the method when signed_act=auto
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):  # fake-quant arithmetic in float32 (exact rounding)
+            return satf.pact(x.float(), self.alpha.float(), self.bits, self.calibrated, self.signed).to(x.dtype)
         return satf.pact(x, self.alpha.to(x.dtype), self.bits, self.calibrated, self.signed)
 
     def extra_repr(self) -> str:
