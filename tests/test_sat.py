@@ -115,6 +115,15 @@ def test_dorefa_gradient_ste_on_rounding_only_and_max_not_detached() -> None:
     (g_det,) = torch.autograd.grad((t / t.abs().max().detach() * c).sum(), w)
     diff = (g - g_det).abs() > 1e-12
     assert diff.sum() == 1 and diff.view(-1)[t.abs().argmax()]
+    # finite differences of the STE surrogate (rounding residual frozen = the clamped weight up to a constant)
+    h, fd = 1e-6, torch.zeros_like(w)
+    wd = w.detach()
+    for i in range(wd.numel()):
+        e = torch.zeros_like(wd).view(-1)
+        e[i] = h
+        e = e.view_as(wd)
+        fd.view(-1)[i] = ((clamp_weight(wd + e) - clamp_weight(wd - e)) * c).sum() / (2 * h)
+    torch.testing.assert_close(g, fd, rtol=1e-6, atol=1e-8)
 
 
 def test_unknown_scheme_and_bits_raise() -> None:
