@@ -367,10 +367,12 @@ class StructureCalibration(Hook):
                 "set quantizer.signed_act explicitly and use rescale=all or last"
             )
         rep = calibrate_structure(ctx.model, ctx.sample_batch[0])
-        print(
-            f"sat: {len(rep['signed'])} signed layer inputs {rep['signed']}; "
-            f"{len(rep['rescaled'])} gated layers rescaled {rep['rescaled']}"
-        )
+        layers = dict(quantized_layers(ctx.model))
+        if any(isinstance(l.aq, PACTQuantizer) and l.aq.auto_sign for l in layers.values()):
+            print(f"sat: two-sided activation quantization for {len(rep['signed'])} layer inputs {rep['signed']}")
+        gated = [n for n, l in layers.items() if isinstance(l.wq, SATWeightQuantizer) and l.wq.gated]
+        if gated:
+            print(f"sat: no_bn rescaling on {len(rep['rescaled'])}/{len(gated)} gated layers {rep['rescaled']}")
 
 
 @torch.no_grad()
