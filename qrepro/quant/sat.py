@@ -77,7 +77,7 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
     return x.square().mean()
 
 
-def n_out(w: torch.Tensor) -> int:
+def out_neurons(w: torch.Tensor) -> int:
     """Number of output neurons of a layer: C_out * k_h * k_w for a conv, out_features for a linear."""
     n = w.shape[0]
     for s in w.shape[2:]:

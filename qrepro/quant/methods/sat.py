@@ -98,7 +98,7 @@ class SATWeightQuantizer(nn.Module):
         """The detached positive rescale factor (1 when rescaling is off)."""
         q = self.quantize(w) if q is None else q
         if self.rescale == "const":
-            f = satf.sat_rescale_factor(q, satf.n_out(w))
+            f = satf.sat_rescale_factor(q, satf.out_neurons(w))
         elif self.rescale == "std":
             f = satf.std_rescale_factor(q, w)
         else:
