@@ -79,3 +79,30 @@ def test_fp_to_quantized_chain(tmp_path):
             assert torch.equal(sd_q[k], v), k  # FP weights loaded (lr = 0 keeps them)
     alphas = {k: float(v) for k, v in sd_q.items() if k.endswith("aq.alpha")}
     assert alphas == {"features.4.aq.alpha": 8.0, "features.8.aq.alpha": 8.0, "fc.aq.alpha": 10.0}
+
+
+def test_sat_tables_match_their_experiments():
+    """Every SAT table cell names an existing experiment whose model / precision / dataset agree with it."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    tables = sorted((root / "table").glob("sat_*.yaml"))
+    assert len(tables) >= 5
+    for tp in tables:
+        t = yaml.safe_load(tp.read_text())
+        assert t["paper"] == "SAT" and t["name"] == tp.stem
+        ids = {c["id"] for c in t["cells"]}
+        for c in t["cells"]:
+            ep = root / "experiment" / f"{c['experiment']}.yaml"
+            assert ep.exists(), (tp.name, c["id"])
+            text = ep.read_text()
+            picks = dict(re.findall(r"override /(\w+): (\S+)", text))
+            assert picks["model"] == c["model"] and picks["dataset"] == c["dataset"], (tp.name, c["id"])
+            wb, ab = re.fullmatch(r"w(\d+)a(\d+)", picks["precision"]).groups()
+            assert (int(wb), int(ab)) == (c["w_bits"], c["a_bits"]), (tp.name, c["id"])
+            assert c.get("init_from_cell") in ids | {None} and c.get("fp_cell") in ids | {None}
+            if c["w_bits"] < 32:
+                assert c.get("init_from_cell"), f"{c['id']}: quantized cells start from an FP cell"
