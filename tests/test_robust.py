@@ -212,3 +212,33 @@ def test_asam_needs_closure_and_checks_rho():
     with pytest.raises(QreproError, match="rho"):
         ASAM(torch.optim.SGD(lin.parameters(), lr=0.1), rho=0.0)
     assert math.isclose(opt.param_groups[0]["lr"], 0.1)
+
+
+# ------------------------------------------------------------------------------------------------ QAT
+def test_robust_qat_calibrates_once_and_quantizes_satnl_weights():
+    from qrepro.engine.hooks import Context
+    from qrepro.ptq.quantizers import TransformedQuantizer, UniformQuantizer
+
+    m = build_method("robust_qat", 3, 4, d=0.2, symreg_coef=1.0, first_last_bits=None, init="aciq")
+    net = prepare(_net(), m)
+    x = torch.randn(8, 3, 8, 8)
+    assert isinstance(net[2].wq, TransformedQuantizer) and isinstance(net[2].aq, UniformQuantizer)
+    assert net[0].aq is None  # the network input is not quantized
+    m.hooks[0].on_train_start(Context(model=net, sample_batch=(x, None)))
+    qs = [q for q in net.modules() if isinstance(q, UniformQuantizer)]
+    assert all(q.initialized for q in qs) and net[2].aq.signed is False  # post-ReLU input
+    w = net[2].effective_weight()
+    assert w.unique().numel() <= 8 and w.abs().max().item() < 0.2
+    steps = [q.step.detach().clone() for q in qs]
+    net[2].wq.quant.step.data.mul_(2)
+    m.hooks[0].on_train_start(Context(model=net, sample_batch=(x, None)))  # resume: no re-calibration
+    assert net[2].wq.quant.step.item() == pytest.approx(2 * steps[1].item())
+    # state (including the signedness of each input quantizer) survives a state_dict round trip
+    net2 = prepare(_net(), build_method("robust_qat", 3, 4, d=0.2, first_last_bits=None))
+    net2.load_state_dict(net.state_dict())
+    assert torch.equal(net2(x), net(x))
+    loss = net(x).square().mean() + m.regularizer(net)
+    loss.backward()
+    assert net[2].wq.quant.step.grad is not None and net[2].weight.grad.abs().sum() > 0
+    with pytest.raises(QreproError):
+        build_method("robust_qat", 1, 4)

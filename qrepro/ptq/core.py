@@ -26,7 +26,13 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.ptq.aciq import DISTRIBUTIONS, aciq_alpha, fit_scale
 from qrepro.ptq.levels import best_pot_levels, kmeans_levels, mse_alpha_candidates
-from qrepro.ptq.quantizers import GRIDS, AdaRoundWeight, LevelQuantizer, UniformQuantizer
+from qrepro.ptq.quantizers import (
+    GRIDS,
+    AdaRoundWeight,
+    LevelQuantizer,
+    TransformedQuantizer,
+    UniformQuantizer,
+)
 from qrepro.quant.layers import QUANT_LAYERS, quantized_layers
 from qrepro.quant.methods import FP_BITS, LayerInfo, Method
 from qrepro.quant.prepare import prepare
@@ -269,13 +275,25 @@ def weight_alpha(wq: UniformQuantizer, w: torch.Tensor, how: str, dist: str) -> 
     return cands[torch.argmin(errs)]
 
 
+def weight_quantizer(layer: nn.Module) -> tuple[UniformQuantizer, torch.Tensor] | None:
+    """The layer's uniform weight quantizer and the tensor it quantizes (after a weight transform)."""
+    wq = layer.wq
+    if isinstance(wq, UniformQuantizer):
+        return wq, layer.weight
+    if isinstance(wq, TransformedQuantizer):
+        return wq.quant, wq.transform(layer.weight)
+    return None
+
+
 @torch.no_grad()
 def init_quantizers(q: nn.Module, calib: torch.Tensor, cfg: PTQConfig, how: str) -> None:
     """Set every weight and activation clipping value by ``how`` (minmax | mse | aciq)."""
     stats = _collect_act_stats(q, calib, cfg.batch_size)
     for name, layer in quantized_layers(q):
-        if isinstance(layer.wq, UniformQuantizer):
-            layer.wq.set_alpha(weight_alpha(layer.wq, layer.weight, how, cfg.distribution))
+        parts = weight_quantizer(layer)
+        if parts is not None:
+            wq, w = parts
+            wq.set_alpha(weight_alpha(wq, w, how, cfg.distribution))
         if isinstance(layer.aq, UniformQuantizer):
             s = stats[name]
             layer.aq.set_signed(bool(s.amin < 0))

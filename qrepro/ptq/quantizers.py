@@ -14,6 +14,8 @@ Grids (``grid``), for step s and b bits, α = clipping value:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,8 +39,18 @@ class UniformQuantizer(nn.Module):
         self.bits, self.grid = bits, grid
         self.step = nn.Parameter(torch.tensor(1.0), requires_grad=learn_step)
         self.enabled = True
+        self.initialized = False  # set by set_alpha (QAT calibrates once, not again on resume)
         self.drop_prob = 0.0  # QDrop: probability of keeping an element full precision (training only)
+        # LSQ step-gradient scale g = 1/sqrt(N·q_max): "weight" N = numel, "act" N = numel per sample
+        self.lsq_grad_scale: str | None = None
         self.set_signed(signed)
+
+    def get_extra_state(self) -> dict:
+        return {"signed": self.signed, "initialized": self.initialized}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.set_signed(bool(state["signed"]))
+        self.initialized = bool(state["initialized"])
 
     def set_signed(self, signed: bool) -> None:
         self.signed = signed
@@ -58,6 +70,7 @@ class UniformQuantizer(nn.Module):
     def set_alpha(self, alpha: torch.Tensor | float) -> None:
         s = self.alpha_to_step(alpha).to(self.step.device).clamp_min(1e-12)
         self.step.copy_(s)
+        self.initialized = True
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -66,6 +79,10 @@ class UniformQuantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.step.abs() + 1e-12
+        if self.lsq_grad_scale is not None:
+            n = x.numel() if self.lsq_grad_scale == "weight" else x[0].numel()
+            g = 1.0 / math.sqrt(n * max(1, self.qmax))
+            s = s * g + (s - s * g).detach()  # value s, gradient scaled by g (Esser et al., LSQ)
         v = round_ste(x / s - self.offset).clamp(self.qmin, self.qmax)
         return (v + self.offset) * s
 
@@ -84,6 +101,17 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, grid={self.grid}"
+
+
+class TransformedQuantizer(nn.Module):
+    """``quant(transform(w))``: a weight quantizer applied after a weight transform (e.g. SatNL in QAT)."""
+
+    def __init__(self, transform: nn.Module, quant: UniformQuantizer) -> None:
+        super().__init__()
+        self.transform, self.quant = transform, quant
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.transform(w))
 
 
 def rectified_sigmoid(v: torch.Tensor, zeta: float = 1.1, gamma: float = -0.1) -> torch.Tensor:

@@ -8,6 +8,8 @@ Registered names (configs/quantizer/*.yaml):
 - ``kure``   : plain FP layers + KURE loss (the KURE baseline of Table 2A).
 These are full-precision training methods (precision=w32a32); quantization happens afterwards with
 ``python -m qrepro.ptq``, which folds W' into the weights before quantizing.
+- ``robust_qat``: QAT fine-tuning (supplement §3: 90 epochs at 1/10 of the LR) with the same terms and
+  uniform LSQ-style quantizers after SatNL.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qrepro.engine.hooks import Hook
 from qrepro.errors import QreproError
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
 from qrepro.quant.robust import SATNL_FUNCTIONS, kure_loss, satnl, symreg_loss
@@ -206,3 +209,91 @@ def build_kure(
         kure_target=kure_target,
         kure_double_count=kure_double_count,
     )
+
+
+class _CalibrateQuantizers(Hook):
+    """QAT start: set every uniform quantizer's step from the first training batch (once; kept on resume)."""
+
+    def __init__(self, init: str, distribution: str) -> None:
+        self.init, self.distribution = init, distribution
+
+    def on_train_start(self, ctx) -> None:
+        from qrepro.ptq.core import PTQConfig, init_quantizers
+        from qrepro.ptq.quantizers import UniformQuantizer
+
+        model = getattr(ctx.model, "_orig_mod", ctx.model)
+        qs = [m for m in model.modules() if isinstance(m, UniformQuantizer)]
+        if not qs or all(q.initialized for q in qs) or ctx.sample_batch is None:
+            return
+        x = ctx.sample_batch[0]
+        was_training = model.training
+        model.eval()
+        cfg = PTQConfig(distribution=self.distribution, batch_size=len(x))
+        init_quantizers(model, x, cfg, self.init)
+        model.train(was_training)
+
+
+@METHODS.register("robust_qat")
+def build_robust_qat(
+    w_bits: int,
+    a_bits: int,
+    *,
+    satnl: bool = True,
+    fn: str = "tanh",
+    d: float = 1.0,
+    d_mode: str = "absolute",
+    symreg_coef: float = 0.0,
+    kure_coef: float = 0.0,
+    kure_target: float = 1.8,
+    kure_double_count: bool = False,
+    first_last_bits: int | None = 8,
+    quantize_first_input: bool = False,
+    weight_grid: str = "midrise",
+    act_grid: str = "int",
+    init: str = "mse",
+    distribution: str = "laplace",
+) -> Method:
+    """QAT fine-tuning of a robust FP model: W_q = Q(d·f(W/d)) and inputs Q(x), both uniform per-tensor with
+    LSQ-learned steps initialised from the first batch (``init``: minmax | mse | aciq), plus the same
+    SymReg / KURE terms. (The main paper's QAT algorithm is not in the available sources; this is ours.)"""
+    from qrepro.ptq.quantizers import TransformedQuantizer, UniformQuantizer
+
+    check_bits("robust_qat", w_bits, a_bits, (2, 3, 4, 5, 6, 7, 8, FP_BITS))
+    if init not in ("minmax", "mse", "aciq"):
+        raise QreproError(f"quantizer.init={init!r}; choose minmax, mse or aciq")
+    base = _build(
+        "robust_qat",
+        FP_BITS,
+        FP_BITS,
+        satnl_on=satnl,
+        fn=fn,
+        d=d,
+        d_mode=d_mode,
+        symreg_coef=symreg_coef,
+        kure_coef=kure_coef,
+        kure_target=kure_target,
+        kure_double_count=kure_double_count,
+    )
+
+    def bits_for(b: int, role: str) -> int:
+        if b == FP_BITS or first_last_bits is None or role == "middle":
+            return b
+        return max(b, first_last_bits)
+
+    def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
+        wb, ab = bits_for(w_bits, info.role), bits_for(a_bits, info.role)
+        wq: nn.Module | None = SatNLWeight(d, fn, d_mode) if satnl else None
+        if wb != FP_BITS:
+            uq = UniformQuantizer(wb, signed=True, grid=weight_grid, learn_step=True)
+            uq.lsq_grad_scale = "weight"
+            wq = TransformedQuantizer(wq, uq) if wq is not None else uq
+        aq = None
+        if ab != FP_BITS and (info.role != "first" or quantize_first_input):
+            aq = UniformQuantizer(ab, signed=False, grid=act_grid, learn_step=True)
+            aq.lsq_grad_scale = "act"
+        return (wq, aq) if (wq is not None or aq is not None) else None
+
+    base.quantize_layer = quantize_layer
+    base.hooks = [_CalibrateQuantizers(init, distribution)]
+    base.options.update(first_last_bits=first_last_bits, weight_grid=weight_grid, init=init)
+    return base
