@@ -92,12 +92,14 @@ def fp_cell(key: str, model: str, dataset: str, method: str, paper: float | None
     ]
 
 
-def ptq_cell(key, model, dataset, alg, method, wb, ab, paper, paper_fp) -> list[str]:
-    m, a = METHODS[method], ALGS[alg]
+def ptq_cell(key, model, dataset, alg, method, wb, ab, paper, paper_fp, scale=None) -> list[str]:
+    m, a = METHODS[method], ALGS.get(alg, alg)
+    extra = f", ptq.weight_step_scale={scale}" if scale is not None else ""
+    suffix = f"_x{scale}" if scale is not None else ""
     lines = [
-        f"  - id: {key}_{a}_{m}_w{wb}a{ab}",
+        f"  - id: {key}_{a}_{m}_w{wb}a{ab}{suffix}",
         f"    experiment: symreg_{key}_{m}",
-        f"    overrides: [ptq.algorithm={a}, precision=w{wb}a{ab}]",
+        f"    overrides: [ptq.algorithm={a}, precision=w{wb}a{ab}{extra}]",
         f"    ptq: {{algorithm: {a}, from_cell: {key}_{m}_fp}}",
         f"    model: {model}",
         f"    dataset: {dataset}",
@@ -155,7 +157,7 @@ def main() -> None:
         write(out / f"{name}.yaml", name, title, cells)
     # CIFAR-10-scale analogue: same grid, no paper numbers (the supplement reports none)
     cells = []
-    for mname, (key, model, dataset) in CIFAR_MODELS.items():
+    for key, model, dataset in CIFAR_MODELS.values():
         for method in METHODS:
             cells += fp_cell(key, model, dataset, method, None)
         for alg in ALGS:
@@ -164,6 +166,28 @@ def main() -> None:
                     cells += ptq_cell(key, model, dataset, alg, method, wb, ab, None, None)
     title = "CIFAR-10-scale analogue of Table 2A (ResNet-20, MobileNet-V2-CIFAR); the paper gives no numbers"
     write(out / "symreg_table2a_cifar10.yaml", "symreg_table2a_cifar10", title, cells)
+
+    # Figures 4A / 5A: only plotted in the supplement (no numbers in the text): run grids, paper: null.
+    # The bit-widths / step scales are our choice; the figure's exact x-axis values are not in the text.
+    cells = []
+    for key, model, dataset in MODELS.values():
+        for method in METHODS:
+            cells += fp_cell(key, model, dataset, method, None)
+        for alg in ("pot", "kmeans"):
+            for method in METHODS:
+                for wb in (2, 3, 4, 5, 6):
+                    cells += ptq_cell(key, model, dataset, alg, method, wb, 32, None, None)
+    title = "Fig. 4A: non-uniform PTQ (log/PoT, k-means) of weights, activations FP (figure only: no numbers)"
+    write(out / "symreg_fig4a.yaml", "symreg_fig4a", title, cells)
+    cells = []
+    for key, model, dataset in MODELS.values():
+        for method in METHODS:
+            cells += fp_cell(key, model, dataset, method, None)
+        for method in METHODS:
+            for scale in (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5):
+                cells += ptq_cell(key, model, dataset, "AdaQuant", method, 4, 4, None, None, scale)
+    title = "Fig. 5A: W4A4 AdaQuant accuracy when the weight step is rescaled (figure only: no numbers)"
+    write(out / "symreg_fig5a.yaml", "symreg_fig5a", title, cells)
 
 
 if __name__ == "__main__":
