@@ -70,10 +70,7 @@ def test_aciq_clip_minimises_real_quantization_error_on_laplace_samples():
     beta = fit_scale(x, "laplace")
     assert beta.item() == pytest.approx(1.0, abs=0.01)
     a_star = aciq_alpha(beta, 3, "laplace").float()
-    err = {
-        f: (q.quantize_with_alpha(x.float(), a_star * f) - x.float()).square().mean().item()
-        for f in (0.7, 1, 1.4)
-    }
+    err = {f: (q.quantize_with_alpha(x.float(), a_star * f) - x.float()).square().mean().item() for f in (0.7, 1, 1.4)}
     assert err[1] < err[0.7] and err[1] < err[1.4]
     # at 6 bits the uniform-rounding-noise approximation (Eq. 2) predicts the real error within a few %
     q6 = UniformQuantizer(6, signed=True, grid="midrise")

@@ -44,10 +44,7 @@ def test_symreg_positive_for_asymmetric_tensor():
 def test_symreg_is_squared_w2_between_w_and_minus_w():
     # optimal matching of {w_i} with {−w_j} (brute force over permutations) == sorted closed form
     w = torch.randn(6, dtype=D, generator=torch.Generator().manual_seed(3)) + 0.4
-    best = min(
-        sum((w[i] - (-w[j])) ** 2 for i, j in enumerate(p)).item() / 6
-        for p in itertools.permutations(range(6))
-    )
+    best = min(sum((w[i] - (-w[j])) ** 2 for i, j in enumerate(p)).item() / 6 for p in itertools.permutations(range(6)))
     assert symreg_loss(w).item() == pytest.approx(best, rel=1e-12)
 
 
@@ -197,8 +194,11 @@ def test_asam_step_matches_equations(adaptive):
         calls.append(loss.detach())
         return loss
 
+    # the training loop's contract: forward/backward at w first, then step(closure) re-evaluates at w + ε
+    opt.zero_grad()
+    loss_at(list(lin.parameters())).backward()
     loss = opt.step(closure)
-    assert len(calls) == 2 and torch.equal(loss.detach(), calls[0])
+    assert len(calls) == 1 and torch.equal(loss.detach(), calls[0])
     for p, e in zip(lin.parameters(), expect):
         assert torch.allclose(p.detach(), e, atol=1e-14)
     assert ASAM.needs_closure and opt.param_groups is opt.base.param_groups
@@ -212,6 +212,23 @@ def test_asam_needs_closure_and_checks_rho():
     with pytest.raises(QreproError, match="rho"):
         ASAM(torch.optim.SGD(lin.parameters(), lr=0.1), rho=0.0)
     assert math.isclose(opt.param_groups[0]["lr"], 0.1)
+
+
+def test_asam_registered_and_scheduled():
+    from qrepro.optim import build_optimizer, build_scheduler
+
+    net = _net()
+    opt = build_optimizer(
+        net, "asam_sgd", [{"tags": ["bias"], "weight_decay": 0.0}], lr=0.4, momentum=0.9, weight_decay=1e-5, rho=0.2
+    )
+    assert isinstance(opt, ASAM) and opt.rho == 0.2 and opt.needs_closure
+    sch = build_scheduler(opt, "cosine", total_steps=10, steps_per_epoch=2, warmup_epochs=1)
+    sch.step()
+    assert opt.base.param_groups[0]["lr"] == pytest.approx(0.2)  # the scheduler drives the base optimizer
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    with pytest.raises(QreproError, match="asam"):
+        build_optimizer(net, "asam_sgd", None, lr=0.1, betas=(0.9, 0.99))
 
 
 # ------------------------------------------------------------------------------------------------ QAT

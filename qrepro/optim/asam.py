@@ -6,9 +6,11 @@ One step (Kwon et al., Eq. 9 / Algorithm 1), with T_w = diag(|w| + η) element-w
     ε   = ρ · T_w² g / ‖T_w g‖₂            (one norm over all parameters)
     g'  = ∇L(w + ε)
     w  ← base_optimizer_step(w, g')         (SGD with momentum here; weight decay applied by the base)
-``adaptive=False`` gives plain SAM (T_w = I). The two gradient evaluations need a closure that zeroes the
-gradients, runs the forward pass and backward, and returns the loss; the training loop passes one because
-this optimizer sets ``needs_closure = True``.
+``adaptive=False`` gives plain SAM (T_w = I). Contract with the training loop (engine/loop.py): the loop has
+already run forward/backward at w (the gradients g are in ``p.grad``) and, because this optimizer sets
+``needs_closure = True``, passes a closure that zeroes the gradients, recomputes the loss (with the method's
+regularizer) and backpropagates; ``step`` calls it once, at w + ε. Note: BatchNorm running statistics see
+both passes (as in the ASAM/SAM reference implementations).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from qrepro.errors import QreproError
+from qrepro.optim import OPTIMIZERS
 
 
 class ASAM(torch.optim.Optimizer):
@@ -26,9 +29,7 @@ class ASAM(torch.optim.Optimizer):
 
     needs_closure = True
 
-    def __init__(
-        self, base: torch.optim.Optimizer, rho: float = 1.0, eta: float = 0.01, adaptive: bool = True
-    ):
+    def __init__(self, base: torch.optim.Optimizer, rho: float = 1.0, eta: float = 0.01, adaptive: bool = True):
         if not rho > 0:
             raise QreproError(f"ASAM rho must be > 0, got {rho}")
         if eta < 0:
@@ -65,15 +66,16 @@ class ASAM(torch.optim.Optimizer):
         self._eps.clear()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Two forward/backward passes through ``closure``; returns the loss at the unperturbed weights."""
+        """Perturb with the gradients already in ``p.grad``, re-evaluate through ``closure`` at w + ε, restore
+        w and take the base step with ∇L(w + ε). Returns the loss at w + ε."""
         if closure is None:
             raise QreproError("ASAM needs a closure (zero_grad, forward, backward, return loss) in step()")
-        with torch.enable_grad():
-            loss = closure()
         self._perturb()
-        with torch.enable_grad():
-            closure()
-        self._restore()
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            self._restore()
         self.base.step()
         return loss
 
@@ -87,3 +89,22 @@ class ASAM(torch.optim.Optimizer):
         self.base.load_state_dict(state_dict)
         self.param_groups = self.base.param_groups
         self.state = self.base.state
+
+
+def _asam_factory(adaptive: bool):
+    sgd_keys = {"lr", "momentum", "nesterov", "weight_decay", "dampening"}
+
+    def factory(groups, *, model=None, rho: float = 1.0, eta: float = 0.01, **cfg) -> ASAM:
+        bad = set(cfg) - sgd_keys
+        if bad:
+            raise QreproError(
+                f"optimizer asam does not take {sorted(bad)}; allowed: {sorted(sgd_keys | {'rho', 'eta'})}"
+            )
+        base = OPTIMIZERS.get("sgd")(groups, model=model, **cfg)
+        return ASAM(base, rho=rho, eta=eta, adaptive=adaptive)
+
+    return factory
+
+
+OPTIMIZERS.register("asam_sgd")(_asam_factory(adaptive=True))
+OPTIMIZERS.register("sam_sgd")(_asam_factory(adaptive=False))

@@ -105,9 +105,7 @@ def ptq_method(cfg: PTQConfig) -> Method:
         aq = UniformQuantizer(ab, signed=False, grid=cfg.act_grid) if quant_input else None
         return (wq, aq) if (wq is not None or aq is not None) else None
 
-    return Method(
-        name=f"ptq_{cfg.algorithm}", quantize_layer=quantize_layer, w_bits=cfg.w_bits, a_bits=cfg.a_bits
-    )
+    return Method(name=f"ptq_{cfg.algorithm}", quantize_layer=quantize_layer, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -133,18 +131,14 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture(
-    model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size: int, what: str
-) -> torch.Tensor:
+def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
     """Input (``what="input"``) or output of ``module`` when ``model`` runs on ``calib`` (stops there)."""
     out: list[torch.Tensor] = []
 
     def pre(_m, args):
         if what == "input":
             if len(args) != 1 or not torch.is_tensor(args[0]):
-                raise QreproError(
-                    f"PTQ reconstruction needs single-tensor module inputs ({type(_m).__name__})"
-                )
+                raise QreproError(f"PTQ reconstruction needs single-tensor module inputs ({type(_m).__name__})")
             out.append(args[0].detach())
             raise _Stop
 
@@ -232,9 +226,7 @@ def _aciq_act_alpha(s: _ActStats, bits: int, dist: str, signed: bool) -> torch.T
 
 
 @torch.no_grad()
-def _mse_act_alphas(
-    q: nn.Module, calib: torch.Tensor, batch_size: int, amax: dict[str, torch.Tensor]
-) -> dict:
+def _mse_act_alphas(q: nn.Module, calib: torch.Tensor, batch_size: int, amax: dict[str, torch.Tensor]) -> dict:
     """Per layer input: α among mse_alpha_candidates(amax) minimising Σ‖Q_α(x) − x‖² on ``calib``."""
     layers = {n: l for n, l in quantized_layers(q) if l.aq is not None}
     cands = {n: mse_alpha_candidates(amax[n].float()) for n in layers}
@@ -397,9 +389,7 @@ def find_blocks(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
     order: list[str] = []
-    hooks = [
-        model.get_submodule(n).register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n in names
-    ]
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n in names]
     try:
         model(x)
     finally:

@@ -21,9 +21,7 @@ def pot_levels(bits: int, alpha: torch.Tensor | float) -> torch.Tensor:
     if not 2 <= bits <= 8:
         raise QreproError(f"power-of-two PTQ supports 2..8 weight bits, got {bits}")
     alpha = torch.as_tensor(alpha, dtype=torch.float32)
-    mags = alpha * torch.pow(
-        2.0, -torch.arange(2 ** (bits - 1) - 1, dtype=torch.float32, device=alpha.device)
-    )
+    mags = alpha * torch.pow(2.0, -torch.arange(2 ** (bits - 1) - 1, dtype=torch.float32, device=alpha.device))
     zero = torch.zeros(1, dtype=mags.dtype, device=mags.device)
     return torch.cat([-mags, zero, mags.flip(0)])  # ascending
 

@@ -143,9 +143,7 @@ class AdaRoundWeight(nn.Module):
         self.hard = False
 
     def h(self) -> torch.Tensor:
-        return (
-            (self.v >= 0).to(self.v.dtype) if self.hard else rectified_sigmoid(self.v, self.zeta, self.gamma)
-        )
+        return (self.v >= 0).to(self.v.dtype) if self.hard else rectified_sigmoid(self.v, self.zeta, self.gamma)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         base = torch.floor(w.detach() / self.step - self.offset)
