@@ -255,3 +255,72 @@ def test_fold_satnl_into_weights_before_ptq():
     assert folded[0].weight.abs().max().item() < 0.1
     q = quantize_model(net, x, PTQConfig(algorithm="minmax", w_bits=8, a_bits=32))
     assert math.isfinite(_out_mse(q, folded, x))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+FAST = ["logger=none", "trainer.progress=false", "trainer.batch_size=128", "model.width=8", "trainer.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    """A 1-epoch digits FP checkpoint trained with SatNL + SymReg + ASAM (the 'Ours' recipe, tiny)."""
+    from qrepro.train import compose, train
+
+    tmp = tmp_path_factory.mktemp("fp")
+    cfg = compose(["+experiment=symreg_digits_ours", *FAST, f"out_root={tmp}"])
+    res = train(cfg, run_dir=tmp / "fp", experiment="symreg_digits_ours", overrides=[])
+    assert res.record["complete"] and res.record["method"] == "satnl"
+    return tmp / "fp" / "checkpoints" / "last.pt"
+
+
+def _ptq_cfg(tmp_path, ckpt, *extra):
+    from qrepro.train import compose
+
+    over = ["+experiment=symreg_digits_ours", *FAST, f"out_root={tmp_path}", f"init_from={ckpt}"]
+    return compose([*over, "ptq.calib_size=32", "ptq.batch_size=16", "ptq.iters=4", *extra], "ptq")
+
+
+@pytest.mark.parametrize("alg", ["minmax", "mse", "aciq", "adaquant", "qdrop", "pot", "kmeans"])
+def test_ptq_command_writes_records_and_leaves_checkpoint_identical(tmp_path, digits_ckpt, alg):
+    import hashlib
+    import json
+
+    from qrepro.ptq.__main__ import run_ptq
+
+    before = digits_ckpt.read_bytes()
+    mtime = digits_ckpt.stat().st_mtime_ns
+    over = [f"ptq.algorithm={alg}", "ptq.bits=[[4,32],[3,3]]"]
+    paths = run_ptq(_ptq_cfg(tmp_path, digits_ckpt, *over), experiment="symreg_digits_ours", overrides=over)
+    assert digits_ckpt.read_bytes() == before and digits_ckpt.stat().st_mtime_ns == mtime  # byte-identical
+    assert [p.parent.name for p in paths] == ["w4a32", "w3a3"]
+    for p, (w, a) in zip(paths, [(4, 32), (3, 3)]):
+        rec = json.loads(p.read_text())
+        assert rec["complete"] and rec["method"] == f"ptq_{alg}" and (rec["w_bits"], rec["a_bits"]) == (w, a)
+        assert rec["experiment"] == "symreg_digits_ours" and rec["train_method"] == "satnl"
+        assert rec["ptq"]["source_sha256"] == hashlib.sha256(before).hexdigest()
+        assert 0 <= rec["metrics"]["last_top1"] <= 100 and rec["metrics"]["best_top1"] == rec["metrics"]["last_top1"]
+        assert rec["ptq"]["weights"] == "model" and rec["ptq"]["fp_top1"] is not None
+        assert rec["overrides"] == sorted([f"ptq.algorithm={alg}", f"precision=w{w}a{a}"])  # = the table cell
+
+
+def test_ptq_bad_input_is_one_line_error(tmp_path, digits_ckpt):
+    from qrepro.ptq.__main__ import run_ptq
+
+    with pytest.raises(QreproError, match="unknown ptq algorithm 'gptq'"):
+        run_ptq(_ptq_cfg(tmp_path, digits_ckpt, "ptq.algorithm=gptq"))
+    with pytest.raises(QreproError, match="does not exist"):
+        run_ptq(_ptq_cfg(tmp_path, tmp_path / "nope.pt"))
+    with pytest.raises(QreproError, match="pairs"):
+        run_ptq(_ptq_cfg(tmp_path, digits_ckpt, "ptq.bits=[4,4]"))
+
+
+def test_ptq_cli_prints_record_line_last(tmp_path, digits_ckpt):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "qrepro.ptq", "+experiment=symreg_digits_ours", *FAST, f"out_root={tmp_path}"]
+    cmd += [f"init_from={digits_ckpt}", "precision=w4a4", "ptq.calib_size=32", "ptq.eval_fp=false"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("record: ") and "/ptq/" in last and last.endswith("record.json")
