@@ -259,3 +259,16 @@ def test_robust_qat_calibrates_once_and_quantizes_satnl_weights():
     assert net[2].wq.quant.step.grad is not None and net[2].weight.grad.abs().sum() > 0
     with pytest.raises(QreproError):
         build_method("robust_qat", 1, 4)
+
+
+def test_robust_qat_with_ema_starts_from_calibrated_quantizers(tmp_path):
+    from qrepro.train import compose, train
+
+    over = ["+experiment=symreg_qat_digits_ours", "logger=none", "trainer.progress=false", "model.width=8"]
+    over += ["trainer.epochs=1", "trainer.ema=0.99", "trainer.batch_size=256", f"out_root={tmp_path}"]
+    res = train(compose(over), run_dir=tmp_path / "qat", experiment="unit", overrides=[])
+    assert res.record["complete"] and res.record["method"] == "robust_qat"
+    st = torch.load(tmp_path / "qat" / "checkpoints" / "last.pt", weights_only=True)
+    steps = {k: v for k, v in st["ema"].items() if k.endswith(".step")}
+    assert steps and all(float(v) < 0.5 for v in steps.values())  # calibrated, not the 1.0 placeholder
+    assert all(bool(v) for k, v in st["ema"].items() if k.endswith("initialized_flag"))

@@ -39,21 +39,27 @@ class UniformQuantizer(nn.Module):
         self.bits, self.grid = bits, grid
         self.step = nn.Parameter(torch.tensor(1.0), requires_grad=learn_step)
         self.enabled = True
-        self.initialized = False  # set by set_alpha (QAT calibrates once, not again on resume)
+        # signedness and "calibrated" live in bool buffers (saved, copied by EMA) mirrored in Python attributes
+        # used by forward (no host sync); _load_from_state_dict refreshes the mirrors
+        self.register_buffer("signed_flag", torch.tensor(bool(signed)))
+        self.register_buffer("initialized_flag", torch.tensor(False))
         self.drop_prob = 0.0  # QDrop: probability of keeping an element full precision (training only)
         # LSQ step-gradient scale g = 1/sqrt(N·q_max): "weight" N = numel, "act" N = numel per sample
         self.lsq_grad_scale: str | None = None
         self.set_signed(signed)
 
-    def get_extra_state(self) -> dict:
-        return {"signed": self.signed, "initialized": self.initialized}
+    @property
+    def initialized(self) -> bool:
+        """True once a clipping value was set (QAT calibrates once, not again on resume)."""
+        return bool(self.initialized_flag)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.set_signed(bool(state["signed"]))
-        self.initialized = bool(state["initialized"])
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.set_signed(bool(self.signed_flag))
 
     def set_signed(self, signed: bool) -> None:
         self.signed = signed
+        self.signed_flag.fill_(bool(signed))
         b = self.bits
         if signed:
             self.qmin, self.qmax = -(2 ** (b - 1)), 2 ** (b - 1) - 1
@@ -70,7 +76,7 @@ class UniformQuantizer(nn.Module):
     def set_alpha(self, alpha: torch.Tensor | float) -> None:
         s = self.alpha_to_step(alpha).to(self.step.device).clamp_min(1e-12)
         self.step.copy_(s)
-        self.initialized = True
+        self.initialized_flag.fill_(True)
 
     @property
     def alpha(self) -> torch.Tensor:
