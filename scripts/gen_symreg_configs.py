@@ -189,6 +189,20 @@ def main() -> None:
     title = "Fig. 5A: W4A4 AdaQuant accuracy when the weight step is rescaled (figure only: no numbers)"
     write(out / "symreg_fig5a.yaml", "symreg_fig5a", title, cells)
 
+    # CPU smoke grid on sklearn digits (minutes): Baseline / Ours x ACIQ / AdaQuant / QDrop x W4A4..W2A2
+    cells = []
+    for method in ("Baseline", "Ours"):
+        cells += fp_cell("digits", "small_cnn", "digits", method, None)
+    for alg in ALGS:
+        for method in ("Baseline", "Ours"):
+            for wb in (4, 3, 2):
+                cells += ptq_cell("digits", "small_cnn", "digits", alg, method, wb, wb, None, None)
+    for i, line in enumerate(cells):  # short reconstructions on CPU
+        if line.startswith("    overrides: [ptq."):
+            cells[i] = line[:-1] + ", ptq.iters=200, ptq.calib_size=256]"
+    title = "CPU smoke grid of Table 2A on sklearn digits (small_cnn); no paper numbers"
+    write(out / "symreg_digits_demo.yaml", "symreg_digits_demo", title, cells)
+
 
 # ---------------------------------------------------------------------------------------------- experiments
 # Table 1A (cosine with warm-up, SGD momentum + EMA + ASAM). Columns: epochs, lr, weight decay, warm-up

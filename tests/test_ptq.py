@@ -324,3 +324,35 @@ def test_ptq_cli_prints_record_line_last(tmp_path, digits_ckpt):
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("record: ") and "/ptq/" in last and last.endswith("record.json")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def test_symreg_configs_are_generated_and_ptq_cells_compose(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from qrepro.train import compose
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "gen_symreg_configs.py")], cwd=tmp_path)
+    assert r.returncode == 0
+    gen = sorted((tmp_path / "configs").rglob("*.yaml"))
+    assert len(gen) > 40
+    for p in gen:  # committed files == generator output (edit the generator, not the YAML)
+        assert (root / p.relative_to(tmp_path)).read_text() == p.read_text(), p.name
+    t = yaml.safe_load((root / "configs/table/symreg_table2a_r18.yaml").read_text())
+    cells = {c["id"]: c for c in t["cells"]}
+    assert len(cells) == 88 and sum(c["paper"] is not None for c in cells.values()) == 82
+    assert cells["r18_qdrop_ours_kure_w3a3"]["paper"] == 67.47 and cells["r18_aciq_baseline_w4a4"]["paper"] == 38.46
+    c = cells["r18_adaquant_kure_w2a32"]
+    assert (
+        c["paper"] == 62.21
+        and c["paper_fp"] == 69.39
+        and c["ptq"] == {"algorithm": "adaquant", "from_cell": "r18_kure_fp"}
+    )
+    cfg = compose([f"+experiment={c['experiment']}", *c["overrides"]], "ptq")
+    assert cfg.ptq.algorithm == "adaquant" and (cfg.precision.w_bits, cfg.precision.a_bits) == (2, 32)
+    assert cfg.quantizer.name == "kure" and cfg.optimizer.name == "asam_sgd"
