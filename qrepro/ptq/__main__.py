@@ -176,7 +176,7 @@ def run_ptq(
                 "source_sha256": digest,
                 "weights": which,
                 "calib_size": int(cfg.ptq.calib_size),
-                "options": {k: v for k, v in vars(pcfg).items() if k not in ("extra",)},
+                "options": dict(vars(pcfg)),
                 "fp_top1": fp_eval["test_top1"] if fp_eval else None,
                 "fp_top5": fp_eval["test_top5"] if fp_eval else None,
                 "ptq_seconds": ptq_s,

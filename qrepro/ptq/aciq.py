@@ -91,6 +91,8 @@ def fit_scale(x: torch.Tensor, dist: str = "laplace", signed: bool = True) -> to
     return x.clamp_min(0).sum() / n if dist == "laplace" else (x.clamp_min(0).square().sum() / n).sqrt()
 
 
-def aciq_alpha(scale: torch.Tensor | float, bits: int, dist: str = "laplace", signed: bool = True):
+def aciq_alpha(
+    scale: torch.Tensor | float, bits: int, dist: str = "laplace", signed: bool = True
+) -> torch.Tensor | float:
     """ACIQ clipping value α* = ratio(b) · scale (ratio at b + 1 bits for an unsigned half-distribution)."""
     return optimal_clip_ratio(bits if signed else bits + 1, dist) * scale

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,6 @@ class PTQConfig:
     kmeans_iters: int = 50
     weight_step_scale: float = 1.0  # Fig. 5A: evaluate with Δ = scale · Δ' after PTQ
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         PTQ_ALGORITHMS.get(self.algorithm)
@@ -88,7 +87,8 @@ class PTQConfig:
 
 
 # ---------------------------------------------------------------------------------------------- policy
-def _layer_bits(bits: int, role: str, first_last_bits: int | None) -> int:
+def layer_bits(bits: int, role: str, first_last_bits: int | None) -> int:
+    """Bits of a layer: first/last layers get max(bits, first_last_bits) unless full precision or None."""
     if bits == FP_BITS or first_last_bits is None or role == "middle":
         return bits
     return max(bits, first_last_bits)
@@ -98,8 +98,8 @@ def ptq_method(cfg: PTQConfig) -> Method:
     """The PTQ layer policy as a framework Method (uniform quantizers; algorithms may replace ``wq``)."""
 
     def quantize_layer(info: LayerInfo):
-        wb = _layer_bits(cfg.w_bits, info.role, cfg.first_last_bits)
-        ab = _layer_bits(cfg.a_bits, info.role, cfg.first_last_bits)
+        wb = layer_bits(cfg.w_bits, info.role, cfg.first_last_bits)
+        ab = layer_bits(cfg.a_bits, info.role, cfg.first_last_bits)
         wq = UniformQuantizer(wb, signed=True, grid=cfg.weight_grid) if wb != FP_BITS else None
         quant_input = ab != FP_BITS and (info.role != "first" or cfg.quantize_first_input)
         aq = UniformQuantizer(ab, signed=False, grid=cfg.act_grid) if quant_input else None

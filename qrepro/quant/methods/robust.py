@@ -256,6 +256,7 @@ def build_robust_qat(
     """QAT fine-tuning of a robust FP model: W_q = Q(d·f(W/d)) and inputs Q(x), both uniform per-tensor with
     LSQ-learned steps initialised from the first batch (``init``: minmax | mse | aciq), plus the same
     SymReg / KURE terms. (The main paper's QAT algorithm is not in the available sources; this is ours.)"""
+    from qrepro.ptq.core import layer_bits
     from qrepro.ptq.quantizers import TransformedQuantizer, UniformQuantizer
 
     check_bits("robust_qat", w_bits, a_bits, (2, 3, 4, 5, 6, 7, 8, FP_BITS))
@@ -275,13 +276,9 @@ def build_robust_qat(
         kure_double_count=kure_double_count,
     )
 
-    def bits_for(b: int, role: str) -> int:
-        if b == FP_BITS or first_last_bits is None or role == "middle":
-            return b
-        return max(b, first_last_bits)
-
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
-        wb, ab = bits_for(w_bits, info.role), bits_for(a_bits, info.role)
+        wb = layer_bits(w_bits, info.role, first_last_bits)
+        ab = layer_bits(a_bits, info.role, first_last_bits)
         wq: nn.Module | None = SatNLWeight(d, fn, d_mode) if satnl else None
         if wb != FP_BITS:
             uq = UniformQuantizer(wb, signed=True, grid=weight_grid, learn_step=True)
