@@ -356,3 +356,12 @@ def test_symreg_configs_are_generated_and_ptq_cells_compose(tmp_path):
     cfg = compose([f"+experiment={c['experiment']}", *c["overrides"]], "ptq")
     assert cfg.ptq.algorithm == "adaquant" and (cfg.precision.w_bits, cfg.precision.a_bits) == (2, 32)
     assert cfg.quantizer.name == "kure" and cfg.optimizer.name == "asam_sgd"
+
+
+@pytest.mark.parametrize("alg", ["aciq", "qdrop", "kmeans"])
+def test_quantized_models_trace_without_graph_breaks(alg):
+    torch._dynamo.reset()
+    fp, calib = _model(), _calib(16)
+    q = quantize_model(fp, calib, PTQConfig(algorithm=alg, w_bits=4, a_bits=4, iters=2, batch_size=8))
+    compiled = torch.compile(q, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(calib), q(calib))

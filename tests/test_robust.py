@@ -272,3 +272,21 @@ def test_robust_qat_with_ema_starts_from_calibrated_quantizers(tmp_path):
     steps = {k: v for k, v in st["ema"].items() if k.endswith(".step")}
     assert steps and all(float(v) < 0.5 for v in steps.values())  # calibrated, not the 1.0 placeholder
     assert all(bool(v) for k, v in st["ema"].items() if k.endswith("initialized_flag"))
+
+
+@pytest.mark.parametrize("name,bits", [("satnl", 32), ("robust_qat", 4)])
+def test_methods_trace_without_graph_breaks(name, bits):
+    from qrepro.engine.hooks import Context
+
+    torch._dynamo.reset()
+    m = build_method(name, bits, bits, symreg_coef=1.0, kure_coef=1.0, d_mode="std", d=2.0)
+    net = prepare(_net(), m)
+    x = torch.randn(4, 3, 8, 8)
+    for h in m.hooks:
+        h.on_train_start(Context(model=net, sample_batch=(x, None)))
+
+    def step(inp):
+        return net(inp).square().mean() + m.regularizer(net)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+    assert torch.allclose(compiled(x), step(x))
