@@ -365,3 +365,34 @@ def test_quantized_models_trace_without_graph_breaks(alg):
     q = quantize_model(fp, calib, PTQConfig(algorithm=alg, w_bits=4, a_bits=4, iters=2, batch_size=8))
     compiled = torch.compile(q, backend="eager", fullgraph=True)
     assert torch.allclose(compiled(calib), q(calib))
+
+
+def test_per_channel_weight_quantization():
+    from qrepro.ptq.core import weight_alpha, weight_quantizer_for
+
+    fp, calib = _model(), _calib(32)
+    layer = fp[2][0].conv1
+    with torch.no_grad():  # channels of different scales (where per-channel steps matter)
+        layer.weight.mul_(torch.logspace(-1, 1, 8).view(8, 1, 1, 1))
+    w = layer.weight.detach()
+
+    wq = weight_quantizer_for(layer, 3, "midrise", "channel")
+    assert wq.step.shape == (8, 1, 1, 1)
+    amax = weight_alpha(wq, w, "minmax", "laplace")
+    assert torch.allclose(amax.flatten(), w.abs().flatten(1).amax(1))
+    err = {}
+    for gran in ("tensor", "channel"):
+        q = weight_quantizer_for(layer, 3, "midrise", gran)
+        q.set_alpha(weight_alpha(q, w, "mse", "laplace"))
+        err[gran] = (q(w) - w).square().sum().item()
+        for c in range(8):  # every channel uses at most 2^3 levels
+            assert q(w)[c].unique().numel() <= 8
+    assert err["channel"] < 0.5 * err["tensor"]
+    aciq = weight_alpha(wq, w, "aciq", "gaussian")
+    ratio = optimal_clip_ratio(3, "gaussian")
+    expect = torch.minimum(ratio * w.double().square().mean((1, 2, 3), keepdim=True).sqrt(), amax.double())
+    assert torch.allclose(aciq.double(), expect, rtol=1e-5)
+    for alg in ("adaquant", "qdrop"):
+        cfg = PTQConfig(algorithm=alg, w_bits=3, a_bits=4, weight_granularity="channel", iters=3, batch_size=8)
+        q = quantize_model(fp, calib, cfg)
+        assert dict(quantized_layers(q))["2.0.conv1"].wq.step.shape == (8, 1, 1, 1)

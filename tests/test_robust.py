@@ -290,3 +290,17 @@ def test_methods_trace_without_graph_breaks(name, bits):
 
     compiled = torch.compile(step, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
     assert torch.allclose(compiled(x), step(x))
+
+
+def test_robust_qat_per_channel_steps():
+    from qrepro.engine.hooks import Context
+
+    m = build_method("robust_qat", 4, 4, first_last_bits=None, weight_granularity="channel", init="minmax")
+    net = prepare(_net(), m)
+    m.hooks[0].on_train_start(Context(model=net, sample_batch=(torch.randn(8, 3, 8, 8), None)))
+    q = net[2].wq.quant
+    assert q.step.shape == (6, 1, 1, 1) and net[5].wq.quant.step.shape == (5, 1)
+    w = satnl(net[2].weight, 1.0).detach()
+    assert torch.allclose(q.alpha.flatten(), w.abs().flatten(1).amax(1))  # per-channel min-max
+    with pytest.raises(QreproError, match="granularity"):
+        build_method("robust_qat", 4, 4, weight_granularity="group")

@@ -20,8 +20,9 @@ from qrepro.cli import hydra_entry
 from qrepro.errors import QreproError
 
 PTQ_KEYS = (
-    "first_last_bits quantize_first_input weight_grid act_grid distribution init iters batch_size lr_weight lr_bias "
-    "lr_step lr_round lr_act_step drop_prob round_weight round_warmup round_beta kmeans_iters weight_step_scale"
+    "first_last_bits quantize_first_input weight_grid weight_granularity act_grid distribution init iters "
+    "batch_size lr_weight lr_bias lr_step lr_round lr_act_step drop_prob round_weight round_warmup round_beta "
+    "kmeans_iters weight_step_scale"
 ).split()
 
 

@@ -51,6 +51,7 @@ class PTQConfig:
     first_last_bits: int | None = 8  # None: first/last layers at the network bit-widths
     quantize_first_input: bool = False
     weight_grid: str = "midrise"
+    weight_granularity: str = "tensor"  # tensor | channel (one weight step per output channel)
     act_grid: str = "int"
     distribution: str = "laplace"  # ACIQ prior: laplace | gaussian
     init: str = "mse"  # initial clipping for adaquant / qdrop: minmax | mse | aciq
@@ -76,6 +77,8 @@ class PTQConfig:
                 raise QreproError(f"ptq {what}={b} out of range; use 1..16 or 32 (full precision)")
         if self.weight_grid not in GRIDS or self.act_grid not in GRIDS:
             raise QreproError(f"ptq grids must be one of {', '.join(GRIDS)}")
+        if self.weight_granularity not in ("tensor", "channel"):
+            raise QreproError(f"ptq.weight_granularity={self.weight_granularity!r}; choose tensor or channel")
         if self.distribution not in DISTRIBUTIONS:
             raise QreproError(f"ptq.distribution must be one of {', '.join(DISTRIBUTIONS)}")
         if self.init not in ("minmax", "mse", "aciq"):
@@ -94,13 +97,22 @@ def layer_bits(bits: int, role: str, first_last_bits: int | None) -> int:
     return max(bits, first_last_bits)
 
 
+def weight_quantizer_for(
+    layer: nn.Module, bits: int, grid: str, granularity: str, learn_step: bool = False
+) -> UniformQuantizer:
+    """A signed uniform weight quantizer for ``layer``, per tensor or per output channel."""
+    w = layer.weight
+    ch = w.shape[0] if granularity == "channel" else None
+    return UniformQuantizer(bits, signed=True, grid=grid, learn_step=learn_step, channels=ch, ndim=w.dim())
+
+
 def ptq_method(cfg: PTQConfig) -> Method:
     """The PTQ layer policy as a framework Method (uniform quantizers; algorithms may replace ``wq``)."""
 
     def quantize_layer(info: LayerInfo):
         wb = layer_bits(cfg.w_bits, info.role, cfg.first_last_bits)
         ab = layer_bits(cfg.a_bits, info.role, cfg.first_last_bits)
-        wq = UniformQuantizer(wb, signed=True, grid=cfg.weight_grid) if wb != FP_BITS else None
+        wq = weight_quantizer_for(info.module, wb, cfg.weight_grid, cfg.weight_granularity) if wb != FP_BITS else None
         quant_input = ab != FP_BITS and (info.role != "first" or cfg.quantize_first_input)
         aq = UniformQuantizer(ab, signed=False, grid=cfg.act_grid) if quant_input else None
         return (wq, aq) if (wq is not None or aq is not None) else None
@@ -255,16 +267,30 @@ def _mse_act_alphas(q: nn.Module, calib: torch.Tensor, batch_size: int, amax: di
 
 
 def weight_alpha(wq: UniformQuantizer, w: torch.Tensor, how: str, dist: str) -> torch.Tensor:
-    """Clipping value of a weight tensor: min–max (max|W|), MSE search, or ACIQ."""
+    """Clipping value of a weight tensor (per tensor, or per output channel when ``wq`` has one step per
+    channel): min–max (max|W|), MSE search over α/max ∈ [0.2, 1], or ACIQ."""
     w = w.detach()
-    amax = w.abs().max()
+    per_channel = wq.step.dim() > 0
+    dims = tuple(range(1, w.dim()))
+    amax = w.abs().amax(dim=dims, keepdim=True) if per_channel else w.abs().max()
     if how == "minmax":
         return amax
     if how == "aciq":
-        return torch.minimum(aciq_alpha(fit_scale(w, dist, True), wq.bits, dist, True).float(), amax)
-    cands = mse_alpha_candidates(amax)
-    errs = torch.stack([(wq.quantize_with_alpha(w, a) - w).square().sum() for a in cands])
-    return cands[torch.argmin(errs)]
+        if per_channel:
+            x = w.double()
+            scale = (
+                x.abs().mean(dims, keepdim=True) if dist == "laplace" else x.square().mean(dims, keepdim=True).sqrt()
+            )
+        else:
+            scale = fit_scale(w, dist, True)
+        return torch.minimum(aciq_alpha(scale, wq.bits, dist, True).float(), amax)
+    fracs = torch.linspace(0.2, 1.0, 80, device=w.device)
+    if not per_channel:
+        cands = amax * fracs
+        errs = torch.stack([(wq.quantize_with_alpha(w, a) - w).square().sum() for a in cands])
+        return cands[torch.argmin(errs)]
+    errs = torch.stack([(wq.quantize_with_alpha(w, amax * f) - w).square().sum(dims) for f in fracs])  # (K, C)
+    return amax * fracs[torch.argmin(errs, dim=0)].view_as(amax)
 
 
 def weight_quantizer(layer: nn.Module) -> tuple[UniformQuantizer, torch.Tensor] | None:

@@ -26,9 +26,18 @@ GRIDS = ("midrise", "int")
 
 
 class UniformQuantizer(nn.Module):
-    """x -> (clamp(round(x/s − o), q_min, q_max) + o) · s with |s| as the step (per tensor)."""
+    """x -> (clamp(round(x/s − o), q_min, q_max) + o) · s with |s| as the step: one step per tensor, or one per
+    output channel (``channels`` = C_out, ``ndim`` = the weight's rank) for weights."""
 
-    def __init__(self, bits: int, signed: bool = True, grid: str = "int", learn_step: bool = False) -> None:
+    def __init__(
+        self,
+        bits: int,
+        signed: bool = True,
+        grid: str = "int",
+        learn_step: bool = False,
+        channels: int | None = None,
+        ndim: int = 4,
+    ) -> None:
         super().__init__()
         if not 1 <= bits <= 16:
             raise QreproError(f"PTQ bit-width must be in 1..16 (or 32 = full precision), got {bits}")
@@ -37,7 +46,8 @@ class UniformQuantizer(nn.Module):
         if bits == 1 and signed and grid == "int":
             raise QreproError("1-bit signed quantization needs grid=midrise (levels ±s/2)")
         self.bits, self.grid = bits, grid
-        self.step = nn.Parameter(torch.tensor(1.0), requires_grad=learn_step)
+        shape = () if channels is None else (channels,) + (1,) * (ndim - 1)
+        self.step = nn.Parameter(torch.ones(shape), requires_grad=learn_step)
         self.enabled = True
         # signedness and "calibrated" live in bool buffers (saved, copied by EMA) mirrored in Python attributes
         # used by forward (no host sync); _load_from_state_dict refreshes the mirrors
@@ -75,7 +85,7 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def set_alpha(self, alpha: torch.Tensor | float) -> None:
         s = self.alpha_to_step(alpha).to(self.step.device).clamp_min(1e-12)
-        self.step.copy_(s)
+        self.step.copy_(s.reshape(self.step.shape) if s.numel() == self.step.numel() else s.expand_as(self.step))
         self.initialized_flag.fill_(True)
 
     @property
@@ -86,7 +96,7 @@ class UniformQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.step.abs() + 1e-12
         if self.lsq_grad_scale is not None:
-            n = x.numel() if self.lsq_grad_scale == "weight" else x[0].numel()
+            n = x.numel() // self.step.numel() if self.lsq_grad_scale == "weight" else x[0].numel()
             g = 1.0 / math.sqrt(n * max(1, self.qmax))
             s = s * g + (s - s * g).detach()  # value s, gradient scaled by g (Esser et al., LSQ)
         v = round_ste(x / s - self.offset).clamp(self.qmin, self.qmax)
@@ -106,7 +116,8 @@ class UniformQuantizer(nn.Module):
         return q
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, grid={self.grid}"
+        per = "channel" if self.step.dim() else "tensor"
+        return f"bits={self.bits}, signed={self.signed}, grid={self.grid}, per={per}"
 
 
 class TransformedQuantizer(nn.Module):

@@ -249,6 +249,7 @@ def build_robust_qat(
     first_last_bits: int | None = 8,
     quantize_first_input: bool = False,
     weight_grid: str = "midrise",
+    weight_granularity: str = "tensor",
     act_grid: str = "int",
     init: str = "mse",
     distribution: str = "laplace",
@@ -256,12 +257,14 @@ def build_robust_qat(
     """QAT fine-tuning of a robust FP model: W_q = Q(d·f(W/d)) and inputs Q(x), both uniform per-tensor with
     LSQ-learned steps initialised from the first batch (``init``: minmax | mse | aciq), plus the same
     SymReg / KURE terms. (The main paper's QAT algorithm is not in the available sources; this is ours.)"""
-    from qrepro.ptq.core import layer_bits
+    from qrepro.ptq.core import layer_bits, weight_quantizer_for
     from qrepro.ptq.quantizers import TransformedQuantizer, UniformQuantizer
 
     check_bits("robust_qat", w_bits, a_bits, (2, 3, 4, 5, 6, 7, 8, FP_BITS))
     if init not in ("minmax", "mse", "aciq"):
         raise QreproError(f"quantizer.init={init!r}; choose minmax, mse or aciq")
+    if weight_granularity not in ("tensor", "channel"):
+        raise QreproError(f"quantizer.weight_granularity={weight_granularity!r}; choose tensor or channel")
     base = _build(
         "robust_qat",
         FP_BITS,
@@ -281,7 +284,7 @@ def build_robust_qat(
         ab = layer_bits(a_bits, info.role, first_last_bits)
         wq: nn.Module | None = SatNLWeight(d, fn, d_mode) if satnl else None
         if wb != FP_BITS:
-            uq = UniformQuantizer(wb, signed=True, grid=weight_grid, learn_step=True)
+            uq = weight_quantizer_for(info.module, wb, weight_grid, weight_granularity, learn_step=True)
             uq.lsq_grad_scale = "weight"
             wq = TransformedQuantizer(wq, uq) if wq is not None else uq
         aq = None
@@ -293,4 +296,5 @@ def build_robust_qat(
     base.quantize_layer = quantize_layer
     base.hooks = [_CalibrateQuantizers(init, distribution)]
     base.options.update(first_last_bits=first_last_bits, weight_grid=weight_grid, init=init)
+    base.options.update(weight_granularity=weight_granularity)
     return base
