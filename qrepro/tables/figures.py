@@ -75,28 +75,16 @@ def _plot_line(ax, data, label: str, **kw) -> None:
 
 def learning_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
     key = f"test_{table.metric}"
-    by_id = {r.cell.id: r for r in rows}
-    groups: dict[str, list[Row]] = {}
+    groups: dict[str, list[Row]] = {}  # one panel per FP cell: the FP curve and the cells compared with it
     for r in rows:
         if _mean_curve(r, key) is not None:
             groups.setdefault(r.cell.fp_cell or r.cell.id, []).append(r)
-    # a group is worth a panel when it holds a quantized cell (not just an FP cell drawn in another panel)
-    panels = [
-        (g, rs)
-        for g, rs in groups.items()
-        if any(r.cell.id != g for r in rs) or g not in {c.fp_cell for c in table.cells}
-    ]
-    if not panels:
+    if not groups:
         return None, f"{table.name}: no record has a '{key}' curve — skipped the learning-curve figure"
     plt = _plt()
-    fig, axes = _grid(plt, len(panels))
-    for ax, (gid, members) in zip(axes, panels):
-        fp = by_id.get(gid)
-        if fp is not None and gid not in {m.cell.id for m in members}:
-            data = _mean_curve(fp, key)
-            if data is not None:
-                _plot_line(ax, data, f"{gid} (FP)", color="black", linestyle="--")
-        for m in members:
+    fig, axes = _grid(plt, len(groups))
+    for ax, (gid, members) in zip(axes, groups.items()):
+        for m in sorted(members, key=lambda m: m.cell.id != gid):  # the FP cell first, dashed black
             style = {"color": "black", "linestyle": "--"} if m.cell.id == gid and len(members) > 1 else {}
             label = f"{m.cell.id} ({m.cell.precision}, n={m.ours.n})"
             _plot_line(ax, _mean_curve(m, key), label, **style)
