@@ -62,6 +62,7 @@ class ProbeWeight(nn.Module):
 
     def __init__(self, bits: int) -> None:
         super().__init__()
+        self.bits = bits
         self.lo, self.hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         self.register_buffer("scale", torch.ones(()))
 
@@ -70,6 +71,9 @@ class ProbeWeight(nn.Module):
 
     def discrete(self, w: torch.Tensor) -> torch.Tensor:
         return (w / self.scale).clamp(self.lo, self.hi).round()
+
+    def from_discrete(self, wd: torch.Tensor) -> torch.Tensor:
+        return wd.float() * self.scale
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w + (self.discrete(w) * self.scale - w).detach()
@@ -157,6 +161,7 @@ BASE = [
     "model.width=8",
     "quantizer.name=ddp_probe",
     "precision=w4a4",
+    "optimizer=sgdt",  # the TR paper's SGDT: transition-adaptive LR of the quantized weights
     "optimizer.lr=0.05",
     "dataset.crop_padding=2",
 ]
@@ -180,7 +185,15 @@ def _rank_main(rank: int, world: int, port: int, out: str, overrides: list[str])
     def fit_and_dump(f):
         res = real_fit(f)
         probe = next((h for h in f.hooks if isinstance(h, TransitionProbe)), TransitionProbe())
-        dump = {"state": f.model.state_dict(), "local": probe.local, "reduced": probe.reduced}
+        tr = getattr(f.optimizer, "tr_last", {})
+        lrs = [g["lr"] for g in f.optimizer.param_groups]
+        dump = {
+            "state": f.model.state_dict(),
+            "local": probe.local,
+            "reduced": probe.reduced,
+            "tr": tr,
+            "optimizer_lrs": lrs,
+        }
         torch.save(dump, Path(out) / f"rank{rank}.pt")
         return res
 
@@ -224,6 +237,9 @@ def test_replicas_identical_parameters_quantizer_state_and_transitions(runs):
     assert r0["local"] == r1["local"] and len(r0["local"]) == 23  # 1438 digits / 64 -> 23 steps
     assert r0["reduced"] == r0["local"]  # the count is already global: the mean over ranks changes nothing
     assert any(x > 0 for x in r0["local"])
+    # SGDT's own state: transition count k, running TR K, target R and transition-adaptive LR U of the last step
+    assert r0["tr"] and r0["tr"] == r1["tr"]
+    assert r0["optimizer_lrs"] == r1["optimizer_lrs"]
 
 
 def test_record_written_once_by_rank0_with_global_metrics(runs):
@@ -241,18 +257,25 @@ def test_transition_rate_two_ranks_equals_one_rank(runs):
     (~1e-7) into a different level for a few activations, which moves a few weights across a level boundary
     a step earlier or later. Measured on CPU: per-step rates equal for the first steps, then within 3 of 1152
     weights; tolerance: per step 4/1152, epoch mean 10%."""
-    (_, (r0, _)), (_, (s0,)) = runs
+    (rec2, (r0, _)), (rec1, (s0,)) = runs
     n = sum(v.numel() for k, v in s0["state"].items() if k == "body.3.weight")
     assert r0["local"][:3] == s0["local"][:3]
     assert max(abs(a - b) for a, b in zip(r0["local"], s0["local"])) <= 4 / n + 1e-12
     assert sum(r0["local"]) == pytest.approx(sum(s0["local"]), rel=0.1)
+    # what SGDT itself measured and scheduled (record curves from its TR monitor, rank 0)
+    c2, c1 = rec2["curves"], rec1["curves"]
+    print({k: (c2[k], c1[k]) for k in ("tr", "tr_running", "talr", "tr_target")})
+    assert c2["tr_target"] == c1["tr_target"]
+    assert c2["tr"][0] == pytest.approx(c1["tr"][0], rel=0.1)
+    assert c2["tr_running"][0] == pytest.approx(c1["tr_running"][0], rel=0.1)
+    assert c2["talr"][0] == pytest.approx(c1["talr"][0], rel=0.1, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
 def fp_runs(tmp_path_factory):
     """Full-precision probe net: 2 ranks through the real command line (torchrun), and 1 rank in process."""
     base = tmp_path_factory.mktemp("ddp_fp")
-    overrides = [o for o in BASE if not o.startswith(("quantizer.", "precision"))]
+    overrides = [o for o in BASE if not o.startswith(("quantizer.", "precision", "optimizer="))]
     cmd = [str(Path(PY).parent / "torchrun"), "--nproc_per_node=2", "--master_port", str(_free_port())]
     cmd += [str(ROOT / "tests" / "ddp_entry.py"), *overrides, f"out_root={base / 'cli'}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
