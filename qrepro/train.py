@@ -133,7 +133,11 @@ def train(
 ):
     """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
     from qrepro.engine import dist as qdist
+    from qrepro.engine.ema import EMA
     from qrepro.engine.record import is_complete, read_record
+    from qrepro.engine.trainer import Fit, fit
+    from qrepro.logging import build_logger
+    from qrepro.optim import build_optimizer, build_scheduler
 
     h_dir, h_exp, h_over = hydra_context()
     run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
@@ -149,20 +153,6 @@ def train(
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     denv = qdist.setup(cfg.trainer.device)  # torchrun / submitit tasks -> process group; else one process
-    try:
-        return _train(cfg, denv, run_dir, experiment, overrides)
-    finally:
-        qdist.teardown(denv)
-
-
-def _train(cfg: DictConfig, denv: Any, run_dir: Path, experiment: str | None, overrides: list[str]):
-    """Build everything on this rank (``denv``: qrepro.engine.dist.DistEnv) and fit."""
-    from qrepro.engine import dist as qdist
-    from qrepro.engine.ema import EMA
-    from qrepro.engine.trainer import Fit, fit
-    from qrepro.logging import build_logger
-    from qrepro.optim import build_optimizer, build_scheduler
-
     device, world = denv.device, denv.world_size
     seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
     if cfg.trainer.get("deterministic"):

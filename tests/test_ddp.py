@@ -273,11 +273,12 @@ def test_transition_rate_two_ranks_equals_one_rank(runs):
 
 @pytest.fixture(scope="module")
 def fp_runs(tmp_path_factory):
-    """Full-precision probe net: 2 ranks through the real command line (torchrun), and 1 rank in process."""
+    """Full-precision probe net: 2 ranks through the real command line (torchrun), as a Hydra multirun of two jobs
+    in the same processes (seed=0,1: the process group is reused), and 1 rank in process (seed 0)."""
     base = tmp_path_factory.mktemp("ddp_fp")
     overrides = [o for o in BASE if not o.startswith(("quantizer.", "precision", "optimizer="))]
     cmd = [str(Path(PY).parent / "torchrun"), "--nproc_per_node=2", "--master_port", str(_free_port())]
-    cmd += [str(ROOT / "tests" / "ddp_entry.py"), *overrides, f"out_root={base / 'cli'}"]
+    cmd += [str(ROOT / "tests" / "ddp_entry.py"), "-m", *overrides, "seed=0,1", f"out_root={base / 'cli'}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -286,11 +287,12 @@ def fp_runs(tmp_path_factory):
 
 def test_torchrun_cli_rank0_alone_prints_and_writes(fp_runs):
     p, out, _ = fp_runs
-    assert p.stdout.count("epoch 1/1") == 1 and p.stdout.count("record: ") == 1 and "ranks=2 (gloo)" in p.stdout
-    recs = list(out.rglob("record.json"))
-    assert len(recs) == 1 and len(list(out.rglob("last.pt"))) == 1
-    rec = json.loads(recs[0].read_text())
-    assert rec["complete"] and rec["world_size"] == 2 and rec["curves"]["epoch"] == [1]
+    assert p.stdout.count("epoch 1/1") == 2 and p.stdout.count("record: ") == 2 and "ranks=2 (gloo)" in p.stdout
+    recs = sorted(out.rglob("record.json"))
+    assert len(recs) == 2 and len(list(out.rglob("last.pt"))) == 2
+    for r in recs:
+        rec = json.loads(r.read_text())
+        assert rec["complete"] and rec["world_size"] == 2 and rec["curves"]["epoch"] == [1]
 
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(fp_runs):
@@ -298,8 +300,9 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(fp_runs):
     of floating-point sums (per-rank mean gradients averaged vs one mean). Tolerance 1e-5 on every parameter
     after 23 SGD steps (measured on CPU: max |diff| 1.6e-7), and identical test accuracy."""
     _, out, (rec1, (s0,)) = fp_runs
-    rec2 = json.loads(next(out.rglob("record.json")).read_text())
-    ckpt = torch.load(next(out.rglob("last.pt")), weights_only=True)["model"]
+    run = next(d for d in out.rglob("*seed=0*") if (d / "record.json").exists())
+    rec2 = json.loads((run / "record.json").read_text())
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert ckpt.keys() == s0["state"].keys()
     for k, v in s0["state"].items():
         torch.testing.assert_close(ckpt[k], v, atol=1e-5, rtol=1e-5, msg=k)

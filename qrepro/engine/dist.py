@@ -18,6 +18,7 @@ What stays identical across ranks and why (see docs/scaling.md):
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -54,7 +55,6 @@ class DistEnv:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     backend: str | None = None
-    owns_group: bool = False  # we initialised the process group, so we destroy it
 
     @property
     def is_main(self) -> bool:
@@ -95,7 +95,7 @@ def setup(device: str | None) -> DistEnv:
         lr = int(os.environ.get("LOCAL_RANK", r))
         backend = dist.get_backend()
         dev = _rank_device(device, lr) if backend == "nccl" else torch.device("cpu")
-        return DistEnv(r, lr, ws, dev, backend, owns_group=False)
+        return DistEnv(r, lr, ws, dev, backend)
     if ws <= 1:
         return DistEnv(device=select_device(device))
     if not dist.is_available():
@@ -108,7 +108,10 @@ def setup(device: str | None) -> DistEnv:
         dist.init_process_group(backend, device_id=dev)
     else:
         dist.init_process_group(backend)
-    return DistEnv(r, lr, ws, dev, backend, owns_group=True)
+    # one group for the life of the process: a Hydra multirun under torchrun runs its jobs one after the other
+    # in the same processes and reuses it (re-creating a group under torchrun's store hangs)
+    atexit.register(_destroy)
+    return DistEnv(r, lr, ws, dev, backend)
 
 
 def _rank_device(device: str | None, local_rank: int) -> torch.device:
@@ -122,8 +125,8 @@ def _rank_device(device: str | None, local_rank: int) -> torch.device:
     return dev
 
 
-def teardown(env: DistEnv) -> None:
-    if env.owns_group and dist.is_initialized():
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
