@@ -10,10 +10,11 @@ What stays identical across ranks and why (see docs/scaling.md):
   (averaged) gradients; :class:`DistributedSync` re-broadcasts them after ``on_train_start`` hooks and after the
   first step (data-dependent initialisation on each rank's own batch) and checks them at every epoch end;
 * buffers (BN running statistics, quantizer running statistics): DDP broadcasts rank 0's buffers at the start of
-  every training forward (``broadcast_buffers=True``), so they follow rank 0's shard of each batch (all ranks'
+  every training forward (DDP's default ``broadcast_buffers``), so they follow rank 0's shard of each batch (all ranks'
   with ``trainer.sync_bn`` for BN); :func:`sync_buffers` copies rank 0's before every evaluation;
-* scalars computed from the replicated weights (e.g. TR transition counts) are already identical on every rank;
-  pass them through :func:`all_reduce_mean` (not a sum) to keep optimizer state bit-identical.
+* scalars computed from the replicated weights (e.g. TR transition counts, qrepro/optim/tr.py) are identical on
+  every rank without any collective; a scalar computed from per-rank data must go through :func:`all_reduce_mean`
+  (a sum of a replicated quantity would be world_size times too large).
 """
 
 from __future__ import annotations
