@@ -418,3 +418,18 @@ def test_submitit_local_job_runs_two_ddp_ranks(tmp_path):
     recs = list(tmp_path.rglob("record.json"))
     assert len(recs) == 1
     assert json.loads(recs[0].read_text())["world_size"] == 2
+
+
+def test_plugin_launchers_compose_with_the_plugin_defaults():
+    """``hydra/launcher=submitit_slurm|submitit_local`` (the plugin's own configs) remain available."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from qrepro.cli import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
+    for name, target in (("submitit_slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher")):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = hydra_compose("train", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith(target) and cfg.hydra.launcher.tasks_per_node == 1
