@@ -433,3 +433,25 @@ def test_plugin_launchers_compose_with_the_plugin_defaults():
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = hydra_compose("train", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
         assert cfg.hydra.launcher._target_.endswith(target) and cfg.hydra.launcher.tasks_per_node == 1
+
+
+def test_imagenet_loaders_shard_train_and_test_sets(tmp_path):
+    """ImageNet path: DistributedSampler for training; unpadded, disjoint test shards covering the val set."""
+    import numpy as np
+    from PIL import Image
+
+    from qrepro.data import build_data
+
+    for split, n in (("train", 4), ("val", 5)):
+        for c in ("a", "b"):
+            d = tmp_path / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8, 3), i * 20, dtype=np.uint8)).save(d / f"{i}.png")
+    kw = dict(root=str(tmp_path), batch_size=2, test_batch_size=3, image_size=8, resize=8, workers=0, world_size=2)
+    shards = [build_data("imagenet", rank=r, **kw) for r in range(2)]
+    assert all(isinstance(b.train.loader.sampler, torch.utils.data.DistributedSampler) for b in shards)
+    assert [len(b.train) for b in shards] == [2, 2]  # 8 images / 2 ranks / 2 per batch
+    idx = [list(b.test.loader.sampler) for b in shards]
+    assert sorted(idx[0] + idx[1]) == list(range(10)) and not set(idx[0]) & set(idx[1])
+    assert sum(int(y.shape[0]) for b in shards for _, y in b.test) == 10

@@ -98,7 +98,7 @@ def train_one_epoch(
                 progress.set_postfix(
                     loss=f"{lv:.3f}",
                     acc=f"{100 * float(dev_correct) / n_seen:.1f}",
-                    img_s=f"{n_seen / max(dt, 1e-9):.0f}",
+                    img_s=f"{n_seen * qdist.world_size() / max(dt, 1e-9):.0f}",  # all ranks (equal batches)
                     refresh=False,
                 )
         if progress is not None:
