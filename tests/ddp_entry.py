@@ -6,9 +6,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import test_ddp  # noqa: E402,F401  (registers ddp_probe_net and ddp_probe)
+from test_ddp import register_probe  # noqa: E402
 
 from qrepro.train import main  # noqa: E402
 
 if __name__ == "__main__":
+    register_probe()
     main()

@@ -141,10 +141,20 @@ def build_probe(w_bits: int, a_bits: int) -> Method:
     return Method("ddp_probe", quantize_layer, hooks=[ProbeInit(), TransitionProbe()])
 
 
-if "ddp_probe_net" not in MODELS.names():
-    MODELS.register("ddp_probe_net")(ProbeNet)
-if "ddp_probe" not in METHODS.names():
-    METHODS.register("ddp_probe")(build_probe)
+def register_probe() -> None:
+    """Register the probe model and quantizer (in every rank process; removed again after this module's tests so
+    that registry-wide tests elsewhere do not see them)."""
+    if "ddp_probe_net" not in MODELS.names():
+        MODELS.register("ddp_probe_net")(ProbeNet)
+    if "ddp_probe" not in METHODS.names():
+        METHODS.register("ddp_probe")(build_probe)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unregister_probe():
+    yield
+    MODELS._items.pop("ddp_probe_net", None)
+    METHODS._items.pop("ddp_probe", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,6 +188,7 @@ def _rank_main(rank: int, world: int, port: int, out: str, overrides: list[str])
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env, LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    register_probe()
     import qrepro.engine.trainer as trainer_mod
 
     real_fit = trainer_mod.fit
