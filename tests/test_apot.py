@@ -91,14 +91,16 @@ def test_magnitude_sets_signed_weights():
     bits=st.integers(2, 8),
     k=st.sampled_from(["apot", "pot", "uniform"]),
     xs=st.lists(st.floats(-0.5, 1.5, allow_nan=False), min_size=1, max_size=40),
+    dtype=st.sampled_from([torch.float32, D]),
 )
-def test_project_returns_nearest_level(bits, k, xs):
-    lv = qa.level_set(k, bits)
-    x = torch.tensor(xs, dtype=D)
+def test_project_returns_nearest_level(bits, k, xs, dtype):
+    """Same decision as a brute-force argmin of |x - l| in the working dtype (the authors' projection)."""
+    lv = qa.level_set(k, bits).to(dtype)
+    x = torch.tensor(xs, dtype=dtype)
     q = project(x, lv)
     dist = (x[:, None] - lv[None, :]).abs()
     assert torch.isin(q, lv).all()
-    torch.testing.assert_close((x - q).abs(), dist.min(dim=1).values, rtol=0, atol=1e-15)
+    torch.testing.assert_close((x - q).abs(), dist.min(dim=1).values, rtol=0, atol=0)
 
 
 def test_project_signed_is_symmetric():

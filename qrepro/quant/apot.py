@@ -5,7 +5,7 @@ Everything here is a pure function of tensors; the nn.Module quantizers that use
 
 - ``apot_levels(b, k)``: unsigned level set Q^a(1, b) of Eq. (5) (even b) / Eq. (6) (odd b, k = 2);
   k = 1 gives the uniform (fixed-point) set, k = b the powers-of-two set (Eq. 3).
-- ``project(x, levels)``: nearest level, by bucketizing on level midpoints (no element x level matrix).
+- ``project(x, levels)``: nearest level via one bucketize on the sorted levels (no element x level matrix).
 - ``rcf_weight`` / ``rcf_act``: the reparameterised clipping function (Eq. 7) whose autograd gradient for
   alpha is Eq. (8) / (13c); ``pact_weight`` / ``pact_act``: plain clipping with the PACT gradient (Eq. 11).
 - ``weight_norm``: Eq. (9), per tensor.
@@ -97,12 +97,16 @@ def magnitude_levels(family: str, bits: int) -> torch.Tensor:
 def project(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Pi_Q(x): the nearest element of the sorted ``levels`` for every element of ``x``.
 
-    Bucketizes on the midpoints between consecutive levels (O(numel log L) memory-light, no numel x L
-    matrix); an exact midpoint goes to the lower level. Values outside [min, max] go to the end levels.
+    One ``bucketize`` against the levels (O(numel log L), no numel x L matrix) gives the two neighbours
+    of each element; the nearer one is chosen by comparing |x - l| in x's dtype, i.e. the same decision as
+    a brute-force argmin over all levels (the authors' code), also for x within rounding of a midpoint.
+    An exact tie goes to the lower level. Values outside [min, max] go to the end levels.
     """
     levels = levels.to(dtype=x.dtype, device=x.device)
-    mids = (levels[1:] + levels[:-1]) * 0.5
-    return levels[torch.bucketize(x, mids)]
+    hi_idx = torch.bucketize(x, levels).clamp(max=levels.numel() - 1)  # first level >= x
+    hi = levels[hi_idx]
+    lo = levels[(hi_idx - 1).clamp(min=0)]
+    return torch.where((x - lo).abs() <= (hi - x).abs(), lo, hi)
 
 
 def project_signed(x: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:

@@ -236,3 +236,53 @@ def build_apot(
     )
     hooks = [LloydRefit()] if levels == "lloyd" and w_bits != FP_BITS else []
     return Method(name="apot", quantize_layer=quantize_layer, hooks=hooks, options=options)
+
+
+# ------------------------------------------------------------------------- authors' CIFAR checkpoints
+_AUTHORS_ACT_ALPHA = "act_alpha"
+_AUTHORS_WGT_ALPHA = "weight_quant.wgt_alpha"
+
+
+def convert_authors_cifar_checkpoint(state: dict) -> dict | None:
+    """State dict of the APoT authors' CIFAR-10 ResNet (their ``res20_{32,4,3,2}bit.pth.tar``) -> ours.
+
+    Accepts the whole checkpoint ``{epoch, state_dict, best_prec, optimizer}`` or its ``state_dict``.
+    Returns None when the keys are not the authors' (so other converters can try). Key mapping
+    (model ``resnet20``/``resnet56`` with ``shortcut=B``, ``quantizer=apot``):
+
+    ============================================  =====================================
+    authors (DataParallel)                        qrepro
+    ============================================  =====================================
+    ``module.<key>``                              ``<key>``
+    ``layerS.B.downsample.0.weight``              ``layerS.B.shortcut.0.weight``
+    ``layerS.B.downsample.1.<bn key>``            ``layerS.B.shortcut.1.<bn key>``
+    ``<conv>.act_alpha``                          ``<conv>.aq.alpha``
+    ``<conv>.weight_quant.wgt_alpha``             ``<conv>.wq.alpha``
+    ============================================  =====================================
+
+    Every other key (``conv1``, ``bn1``, ``layerS.B.{conv,bn}{1,2}``, ``fc``) keeps its name. Their first
+    conv / last FC (``first_conv`` / ``last_fc``) hold no quantizer state (the 8-bit weight scale is the
+    max weight, recomputed), and the level sets are rebuilt from the bit-width, so nothing else is needed.
+    """
+    sd = state.get("state_dict") if isinstance(state.get("state_dict"), dict) else state
+    if not sd or not all(isinstance(k, str) for k in sd):
+        return None
+    keys = [k.removeprefix("module.") for k in sd]
+    quantized = any(k.endswith((_AUTHORS_ACT_ALPHA, _AUTHORS_WGT_ALPHA)) for k in keys)
+    fp_layout = (
+        all(k.startswith("module.") for k in sd)
+        and "layer1.0.conv1.weight" in keys
+        and "fc.weight" in keys
+        and any(".downsample.0.weight" in k for k in keys)
+    )
+    if not (quantized or fp_layout):
+        return None
+    out = {}
+    for key, value in zip(keys, sd.values()):
+        key = key.replace(".downsample.", ".shortcut.")
+        if key.endswith("." + _AUTHORS_WGT_ALPHA):
+            key = key[: -len(_AUTHORS_WGT_ALPHA)] + "wq.alpha"
+        elif key.endswith("." + _AUTHORS_ACT_ALPHA):
+            key = key[: -len(_AUTHORS_ACT_ALPHA)] + "aq.alpha"
+        out[key] = value
+    return out
