@@ -1,0 +1,161 @@
+"""Datasets: small ones held on the device as one uint8 tensor (crop + flip on the device), ImageNet through
+torchvision's ImageFolder and a DataLoader.
+
+``build_data(name, root, batch_size, device, ...) -> DataBundle``; every loader yields ``(x, y)`` on ``device``
+with ``x`` float32, normalised by ``mean``/``std`` or left as raw 0..255 pixels (``raw255``, as SAT uses).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qrepro.errors import QreproError
+from qrepro.registry import Registry
+
+DATASETS = Registry("dataset")
+
+
+@dataclass
+class Normalizer:
+    """uint8 NCHW -> float32, either raw 0..255 or (x/255 - mean)/std."""
+
+    mean: Sequence[float] | None
+    std: Sequence[float] | None
+    raw255: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.raw255:
+            return x
+        x = x / 255.0
+        if self.mean is not None and self.std is not None:
+            m = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            s = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            x = (x - m) / s
+        return x
+
+
+class TensorLoader:
+    """Batches from uint8 images held on the device; random crop (zero padding) + flip on the device.
+
+    Deterministic given ``seed`` and the epoch number (``set_epoch``), so a resumed run sees the same order.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        normalize: Normalizer,
+        *,
+        train: bool,
+        crop_padding: int = 0,
+        flip: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.train = train
+        self.crop_padding = crop_padding if train else 0
+        self.flip = flip and train
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = self.labels.shape[0]
+        if not self.train:
+            idx = torch.arange(n)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        if self.world_size > 1:  # shard (pad to equal length so every rank takes the same number of steps)
+            per = -(-n // self.world_size)
+            idx = torch.cat([idx, idx[: per * self.world_size - n]])
+            idx = idx[self.rank :: self.world_size]
+        return idx.to(self.images.device)
+
+    def __len__(self) -> int:
+        n = self.labels.shape[0]
+        if self.world_size > 1:
+            n = -(-n // self.world_size)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b, _, h, w = x.shape
+        dev = x.device
+        if self.crop_padding:
+            p = self.crop_padding
+            xp = torch.nn.functional.pad(x, (p, p, p, p))
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(dev)
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(dev)
+            rows = (dy.view(b, 1) + torch.arange(h, device=dev).view(1, h)).view(b, 1, h, 1)
+            cols = (dx.view(b, 1) + torch.arange(w, device=dev).view(1, w)).view(b, 1, 1, w)
+            bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+            ci = torch.arange(x.shape[1], device=dev).view(1, -1, 1, 1)
+            x = xp[bi, ci, rows, cols]
+        if self.flip:
+            m = (torch.rand(b, generator=g) < 0.5).to(dev).view(b, 1, 1, 1)
+            x = torch.where(m, x.flip(3), x)
+        return x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch + 1)
+        for k in range(len(self)):
+            j = idx[k * self.batch_size : (k + 1) * self.batch_size]
+            x = self.images[j]
+            if self.train:
+                x = self._augment(x, g)
+            yield self.normalize(x), self.labels[j]
+
+
+@dataclass
+class DataBundle:
+    train: Any
+    test: Any
+    num_classes: int
+    in_channels: int
+    image_size: int
+    num_train: int
+    num_test: int
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        for mod in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{mod.name}")
+        _loaded = True
+
+
+def build_data(name: str, **kwargs: Any) -> DataBundle:
+    """Build the registered dataset ``name`` (see configs/dataset/<name>.yaml for the keys)."""
+    _load_all()
+    factory = DATASETS.get(name)
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise QreproError(f"bad options for dataset={name}: {e}") from None
+
+
+def dataset_names() -> list[str]:
+    _load_all()
+    return DATASETS.names()

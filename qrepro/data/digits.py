@@ -1,0 +1,63 @@
+"""scikit-learn's bundled handwritten digits (1,797 8x8 images, no download), as 3x32x32 uint8 images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from qrepro.data import DATASETS, DataBundle, Normalizer, TensorLoader
+
+
+def load_digits_tensors(image_size: int = 32, test_fraction: float = 0.2):
+    """(x_train, y_train, x_test, y_test) as uint8 NCHW tensors; a fixed, stratified-by-order split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)  # values 0..16
+    y = torch.tensor(d.target, dtype=torch.long)
+    x = torch.nn.functional.interpolate(x.unsqueeze(1), size=(image_size, image_size), mode="bilinear")
+    x = (x.clamp(0, 16) * (255.0 / 16.0)).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    g = torch.Generator().manual_seed(1234)  # the split never depends on the run's seed
+    perm = torch.randperm(len(y), generator=g)
+    n_test = int(round(len(y) * test_fraction))
+    te, tr = perm[:n_test], perm[n_test:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+@DATASETS.register("digits")
+def build_digits(
+    *,
+    root: str | None = None,
+    batch_size: int = 64,
+    test_batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    image_size: int = 32,
+    mean: Sequence[float] | None = (0.5, 0.5, 0.5),
+    std: Sequence[float] | None = (0.5, 0.5, 0.5),
+    raw255: bool = False,
+    crop_padding: int = 2,
+    flip: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_classes: int = 10,
+    **_: object,
+) -> DataBundle:
+    xtr, ytr, xte, yte = load_digits_tensors(image_size)
+    dev = torch.device(device)
+    norm = Normalizer(mean, std, raw255)
+    train = TensorLoader(
+        xtr.to(dev),
+        ytr.to(dev),
+        batch_size,
+        norm,
+        train=True,
+        crop_padding=crop_padding,
+        flip=flip,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    test = TensorLoader(xte.to(dev), yte.to(dev), test_batch_size, norm, train=False)
+    return DataBundle(train, test, 10, 3, image_size, len(ytr), len(yte))

@@ -1,0 +1,140 @@
+"""The training loop: ``train_one_epoch`` and ``evaluate`` as plain functions.
+
+Metrics are accumulated on the device and read once per ``log_every`` steps (no host synchronisation per step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrepro.engine.hooks import Context, Hook
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(y.view(-1, 1))
+    return [hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    ctx: Context,
+    hooks: Sequence[Hook] = (),
+    regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None,
+    ema: Any = None,
+    log_every: int = 50,
+    progress: Any = None,
+) -> dict[str, float]:
+    model.train()
+    dev_loss = dev_correct = None
+    n_seen = 0
+    t0 = time.perf_counter()
+    needs_closure = getattr(optimizer, "needs_closure", False)
+    steps = 0
+    for x, y in loader:
+
+        def compute_loss(x=x, y=y):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            if regularizer is not None:
+                r = regularizer(model)
+                if r is not None:
+                    loss = loss + r
+            return logits, loss
+
+        optimizer.zero_grad(set_to_none=True)
+        logits, loss = compute_loss()
+        loss.backward()
+        if needs_closure:  # two-pass optimizers (SAM/ASAM): the closure recomputes loss and gradients
+
+            def closure():
+                optimizer.zero_grad(set_to_none=True)
+                _, l2 = compute_loss()
+                l2.backward()
+                return l2
+
+            optimizer.step(closure)
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        with torch.no_grad():
+            bl = loss.detach() * y.shape[0]
+            bc = logits.detach().argmax(1).eq(y).sum()
+            dev_loss = bl if dev_loss is None else dev_loss + bl
+            dev_correct = bc if dev_correct is None else dev_correct + bc
+        n_seen += y.shape[0]
+        steps += 1
+        ctx.step += 1
+        ctx.loss = loss.detach()
+        for h in hooks:
+            h.on_step_end(ctx, ctx.step)
+        if steps % log_every == 0:
+            lv = float(dev_loss) / n_seen
+            if not math.isfinite(float(loss.detach())):
+                raise NonFiniteLoss(f"loss is {float(loss.detach())} at step {ctx.step}")
+            if progress is not None:
+                dt = time.perf_counter() - t0
+                progress.set_postfix(
+                    loss=f"{lv:.3f}",
+                    acc=f"{100 * float(dev_correct) / n_seen:.1f}",
+                    img_s=f"{n_seen / max(dt, 1e-9):.0f}",
+                    refresh=False,
+                )
+        if progress is not None:
+            progress.update(1)
+    if n_seen == 0:
+        raise RuntimeError("the training loader yielded no batch (batch size larger than the dataset?)")
+    loss_v = float(dev_loss) / n_seen
+    if not math.isfinite(loss_v):
+        raise NonFiniteLoss(f"loss is {loss_v} in epoch {ctx.epoch}")
+    dt = time.perf_counter() - t0
+    return {
+        "train_loss": loss_v,
+        "train_top1": 100.0 * float(dev_correct) / n_seen,
+        "images": n_seen,
+        "seconds": dt,
+        "images_per_s": n_seen / max(dt, 1e-9),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn: Callable | None = None
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean loss over ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    tot = c1 = c5 = None
+    n = 0
+    for x, y in loader:
+        logits = model(x)
+        l = loss_fn(logits, y) * y.shape[0]
+        a, b = _topk_correct(logits, y)
+        tot = l if tot is None else tot + l
+        c1 = a if c1 is None else c1 + a
+        c5 = b if c5 is None else c5 + b
+        n += y.shape[0]
+    model.train(was_training)
+    if n == 0:
+        return {"test_loss": float("nan"), "test_top1": 0.0, "test_top5": 0.0}
+    return {"test_loss": float(tot) / n, "test_top1": 100.0 * float(c1) / n, "test_top5": 100.0 * float(c5) / n}

@@ -1,0 +1,77 @@
+"""Loggers: W&B (online/offline/disabled) or none. Local run records never depend on them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class NullLogger:
+    run_dir: str | None = None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        pass
+
+
+class WandbLogger:
+    """Thin wrapper over ``wandb``; offline by default here (no internet)."""
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        run_dir: str,
+        name: str,
+        config: dict[str, Any],
+        mode: str = "offline",
+        entity: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        job_type: str = "train",
+        resume_id: str | None = None,
+    ) -> None:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=name,
+            group=group,
+            tags=tags or [],
+            config=config,
+            dir=run_dir,
+            mode=mode,
+            job_type=job_type,
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            reinit=True,
+        )
+        self.run_dir = getattr(self.run, "dir", None)
+        self.id = getattr(self.run, "id", None)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if summary:
+            for k, v in summary.items():
+                self.run.summary[k] = v
+        self.run.finish()
+
+
+def build_logger(kind: str, **kw: Any):
+    """``kind`` is ``wandb`` or ``none``; keyword arguments go to the logger."""
+    if kind in ("none", None):
+        return NullLogger()
+    if kind == "wandb":
+        mode = os.environ.get("WANDB_MODE", kw.pop("mode", "offline"))
+        kw.pop("mode", None)
+        return WandbLogger(mode=mode, **kw)
+    from qrepro.errors import QreproError
+
+    raise QreproError(f"unknown logger {kind!r}; choose logger=wandb or logger=none")

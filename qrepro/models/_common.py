@@ -1,0 +1,43 @@
+"""Small helpers shared by the model definitions."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qrepro.errors import QreproError
+
+
+def check_choice(model: str, option: str, value: object, choices: tuple[object, ...]) -> None:
+    """Raise a one-line QreproError if ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise QreproError(
+            f"model={model}: {option}={value!r} is not valid; choose one of {', '.join(map(str, choices))} "
+            f"(e.g. model.{option}={choices[0]})"
+        )
+
+
+def check_positive(model: str, option: str, value: object) -> None:
+    """Raise a one-line QreproError if ``value`` is not a positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise QreproError(f"model={model}: {option} must be a positive number, got {value!r}")
+
+
+def kaiming_fan_out_init(model: nn.Module) -> None:
+    """He-normal init with fan-out for convs (He et al. 2015), BN weight 1 / bias 0.
+
+    Linear layers keep PyTorch's default init (as torchvision's ResNets and the APoT authors do).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def check_dropout(model: str, value: object) -> None:
+    """Raise a one-line QreproError if ``value`` is not a probability in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise QreproError(f"model={model}: dropout must be in [0, 1), got {value!r}")

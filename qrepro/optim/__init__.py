@@ -1,0 +1,249 @@
+"""Optimizers and learning-rate schedules.
+
+* ``OPTIMIZERS``: factories ``factory(param_groups, *, model, **cfg) -> torch.optim.Optimizer``. Wrappers such as the
+  transition-rate-scheduled optimizers (optim/tr.py) or ASAM (optim/asam.py) register here too; every module of
+  this package is imported automatically.
+* ``param_groups(model, defaults, rules)``: parameter groups from tag rules (``norm``, ``bias``, ``depthwise``,
+  ``weight``, ``quant`` and the quantizers' own ``param_tags``); the first matching rule wins.
+* ``SCHEDULERS``: per-iteration schedules exposing ``factor(step)``; they scale every group's ``initial_lr``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+from qrepro.registry import Registry
+
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
+
+_NORM = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def param_tags(model: nn.Module) -> dict[str, set[str]]:
+    """Tag every trainable parameter of ``model`` (qualified name -> set of tags)."""
+    tags: dict[str, set[str]] = {}
+    for mname, mod in model.named_modules():
+        own_tags = getattr(mod, "param_tags", None)
+        is_quantizer = mname.split(".")[-1] in ("wq", "aq") or own_tags is not None
+        for pname, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            t: set[str] = set()
+            if is_quantizer or any(part in ("wq", "aq") for part in mname.split(".")):
+                t.add("quant")
+                if own_tags and pname in own_tags:
+                    t.add(own_tags[pname])
+            elif isinstance(mod, _NORM):
+                t.add("norm")
+            elif pname == "bias":
+                t.add("bias")
+            elif isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels:
+                t.add("depthwise")
+            else:
+                t.add("weight")
+            tags[full] = t
+    return tags
+
+
+def param_groups(
+    model: nn.Module, defaults: dict[str, Any], rules: Sequence[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """One group per rule (plus the default group) with the parameters that match it first."""
+    rules = list(rules or [])
+    for r in rules:
+        if "tags" not in r:
+            raise QreproError(
+                f"optimizer.groups entry {dict(r)} needs 'tags: [...]'; e.g. {{tags: [norm, bias], weight_decay: 0}}"
+            )
+    buckets: list[list[nn.Parameter]] = [[] for _ in range(len(rules) + 1)]
+    names: list[list[str]] = [[] for _ in range(len(rules) + 1)]
+    tags = param_tags(model)
+    params = dict(model.named_parameters())
+    for name, t in tags.items():
+        k = next((i for i, r in enumerate(rules) if t & set(r["tags"])), len(rules))
+        buckets[k].append(params[name])
+        names[k].append(name)
+    groups = []
+    for i, ps in enumerate(buckets):
+        if not ps:
+            continue
+        g = dict(defaults)
+        if i < len(rules):
+            g.update({k: v for k, v in rules[i].items() if k != "tags"})
+            g["tags"] = list(rules[i]["tags"])
+        g["params"] = ps
+        g["param_names"] = names[i]
+        groups.append(g)
+    return groups
+
+
+def _strip(groups: list[dict[str, Any]], allowed: set[str]) -> list[dict[str, Any]]:
+    """Remove bookkeeping keys a torch optimizer does not take (keeps them available to wrappers)."""
+    out = []
+    for g in groups:
+        out.append({k: v for k, v in g.items() if k in allowed or k == "params"})
+    return out
+
+
+def _torch_factory(cls: type[torch.optim.Optimizer], keys: set[str]):
+    def factory(groups: list[dict[str, Any]], *, model: nn.Module | None = None, **cfg: Any) -> torch.optim.Optimizer:
+        bad = set(cfg) - keys
+        if bad:
+            raise QreproError(f"optimizer {cls.__name__} does not take {sorted(bad)}; allowed: {sorted(keys)}")
+        opt = cls(_strip(groups, keys), **cfg)
+        for g, src in zip(opt.param_groups, groups):
+            g["param_names"] = src.get("param_names", [])
+            g["tags"] = src.get("tags", [])
+        return opt
+
+    return factory
+
+
+OPTIMIZERS.register("sgd")(_torch_factory(torch.optim.SGD, {"lr", "momentum", "nesterov", "weight_decay", "dampening"}))
+OPTIMIZERS.register("adam")(_torch_factory(torch.optim.Adam, {"lr", "betas", "eps", "weight_decay", "amsgrad"}))
+OPTIMIZERS.register("adamw")(_torch_factory(torch.optim.AdamW, {"lr", "betas", "eps", "weight_decay", "amsgrad"}))
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        for mod in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{mod.name}")
+        _loaded = True
+
+
+def build_optimizer(model: nn.Module, name: str, groups: Sequence[dict[str, Any]] | None = None, **cfg: Any):
+    """Optimizer ``name`` over ``model``'s parameters grouped by the tag ``groups`` rules."""
+    _load_all()
+    factory = OPTIMIZERS.get(name)
+    defaults = {k: v for k, v in cfg.items() if k in ("lr", "weight_decay")}
+    pg = param_groups(model, defaults, groups)
+    if cfg.get("nesterov") and not cfg.get("momentum"):
+        raise QreproError("optimizer.nesterov=true needs optimizer.momentum > 0")
+    return factory(pg, model=model, **cfg)
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+class Schedule:
+    """Per-iteration multiplicative LR factor; ``step()`` sets ``lr = initial_lr * factor`` in every group
+    (groups flagged ``fixed_lr: True`` — e.g. transition-rate-scheduled weights — are left alone)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None, total_steps: int, steps_per_epoch: int) -> None:
+        self.optimizer = optimizer
+        self.total_steps = max(1, total_steps)
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.last_step = 0
+        if optimizer is not None:
+            for g in optimizer.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+            self._apply()
+
+    def factor(self, step: int) -> float:
+        raise NotImplementedError
+
+    def _apply(self) -> None:
+        f = self.factor(self.last_step)
+        for g in self.optimizer.param_groups:
+            if not g.get("fixed_lr", False):
+                g["lr"] = g["initial_lr"] * f
+
+    def step(self) -> None:
+        self.last_step += 1
+        if self.optimizer is not None:
+            self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = int(state["last_step"])
+        if self.optimizer is not None:
+            self._apply()
+
+
+class _Warmup(Schedule):
+    def __init__(
+        self, optimizer, total_steps, steps_per_epoch, warmup_epochs: float = 0.0, warmup_start_factor: float = 0.0
+    ) -> None:
+        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+        self.warmup_start_factor = warmup_start_factor
+        super().__init__(optimizer, total_steps, steps_per_epoch)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            a = step / self.warmup_steps
+            return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * a
+        return self.main_factor(step)
+
+    def main_factor(self, step: int) -> float:
+        raise NotImplementedError
+
+
+@SCHEDULERS.register("cosine")
+class Cosine(_Warmup):
+    """Cosine decay per iteration (after a linear warm-up) to ``min_factor``."""
+
+    def __init__(self, optimizer, total_steps, steps_per_epoch, min_factor: float = 0.0, **kw) -> None:
+        self.min_factor = min_factor
+        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
+
+    def main_factor(self, step: int) -> float:
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@SCHEDULERS.register("multistep")
+class MultiStep(_Warmup):
+    """×gamma at each milestone (given in epochs)."""
+
+    def __init__(
+        self, optimizer, total_steps, steps_per_epoch, milestones: Sequence[float] = (), gamma: float = 0.1, **kw
+    ) -> None:
+        self.milestones = [int(round(m * steps_per_epoch)) for m in milestones]
+        self.gamma = gamma
+        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
+
+    def main_factor(self, step: int) -> float:
+        return self.gamma ** sum(step >= m for m in self.milestones)
+
+
+@SCHEDULERS.register("linear")
+class Linear(_Warmup):
+    """Linear decay per iteration to ``end_factor``."""
+
+    def __init__(self, optimizer, total_steps, steps_per_epoch, end_factor: float = 0.0, **kw) -> None:
+        self.end_factor = end_factor
+        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
+
+    def main_factor(self, step: int) -> float:
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return 1.0 + (self.end_factor - 1.0) * t
+
+
+@SCHEDULERS.register("constant")
+class Constant(_Warmup):
+    def main_factor(self, step: int) -> float:
+        return 1.0
+
+
+def build_scheduler(optimizer, name: str, *, total_steps: int, steps_per_epoch: int, **cfg: Any) -> Schedule:
+    cls = SCHEDULERS.get(name)
+    try:
+        return cls(optimizer, total_steps, steps_per_epoch, **cfg)
+    except TypeError as e:
+        raise QreproError(f"bad options for scheduler={name}: {e}") from None
