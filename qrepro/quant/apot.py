@@ -285,7 +285,8 @@ class ModelCost:
         return self.size_bytes / 1e6
 
 
-def _layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+def layer_macs(model: nn.Module, input_shape: tuple[int, ...] = (3, 224, 224)) -> dict[str, int]:
+    """Multiply-accumulates of every Conv2d / Linear (qualified name -> MACs) for one input of ``input_shape``."""
     macs: dict[str, int] = {}
     handles = []
     for name, m in model.named_modules():
@@ -323,22 +324,26 @@ def model_cost(
     first_last_bits: int | None = 8,
     input_shape: tuple[int, ...] = (3, 224, 224),
     k: int = 2,
+    macs: dict[str, int] | None = None,
 ) -> ModelCost:
     """Model size and FixOPs as in the paper's Table 1 (bit-op scheme of Zhou et al., 2016).
 
     - size: quantized conv/linear weights at ``w_bits``; first conv and last FC (weights and bias) at
       ``first_last_bits`` (None = 32-bit, as the paper counts the other methods); every other parameter and
       the BN running statistics at 32 bits (quantizer clip parameters are not counted).
-    - FixOPs per multiply-accumulate: ``uniform`` = w_bits * a_bits / 64; ``apot`` = n * a_bits / 64 with n
-      the number of additive PoT terms of the weight magnitude (Sec. 4.1: "mn shift-adds, i.e. n*m/64");
-      first/last layers b_fl * b_fl / 64 (8-bit: one FixOP); ``fp`` = one per MAC (the paper's FLOPs column).
-    ``w_bits`` = 32 gives the FP size. Layers are visited with a zero input of ``input_shape``.
+    - FixOPs per multiply-accumulate (one FixOP = an 8-bit x 8-bit multiply = 64 binary operations):
+      ``uniform`` = w_bits * a_bits / 64; ``apot`` = n * a_bits / 64 with n the number of additive PoT terms
+      of the weight magnitude (Sec. 4.1: "mn shift-adds, i.e. n*m/64"); ``pot`` = the same with n = 1;
+      ``lloyd`` (floating-point levels, no fixed-point arithmetic) = one per MAC, as Table 3 counts it;
+      first/last layers b_fl * b_fl / 64 (8-bit: one FixOP); ``fp`` = one per MAC and 32-bit parameters.
+    ``w_bits`` = 32 gives the FP size. Layers are visited with a zero input of ``input_shape`` unless their
+    ``macs`` (from :func:`layer_macs`) are given.
     """
     from qrepro.quant.prepare import _layer_infos
 
-    if scheme not in ("apot", "uniform", "fp"):
-        raise QreproError(f"unknown cost scheme {scheme!r}; choose apot, uniform or fp")
-    macs = _layer_macs(model, input_shape)
+    if scheme not in ("apot", "pot", "uniform", "lloyd", "fp"):
+        raise QreproError(f"unknown cost scheme {scheme!r}; choose apot, pot, uniform, lloyd or fp")
+    macs = layer_macs(model, input_shape) if macs is None else macs
     roles = {info.name: info.role for info in _layer_infos(model, w_bits, a_bits)}
     fl_bits = 32 if first_last_bits is None else first_last_bits
     bits: dict[str, float] = {}  # parameter/buffer name -> bits per element
@@ -351,14 +356,14 @@ def model_cost(
         bits[f"{name}.weight"] = wb
         if getattr(m, "bias", None) is not None:
             bits[f"{name}.bias"] = fl_bits if (edge and scheme != "fp") else 32
-        if scheme == "fp" or w_bits == 32:
+        if scheme in ("fp", "lloyd") or w_bits == 32:
             fixops += macs[name]
         elif edge:
             fixops += macs[name] * fl_bits * fl_bits / 64
         elif scheme == "uniform":
             fixops += macs[name] * w_bits * a_bits / 64
         else:
-            n = 1 if w_bits == 2 else pot_terms(w_bits - 1, k)
+            n = 1 if (w_bits == 2 or scheme == "pot") else pot_terms(w_bits - 1, k)
             fixops += macs[name] * n * a_bits / 64
     size = 0.0
     for pname, p in [*model.named_parameters(), *model.named_buffers()]:
@@ -387,5 +392,6 @@ __all__ = [
     "quantization_error",
     "pot_terms",
     "ModelCost",
+    "layer_macs",
     "model_cost",
 ]

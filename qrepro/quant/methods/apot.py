@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qrepro.engine.checkpoint import register_converter
 from qrepro.engine.hooks import Hook
 from qrepro.errors import QreproError
 from qrepro.quant import apot as qa
@@ -243,6 +244,7 @@ _AUTHORS_ACT_ALPHA = "act_alpha"
 _AUTHORS_WGT_ALPHA = "weight_quant.wgt_alpha"
 
 
+@register_converter("apot-authors-cifar")
 def convert_authors_cifar_checkpoint(state: dict) -> dict | None:
     """State dict of the APoT authors' CIFAR-10 ResNet (their ``res20_{32,4,3,2}bit.pth.tar``) -> ours.
 
