@@ -150,9 +150,7 @@ def test_rcf_weight_gradient_finite_differences():
     fd = (fwd(alpha0 + h) - fwd(alpha0 - h)) / (2 * h)  # per element; the projection is locally constant
     ste_term = torch.where(w.abs() <= alpha0, -w / alpha0, torch.zeros_like(w))
     # per-element autograd derivative dW^_i/dalpha
-    auto = torch.autograd.functional.jacobian(
-        lambda a: qa.rcf_weight(w, a, lv), torch.tensor(alpha0, dtype=D)
-    )
+    auto = torch.autograd.functional.jacobian(lambda a: qa.rcf_weight(w, a, lv), torch.tensor(alpha0, dtype=D))
     torch.testing.assert_close(auto, fd + ste_term, rtol=1e-6, atol=1e-6)
 
 
@@ -310,12 +308,8 @@ def _net() -> nn.Module:
 
 def test_method_policy_and_fp_baseline():
     net = prepare(_net(), build_method("apot", 4, 4))
-    assert (
-        isinstance(net[0], QConv2d) and isinstance(net[0].wq, MaxScaledWeightQuantizer) and net[0].aq is None
-    )
-    assert (
-        isinstance(net[8], QLinear) and isinstance(net[8].wq, MaxScaledWeightQuantizer) and net[8].aq is None
-    )
+    assert isinstance(net[0], QConv2d) and isinstance(net[0].wq, MaxScaledWeightQuantizer) and net[0].aq is None
+    assert isinstance(net[8], QLinear) and isinstance(net[8].wq, MaxScaledWeightQuantizer) and net[8].aq is None
     for i in (2, 4):
         assert isinstance(net[i].wq, APoTWeightQuantizer) and isinstance(net[i].aq, APoTActQuantizer)
         assert net[i].wq.alpha.item() == 3.0 and net[i].aq.alpha.item() == 8.0

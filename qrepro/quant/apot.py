@@ -120,9 +120,7 @@ def _ste_project(c: torch.Tensor, levels: torch.Tensor, signed: bool) -> torch.T
     return c + (q - c).detach()  # STE on the projection only (Eq. 10)
 
 
-def rcf_weight(
-    w: torch.Tensor, alpha: torch.Tensor, magnitudes: torch.Tensor, *, grad: str = "ste"
-) -> torch.Tensor:
+def rcf_weight(w: torch.Tensor, alpha: torch.Tensor, magnitudes: torch.Tensor, *, grad: str = "ste") -> torch.Tensor:
     """RCF for weights, Eq. (7): W^ = alpha * Pi_Q(1,b)(clip(W / alpha, -1, 1)).
 
     The clip and the divide/multiply by alpha stay in autograd and only the projection is straight-
@@ -145,9 +143,7 @@ def rcf_act(x: torch.Tensor, alpha: torch.Tensor, levels: torch.Tensor) -> torch
     return alpha * _ste_project(c, levels, signed=False)
 
 
-def pact_weight(
-    w: torch.Tensor, alpha: torch.Tensor, magnitudes: torch.Tensor, *, grad: str = "ste"
-) -> torch.Tensor:
+def pact_weight(w: torch.Tensor, alpha: torch.Tensor, magnitudes: torch.Tensor, *, grad: str = "ste") -> torch.Tensor:
     """Plain clipping (Eq. 1) with the PACT/STE gradient (Eq. 11): dW^/dalpha = sign(W) 1[|W| > alpha].
 
     Same forward as RCF; alpha only receives gradient through the clip, not through the levels.
@@ -185,9 +181,7 @@ def max_scaled_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- weight normalisation
-def weight_norm(
-    w: torch.Tensor, *, eps: float = 1e-5, unbiased: bool = False, detach: bool = False
-) -> torch.Tensor:
+def weight_norm(w: torch.Tensor, *, eps: float = 1e-5, unbiased: bool = False, detach: bool = False) -> torch.Tensor:
     """Eq. (9) per tensor: (W - mu) / (sigma + eps) with sigma the population std (1/I).
 
     ``unbiased=True, eps=0, detach=True`` is what the authors' CIFAR code computes (torch.std, statistics

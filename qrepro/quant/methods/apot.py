@@ -104,9 +104,7 @@ class APoTActQuantizer(nn.Module):
 
     param_tags = {"alpha": "act_clip"}
 
-    def __init__(
-        self, bits: int, *, levels: str = "apot", clip: str = "rcf", init_alpha: float = 8.0
-    ) -> None:
+    def __init__(self, bits: int, *, levels: str = "apot", clip: str = "rcf", init_alpha: float = 8.0) -> None:
         super().__init__()
         self.bits, self.family, self.clip = bits, levels, clip
         self.register_buffer("levels", qa.level_set(levels, bits).float(), persistent=False)
