@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import math
 from itertools import product
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.quant import apot as qa
 from qrepro.quant import apot_levels, build_method, lloyd_max_levels, prepare, project
-from qrepro.quant.layers import QConv2d, QLinear
+from qrepro.quant.layers import QConv2d, QLinear, quantized_layers
 from qrepro.quant.methods.apot import APoTActQuantizer, APoTWeightQuantizer, MaxScaledWeightQuantizer
 
 D = torch.float64
@@ -354,3 +359,168 @@ def test_quantizers_capture_without_graph_breaks():
     for mod, inp in ((wq, w), (aq, x)):
         compiled = torch.compile(mod, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(inp), mod(inp))
+
+
+# --------------------------------------------------------------------------- tables and experiments
+TABLES = Path(__file__).resolve().parents[1] / "configs" / "table"
+
+
+def test_table_cost_columns_match_the_utility():
+    """cost.ours_* in apot_table1/3 are what model_cost computes; model sizes equal the paper's."""
+    torchvision = pytest.importorskip("torchvision")
+    cache: dict[str, tuple[nn.Module, dict]] = {}
+    for name in ("apot_table1", "apot_table3"):
+        for c in yaml.safe_load((TABLES / f"{name}.yaml").read_text())["cells"]:
+            if c["model"] not in cache:
+                m = getattr(torchvision.models, c["model"])(num_classes=1000)
+                cache[c["model"]] = (m, qa.layer_macs(m))
+            m, macs = cache[c["model"]]
+            fam = {"FP": "fp", "APoT": "apot", "PoT": "pot", "Uniform": "uniform", "Lloyd": "lloyd"}[c["method"]]
+            cost = qa.model_cost(m, c["w_bits"], c["a_bits"], scheme=fam, macs=macs)
+            assert round(cost.fixops / 1e6) == c["cost"]["ours_fixops_m"], c["id"]
+            if fam == "fp":
+                assert round(cost.size_mb, 2) == c["cost"]["ours_size_mb"], c["id"]
+            else:
+                assert round(cost.size_mib, 2) == c["cost"]["ours_size_mib"], c["id"]
+                assert c["cost"]["ours_size_mib"] == pytest.approx(c["cost"]["paper_size_mb"], abs=0.051), c["id"]
+
+
+def test_table_cells_compose_to_their_bits():
+    """Cells with overrides compose (experiments alone are composed by test_configs) to the cell's bits/model."""
+    from hydra import compose, initialize_config_dir
+
+    from qrepro.cli import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
+    cells = [c for p in sorted(TABLES.glob("apot_*.yaml")) for c in yaml.safe_load(p.read_text())["cells"]]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for c in cells:
+            if not c.get("overrides"):
+                continue
+            cfg = compose(config_name="train", overrides=[f"+experiment={c['experiment']}", *c["overrides"]])
+            assert (cfg.precision.w_bits, cfg.precision.a_bits) == (c["w_bits"], c["a_bits"]), c["id"]
+            assert cfg.model.name == c["model"] and cfg.dataset.name == c["dataset"], c["id"]
+            for o in c["overrides"]:
+                key, value = o.split("=")
+                assert str(OmegaConf.select(cfg, key)).lower() == value.lower(), (c["id"], o)
+
+
+def test_digits_smoke_training_with_apot(tmp_path):
+    from qrepro.train import compose, train
+
+    over = ["quantizer=apot", "precision=w3a3", "quantizer.levels=lloyd", "trainer.epochs=1"]
+    fast = ["logger=none", "trainer.progress=false", "trainer.batch_size=128", "model.width=8", "trainer.log_every=5"]
+    cfg = compose([*fast, *over, "optimizer.groups=[{tags: [act_clip], lr: 0.1}, {tags: [weight_clip], lr: 0.02}]"])
+    res = train(cfg, run_dir=tmp_path / "run", experiment="unit", overrides=over)
+    rec = json.loads(res.record_path.read_text())
+    assert rec["complete"] and math.isfinite(rec["curves"]["train_loss"][0])
+    sd = torch.load(res.record_path.parent / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert any(k.endswith("wq.levels") for k in sd) and any(k.endswith("aq.alpha") for k in sd)
+
+
+# ------------------------------------------------------------------- the authors' released checkpoints
+RELEASE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "apot-cifar10-release"
+needs_release = pytest.mark.skipif(not RELEASE.is_dir(), reason="../shared/data/apot-cifar10-release not present")
+
+
+def _authors_reference_forward(sd: dict, bits: int, x: torch.Tensor) -> torch.Tensor:
+    """The authors' CIFAR ResNet-20 forward, restated independently (brute-force argmin projection onto their
+    half-base level sets, torch.std normalisation, max-positive 8-bit first/last layers)."""
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    bases = {
+        2: [[0, 2**-1, 2**-2, 2**-3]],
+        3: [[0, 2**-1, 2**-2, 2**-4], [0, 2**-3]],
+        4: [[0, 2**-1, 2**-3, 2**-5], [0, 2**-2, 2**-4, 2**-6]],
+    }
+
+    def nearest(u, b):
+        g = _sums(*bases[b]).float()
+        return g[(u.reshape(-1, 1) - g).abs().argmin(1)].reshape(u.shape)
+
+    def fl(w):
+        s = w.max()
+        return (torch.round(w / s * 127) / 127 * s - w) + w
+
+    def conv(x, name, stride, pad):
+        w = sd[name + ".weight"]
+        if bits != 32:
+            a, aw = sd[name + ".act_alpha"], sd[name + ".weight_quant.wgt_alpha"]
+            x = nearest((x / a).clamp(max=1), bits) * a
+            u = ((w - w.mean()) / w.std() / aw).clamp(-1, 1)
+            w = (u.abs().round() if bits == 2 else nearest(u.abs(), bits - 1)) * u.sign() * aw
+        return torch.nn.functional.conv2d(x, w, None, stride, pad)
+
+    def bn(x, n):
+        return torch.nn.functional.batch_norm(
+            x, sd[n + ".running_mean"], sd[n + ".running_var"], sd[n + ".weight"], sd[n + ".bias"], False, 0.0, 1e-5
+        )
+
+    x = torch.relu(bn(torch.nn.functional.conv2d(x, fl(sd["conv1.weight"]), None, 1, 1), "bn1"))
+    for s in (1, 2, 3):
+        for b in range(3):
+            p, st = f"layer{s}.{b}", (2 if s > 1 and b == 0 else 1)
+            o = bn(conv(torch.relu(bn(conv(x, p + ".conv1", st, 1), p + ".bn1")), p + ".conv2", 1, 1), p + ".bn2")
+            ds = p + ".downsample"
+            r = bn(conv(x, ds + ".0", st, 0), ds + ".1") if ds + ".0.weight" in sd else x
+            x = torch.relu(o + r)
+    return torch.nn.functional.linear(x.mean((2, 3)), fl(sd["fc.weight"]), sd["fc.bias"])
+
+
+@needs_release
+@pytest.mark.parametrize("bits", [4, 3, 2, 32])
+def test_authors_checkpoint_loads_strictly_and_matches_their_model(bits):
+    from qrepro.engine.checkpoint import extract_state_dict, load_model_state, read_checkpoint
+    from qrepro.train import build_model_and_method, compose
+
+    exp = "fp" if bits == 32 else f"w{bits}a{bits}"
+    cfg = compose([f"+experiment=apot_resnet20_cifar10_{exp}"])
+    model, _ = build_model_and_method(cfg, 10)
+    raw = read_checkpoint(RELEASE / f"res20_{bits}bit.pth.tar")
+    sd, fmt = extract_state_dict(raw)
+    assert fmt == "apot-authors-cifar"
+    assert load_model_state(model, sd, strict=True) == []  # every tensor of our model comes from their file
+    assert set(sd) == set(model.state_dict())
+    model.eval()
+    theirs = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
+    n_quant = 0
+    for name, layer in quantized_layers(model):
+        w_hat = layer.effective_weight().detach()
+        if isinstance(layer.wq, MaxScaledWeightQuantizer):  # 8-bit, scale = max positive weight, no clamp
+            steps = w_hat / layer.weight.detach().max() * 127
+            assert torch.allclose(steps, steps.round(), atol=1e-3), name
+            continue
+        n_quant += 1
+        key = name.replace("shortcut", "downsample")
+        # clip parameters are used as the authors use them: alpha_w after WN, alpha_a on the layer input
+        assert layer.wq.alpha.item() == theirs[key + ".weight_quant.wgt_alpha"].item()
+        assert layer.aq.alpha.item() == theirs[key + ".act_alpha"].item()
+        u = w_hat / layer.wq.alpha.detach()
+        mags = qa.magnitude_levels("apot", bits).float()
+        assert (u.abs().reshape(-1, 1) - mags).abs().min(1).values.max() < 1e-5, name
+        assert u.abs().max() == pytest.approx(1.0, abs=1e-6)  # outliers clipped to +-alpha_w
+        with torch.no_grad():
+            a_out = layer.aq(torch.linspace(0, 3 * layer.aq.alpha.item(), 301)) / layer.aq.alpha
+        assert (a_out.reshape(-1, 1) - apot_levels(bits).float()).abs().min(1).values.max() < 1e-5
+        assert a_out.max() == pytest.approx(1.0, abs=1e-6)
+    assert n_quant == (0 if bits == 32 else 20)  # 18 3x3 convs + 2 quantized 1x1 shortcut convs
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(bits))
+    with torch.no_grad():
+        ours, ref = model(x), _authors_reference_forward(raw["state_dict"], bits, x)
+    assert torch.equal(ours.argmax(1), ref.argmax(1))
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_converter_ignores_other_formats():
+    from qrepro.quant.methods.apot import convert_authors_cifar_checkpoint
+
+    ours = prepare(_net(), build_method("apot", 4, 4)).state_dict()
+    assert convert_authors_cifar_checkpoint(ours) is None
+    assert convert_authors_cifar_checkpoint({"module.fc.weight": torch.zeros(2, 2)}) is None
+    sd = {
+        "module.layer1.0.conv1.act_alpha": torch.tensor(1.0),
+        "module.layer1.0.conv1.weight_quant.wgt_alpha": torch.tensor(2.0),
+    }
+    assert convert_authors_cifar_checkpoint(sd) == {
+        "layer1.0.conv1.aq.alpha": torch.tensor(1.0),
+        "layer1.0.conv1.wq.alpha": torch.tensor(2.0),
+    }
