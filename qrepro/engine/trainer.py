@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrepro.engine import dist as qdist
 from qrepro.engine.checkpoint import atomic_save, read_checkpoint
 from qrepro.engine.hooks import Context, Hook
 from qrepro.engine.loop import NonFiniteLoss, evaluate, train_one_epoch
@@ -65,6 +66,14 @@ def _ckpt_state(f: Fit, epoch: int, best: dict, curves: dict, hooks_state: list)
     return st
 
 
+def _main_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR of the default parameter group (the one no tag rule matched), else of the largest group."""
+    groups = optimizer.param_groups
+    plain = [g for g in groups if not g.get("tags") and not g.get("fixed_lr")]
+    g = plain[0] if plain else max(groups, key=lambda g: len(g["params"]))
+    return float(g["lr"])
+
+
 def fit(f: Fit) -> FitResult:
     ckpt_path = f.run_dir / "checkpoints" / "last.pt"
     best_path = f.run_dir / "checkpoints" / "best.pt"
@@ -83,8 +92,9 @@ def fit(f: Fit) -> FitResult:
         for h, hs in zip(f.hooks, st.get("hooks", [])):
             h.load_state_dict(hs)
         start_epoch, best, curves = st["epoch"] + 1, st["best"], st["curves"]
-        print(f"resumed from {ckpt_path} after epoch {st['epoch'] + 1}/{f.epochs}", flush=True)
-    elif f.resume:
+        if f.is_main:
+            print(f"resumed from {ckpt_path} after epoch {st['epoch'] + 1}/{f.epochs}", flush=True)
+    elif f.resume and f.is_main:
         print(f"resume=true but no checkpoint at {ckpt_path}: starting from scratch", flush=True)
 
     train_model = f.train_model or f.model
@@ -101,6 +111,8 @@ def fit(f: Fit) -> FitResult:
     )
     for h in f.hooks:
         h.on_train_start(ctx)
+    if f.ema is not None and start_epoch == 0:  # hooks may initialise state (e.g. quantizer calibration)
+        f.ema.load_state_dict(f.model.state_dict())
     started = time.time()
     wall0 = time.perf_counter()
     total_images = 0
@@ -142,8 +154,10 @@ def fit(f: Fit) -> FitResult:
         finally:
             if bar is not None:
                 bar.close()
-        lr = f.optimizer.param_groups[0]["lr"]
-        ev = evaluate(f.ema.module if f.ema is not None else f.model, f.data.test)
+        lr = _main_lr(f.optimizer)
+        eval_model = f.ema.module if f.ema is not None else f.model
+        qdist.sync_buffers(eval_model)  # DDP: rank 0's BN/quantizer statistics, i.e. the checkpointed ones
+        ev = evaluate(eval_model, f.data.test, all_reduce=True)
         extra: dict[str, float] = {}
         for h in f.hooks:
             extra.update(h.on_epoch_end(ctx, epoch) or {})
