@@ -60,7 +60,8 @@ def _grid(plt, n: int, width: float = 4.2, height: float = 3.2):
 
 def _save(plt, fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)
     plt.close(fig)
     return path
@@ -152,22 +153,39 @@ def _number(text: str) -> float | None:
 
 
 def _label(row: Row, skip: tuple[str, ...], *, precision: bool = False) -> tuple[str, ...]:
-    """What identifies a line: model, method, optimizer, PTQ algorithm, the activation bits (or the whole
-    precision), and the other overrides."""
+    """What identifies a line: model, method, optimizer, PTQ algorithm (unless the method names it), the
+    activation bits (or the whole precision), and the other overrides."""
     c = row.cell
     ptq = c.extra.get("ptq")
     alg = str(ptq.get("algorithm", "PTQ")) if isinstance(ptq, dict) else ""
+    alg = "" if alg.lower() in c.method.lower() else alg
     act = "W=A" if c.a_bits == c.w_bits else ("A32" if c.a_bits >= 32 else f"A{c.a_bits}")
     act = c.precision if precision else act
     rest = sorted(f"{k}={v}" for k, v in _overrides(row).items() if k not in skip)
     return (c.model, c.method, c.optimizer or "", alg, act, *rest)
 
 
-def _plot_series(ax_abs, ax_dfp, series: dict[tuple[str, ...], list[tuple[float, Row]]], colors) -> None:
-    """Ours (solid, std error bars) and paper (dashed, hollow) per series on both panels."""
-    for i, (key, pts) in enumerate(sorted(series.items())):
-        color = colors[i % len(colors)]
-        label = " ".join(k for k in key if k)
+def _short_labels(keys: list[tuple[str, ...]]) -> tuple[list[str], str]:
+    """Legend labels without the words every series shares; the shared words go to the figure title."""
+    words = [[w for w in key if w] for key in keys]
+    common = [w for w in words[0] if all(w in ws for ws in words)] if len(words) > 1 else []
+    labels = [" ".join(w for w in ws if w not in common) or "ours" for ws in words]
+    return labels, " ".join(common)
+
+
+def _series_figure(table: Table, series: dict, xlabel: str, what: str, path: Path, integer_x: bool) -> Path:
+    """Two panels (accuracy, accuracy − FP) against x; ours solid with std error bars, paper dashed and hollow;
+    one legend below the panels (colours = series, line style = ours/paper)."""
+    from matplotlib.lines import Line2D
+
+    plt = _plt()
+    fig, (ax_abs, ax_dfp) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.2 * len(series)), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    keys = sorted(series)
+    labels, common = _short_labels(keys)
+    handles = []
+    for i, key in enumerate(keys):
+        color, pts = colors[i % len(colors)], series[key]
         for ax, ours_of, paper_of in (
             (ax_abs, lambda r: r.ours.mean, lambda r: r.cell.paper),
             (ax_dfp, lambda r: r.ours_dfp, lambda r: r.paper_dfp),
@@ -175,19 +193,16 @@ def _plot_series(ax_abs, ax_dfp, series: dict[tuple[str, ...], list[tuple[float,
             ours = [(x, ours_of(r), r.ours.std or 0.0) for x, r in pts if ours_of(r) is not None]
             if ours:
                 xs, ys, es = zip(*ours)
-                ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=3, label=f"{label} (ours)")
+                ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=3)
             paper = [(x, paper_of(r)) for x, r in pts if paper_of(r) is not None]
             if paper:
                 xs, ys = zip(*paper)
-                ax.plot(
-                    xs, ys, color=color, linestyle="--", marker="o", markerfacecolor="none", label=f"{label} (paper)"
-                )
-
-
-def _series_figure(table: Table, series: dict, xlabel: str, what: str, path: Path, integer_x: bool) -> Path:
-    plt = _plt()
-    fig, (ax_abs, ax_dfp) = plt.subplots(1, 2, figsize=(11, 4.2))
-    _plot_series(ax_abs, ax_dfp, series, plt.rcParams["axes.prop_cycle"].by_key()["color"])
+                ax.plot(xs, ys, color=color, linestyle="--", marker="o", markerfacecolor="none")
+        handles.append(Line2D([], [], color=color, marker="o", label=labels[i]))
+    handles += [
+        Line2D([], [], color="black", marker="o", label="ours (mean ± std over seeds)"),
+        Line2D([], [], color="black", marker="o", markerfacecolor="none", linestyle="--", label="paper"),
+    ]
     for ax, ylabel, title in (
         (ax_abs, f"{table.metric} (%)", f"accuracy vs {what}"),
         (ax_dfp, "quantized − FP (points)", f"robustness: accuracy − FP vs {what}"),
@@ -198,8 +213,9 @@ def _series_figure(table: Table, series: dict, xlabel: str, what: str, path: Pat
         ax.grid(alpha=0.3)
         if integer_x:
             ax.xaxis.get_major_locator().set_params(integer=True)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    if common:
+        fig.suptitle(common, fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=7, frameon=False)
     return _save(plt, fig, path)
 
 
