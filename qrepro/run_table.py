@@ -258,6 +258,17 @@ def table_argv(train_argv: Sequence[str]) -> list[str] | None:
     return [names[0], *(a for a in train_argv if not a.lstrip("+").startswith("table="))]
 
 
+def from_train_argv(train_argv: Sequence[str], runner: Runner = subprocess_runner) -> int | None:
+    """For ``qrepro.train``'s entry point: run the table named by ``+table=<name>`` and return the exit code,
+    or None when the command line names no table (then the trainer proceeds as usual)."""
+    try:
+        argv = table_argv(train_argv)
+    except QreproError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return None if argv is None else main(argv, runner=runner)
+
+
 def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) -> int:
     try:
         args = build_parser().parse_intermixed_args(argv)

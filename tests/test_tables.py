@@ -532,6 +532,11 @@ def test_train_plus_table_argv():
     ]
     with pytest.raises(QreproError, match="exactly one table"):
         table_argv(["+table=a", "+table=b"])
+    from qrepro.run_table import from_train_argv
+
+    assert from_train_argv(["+experiment=x"]) is None
+    assert from_train_argv(["+table=a", "+table=b"]) == 2
+    assert from_train_argv(["+table=demo", f"--configs={CONFIGS}", "--runs=/nonexistent", "--dry-run"]) == 0
 
 
 def test_parse_record_line():
