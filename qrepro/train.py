@@ -130,6 +130,7 @@ def train(
 ):
     """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
     from qrepro.engine.ema import EMA
+    from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
     from qrepro.engine.record import is_complete, read_record
     from qrepro.engine.trainer import Fit, FitResult, fit
     from qrepro.optim import build_optimizer, build_scheduler
@@ -151,6 +152,7 @@ def train(
     seed_everything(int(cfg.seed))
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
+    setup_device(device, deterministic=bool(cfg.trainer.get("deterministic")))
     data = build_data_from_cfg(cfg, device)
     model, method = build_model_and_method(cfg, data.num_classes)
     model.to(device)
@@ -176,7 +178,10 @@ def train(
         return nn.functional.cross_entropy(logits, y, label_smoothing=ls)
 
     ema = EMA(model, float(cfg.trainer.ema)) if cfg.trainer.ema else None
-    train_model = torch.compile(model) if cfg.trainer.compile else model
+    mode = compile_mode(cfg.trainer.compile, device)
+    forward_loss = None
+    if mode is not None:  # the fast path: forward + loss + regularizer compiled (CUDA graphs on GPU)
+        forward_loss = compile_forward_loss(make_forward_loss(model, loss_fn, method.regularizer), mode)
     record_base = {
         "name": cfg.name,
         "experiment": experiment,
@@ -195,7 +200,7 @@ def train(
     logger = make_logger(cfg, run_dir, record_base["config"])
     print(
         f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
-        f"device={device} epochs={cfg.trainer.epochs}",
+        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}",
         flush=True,
     )
     f = Fit(
@@ -215,7 +220,7 @@ def train(
         progress=bool(cfg.trainer.progress),
         resume=bool(cfg.resume),
         device=device,
-        train_model=train_model,
+        forward_loss=forward_loss,
     )
     try:
         result = fit(f)
