@@ -283,19 +283,40 @@ def run_case(
 
 
 # ---------------------------------------------------------------------------------------------- grid
+def supported(method: str, bits: int) -> bool:
+    """Whether ``method`` builds at W=A=``bits`` (cheap: builders create no layers)."""
+    from qrepro.quant import build_method
+
+    try:
+        build_method(method, bits, bits, **method_options(method))
+    except QreproError:
+        return False
+    return True
+
+
 def plan(
     models: list[str], methods: list[str], batch_sizes: list[int], modes: list[str], bits: str | None
 ) -> list[Case]:
+    """FP first, then every method at its bit-widths (``--bits``; default 4, APoT 2/3/4), for every model,
+    batch size and mode. A method that supports none of its default bit-widths (FP-only regularizers such
+    as KURE or SymReg) runs at W32A32; explicitly requested bit-widths are kept (and reported as skipped)."""
     per, default = parse_bits(bits)
+    precisions: dict[str, tuple[int, ...]] = {}
+    for q in methods:
+        if q == FP_METHOD:
+            continue
+        want = per.get(q, default)
+        ok = tuple(b for b in want if supported(q, b))
+        if not ok and q not in per and supported(q, 32):
+            ok = (32,)
+        precisions[q] = ok or want
     cases = []
     for m in models:
         for b in batch_sizes:
             for mode in modes:
                 cases.append(Case(m, FP_METHOD, 32, 32, b, mode))
-                for q in methods:
-                    if q == FP_METHOD:
-                        continue
-                    for nb in per.get(q, default):
+                for q, bl in precisions.items():
+                    for nb in bl:
                         cases.append(Case(m, q, nb, nb, b, mode))
     return cases
 

@@ -21,7 +21,7 @@ from qrepro.errors import QreproError
 from qrepro.quant import build_method, prepare
 from qrepro.quant.methods import method_names
 
-BITS_TRIED = (4, 2, 8, 3)  # first precision (W=A) the method supports
+BITS_TRIED = (4, 2, 8, 3, 32)  # first precision (W=A) the method supports; 32 for FP-only methods (KURE...)
 
 
 class TinyNet(nn.Module):
@@ -150,3 +150,15 @@ def test_compile_mode() -> None:
     assert compile_mode("max-autotune-no-cudagraphs", cpu) == "max-autotune-no-cudagraphs"
     with pytest.raises(QreproError, match="trainer.compile"):
         compile_mode("fast", cpu)
+
+
+def test_graph_break_check_can_fail() -> None:
+    """The check above catches a quantizer with a data-dependent Python branch (host sync + graph break)."""
+
+    class Branchy(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w.round() if w.abs().max().item() > 0 else w
+
+    fn = torch.compile(lambda w: Branchy()(w), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="(?i)graph break|data-dependent|item"):
+        fn(torch.randn(4))
