@@ -17,6 +17,7 @@ Writes ``<out>/<device-slug>.json`` and ``<out>/<device-slug>.md``.
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import re
 import statistics
@@ -74,7 +75,7 @@ class Row:
     first_step_s: float | None = None  # first warm-up step (includes compilation)
     peak_mem_mb: float | None = None
     graph_breaks: int | None = None
-    cudagraph_skips: list[str] = field(default_factory=list)
+    cudagraph_counters: dict[str, int] = field(default_factory=dict)  # skips, non-static inputs (copied per replay)
     samples_ms: list[float] = field(default_factory=list)
 
 
@@ -212,6 +213,9 @@ def run_case(
     from qrepro.quant import build_method, prepare
 
     row = Row(case.model, case.method, case.precision, case.batch_size, case.mode)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     torch.manual_seed(seed)
     torch._dynamo.reset()  # fresh caches: every case compiles the same inner function for a different model
     torch._dynamo.utils.counters.clear()
@@ -261,7 +265,8 @@ def run_case(
             forward_loss=forward_loss,
         )
 
-    warm = TimedBatches(x, y, max(1, warmup), 1, sync)
+    # CUDA-graph trees warm up, then record: at least 3 untimed steps before timing a compiled case
+    warm = TimedBatches(x, y, max(1 if case.mode == "eager" else 3, warmup), 1, sync)
     epoch(warm)
     row.first_step_s = warm.samples()[0]
     if device.type == "cuda":
@@ -278,7 +283,7 @@ def run_case(
     counters = torch._dynamo.utils.counters
     if case.mode != "eager":
         row.graph_breaks = int(sum(counters["graph_break"].values()))
-        row.cudagraph_skips = sorted(k for k in counters["inductor"] if "cudagraph" in k)
+        row.cudagraph_counters = {k: int(v) for k, v in counters["inductor"].items() if "cudagraph" in k}
     return row
 
 
@@ -354,15 +359,17 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     lines += [
         "",
         "| model | batch | method | bits | mode | step ms (median) | min–max | img/s | × FP | × FP eager "
-        "| 1st step s | graph breaks | status |",
-        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| 1st step s | graph breaks | CUDA-graph skips | status |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.batch_size} | {r.method} | {r.precision} | {r.mode} | {_fmt(r.step_ms, '.1f')} | "
             f"{_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
             f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_eager, '.2f')} | {_fmt(r.first_step_s, '.1f')} | "
-            f"{'—' if r.graph_breaks is None else r.graph_breaks} | {r.status.replace('|', '/')} |"
+            f"{'—' if r.graph_breaks is None else r.graph_breaks} | "
+            f"{r.cudagraph_counters.get('cudagraph_skips', 0) if r.mode != 'eager' else '—'} | "
+            f"{r.status.replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"
 
