@@ -186,8 +186,11 @@ def _build(classes: int):
         (xtr, ytr), (xte, yte) = data["train"], data["test"]
         if int(ytr.max()) + 1 > classes:
             raise QreproError(f"dataset.root={root} has {int(ytr.max()) + 1} classes, expected {classes}")
-        if subset:  # a deterministic subset for smoke tests
-            xtr, ytr, xte, yte = xtr[:subset], ytr[:subset], xte[:subset], yte[:subset]
+        if subset:  # a deterministic random subset (all classes) for smoke tests
+            g = torch.Generator().manual_seed(0)
+            itr = torch.randperm(len(ytr), generator=g)[:subset]
+            ite = torch.randperm(len(yte), generator=g)[:subset]
+            xtr, ytr, xte, yte = xtr[itr], ytr[itr], xte[ite], yte[ite]
         dev = torch.device(device)
         norm = Normalizer(mean, std, raw255)
         train = TensorLoader(

@@ -66,6 +66,14 @@ def _ckpt_state(f: Fit, epoch: int, best: dict, curves: dict, hooks_state: list)
     return st
 
 
+def _main_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR of the default parameter group (the one no tag rule matched), else of the largest group."""
+    groups = optimizer.param_groups
+    plain = [g for g in groups if not g.get("tags") and not g.get("fixed_lr")]
+    g = plain[0] if plain else max(groups, key=lambda g: len(g["params"]))
+    return float(g["lr"])
+
+
 def fit(f: Fit) -> FitResult:
     ckpt_path = f.run_dir / "checkpoints" / "last.pt"
     best_path = f.run_dir / "checkpoints" / "best.pt"
@@ -144,7 +152,7 @@ def fit(f: Fit) -> FitResult:
         finally:
             if bar is not None:
                 bar.close()
-        lr = f.optimizer.param_groups[0]["lr"]
+        lr = _main_lr(f.optimizer)
         ev = evaluate(f.ema.module if f.ema is not None else f.model, f.data.test)
         extra: dict[str, float] = {}
         for h in f.hooks:

@@ -1,0 +1,587 @@
+"""Transition-rate (TR) scheduling: the T-optimizers SGDT, AdamT, ... (Algorithm 1 of the TR paper).
+
+One wrapper, :func:`tr_variant`, turns a torch optimizer class into its TR-scheduled variant. The latent
+weights of quantized layers are put in their own parameter groups (marked ``talr: True``) whose learning
+rate is the transition-adaptive LR (TALR) ``U^t``; the wrapped torch optimizer then computes its own
+gradient term ``g^t`` (SGD momentum buffer, Adam's m̂/(√v̂+ε), ...) and applies ``w ← w − U^t·g^t``
+(Eq. 12). Every other parameter uses the plain optimizer and the scheduled LR. Before each step:
+
+1. ``k^t`` (Eq. 5): fraction of discrete weights ``w_d`` that changed since the previous step, recomputed
+   from the latent weights and the (frozen) scale — counted in the optimizer, never in a forward pass, so
+   extra training forwards (SAM's second pass, accumulation) cannot corrupt it. Variant S3: mean |Δw_q|.
+2. ``K^t = m·K^{t−1} + (1−m)·k^t`` (Eq. 10).
+3. TALR (Eq. 11, default) ``U^t = max(0, U^{t−1} + η(R^t − K^t))`` with η = U^0; or Eq. S1
+   ``U^t = U^{t−1}·R^t/K^t``; or Eq. S2 ``U^t = m'U^{t−1} + (1−m')U^{t−1}·R^t/K^t`` (the authors' code).
+4. Target TR ``R^t = R_f + (R^0 − R_f)·f(t)`` with ``R^0 = λ·sqrt(b_w)`` and ``f`` the LR scheduler's
+   factor, so the target follows the same family (cosine to 0, step ÷5, linear).
+
+Choices Algorithm 1 leaves open (documented, switchable): at the first step there is no previous ``w_d``,
+so ``U^0`` (= the initial LR) is used unchanged; ``K`` starts at ``R^0`` (``running_init: target``; a
+zero start makes the multiplicative rules divide by zero); one host sync per step reads ``k^t`` so that
+``U^t`` is a plain float group LR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrepro.engine.hooks import Context, Hook
+from qrepro.errors import QreproError
+from qrepro.optim import OPTIMIZERS
+from qrepro.quant.layers import quantized_layers
+
+TALR_RULES = ("additive", "multiplicative", "momentum", "lr")
+SCOPES = ("global", "layer")
+MEASURES = ("transitions", "step_size")
+
+
+@dataclass
+class TRConfig:
+    """Options of the T-optimizers (``optimizer.tr.*`` in the config)."""
+
+    factor: float = 5e-3  # λ: initial target TR R^0 = λ·sqrt(b_w) (Sec. S4.1)
+    momentum: float = 0.99  # m of Eq. (10), also m' of Eq. (S2)
+    rule: str = "additive"  # additive = Eq. 11 | multiplicative = S1 | momentum = S2 | lr: U^t = U^0·f(t)
+    scope: str = "global"  # global = paper (one TR over all N weights) | layer = authors' code (per tensor)
+    measure: str = "transitions"  # transitions = Eq. 5 | step_size = mean |Δw_q| (Eq. S3)
+    final_target: float = 0.0  # R_f, the target TR at the end of the schedule (Table S6)
+    eta: float | None = None  # η of Eq. (11); None = U^0 (paper)
+    running_init: str = "target"  # K^0 = R^0 ("target") or 0 ("zero")
+    target_schedule: str = "scheduler"  # follow the LR scheduler's factor(step) | constant
+    freeze_weight_scale: bool = True  # weight scales are not trained under TR (Sec. S5.2)
+
+    def __post_init__(self) -> None:
+        for key, allowed in (
+            ("rule", TALR_RULES),
+            ("scope", SCOPES),
+            ("measure", MEASURES),
+            ("running_init", ("target", "zero")),
+            ("target_schedule", ("scheduler", "constant")),
+        ):
+            if getattr(self, key) not in allowed:
+                val, choices = getattr(self, key), ", ".join(allowed)
+                raise QreproError(f"optimizer.tr.{key}={val!r} is not valid; choose one of {choices}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise QreproError(f"optimizer.tr.momentum must be in [0, 1), got {self.momentum}")
+        if self.factor < 0 or self.final_target < 0:
+            raise QreproError("optimizer.tr.factor and optimizer.tr.final_target must be >= 0")
+
+    @classmethod
+    def from_any(cls, tr: TRConfig | dict[str, Any] | None) -> TRConfig:
+        if isinstance(tr, TRConfig):
+            return tr
+        tr = dict(tr or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(tr) - known)
+        if unknown:
+            raise QreproError(f"unknown optimizer.tr option(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**tr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Discrete weights and transition counting
+
+
+def tr_layers(model: nn.Module, strict: bool = True) -> list[tuple[str, nn.Parameter, nn.Module]]:
+    """(name, latent weight, weight quantizer) of every quantized layer whose quantizer exposes discrete
+    weights (``discrete(w)`` / ``from_discrete(w_d)``, e.g. ``quantizer=tr``)."""
+    out, missing = [], []
+    for name, layer in quantized_layers(model):
+        wq = layer.wq
+        if wq is None:
+            continue
+        if callable(getattr(wq, "discrete", None)) and callable(getattr(wq, "from_discrete", None)):
+            out.append((name, layer.weight, wq))
+        else:
+            missing.append(name)
+    if strict and (missing or not out):
+        what = (
+            f"layers {missing[:3]} use {type(model.get_submodule(missing[0]).wq).__name__}"
+            if missing
+            else ("the model has no quantized weights")
+        )
+        raise QreproError(
+            f"transition-rate scheduling needs weight quantizers exposing discrete weights, but {what}; "
+            "use quantizer=tr (and a precision with quantized weights, e.g. precision=w2a2)"
+        )
+    return out
+
+
+class TransitionCounter:
+    """Counts changes of the discrete weights w_d between consecutive calls, from the latent weights.
+
+    The previous w_d are kept as int8 (one byte per weight), so quantizers must return integers in
+    [−128, 127] (TR weights of up to 8 bits do).
+    """
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Parameter, nn.Module]]) -> None:
+        self.names = [n for n, _, _ in layers]
+        self.weights = [w for _, w, _ in layers]
+        self.quantizers = [q for _, _, q in layers]
+        self.numel = [w.numel() for w in self.weights]
+        self.prev: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def discrete(self) -> list[torch.Tensor]:
+        return [q.discrete(w).to(torch.int8) for w, q in zip(self.weights, self.quantizers)]
+
+    @torch.no_grad()
+    def update(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per layer (number of changed w_d, Σ|Δw_q|) since the previous call (float64, on the weights'
+        device, no host sync); None on the first call, which only records w_d."""
+        cur = self.discrete()
+        prev, self.prev = self.prev, cur
+        if prev is None:
+            return None
+        changed = torch.stack([(c != p).sum() for c, p in zip(cur, prev)]).double()
+        steps = torch.stack(
+            [
+                (q.from_discrete(c) - q.from_discrete(p)).abs().sum(dtype=torch.float64)
+                for q, c, p in zip(self.quantizers, cur, prev)
+            ]
+        )
+        return changed, steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prev": None if self.prev is None else [p.cpu() for p in self.prev]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        prev = state.get("prev")
+        self.prev = None if prev is None else [p.to(w.device) for p, w in zip(prev, self.weights)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TALR update rules (pure functions of Python floats; Eq. 11, S1, S2)
+
+
+def talr_additive(u: float, big_k: float, r: float, eta: float) -> float:
+    """Eq. (11): U^t = max(0, U^{t−1} + η(R^t − K^t))."""
+    return max(0.0, u + eta * (r - big_k))
+
+
+def talr_multiplicative(u: float, big_k: float, r: float) -> float:
+    """Eq. (S1): U^t = U^{t−1}·R^t/K^t (R^t = 0 gives 0; K^t is floored at 1e-12)."""
+    return u * r / max(big_k, 1e-12) if r > 0 else 0.0
+
+
+def talr_momentum(u: float, big_k: float, r: float, m: float) -> float:
+    """Eq. (S2): U^t = m'·U^{t−1} + (1 − m')·U^{t−1}·R^t/K^t (authors' code: lr_scale update)."""
+    return m * u + (1.0 - m) * talr_multiplicative(u, big_k, r)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The wrapper
+
+
+class TransitionRateMixin:
+    """Turns a torch optimizer class into its TR-scheduled variant (see the module docstring).
+
+    Constructed as ``Cls(param_groups, model=model, tr={...}, **torch_kwargs)``. Attributes for monitoring:
+    ``tr_last`` (values of the last step), ``hooks`` (target binding to the scheduler + the TR monitor).
+    """
+
+    param_groups: list[dict[str, Any]]
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        model: nn.Module,
+        tr: TRConfig | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.tr_cfg = cfg = TRConfig.from_any(tr)
+        layers = tr_layers(model)
+        self._tr_counter = TransitionCounter(layers)
+        base_lr = float(kwargs.get("lr", 1e-3))
+        groups = self._tr_split_groups(params, layers, cfg, base_lr)
+        # torch treats `param_names` specially; keep our bookkeeping keys out of its constructor
+        book = [{k: g.pop(k) for k in ("param_names", "tags") if k in g} for g in groups]
+        super().__init__(groups, **kwargs)  # type: ignore[call-arg]
+        for g, b in zip(self.param_groups, book):
+            g.update(b)
+
+        bits = [int(getattr(q, "bits", 0)) for _, _, q in layers]
+        if min(bits) < 1:
+            raise QreproError("transition-rate scheduling needs weight quantizers with a `bits` attribute")
+        numel = self._tr_counter.numel
+        r0_layers = [cfg.factor * math.sqrt(b) for b in bits]
+        if cfg.scope == "layer":
+            self._tr_units = [[i] for i in range(len(layers))]
+        else:
+            self._tr_units = [list(range(len(layers)))]
+        # R^0 of a unit: numel-weighted mean of λ·sqrt(b_l) (= λ·sqrt(b_w) when all layers share b_w)
+        self._tr_r0 = [sum(r0_layers[i] * numel[i] for i in u) / sum(numel[i] for i in u) for u in self._tr_units]
+        self._tr_u0 = [base_lr] * len(self._tr_units)  # initial TALR = initial LR (Sec. S4.1)
+        self._tr_eta = [cfg.eta if cfg.eta is not None else u0 for u0 in self._tr_u0]
+        self._tr_U = list(self._tr_u0)
+        self._tr_K = list(self._tr_r0) if cfg.running_init == "target" else [0.0] * len(self._tr_units)
+        self._tr_t = 0
+        self._tr_factor_fn: Callable[[int], float] | None = (
+            (lambda t: 1.0) if cfg.target_schedule == "constant" else None
+        )
+        self.tr_last: dict[str, Any] = {}
+        self.hooks: list[Hook] = [_TargetFromScheduler(self), TRMonitor()]
+        self.register_step_pre_hook(lambda opt, args, kwargs: opt._tr_before_step())  # type: ignore[attr-defined]
+
+    # -- construction ------------------------------------------------------------------------------------
+    @staticmethod
+    def _tr_split_groups(
+        params: Iterable[Any],
+        layers: list[tuple[str, nn.Parameter, nn.Module]],
+        cfg: TRConfig,
+        base_lr: float,
+    ) -> list[dict[str, Any]]:
+        params = list(params)
+        if params and not isinstance(params[0], dict):
+            params = [{"params": params}]
+        unit_of = {id(w): i for i, (_, w, _) in enumerate(layers)}
+        frozen: set[int] = set()
+        if cfg.freeze_weight_scale:
+            for _, _, q in layers:
+                for p in q.parameters():
+                    p.requires_grad_(False)
+                    frozen.add(id(p))
+        out: list[dict[str, Any]] = []
+        for g in params:
+            opts = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            names = g.get("param_names") or [""] * len(g["params"])
+            ps = [(n, p) for n, p in zip(names, g["params"]) if id(p) not in frozen]
+            plain = [(n, p) for n, p in ps if id(p) not in unit_of]
+            latent = [(n, p) for n, p in ps if id(p) in unit_of]
+            if plain:
+                out.append({**opts, "params": [p for _, p in plain], "param_names": [n for n, _ in plain]})
+            if not latent:
+                continue
+            # TALR groups: lr = U^t set before every step; `fixed_lr` keeps the LR scheduler off them
+            talr = {**opts, "lr": base_lr, "talr": True, "fixed_lr": True}
+            if cfg.scope == "layer":
+                out += [{**talr, "params": [p], "param_names": [n], "tr_unit": unit_of[id(p)]} for n, p in latent]
+            else:
+                out.append(
+                    {
+                        **talr,
+                        "params": [p for _, p in latent],
+                        "param_names": [n for n, _ in latent],
+                        "tr_unit": 0,
+                    }
+                )
+        if not any(g.get("param_names") for g in params):  # plain parameter lists: no names to carry
+            for g in out:
+                g.pop("param_names")
+        found = {id(p) for g in out if g.get("talr") for p in g["params"]}
+        missing = [n for n, w, _ in layers if id(w) not in found]
+        if missing:
+            raise QreproError(f"quantized weights {missing[:3]} are not in the optimizer's parameter groups")
+        return out
+
+    # -- Algorithm 1 -------------------------------------------------------------------------------------
+    def set_target_schedule(self, factor: Callable[[int], float]) -> None:
+        """Make the target TR follow ``factor(step)`` (the LR scheduler's factor)."""
+        self._tr_factor_fn = factor
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """Called by the trainer: the target TR follows the LR scheduler's family (``scheduler.factor``)."""
+        if self.tr_cfg.target_schedule == "scheduler":
+            factor = getattr(scheduler, "factor", None)
+            if not callable(factor):
+                raise QreproError("T-optimizers need a scheduler with factor(step), e.g. scheduler=cosine")
+            self.set_target_schedule(factor)
+
+    def _tr_before_step(self) -> None:
+        cfg = self.tr_cfg
+        if self._tr_factor_fn is None:
+            raise QreproError(
+                "a T-optimizer needs the LR scheduler's factor(step) for its target TR: train with "
+                "qrepro.train (its hooks bind it), call set_target_schedule(), or set "
+                "optimizer.tr.target_schedule=constant"
+            )
+        t = self._tr_t
+        f = float(self._tr_factor_fn(t))
+        rf = cfg.final_target
+        R = [rf + (r0 - rf) * f for r0 in self._tr_r0]
+        res = self._tr_counter.update()
+        last: dict[str, Any] = {"step": t, "R": R}
+        if res is not None:
+            numel = self._tr_counter.numel
+            vals = torch.cat(res).tolist()  # the one host sync per step
+            n = len(numel)
+            changed, steps = vals[:n], vals[n:]
+            k_layers = [c / m for c, m in zip(changed, numel)]
+            s_layers = [s / m for s, m in zip(steps, numel)]
+            meas = changed if cfg.measure == "transitions" else steps
+            k_units = [sum(meas[i] for i in u) / sum(numel[i] for i in u) for u in self._tr_units]
+            m = cfg.momentum
+            self._tr_K = [m * K + (1.0 - m) * k for K, k in zip(self._tr_K, k_units)]
+            self._tr_U = [self._talr(i, R[i], f) for i in range(len(self._tr_units))]
+            last.update(k_layers=k_layers, step_layers=s_layers, k=sum(changed) / sum(numel))
+            last.update(step_size=sum(steps) / sum(numel))
+        elif cfg.rule == "lr":
+            self._tr_U = [u0 * f for u0 in self._tr_u0]
+        for g in self.param_groups:
+            if g.get("talr"):
+                g["lr"] = self._tr_U[g["tr_unit"]]
+        last.update(K=list(self._tr_K), U=list(self._tr_U))
+        self.tr_last = last
+        self._tr_t = t + 1
+
+    def _talr(self, i: int, r: float, f: float) -> float:
+        u, big_k, rule = self._tr_U[i], self._tr_K[i], self.tr_cfg.rule
+        if rule == "additive":
+            return talr_additive(u, big_k, r, self._tr_eta[i])
+        if rule == "multiplicative":
+            return talr_multiplicative(u, big_k, r)
+        if rule == "momentum":
+            return talr_momentum(u, big_k, r, self.tr_cfg.momentum)
+        return self._tr_u0[i] * f  # "lr": the scheduled LR (plain optimizer with TR bookkeeping)
+
+    # -- summaries for monitoring --------------------------------------------------------------------------
+    def tr_global(self) -> dict[str, float]:
+        """Global running TR, target TR and TALR of the last step (numel-weighted over units)."""
+        numel = self._tr_counter.numel
+        w = [sum(numel[i] for i in u) for u in self._tr_units]
+        tot = sum(w)
+        last = self.tr_last
+
+        def avg(v: list[float]) -> float:
+            return sum(a * b for a, b in zip(v, w)) / tot
+
+        return {"tr_running": avg(last["K"]), "tr_target": avg(last["R"]), "talr": avg(last["U"])}
+
+    @property
+    def tr_layer_names(self) -> list[str]:
+        return self._tr_counter.names
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()  # type: ignore[misc]
+        sd["tr"] = {
+            "t": self._tr_t,
+            "K": list(self._tr_K),
+            "U": list(self._tr_U),
+            "counter": self._tr_counter.state_dict(),
+            "config": asdict(self.tr_cfg),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        tr = state_dict.pop("tr", None)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        if tr is not None:
+            if len(tr["K"]) != len(self._tr_K):
+                raise QreproError("checkpoint TR state does not match optimizer.tr.scope; resume with the same")
+            self._tr_t, self._tr_K, self._tr_U = int(tr["t"]), list(tr["K"]), list(tr["U"])
+            self._tr_counter.load_state_dict(tr["counter"])
+
+
+def tr_variant(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """The TR-scheduled variant of a torch optimizer class (e.g. SGD -> SGDT)."""
+    cls = type(
+        f"{base.__name__}T",
+        (TransitionRateMixin, base),
+        {"__doc__": f"{base.__name__} with transition-rate scheduling of the quantized latent weights."},
+    )
+    return cls
+
+
+class _TargetFromScheduler(Hook):
+    """Binds the T-optimizer's target TR to the trainer's LR scheduler (its ``factor(step)``)."""
+
+    def __init__(self, optimizer: TransitionRateMixin) -> None:
+        self.optimizer = optimizer
+
+    def on_train_start(self, ctx: Context) -> None:
+        if self.optimizer._tr_factor_fn is None and ctx.scheduler is not None:
+            self.optimizer.attach_scheduler(ctx.scheduler)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Monitoring for every optimizer
+
+
+class TRMonitor(Hook):
+    """Monitors the transition rate of the quantized weights for any optimizer (plain or T).
+
+    Per epoch the global values go to the record curves (and the logger): ``tr`` (mean k^t over the epoch),
+    ``tr_step_size`` (mean |Δw_q| per step: the average effective step size), ``tr_running`` (K at epoch
+    end), ``talr`` (U^t; for a plain optimizer the LR that updates the latent weights, cf. Fig. S4b) and,
+    for T-optimizers, ``tr_target`` (R^t). Every ``every`` steps the logger also gets the same global values
+    (``tr``, ``tr_step_size`` averaged over the window) and per layer ``tr/<layer>``,
+    ``tr_running/<layer>`` and, for a per-layer T-optimizer, ``talr/<layer>``.
+
+    With a T-optimizer the monitor reads the optimizer's own counts. With a plain optimizer it counts here,
+    after each step, from the latent weights (never in forward); its running TRs start at 0, as does the
+    per-layer running TR of a global-scope T-optimizer. Only one monitor is active per run (a method and an
+    optimizer may both contribute one).
+    """
+
+    def __init__(self, every: int = 100, momentum: float = 0.99) -> None:
+        self.every = every
+        self.momentum = momentum
+        self.active = False
+        self.opt: TransitionRateMixin | None = None
+        self._resume: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"K_layers": self.K_layers.tolist()} if self.active else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)  # applied in on_train_start (the trainer resumes before it)
+
+    def on_train_start(self, ctx: Context) -> None:
+        owner = ctx.extra.setdefault("tr_monitor", self)
+        self.active = owner is self
+        if not self.active:
+            return
+        opt = ctx.optimizer
+        self.opt = opt if isinstance(opt, TransitionRateMixin) else None
+        self.counter: TransitionCounter | None = None
+        if self.opt is not None:
+            self.names = self.opt.tr_layer_names
+            numel, dev = self.opt._tr_counter.numel, torch.device("cpu")
+        else:
+            layers = tr_layers(ctx.model, strict=False)
+            if not layers:
+                self.active = False
+                return
+            self.counter = TransitionCounter(layers)
+            self.counter.update()  # records w_d before the first step
+            self.names, numel, dev = self.counter.names, self.counter.numel, layers[0][1].device
+            ids = {id(w) for _, w, _ in layers}
+            groups = getattr(opt, "param_groups", [])
+            self.lr_group = next((g for g in groups if any(id(p) in ids for p in g["params"])), None)
+        self.numel = torch.tensor(numel, dtype=torch.float64, device=dev)
+        self.K_layers = torch.zeros(len(numel), dtype=torch.float64, device=dev)
+        if len(self._resume.get("K_layers", [])) == len(numel):
+            self.K_layers = torch.tensor(self._resume["K_layers"], dtype=torch.float64, device=dev)
+        self.epoch_sums = self._zeros()
+        self.window_sums = self._zeros()
+
+    def _zeros(self) -> dict[str, Any]:
+        return {"n": 0, "k": 0.0, "step": 0.0, "k_layers": 0.0}
+
+    def on_step_end(self, ctx: Context, step: int) -> None:
+        if not self.active:
+            return
+        if self.opt is not None:
+            last = self.opt.tr_last
+            if "k" not in last:  # first step: no previous discrete weights yet
+                return
+            k, s = last["k"], last["step_size"]
+            k_layers = torch.tensor(last["k_layers"], dtype=torch.float64)
+        else:  # device tensors, no host sync
+            changed, steps = self.counter.update()
+            k_layers = changed / self.numel
+            k, s = changed.sum() / self.numel.sum(), steps.sum() / self.numel.sum()
+        self.K_layers = self.momentum * self.K_layers + (1.0 - self.momentum) * k_layers
+        for acc in (self.epoch_sums, self.window_sums):
+            acc["n"] += 1
+            acc["k"] = acc["k"] + k
+            acc["step"] = acc["step"] + s
+            acc["k_layers"] = acc["k_layers"] + k_layers
+        if self.every and step % self.every == 0:
+            self._log(ctx, step)
+
+    def _global(self) -> dict[str, float]:
+        if self.opt is not None:
+            return self.opt.tr_global()
+        out = {"tr_running": float((self.K_layers * self.numel).sum() / self.numel.sum())}
+        if self.lr_group is not None:
+            out["talr"] = float(self.lr_group["lr"])
+        return out
+
+    def _log(self, ctx: Context, step: int) -> None:
+        acc, self.window_sums = self.window_sums, self._zeros()
+        log = getattr(ctx.logger, "log", None)
+        if not callable(log) or not acc["n"]:
+            return
+        n = acc["n"]
+        vals = {"tr": float(acc["k"]) / n, "tr_step_size": float(acc["step"]) / n, **self._global()}
+        vals.update({f"tr/{a}": v / n for a, v in zip(self.names, acc["k_layers"].tolist())})
+        K = self.K_layers.tolist()
+        if self.opt is not None and len(self.opt.tr_last["K"]) == len(self.names):  # per-layer scope
+            K = self.opt.tr_last["K"]
+            vals.update({f"talr/{a}": v for a, v in zip(self.names, self.opt.tr_last["U"])})
+        vals.update({f"tr_running/{a}": v for a, v in zip(self.names, K)})
+        log(vals, step=step)
+
+    def on_epoch_end(self, ctx: Context, epoch: int) -> dict[str, float]:
+        if not self.active or not self.epoch_sums["n"]:
+            return {}
+        acc, self.epoch_sums = self.epoch_sums, self._zeros()
+        n = acc["n"]
+        return {"tr": float(acc["k"]) / n, "tr_step_size": float(acc["step"]) / n, **self._global()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registration: the T variants of seven torch optimizers (Table S5)
+
+
+# config keys each torch optimizer takes (besides lr and weight_decay)
+_KEYS = {
+    "sgd": (torch.optim.SGD, {"momentum", "nesterov", "dampening"}),
+    "adam": (torch.optim.Adam, {"betas", "eps", "amsgrad"}),
+    "adamw": (torch.optim.AdamW, {"betas", "eps", "amsgrad"}),
+    "nadam": (torch.optim.NAdam, {"betas", "eps", "momentum_decay", "decoupled_weight_decay"}),
+    "adamax": (torch.optim.Adamax, {"betas", "eps"}),
+    "rmsprop": (torch.optim.RMSprop, {"alpha", "eps", "momentum", "centered"}),
+    "adagrad": (torch.optim.Adagrad, {"lr_decay", "eps", "initial_accumulator_value"}),
+}
+
+
+def _torch_kwargs(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    keys = _KEYS[name][1] | {"lr", "weight_decay"}
+    bad = sorted(set(cfg) - keys)
+    if bad:
+        raise QreproError(f"optimizer={name} does not take {bad}; allowed: {sorted(keys)} and tr")
+    out = dict(cfg)
+    if "betas" in out:
+        out["betas"] = tuple(out["betas"])
+    return out
+
+
+def _register_t(name: str) -> type[torch.optim.Optimizer]:
+    cls = tr_variant(_KEYS[name][0])
+
+    def factory(param_groups: Any, *, model: nn.Module, tr: Any = None, **cfg: Any) -> torch.optim.Optimizer:
+        return cls(param_groups, model=model, tr=tr, **_torch_kwargs(name, cfg))
+
+    factory.__doc__ = f"optimizer={name}t: {cls.__doc__}"
+    OPTIMIZERS.register(f"{name}t")(factory)
+    return cls
+
+
+def _register_plain(name: str) -> None:
+    """Plain optimizers of Table S5 the foundation does not register (nadam, adamax, rmsprop, adagrad)."""
+    if name in OPTIMIZERS:
+        return
+    base = _KEYS[name][0]
+
+    def factory(param_groups: Any, *, model: nn.Module | None = None, **cfg: Any) -> torch.optim.Optimizer:
+        groups = [{k: v for k, v in g.items() if k not in ("param_names", "tags")} for g in param_groups]
+        opt = base(groups, **_torch_kwargs(name, cfg))
+        for g, src in zip(opt.param_groups, param_groups):
+            g["param_names"], g["tags"] = src.get("param_names", []), src.get("tags", [])
+        return opt
+
+    factory.__doc__ = f"optimizer={name}: plain torch.optim.{base.__name__}."
+    OPTIMIZERS.register(name)(factory)
+
+
+for _name in ("nadam", "adamax", "rmsprop", "adagrad"):
+    _register_plain(_name)
+
+SGDT = _register_t("sgd")
+AdamT = _register_t("adam")
+AdamWT = _register_t("adamw")
+NAdamT = _register_t("nadam")
+AdamaxT = _register_t("adamax")
+RMSpropT = _register_t("rmsprop")
+AdagradT = _register_t("adagrad")
