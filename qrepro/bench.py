@@ -72,7 +72,8 @@ class Row:
     images_per_s: float | None = None
     ratio_fp: float | None = None  # step time / FP step time, same model, batch and mode
     ratio_fp_eager: float | None = None  # step time / FP eager step time
-    first_step_s: float | None = None  # first warm-up step (includes compilation)
+    ratio_fp_min: float | None = None  # fastest sample / FP's fastest sample (robust to a loaded machine)
+    first_step_s: float | None = None  # first warm-up step of the first round (includes compilation)
     peak_mem_mb: float | None = None
     graph_breaks: int | None = None
     cudagraph_counters: dict[str, int] = field(default_factory=dict)  # skips, non-static inputs (copied per replay)
@@ -327,14 +328,28 @@ def plan(
 
 
 def add_ratios(rows: list[Row]) -> None:
-    fp = {(r.model, r.batch_size, r.mode): r.step_ms for r in rows if r.method == FP_METHOD and r.step_ms}
+    fp = {(r.model, r.batch_size, r.mode): r for r in rows if r.method == FP_METHOD and r.step_ms}
     for r in rows:
         if r.step_ms is None:
             continue
         base = fp.get((r.model, r.batch_size, r.mode))
         eager = fp.get((r.model, r.batch_size, "eager"))
-        r.ratio_fp = r.step_ms / base if base else None
-        r.ratio_fp_eager = r.step_ms / eager if eager else None
+        r.ratio_fp = r.step_ms / base.step_ms if base else None
+        r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base else None
+        r.ratio_fp_eager = r.step_ms / eager.step_ms if eager else None
+
+
+def merge_rounds(first: Row, later: Row) -> None:
+    """Pool the samples of a case measured again in a later round into ``first``."""
+    if later.status != "ok" or first.status != "ok":
+        first.status = first.status if first.status != "ok" else later.status
+        return
+    first.samples_ms += later.samples_ms
+    first.step_ms = statistics.median(first.samples_ms)
+    first.step_ms_min, first.step_ms_max = min(first.samples_ms), max(first.samples_ms)
+    first.images_per_s = first.batch_size / (first.step_ms / 1e3)
+    if later.peak_mem_mb is not None:
+        first.peak_mem_mb = max(first.peak_mem_mb or 0.0, later.peak_mem_mb)
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -350,23 +365,27 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
         f"- git: {meta['git'].get('commit')} (dirty: {meta['git'].get('dirty')})",
         f"- date: {meta['finished']}; command: `{meta['command']}`",
         f"- timing: {meta['warmup']} warm-up steps, then {meta['steps']} samples of {meta['window']} step(s); "
-        f"median per step; compile backend {meta['backend']}",
-        "- ratio = step time / FP step time measured in this run (same model, batch size, mode); "
-        "× FP eager = against FP without compilation.",
+        f"median per step; {meta['rounds']} round(s) over the whole grid, samples pooled; "
+        f"compile backend {meta['backend']}",
+        "- × FP = median step time / FP's, measured in this run (same model, batch size, mode); "
+        "× FP (min) = fastest sample / FP's fastest sample; × FP eager = against FP without compilation.",
+        "- 1st step s = the first warm-up step of the first round (includes compilation; Inductor's on-disk "
+        "cache makes it shorter when the same graph was compiled before).",
     ]
     if meta.get("note"):
         lines.append(f"- note: {meta['note']}")
     lines += [
         "",
-        "| model | batch | method | bits | mode | step ms (median) | min–max | img/s | × FP | × FP eager "
-        "| 1st step s | graph breaks | CUDA-graph skips | status |",
-        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | batch | method | bits | mode | step ms (median) | min–max | img/s | × FP | × FP (min) "
+        "| × FP eager | 1st step s | graph breaks | CUDA-graph skips | status |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.batch_size} | {r.method} | {r.precision} | {r.mode} | {_fmt(r.step_ms, '.1f')} | "
             f"{_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
-            f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_eager, '.2f')} | {_fmt(r.first_step_s, '.1f')} | "
+            f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_min, '.2f')} | {_fmt(r.ratio_fp_eager, '.2f')} | "
+            f"{_fmt(r.first_step_s, '.1f')} | "
             f"{'—' if r.graph_breaks is None else r.graph_breaks} | "
             f"{r.cudagraph_counters.get('cudagraph_skips', 0) if r.mode != 'eager' else '—'} | "
             f"{r.status.replace('|', '/')} |"
@@ -392,6 +411,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per case (compilation happens here)")
     p.add_argument("--steps", type=int, default=20, help="timed samples per case")
     p.add_argument("--window", type=int, default=5, help="steps per timed sample")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole grid this many times and pool each case's samples (interleaves the cases, so "
+        "drifting load on a shared machine hits FP and the methods alike)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="results/bench", help="output folder")
     p.add_argument("--tag", default="", help="suffix for the output file names")
@@ -435,23 +461,27 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "steps": args.steps,
         "window": args.window,
+        "rounds": args.rounds,
         "backend": args.backend,
         "threads": torch.get_num_threads(),
         "note": args.note,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print(f"benchmark on {meta['device']}: {len(cases)} cases", flush=True)
+    print(f"benchmark on {meta['device']}: {len(cases)} cases x {args.rounds} round(s)", flush=True)
     rows: list[Row] = []
-    for i, c in enumerate(cases, 1):
+    for i, c in enumerate([c for _ in range(args.rounds) for c in cases], 1):
         t0 = time.perf_counter()
         try:
             row = run_case(c, device, warmup=args.warmup, steps=args.steps, window=args.window, backend=args.backend)
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
             row = Row(c.model, c.method, c.precision, c.batch_size, c.mode, status=f"error: {type(e).__name__}: {e}")
             row.status = row.status.splitlines()[0][:300]
-        rows.append(row)
+        if i <= len(cases):
+            rows.append(row)
+        else:
+            merge_rounds(rows[(i - 1) % len(cases)], row)
         print(
-            f"[{i}/{len(cases)}] {c.model} b{c.batch_size} {c.method} {c.precision} {c.mode}: "
+            f"[{i}/{len(cases) * args.rounds}] {c.model} b{c.batch_size} {c.method} {c.precision} {c.mode}: "
             f"{_fmt(row.step_ms, '.1f')} ms/step {_fmt(row.images_per_s, '.0f')} img/s  {row.status}  "
             f"({time.perf_counter() - t0:.0f} s)",
             flush=True,

@@ -63,15 +63,17 @@ def test_end_to_end_tiny(tmp_path: Path) -> None:
     methods = "fp,sat" if "sat" in method_names() else "fp"
     rc = bench.main(
         ["--models", "small_cnn", "--methods", methods, "--batch-sizes", "8", "--modes", "eager,compiled",
-         "--backend", "aot_eager", "--warmup", "1", "--steps", "2", "--window", "1", "--out", str(tmp_path)]
+         "--backend", "aot_eager", "--warmup", "1", "--steps", "2", "--window", "1", "--rounds", "2",
+         "--out", str(tmp_path)]
     )  # fmt: skip
     assert rc == 0
     (js,) = tmp_path.glob("*.json")
     data = json.loads(js.read_text())
     rows = data["rows"]
     assert {r["status"] for r in rows} == {"ok"}, rows
+    assert all(len(r["samples_ms"]) == 4 for r in rows)  # 2 rounds x 2 samples, pooled
     assert [r["mode"] for r in rows if r["method"] == "fp"] == ["eager", "default"]
-    assert all(r["ratio_fp"] == 1.0 for r in rows if r["method"] == "fp")
+    assert all(r["ratio_fp"] == r["ratio_fp_min"] == 1.0 for r in rows if r["method"] == "fp")
     assert all(r["graph_breaks"] == 0 for r in rows if r["mode"] != "eager")
     assert data["device"].startswith("CPU") and data["versions"]["torch"] == torch.__version__
     md = js.with_suffix(".md").read_text()
