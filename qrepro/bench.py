@@ -335,7 +335,7 @@ def add_ratios(rows: list[Row]) -> None:
         base = fp.get((r.model, r.batch_size, r.mode))
         eager = fp.get((r.model, r.batch_size, "eager"))
         r.ratio_fp = r.step_ms / base.step_ms if base else None
-        r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base else None
+        r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base and r.step_ms_min and base.step_ms_min else None
         r.ratio_fp_eager = r.step_ms / eager.step_ms if eager else None
 
 

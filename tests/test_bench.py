@@ -47,14 +47,14 @@ def test_timed_batches_brackets_windows() -> None:
 
 def test_ratios_are_to_fp_of_the_same_group() -> None:
     rows = [
-        bench.Row("m", "fp", "w32a32", 8, "eager", step_ms=10.0),
-        bench.Row("m", "q", "w4a4", 8, "eager", step_ms=15.0),
+        bench.Row("m", "fp", "w32a32", 8, "eager", step_ms=10.0, step_ms_min=8.0),
+        bench.Row("m", "q", "w4a4", 8, "eager", step_ms=15.0, step_ms_min=10.0),
         bench.Row("m", "fp", "w32a32", 8, "default", step_ms=5.0),
         bench.Row("m", "q", "w4a4", 8, "default", step_ms=6.0),
         bench.Row("m", "q", "w2a2", 8, "default", status="skipped: no"),
     ]
     bench.add_ratios(rows)
-    assert rows[1].ratio_fp == pytest.approx(1.5)
+    assert rows[1].ratio_fp == pytest.approx(1.5) and rows[1].ratio_fp_min == pytest.approx(1.25)
     assert rows[3].ratio_fp == pytest.approx(1.2) and rows[3].ratio_fp_eager == pytest.approx(0.6)
     assert rows[4].ratio_fp is None
 
