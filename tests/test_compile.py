@@ -162,3 +162,23 @@ def test_graph_break_check_can_fail() -> None:
     fn = torch.compile(lambda w: Branchy()(w), backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="(?i)graph break|data-dependent|item"):
         fn(torch.randn(4))
+
+
+def test_ema_multi_tensor_update_matches_per_tensor() -> None:
+    """EMA.update (multi-tensor lerp/copy) equals the per-tensor rule, BN buffers and counters included."""
+    from qrepro.engine.ema import EMA
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    ema = EMA(model, 0.9)
+    ref = copy.deepcopy(ema.module)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 3, 8, 8))  # BN running statistics and num_batches_tracked move
+        ema.update(model)
+        for r, m in zip(ref.state_dict().values(), model.state_dict().values()):
+            r.lerp_(m, 0.1) if r.dtype.is_floating_point else r.copy_(m)
+    for (k, a), b in zip(ema.module.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
