@@ -1,0 +1,486 @@
+"""SAT (scale-adjusted training) + CG-PACT, and the ablation baselines ``pact`` and ``dorefa``.
+
+Papers: papers/sat.md (Eq. 5-13), papers/sat-supplement-bmvc.md (S2/S3 rescaling variants, S5 first/last
+bit-widths, S6 rescaling every conv not followed by BN). Maths: ``qrepro.quant.sat``.
+
+Policy (paper §3.1, §4):
+- every conv/linear weight: tanh clamping + DoReFa rounding (``scheme``); ``w_bits=32`` keeps the clamped
+  weight without rounding (the paper's "FP" model, which initialises the quantized ones);
+- first conv and last FC: 8-bit weights (``first_last: 8bit``) or the network bit-width (``same``, S5);
+- first conv input (uint8 image) not quantized; every other layer input, including the last FC's, quantized
+  with PACT at ``a_bits`` (``a_bits=32``: weight-only quantization, no activation quantizer at all);
+- constant rescaling (Eq. 10) on the last FC (``rescale: last``), on every layer whose output does not go
+  straight into a BN plus the last FC (``no_bn``, §3.3.1 / S6; read off the data flow of the first batch,
+  because module order misses residual additions), on every layer (``all``, what S6's figure shows; the
+  same training, since a BN after a layer cancels a constant factor) or nowhere (``none``); Eq. (S23) with
+  ``rescale_method: std``;
+- CG-PACT gradient (Eq. 13) with ``cg: true``, original PACT gradient with ``cg: false``;
+- alpha parameterised as |alpha|, initialised to 8 (convs) and 10 (last FC), tagged ``act_clip`` so configs
+  can exempt it from weight decay;
+- signed (two-sided) activation quantization for inputs that take negative values (MobileNet-V2's linear
+  bottleneck outputs): ``signed_act: auto`` detects them on the first training batch (hook), ``true`` /
+  ``false`` force it, or a list of fnmatch patterns of layer names. ``false`` reproduces the authors' code,
+  which silently clips such inputs at 0 (a ReLU).
+
+Registered methods (same builder, different defaults):
+- ``sat``    rescale=last, cg=true        (Table 1-3, Table 4 "PACT+SAT+CG")
+- ``pact``   rescale=none, cg=false       (Table 4 "PACT"; switches give "PACT+SAT" and "PACT+CG")
+- ``dorefa`` rescale=none, cg=true        (clamped weights without rescaling: Fig. 2b "clamping" curve at w32)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from qrepro.engine.hooks import Context, Hook
+from qrepro.errors import QreproError
+from qrepro.quant import sat as satf
+from qrepro.quant.layers import QConv2d, QLinear, quantized_layers
+from qrepro.quant.methods import METHODS, LayerInfo, Method, check_bits
+
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
+RESCALE_MODES = ("last", "no_bn", "all", "none")
+RESCALE_METHODS = ("const", "std")
+FIRST_LAST = ("8bit", "same")
+
+
+class SATWeightQuantizer(nn.Module):
+    """Weight fake-quantizer: W -> Q (Eq. 9) [-> Q* (Eq. 10 or S23)].
+
+    ``clamp=False`` (only with ``bits=32``) skips the tanh clamping, so the layer is a plain FP layer unless
+    rescaling is on. ``foldable`` marks a layer whose positive rescale factor may be dropped at inference
+    (the last FC: logits only feed the arg-max / softmax), see ``fold_sat_rescale``. ``gated=True``
+    (``rescale: no_bn``) adds a persistent 0/1 buffer ``rescale_on`` that switches the factor on or off
+    without a Python branch; it is set from the real data flow by ``calibrate_structure``.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        scheme: str = "original",
+        rescale: str | None = None,
+        clamp: bool = True,
+        foldable: bool = False,
+        gated: bool = False,
+        rescale_on: bool = True,
+    ) -> None:
+        super().__init__()
+        if scheme not in satf.WEIGHT_SCHEMES:
+            raise QreproError(f"unknown SAT weight scheme {scheme!r}; choose one of: {', '.join(satf.WEIGHT_SCHEMES)}")
+        if rescale is not None and rescale not in RESCALE_METHODS:
+            raise QreproError(f"unknown rescale_method {rescale!r}; choose one of: {', '.join(RESCALE_METHODS)}")
+        if not clamp and bits != satf.FP_BITS:
+            raise QreproError("weight_clamp=false is only valid with 32-bit weights (DoReFa rounds the clamped weight)")
+        self.bits, self.scheme, self.rescale, self.clamp, self.foldable = (
+            bits,
+            scheme,
+            rescale,
+            clamp,
+            foldable,
+        )
+        self.gated = gated and rescale is not None
+        if self.gated:
+            self.register_buffer("rescale_on", torch.tensor(float(rescale_on)))
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Q before rescaling (Eq. 9; the clamped weight of Eq. 6 for 32 bits)."""
+        return satf.dorefa_weight(w, self.bits, self.scheme) if self.clamp else w
+
+    def factor(self, w: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """The detached positive rescale factor (1 when rescaling is off)."""
+        q = self.quantize(w) if q is None else q
+        if self.rescale == "const":
+            f = satf.sat_rescale_factor(q, satf.out_neurons(w))
+        elif self.rescale == "std":
+            f = satf.std_rescale_factor(q, w)
+        else:
+            return torch.ones((), dtype=w.dtype, device=w.device)
+        if self.gated:
+            f = torch.where(self.rescale_on > 0, f, torch.ones_like(f))
+        return f
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        q = self.quantize(w)
+        if self.rescale is None:
+            return q
+        return q * self.factor(w, q)
+
+    def extra_repr(self) -> str:
+        gate = ", gated" if self.gated else ""
+        return f"bits={self.bits}, scheme={self.scheme}, rescale={self.rescale}{gate}, clamp={self.clamp}"
+
+
+class PACTQuantizer(nn.Module):
+    """Activation (layer input) fake-quantizer: PACT with a trainable clip |alpha| (Eq. 11), gradient of
+    Eq. (13) (``calibrated=True``, CG-PACT) or of the original PACT. ``signed`` is a persistent 0/1 buffer
+    (so an automatically detected sign survives checkpoints) used without a Python branch in forward."""
+
+    param_tags = {"alpha": "act_clip"}
+
+    def __init__(self, bits: int, alpha_init: float = 8.0, calibrated: bool = True, signed: bool = False) -> None:
+        super().__init__()
+        self.bits, self.calibrated = bits, calibrated
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.register_buffer("signed", torch.tensor(float(signed)))
+        self.auto_sign = False  # set by the method when signed_act=auto
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):  # fake-quant arithmetic in float32 (exact rounding)
+            return satf.pact(x.float(), self.alpha.float(), self.bits, self.calibrated, self.signed).to(x.dtype)
+        return satf.pact(x, self.alpha.to(x.dtype), self.bits, self.calibrated, self.signed)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, calibrated={self.calibrated}, auto_sign={self.auto_sign}"
+
+
+def _signed_policy(signed_act: Any, name: str) -> tuple[bool, bool]:
+    """(signed, auto) for a layer from the ``signed_act`` option."""
+    if isinstance(signed_act, str):
+        if signed_act == "auto":
+            return False, True
+        raise QreproError(f"signed_act={signed_act!r} is invalid; use auto, true, false or a list of layer patterns")
+    if isinstance(signed_act, bool):
+        return signed_act, False
+    if isinstance(signed_act, Sequence):
+        return any(fnmatch.fnmatchcase(name, str(p)) for p in signed_act), False
+    raise QreproError(f"signed_act={signed_act!r} is invalid; use auto, true, false or a list of layer patterns")
+
+
+def _build(
+    name: str,
+    w_bits: int,
+    a_bits: int,
+    *,
+    scheme: str,
+    rescale: str,
+    rescale_method: str,
+    cg: bool,
+    first_last: str,
+    signed_act: Any,
+    alpha_init: float,
+    alpha_init_last: float,
+    weight_clamp: bool,
+    diagnostics: bool,
+) -> Method:
+    check_bits(name, w_bits, a_bits, SUPPORTED_BITS)
+    for opt, val, allowed in (
+        ("scheme", scheme, satf.WEIGHT_SCHEMES),
+        ("rescale", rescale, RESCALE_MODES),
+        ("rescale_method", rescale_method, RESCALE_METHODS),
+        ("first_last", first_last, FIRST_LAST),
+    ):
+        if val not in allowed:
+            raise QreproError(
+                f"quantizer.{opt}={val!r} is invalid for quantizer={name}; use one of: {', '.join(allowed)}"
+            )
+    if not weight_clamp and w_bits != satf.FP_BITS:
+        raise QreproError(
+            f"quantizer.weight_clamp=false needs 32-bit weights (got w_bits={w_bits}); use precision=w32a32"
+        )
+    _signed_policy(signed_act, "")  # validate early
+
+    def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None]:
+        first, last = info.role == "first", info.role == "last"
+        wb = info.w_bits
+        if wb != satf.FP_BITS and (first or last) and first_last == "8bit":
+            wb = 8
+        do_rescale = rescale == "all" or (last and rescale != "none") or rescale == "no_bn"
+        # no_bn: gated by the data flow (calibrate_structure); next_module is only the initial guess, since
+        # module order misses residual additions (a PreResNet conv3 is listed right before the next BN)
+        gated = rescale == "no_bn" and not last
+        wq = SATWeightQuantizer(
+            wb,
+            scheme,
+            rescale_method if do_rescale else None,
+            clamp=weight_clamp,
+            foldable=last,
+            gated=gated,
+            rescale_on=not isinstance(info.next_module, _BatchNorm),
+        )
+        aq = None
+        if not first and info.a_bits != satf.FP_BITS:  # first conv: uint8 image, not quantized
+            signed, auto = _signed_policy(signed_act, info.name)
+            aq = PACTQuantizer(info.a_bits, alpha_init_last if last else alpha_init, calibrated=cg, signed=signed)
+            aq.auto_sign = auto
+        return wq, aq
+
+    hooks: list[Hook] = []
+    if (signed_act == "auto" and a_bits != satf.FP_BITS) or rescale == "no_bn":
+        hooks.append(StructureCalibration())
+    if diagnostics:
+        hooks.append(SATDiagnostics())
+    options = dict(
+        scheme=scheme,
+        rescale=rescale,
+        rescale_method=rescale_method,
+        cg=cg,
+        first_last=first_last,
+        signed_act=signed_act if isinstance(signed_act, (str, bool)) else list(signed_act),
+        alpha_init=alpha_init,
+        alpha_init_last=alpha_init_last,
+        weight_clamp=weight_clamp,
+        diagnostics=diagnostics,
+    )
+    return Method(name=name, quantize_layer=quantize_layer, hooks=hooks, options=options)
+
+
+@METHODS.register("sat")
+def build_sat(
+    w_bits: int,
+    a_bits: int,
+    *,
+    scheme: str = "original",
+    rescale: str = "last",
+    rescale_method: str = "const",
+    cg: bool = True,
+    first_last: str = "8bit",
+    signed_act: Any = "auto",
+    alpha_init: float = 8.0,
+    alpha_init_last: float = 10.0,
+    weight_clamp: bool = True,
+    diagnostics: bool = False,
+) -> Method:
+    """SAT + CG-PACT (the paper's method). Options: see the module docstring."""
+    return _build("sat", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+
+
+@METHODS.register("pact")
+def build_pact(
+    w_bits: int,
+    a_bits: int,
+    *,
+    scheme: str = "original",
+    rescale: str = "none",
+    rescale_method: str = "const",
+    cg: bool = False,
+    first_last: str = "8bit",
+    signed_act: Any = "auto",
+    alpha_init: float = 8.0,
+    alpha_init_last: float = 10.0,
+    weight_clamp: bool = True,
+    diagnostics: bool = False,
+) -> Method:
+    """PACT baseline of Table 4: DoReFa weights, PACT activations with the original gradient, no rescaling."""
+    return _build("pact", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+
+
+@METHODS.register("dorefa")
+def build_dorefa(
+    w_bits: int,
+    a_bits: int,
+    *,
+    scheme: str = "original",
+    rescale: str = "none",
+    rescale_method: str = "const",
+    cg: bool = True,
+    first_last: str = "8bit",
+    signed_act: Any = "auto",
+    alpha_init: float = 8.0,
+    alpha_init_last: float = 10.0,
+    weight_clamp: bool = True,
+    diagnostics: bool = False,
+) -> Method:
+    """Clamped/DoReFa weights without SAT's rescaling (Fig. 2b 'clamping'); CG-PACT for activations."""
+    return _build("dorefa", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# signed inputs, folding, diagnostics
+
+
+@torch.no_grad()
+def calibrate_structure(model: nn.Module, x: torch.Tensor) -> dict[str, list[str]]:
+    """Read two structural facts off one forward pass on ``x`` (eval mode, nothing else changes):
+
+    - ``signed``: auto-sign PACT quantizers whose layer input takes negative values get ``signed = 1``
+      (ReLU outputs are >= 0, linear-bottleneck and residual outputs are not; any weights decide it);
+    - ``rescaled``: gated weight quantizers (``rescale: no_bn``) get ``rescale_on = 1`` unless the layer's
+      output tensor goes straight into a BatchNorm (ETR II / supplement S6: rescale layers without BN after).
+    Returns the layer names with ``signed`` / ``rescale_on`` set to 1.
+    """
+    neg: dict[str, bool] = {}
+    out_of: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # keep outputs alive so their ids are not reused during the pass
+    into_bn: set[str] = set()
+    handles = []
+    layers = dict(quantized_layers(model))
+    for name, layer in layers.items():
+        aq, wq = layer.aq, layer.wq
+        if isinstance(aq, PACTQuantizer) and aq.auto_sign:
+
+            def pre(mod: nn.Module, args: tuple, _n: str = name) -> None:
+                neg[_n] = neg.get(_n, False) or bool((args[0] < 0).any())
+
+            handles.append(aq.register_forward_pre_hook(pre))
+        if isinstance(wq, SATWeightQuantizer) and wq.gated:
+
+            def post(mod: nn.Module, args: tuple, out: torch.Tensor, _n: str = name) -> None:
+                out_of[id(out)] = _n
+                keep.append(out)
+
+            handles.append(layer.register_forward_hook(post))
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+
+            def bn_pre(mod: nn.Module, args: tuple) -> None:
+                if id(args[0]) in out_of:
+                    into_bn.add(out_of[id(args[0])])
+
+            handles.append(m.register_forward_pre_hook(bn_pre))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    report: dict[str, list[str]] = {"signed": [], "rescaled": []}
+    for name, layer in layers.items():
+        if name in neg:
+            layer.aq.signed.fill_(float(neg[name]))
+            if neg[name]:
+                report["signed"].append(name)
+        if isinstance(layer.wq, SATWeightQuantizer) and layer.wq.gated:
+            on = name not in into_bn
+            layer.wq.rescale_on.fill_(float(on))
+            if on:
+                report["rescaled"].append(name)
+    return report
+
+
+class StructureCalibration(Hook):
+    """``signed_act: auto`` / ``rescale: no_bn``: read the data flow off the first training batch."""
+
+    def on_train_start(self, ctx: Context) -> None:
+        if ctx.sample_batch is None:
+            raise QreproError(
+                "signed_act=auto and rescale=no_bn need a sample batch at train start; "
+                "set quantizer.signed_act explicitly and use rescale=all or last"
+            )
+        rep = calibrate_structure(ctx.model, ctx.sample_batch[0])
+        layers = dict(quantized_layers(ctx.model))
+        if any(isinstance(l.aq, PACTQuantizer) and l.aq.auto_sign for l in layers.values()):
+            print(f"sat: two-sided activation quantization for {len(rep['signed'])} layer inputs {rep['signed']}")
+        gated = [n for n, l in layers.items() if isinstance(l.wq, SATWeightQuantizer) and l.wq.gated]
+        if gated:
+            print(f"sat: no_bn rescaling on {len(rep['rescaled'])}/{len(gated)} gated layers {rep['rescaled']}")
+
+
+@torch.no_grad()
+def fold_sat_rescale(model: nn.Module) -> list[str]:
+    """Fold the rescale factor f > 0 of the last FC into its bias for inference (paper §3.3.2).
+
+    The folded layer computes x Q^T + b / f = (x (fQ)^T + b) / f: logits divided by a positive constant, so
+    the arg-max (and the ranking) is unchanged and the extra multiply disappears; the authors divide the FC
+    bias by the factor in eval mode. In place and for inference only (the factor is frozen at its current
+    value). Rescaled layers that are not the last FC (S6: convs followed by a residual addition) keep their
+    factor. Returns the names of the folded layers.
+    """
+    folded = []
+    for name, layer in quantized_layers(model):
+        wq = layer.wq
+        if isinstance(wq, SATWeightQuantizer) and wq.rescale is not None and wq.foldable:
+            f = wq.factor(layer.weight)
+            if layer.bias is not None:
+                layer.bias.div_(f)
+            wq.rescale = None
+            folded.append(name)
+    return folded
+
+
+def _fan(w: torch.Tensor) -> tuple[int, int]:
+    """(n, n^) = (input, output) neurons of a layer: c_in/groups*k*k and c_out*k*k (torch's fan-in/-out)."""
+    rf = 1
+    for s in w.shape[2:]:
+        rf *= s
+    return w.shape[1] * rf, w.shape[0] * rf
+
+
+def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Logit scale kappa0 (Eq. S17a) and gradient-flow kappa1 per layer (Eq. S17b) on one batch.
+
+    Uses the effective weights Xi (the output of ``wq``), VAR = mean square for weights (as the paper) and
+    the variance for gradients; layers are paired in module order. For a conv -> linear pair the average
+    pooling in between has k_pool^2 = (conv output size per sample) / (linear in_features) (the feature-map
+    area for global pooling); k_pool = 1 otherwise, as the paper sets for the stem's max pooling (S1.2).
+    The forward/backward runs in the model's current mode and leaves parameters, gradients and buffers
+    (BN running statistics) unchanged.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    eff: dict[str, torch.Tensor] = {}
+    out_hw: dict[str, int] = {}  # output elements per sample
+    handles = []
+    for name, m in layers:
+        wq = getattr(m, "wq", None) if isinstance(m, (QConv2d, QLinear)) else None
+        if wq is not None:
+
+            def wq_hook(mod: nn.Module, args: tuple, out: torch.Tensor, _n: str = name) -> None:
+                eff[_n] = out
+
+            handles.append(wq.register_forward_hook(wq_hook))
+
+        def shape_hook(mod: nn.Module, args: tuple, out: torch.Tensor, _n: str = name) -> None:
+            out_hw[_n] = out[0].numel()
+
+        handles.append(m.register_forward_hook(shape_hook))
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y)
+            ws = [eff.get(n, m.weight) for n, m in layers]
+            grads = torch.autograd.grad(loss, ws, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    out: dict[str, float] = {}
+    last_name, last = layers[-1]
+    if isinstance(last, nn.Linear) and len(layers) > 1:
+        k = math.sqrt(max(out_hw[layers[-2][0]] / last.in_features, 1.0))
+        out["sat_kappa0"] = float(last.in_features * satf.mean_square(ws[-1].detach()) / k**2)
+    k1 = []
+    for i in range(len(layers) - 1):
+        n0 = layers[i][0]
+        g0, g1 = grads[i], grads[i + 1]
+        if g0 is None or g1 is None:
+            continue
+        nxt = layers[i + 1][1]
+        k = math.sqrt(max(out_hw[n0] / nxt.in_features, 1.0)) if isinstance(nxt, nn.Linear) else 1.0
+        n_l, _ = _fan(ws[i])
+        _, nh_l1 = _fan(ws[i + 1])
+        v0, v1 = satf.mean_square(ws[i].detach()), satf.mean_square(ws[i + 1].detach())
+        val = k**2 * (n_l * v0) / (nh_l1 * v1) * g0.var() / g1.var()
+        out[f"sat_kappa1/{n0}"] = float(val)
+        k1.append(float(val))
+    if k1:
+        out["sat_kappa1_median"] = float(torch.tensor(k1).median())
+    return out
+
+
+class SATDiagnostics(Hook):
+    """``diagnostics: true``: log kappa0 and kappa1 (Eq. S17) at the end of each epoch on a fixed batch."""
+
+    def __init__(self, max_samples: int = 128) -> None:
+        self.max_samples = max_samples
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_train_start(self, ctx: Context) -> None:
+        if ctx.sample_batch is not None:
+            x, y = ctx.sample_batch
+            self.batch = (x[: self.max_samples].detach(), y[: self.max_samples].detach())
+
+    def on_epoch_end(self, ctx: Context, epoch: int) -> dict[str, float]:
+        if self.batch is None:
+            return {}
+        return sat_kappas(ctx.model, *self.batch)
