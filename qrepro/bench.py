@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import platform
 import re
 import statistics
@@ -352,11 +353,22 @@ def merge_rounds(first: Row, later: Row) -> None:
         first.peak_mem_mb = max(first.peak_mem_mb or 0.0, later.peak_mem_mb)
 
 
+def append_to(path: Path, rows: list[Row], runs: list[dict[str, Any]]) -> tuple[list[Row], list[dict[str, Any]]]:
+    """Rows of an earlier result file plus ``rows``; groups (model, batch size, mode) measured now replace
+    the earlier ones whole, so every ratio still compares with FP from the same run."""
+    if not path.exists():
+        return rows, runs
+    old = json.loads(path.read_text())
+    new_groups = {(r.model, r.batch_size, r.mode) for r in rows}
+    kept = [Row(**r) for r in old.get("rows", []) if (r["model"], r["batch_size"], r["mode"]) not in new_groups]
+    return kept + rows, old.get("runs", []) + runs
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
-def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
+def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] | None = None) -> str:
     lines = [
         f"# Training-step benchmark — {meta['device']}",
         "",
@@ -374,6 +386,8 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     ]
     if meta.get("note"):
         lines.append(f"- note: {meta['note']}")
+    for r in (runs or [])[:-1]:  # earlier invocations merged with --append
+        lines.append(f"- also merged: `{r['command']}` ({r.get('finished')}, git {r['git'].get('commit')})")
     lines += [
         "",
         "| model | batch | method | bits | mode | step ms (median) | min–max | img/s | × FP | × FP (min) "
@@ -421,6 +435,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="results/bench", help="output folder")
     p.add_argument("--tag", default="", help="suffix for the output file names")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into an existing result file (groups of model, batch size and mode measured now replace "
+        "the earlier ones), e.g. to split a GPU grid over several commands",
+    )
     p.add_argument("--note", default="", help="free text stored with the results")
     return p.parse_args(argv)
 
@@ -488,8 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     add_ratios(rows)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json_atomic({**meta, "rows": [asdict(r) for r in rows]}, out / f"{slug}.json")
-    (out / f"{slug}.md").write_text(markdown(meta, rows))
+    runs = [{k: v for k, v in meta.items() if k not in ("device", "device_slug", "versions")}]
+    if args.append:
+        rows, runs = append_to(out / f"{slug}.json", rows, runs)
+    write_json_atomic({**meta, "runs": runs, "rows": [asdict(r) for r in rows]}, out / f"{slug}.json")
+    (out / f"{slug}.md").write_text(markdown(meta, rows, runs))
     print(f"wrote {out / f'{slug}.json'} and {out / f'{slug}.md'}", flush=True)
     return 0
 
