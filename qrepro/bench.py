@@ -71,6 +71,7 @@ class Row:
     step_ms_min: float | None = None
     step_ms_max: float | None = None
     images_per_s: float | None = None
+    fp_step_ms: float | None = None  # the FP median step time (same model, batch, mode, invocation)
     ratio_fp: float | None = None  # step time / FP step time, same model, batch and mode
     ratio_fp_eager: float | None = None  # step time / FP eager step time
     ratio_fp_min: float | None = None  # fastest sample / FP's fastest sample (robust to a loaded machine)
@@ -335,6 +336,7 @@ def add_ratios(rows: list[Row]) -> None:
             continue
         base = fp.get((r.model, r.batch_size, r.mode))
         eager = fp.get((r.model, r.batch_size, "eager"))
+        r.fp_step_ms = base.step_ms if base else None
         r.ratio_fp = r.step_ms / base.step_ms if base else None
         r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base and r.step_ms_min and base.step_ms_min else None
         r.ratio_fp_eager = r.step_ms / eager.step_ms if eager else None
@@ -354,13 +356,18 @@ def merge_rounds(first: Row, later: Row) -> None:
 
 
 def append_to(path: Path, rows: list[Row], runs: list[dict[str, Any]]) -> tuple[list[Row], list[dict[str, Any]]]:
-    """Rows of an earlier result file plus ``rows``; groups (model, batch size, mode) measured now replace
-    the earlier ones whole, so every ratio still compares with FP from the same run."""
+    """Rows of an earlier result file plus ``rows`` (a case measured now replaces its earlier row). Ratios
+    are not recomputed: each row keeps the ratio to the FP measured in its own invocation (``fp_step_ms``),
+    since every invocation measures FP for each (model, batch size, mode) it runs."""
     if not path.exists():
         return rows, runs
     old = json.loads(path.read_text())
-    new_groups = {(r.model, r.batch_size, r.mode) for r in rows}
-    kept = [Row(**r) for r in old.get("rows", []) if (r["model"], r["batch_size"], r["mode"]) not in new_groups]
+
+    def key(r: Row) -> tuple:
+        return (r.model, r.batch_size, r.mode, r.method, r.precision)
+
+    new = {key(r) for r in rows}
+    kept = [r for r in (Row(**d) for d in old.get("rows", [])) if key(r) not in new]
     return kept + rows, old.get("runs", []) + runs
 
 
@@ -438,8 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--append",
         action="store_true",
-        help="merge into an existing result file (groups of model, batch size and mode measured now replace "
-        "the earlier ones), e.g. to split a GPU grid over several commands",
+        help="merge into an existing result file (cases measured now replace their earlier rows; ratios stay "
+        "against the FP of the same invocation), e.g. to split a GPU grid over several commands",
     )
     p.add_argument("--note", default="", help="free text stored with the results")
     return p.parse_args(argv)

@@ -78,7 +78,7 @@ def test_end_to_end_tiny(tmp_path: Path) -> None:
     assert data["device"].startswith("CPU") and data["versions"]["torch"] == torch.__version__
     md = js.with_suffix(".md").read_text()
     assert "| small_cnn | 8 | fp | w32a32 | eager |" in md
-    # --append: a second invocation adds its groups and replaces re-measured ones
+    # --append: a second invocation adds its cases and replaces re-measured ones; ratios stay per invocation
     args = ["--models", "small_cnn", "--methods", "fp", "--modes", "eager", "--warmup", "1", "--steps", "1"]
     assert bench.main([*args, "--batch-sizes", "4,8", "--window", "1", "--append", "--out", str(tmp_path)]) == 0
     data2 = json.loads(js.read_text())
@@ -87,6 +87,8 @@ def test_end_to_end_tiny(tmp_path: Path) -> None:
         [(4, "eager", "fp"), (8, "eager", "fp")] + [(8, "default", r["method"]) for r in rows if r["mode"] == "default"]
     )
     assert len(data2["runs"]) == 2 and "also merged" in js.with_suffix(".md").read_text()
+    for r in data2["rows"]:
+        assert r["ratio_fp"] == pytest.approx(r["step_ms"] / r["fp_step_ms"])
 
 
 def test_unknown_method_is_one_line_error(capsys) -> None:
