@@ -110,6 +110,8 @@ def fit(f: Fit) -> FitResult:
     )
     for h in f.hooks:
         h.on_train_start(ctx)
+    if f.ema is not None and start_epoch == 0:  # hooks may initialise state (e.g. quantizer calibration)
+        f.ema.load_state_dict(f.model.state_dict())
     started = time.time()
     wall0 = time.perf_counter()
     total_images = 0

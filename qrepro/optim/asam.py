@@ -1,0 +1,110 @@
+"""ASAM: adaptive sharpness-aware minimisation (Kwon et al., ICML 2021), used by the SymReg/SatNL paper
+to pre-train its FP models (supplement Table 1A: ρ = 1, or 0.2 for MobileNet-V3).
+
+One step (Kwon et al., Eq. 9 / Algorithm 1), with T_w = diag(|w| + η) element-wise:
+    g   = ∇L(w)
+    ε   = ρ · T_w² g / ‖T_w g‖₂            (one norm over all parameters)
+    g'  = ∇L(w + ε)
+    w  ← base_optimizer_step(w, g')         (SGD with momentum here; weight decay applied by the base)
+``adaptive=False`` gives plain SAM (T_w = I). Contract with the training loop (engine/loop.py): the loop has
+already run forward/backward at w (the gradients g are in ``p.grad``) and, because this optimizer sets
+``needs_closure = True``, passes a closure that zeroes the gradients, recomputes the loss (with the method's
+regularizer) and backpropagates; ``step`` calls it once, at w + ε. Note: BatchNorm running statistics see
+both passes (as in the ASAM/SAM reference implementations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from qrepro.errors import QreproError
+from qrepro.optim import OPTIMIZERS
+
+
+class ASAM(torch.optim.Optimizer):
+    """Wraps a base optimizer; shares its ``param_groups`` so schedulers act on the base learning rates."""
+
+    needs_closure = True
+
+    def __init__(self, base: torch.optim.Optimizer, rho: float = 1.0, eta: float = 0.01, adaptive: bool = True):
+        if not rho > 0:
+            raise QreproError(f"ASAM rho must be > 0, got {rho}")
+        if eta < 0:
+            raise QreproError(f"ASAM eta must be >= 0, got {eta}")
+        self.base = base
+        self.rho, self.eta, self.adaptive = float(rho), float(eta), bool(adaptive)
+        super().__init__(base.param_groups, dict(rho=self.rho, eta=self.eta))
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self._eps: dict[torch.Tensor, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _perturb(self) -> None:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        if self.adaptive:
+            scales = [p.abs() + self.eta for p in params]
+            tg = [t * p.grad for t, p in zip(scales, params)]
+        else:
+            scales = [None] * len(params)
+            tg = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in tg]))
+        factor = self.rho / (norm + 1e-12)
+        for p, t, x in zip(params, scales, tg):
+            e = x * t * factor if t is not None else x * factor  # ρ T² g / ‖T g‖
+            p.add_(e)
+            self._eps[p] = e
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        for p, e in self._eps.items():
+            p.sub_(e)
+        self._eps.clear()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Perturb with the gradients already in ``p.grad``, re-evaluate through ``closure`` at w + ε, restore
+        w and take the base step with ∇L(w + ε). Returns the loss at w + ε."""
+        if closure is None:
+            raise QreproError("ASAM needs a closure (zero_grad, forward, backward, return loss) in step()")
+        self._perturb()
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            self._restore()
+        self.base.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base.load_state_dict(state_dict)
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+
+
+def _asam_factory(adaptive: bool):
+    sgd_keys = {"lr", "momentum", "nesterov", "weight_decay", "dampening"}
+
+    def factory(groups, *, model=None, rho: float = 1.0, eta: float = 0.01, **cfg) -> ASAM:
+        bad = set(cfg) - sgd_keys
+        if bad:
+            raise QreproError(
+                f"optimizer asam does not take {sorted(bad)}; allowed: {sorted(sgd_keys | {'rho', 'eta'})}"
+            )
+        base = OPTIMIZERS.get("sgd")(groups, model=model, **cfg)
+        return ASAM(base, rho=rho, eta=eta, adaptive=adaptive)
+
+    return factory
+
+
+OPTIMIZERS.register("asam_sgd")(_asam_factory(adaptive=True))
+OPTIMIZERS.register("sam_sgd")(_asam_factory(adaptive=False))

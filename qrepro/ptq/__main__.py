@@ -1,0 +1,223 @@
+"""PTQ entry point: ``python -m qrepro.ptq +experiment=<FP experiment> init_from=<checkpoint> [ptq.* / precision=]``.
+
+Rebuilds the experiment's FP model (its training quantizer, e.g. ``satnl``, at 32 bits), loads the checkpoint
+read-only (EMA weights when present), folds weight transforms, takes ``ptq.calib_size`` calibration images,
+runs ``ptq.algorithm`` for each bit configuration and writes one ``record.json`` per configuration
+(``method: ptq_<algorithm>``). The input checkpoint is hashed before and after and never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from qrepro.cli import hydra_entry
+from qrepro.errors import QreproError
+
+PTQ_KEYS = (
+    "first_last_bits quantize_first_input weight_grid weight_granularity act_grid distribution init iters "
+    "batch_size lr_weight lr_bias lr_step lr_round lr_act_step drop_prob round_weight round_warmup round_beta "
+    "kmeans_iters weight_step_scale"
+).split()
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # read-only
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _plain(x: Any) -> Any:
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
+
+
+def bit_configs(cfg: DictConfig) -> list[tuple[int, int]]:
+    bits = _plain(cfg.ptq.bits)
+    if bits is None:
+        return [(int(cfg.precision.w_bits), int(cfg.precision.a_bits))]
+    ok = isinstance(bits, list) and bits and all(isinstance(b, list) and len(b) == 2 for b in bits)
+    if not ok:
+        raise QreproError(f"ptq.bits={bits!r}; use a list of [w_bits, a_bits] pairs, e.g. ptq.bits=[[4,32],[4,4]]")
+    return [(int(w), int(a)) for w, a in bits]
+
+
+def load_fp_model(cfg: DictConfig, num_classes: int, path: str, use_ema: str | bool) -> tuple[torch.nn.Module, str]:
+    """The experiment's FP model with the checkpoint's (EMA) weights; returns (model, which weights)."""
+    from qrepro.engine.checkpoint import extract_state_dict, load_model_state, read_checkpoint
+    from qrepro.models import build_model
+    from qrepro.quant import build_method, prepare
+    from qrepro.train import _without
+
+    mcfg, qcfg = _plain(cfg.model), _plain(cfg.quantizer)
+    model = build_model(mcfg["name"], num_classes=num_classes, **_without(mcfg, "name"))
+    try:
+        method = build_method(qcfg["name"], 32, 32, **_without(qcfg, "name"))
+    except QreproError as e:
+        raise QreproError(f"PTQ starts from a full-precision model, but quantizer={qcfg['name']}: {e}") from None
+    prepare(model, method)
+    obj = read_checkpoint(path)
+    if use_ema not in ("auto", True, False):
+        raise QreproError(f"ptq.use_ema={use_ema!r}; use auto, true or false")
+    if use_ema is True and "ema" not in obj:
+        raise QreproError(f"ptq.use_ema=true but {path} has no EMA weights; use ptq.use_ema=auto")
+    if use_ema in ("auto", True) and isinstance(obj.get("ema"), dict):
+        sd, which = obj["ema"], "ema"
+    else:
+        sd, which = extract_state_dict(obj)[0], "model"
+    load_model_state(model, sd, strict=True)
+    return model.eval(), which
+
+
+def calibration_images(loader: Any, n: int) -> torch.Tensor:
+    if n < 1:
+        raise QreproError(f"ptq.calib_size must be >= 1, got {n}")
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)
+    xs, have = [], 0
+    for x, _ in loader:
+        xs.append(x)
+        have += len(x)
+        if have >= n:
+            break
+    if have < n:
+        raise QreproError(f"ptq.calib_size={n} exceeds the {have} training images available; lower it")
+    return torch.cat(xs)[:n]
+
+
+def run_ptq(
+    cfg: DictConfig, run_dir: Path | None = None, experiment: str | None = None, overrides: list[str] | None = None
+) -> list[Path]:
+    """Run every bit configuration of ``cfg.ptq``; returns the record paths. Under Hydra the run directory,
+    experiment name and overrides come from Hydra; in-process callers may pass them."""
+    from qrepro.engine.loop import evaluate
+    from qrepro.engine.record import device_name, git_info, is_complete, versions, write_json_atomic
+    from qrepro.ptq.core import PTQ_ALGORITHMS, PTQConfig, quantize_model
+    from qrepro.train import (
+        build_data_from_cfg,
+        hydra_context,
+        seed_everything,
+        select_device,
+        semantic_overrides,
+    )
+
+    if not cfg.init_from:
+        raise QreproError("ptq needs the FP checkpoint: add init_from=<run dir>/checkpoints/last.pt")
+    src = Path(str(cfg.init_from))
+    if not src.is_file():
+        raise QreproError(f"checkpoint {src} does not exist; check init_from=<path to a .pt file>")
+    PTQ_ALGORITHMS.get(str(cfg.ptq.algorithm))  # unknown algorithm: fail before loading anything
+    configs = bit_configs(cfg)
+    h_dir, h_exp, h_over = hydra_context()
+    base_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "ptq" / "default")
+    experiment = experiment or h_exp or cfg.get("experiment")
+    overrides = semantic_overrides(overrides if overrides is not None else h_over)
+    sweep = cfg.ptq.bits is not None
+    targets = []
+    for w, a in configs:
+        run_dir = base_dir / f"w{w}a{a}" if sweep else base_dir
+        ov = sorted([o for o in overrides if not o.startswith(("ptq.bits=", "precision="))] + [f"precision=w{w}a{a}"])
+        targets.append((w, a, run_dir, ov if sweep else overrides))
+    todo = [t for t in targets if cfg.force or not is_complete(t[2] / "record.json")]
+    for t in targets:
+        if t not in todo:
+            print(f"skip: {t[2]} already has a complete record (force=true to re-run)", flush=True)
+    if not todo:
+        return [t[2] / "record.json" for t in targets]
+
+    digest = sha256(src)
+    device = select_device(cfg.trainer.device)
+    seed_everything(int(cfg.seed))
+    data = build_data_from_cfg(cfg, device)
+    fp, which = load_fp_model(cfg, data.num_classes, str(src), _plain(cfg.ptq.use_ema))
+    fp.to(device)
+    fp_eval = evaluate(fp, data.test) if cfg.ptq.eval_fp else None
+    if fp_eval is not None:
+        print(f"FP ({which} weights): top1 {fp_eval['test_top1']:.2f}%", flush=True)
+    calib = calibration_images(data.train, int(cfg.ptq.calib_size)).to(device)
+    opts = {k: _plain(cfg.ptq[k]) for k in PTQ_KEYS if k in cfg.ptq}
+    opts["round_beta"] = tuple(opts.get("round_beta", (20.0, 2.0)))
+    paths = []
+    for w, a, run_dir, ov in todo:
+        started, t0 = time.time(), time.perf_counter()
+        pcfg = PTQConfig(algorithm=str(cfg.ptq.algorithm), w_bits=w, a_bits=a, seed=int(cfg.seed), **opts)
+        seed_everything(int(cfg.seed))
+        q = quantize_model(fp, calib, pcfg)
+        ptq_s = time.perf_counter() - t0
+        ev = evaluate(q, data.test)
+        if sha256(src) != digest:  # cannot happen: the file is only read; guard the promise anyway
+            raise QreproError(f"checkpoint {src} changed during PTQ; stopping")
+        record = {
+            "complete": True,
+            "status": "complete",
+            "name": cfg.name,
+            "experiment": experiment,
+            "overrides": ov,
+            "run_dir": str(run_dir),
+            "config": _plain(cfg),
+            "model": cfg.model.name,
+            "method": f"ptq_{pcfg.algorithm}",
+            "dataset": cfg.dataset.name,
+            "precision": f"w{w}a{a}",
+            "w_bits": w,
+            "a_bits": a,
+            "optimizer": None,
+            "seed": int(cfg.seed),
+            "init_from": str(src),
+            "train_method": cfg.quantizer.name,
+            "ptq": {
+                "algorithm": pcfg.algorithm,
+                "source": str(src),
+                "source_sha256": digest,
+                "weights": which,
+                "calib_size": int(cfg.ptq.calib_size),
+                "options": dict(vars(pcfg)),
+                "fp_top1": fp_eval["test_top1"] if fp_eval else None,
+                "fp_top5": fp_eval["test_top5"] if fp_eval else None,
+                "ptq_seconds": ptq_s,
+            },
+            "metrics": {
+                "best_top1": ev["test_top1"],
+                "best_top5": ev["test_top5"],
+                "best_epoch": None,
+                "last_top1": ev["test_top1"],
+                "last_top5": ev["test_top5"],
+                "test_loss": ev["test_loss"],
+            },
+            "curves": {},
+            "git": git_info(),
+            "versions": versions(),
+            "device": device_name(device),
+            "wall_time_s": time.perf_counter() - t0,
+            "images_per_s": None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        path = run_dir / "record.json"
+        write_json_atomic(record, path)
+        fp_s = f" (FP {fp_eval['test_top1']:.2f}%)" if fp_eval else ""
+        print(
+            f"ptq {pcfg.algorithm} w{w}a{a}: top1 {ev['test_top1']:.2f}% top5 {ev['test_top5']:.2f}%{fp_s}", flush=True
+        )
+        paths.append(path)
+    return paths
+
+
+def _task(cfg: DictConfig) -> None:
+    paths = run_ptq(cfg)
+    for p in paths:
+        print(f"record: {p}", flush=True)
+
+
+def main() -> None:
+    hydra_entry(_task, "ptq")
+
+
+if __name__ == "__main__":
+    main()

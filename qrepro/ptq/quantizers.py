@@ -1,0 +1,191 @@
+"""Fake-quantizers used by post-training quantization (they plug into QConv2d/QLinear as ``wq`` / ``aq``).
+
+- :class:`UniformQuantizer`: per-tensor uniform quantizer with a (optionally learnable) step, STE on the
+  rounding only, so d/dstep is the LSQ gradient; QDrop's random drop of activation quantization built in.
+- :class:`AdaRoundWeight`: AdaRound (Nagel et al., 2020) rounding of weights on a fixed uniform grid.
+- :class:`LevelQuantizer`: nearest-level projection onto an arbitrary sorted level set (PoT / k-means).
+
+Grids (``grid``), for step s and b bits, α = clipping value:
+- ``midrise`` (signed): levels (k + ½)s, k = −2^(b−1) … 2^(b−1)−1, s = 2α/2^b: 2^b levels symmetric about 0
+  with bins exactly covering [−α, α] (the quantizer of supplement Eq. 1, q_i = −α + (2i+1)Δ/2).
+- ``int`` (signed): levels k·s, k = −2^(b−1) … 2^(b−1)−1, s = 2α/2^b (two's complement, has an exact 0).
+- unsigned: levels k·s, k = 0 … 2^b−1, s = α/(2^b − 1) (largest level = α, exact 0 for ReLU outputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+from qrepro.quant.ste import round_ste
+
+GRIDS = ("midrise", "int")
+
+
+class UniformQuantizer(nn.Module):
+    """x -> (clamp(round(x/s − o), q_min, q_max) + o) · s with |s| as the step: one step per tensor, or one per
+    output channel (``channels`` = C_out, ``ndim`` = the weight's rank) for weights."""
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool = True,
+        grid: str = "int",
+        learn_step: bool = False,
+        channels: int | None = None,
+        ndim: int = 4,
+    ) -> None:
+        super().__init__()
+        if not 1 <= bits <= 16:
+            raise QreproError(f"PTQ bit-width must be in 1..16 (or 32 = full precision), got {bits}")
+        if grid not in GRIDS:
+            raise QreproError(f"unknown PTQ grid {grid!r}; choose one of: {', '.join(GRIDS)}")
+        if bits == 1 and signed and grid == "int":
+            raise QreproError("1-bit signed quantization needs grid=midrise (levels ±s/2)")
+        self.bits, self.grid = bits, grid
+        shape = () if channels is None else (channels,) + (1,) * (ndim - 1)
+        self.step = nn.Parameter(torch.ones(shape), requires_grad=learn_step)
+        self.enabled = True
+        # signedness and "calibrated" live in bool buffers (saved, copied by EMA) mirrored in Python attributes
+        # used by forward (no host sync); _load_from_state_dict refreshes the mirrors
+        self.register_buffer("signed_flag", torch.tensor(bool(signed)))
+        self.register_buffer("initialized_flag", torch.tensor(False))
+        self.drop_prob = 0.0  # QDrop: probability of keeping an element full precision (training only)
+        # LSQ step-gradient scale g = 1/sqrt(N·q_max): "weight" N = numel, "act" N = numel per sample
+        self.lsq_grad_scale: str | None = None
+        self.set_signed(signed)
+
+    @property
+    def initialized(self) -> bool:
+        """True once a clipping value was set (QAT calibrates once, not again on resume)."""
+        return bool(self.initialized_flag)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.set_signed(bool(self.signed_flag))
+
+    def set_signed(self, signed: bool) -> None:
+        self.signed = signed
+        self.signed_flag.fill_(bool(signed))
+        b = self.bits
+        if signed:
+            self.qmin, self.qmax = -(2 ** (b - 1)), 2 ** (b - 1) - 1
+            self.offset = 0.5 if self.grid == "midrise" else 0.0
+        else:
+            self.qmin, self.qmax, self.offset = 0, 2**b - 1, 0.0
+
+    def alpha_to_step(self, alpha: torch.Tensor | float) -> torch.Tensor:
+        """Step size for clipping value α (see the module docstring)."""
+        alpha = torch.as_tensor(alpha, dtype=torch.float32)
+        return alpha / (2 ** (self.bits - 1)) if self.signed else alpha / (2**self.bits - 1)
+
+    @torch.no_grad()
+    def set_alpha(self, alpha: torch.Tensor | float) -> None:
+        s = self.alpha_to_step(alpha).to(self.step.device).clamp_min(1e-12)
+        self.step.copy_(s.reshape(self.step.shape) if s.numel() == self.step.numel() else s.expand_as(self.step))
+        self.initialized_flag.fill_(True)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        s = self.step.detach().abs()
+        return s * (2 ** (self.bits - 1)) if self.signed else s * (2**self.bits - 1)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.step.abs() + 1e-12
+        if self.lsq_grad_scale is not None:
+            n = x.numel() // self.step.numel() if self.lsq_grad_scale == "weight" else x[0].numel()
+            g = 1.0 / math.sqrt(n * max(1, self.qmax))
+            s = s * g + (s - s * g).detach()  # value s, gradient scaled by g (Esser et al., LSQ)
+        v = round_ste(x / s - self.offset).clamp(self.qmin, self.qmax)
+        return (v + self.offset) * s
+
+    def quantize_with_alpha(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """Quantize with the step of clipping value ``alpha`` (calibration searches; no gradient)."""
+        s = self.alpha_to_step(alpha).to(x.device).clamp_min(1e-12)
+        return (torch.round(x / s - self.offset).clamp(self.qmin, self.qmax) + self.offset) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        q = self.quantize(x)
+        if self.drop_prob > 0.0 and self.training:
+            q = torch.where(torch.rand_like(x) < self.drop_prob, x, q)
+        return q
+
+    def extra_repr(self) -> str:
+        per = "channel" if self.step.dim() else "tensor"
+        return f"bits={self.bits}, signed={self.signed}, grid={self.grid}, per={per}"
+
+
+class TransformedQuantizer(nn.Module):
+    """``quant(transform(w))``: a weight quantizer applied after a weight transform (e.g. SatNL in QAT)."""
+
+    def __init__(self, transform: nn.Module, quant: UniformQuantizer) -> None:
+        super().__init__()
+        self.transform, self.quant = transform, quant
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.transform(w))
+
+
+def rectified_sigmoid(v: torch.Tensor, zeta: float = 1.1, gamma: float = -0.1) -> torch.Tensor:
+    """AdaRound h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1) (Nagel et al., 2020, Eq. 23)."""
+    return (torch.sigmoid(v) * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+class AdaRoundWeight(nn.Module):
+    """W_q = s · (clamp(floor(W/s − o) + h(V), q_min, q_max) + o) with a fixed step s (from ``base``).
+
+    V is initialised so that h(V) equals the fractional part (W_q = W inside the range at start);
+    ``hard=True`` uses h = 1[V ≥ 0] (the rounding decision after optimisation).
+    """
+
+    zeta, gamma = 1.1, -0.1
+
+    def __init__(self, base: UniformQuantizer, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.bits, self.signed, self.grid = base.bits, base.signed, base.grid
+        self.qmin, self.qmax, self.offset = base.qmin, base.qmax, base.offset
+        self.register_buffer("step", base.step.detach().abs().clone())
+        with torch.no_grad():
+            v = weight.detach() / self.step - self.offset
+            frac = (v - torch.floor(v)).clamp(1e-4, 1 - 1e-4)
+            # h(V) = frac  <=>  σ(V) = (frac − γ)/(ζ − γ)
+            p = (frac - self.gamma) / (self.zeta - self.gamma)
+            init = torch.log(p / (1 - p))
+        self.v = nn.Parameter(init)
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        return (self.v >= 0).to(self.v.dtype) if self.hard else rectified_sigmoid(self.v, self.zeta, self.gamma)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        base = torch.floor(w.detach() / self.step - self.offset)
+        return ((base + self.h()).clamp(self.qmin, self.qmax) + self.offset) * self.step
+
+    def round_loss(self, beta: float) -> torch.Tensor:
+        """AdaRound regulariser Σ 1 − |2h(V) − 1|^β (Eq. 24)."""
+        return (1.0 - (2.0 * rectified_sigmoid(self.v, self.zeta, self.gamma) - 1.0).abs().pow(beta)).sum()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, grid={self.grid}, hard={self.hard}"
+
+
+class LevelQuantizer(nn.Module):
+    """Nearest-level projection onto a sorted level set (non-uniform PTQ), STE on the projection."""
+
+    def __init__(self, levels: torch.Tensor) -> None:
+        super().__init__()
+        levels = torch.sort(levels.detach().reshape(-1)).values
+        self.register_buffer("levels", levels)
+        self.register_buffer("mids", 0.5 * (levels[1:] + levels[:-1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.bucketize(x.detach(), self.mids)
+        return x + (self.levels[idx] - x).detach()
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels.numel()}"
