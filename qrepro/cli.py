@@ -34,6 +34,7 @@ NON_SEMANTIC_KEYS = {
     "trainer.compile",
     "trainer.num_threads",
     "trainer.log_every",
+    "trainer.find_unused_parameters",
     "hydra.verbose",
     "table",
 }

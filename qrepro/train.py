@@ -6,6 +6,7 @@ takes plain arguments.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -85,13 +86,15 @@ def build_model_and_method(cfg: DictConfig, num_classes: int) -> tuple[nn.Module
 
 
 def build_data_from_cfg(cfg: DictConfig, device: torch.device, rank: int = 0, world_size: int = 1):
+    """The dataset of ``cfg``; under DDP rank ``rank``'s shard with ``trainer.batch_size / world_size`` per step."""
     from qrepro.data import build_data
+    from qrepro.engine.dist import per_rank_batch
 
     dcfg = _plain(cfg.dataset)
     return build_data(
         dcfg["name"],
         **_without(dcfg, "name", "num_classes"),
-        batch_size=int(cfg.trainer.batch_size),
+        batch_size=per_rank_batch(int(cfg.trainer.batch_size), world_size),
         device=device,
         seed=int(cfg.seed),
         rank=rank,
@@ -129,10 +132,12 @@ def train(
     cfg: DictConfig, run_dir: Path | None = None, experiment: str | None = None, overrides: list[str] | None = None
 ):
     """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
+    from qrepro.engine import dist as qdist
     from qrepro.engine.ema import EMA
     from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
     from qrepro.engine.record import is_complete, read_record
-    from qrepro.engine.trainer import Fit, FitResult, fit
+    from qrepro.engine.trainer import Fit, fit
+    from qrepro.logging import build_logger
     from qrepro.optim import build_optimizer, build_scheduler
 
     h_dir, h_exp, h_over = hydra_context()
@@ -148,13 +153,16 @@ def train(
 
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
-    device = select_device(cfg.trainer.device)
-    seed_everything(int(cfg.seed))
+    denv = qdist.setup(cfg.trainer.device)  # torchrun / submitit tasks -> process group; else one process
+    device, world = denv.device, denv.world_size
+    seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     setup_device(device, deterministic=bool(cfg.trainer.get("deterministic")))
-    data = build_data_from_cfg(cfg, device)
+    data = build_data_from_cfg(cfg, device, denv.rank, world)
     model, method = build_model_and_method(cfg, data.num_classes)
+    if qdist.use_sync_bn(bool(cfg.trainer.get("sync_bn", False)), denv):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same Parameter objects, BN over the global batch
     model.to(device)
     if cfg.init_from and not (cfg.resume and (run_dir / "checkpoints" / "last.pt").exists()):
         init_model(model, cfg.init_from, strict=bool(cfg.init_strict))
@@ -171,17 +179,22 @@ def train(
     )
     if hasattr(optimizer, "attach_scheduler"):  # e.g. TR optimizers whose target rate follows the LR schedule
         optimizer.attach_scheduler(scheduler)
-    hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
+    # under DDP: rank 0's state broadcast after the method's hooks initialise from each rank's own first batch
+    sync = [qdist.DistributedSync()] if world > 1 else []
+    hooks = list(method.hooks) + sync + list(getattr(optimizer, "hooks", []))
     ls = float(cfg.trainer.label_smoothing)
 
     def loss_fn(logits, y):
         return nn.functional.cross_entropy(logits, y, label_smoothing=ls)
 
     ema = EMA(model, float(cfg.trainer.ema)) if cfg.trainer.ema else None
+    train_model = qdist.wrap_ddp(model, denv, bool(cfg.trainer.get("find_unused_parameters", False)))
     mode = compile_mode(cfg.trainer.compile, device)
     forward_loss = None
     if mode is not None:  # the fast path: forward + loss + regularizer compiled (CUDA graphs on GPU)
-        forward_loss = compile_forward_loss(make_forward_loss(model, loss_fn, method.regularizer), mode)
+        forward_loss = compile_forward_loss(make_forward_loss(train_model, loss_fn, method.regularizer), mode)
+    if world > 1:
+        seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
     record_base = {
         "name": cfg.name,
         "experiment": experiment,
@@ -196,13 +209,16 @@ def train(
         "optimizer": cfg.optimizer.name,
         "seed": int(cfg.seed),
         "init_from": cfg.init_from,
+        "world_size": world,
     }
-    logger = make_logger(cfg, run_dir, record_base["config"])
-    print(
-        f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
-        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}",
-        flush=True,
-    )
+    logger = make_logger(cfg, run_dir, record_base["config"]) if denv.is_main else build_logger("none")
+    if denv.is_main:
+        print(
+            f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
+            f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
+            + (f" ranks={world} ({denv.backend})" if world > 1 else ""),
+            flush=True,
+        )
     f = Fit(
         model=model,
         data=data,
@@ -221,13 +237,16 @@ def train(
         resume=bool(cfg.resume),
         device=device,
         forward_loss=forward_loss,
+        train_model=train_model,
+        is_main=denv.is_main,
     )
     try:
         result = fit(f)
     finally:
         logger.finish()
     m = result.record["metrics"]
-    print(f"best top1 {m['best_top1']:.2f}% (epoch {m['best_epoch']}), last top1 {m['last_top1']:.2f}%", flush=True)
+    if denv.is_main:
+        print(f"best top1 {m['best_top1']:.2f}% (epoch {m['best_epoch']}), last top1 {m['last_top1']:.2f}%", flush=True)
     return result
 
 
@@ -246,7 +265,8 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
 
 def _task(cfg: DictConfig) -> None:
     result = train(cfg)
-    print(f"record: {result.record_path}", flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"record: {result.record_path}", flush=True)
 
 
 def main() -> None:

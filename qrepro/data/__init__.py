@@ -45,6 +45,10 @@ class TensorLoader:
     """Batches from uint8 images held on the device; random crop (zero padding) + flip on the device.
 
     Deterministic given ``seed`` and the epoch number (``set_epoch``), so a resumed run sees the same order.
+    With ``world_size > 1`` (DDP) rank ``r`` takes positions ``r::world_size`` of the epoch's permutation; the
+    training shards are padded to equal length, test shards are not (each test image is evaluated exactly once).
+    Augmentation draws are made for the whole global batch and sliced the same way, so when the training set size
+    is divisible by ``world_size`` the ranks together see exactly the single-process batches.
     """
 
     def __init__(
@@ -83,33 +87,36 @@ class TensorLoader:
         else:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
             idx = torch.randperm(n, generator=g)
-        if self.world_size > 1:  # shard (pad to equal length so every rank takes the same number of steps)
+        if self.world_size > 1 and self.train:  # shard, padded so every rank takes the same number of steps
             per = -(-n // self.world_size)
             idx = torch.cat([idx, idx[: per * self.world_size - n]])
+            idx = idx[self.rank :: self.world_size]
+        elif self.world_size > 1:  # evaluation shard: no padding (metrics are all-reduced sums)
             idx = idx[self.rank :: self.world_size]
         return idx.to(self.images.device)
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
         if self.world_size > 1:
-            n = -(-n // self.world_size)
+            n = -(-n // self.world_size) if self.train else len(range(self.rank, n, self.world_size))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, _, h, w = x.shape
         dev = x.device
+        ws, r = self.world_size, self.rank  # draw for the global batch, keep this rank's positions r::ws
         if self.crop_padding:
             p = self.crop_padding
             xp = torch.nn.functional.pad(x, (p, p, p, p))
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(dev)
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(dev)
+            dx = torch.randint(0, 2 * p + 1, (b * ws,), generator=g)[r::ws].to(dev)
+            dy = torch.randint(0, 2 * p + 1, (b * ws,), generator=g)[r::ws].to(dev)
             rows = (dy.view(b, 1) + torch.arange(h, device=dev).view(1, h)).view(b, 1, h, 1)
             cols = (dx.view(b, 1) + torch.arange(w, device=dev).view(1, w)).view(b, 1, 1, w)
             bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
             ci = torch.arange(x.shape[1], device=dev).view(1, -1, 1, 1)
             x = xp[bi, ci, rows, cols]
         if self.flip:
-            m = (torch.rand(b, generator=g) < 0.5).to(dev).view(b, 1, 1, 1)
+            m = (torch.rand(b * ws, generator=g)[r::ws] < 0.5).to(dev).view(b, 1, 1, 1)
             x = torch.where(m, x.flip(3), x)
         return x
 

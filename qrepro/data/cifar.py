@@ -205,7 +205,9 @@ def _build(classes: int):
             rank=rank,
             world_size=world_size,
         )
-        test = TensorLoader(xte.to(dev), yte.to(dev), test_batch_size, norm, train=False)
+        test = TensorLoader(
+            xte.to(dev), yte.to(dev), test_batch_size, norm, train=False, rank=rank, world_size=world_size
+        )
         return DataBundle(train, test, classes, 3, 32, len(ytr), len(yte))
 
     return build

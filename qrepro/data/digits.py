@@ -59,5 +59,5 @@ def build_digits(
         rank=rank,
         world_size=world_size,
     )
-    test = TensorLoader(xte.to(dev), yte.to(dev), test_batch_size, norm, train=False)
+    test = TensorLoader(xte.to(dev), yte.to(dev), test_batch_size, norm, train=False, rank=rank, world_size=world_size)
     return DataBundle(train, test, 10, 3, image_size, len(ytr), len(yte))

@@ -79,7 +79,7 @@ def build_imagenet(
     sampler = None
     if world_size > 1:
         sampler = torch.utils.data.DistributedSampler(tr, world_size, rank, shuffle=True, seed=seed)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 10007 * rank)  # per-rank worker seeds: independent augmentations
     dev = torch.device(device)
     pin = dev.type == "cuda"
     ltr = torch.utils.data.DataLoader(
@@ -93,7 +93,10 @@ def build_imagenet(
         persistent_workers=workers > 0,
         generator=g,
     )
-    lte = torch.utils.data.DataLoader(te, test_batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+    test_shard = range(rank, len(te), world_size) if world_size > 1 else None  # unpadded: metrics are all-reduced
+    lte = torch.utils.data.DataLoader(
+        te, test_batch_size, shuffle=False, sampler=test_shard, num_workers=workers, pin_memory=pin
+    )
     return DataBundle(
         DeviceLoader(ltr, dev, mean, std, raw255),
         DeviceLoader(lte, dev, mean, std, raw255),

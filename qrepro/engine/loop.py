@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrepro.engine import dist as qdist
 from qrepro.engine.fast import ForwardLoss, make_forward_loss
 from qrepro.engine.hooks import Context, Hook
 
@@ -84,20 +85,26 @@ def train_one_epoch(
             h.on_step_end(ctx, ctx.step)
         if steps % log_every == 0:
             lv = float(dev_loss) / n_seen
-            if not math.isfinite(float(step_loss)):
-                raise NonFiniteLoss(f"loss is {float(step_loss)} at step {ctx.step}")
+            loss_v = float(qdist.all_reduce_sum(step_loss))  # every rank stops together on a NaN
+            if not math.isfinite(loss_v):
+                raise NonFiniteLoss(f"loss is {loss_v} at step {ctx.step}")
             if progress is not None:
                 dt = time.perf_counter() - t0
                 progress.set_postfix(
                     loss=f"{lv:.3f}",
                     acc=f"{100 * float(dev_correct) / n_seen:.1f}",
-                    img_s=f"{n_seen / max(dt, 1e-9):.0f}",
+                    img_s=f"{n_seen * qdist.world_size() / max(dt, 1e-9):.0f}",  # all ranks (equal batches)
                     refresh=False,
                 )
         if progress is not None:
             progress.update(1)
     if n_seen == 0:
         raise RuntimeError("the training loader yielded no batch (batch size larger than the dataset?)")
+    if qdist.is_distributed():  # epoch metrics over the global batch (all ranks)
+        sums = qdist.all_reduce_sum(
+            torch.stack([dev_loss.double(), dev_correct.double(), dev_loss.new_tensor(n_seen).double()])
+        )
+        dev_loss, dev_correct, n_seen = sums[0], sums[1], int(sums[2])
     loss_v = float(dev_loss) / n_seen
     if not math.isfinite(loss_v):
         raise NonFiniteLoss(f"loss is {loss_v} in epoch {ctx.epoch}")
@@ -113,9 +120,16 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn: Callable | None = None
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable | None = None,
+    all_reduce: bool = False,
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean loss over ``loader``."""
+    """Top-1/top-5 accuracy (percent) and mean loss over ``loader``.
+
+    ``all_reduce``: every DDP rank calls this on its shard of the test set and the sums are all-reduced, so every
+    rank gets the metrics of the whole set (exact: the eval shards do not overlap and are not padded).
+    """
     was_training = model.training
     model.eval()
     loss_fn = loss_fn or nn.functional.cross_entropy
@@ -130,6 +144,11 @@ def evaluate(
         c5 = b if c5 is None else c5 + b
         n += y.shape[0]
     model.train(was_training)
+    if all_reduce and qdist.is_distributed():
+        z = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+        local = [z if v is None else v.double() for v in (tot, c1, c5)] + [z.new_tensor(float(n))]
+        sums = qdist.all_reduce_sum(torch.stack(local))
+        tot, c1, c5, n = sums[0], sums[1], sums[2], int(sums[3])
     if n == 0:
         return {"test_loss": float("nan"), "test_top1": 0.0, "test_top5": 0.0}
     return {"test_loss": float(tot) / n, "test_top1": 100.0 * float(c1) / n, "test_top5": 100.0 * float(c5) / n}

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrepro.engine import dist as qdist
 from qrepro.engine.checkpoint import atomic_save, read_checkpoint
 from qrepro.engine.hooks import Context, Hook
 from qrepro.engine.loop import NonFiniteLoss, evaluate, train_one_epoch
@@ -92,8 +93,9 @@ def fit(f: Fit) -> FitResult:
         for h, hs in zip(f.hooks, st.get("hooks", [])):
             h.load_state_dict(hs)
         start_epoch, best, curves = st["epoch"] + 1, st["best"], st["curves"]
-        print(f"resumed from {ckpt_path} after epoch {st['epoch'] + 1}/{f.epochs}", flush=True)
-    elif f.resume:
+        if f.is_main:
+            print(f"resumed from {ckpt_path} after epoch {st['epoch'] + 1}/{f.epochs}", flush=True)
+    elif f.resume and f.is_main:
         print(f"resume=true but no checkpoint at {ckpt_path}: starting from scratch", flush=True)
 
     train_model = f.train_model or f.model
@@ -155,7 +157,9 @@ def fit(f: Fit) -> FitResult:
             if bar is not None:
                 bar.close()
         lr = _main_lr(f.optimizer)
-        ev = evaluate(f.ema.module if f.ema is not None else f.model, f.data.test)
+        eval_model = f.ema.module if f.ema is not None else f.model
+        qdist.sync_buffers(eval_model)  # DDP: rank 0's BN/quantizer statistics, i.e. the checkpointed ones
+        ev = evaluate(eval_model, f.data.test, all_reduce=True)
         extra: dict[str, float] = {}
         for h in f.hooks:
             extra.update(h.on_epoch_end(ctx, epoch) or {})

@@ -1,0 +1,131 @@
+"""Commands that train every cell of a paper table: ``python -m qrepro.sweep <table> [--launcher ...]``.
+
+Prints a shell script (run it with ``| bash``, inside tmux/screen for long tables). Cells are ordered in waves by
+``init_from_cell`` (a cell starts from another cell's last checkpoint, so it runs in a later wave).
+
+* ``--launcher slurm`` (or ``local``): one Hydra multirun per (wave, overrides, initialising cell), i.e. one SLURM
+  job array through the submitit launcher (``configs/hydra/launcher/slurm.yaml``); each array element is one cell
+  trained with DDP on ``gpus_per_node x nodes`` GPUs. The launcher waits for its array, so the waves run in order.
+* ``--launcher torchrun``: one ``torchrun --standalone --nproc_per_node=<gpus>`` command per cell, one after the
+  other on this node.
+
+Every command carries ``resume=true``: an interrupted or requeued cell continues from its last epoch, and a cell with
+a complete record is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from qrepro.cli import CONFIG_DIR, _run_subdir, one_line_errors
+from qrepro.errors import QreproError
+
+
+def _exclude_keys() -> list[str]:
+    train = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml")
+    return list(train.hydra.job.config.override_dirname.exclude_keys)
+
+
+def run_subdir(overrides: Sequence[str]) -> str:
+    """The run directory name these overrides get (Hydra's ``hydra.job.override_dirname`` rule: sorted
+    ``key=value`` items without the excluded keys, joined by commas; made path-safe as in configs/train.yaml)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    excluded = set(_exclude_keys())
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return _run_subdir(",".join(sorted(o.input_line for o in parsed if o.key_or_group not in excluded)))
+
+
+def _experiment_name(experiment: str) -> str:
+    path = next(Path(CONFIG_DIR, "experiment").rglob(f"{experiment}.yaml"), None)
+    if path is None:
+        raise QreproError(f"table cell experiment {experiment!r} has no configs/experiment/{experiment}.yaml")
+    return str(OmegaConf.load(path).get("name", experiment))
+
+
+def load_cells(table: str) -> list[dict]:
+    path = Path(table) if table.endswith(".yaml") else Path(CONFIG_DIR, "table", f"{table}.yaml")
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(CONFIG_DIR, "table").glob("*.yaml"))
+        raise QreproError(f"unknown table {table!r}; choose one of: {', '.join(known)}")
+    cells = OmegaConf.to_container(OmegaConf.load(path).cells, resolve=False)
+    ids = {c["id"] for c in cells}
+    for c in cells:
+        src = c.get("init_from_cell")
+        if src and src not in ids:
+            raise QreproError(f"table {table}: cell {c['id']} has init_from_cell={src}, which is not a cell id")
+    return cells
+
+
+def waves(cells: list[dict]) -> list[list[dict]]:
+    """Cells grouped so that every cell comes after the cell it is initialised from."""
+    by_id, depth = {c["id"]: c for c in cells}, {}
+
+    def level(cid: str, seen: tuple[str, ...] = ()) -> int:
+        if cid in seen:
+            raise QreproError(f"init_from_cell cycle: {' -> '.join((*seen, cid))}")
+        if cid not in depth:
+            src = by_id[cid].get("init_from_cell")
+            depth[cid] = 0 if not src else level(src, (*seen, cid)) + 1
+        return depth[cid]
+
+    out: list[list[dict]] = []
+    for c in cells:
+        d = level(c["id"])
+        out.extend([] for _ in range(d + 1 - len(out)))
+        out[d].append(c)
+    return out
+
+
+def init_path(cell: dict, by_id: dict[str, dict]) -> str | None:
+    src = cell.get("init_from_cell")
+    if not src:
+        return None
+    s = by_id[src]
+    path = f"${{out_root}}/{_experiment_name(s['experiment'])}/{run_subdir(s.get('overrides') or [])}"
+    return f'"{path}/checkpoints/last.pt"'  # quoted for Hydra: run directory names contain '=' and ','
+
+
+def commands(table: str, launcher: str = "slurm", gpus: int = 8, extra: Sequence[str] = ()) -> list[str]:
+    cells = load_cells(table)
+    by_id = {c["id"]: c for c in cells}
+    lines = [f"# {table}: {len(cells)} cells; launcher={launcher}"]
+    for w, wave in enumerate(waves(cells)):
+        lines.append(f"# wave {w}: {', '.join(c['id'] for c in wave)}")
+        if launcher == "torchrun":
+            for c in wave:
+                argv = ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "qrepro.train"]
+                argv += [f"+experiment={c['experiment']}", *(c.get("overrides") or [])]
+                ip = init_path(c, by_id)
+                argv += ([f"init_from={ip}"] if ip else []) + ["resume=true", *extra]
+                lines.append(shlex.join(argv))
+            continue
+        groups: dict[tuple, list[str]] = {}
+        for c in wave:
+            key = (tuple(c.get("overrides") or []), init_path(c, by_id))
+            groups.setdefault(key, []).append(c["experiment"])
+        for (overrides, ip), exps in groups.items():
+            argv = ["python", "-m", "qrepro.train", "-m", f"hydra/launcher={launcher}", f"+experiment={','.join(exps)}"]
+            argv += [*overrides, *([f"init_from={ip}"] if ip else []), "resume=true", *extra]
+            lines.append(shlex.join(argv))
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m qrepro.sweep", description=__doc__.splitlines()[0])
+    p.add_argument("table", help="configs/table/<name>.yaml name, or a path to a table YAML")
+    p.add_argument("--launcher", choices=["slurm", "local", "torchrun"], default="slurm")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per cell with --launcher torchrun (default 8)")
+    p.add_argument("extra", nargs="*", help="overrides added to every command, e.g. dataset.root=/data/imagenet")
+    a = p.parse_args(argv)
+    print("\n".join(one_line_errors(commands)(a.table, a.launcher, a.gpus, a.extra)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,65 @@
+"""python -m qrepro.sweep: a table's cells as job arrays / torchrun commands, in init_from_cell order."""
+
+import shlex
+
+import pytest
+from omegaconf import OmegaConf
+
+from qrepro.errors import QreproError
+from qrepro.sweep import commands, run_subdir, waves
+from qrepro.train import compose
+
+
+def _table(tmp_path, cells):
+    p = tmp_path / "t.yaml"
+    OmegaConf.save({"name": "t", "cells": cells}, p)
+    return str(p)
+
+
+def test_waves_follow_init_from_cell_and_reject_cycles():
+    cells = [{"id": "q", "init_from_cell": "fp"}, {"id": "fp"}, {"id": "q2", "init_from_cell": "q"}]
+    assert [[c["id"] for c in w] for w in waves(cells)] == [["fp"], ["q"], ["q2"]]
+    with pytest.raises(QreproError, match="cycle"):
+        waves([{"id": "a", "init_from_cell": "b"}, {"id": "b", "init_from_cell": "a"}])
+
+
+def test_run_subdir_is_hydras_override_dirname():
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from qrepro.cli import _run_subdir
+    from qrepro.sweep import _exclude_keys
+
+    ov = ["+experiment=x", "trainer.epochs=3", "resume=true", "seed=1", "dataset.root=/d", "model.width=8"]
+    ref = get_overrides_dirname(OverridesParser.create().parse_overrides(ov), _exclude_keys(), ",", "=")
+    assert run_subdir(ov) == _run_subdir(ref) == "model.width=8,seed=1,trainer.epochs=3"
+    assert run_subdir(["+experiment=x", "resume=true"]) == "default"
+
+
+def test_commands_form_job_arrays_per_wave_and_compose(tmp_path):
+    cells = [
+        {"id": "fp", "experiment": "demo_digits_fp", "overrides": ["trainer.epochs=2"]},
+        {"id": "a", "experiment": "demo_digits_fp", "overrides": [], "init_from_cell": "fp"},
+    ]
+    lines = commands(_table(tmp_path, cells), "slurm", extra=["dataset.root=/d"])
+    cmds = [shlex.split(x) for x in lines if not x.startswith("#")]
+    assert len(cmds) == 2 and all(
+        c[:6] == ["python", "-m", "qrepro.train", "-m", "hydra/launcher=slurm", "+experiment=demo_digits_fp"]
+        for c in cmds
+    )
+    assert 'init_from="${out_root}/demo_digits_fp/trainer.epochs=2/checkpoints/last.pt"' in cmds[1]
+    cfg = compose(cmds[1][5:])
+    assert cfg.init_from == "runs/demo_digits_fp/trainer.epochs=2/checkpoints/last.pt" and cfg.resume
+    tr = [shlex.split(x) for x in commands(_table(tmp_path, cells), "torchrun", gpus=4) if not x.startswith("#")]
+    assert tr[0][:5] == ["torchrun", "--standalone", "--nproc_per_node=4", "-m", "qrepro.train"]
+    compose(tr[0][5:])
+
+
+def test_every_table_in_the_repo_yields_commands():
+    from pathlib import Path
+
+    from qrepro.cli import CONFIG_DIR
+
+    for t in sorted(Path(CONFIG_DIR, "table").glob("*.yaml")):
+        lines = commands(t.stem)
+        assert any(x.startswith("python -m qrepro.train -m hydra/launcher=slurm") for x in lines), t.stem
