@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Evaluate the APoT authors' released CIFAR-10 ResNet-20 checkpoints with our APoT model (docs/apot.md).
+# Usage: scripts/apot_eval_released.sh [RELEASE_DIR] [CIFAR10_ROOT]   (one process at a time; CPU is fine)
+set -euo pipefail
+release=${1:-../shared/data/apot-cifar10-release}
+root=${2:-../shared/data/cifar10-jpeg.tar.gz}
+for pair in w4a4:4 w3a3:3 w2a2:2 fp:32; do
+  exp=${pair%%:*}; bits=${pair##*:}
+  echo "== apot_resnet20_cifar10_${exp} <- res20_${bits}bit.pth.tar"
+  python -m qrepro.evaluate +experiment="apot_resnet20_cifar10_${exp}" \
+    init_from="${release}/res20_${bits}bit.pth.tar" dataset.root="${root}" logger=none
+done
