@@ -182,3 +182,30 @@ def test_ema_multi_tensor_update_matches_per_tensor() -> None:
             r.lerp_(m, 0.1) if r.dtype.is_floating_point else r.copy_(m)
     for (k, a), b in zip(ema.module.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_trainer_fast_path_trains_like_eager(tmp_path, monkeypatch) -> None:
+    """``trainer.compile=true`` routes the step through ``compile_forward_loss`` (here with the aot_eager
+    backend: Inductor's C++ build is too slow for CI) and trains exactly like eager mode on digits + SAT."""
+    import qrepro.engine.fast as fast
+    from qrepro.train import compose, train
+
+    if "sat" not in method_names():
+        pytest.skip("needs a quantizer with learnable parameters (sat)")
+    calls = []
+    original = fast.compile_forward_loss
+
+    def aot_eager(fn, mode, backend="inductor"):
+        calls.append(mode)
+        return original(fn, mode, backend="aot_eager")
+
+    monkeypatch.setattr(fast, "compile_forward_loss", aot_eager)
+    common = ["logger=none", "trainer.progress=false", "model.width=4", "trainer.epochs=1", "trainer.log_every=5"]
+    common += ["quantizer=sat", "precision=w4a4", "trainer.batch_size=128"]
+    recs = {}
+    for setting in ("false", "true"):
+        extra = [*common, f"trainer.compile={setting}"]
+        recs[setting] = train(compose(extra), run_dir=tmp_path / setting, experiment="unit", overrides=extra).record
+    assert calls == ["default"]  # true on CPU -> mode "default"; false -> never compiled
+    for key in ("train_loss", "train_top1", "test_loss", "test_top1"):
+        assert recs["true"]["curves"][key] == pytest.approx(recs["false"]["curves"][key], rel=1e-5, abs=1e-6), key
