@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from qrepro.errors import QreproError
@@ -38,3 +40,9 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def import_submodules(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package so that its ``@REG.register`` decorators run (idempotent)."""
+    for mod in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{mod.name}")

@@ -36,13 +36,14 @@ def plot(records: dict[str, Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    offset = 0
+    fp_epochs = 0
     for name, p in records.items():
         c = json.loads(p.read_text())["curves"]
-        ep = [e + offset for e in c["epoch"]]
+        ep = [e + (0 if name == "fp" else fp_epochs) for e in c["epoch"]]
         ax.plot(ep, c["test_top1"], marker=".", label=name)
-        offset = ep[-1]
-    ax.set_xlabel("epoch (quantized stages continue from the FP model)")
+        if name == "fp":
+            fp_epochs = ep[-1]
+    ax.set_xlabel("epoch (each quantized stage starts from the final FP model)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("qrepro demo on sklearn digits")
     ax.grid(alpha=0.3)

@@ -7,8 +7,6 @@ with ``x`` float32, normalised by ``mean``/``std`` or left as raw 0..255 pixels 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 
 from qrepro.errors import QreproError
-from qrepro.registry import Registry
+from qrepro.registry import Registry, import_submodules
 
 DATASETS = Registry("dataset")
 
@@ -142,14 +140,41 @@ class DataBundle:
     num_test: int
 
 
+def tensor_bundle(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    num_classes: int,
+    batch_size: int,
+    test_batch_size: int,
+    device: str | torch.device,
+    normalize: Normalizer,
+    crop_padding: int,
+    flip: bool,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> DataBundle:
+    """A DataBundle of device-held uint8 tensors (train augmented on the device, test sharded without padding)."""
+    dev = torch.device(device)
+    (xtr, ytr), (xte, yte) = train, test
+    tr = TensorLoader(
+        xtr.to(dev), ytr.to(dev), batch_size, normalize, train=True, crop_padding=crop_padding, flip=flip,
+        seed=seed, rank=rank, world_size=world_size,
+    )  # fmt: skip
+    te = TensorLoader(
+        xte.to(dev), yte.to(dev), test_batch_size, normalize, train=False, rank=rank, world_size=world_size
+    )
+    return DataBundle(tr, te, num_classes, xtr.shape[1], xtr.shape[-1], len(ytr), len(yte))
+
+
 _loaded = False
 
 
 def _load_all() -> None:
     global _loaded
     if not _loaded:
-        for mod in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{mod.name}")
+        import_submodules(__name__, __path__)
         _loaded = True
 
 

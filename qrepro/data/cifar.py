@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qrepro.data import DATASETS, DataBundle, Normalizer, TensorLoader
+from qrepro.data import DATASETS, DataBundle, Normalizer, tensor_bundle
 from qrepro.errors import QreproError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -191,24 +191,20 @@ def _build(classes: int):
             itr = torch.randperm(len(ytr), generator=g)[:subset]
             ite = torch.randperm(len(yte), generator=g)[:subset]
             xtr, ytr, xte, yte = xtr[itr], ytr[itr], xte[ite], yte[ite]
-        dev = torch.device(device)
-        norm = Normalizer(mean, std, raw255)
-        train = TensorLoader(
-            xtr.to(dev),
-            ytr.to(dev),
-            batch_size,
-            norm,
-            train=True,
+        return tensor_bundle(
+            (xtr, ytr),
+            (xte, yte),
+            num_classes=classes,
+            batch_size=batch_size,
+            test_batch_size=test_batch_size,
+            device=device,
+            normalize=Normalizer(mean, std, raw255),
             crop_padding=crop_padding,
             flip=flip,
             seed=seed,
             rank=rank,
             world_size=world_size,
         )
-        test = TensorLoader(
-            xte.to(dev), yte.to(dev), test_batch_size, norm, train=False, rank=rank, world_size=world_size
-        )
-        return DataBundle(train, test, classes, 3, 32, len(ytr), len(yte))
 
     return build
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qrepro.data import DATASETS, DataBundle, Normalizer, TensorLoader
+from qrepro.data import DATASETS, DataBundle, Normalizer, tensor_bundle
 
 
 def load_digits_tensors(image_size: int = 32, test_fraction: float = 0.2):
@@ -45,19 +45,17 @@ def build_digits(
     **_: object,
 ) -> DataBundle:
     xtr, ytr, xte, yte = load_digits_tensors(image_size)
-    dev = torch.device(device)
-    norm = Normalizer(mean, std, raw255)
-    train = TensorLoader(
-        xtr.to(dev),
-        ytr.to(dev),
-        batch_size,
-        norm,
-        train=True,
+    return tensor_bundle(
+        (xtr, ytr),
+        (xte, yte),
+        num_classes=10,
+        batch_size=batch_size,
+        test_batch_size=test_batch_size,
+        device=device,
+        normalize=Normalizer(mean, std, raw255),
         crop_padding=crop_padding,
         flip=flip,
         seed=seed,
         rank=rank,
         world_size=world_size,
     )
-    test = TensorLoader(xte.to(dev), yte.to(dev), test_batch_size, norm, train=False, rank=rank, world_size=world_size)
-    return DataBundle(train, test, 10, 3, image_size, len(ytr), len(yte))

@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 
 from qrepro.errors import QreproError
-from qrepro.registry import Registry
+from qrepro.registry import Registry, import_submodules
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
@@ -120,8 +118,7 @@ _loaded = False
 def _load_all() -> None:
     global _loaded
     if not _loaded:
-        for mod in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{mod.name}")
+        import_submodules(__name__, __path__)
         _loaded = True
 
 

@@ -7,8 +7,6 @@ one new file plus one ``configs/quantizer/<name>.yaml``.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +15,7 @@ import torch
 from torch import nn
 
 from qrepro.errors import QreproError
-from qrepro.registry import Registry
+from qrepro.registry import Registry, import_submodules
 
 METHODS = Registry("quantizer")
 
@@ -54,11 +52,9 @@ _loaded = False
 
 def _load_all() -> None:
     global _loaded
-    if _loaded:
-        return
-    for mod in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{mod.name}")
-    _loaded = True
+    if not _loaded:
+        import_submodules(__name__, __path__)
+        _loaded = True
 
 
 def check_bits(method: str, w_bits: int, a_bits: int, supported: Sequence[int]) -> None:
