@@ -134,6 +134,7 @@ def train(
     """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
     from qrepro.engine import dist as qdist
     from qrepro.engine.ema import EMA
+    from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
     from qrepro.engine.record import is_complete, read_record
     from qrepro.engine.trainer import Fit, fit
     from qrepro.logging import build_logger
@@ -157,6 +158,7 @@ def train(
     seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
+    setup_device(device, deterministic=bool(cfg.trainer.get("deterministic")))
     data = build_data_from_cfg(cfg, device, denv.rank, world)
     model, method = build_model_and_method(cfg, data.num_classes)
     if qdist.use_sync_bn(bool(cfg.trainer.get("sync_bn", False)), denv):
@@ -187,8 +189,10 @@ def train(
 
     ema = EMA(model, float(cfg.trainer.ema)) if cfg.trainer.ema else None
     train_model = qdist.wrap_ddp(model, denv, bool(cfg.trainer.get("find_unused_parameters", False)))
-    if cfg.trainer.compile:
-        train_model = torch.compile(train_model)
+    mode = compile_mode(cfg.trainer.compile, device)
+    forward_loss = None
+    if mode is not None:  # the fast path: forward + loss + regularizer compiled (CUDA graphs on GPU)
+        forward_loss = compile_forward_loss(make_forward_loss(train_model, loss_fn, method.regularizer), mode)
     if world > 1:
         seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
     record_base = {
@@ -211,7 +215,8 @@ def train(
     if denv.is_main:
         print(
             f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
-            f"device={device} epochs={cfg.trainer.epochs}" + (f" ranks={world} ({denv.backend})" if world > 1 else ""),
+            f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
+            + (f" ranks={world} ({denv.backend})" if world > 1 else ""),
             flush=True,
         )
     f = Fit(
@@ -231,6 +236,7 @@ def train(
         progress=bool(cfg.trainer.progress),
         resume=bool(cfg.resume),
         device=device,
+        forward_loss=forward_loss,
         train_model=train_model,
         is_main=denv.is_main,
     )

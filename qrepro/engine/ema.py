@@ -17,11 +17,19 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        # multi-tensor kernels: a handful of launches per step instead of one per tensor
+        ef, mf, eo, mo = [], [], [], []
         for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
             if e.dtype.is_floating_point:
-                e.lerp_(m.detach(), 1.0 - self.decay)
+                ef.append(e)
+                mf.append(m.detach())
             else:
-                e.copy_(m)
+                eo.append(e)
+                mo.append(m)
+        if ef:
+            torch._foreach_lerp_(ef, mf, 1.0 - self.decay)
+        if eo:
+            torch._foreach_copy_(eo, mo)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

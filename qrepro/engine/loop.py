@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qrepro.engine import dist as qdist
+from qrepro.engine.fast import ForwardLoss, make_forward_loss
 from qrepro.engine.hooks import Context, Hook
 
 
@@ -41,34 +42,33 @@ def train_one_epoch(
     ema: Any = None,
     log_every: int = 50,
     progress: Any = None,
+    forward_loss: ForwardLoss | None = None,
 ) -> dict[str, float]:
+    """One epoch. ``forward_loss`` (e.g. the compiled one of ``qrepro.engine.fast``) replaces
+    ``make_forward_loss(model, loss_fn, regularizer)``."""
     model.train()
+    forward_loss = forward_loss or make_forward_loss(model, loss_fn, regularizer)
     dev_loss = dev_correct = None
     n_seen = 0
     t0 = time.perf_counter()
     needs_closure = getattr(optimizer, "needs_closure", False)
     steps = 0
     for x, y in loader:
-
-        def compute_loss(x=x, y=y):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            if regularizer is not None:
-                r = regularizer(model)
-                if r is not None:
-                    loss = loss + r
-            return logits, loss
-
         optimizer.zero_grad(set_to_none=True)
-        logits, loss = compute_loss()
+        loss, correct = forward_loss(x, y)
+        with torch.no_grad():  # consume the outputs now: under CUDA graphs the next call overwrites them
+            step_loss = loss.detach().clone()
+            bl = step_loss * y.shape[0]
+            dev_loss = bl if dev_loss is None else dev_loss + bl
+            dev_correct = correct.clone() if dev_correct is None else dev_correct + correct
         loss.backward()
         if needs_closure:  # two-pass optimizers (SAM/ASAM): the closure recomputes loss and gradients
 
-            def closure():
+            def closure(x=x, y=y):
                 optimizer.zero_grad(set_to_none=True)
-                _, l2 = compute_loss()
+                l2 = forward_loss(x, y)[0]
                 l2.backward()
-                return l2
+                return l2.detach().clone()
 
             optimizer.step(closure)
         else:
@@ -77,22 +77,17 @@ def train_one_epoch(
             scheduler.step()
         if ema is not None:
             ema.update(model)
-        with torch.no_grad():
-            bl = loss.detach() * y.shape[0]
-            bc = logits.detach().argmax(1).eq(y).sum()
-            dev_loss = bl if dev_loss is None else dev_loss + bl
-            dev_correct = bc if dev_correct is None else dev_correct + bc
         n_seen += y.shape[0]
         steps += 1
         ctx.step += 1
-        ctx.loss = loss.detach()
+        ctx.loss = step_loss
         for h in hooks:
             h.on_step_end(ctx, ctx.step)
         if steps % log_every == 0:
             lv = float(dev_loss) / n_seen
-            step_loss = float(qdist.all_reduce_sum(loss.detach()))  # every rank stops together on a NaN
-            if not math.isfinite(step_loss):
-                raise NonFiniteLoss(f"loss is {step_loss} at step {ctx.step}")
+            loss_v = float(qdist.all_reduce_sum(step_loss))  # every rank stops together on a NaN
+            if not math.isfinite(loss_v):
+                raise NonFiniteLoss(f"loss is {loss_v} at step {ctx.step}")
             if progress is not None:
                 dt = time.perf_counter() - t0
                 progress.set_postfix(

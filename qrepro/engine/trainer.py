@@ -46,7 +46,8 @@ class Fit:
     progress: bool = True
     resume: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    train_model: nn.Module | None = None  # e.g. a compiled or DDP-wrapped view of ``model``
+    train_model: nn.Module | None = None  # e.g. a DDP-wrapped view of ``model``
+    forward_loss: Any = None  # compiled (x, y) -> (loss, correct), see qrepro.engine.fast
     is_main: bool = True
 
 
@@ -147,6 +148,7 @@ def fit(f: Fit) -> FitResult:
                 ema=f.ema,
                 log_every=f.log_every,
                 progress=bar,
+                forward_loss=f.forward_loss,
             )
         except NonFiniteLoss as e:
             diverged = f"{e}; stopped, last good checkpoint kept at {ckpt_path}"

@@ -1,0 +1,528 @@
+"""Training-step benchmark: FP and every registered quantizer, side by side, in one process.
+
+    python -m qrepro.bench                                   # full grid on the default device
+    python -m qrepro.bench --models resnet20 --batch-sizes 128 --steps 5 --warmup 3   # a short CPU run
+
+Each case builds the model exactly as the trainer does (``configs/quantizer/<method>.yaml`` options,
+``prepare``, SGD with momentum, cosine schedule, the method's hooks and regularizer) and times
+``qrepro.engine.loop.train_one_epoch`` -- the trainer's own loop -- on one synthetic batch held on the device,
+eager and compiled (``qrepro.engine.fast``, the trainer's fast path). A timed sample is ``--window``
+consecutive steps between two device synchronisations; the reported step time is the median sample divided
+by the window, after ``--warmup`` untimed steps (which include compilation). Ratios are to FP measured in
+the same process, same model, batch size and mode.
+
+Writes ``<out>/<device-slug>.json`` and ``<out>/<device-slug>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_MODELS = ("resnet20", "mobilenet_v2_cifar")
+DEFAULT_BATCH_SIZES = (128, 512)
+DEFAULT_MODES = ("eager", "compiled")
+DEFAULT_BITS = 4
+# methods benchmarked at several bit-widths by default (APoT's level sets change with b: Eq. 5/6)
+METHOD_BITS = {"apot": (2, 3, 4)}
+FP_METHOD = "fp"
+
+
+@dataclass
+class Case:
+    model: str
+    method: str
+    w_bits: int
+    a_bits: int
+    batch_size: int
+    mode: str  # "eager" or a torch.compile mode
+
+    @property
+    def precision(self) -> str:
+        return f"w{self.w_bits}a{self.a_bits}"
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    precision: str
+    batch_size: int
+    mode: str
+    status: str = "ok"  # ok | skipped: ... | error: ...
+    step_ms: float | None = None  # median
+    step_ms_min: float | None = None
+    step_ms_max: float | None = None
+    images_per_s: float | None = None
+    fp_step_ms: float | None = None  # the FP median step time (same model, batch, mode, invocation)
+    ratio_fp: float | None = None  # step time / FP step time, same model, batch and mode
+    ratio_fp_eager: float | None = None  # step time / FP eager step time
+    ratio_fp_min: float | None = None  # fastest sample / FP's fastest sample (robust to a loaded machine)
+    first_step_s: float | None = None  # first warm-up step of the first round (includes compilation)
+    peak_mem_mb: float | None = None
+    graph_breaks: int | None = None
+    cudagraph_counters: dict[str, int] = field(default_factory=dict)  # skips, non-static inputs (copied per replay)
+    samples_ms: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe name for the device, e.g. ``cuda-nvidia-h100-80gb-hbm3`` or ``cpu-amd-epyc-2t``."""
+    if device.type == "cuda":
+        name = "cuda-" + torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{cpu_model()}-{torch.get_num_threads()}t"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})"
+    import os
+
+    return f"CPU {cpu_model()} ({os.cpu_count()} cores visible, torch threads {torch.get_num_threads()})"
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The options of ``configs/quantizer/<name>.yaml`` (what ``quantizer=<name>`` trains with), else {}."""
+    from omegaconf import OmegaConf
+
+    path = CONFIG_DIR / "quantizer" / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return {k: v for k, v in (cfg or {}).items() if k not in ("name", "defaults")}
+
+
+def parse_bits(spec: str | None) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
+    """``"apot=2,3,4;sat=4;default=4"`` -> ({"apot": (2, 3, 4), "sat": (4,)}, (4,))."""
+    per = dict(METHOD_BITS)
+    default: tuple[int, ...] = (DEFAULT_BITS,)
+    for part in (spec or "").split(";"):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise QreproError(f"--bits: {part!r} is not METHOD=B[,B...] (e.g. --bits 'apot=2,3,4;default=4')")
+        k, v = part.split("=", 1)
+        try:
+            bits = tuple(int(b) for b in v.split(",") if b.strip())
+        except ValueError:
+            raise QreproError(f"--bits: {v!r} is not a list of integers (e.g. apot=2,3,4)") from None
+        if k.strip() == "default":
+            default = bits
+        else:
+            per[k.strip()] = bits
+    return per, default
+
+
+def _csv(s: str | None) -> list[str]:
+    return [p.strip() for p in (s or "").split(",") if p.strip()]
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+class TimedBatches:
+    """Yields one fixed batch ``n`` times; stamps the clock (after a device sync) every ``window`` batches and
+    once after the last step, so consecutive stamps bracket ``window`` complete training steps."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int, window: int, sync: Callable[[], None]):
+        self.x, self.y, self.n, self.window, self.sync = x, y, n, max(1, window), sync
+        self.stamps: list[float] = []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.stamps = []
+        for i in range(self.n):
+            if i % self.window == 0:
+                self.sync()
+                self.stamps.append(time.perf_counter())
+            yield self.x, self.y
+        self.sync()
+        self.stamps.append(time.perf_counter())
+
+    def samples(self) -> list[float]:
+        """Seconds per step of each complete window."""
+        out = []
+        for k in range(len(self.stamps) - 1):
+            steps = min(self.window, self.n - k * self.window)
+            if steps == self.window:
+                out.append((self.stamps[k + 1] - self.stamps[k]) / steps)
+        return out
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """``compiled`` -> the trainer's automatic compile mode on ``device``; other names pass through."""
+    from qrepro.engine.fast import COMPILE_MODES, compile_mode
+
+    if mode in ("eager", *COMPILE_MODES):
+        return mode
+    if mode == "compiled":
+        return compile_mode("true", device) or "eager"
+    raise QreproError(f"--modes: unknown mode {mode!r}; use eager, compiled or one of: {', '.join(COMPILE_MODES)}")
+
+
+# ---------------------------------------------------------------------------------------------- one case
+def run_case(
+    case: Case,
+    device: torch.device,
+    *,
+    warmup: int,
+    steps: int,
+    window: int,
+    backend: str,
+    num_classes: int = 10,
+    image_size: int = 32,
+    seed: int = 0,
+) -> Row:
+    from qrepro.engine.fast import compile_forward_loss, make_forward_loss
+    from qrepro.engine.hooks import Context
+    from qrepro.engine.loop import train_one_epoch
+    from qrepro.models import build_model
+    from qrepro.optim import build_optimizer, build_scheduler
+    from qrepro.quant import build_method, prepare
+
+    row = Row(case.model, case.method, case.precision, case.batch_size, case.mode)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch.manual_seed(seed)
+    torch._dynamo.reset()  # fresh caches: every case compiles the same inner function for a different model
+    torch._dynamo.utils.counters.clear()
+    try:
+        method = build_method(case.method, case.w_bits, case.a_bits, **method_options(case.method))
+    except QreproError as e:
+        row.status = f"skipped: {e}"
+        return row
+    model = build_model(case.model, num_classes=num_classes)
+    prepare(model, method)
+    model.to(device).train()
+    optimizer = build_optimizer(model, "sgd", None, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    total = warmup + steps * window
+    scheduler = build_scheduler(optimizer, "cosine", total_steps=10 * total, steps_per_epoch=total)
+    x = torch.randn(case.batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, num_classes, (case.batch_size,), device=device)
+    ctx = Context(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=SimpleNamespace(train=[(x, y)], test=[], num_classes=num_classes),
+        sample_batch=(x, y),
+    )
+    hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
+    for h in hooks:
+        h.on_train_start(ctx)
+
+    def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, t)
+
+    forward_loss = make_forward_loss(model, loss_fn, method.regularizer)
+    if case.mode != "eager":
+        forward_loss = compile_forward_loss(forward_loss, case.mode, backend=backend)
+    sync = _sync(device)
+
+    def epoch(batches: TimedBatches) -> None:
+        train_one_epoch(
+            model,
+            batches,
+            optimizer,
+            scheduler,
+            loss_fn,
+            ctx=ctx,
+            hooks=hooks,
+            regularizer=method.regularizer,
+            log_every=10**9,
+            forward_loss=forward_loss,
+        )
+
+    # CUDA-graph trees warm up, then record: at least 3 untimed steps before timing a compiled case
+    warm = TimedBatches(x, y, max(1 if case.mode == "eager" else 3, warmup), 1, sync)
+    epoch(warm)
+    row.first_step_s = warm.samples()[0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = TimedBatches(x, y, steps * window, window, sync)
+    epoch(timed)
+    samples = timed.samples()
+    if device.type == "cuda":
+        row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    row.samples_ms = [1e3 * s for s in samples]
+    row.step_ms = statistics.median(row.samples_ms)
+    row.step_ms_min, row.step_ms_max = min(row.samples_ms), max(row.samples_ms)
+    row.images_per_s = case.batch_size / (row.step_ms / 1e3)
+    counters = torch._dynamo.utils.counters
+    if case.mode != "eager":
+        row.graph_breaks = int(sum(counters["graph_break"].values()))
+        row.cudagraph_counters = {k: int(v) for k, v in counters["inductor"].items() if "cudagraph" in k}
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- grid
+def supported(method: str, bits: int) -> bool:
+    """Whether ``method`` builds at W=A=``bits`` (cheap: builders create no layers)."""
+    from qrepro.quant import build_method
+
+    try:
+        build_method(method, bits, bits, **method_options(method))
+    except QreproError:
+        return False
+    return True
+
+
+def plan(
+    models: list[str], methods: list[str], batch_sizes: list[int], modes: list[str], bits: str | None
+) -> list[Case]:
+    """FP first, then every method at its bit-widths (``--bits``; default 4, APoT 2/3/4), for every model,
+    batch size and mode. A method that supports none of its default bit-widths (FP-only regularizers such
+    as KURE or SymReg) runs at W32A32; explicitly requested bit-widths are kept (and reported as skipped)."""
+    per, default = parse_bits(bits)
+    precisions: dict[str, tuple[int, ...]] = {}
+    for q in methods:
+        if q == FP_METHOD:
+            continue
+        want = per.get(q, default)
+        ok = tuple(b for b in want if supported(q, b))
+        if not ok and q not in per and supported(q, 32):
+            ok = (32,)
+        precisions[q] = ok or want
+    cases = []
+    for m in models:
+        for b in batch_sizes:
+            for mode in modes:
+                cases.append(Case(m, FP_METHOD, 32, 32, b, mode))
+                for q, bl in precisions.items():
+                    for nb in bl:
+                        cases.append(Case(m, q, nb, nb, b, mode))
+    return cases
+
+
+def add_ratios(rows: list[Row]) -> None:
+    fp = {(r.model, r.batch_size, r.mode): r for r in rows if r.method == FP_METHOD and r.step_ms}
+    for r in rows:
+        if r.step_ms is None:
+            continue
+        base = fp.get((r.model, r.batch_size, r.mode))
+        eager = fp.get((r.model, r.batch_size, "eager"))
+        r.fp_step_ms = base.step_ms if base else None
+        r.ratio_fp = r.step_ms / base.step_ms if base else None
+        r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base and r.step_ms_min and base.step_ms_min else None
+        r.ratio_fp_eager = r.step_ms / eager.step_ms if eager else None
+
+
+def merge_rounds(first: Row, later: Row) -> None:
+    """Pool the samples of a case measured again in a later round into ``first``."""
+    if later.status != "ok" or first.status != "ok":
+        first.status = first.status if first.status != "ok" else later.status
+        return
+    first.samples_ms += later.samples_ms
+    first.step_ms = statistics.median(first.samples_ms)
+    first.step_ms_min, first.step_ms_max = min(first.samples_ms), max(first.samples_ms)
+    first.images_per_s = first.batch_size / (first.step_ms / 1e3)
+    if later.peak_mem_mb is not None:
+        first.peak_mem_mb = max(first.peak_mem_mb or 0.0, later.peak_mem_mb)
+
+
+def append_to(path: Path, rows: list[Row], runs: list[dict[str, Any]]) -> tuple[list[Row], list[dict[str, Any]]]:
+    """Rows of an earlier result file plus ``rows`` (a case measured now replaces its earlier row). Ratios
+    are not recomputed: each row keeps the ratio to the FP measured in its own invocation (``fp_step_ms``),
+    since every invocation measures FP for each (model, batch size, mode) it runs."""
+    if not path.exists():
+        return rows, runs
+    old = json.loads(path.read_text())
+
+    def key(r: Row) -> tuple:
+        return (r.model, r.batch_size, r.mode, r.method, r.precision)
+
+    new = {key(r) for r in rows}
+    kept = [r for r in (Row(**d) for d in old.get("rows", [])) if key(r) not in new]
+    return kept + rows, old.get("runs", []) + runs
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] | None = None) -> str:
+    lines = [
+        f"# Training-step benchmark — {meta['device']}",
+        "",
+        f"- device: **{meta['device']}** (`{meta['device_slug']}`)",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- git: {meta['git'].get('commit')} (dirty: {meta['git'].get('dirty')})",
+        f"- date: {meta['finished']}; command: `{meta['command']}`",
+        f"- timing: {meta['warmup']} warm-up steps, then {meta['steps']} samples of {meta['window']} step(s); "
+        f"median per step; {meta['rounds']} round(s) over the whole grid, samples pooled; "
+        f"compile backend {meta['backend']}",
+        "- × FP = median step time / FP's, measured in this run (same model, batch size, mode); "
+        "× FP (min) = fastest sample / FP's fastest sample; × FP eager = against FP without compilation.",
+        "- 1st step s = the first warm-up step of the first round (includes compilation; Inductor's on-disk "
+        "cache makes it shorter when the same graph was compiled before).",
+    ]
+    if meta.get("note"):
+        lines.append(f"- note: {meta['note']}")
+    for r in (runs or [])[:-1]:  # earlier invocations merged with --append
+        lines.append(f"- also merged: `{r['command']}` ({r.get('finished')}, git {r['git'].get('commit')})")
+    lines += [
+        "",
+        "| model | batch | method | bits | mode | step ms (median) | min–max | img/s | × FP | × FP (min) "
+        "| × FP eager | 1st step s | graph breaks | CUDA-graph skips | status |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.batch_size} | {r.method} | {r.precision} | {r.mode} | {_fmt(r.step_ms, '.1f')} | "
+            f"{_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
+            f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_min, '.2f')} | {_fmt(r.ratio_fp_eager, '.2f')} | "
+            f"{_fmt(r.first_step_s, '.1f')} | "
+            f"{'—' if r.graph_breaks is None else r.graph_breaks} | "
+            f"{r.cudagraph_counters.get('cudagraph_skips', 0) if r.mode != 'eager' else '—'} | "
+            f"{r.status.replace('|', '/')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qrepro.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated registered model names")
+    p.add_argument("--methods", default="all", help="comma-separated quantizer names, or 'all' (registered)")
+    p.add_argument("--exclude", default="", help="comma-separated quantizer names to leave out")
+    p.add_argument("--bits", default=None, help="per-method bit-widths (W=A), e.g. 'apot=2,3,4;default=4'")
+    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
+    p.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help="eager, compiled (= the trainer's fast path: reduce-overhead on CUDA, default on CPU) "
+        "or torch.compile mode names",
+    )
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (inductor; aot_eager for checks)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per case (compilation happens here)")
+    p.add_argument("--steps", type=int, default=20, help="timed samples per case")
+    p.add_argument("--window", type=int, default=5, help="steps per timed sample")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole grid this many times and pool each case's samples (interleaves the cases, so "
+        "drifting load on a shared machine hits FP and the methods alike)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="results/bench", help="output folder")
+    p.add_argument("--tag", default="", help="suffix for the output file names")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into an existing result file (cases measured now replace their earlier rows; ratios stay "
+        "against the FP of the same invocation), e.g. to split a GPU grid over several commands",
+    )
+    p.add_argument("--note", default="", help="free text stored with the results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qrepro.engine.fast import setup_device
+    from qrepro.engine.record import git_info, versions, write_json_atomic
+    from qrepro.quant.methods import method_names
+    from qrepro.train import select_device
+
+    args = parse_args(argv)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = select_device(args.device)
+        setup_device(device)
+        known = method_names()
+        methods = known if args.methods == "all" else _csv(args.methods)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise QreproError(f"unknown quantizer(s) {', '.join(unknown)}; registered: {', '.join(known)}")
+        methods = [m for m in methods if m not in _csv(args.exclude)]
+        modes = [resolve_mode(m, device) for m in _csv(args.modes)]
+        if "eager" in modes:  # eager first, so the FP-eager reference exists before compiled rows
+            modes = ["eager"] + [m for m in modes if m != "eager"]
+        cases = plan(_csv(args.models), methods, [int(b) for b in _csv(args.batch_sizes)], modes, args.bits)
+    except QreproError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    slug = device_slug(device) + (f"-{args.tag}" if args.tag else "")
+    out = Path(args.out)
+    meta: dict[str, Any] = {
+        "device": device_description(device),
+        "device_slug": slug,
+        "versions": versions(),
+        "git": git_info(),
+        "command": "python -m qrepro.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "window": args.window,
+        "rounds": args.rounds,
+        "backend": args.backend,
+        "threads": torch.get_num_threads(),
+        "note": args.note,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print(f"benchmark on {meta['device']}: {len(cases)} cases x {args.rounds} round(s)", flush=True)
+    rows: list[Row] = []
+    for i, c in enumerate([c for _ in range(args.rounds) for c in cases], 1):
+        t0 = time.perf_counter()
+        try:
+            row = run_case(c, device, warmup=args.warmup, steps=args.steps, window=args.window, backend=args.backend)
+        except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
+            row = Row(c.model, c.method, c.precision, c.batch_size, c.mode, status=f"error: {type(e).__name__}: {e}")
+            row.status = row.status.splitlines()[0][:300]
+        if i <= len(cases):
+            rows.append(row)
+        else:
+            merge_rounds(rows[(i - 1) % len(cases)], row)
+        print(
+            f"[{i}/{len(cases) * args.rounds}] {c.model} b{c.batch_size} {c.method} {c.precision} {c.mode}: "
+            f"{_fmt(row.step_ms, '.1f')} ms/step {_fmt(row.images_per_s, '.0f')} img/s  {row.status}  "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    add_ratios(rows)
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    runs = [{k: v for k, v in meta.items() if k not in ("device", "device_slug", "versions")}]
+    if args.append:
+        rows, runs = append_to(out / f"{slug}.json", rows, runs)
+    write_json_atomic({**meta, "runs": runs, "rows": [asdict(r) for r in rows]}, out / f"{slug}.json")
+    (out / f"{slug}.md").write_text(markdown(meta, rows, runs))
+    print(f"wrote {out / f'{slug}.json'} and {out / f'{slug}.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The fast training path: ``torch.compile`` of the per-step forward (model + loss + regularizer + accuracy
+count), CUDA graphs on GPU, cuDNN autotuning. Used by the trainer (``trainer.compile``) and by the benchmark
+(``python -m qrepro.bench``), so the benchmark times exactly what a training run executes.
+
+What is compiled is ``make_forward_loss(...)``: AOTAutograd derives the backward graph, so forward and
+backward of every fake-quantizer are fused with the convolutions' neighbours. The optimizer step, the LR
+schedule and the hooks stay eager (the schedule sets Python-float LRs every step, which would recompile a
+compiled ``optimizer.step``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SETTINGS = ("auto", "true", "false", *COMPILE_MODES)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+ForwardLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_forward_loss(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None,
+) -> ForwardLoss:
+    """``(x, y) -> (loss, correct)``: forward, loss (+ the method's regularizer) and the number of correct
+    top-1 predictions (a 0-d tensor, so accuracy needs no host read). The unit that ``torch.compile`` captures."""
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        if regularizer is not None:
+            r = regularizer(model)
+            if r is not None:
+                loss = loss + r
+        correct = logits.detach().argmax(1).eq(y).sum()
+        return loss, correct
+
+    return forward_loss
+
+
+def compile_mode(setting: Any, device: torch.device) -> str | None:
+    """The ``torch.compile`` mode for ``trainer.compile`` on ``device``, or None for eager.
+
+    ``auto``: compile only on CUDA; ``true``: compile on any device; ``false``: eager; a mode name: that mode.
+    The automatic mode is ``reduce-overhead`` (CUDA graphs) on CUDA and ``default`` elsewhere.
+    """
+    s = str(setting).lower() if setting is not None else "false"
+    if s in ("none", "null", "0", "off", "no"):
+        s = "false"
+    if s in ("1", "on", "yes"):
+        s = "true"
+    if s not in COMPILE_SETTINGS:
+        raise QreproError(f"trainer.compile={setting!r} is not valid; use one of: {', '.join(COMPILE_SETTINGS)}")
+    if s == "false" or (s == "auto" and device.type != "cuda"):
+        return None
+    if s in ("auto", "true"):
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return s
+
+
+def compile_forward_loss(fn: ForwardLoss, mode: str, backend: str = "inductor") -> ForwardLoss:
+    """``torch.compile`` ``fn`` with static shapes (the last, smaller batch of an epoch gets its own graph
+    instead of turning every graph dynamic).
+
+    Modes with CUDA graphs mark a new step before each call: the tensors returned by the previous call live
+    in the graph's memory pool and are overwritten, so callers must consume or copy them before the next call
+    (``train_one_epoch`` does)."""
+    if backend != "inductor":
+        return torch.compile(fn, backend=backend, dynamic=False)
+    compiled = torch.compile(fn, mode=mode, dynamic=False)
+    if mode not in CUDA_GRAPH_MODES:
+        return compiled
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x, y)
+
+    return step
+
+
+def setup_device(device: torch.device, deterministic: bool = False) -> None:
+    """cuDNN autotuning for the fixed training shapes (off under ``trainer.deterministic``)."""
+    if device.type == "cuda" and not deterministic:
+        torch.backends.cudnn.benchmark = True
