@@ -270,6 +270,13 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    import sys
+
+    from qrepro.run_table import from_train_argv
+
+    # `python -m qrepro.train +table=<name> [overrides]` runs every cell of a paper table (qrepro.run_table)
+    if (code := from_train_argv(sys.argv[1:])) is not None:
+        sys.exit(code)
     hydra_entry(_task, "train")
 
 
