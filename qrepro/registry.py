@@ -42,7 +42,13 @@ class Registry:
         return name in self._items
 
 
+_imported: set[str] = set()
+
+
 def import_submodules(package: str, path: Iterable[str]) -> None:
-    """Import every module of a package so that its ``@REG.register`` decorators run (idempotent)."""
+    """Import every module of a package once, so that its ``@REG.register`` decorators run."""
+    if package in _imported:
+        return
     for mod in pkgutil.iter_modules(path):
         importlib.import_module(f"{package}.{mod.name}")
+    _imported.add(package)

@@ -168,14 +168,8 @@ def tensor_bundle(
     return DataBundle(tr, te, num_classes, xtr.shape[1], xtr.shape[-1], len(ytr), len(yte))
 
 
-_loaded = False
-
-
 def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        import_submodules(__name__, __path__)
-        _loaded = True
+    import_submodules(__name__, __path__)
 
 
 def build_data(name: str, **kwargs: Any) -> DataBundle:

@@ -112,14 +112,8 @@ OPTIMIZERS.register("adam")(_torch_factory(torch.optim.Adam, {"lr", "betas", "ep
 OPTIMIZERS.register("adamw")(_torch_factory(torch.optim.AdamW, {"lr", "betas", "eps", "weight_decay", "amsgrad"}))
 
 
-_loaded = False
-
-
 def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        import_submodules(__name__, __path__)
-        _loaded = True
+    import_submodules(__name__, __path__)
 
 
 def build_optimizer(model: nn.Module, name: str, groups: Sequence[dict[str, Any]] | None = None, **cfg: Any):

@@ -47,14 +47,8 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-_loaded = False
-
-
 def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        import_submodules(__name__, __path__)
-        _loaded = True
+    import_submodules(__name__, __path__)
 
 
 def check_bits(method: str, w_bits: int, a_bits: int, supported: Sequence[int]) -> None:
