@@ -3,9 +3,10 @@
 Prints a shell script (run it with ``| bash``, inside tmux/screen for long tables). Cells are ordered in waves by
 ``init_from_cell`` (a cell starts from another cell's last checkpoint, so it runs in a later wave).
 
-* ``--launcher slurm`` (or ``local``): one Hydra multirun per (wave, overrides, initialising cell), i.e. one SLURM
-  job array through the submitit launcher (``configs/hydra/launcher/slurm.yaml``); each array element is one cell
-  trained with DDP on ``gpus_per_node x nodes`` GPUs. The launcher waits for its array, so the waves run in order.
+* ``--launcher submitit_slurm`` (or ``submitit_local``): one Hydra multirun per (wave, overrides, initialising
+  cell), i.e. one SLURM job array through the submitit launcher (``configs/hydra/launcher/submitit_slurm.yaml``);
+  each array element is one cell trained with DDP on ``gpus_per_node x nodes`` GPUs. The launcher waits for its
+  array, so the waves run in order.
 * ``--launcher torchrun``: one ``torchrun --standalone --nproc_per_node=<gpus>`` command per cell, one after the
   other on this node.
 
@@ -92,7 +93,7 @@ def init_path(cell: dict, by_id: dict[str, dict]) -> str | None:
     return f'"{path}/checkpoints/last.pt"'  # quoted for Hydra: run directory names contain '=' and ','
 
 
-def commands(table: str, launcher: str = "slurm", gpus: int = 8, extra: Sequence[str] = ()) -> list[str]:
+def commands(table: str, launcher: str = "submitit_slurm", gpus: int = 8, extra: Sequence[str] = ()) -> list[str]:
     cells = load_cells(table)
     by_id = {c["id"]: c for c in cells}
     lines = [f"# {table}: {len(cells)} cells; launcher={launcher}"]
@@ -120,7 +121,7 @@ def commands(table: str, launcher: str = "slurm", gpus: int = 8, extra: Sequence
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m qrepro.sweep", description=__doc__.splitlines()[0])
     p.add_argument("table", help="configs/table/<name>.yaml name, or a path to a table YAML")
-    p.add_argument("--launcher", choices=["slurm", "local", "torchrun"], default="slurm")
+    p.add_argument("--launcher", choices=["submitit_slurm", "submitit_local", "torchrun"], default="submitit_slurm")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per cell with --launcher torchrun (default 8)")
     p.add_argument("extra", nargs="*", help="overrides added to every command, e.g. dataset.root=/data/imagenet")
     a = p.parse_args(argv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -388,7 +389,7 @@ def test_sync_bn_on_cpu_is_a_one_line_error():
     assert not use_sync_bn(True, DistEnv()) and not use_sync_bn(False, cpu2)  # single process: ignored
 
 
-@pytest.mark.parametrize("launcher", ["slurm", "local"])
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "submitit_local"])
 def test_submitit_launcher_configs_compose(launcher):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose as hydra_compose
@@ -405,12 +406,12 @@ def test_submitit_launcher_configs_compose(launcher):
             return_hydra_config=True,
         )
     lc = cfg.hydra.launcher
-    assert lc._target_.endswith("SlurmLauncher" if launcher == "slurm" else "LocalLauncher")
+    assert lc._target_.endswith("SlurmLauncher" if launcher == "submitit_slurm" else "LocalLauncher")
     assert lc.timeout_min == 30 and lc.nodes >= 1
     assert lc.tasks_per_node == lc.gpus_per_node  # one DDP rank per GPU
     plain = OmegaConf.to_container(lc, resolve=False)
     for key in ("partition", "gpus_per_node", "tasks_per_node", "nodes", "timeout_min", "cpus_per_task", "mem_gb"):
-        if launcher == "slurm" or key != "partition":
+        if launcher == "submitit_slurm" or key != "partition":
             assert key in plain, key
 
 
@@ -420,7 +421,7 @@ def test_submitit_local_job_runs_two_ddp_ranks(tmp_path):
     """The SLURM code path without a cluster: Hydra's submitit launcher starts 2 tasks, qrepro.engine.dist derives
     RANK/WORLD_SIZE from submitit's job environment, and the job trains as 2 DDP ranks (gloo)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cmd = [PY, "-m", "qrepro.train", "-m", "hydra/launcher=local", "hydra.launcher.gpus_per_node=2"]
+    cmd = [PY, "-m", "qrepro.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.gpus_per_node=2"]
     cmd += ["+experiment=demo_digits_fp", "trainer.device=cpu", "trainer.epochs=1", "model.width=8", "logger=none"]
     cmd += ["trainer.progress=false", f"out_root={tmp_path}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
@@ -431,19 +432,44 @@ def test_submitit_local_job_runs_two_ddp_ranks(tmp_path):
     assert json.loads(recs[0].read_text())["world_size"] == 2
 
 
-def test_plugin_launchers_compose_with_the_plugin_defaults():
-    """``hydra/launcher=submitit_slurm|submitit_local`` (the plugin's own configs) remain available."""
+def test_launcher_configs_are_validated_against_the_plugin_schema(tmp_path):
+    """Our ``submitit_slurm.yaml`` carries the plugin's name, so Hydra merges it onto the plugin's schema: the
+    plugin's other keys keep their defaults, a key the plugin does not know fails, and no deprecation notice leaks."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import warnings
+
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException
 
     from qrepro.cli import CONFIG_DIR, register_resolvers
 
     register_resolvers()
-    for name, target in (("submitit_slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher")):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = hydra_compose("train", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
-        assert cfg.hydra.launcher._target_.endswith(target) and cfg.hydra.launcher.tasks_per_node == 1
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            register_resolvers()  # re-installs the filter that simplefilter just reset
+            cfg = hydra_compose("train", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+        lc = cfg.hydra.launcher
+        assert lc.array_parallelism == 256 and lc.signal_delay_s == 120  # plugin defaults, not in our file
+        assert lc.gpus_per_node == 8 and lc.tasks_per_node == 8 and lc.timeout_min == 2880
+        assert not [w for w in caught if "ConfigStore schema" in str(w.message)]
+    bad = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, bad)
+    f = bad / "hydra" / "launcher" / "submitit_slurm.yaml"
+    f.write_text(f.read_text() + "gpu_per_nod: 2\n")  # misspelt key: the plugin's schema rejects it
+    with initialize_config_dir(config_dir=str(bad), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="with schema"):
+            hydra_compose("train", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+
+
+def test_submitit_launcher_without_the_plugin_is_a_one_line_error(monkeypatch):
+    from qrepro.cli import check_launcher
+
+    monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_submitit_launcher", None)  # import fails
+    with pytest.raises(QreproError, match=r"pip install -e '\.\[slurm\]'"):
+        check_launcher(["-m", "hydra/launcher=submitit_slurm", "+experiment=demo_digits_fp"])
+    check_launcher(["hydra/launcher=basic"])  # Hydra's own launcher needs no plugin
 
 
 def test_imagenet_loaders_shard_train_and_test_sets(tmp_path):

@@ -41,10 +41,10 @@ def test_commands_form_job_arrays_per_wave_and_compose(tmp_path):
         {"id": "fp", "experiment": "demo_digits_fp", "overrides": ["trainer.epochs=2"]},
         {"id": "a", "experiment": "demo_digits_fp", "overrides": [], "init_from_cell": "fp"},
     ]
-    lines = commands(_table(tmp_path, cells), "slurm", extra=["dataset.root=/d"])
+    lines = commands(_table(tmp_path, cells), "submitit_slurm", extra=["dataset.root=/d"])
     cmds = [shlex.split(x) for x in lines if not x.startswith("#")]
     assert len(cmds) == 2 and all(
-        c[:6] == ["python", "-m", "qrepro.train", "-m", "hydra/launcher=slurm", "+experiment=demo_digits_fp"]
+        c[:6] == ["python", "-m", "qrepro.train", "-m", "hydra/launcher=submitit_slurm", "+experiment=demo_digits_fp"]
         for c in cmds
     )
     assert 'init_from="${out_root}/demo_digits_fp/trainer.epochs=2/checkpoints/last.pt"' in cmds[1]
@@ -62,4 +62,4 @@ def test_every_table_in_the_repo_yields_commands():
 
     for t in sorted(Path(CONFIG_DIR, "table").glob("*.yaml")):
         lines = commands(t.stem)
-        assert any(x.startswith("python -m qrepro.train -m hydra/launcher=slurm") for x in lines), t.stem
+        assert any(x.startswith("python -m qrepro.train -m hydra/launcher=submitit_slurm") for x in lines), t.stem
