@@ -24,10 +24,12 @@ def test_digits_shapes_and_split():
 def test_tensor_loader_deterministic_and_augments():
     imgs = torch.arange(4 * 3 * 8 * 8, dtype=torch.int64).remainder(256).to(torch.uint8).view(4, 3, 8, 8)
     labels = torch.arange(4)
+
     def mk():
         return TensorLoader(
             imgs, labels, 2, Normalizer(None, None, raw255=True), train=True, crop_padding=2, flip=True, seed=3
         )
+
     a, b = mk(), mk()
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)

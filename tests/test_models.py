@@ -104,9 +104,7 @@ class _Scale(nn.Module):
         return w * 1.0
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet20", "mobilenet_v1", "preresnet50", "mobilenet_v3_large", "deit_tiny"]
-)
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v1", "preresnet50", "mobilenet_v3_large", "deit_tiny"])
 def test_prepare_swaps_every_layer(name):
     """Every conv/linear is swappable by qrepro.quant.prepare and the output does not change."""
     model = _build(name).eval()

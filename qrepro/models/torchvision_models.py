@@ -37,9 +37,7 @@ def mobilenet_v2(num_classes: int, width_mult: float = 1.0, dropout: float = 0.2
     """torchvision MobileNet-V2 (Sandler et al. 2018; 3.5M parameters at width 1.0, 1000 classes)."""
     check_positive("mobilenet_v2", "width_mult", width_mult)
     check_dropout("mobilenet_v2", dropout)
-    return tvm.mobilenet_v2(
-        weights=None, num_classes=num_classes, width_mult=float(width_mult), dropout=dropout
-    )
+    return tvm.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=float(width_mult), dropout=dropout)
 
 
 # (t, c, n, s) = expansion, output channels, repeats, stride of the first block; ImageNet strides
@@ -87,6 +85,4 @@ def mobilenet_v3_large(num_classes: int, width_mult: float = 1.0, dropout: float
     """
     check_positive("mobilenet_v3_large", "width_mult", width_mult)
     check_dropout("mobilenet_v3_large", dropout)
-    return tvm.mobilenet_v3_large(
-        weights=None, num_classes=num_classes, width_mult=float(width_mult), dropout=dropout
-    )
+    return tvm.mobilenet_v3_large(weights=None, num_classes=num_classes, width_mult=float(width_mult), dropout=dropout)
