@@ -53,6 +53,7 @@ class Case:
     a_bits: int
     batch_size: int
     mode: str  # "eager" or a torch.compile mode
+    image_size: int = 32
 
     @property
     def precision(self) -> str:
@@ -67,6 +68,7 @@ class Row:
     batch_size: int
     mode: str
     status: str = "ok"  # ok | skipped: ... | error: ...
+    image_size: int = 32  # synthetic input: batch x 3 x image_size x image_size
     step_ms: float | None = None  # median
     step_ms_min: float | None = None
     step_ms_max: float | None = None
@@ -205,7 +207,6 @@ def run_case(
     window: int,
     backend: str,
     num_classes: int = 10,
-    image_size: int = 32,
     seed: int = 0,
 ) -> Row:
     from qrepro.engine.fast import compile_forward_loss, make_forward_loss
@@ -215,7 +216,8 @@ def run_case(
     from qrepro.optim import build_optimizer, build_scheduler
     from qrepro.quant import build_method, prepare
 
-    row = Row(case.model, case.method, case.precision, case.batch_size, case.mode)
+    row = Row(case.model, case.method, case.precision, case.batch_size, case.mode, image_size=case.image_size)
+    image_size = case.image_size
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -303,7 +305,12 @@ def supported(method: str, bits: int) -> bool:
 
 
 def plan(
-    models: list[str], methods: list[str], batch_sizes: list[int], modes: list[str], bits: str | None
+    models: list[str],
+    methods: list[str],
+    batch_sizes: list[int],
+    modes: list[str],
+    bits: str | None,
+    image_size: int = 32,
 ) -> list[Case]:
     """FP first, then every method at its bit-widths (``--bits``; default 4, APoT 2/3/4), for every model,
     batch size and mode. A method that supports none of its default bit-widths (FP-only regularizers such
@@ -322,20 +329,20 @@ def plan(
     for m in models:
         for b in batch_sizes:
             for mode in modes:
-                cases.append(Case(m, FP_METHOD, 32, 32, b, mode))
+                cases.append(Case(m, FP_METHOD, 32, 32, b, mode, image_size))
                 for q, bl in precisions.items():
                     for nb in bl:
-                        cases.append(Case(m, q, nb, nb, b, mode))
+                        cases.append(Case(m, q, nb, nb, b, mode, image_size))
     return cases
 
 
 def add_ratios(rows: list[Row]) -> None:
-    fp = {(r.model, r.batch_size, r.mode): r for r in rows if r.method == FP_METHOD and r.step_ms}
+    fp = {(r.model, r.image_size, r.batch_size, r.mode): r for r in rows if r.method == FP_METHOD and r.step_ms}
     for r in rows:
         if r.step_ms is None:
             continue
-        base = fp.get((r.model, r.batch_size, r.mode))
-        eager = fp.get((r.model, r.batch_size, "eager"))
+        base = fp.get((r.model, r.image_size, r.batch_size, r.mode))
+        eager = fp.get((r.model, r.image_size, r.batch_size, "eager"))
         r.fp_step_ms = base.step_ms if base else None
         r.ratio_fp = r.step_ms / base.step_ms if base else None
         r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base and r.step_ms_min and base.step_ms_min else None
@@ -364,7 +371,7 @@ def append_to(path: Path, rows: list[Row], runs: list[dict[str, Any]]) -> tuple[
     old = json.loads(path.read_text())
 
     def key(r: Row) -> tuple:
-        return (r.model, r.batch_size, r.mode, r.method, r.precision)
+        return (r.model, r.image_size, r.batch_size, r.mode, r.method, r.precision)
 
     new = {key(r) for r in rows}
     kept = [r for r in (Row(**d) for d in old.get("rows", [])) if key(r) not in new]
@@ -397,13 +404,14 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] |
         lines.append(f"- also merged: `{r['command']}` ({r.get('finished')}, git {r['git'].get('commit')})")
     lines += [
         "",
-        "| model | batch | method | bits | mode | step ms (median) | min–max | img/s | × FP | × FP (min) "
+        "| model | input | batch | method | bits | mode | step ms (median) | min–max | img/s | × FP | × FP (min) "
         "| × FP eager | 1st step s | graph breaks | CUDA-graph skips | status |",
-        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.batch_size} | {r.method} | {r.precision} | {r.mode} | {_fmt(r.step_ms, '.1f')} | "
+            f"| {r.model} | {r.image_size} | {r.batch_size} | {r.method} | {r.precision} | {r.mode} | "
+            f"{_fmt(r.step_ms, '.1f')} | "
             f"{_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
             f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_min, '.2f')} | {_fmt(r.ratio_fp_eager, '.2f')} | "
             f"{_fmt(r.first_step_s, '.1f')} | "
@@ -421,6 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exclude", default="", help="comma-separated quantizer names to leave out")
     p.add_argument("--bits", default=None, help="per-method bit-widths (W=A), e.g. 'apot=2,3,4;default=4'")
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
+    p.add_argument("--image-size", type=int, default=32, help="synthetic input size (224 for ImageNet models)")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (1000 for ImageNet)")
     p.add_argument(
         "--modes",
         default=",".join(DEFAULT_MODES),
@@ -473,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         modes = [resolve_mode(m, device) for m in _csv(args.modes)]
         if "eager" in modes:  # eager first, so the FP-eager reference exists before compiled rows
             modes = ["eager"] + [m for m in modes if m != "eager"]
-        cases = plan(_csv(args.models), methods, [int(b) for b in _csv(args.batch_sizes)], modes, args.bits)
+        if args.image_size < 8 or args.num_classes < 2:
+            raise QreproError("--image-size must be >= 8 and --num-classes >= 2")
+        batch_sizes = [int(b) for b in _csv(args.batch_sizes)]
+        cases = plan(_csv(args.models), methods, batch_sizes, modes, args.bits, args.image_size)
     except QreproError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -499,9 +512,18 @@ def main(argv: list[str] | None = None) -> int:
     for i, c in enumerate([c for _ in range(args.rounds) for c in cases], 1):
         t0 = time.perf_counter()
         try:
-            row = run_case(c, device, warmup=args.warmup, steps=args.steps, window=args.window, backend=args.backend)
+            row = run_case(
+                c,
+                device,
+                warmup=args.warmup,
+                steps=args.steps,
+                window=args.window,
+                backend=args.backend,
+                num_classes=args.num_classes,
+            )
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
             row = Row(c.model, c.method, c.precision, c.batch_size, c.mode, status=f"error: {type(e).__name__}: {e}")
+            row.image_size = c.image_size
             row.status = row.status.splitlines()[0][:300]
         if i <= len(cases):
             rows.append(row)

@@ -77,7 +77,7 @@ def test_end_to_end_tiny(tmp_path: Path) -> None:
     assert all(r["graph_breaks"] == 0 for r in rows if r["mode"] != "eager")
     assert data["device"].startswith("CPU") and data["versions"]["torch"] == torch.__version__
     md = js.with_suffix(".md").read_text()
-    assert "| small_cnn | 8 | fp | w32a32 | eager |" in md
+    assert "| small_cnn | 32 | 8 | fp | w32a32 | eager |" in md
     # --append: a second invocation adds its cases and replaces re-measured ones; ratios stay per invocation
     args = ["--models", "small_cnn", "--methods", "fp", "--modes", "eager", "--warmup", "1", "--steps", "1"]
     assert bench.main([*args, "--batch-sizes", "4,8", "--window", "1", "--append", "--out", str(tmp_path)]) == 0
@@ -92,3 +92,13 @@ def test_end_to_end_tiny(tmp_path: Path) -> None:
 def test_unknown_method_is_one_line_error(capsys) -> None:
     assert bench.main(["--methods", "nope", "--out", "/nonexistent"]) == 2
     assert "unknown quantizer" in capsys.readouterr().err
+
+
+def test_image_size_and_classes_reach_the_synthetic_batch(tmp_path: Path) -> None:
+    args = ["--models", "small_cnn", "--methods", "fp", "--modes", "eager", "--batch-sizes", "4"]
+    args += ["--warmup", "1", "--steps", "1", "--window", "1", "--image-size", "16", "--num-classes", "3"]
+    assert bench.main([*args, "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("*.json")
+    (row,) = json.loads(js.read_text())["rows"]
+    assert row["status"] == "ok" and row["image_size"] == 16
+    assert "| small_cnn | 16 | 4 | fp |" in js.with_suffix(".md").read_text()
