@@ -120,6 +120,7 @@ def fit(f: Fit) -> FitResult:
     total_seconds = 0.0
     diverged = None
     for epoch in range(start_epoch, f.epochs):
+        t_epoch = time.perf_counter()
         ctx.epoch = epoch
         if hasattr(f.data.train, "set_epoch"):
             f.data.train.set_epoch(epoch)
@@ -170,6 +171,7 @@ def fit(f: Fit) -> FitResult:
             **ev,
             "lr": lr,
             "images_per_s": tr["images_per_s"],
+            "epoch_s": time.perf_counter() - t_epoch,  # training + evaluation + hooks (not the checkpoint write)
             **extra,
         }
         for k, v in row.items():

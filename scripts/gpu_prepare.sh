@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Here (a machine with PyPI), before a GPU session: the wheels the GPU image lacks (hydra-core, omegaconf,
+# antlr4 runtime: pure Python) into .whl/, and the offline CIFAR-10 archive into .cache/data/. Both folders are
+# git-ignored; the device tool carries them: run(carry=[".whl", ".cache/data"], command="scripts/gpu_session.sh check").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+mkdir -p .whl .cache/data
+pins=$("$PY" - <<'PYEOF'
+from importlib.metadata import version
+print(" ".join(f"{n}=={version(n)}" for n in ("hydra-core", "omegaconf", "antlr4-python3-runtime")))
+PYEOF
+)
+# pure-Python packages: wheels work on any Python 3 (antlr4's 4.9.3 is an sdist, so pip builds its wheel here)
+# shellcheck disable=SC2086
+"$PY" -m pip wheel -q --no-deps -w .whl $pins
+src=${1:-../shared/data/cifar10-jpeg.tar.gz}
+[ -e .cache/data/cifar10-jpeg.tar.gz ] || cp "$src" .cache/data/
+ls -la .whl .cache/data
+du -sh .whl .cache/data
