@@ -17,6 +17,7 @@ a complete record is skipped.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import shlex
 import sys
 from collections.abc import Sequence
@@ -73,7 +74,8 @@ def waves(cells: list[dict]) -> list[list[dict]]:
             raise QreproError(f"init_from_cell cycle: {' -> '.join((*seen, cid))}")
         if cid not in depth:
             src = by_id[cid].get("init_from_cell")
-            depth[cid] = 0 if not src else level(src, (*seen, cid)) + 1
+            # a source cell outside the selection (--cells) is taken as trained already
+            depth[cid] = 0 if not src or src not in by_id else level(src, (*seen, cid)) + 1
         return depth[cid]
 
     out: list[list[dict]] = []
@@ -93,10 +95,20 @@ def init_path(cell: dict, by_id: dict[str, dict]) -> str | None:
     return f'"{path}/checkpoints/last.pt"'  # quoted for Hydra: run directory names contain '=' and ','
 
 
-def commands(table: str, launcher: str = "submitit_slurm", gpus: int = 8, extra: Sequence[str] = ()) -> list[str]:
-    cells = load_cells(table)
-    by_id = {c["id"]: c for c in cells}
-    lines = [f"# {table}: {len(cells)} cells; launcher={launcher}"]
+def commands(
+    table: str,
+    launcher: str = "submitit_slurm",
+    gpus: int = 8,
+    extra: Sequence[str] = (),
+    only: Sequence[str] = (),
+) -> list[str]:
+    """The shell commands for ``table``; ``only``: fnmatch patterns of cell ids to keep (e.g. ``r18_*``)."""
+    all_cells = load_cells(table)
+    by_id = {c["id"]: c for c in all_cells}
+    cells = [c for c in all_cells if not only or any(fnmatch.fnmatchcase(c["id"], p) for p in only)]
+    if not cells:
+        raise QreproError(f"--cells {','.join(only)} matches no cell of {table}; ids: {', '.join(by_id)}")
+    lines = [f"# {table}: {len(cells)} of {len(all_cells)} cells; launcher={launcher}"]
     for w, wave in enumerate(waves(cells)):
         lines.append(f"# wave {w}: {', '.join(c['id'] for c in wave)}")
         if launcher == "torchrun":
@@ -123,9 +135,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("table", help="configs/table/<name>.yaml name, or a path to a table YAML")
     p.add_argument("--launcher", choices=["submitit_slurm", "submitit_local", "torchrun"], default="submitit_slurm")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per cell with --launcher torchrun (default 8)")
+    p.add_argument("--cells", default="", help="comma-separated cell ids to keep (fnmatch patterns, e.g. 'r18_*')")
     p.add_argument("extra", nargs="*", help="overrides added to every command, e.g. dataset.root=/data/imagenet")
-    a = p.parse_args(argv)
-    print("\n".join(one_line_errors(commands)(a.table, a.launcher, a.gpus, a.extra)))
+    a = p.parse_intermixed_args(argv)
+    only = [c for c in a.cells.split(",") if c]
+    print("\n".join(one_line_errors(commands)(a.table, a.launcher, a.gpus, a.extra, only)))
 
 
 if __name__ == "__main__":

@@ -63,3 +63,22 @@ def test_every_table_in_the_repo_yields_commands():
     for t in sorted(Path(CONFIG_DIR, "table").glob("*.yaml")):
         lines = commands(t.stem)
         assert any(x.startswith("python -m qrepro.train -m hydra/launcher=submitit_slurm") for x in lines), t.stem
+
+
+def test_cells_selection_keeps_extras_and_treats_unselected_sources_as_done(tmp_path, capsys):
+    from qrepro.sweep import main
+
+    cells = [
+        {"id": "fp", "experiment": "demo_digits_fp", "overrides": []},
+        {"id": "q4", "experiment": "demo_digits_fp", "overrides": ["seed=4"], "init_from_cell": "fp"},
+        {"id": "q2", "experiment": "demo_digits_fp", "overrides": ["seed=2"], "init_from_cell": "q4"},
+    ]
+    t = _table(tmp_path, cells)
+    main([t, "--launcher", "torchrun", "--gpus", "2", "--cells", "q*", "dataset.root=/d"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("#")]
+    assert len(lines) == 2 and all(x.endswith("resume=true dataset.root=/d") for x in lines)
+    assert "seed=4" in lines[0] and "seed=2" in lines[1]  # q4 (its source fp is outside: done) before q2
+    assert "/demo_digits_fp/default/checkpoints/last.pt" in lines[0]  # still initialised from fp's run
+    with pytest.raises(SystemExit):
+        main([t, "--cells", "nope*"])
+    assert "matches no cell" in capsys.readouterr().err
