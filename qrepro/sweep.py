@@ -1,7 +1,8 @@
 """Commands that train every cell of a paper table: ``python -m qrepro.sweep <table> [--launcher ...]``.
 
 Prints a shell script (run it with ``| bash``, inside tmux/screen for long tables). Cells are ordered in waves by
-``init_from_cell`` (a cell starts from another cell's last checkpoint, so it runs in a later wave).
+``init_from_cell`` / ``ptq.from_cell`` (a cell starts from another cell's last checkpoint, so it runs in a later
+wave). PTQ cells (a ``ptq:`` field) run ``python -m qrepro.ptq`` in one process (one SLURM task).
 
 * ``--launcher submitit_slurm`` (or ``submitit_local``): one Hydra multirun per (wave, overrides, initialising
   cell), i.e. one SLURM job array through the submitit launcher (``configs/hydra/launcher/submitit_slurm.yaml``);
@@ -59,10 +60,15 @@ def load_cells(table: str) -> list[dict]:
     cells = OmegaConf.to_container(OmegaConf.load(path).cells, resolve=False)
     ids = {c["id"] for c in cells}
     for c in cells:
-        src = c.get("init_from_cell")
+        src = source(c)
         if src and src not in ids:
-            raise QreproError(f"table {table}: cell {c['id']} has init_from_cell={src}, which is not a cell id")
+            raise QreproError(f"table {table}: cell {c['id']} starts from {src}, which is not a cell id")
     return cells
+
+
+def source(cell: dict) -> str | None:
+    """The cell whose checkpoint this cell starts from: ``init_from_cell`` (QAT) or ``ptq.from_cell`` (PTQ)."""
+    return cell.get("init_from_cell") or (cell.get("ptq") or {}).get("from_cell")
 
 
 def waves(cells: list[dict]) -> list[list[dict]]:
@@ -73,7 +79,7 @@ def waves(cells: list[dict]) -> list[list[dict]]:
         if cid in seen:
             raise QreproError(f"init_from_cell cycle: {' -> '.join((*seen, cid))}")
         if cid not in depth:
-            src = by_id[cid].get("init_from_cell")
+            src = source(by_id[cid])
             # a source cell outside the selection (--cells) is taken as trained already
             depth[cid] = 0 if not src or src not in by_id else level(src, (*seen, cid)) + 1
         return depth[cid]
@@ -87,7 +93,7 @@ def waves(cells: list[dict]) -> list[list[dict]]:
 
 
 def init_path(cell: dict, by_id: dict[str, dict]) -> str | None:
-    src = cell.get("init_from_cell")
+    src = source(cell)
     if not src:
         return None
     s = by_id[src]
@@ -113,19 +119,23 @@ def commands(
         lines.append(f"# wave {w}: {', '.join(c['id'] for c in wave)}")
         if launcher == "torchrun":
             for c in wave:
-                argv = ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "qrepro.train"]
+                ptq = bool(c.get("ptq"))  # PTQ is single-process: plain python, one rank
+                argv = ["python"] if ptq else ["torchrun", "--standalone", f"--nproc_per_node={gpus}"]
+                argv += ["-m", "qrepro.ptq" if ptq else "qrepro.train"]
                 argv += [f"+experiment={c['experiment']}", *(c.get("overrides") or [])]
                 ip = init_path(c, by_id)
-                argv += ([f"init_from={ip}"] if ip else []) + ["resume=true", *extra]
+                argv += ([f"init_from={ip}"] if ip else []) + ([] if ptq else ["resume=true"]) + [*extra]
                 lines.append(shlex.join(argv))
             continue
         groups: dict[tuple, list[str]] = {}
         for c in wave:
-            key = (tuple(c.get("overrides") or []), init_path(c, by_id))
+            key = (bool(c.get("ptq")), tuple(c.get("overrides") or []), init_path(c, by_id))
             groups.setdefault(key, []).append(c["experiment"])
-        for (overrides, ip), exps in groups.items():
-            argv = ["python", "-m", "qrepro.train", "-m", f"hydra/launcher={launcher}", f"+experiment={','.join(exps)}"]
-            argv += [*overrides, *([f"init_from={ip}"] if ip else []), "resume=true", *extra]
+        for (ptq, overrides, ip), exps in groups.items():
+            argv = ["python", "-m", "qrepro.ptq" if ptq else "qrepro.train", "-m", f"hydra/launcher={launcher}"]
+            argv += ["hydra.launcher.gpus_per_node=1"] if ptq else []  # one task: PTQ calibrates on one rank
+            argv += [f"+experiment={','.join(exps)}", *overrides, *([f"init_from={ip}"] if ip else [])]
+            argv += [*([] if ptq else ["resume=true"]), *extra]
             lines.append(shlex.join(argv))
     return lines
 

@@ -82,3 +82,31 @@ def test_cells_selection_keeps_extras_and_treats_unselected_sources_as_done(tmp_
     with pytest.raises(SystemExit):
         main([t, "--cells", "nope*"])
     assert "matches no cell" in capsys.readouterr().err
+
+
+def test_ptq_cells_run_qrepro_ptq_after_their_fp_cell_and_compose():
+    """PTQ cells (``ptq:`` field) are single-process ``python -m qrepro.ptq`` runs in the wave after
+    ``ptq.from_cell``; every command of every table composes with its own entry point's config."""
+    from pathlib import Path
+
+    from qrepro.cli import CONFIG_DIR
+    from qrepro.sweep import load_cells
+
+    ptq_tables = [t.stem for t in sorted(Path(CONFIG_DIR, "table").glob("*.yaml"))]
+    ptq_tables = [t for t in ptq_tables if any(c.get("ptq") for c in load_cells(t))]
+    assert "symreg_digits_demo" in ptq_tables
+    lines = commands("symreg_digits_demo", "torchrun", gpus=2)
+    waves_, cmds = [], []
+    for x in lines:
+        if x.startswith("# wave"):
+            waves_.append([])
+        elif not x.startswith("#"):
+            waves_[-1].append(shlex.split(x))
+            cmds.append(shlex.split(x))
+    ptq = [c for c in cmds if c[:3] == ["python", "-m", "qrepro.ptq"]]
+    assert ptq and all("resume=true" not in c for c in ptq)
+    assert not any(c[:3] == ["python", "-m", "qrepro.ptq"] for c in waves_[0])  # never before their FP cell
+    cfg = compose(ptq[0][3:], config_name="ptq")
+    assert cfg.ptq.algorithm and cfg.init_from.endswith("/checkpoints/last.pt")
+    slurm = [shlex.split(x) for x in commands("symreg_digits_demo") if x.startswith("python -m qrepro.ptq")]
+    assert slurm and all("hydra.launcher.gpus_per_node=1" in c for c in slurm)
