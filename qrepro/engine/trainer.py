@@ -115,6 +115,7 @@ def fit(f: Fit) -> FitResult:
     if f.ema is not None and start_epoch == 0:  # hooks may initialise state (e.g. quantizer calibration)
         f.ema.load_state_dict(f.model.state_dict())
     started = time.time()
+    git = git_info()  # the code that runs is the code at the start (a long run may outlive several commits)
     wall0 = time.perf_counter()
     total_images = 0
     total_seconds = 0.0
@@ -212,7 +213,7 @@ def fit(f: Fit) -> FitResult:
             "epochs_done": len(curves.get("epoch", [])),
         },
         "curves": curves,
-        "git": git_info(),
+        "git": git,
         "versions": versions(),
         "device": device_name(f.device),
         "wall_time_s": wall,
