@@ -66,3 +66,28 @@ def test_fp_method_and_bit_checks():
         check_bits("x", 9, 4, [2, 3, 4])
     with pytest.raises(QreproError, match="unknown quantizer"):
         build_method("nope", 4, 4)
+
+
+# ------------------------------------------------------------------------------------- ste.clip
+@pytest.mark.parametrize("signed", [0.0, 1.0])
+def test_clip_equals_the_where_formulation_in_value_and_gradient(signed: float) -> None:
+    """``ste.clip`` (masks recomputed in backward) == ``where(x >= hi, hi, where(x <= lo, lo, x))``, float64,
+    including values exactly on the bounds, a scalar bound shared by all elements and a per-element bound."""
+    from qrepro.quant.ste import clip
+
+    d = torch.float64
+    x = torch.linspace(-3, 3, 61, dtype=d)  # hits -2, 0 and 2 exactly
+    g = torch.randn(61, dtype=d, generator=torch.Generator().manual_seed(0))
+    for alpha0 in (torch.tensor(2.0, dtype=d), torch.full((61,), 2.0, dtype=d)):
+        outs = []
+        for f in ("where", "clip"):
+            xx = x.clone().requires_grad_()
+            a = alpha0.clone().requires_grad_()
+            lo = -a * signed
+            y = torch.where(xx >= a, a, torch.where(xx <= lo, lo, xx)) if f == "where" else clip(xx, lo, a)
+            outs.append((y, *torch.autograd.grad(y, (xx, a), g)))
+        for ref, got in zip(outs[0], outs[1]):
+            assert torch.equal(ref, got)
+    xx = x.clone().requires_grad_()
+    a = torch.tensor(2.0, dtype=d, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, s: clip(t, -s * signed, s), (xx + 0.013, a))  # off the kinks

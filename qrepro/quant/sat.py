@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from qrepro.errors import QreproError
-from qrepro.quant.ste import value_ste
+from qrepro.quant.ste import clip, value_ste
 
 WEIGHT_SCHEMES = ("original", "modified", "centered")
 FP_BITS = 32
@@ -136,8 +136,9 @@ def pact(
     a = alpha.abs()
     s = signed.to(a.dtype) if isinstance(signed, torch.Tensor) else float(bool(signed))
     lo = -a * s
-    # where() (not clamp / minimum) so that dx~/dalpha is exactly 1[x >= alpha] with no tie splitting
-    xc = torch.where(x >= a, a, torch.where(x <= lo, lo, x))
+    # the clip's gradients are exactly 1[x >= alpha] / 1[x <= lo] (no tie splitting as with clamp / minimum);
+    # ste.clip recomputes the masks in the backward pass instead of saving them (docs/speed.md section 3)
+    xc = clip(x, lo, a)
     if bits == FP_BITS:  # clipping only (PACT as an activation function, no rounding)
         return xc
     span = a - lo

@@ -28,3 +28,40 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 def value_ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Forward ``value``, backward as if the output were ``x`` (generic STE)."""
     return x + (value - x).detach()
+
+
+class _Clip(torch.autograd.Function):
+    """clip(x, lo, hi) with the indicator gradients of ``where(x >= hi, hi, where(x <= lo, lo, x))``.
+
+    Saves the float input and recomputes the masks in the backward pass, so a compiled graph does not store
+    boolean masks between forward and backward (Inductor's C++ backend writes those slowly; docs/speed.md §3).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, lo, hi)
+        return torch.minimum(torch.maximum(x, lo), hi)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, lo, hi = ctx.saved_tensors
+        above = x >= hi
+        below = (x <= lo) & ~above
+        zero = torch.zeros_like(g)
+        gx = torch.where(above | below, zero, g)
+        g_hi = _sum_to(torch.where(above, g, zero), hi) if ctx.needs_input_grad[2] else None
+        g_lo = _sum_to(torch.where(below, g, zero), lo) if ctx.needs_input_grad[1] else None
+        return _sum_to(gx, x), g_lo, g_hi
+
+
+def _sum_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The gradient of a broadcast input: ``g`` summed over the broadcast dimensions of ``like``."""
+    return g if g.shape == like.shape else g.sum_to_size(like.shape)
+
+
+def clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """x clipped to [lo, hi] (tensors broadcastable with x, lo <= hi), exactly as
+    ``where(x >= hi, hi, where(x <= lo, lo, x))`` in value and gradient: d/dx = 1[lo < x < hi],
+    d/dhi = 1[x >= hi], d/dlo = 1[x <= lo and x < hi] (summed over broadcast elements). A value on a bound
+    gets the bound's gradient, not x's."""
+    return _Clip.apply(x, lo, hi)
