@@ -45,12 +45,13 @@ class _Clip(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         x, lo, hi = ctx.saved_tensors
-        above = x >= hi
-        below = (x <= lo) & ~above
-        zero = torch.zeros_like(g)
-        gx = torch.where(above | below, zero, g)
-        g_hi = _sum_to(torch.where(above, g, zero), hi) if ctx.needs_input_grad[2] else None
-        g_lo = _sum_to(torch.where(below, g, zero), lo) if ctx.needs_input_grad[1] else None
+        # the masks as 0/1 floats from sign(), not comparisons: a comparison's bool result could be moved into
+        # the forward graph by the partitioner and saved there instead of x (cheaper in bytes, slow on CPU)
+        up = torch.sign(hi - x).clamp(min=0)  # 1[x < hi]
+        inside = torch.sign(x - lo).clamp(min=0) * up  # 1[lo < x < hi]
+        gx = g * inside
+        g_hi = _sum_to(g * (1 - up), hi) if ctx.needs_input_grad[2] else None  # 1[x >= hi]
+        g_lo = _sum_to(g * (up - inside), lo) if ctx.needs_input_grad[1] else None  # 1[x <= lo and x < hi]
         return _sum_to(gx, x), g_lo, g_hi
 
 
@@ -63,5 +64,7 @@ def clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """x clipped to [lo, hi] (tensors broadcastable with x, lo <= hi), exactly as
     ``where(x >= hi, hi, where(x <= lo, lo, x))`` in value and gradient: d/dx = 1[lo < x < hi],
     d/dhi = 1[x >= hi], d/dlo = 1[x <= lo and x < hi] (summed over broadcast elements). A value on a bound
-    gets the bound's gradient, not x's."""
+    gets the bound's gradient, not x's. The masks multiply the incoming gradient, so a non-finite x or
+    gradient gives non-finite gradients everywhere it reaches (the where() form would zero some of them);
+    training stops on a non-finite loss before that matters."""
     return _Clip.apply(x, lo, hi)
