@@ -108,6 +108,24 @@ def test_project_returns_nearest_level(bits, k, xs, dtype):
     torch.testing.assert_close((x - q).abs(), dist.min(dim=1).values, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+@pytest.mark.parametrize("k", ["apot", "pot", "uniform"])
+def test_compiled_projection_chain_equals_bucketize(k, dtype):
+    """The compare-and-select chain used inside compiled graphs returns exactly the bucketize projection,
+    also on the levels, on the midpoints and one float step either side of them, and outside the range."""
+    for bits in (2, 3, 4, 5):
+        lv = qa.level_set(k, bits).to(dtype)
+        assert lv.numel() <= qa.CHAIN_MAX_LEVELS
+        mid = (lv[1:] + lv[:-1]) / 2
+        inf = torch.tensor(float("inf"), dtype=dtype)
+        x = torch.cat([lv, mid, torch.nextafter(mid, inf), torch.nextafter(mid, -inf)])
+        x = torch.cat([x, torch.linspace(-0.5, 1.5, 2001, dtype=dtype), -x])
+        assert torch.equal(qa._project_chain(x, lv), project(x, lv)), (k, bits)
+    compiled = torch.compile(lambda t: qa.project(t, qa.level_set(k, 4).to(dtype)), backend="aot_eager")
+    x = torch.linspace(-0.3, 1.3, 777, dtype=dtype)
+    assert torch.equal(compiled(x), project(x, qa.level_set(k, 4).to(dtype)))
+
+
 def test_project_signed_is_symmetric():
     lv = apot_levels(3)
     x = torch.linspace(-1.2, 1.2, 101, dtype=D)

@@ -103,10 +103,31 @@ def project(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     An exact tie goes to the lower level. Values outside [min, max] go to the end levels.
     """
     levels = levels.to(dtype=x.dtype, device=x.device)
+    if levels.numel() <= CHAIN_MAX_LEVELS and torch.compiler.is_compiling():
+        return _project_chain(x, levels)
     hi_idx = torch.bucketize(x, levels).clamp(max=levels.numel() - 1)  # first level >= x
     hi = levels[hi_idx]
     lo = levels[(hi_idx - 1).clamp(min=0)]
     return torch.where((x - lo).abs() <= (hi - x).abs(), lo, hi)
+
+
+CHAIN_MAX_LEVELS = 32  # up to 5-bit level sets; larger sets keep the bucketize form when compiled too
+
+
+def _project_chain(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """``project`` as one chain of L - 1 compare-and-select steps, used inside compiled graphs.
+
+    Step i moves x up to level i + 1 when ``x - l_i > l_{i+1} - x``: below its bucket that holds (the left side is
+    positive, the right side <= 0), above it it fails, and in x's own bucket it is the tie rule of ``project``
+    (nearer level, lower on an exact tie) evaluated on the same float differences, so both forms return
+    identical values (tests/test_apot.py). The compiler fuses the chain into one element-wise kernel: no
+    ``bucketize`` fallback, no int64 index tensor, no gathers.
+    """
+    out = levels[0].expand_as(x)
+    for i in range(levels.numel() - 1):
+        lo, hi = levels[i], levels[i + 1]
+        out = torch.where(x - lo > hi - x, hi, out)
+    return out
 
 
 def project_signed(x: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
