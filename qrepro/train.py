@@ -237,6 +237,7 @@ def train(
         resume=bool(cfg.resume),
         device=device,
         forward_loss=forward_loss,
+        eval_compile=mode,
         train_model=train_model,
         is_main=denv.is_main,
     )

@@ -124,8 +124,12 @@ def evaluate(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     loss_fn: Callable | None = None,
     all_reduce: bool = False,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean loss over ``loader``.
+
+    ``forward``: ``x -> logits`` to use instead of ``model(x)``, e.g. its compiled form
+    (``qrepro.engine.fast.compile_eval_forward``); ``model`` is still the one switched to eval mode.
 
     ``all_reduce``: every DDP rank calls this on its shard of the test set and the sums are all-reduced, so every
     rank gets the metrics of the whole set (exact: the eval shards do not overlap and are not padded).
@@ -136,7 +140,7 @@ def evaluate(
     tot = c1 = c5 = None
     n = 0
     for x, y in loader:
-        logits = model(x)
+        logits = forward(x) if forward is not None else model(x)
         l = loss_fn(logits, y) * y.shape[0]
         a, b = _topk_correct(logits, y)
         tot = l if tot is None else tot + l

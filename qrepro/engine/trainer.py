@@ -48,7 +48,18 @@ class Fit:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     train_model: nn.Module | None = None  # e.g. a DDP-wrapped view of ``model``
     forward_loss: Any = None  # compiled (x, y) -> (loss, correct), see qrepro.engine.fast
+    eval_compile: str | None = None  # torch.compile mode for evaluation (None: eager)
     is_main: bool = True
+
+
+def _eval_forward(f: Fit, model: nn.Module, cache: dict[int, Any]) -> Any:
+    if f.eval_compile is None:
+        return None
+    if id(model) not in cache:
+        from qrepro.engine.fast import compile_eval_forward
+
+        cache[id(model)] = compile_eval_forward(model, f.eval_compile)
+    return cache[id(model)]
 
 
 def _ckpt_state(f: Fit, epoch: int, best: dict, curves: dict, hooks_state: list) -> dict[str, Any]:
@@ -114,6 +125,7 @@ def fit(f: Fit) -> FitResult:
         h.on_train_start(ctx)
     if f.ema is not None and start_epoch == 0:  # hooks may initialise state (e.g. quantizer calibration)
         f.ema.load_state_dict(f.model.state_dict())
+    eval_fns: dict[int, Any] = {}  # compiled evaluation forward per evaluated module (the model or its EMA)
     started = time.time()
     git = git_info()  # the code that runs is the code at the start (a long run may outlive several commits)
     wall0 = time.perf_counter()
@@ -161,7 +173,7 @@ def fit(f: Fit) -> FitResult:
         lr = _main_lr(f.optimizer)
         eval_model = f.ema.module if f.ema is not None else f.model
         qdist.sync_buffers(eval_model)  # DDP: rank 0's BN/quantizer statistics, i.e. the checkpointed ones
-        ev = evaluate(eval_model, f.data.test, all_reduce=True)
+        ev = evaluate(eval_model, f.data.test, all_reduce=True, forward=_eval_forward(f, eval_model, eval_fns))
         extra: dict[str, float] = {}
         for h in f.hooks:
             extra.update(h.on_epoch_end(ctx, epoch) or {})
