@@ -106,12 +106,11 @@ def estimate_cell(
     gpus: int = 1,
     efficiency: float = 1.0,
     eval_factor: float = EVAL_FACTOR,
-    cfg: Any = None,
 ) -> CellEstimate:
     if cell.get("ptq"):  # post-training quantization of another cell's checkpoint: no training epochs
         e = cell.get("experiment", "?")
         return CellEstimate(cell["id"], "—", "ptq", "—", 0, 0, "—", 0, source=f"PTQ of {e} (calibration, not timed)")
-    cfg = cfg if cfg is not None else cell_config(cell)
+    cfg = cell_config(cell)
     dataset = str(cfg.dataset.name)
     if dataset not in DATASET_SIZES:
         raise QreproError(f"no image counts for dataset {dataset!r}; add it to qrepro.walltime.DATASET_SIZES")
@@ -157,11 +156,11 @@ def _h(hours: float | None) -> str:
 
 
 def table_markdown(
-    table: str, bench: dict, *, gpus: int, efficiency: float, eval_factor: float, cells: list[dict] | None = None
+    table: str, bench: dict, *, gpus: int, efficiency: float, eval_factor: float
 ) -> tuple[str, dict[str, Any]]:
     from qrepro.sweep import load_cells
 
-    cells = cells if cells is not None else load_cells(table)
+    cells = load_cells(table)
     ests = {
         c["id"]: estimate_cell(c, bench["rows"], gpus=gpus, efficiency=efficiency, eval_factor=eval_factor)
         for c in cells

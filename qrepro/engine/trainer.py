@@ -52,16 +52,6 @@ class Fit:
     is_main: bool = True
 
 
-def _eval_forward(f: Fit, model: nn.Module, cache: dict[int, Any]) -> Any:
-    if f.eval_compile is None:
-        return None
-    if id(model) not in cache:
-        from qrepro.engine.fast import compile_eval_forward
-
-        cache[id(model)] = compile_eval_forward(model, f.eval_compile)
-    return cache[id(model)]
-
-
 def _ckpt_state(f: Fit, epoch: int, best: dict, curves: dict, hooks_state: list) -> dict[str, Any]:
     st = {
         "model": f.model.state_dict(),
@@ -125,7 +115,12 @@ def fit(f: Fit) -> FitResult:
         h.on_train_start(ctx)
     if f.ema is not None and start_epoch == 0:  # hooks may initialise state (e.g. quantizer calibration)
         f.ema.load_state_dict(f.model.state_dict())
-    eval_fns: dict[int, Any] = {}  # compiled evaluation forward per evaluated module (the model or its EMA)
+    eval_model = f.ema.module if f.ema is not None else f.model
+    eval_forward = None
+    if f.eval_compile is not None:
+        from qrepro.engine.fast import compile_eval_forward
+
+        eval_forward = compile_eval_forward(eval_model, f.eval_compile)
     started = time.time()
     git = git_info()  # the code that runs is the code at the start (a long run may outlive several commits)
     wall0 = time.perf_counter()
@@ -171,9 +166,8 @@ def fit(f: Fit) -> FitResult:
             if bar is not None:
                 bar.close()
         lr = _main_lr(f.optimizer)
-        eval_model = f.ema.module if f.ema is not None else f.model
         qdist.sync_buffers(eval_model)  # DDP: rank 0's BN/quantizer statistics, i.e. the checkpointed ones
-        ev = evaluate(eval_model, f.data.test, all_reduce=True, forward=_eval_forward(f, eval_model, eval_fns))
+        ev = evaluate(eval_model, f.data.test, all_reduce=True, forward=eval_forward)
         extra: dict[str, float] = {}
         for h in f.hooks:
             extra.update(h.on_epoch_end(ctx, epoch) or {})
