@@ -29,6 +29,50 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1,
     return [hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
 
 
+def train_step(
+    model: nn.Module,
+    forward_loss: ForwardLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ctx: Context,
+    hooks: Sequence[Hook] = (),
+    ema: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step exactly as the trainer takes it: forward + loss (+ regularizer), backward, the
+    optimizer step (with a closure for two-pass optimizers such as ASAM), the LR schedule, EMA, then the
+    hooks' ``on_step_end``. Returns (the step's loss, number of correct top-1 predictions), both detached
+    copies (under CUDA graphs the next call overwrites the compiled function's outputs)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, correct = forward_loss(x, y)
+    with torch.no_grad():
+        step_loss = loss.detach().clone()
+        correct = correct.clone()
+    loss.backward()
+    if getattr(optimizer, "needs_closure", False):  # the closure recomputes loss and gradients
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            l2 = forward_loss(x, y)[0]
+            l2.backward()
+            return l2.detach().clone()
+
+        optimizer.step(closure)
+    else:
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    if ema is not None:
+        ema.update(model)
+    ctx.step += 1
+    ctx.loss = step_loss
+    for h in hooks:
+        h.on_step_end(ctx, ctx.step)
+    return step_loss, correct
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -51,38 +95,17 @@ def train_one_epoch(
     dev_loss = dev_correct = None
     n_seen = 0
     t0 = time.perf_counter()
-    needs_closure = getattr(optimizer, "needs_closure", False)
     steps = 0
     for x, y in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss, correct = forward_loss(x, y)
-        with torch.no_grad():  # consume the outputs now: under CUDA graphs the next call overwrites them
-            step_loss = loss.detach().clone()
+        step_loss, correct = train_step(
+            model, forward_loss, optimizer, scheduler, x, y, ctx=ctx, hooks=hooks, ema=ema
+        )
+        with torch.no_grad():
             bl = step_loss * y.shape[0]
             dev_loss = bl if dev_loss is None else dev_loss + bl
-            dev_correct = correct.clone() if dev_correct is None else dev_correct + correct
-        loss.backward()
-        if needs_closure:  # two-pass optimizers (SAM/ASAM): the closure recomputes loss and gradients
-
-            def closure(x=x, y=y):
-                optimizer.zero_grad(set_to_none=True)
-                l2 = forward_loss(x, y)[0]
-                l2.backward()
-                return l2.detach().clone()
-
-            optimizer.step(closure)
-        else:
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update(model)
+            dev_correct = correct if dev_correct is None else dev_correct + correct
         n_seen += y.shape[0]
         steps += 1
-        ctx.step += 1
-        ctx.loss = step_loss
-        for h in hooks:
-            h.on_step_end(ctx, ctx.step)
         if steps % log_every == 0:
             lv = float(dev_loss) / n_seen
             loss_v = float(qdist.all_reduce_sum(step_loss))  # every rank stops together on a NaN

@@ -1,0 +1,154 @@
+"""The in-process API: a run built exactly as ``python -m qrepro.train`` builds it, stepped one batch at a time.
+
+```python
+from qrepro.api import build
+run = build(["+experiment=apot_resnet20_cifar10_w2a2_script", "init_from=...", "trainer.device=cpu"],
+            dtype=torch.float64)
+run.cfg, run.model, run.optimizer, run.scheduler   # exactly as the trainer builds them
+loss = run.step(x, y)   # one training step exactly as the trainer takes it
+```
+
+``run.step`` is the trainer's own step (``qrepro.engine.loop.train_step``): forward, loss and the method's
+regularizer, backward, the optimizer step (with the closure of two-pass optimizers such as ASAM), the
+optimizer's and method's hooks (e.g. TR transition counting), the LR schedule and EMA. The first call first
+runs the hooks' ``on_train_start`` on that batch, as the trainer does on its first batch (data-dependent
+initialisation such as TR's scale calibration). The parity harness (``python -m qrepro.parity``) and notebooks
+use this; its shape is stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from qrepro.builders import Components, build_components, build_data_from_cfg, compose, seed_everything, select_device
+from qrepro.engine.fast import make_forward_loss
+from qrepro.engine.hooks import Context
+from qrepro.engine.loop import evaluate, train_step
+
+__all__ = ["Run", "build"]
+
+
+@dataclass
+class Run:
+    """One run's components (``cfg``, ``model``, ``optimizer``, ``scheduler``, ...) and its training step."""
+
+    cfg: DictConfig
+    model: nn.Module
+    method: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: Any
+    ema: Any
+    hooks: list[Any]
+    device: torch.device
+    dtype: torch.dtype | None
+    data: Any = None
+    steps_per_epoch: int = 0
+    ctx: Context | None = None
+    _forward_loss: Any = field(default=None, repr=False)
+
+    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device)
+        if self.dtype is not None and x.is_floating_point():
+            x = x.to(self.dtype)
+        return x, y.to(self.device)
+
+    def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The trainer's start of training on its first batch: hooks' ``on_train_start``, then EMA copies the
+        (possibly just initialised) model. ``step`` calls this itself on its first call."""
+        x, y = self._prepare(x, y)
+        self.ctx = Context(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            data=self.data,
+            sample_batch=(x, y),
+            epoch=0,
+            step=0,
+        )
+        for h in self.hooks:
+            h.on_train_start(self.ctx)
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model.state_dict())
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One training step on the batch ``(x, y)``; returns the step's loss (detached)."""
+        if self.ctx is None:
+            self.start(x, y)
+        x, y = self._prepare(x, y)
+        self.model.train()
+        if self._forward_loss is None:
+            self._forward_loss = make_forward_loss(self.model, self.loss_fn, self.method.regularizer)
+        self.ctx.epoch = self.ctx.step // max(1, self.steps_per_epoch)
+        loss, _ = train_step(
+            self.model,
+            self._forward_loss,
+            self.optimizer,
+            self.scheduler,
+            x,
+            y,
+            ctx=self.ctx,
+            hooks=self.hooks,
+            ema=self.ema,
+        )
+        return loss
+
+    def end_epoch(self) -> dict[str, float]:
+        """The hooks' end-of-epoch work (e.g. per-epoch schedules of TR optimizers), as the trainer runs it."""
+        extra: dict[str, float] = {}
+        if self.ctx is not None:
+            for h in self.hooks:
+                extra.update(h.on_epoch_end(self.ctx, self.ctx.epoch) or {})
+        return extra
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any = None) -> dict[str, float]:
+        """Top-1/top-5 on ``loader`` (default: the run's test set), with the EMA model when the run has one."""
+        loader = loader if loader is not None else self.data.test
+        model = self.ema.module if self.ema is not None else self.model
+        return evaluate(model, (self._prepare(x, y) for x, y in loader))
+
+
+def build(
+    overrides: Sequence[str],
+    dtype: torch.dtype | None = None,
+    *,
+    load_data: bool = True,
+    num_classes: int | None = None,
+    steps_per_epoch: int | None = None,
+    seed: bool = True,
+) -> Run:
+    """Compose ``overrides`` as the command line would and build the run as the trainer does.
+
+    ``dtype``: convert the model (float64 for parity checks); inputs given to ``step`` are converted too.
+    ``load_data=False`` skips the dataset (then ``num_classes`` and ``steps_per_epoch``, which sizes the
+    schedule, are required). ``seed``: seed the RNGs with ``cfg.seed`` first, as the trainer does.
+    """
+    cfg = compose(list(overrides))
+    device = select_device(cfg.trainer.device)
+    if seed:
+        seed_everything(int(cfg.seed))
+    data = build_data_from_cfg(cfg, device) if load_data else None
+    comp: Components = build_components(
+        cfg, device, data=data, num_classes=num_classes, steps_per_epoch=steps_per_epoch, dtype=dtype
+    )
+    return Run(
+        cfg=cfg,
+        model=comp.model,
+        method=comp.method,
+        optimizer=comp.optimizer,
+        scheduler=comp.scheduler,
+        loss_fn=comp.loss_fn,
+        ema=comp.ema,
+        hooks=comp.hooks,
+        device=device,
+        dtype=dtype,
+        data=data,
+        steps_per_epoch=comp.steps_per_epoch,
+    )

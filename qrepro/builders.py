@@ -1,0 +1,236 @@
+"""Builders shared by the entry points (train, evaluate, ptq, bench, the in-process API): device, seeding,
+data, model + method, initialisation, optimizer + schedule, logger and in-process config composition.
+
+The entry modules call these; nothing here imports an entry module. Functions that take a ``DictConfig`` are the
+bridge from Hydra's config to the plain-argument library code.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from qrepro.cli import NON_SEMANTIC_KEYS
+from qrepro.errors import QreproError
+
+VALID_BITS = set(range(1, 9)) | {32}
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def select_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QreproError(f"trainer.device={name} but no CUDA GPU is available; use trainer.device=cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def hydra_context() -> tuple[Path | None, str | None, list[str]]:
+    """(run dir, experiment choice, task overrides) when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, None, []
+    hc = HydraConfig.get()
+    exp = hc.runtime.choices.get("experiment")
+    return Path(hc.runtime.output_dir), exp, list(hc.overrides.task)
+
+
+def semantic_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that change what a run computes (used to match records to table cells)."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key not in NON_SEMANTIC_KEYS and not key.startswith("hydra."):
+            out.append(o.lstrip("+") if key != "seed" else o)
+    return sorted(out)
+
+
+def check_precision(w_bits: int, a_bits: int) -> None:
+    for what, b in (("precision.w_bits", w_bits), ("precision.a_bits", a_bits)):
+        if b not in VALID_BITS:
+            raise QreproError(f"{what}={b} is out of range; use 1..8 or 32 (full precision), e.g. precision=w4a4")
+
+
+def build_model_and_method(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Any]:
+    from qrepro.models import build_model
+    from qrepro.quant import build_method, prepare
+
+    check_precision(cfg.precision.w_bits, cfg.precision.a_bits)
+    mcfg = _plain(cfg.model)
+    model = build_model(mcfg["name"], num_classes=num_classes, **_without(mcfg, "name"))
+    qcfg = _plain(cfg.quantizer)
+    method = build_method(qcfg["name"], int(cfg.precision.w_bits), int(cfg.precision.a_bits), **_without(qcfg, "name"))
+    prepare(model, method)
+    return model, method
+
+
+def build_data_from_cfg(cfg: DictConfig, device: torch.device, rank: int = 0, world_size: int = 1):
+    """The dataset of ``cfg``; under DDP rank ``rank``'s shard with ``trainer.batch_size / world_size`` per step."""
+    from qrepro.data import build_data
+    from qrepro.engine.dist import per_rank_batch
+
+    dcfg = _plain(cfg.dataset)
+    return build_data(
+        dcfg["name"],
+        **_without(dcfg, "name", "num_classes"),
+        batch_size=per_rank_batch(int(cfg.trainer.batch_size), world_size),
+        device=device,
+        seed=int(cfg.seed),
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def init_model(model: nn.Module, path: str, strict: bool = True) -> None:
+    from qrepro.engine.checkpoint import extract_state_dict, load_model_state, read_checkpoint
+
+    sd, fmt = extract_state_dict(read_checkpoint(path))
+    kept = load_model_state(model, sd, strict=strict)
+    note = f" ({len(kept)} quantizer tensors keep their initial values)" if kept else ""
+    print(f"initialised from {path} [{fmt} format]{note}", flush=True)
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, config: dict[str, Any]):
+    from qrepro.logging import build_logger
+
+    lcfg = _plain(cfg.logger)
+    name = lcfg.pop("name")
+    if name != "wandb":
+        return build_logger(name)
+    tags = list(lcfg.pop("tags", None) or []) + [
+        f"model:{cfg.model.name}",
+        f"method:{cfg.quantizer.name}",
+        f"bits:{cfg.precision.name}",
+    ]
+    return build_logger(
+        "wandb", run_dir=str(run_dir), name=f"{cfg.name}/{run_dir.name}", config=config, tags=tags, **lcfg
+    )
+
+
+def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int):
+    """(optimizer, scheduler) of ``cfg`` over ``model``, the schedule spanning ``trainer.epochs`` epochs."""
+    from qrepro.optim import build_optimizer, build_scheduler
+
+    ocfg = _plain(cfg.optimizer)
+    optimizer = build_optimizer(model, ocfg.pop("name"), ocfg.pop("groups", None), **ocfg)
+    scfg = _plain(cfg.scheduler)
+    scheduler = build_scheduler(
+        optimizer,
+        scfg.pop("name"),
+        total_steps=int(cfg.trainer.epochs) * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        **scfg,
+    )
+    if hasattr(optimizer, "attach_scheduler"):  # e.g. TR optimizers whose target rate follows the LR schedule
+        optimizer.attach_scheduler(scheduler)
+    return optimizer, scheduler
+
+
+def make_loss_fn(cfg: DictConfig):
+    ls = float(cfg.trainer.label_smoothing)
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y, label_smoothing=ls)
+
+    return loss_fn
+
+
+@dataclass
+class Components:
+    """What one training run is made of, built from a config exactly as the trainer builds it."""
+
+    cfg: DictConfig
+    model: nn.Module
+    method: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: Any
+    ema: Any
+    device: torch.device
+    steps_per_epoch: int
+    data: Any = None
+    hooks: list[Any] = field(default_factory=list)  # the method's and the optimizer's (the trainer adds DDP sync)
+
+
+def build_components(
+    cfg: DictConfig,
+    device: torch.device,
+    *,
+    data: Any = None,
+    num_classes: int | None = None,
+    steps_per_epoch: int | None = None,
+    dtype: torch.dtype | None = None,
+    init: bool = True,
+    sync_bn: bool = False,
+) -> Components:
+    """Model + method, initialisation (``init_from``), optimizer, schedule, loss and EMA for ``cfg``.
+
+    ``data`` (a DataBundle) gives the class count and steps per epoch; without it both must be passed.
+    ``dtype`` converts the model (float64 for parity checks) before ``init_from`` is loaded into it.
+    """
+    from qrepro.engine.ema import EMA
+
+    if data is not None:
+        num_classes = data.num_classes if num_classes is None else num_classes
+        steps_per_epoch = len(data.train) if steps_per_epoch is None else steps_per_epoch
+    if num_classes is None or steps_per_epoch is None:
+        raise ValueError("build_components needs data or both num_classes and steps_per_epoch")
+    model, method = build_model_and_method(cfg, num_classes)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same Parameter objects, BN over the global batch
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    if init and cfg.init_from:
+        init_model(model, cfg.init_from, strict=bool(cfg.init_strict))
+    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
+    ema = EMA(model, float(cfg.trainer.ema)) if cfg.trainer.ema else None
+    hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
+    return Components(
+        cfg=cfg,
+        model=model,
+        method=method,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=make_loss_fn(cfg),
+        ema=ema,
+        device=device,
+        steps_per_epoch=steps_per_epoch,
+        data=data,
+        hooks=hooks,
+    )
+
+
+def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Compose a config in-process (tests, scripts) exactly as the command line would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from qrepro.cli import CONFIG_DIR, check_group_choices, register_resolvers
+
+    register_resolvers()
+    check_group_choices(overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)

@@ -1,0 +1,171 @@
+"""Parity harness: qrepro against the authors' own code, side by side, in float64.
+
+``python -m qrepro.parity <apot|sat|tr> --reference DIR [--steps N]`` builds the authors' implementation (from a
+checkout ``DIR`` of their repository) and qrepro's (through ``qrepro.api.build``, i.e. exactly as the trainer
+builds it) from the same weights and the same CIFAR-10 images, runs a train-mode forward, backward and ``N``
+optimizer steps in both, and prints the largest absolute and relative differences of outputs, gradients,
+parameters and optimizer state, then PASS or FAIL against the stated tolerance (exit code 1 on FAIL).
+
+This module holds what the three comparisons share: the comparison table, importing the authors' modules
+without leaking them into ``sys.modules``, and a fixed batch of real CIFAR-10 images. One module per paper
+(``apot.py``, ``sat.py``, ``tr.py``) registers into ``SUITES``. The authors' code is only imported, never copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qrepro.errors import QreproError
+from qrepro.registry import Registry
+
+SUITES = Registry("parity suite")
+
+# the offline CIFAR-10 copy next to the project checkout (see ../shared/data/README.md)
+DEFAULT_CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+
+
+@dataclass
+class Row:
+    name: str
+    max_abs: float
+    max_rel: float
+    numel: int
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.max_abs) and self.max_abs <= self.tol
+
+
+@dataclass
+class Report:
+    """Rows of (quantity, max |ours - ref|, max relative difference); PASS iff every row is within its tolerance.
+
+    The relative difference of a tensor is ``max|a - b| / max(max|b|, tiny)``: the difference measured against
+    the tensor's own scale (elementwise relative errors are meaningless where the reference is ~0).
+    """
+
+    title: str
+    tol: float = 1e-9
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name: str, ours: Any, ref: Any, tol: float | None = None) -> Row:
+        a = torch.as_tensor(ours).detach().to("cpu", torch.float64)
+        b = torch.as_tensor(ref).detach().to("cpu", torch.float64)
+        if a.shape != b.shape:
+            if a.numel() == b.numel():
+                a = a.reshape(b.shape)
+            else:
+                raise QreproError(f"parity: {name}: shapes differ, ours {tuple(a.shape)} vs reference {tuple(b.shape)}")
+        if a.numel() == 0:
+            d, scale = 0.0, 0.0
+        else:
+            diff = (a - b).abs()
+            d = float(diff.max()) if not torch.isnan(diff).any() else math.inf
+            scale = float(b.abs().max())
+        row = Row(name, d, d / max(scale, 1e-300) if d else 0.0, a.numel(), self.tol if tol is None else tol)
+        self.rows.append(row)
+        return row
+
+    def add_many(
+        self, prefix: str, ours: dict[str, Any], ref: dict[str, Any], tol: float | None = None, per_item: bool = False
+    ) -> None:
+        """Compare two dicts with the same keys: one row per key (``per_item``) or one row for all of them."""
+        missing = sorted(set(ours) ^ set(ref))
+        if missing:
+            raise QreproError(f"parity: {prefix}: keys present on one side only: {missing[:8]}")
+        if per_item:
+            for k in ours:
+                self.add(f"{prefix} {k}", ours[k], ref[k], tol)
+            return
+        worst: Row | None = None
+        for k in ours:
+            r = self.add(f"{prefix} {k}", ours[k], ref[k], tol)
+            self.rows.pop()
+            if worst is None or not r.ok or r.max_abs > worst.max_abs:
+                if worst is None or worst.ok:
+                    worst = r
+        if worst is not None:
+            n = sum(torch.as_tensor(v).numel() for v in ours.values())
+            worst_name = worst.name[len(prefix) + 1 :]
+            self.rows.append(Row(f"{prefix} (all {len(ours)}; worst {worst_name})", worst.max_abs, worst.max_rel, n, worst.tol))
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+    def render(self) -> str:
+        w = max([len(r.name) for r in self.rows] + [8])
+        lines = [self.title, f"{'quantity':<{w}}  {'max abs diff':>12}  {'max rel diff':>12}  {'tolerance':>9}  ok"]
+        for r in self.rows:
+            lines.append(f"{r.name:<{w}}  {r.max_abs:12.3e}  {r.max_rel:12.3e}  {r.tol:9.1e}  {'yes' if r.ok else 'NO'}")
+        lines += self.notes
+        lines.append(("PASS" if self.ok else "FAIL") + f": {sum(r.ok for r in self.rows)}/{len(self.rows)} within tolerance")
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def reference_import(root: Path, stubs: dict[str, types.ModuleType] | None = None) -> Iterator[Callable[[str], Any]]:
+    """Import modules of the authors' code from ``root`` (put first on ``sys.path``) with optional stand-in
+    modules (e.g. SAT's global ``utils.config``), and remove every module imported from there afterwards, so
+    two references with a package of the same name (``models``) can be used in one process."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise QreproError(f"--reference {root} is not a directory; pass a checkout of the authors' repository")
+    before = set(sys.modules)
+    saved = {k: sys.modules[k] for k in (stubs or {}) if k in sys.modules}
+    sys.path.insert(0, str(root))
+    for k, m in (stubs or {}).items():
+        sys.modules[k] = m
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(root))
+        for k in set(sys.modules) - before:
+            del sys.modules[k]
+        for k in stubs or {}:
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
+
+
+def cifar_batches(
+    root: Path | str | None, n: int, batch: int, seed: int = 0, split: str = "train"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of ``batch`` real CIFAR-10 images (uint8 NCHW, labels), drawn at random with ``seed``."""
+    from qrepro.data.cifar import load_cifar_tensors
+
+    root = Path(root) if root else DEFAULT_CIFAR
+    if not root.exists():
+        raise QreproError(f"parity needs CIFAR-10 images: {root} does not exist; pass --data <CIFAR-10 root>")
+    x, y = load_cifar_tensors(str(root), 10)[split]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(y), generator=g)[: n * batch]
+    return [(x[idx[i * batch : (i + 1) * batch]], y[idx[i * batch : (i + 1) * batch]]) for i in range(n)]
+
+
+def normalize(x: torch.Tensor, mean: Any, std: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """uint8 NCHW -> (x/255 - mean)/std in ``dtype``."""
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1)
+    return (x.to(dtype) / 255.0 - m) / s
+
+
+def run_suite(name: str, reference: Path | str | None, **kw: Any) -> list[Report]:
+    from qrepro.registry import import_submodules
+
+    import_submodules(__name__, __path__)
+    suite = SUITES.get(name)
+    ref = Path(reference) if reference else DEFAULT_REFERENCE / {"tr": "trs"}.get(name, name)
+    return suite(ref, **kw)
