@@ -162,6 +162,34 @@ def test_rcf_weight_alpha_gradient_eq8(bits):
     torch.testing.assert_close(out.detach(), alpha0 * qa.project_signed(torch.clamp(w / alpha0, -1, 1), lv))
 
 
+@pytest.mark.parametrize("clip", ["rcf", "pact"])
+@pytest.mark.parametrize("alpha0", [-0.8, -2.5, 0.0])
+def test_ste_weight_gradient_is_straight_through_for_nonpositive_alpha(clip, alpha0):
+    """A learned alpha_w can reach 0 or go negative (2-bit CIFAR runs do). The straight-through weight gradient
+    (authors' CIFAR code: the upstream gradient, returned unchanged) must stay 1 everywhere whatever alpha is."""
+    g = torch.Generator().manual_seed(7)
+    lv = qa.magnitude_levels("apot", 3)
+    w = torch.randn(3000, generator=g, dtype=D) * 1.5
+    if alpha0 != 0.0:
+        w = _away_from_boundaries(w, abs(alpha0), lv)
+    up = torch.randn(w.shape, generator=g, dtype=D)
+    wr = w.clone().requires_grad_(True)
+    alpha = torch.tensor(alpha0, dtype=D, requires_grad=True)
+    fn = qa.rcf_weight if clip == "rcf" else qa.pact_weight
+    out = fn(wr, alpha, lv, grad="ste")
+    (out * up).sum().backward()
+    assert torch.equal(wr.grad, up)  # exactly the upstream gradient, inside and outside the clip range
+    if alpha0 == 0.0 or clip == "pact":
+        return
+    # alpha < 0, RCF: forward alpha * sign(c) Pi(|c|), c = clip(W/alpha, -1, 1); alpha gradient of the authors'
+    # backward: sign(W/alpha) where |W/alpha| > 1, Pi(W/alpha) - W/alpha inside
+    u = w / alpha0
+    c = torch.clamp(u, -1.0, 1.0)
+    torch.testing.assert_close(out.detach(), alpha0 * qa.project_signed(c, lv), rtol=1e-14, atol=1e-14)
+    eq8 = torch.where(u.abs() > 1, torch.sign(u), qa.project_signed(c, lv) - u)
+    torch.testing.assert_close(alpha.grad, (up * eq8).sum(), rtol=1e-12, atol=1e-12)
+
+
 def test_rcf_weight_gradient_finite_differences():
     """Eq. (13a): dW^/dalpha = (1/c) Pi(...) [exact derivative of the forward, checked by finite differences]
     + (alpha/c) dPi/d[.] d[.]/dalpha with the STE (= -W/alpha inside, 0 outside)."""

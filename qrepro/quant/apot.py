@@ -146,12 +146,14 @@ def rcf_weight(w: torch.Tensor, alpha: torch.Tensor, magnitudes: torch.Tensor, *
 
     The clip and the divide/multiply by alpha stay in autograd and only the projection is straight-
     through, so dW^/dalpha is exactly Eq. (8)/(13c): sign(W) where |W| > alpha, Pi(W/alpha) - W/alpha inside.
-    ``grad``: weight gradient ``"ste"`` = 1 everywhere (paper Sec. 2.5, authors' CIFAR code) or
-    ``"clipped"`` = zero outside +-alpha (authors' ImageNet code).
+    ``grad``: weight gradient ``"ste"`` = the upstream gradient unchanged, everywhere and for any alpha (paper
+    Sec. 2.5, authors' CIFAR code; also when a learned alpha reaches 0 or goes negative) or ``"clipped"`` = the
+    gradient of the clip, zero where |W / alpha| > 1 (authors' ImageNet code above 2 bits).
     """
-    c = torch.clamp(w / alpha, -1.0, 1.0)
+    src = _weight_source(w, grad)
+    c = torch.clamp(src / alpha, -1.0, 1.0)
     out = alpha * _ste_project(c, magnitudes, signed=True)
-    return _pass_outside(out, w, w.abs() > alpha, grad)
+    return _straight_through(out, w, grad)
 
 
 def rcf_act(x: torch.Tensor, alpha: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -169,10 +171,10 @@ def pact_weight(w: torch.Tensor, alpha: torch.Tensor, magnitudes: torch.Tensor, 
 
     Same forward as RCF; alpha only receives gradient through the clip, not through the levels.
     """
-    c = torch.minimum(torch.maximum(w, -alpha), alpha)
+    c = torch.minimum(torch.maximum(_weight_source(w, grad), -alpha), alpha)
     q = alpha.detach() * project_signed(c.detach() / alpha.detach(), magnitudes)
     out = c + (q - c).detach()
-    return _pass_outside(out, w, w.abs() > alpha, grad)
+    return _straight_through(out, w, grad)
 
 
 def pact_act(x: torch.Tensor, alpha: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -182,13 +184,19 @@ def pact_act(x: torch.Tensor, alpha: torch.Tensor, levels: torch.Tensor) -> torc
     return c + (q - c).detach()
 
 
-def _pass_outside(out: torch.Tensor, w: torch.Tensor, outside: torch.Tensor, grad: str) -> torch.Tensor:
-    if grad == "clipped":
-        return out
+def _weight_source(w: torch.Tensor, grad: str) -> torch.Tensor:
+    """The weights the clip sees: with the straight-through gradient they carry no gradient there (the clip only
+    shapes alpha's gradient), so no mask decides where W's gradient passes and none can be wrong for alpha <= 0."""
     if grad == "ste":
-        # add a zero-valued term whose gradient is 1 where the clip blocked it: dW^/dW = 1 everywhere
-        return out + (w - w.detach()) * outside.detach().to(w.dtype)
+        return w.detach()
+    if grad == "clipped":
+        return w
     raise QreproError(f"unknown APoT weight gradient {grad!r}; choose ste or clipped")
+
+
+def _straight_through(out: torch.Tensor, w: torch.Tensor, grad: str) -> torch.Tensor:
+    # ste: add a zero-valued term whose gradient is exactly the upstream gradient: dW^/dW = 1 everywhere
+    return out + (w - w.detach()) if grad == "ste" else out
 
 
 def max_scaled_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
