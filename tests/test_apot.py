@@ -19,6 +19,7 @@ from qrepro.errors import QreproError
 from qrepro.quant import apot as qa
 from qrepro.quant import apot_levels, build_method, lloyd_max_levels, prepare, project
 from qrepro.quant.layers import QConv2d, QLinear, quantized_layers
+from qrepro.quant.methods import LayerInfo
 from qrepro.quant.methods.apot import APoTActQuantizer, APoTWeightQuantizer, MaxScaledWeightQuantizer
 
 D = torch.float64
@@ -429,6 +430,38 @@ def test_table_cost_columns_match_the_utility():
             else:
                 assert round(cost.size_mib, 2) == c["cost"]["ours_size_mib"], c["id"]
                 assert c["cost"]["ours_size_mib"] == pytest.approx(c["cost"]["paper_size_mb"], abs=0.051), c["id"]
+
+
+def _experiment_weight_grad(overrides: list[str]) -> torch.Tensor:
+    """Weight gradient of one quantized layer's weight quantizer as an experiment builds it (upstream ones)."""
+    from qrepro.builders import _plain
+    from qrepro.train import compose
+
+    cfg = compose(overrides)
+    q = _plain(cfg.quantizer)
+    method = build_method(q.pop("name"), int(cfg.precision.w_bits), int(cfg.precision.a_bits), **q)
+    wq, _ = method.quantize_layer(
+        LayerInfo("c", nn.Conv2d(4, 4, 3), "middle", 1, False, None, cfg.precision.w_bits, cfg.precision.a_bits)
+    )
+    wq = wq.double()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 4, 3, 3, generator=g, dtype=D).requires_grad_(True)
+    wq.wn = False  # the gradient of the quantizer itself (attached WN statistics would mix the elements)
+    wq.alpha.data.fill_(0.5)
+    (wq(w) * torch.randn(w.shape, generator=g, dtype=D)).sum().backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet34", "resnet50"])
+def test_imagenet_weight_gradient_clipped_only_above_2_bits(model):
+    """The authors' ImageNet code zeroes the weight gradient outside +-alpha for more than 2 bits; at 2 bits
+    (their ternary path) it passes unclipped. ``quantizer.w_grad=clipped`` keeps the clipped reading."""
+    w2 = _experiment_weight_grad([f"+experiment=apot_{model}_imagenet_w2a2"])
+    assert (w2 != 0).all()  # |W~| > alpha = 0.5 for some weights: a clipped gradient would have zeros
+    w3 = _experiment_weight_grad([f"+experiment=apot_{model}_imagenet_w3a3"])
+    assert (w3 == 0).any() and (w3 != 0).any()
+    w2c = _experiment_weight_grad([f"+experiment=apot_{model}_imagenet_w2a2", "quantizer.w_grad=clipped"])
+    assert (w2c == 0).any()
 
 
 def test_table_cells_compose_to_their_bits():

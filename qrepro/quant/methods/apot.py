@@ -25,6 +25,7 @@ from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 LEVEL_FAMILIES = ("apot", "pot", "uniform", "lloyd")
+W_GRADS = ("ste", "clipped", "clipped_above_2bit")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -179,7 +180,8 @@ def build_apot(
     weight family, ``apot`` when weights use lloyd). w_clip: rcf | pact | max; a_clip: rcf | pact.
     wn: weight normalisation on/off; wn_grad: attached (paper, ImageNet code) | detached (CIFAR code);
     wn_std: biased (Eq. 9) | unbiased (torch.std, both authors' codes); wn_eps: epsilon of Eq. 9 (the
-    authors' code uses 0). w_grad: ste (paper, CIFAR code) | clipped (ImageNet code).
+    authors' code uses 0). w_grad: ste (paper, CIFAR code: 1 everywhere) | clipped (0 outside +-alpha) |
+    clipped_above_2bit (the ImageNet code: clipped for more than 2 bits, ste at 2 bits).
     first_last: 8bit (weight-only, max-positive scaling) | fp.
     """
     check_bits("apot", w_bits, a_bits, SUPPORTED_BITS)
@@ -191,7 +193,9 @@ def build_apot(
     _choice("a_clip", a_clip, ("rcf", "pact"))
     _choice("wn_grad", wn_grad, ("attached", "detached"))
     _choice("wn_std", wn_std, ("biased", "unbiased"))
-    _choice("w_grad", w_grad, ("ste", "clipped"))
+    _choice("w_grad", w_grad, W_GRADS)
+    # the authors' ImageNet code clips the weight gradient only above 2 bits (its 2-bit path passes it unclipped)
+    layer_w_grad = "clipped" if w_grad == "clipped" or (w_grad == "clipped_above_2bit" and w_bits > 2) else "ste"
     _choice("first_last", first_last, ("8bit", "fp"))
     if not 2 <= first_last_bits <= 16:
         raise QreproError(f"quantizer.first_last_bits={first_last_bits} must be in 2..16 (paper: 8)")
@@ -205,7 +209,7 @@ def build_apot(
                 w_bits,
                 levels=levels,
                 clip=w_clip,
-                grad=w_grad,
+                grad=layer_w_grad,
                 wn=wn,
                 wn_detach=wn_grad == "detached",
                 wn_unbiased=wn_std == "unbiased",
