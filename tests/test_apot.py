@@ -464,6 +464,44 @@ def test_imagenet_weight_gradient_clipped_only_above_2_bits(model):
     assert (w2c == 0).any()
 
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+
+
+def _alpha_groups(experiment: str) -> dict[str, tuple[float, float]]:
+    """(lr, weight decay) of the optimizer groups holding alpha_a / alpha_w, as the trainer builds them."""
+    from qrepro.api import build
+
+    run = build([f"+experiment={experiment}", "trainer.device=cpu"], load_data=False, num_classes=10, steps_per_epoch=1)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    out = {}
+    for g in run.optimizer.param_groups:
+        for p in g["params"]:
+            kind = "act" if names[id(p)].endswith("aq.alpha") else "wgt" if names[id(p)].endswith("wq.alpha") else None
+            if kind:
+                assert out.setdefault(kind, (g["lr"], g["weight_decay"])) == (g["lr"], g["weight_decay"])
+    return out
+
+
+def test_cifar_paper_recipe_clip_thresholds_follow_appendix_c2():
+    """App. C.2 (CIFAR): alpha lr 0.03 (activations) / 0.01 (weights), alpha weight decay 1e-5. The ``_script``
+    experiments keep the authors' main.py values (0.1 / 0.02, weight decay 1e-4)."""
+    paper = [
+        p.stem
+        for p in sorted(EXPERIMENTS.glob("apot_resnet*_cifar10_*.yaml"))
+        if "paper recipe (App. C.2)" in p.read_text().splitlines()[1]
+    ]
+    assert len(paper) == 10  # ResNet-20/56 x FP, 5, 4, 3, 2 bits
+    from qrepro.train import compose
+
+    for name in paper:
+        groups = {tuple(g["tags"]): g for g in OmegaConf.to_container(compose([f"+experiment={name}"]).optimizer.groups)}
+        assert groups[("act_clip",)] == {"tags": ["act_clip"], "lr": 0.03, "weight_decay": 1e-5}, name
+        assert groups[("weight_clip",)] == {"tags": ["weight_clip"], "lr": 0.01, "weight_decay": 1e-5}, name
+    assert _alpha_groups("apot_resnet20_cifar10_w2a2") == {"act": (0.03, 1e-5), "wgt": (0.01, 1e-5)}
+    for bits in (4, 3, 2):
+        assert _alpha_groups(f"apot_resnet20_cifar10_w{bits}a{bits}_script") == {"act": (0.1, 1e-4), "wgt": (0.02, 1e-4)}
+
+
 def test_table_cells_compose_to_their_bits():
     """Cells with overrides compose (experiments alone are composed by test_configs) to the cell's bits/model."""
     from hydra import compose, initialize_config_dir
