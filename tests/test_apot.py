@@ -494,12 +494,14 @@ def test_cifar_paper_recipe_clip_thresholds_follow_appendix_c2():
     from qrepro.train import compose
 
     for name in paper:
-        groups = {tuple(g["tags"]): g for g in OmegaConf.to_container(compose([f"+experiment={name}"]).optimizer.groups)}
+        cfg = compose([f"+experiment={name}"])
+        groups = {tuple(g["tags"]): g for g in OmegaConf.to_container(cfg.optimizer.groups)}
         assert groups[("act_clip",)] == {"tags": ["act_clip"], "lr": 0.03, "weight_decay": 1e-5}, name
         assert groups[("weight_clip",)] == {"tags": ["weight_clip"], "lr": 0.01, "weight_decay": 1e-5}, name
     assert _alpha_groups("apot_resnet20_cifar10_w2a2") == {"act": (0.03, 1e-5), "wgt": (0.01, 1e-5)}
     for bits in (4, 3, 2):
-        assert _alpha_groups(f"apot_resnet20_cifar10_w{bits}a{bits}_script") == {"act": (0.1, 1e-4), "wgt": (0.02, 1e-4)}
+        script = _alpha_groups(f"apot_resnet20_cifar10_w{bits}a{bits}_script")
+        assert script == {"act": (0.1, 1e-4), "wgt": (0.02, 1e-4)}
 
 
 def test_table_cells_compose_to_their_bits():
