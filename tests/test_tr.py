@@ -97,7 +97,7 @@ def test_weight_values_and_gradients(bits):
     assert torch.allclose(gs, fd, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_activation_values_and_gradients(bits):
     torch.manual_seed(10 + bits)
     n = 2.0**bits
@@ -114,6 +114,62 @@ def test_activation_values_and_gradients(bits):
     assert (~inside).any()
     assert torch.allclose(gx, torch.where(inside, up / s.detach(), 0.0))
     assert torch.allclose(gs, (up * torch.where(inside, -x.detach() / s.detach() ** 2, 0.0)).sum())
+
+
+def test_binary_activation_follows_authors():
+    # authors' custom_modules.QConv.act_quantization at 1 bit: round(clamp(x/s_a, 0, 1)) -> {0, 1}, threshold
+    # s_a/2 (the b >= 2 formula round(clip(2x/s_a, 0, 1))/2 would give {0, 1/2} with the threshold at s_a/4)
+    s = torch.tensor(0.8, dtype=D, requires_grad=True)
+    x = torch.tensor([0.0, 0.1, 0.19, 0.21, 0.39, 0.41, 0.79, 0.81, 2.0, -0.3], dtype=D, requires_grad=True)
+    xq = F.quantize_activation(x, s, 1)
+    assert xq.tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    up = torch.arange(1.0, 11.0, dtype=D)
+    gx, gs = torch.autograd.grad(xq, (x, s), up)
+    inside = (x.detach() > 0) & (x.detach() < 0.8)  # the clamp's range; the STE passes the rounding
+    assert torch.allclose(gx, torch.where(inside, up / 0.8, 0.0), rtol=1e-15, atol=0)
+    assert gs.item() == pytest.approx((up * torch.where(inside, -x.detach() / 0.64, 0.0)).sum().item(), rel=1e-14)
+    # with the authors' denominator |s| + 1e-6 (their exact expression, float64)
+    s2 = torch.tensor(0.8, dtype=D, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = torch.round(torch.clamp(x2.detach() / (0.8 + 1e-6), 0, 1))
+    xq2 = F.quantize_activation(x2, s2, 1, eps=1e-6)
+    assert torch.equal(xq2.detach(), ref)
+    gx2, gs2 = torch.autograd.grad(xq2, (x2, s2), up)
+    assert torch.allclose(gx2, torch.where(inside, up / (0.8 + 1e-6), 0.0), rtol=1e-15, atol=0)
+    want = (up * torch.where(inside, -x.detach() / (0.8 + 1e-6) ** 2, 0.0)).sum().item()
+    assert gs2.item() == pytest.approx(want, rel=1e-14)
+
+
+def test_scale_eps_denominator():
+    # quantizer.scale_eps: divide by |s| + eps (authors: 1e-6) instead of s; a value just above a rounding point
+    # of x/s falls below it with the eps, and a negative s acts through |s|
+    n = 4.0
+    x = torch.tensor([0.125 * (1 + 5e-7)], dtype=D)
+    assert F.quantize_activation(x, torch.tensor(1.0, dtype=D), 2).item() == 1 / n
+    assert F.quantize_activation(x, torch.tensor(1.0, dtype=D), 2, eps=1e-6).item() == 0.0
+    assert F.quantize_activation(x, torch.tensor(-1.0, dtype=D), 2, eps=1e-6).item() == 0.0
+    w = torch.tensor([0.25 * (1 + 5e-7), -0.3], dtype=D)  # 2 bits: γw/s = 0.5000003 -> 1 (plain), 0 (eps)
+    assert F.discrete_weight(w, torch.tensor(1.0, dtype=D), 2).tolist() == [1.0, -1.0]
+    assert F.discrete_weight(w, torch.tensor(1.0, dtype=D), 2, eps=1e-6).tolist() == [0.0, -1.0]
+    # gradient with respect to s through |s| + eps, exactly the authors' expression
+    s = torch.tensor(0.37, dtype=D, requires_grad=True)
+    ww = (torch.randn(500, generator=torch.Generator().manual_seed(0), dtype=D) * 0.3).requires_grad_(True)
+    s_ref = s.detach().clone().requires_grad_(True)
+    ref = torch.clamp(ww.detach() / (torch.abs(s_ref) + 1e-6) * 2, -2, 1)
+    ref = (ref + (torch.round(ref) - ref).detach()) / 2
+    ours = F.quantize_weight(ww.detach(), s, 2, eps=1e-6)
+    assert torch.equal(ours.detach(), ref.detach())
+    up = torch.randn(500, generator=torch.Generator().manual_seed(1), dtype=D)
+    (g_ours,) = torch.autograd.grad(ours, s, up)
+    (g_ref,) = torch.autograd.grad(ref, s_ref, up)
+    assert g_ours.item() == g_ref.item() != 0.0
+    # the config switch reaches the quantizer modules (default None: the paper's s)
+    m, _ = _tiny_model(scale_eps=1e-6)
+    assert m[3].wq.eps == 1e-6 and m[3].aq.eps == 1e-6
+    m, _ = _tiny_model()
+    assert m[3].wq.eps is None and m[3].aq.eps is None
+    with pytest.raises(QreproError, match="scale_eps"):
+        _tiny_model(scale_eps=-1.0)
 
 
 def test_binary_sign_of_zero_is_plus_one():
@@ -616,3 +672,98 @@ def test_table_cells_match_their_recipe(path):
             assert cfg.scheduler.gamma == 0.2
         else:
             assert cfg.scheduler.name == "cosine"
+
+
+# ------------------------------------------------------------------- the authors' code as named switches
+def test_initial_target_direct_or_sqrt_bits():
+    # optimizer.tr.target_init: sqrt_bits = paper (R^0 = λ·sqrt(b_w), 7.07e-3 at 2 bits); direct = the
+    # authors' run.sh, which passes the initial target itself (--initial_tr 5e-3)
+    for init, r0 in (("sqrt_bits", 5e-3 * math.sqrt(2)), ("direct", 5e-3)):
+        m = _one_layer([0.1, 0.2, 0.3, 0.4], bits=2)
+        opt = SGDT(m.parameters(), model=m, lr=0.1, tr=dict(target_init=init, target_schedule="constant"))
+        m[0].weight.grad = torch.zeros_like(m[0].weight)
+        opt.step()
+        assert opt.tr_last["R"] == [r0] and opt.tr_last["K"] == [r0]  # K^0 = R^0 (running_init: target)
+    with pytest.raises(QreproError, match="target_init"):
+        SGDT(m.parameters(), model=m, lr=0.1, tr=dict(target_init="lambda"))
+
+
+def test_running_eps_is_the_authors_denominator():
+    # authors' custom_optims: lr_scale <- m·lr_scale + (1 − m)·lr_scale·R/(K + 1e-8); U = α·lr_scale
+    u, big_k, r, m = 0.1, 3e-3, 5e-3, 0.99
+    assert talr_momentum(u, big_k, r, m, 1e-8) == m * u + (1 - m) * (u * r / (big_k + 1e-8))
+    assert talr_momentum(u, big_k, r, m, 1e-8) != talr_momentum(u, big_k, r, m)
+    assert talr_multiplicative(u, 0.0, 0.0, 1e-8) == 0.0 and talr_multiplicative(u, 0.0, r, 1e-8) == u * r / 1e-8
+    hist = _run_constant_grad("momentum", 5, running_eps=1e-8)
+    u = 0.1
+    for big_k in (0.25, 0.25, 0.125):  # t = 1, 2, 3 of the hand computation above
+        u = 0.5 * u + 0.5 * (u * 0.25 / (big_k + 1e-8))
+    assert hist[3][2] == pytest.approx(u, rel=1e-14)
+    assert hist[3][2] != pytest.approx(0.15, rel=1e-9)  # the eps moves it (0.15 without)
+
+
+@pytest.mark.parametrize("name,kw", [("cosine", {}), ("multistep", {"milestones": [2, 3], "gamma": 0.2})])
+def test_scheduler_per_epoch_matches_torch_epoch_stepping(name, kw):
+    # scheduler.per_epoch: the factor of an epoch is that of its first step, as a torch lr_scheduler stepped
+    # once per epoch (the authors' train_quant.py: CosineAnnealingLR(T_max=epochs), scheduler.step() per epoch)
+    from qrepro.optim import build_scheduler
+
+    epochs, spe = 5, 3
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sch = build_scheduler(opt, name, total_steps=epochs * spe, steps_per_epoch=spe, per_epoch=True, **kw)
+    ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    if name == "cosine":
+        ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=epochs, eta_min=0)
+    else:
+        ref = torch.optim.lr_scheduler.MultiStepLR(ref_opt, milestones=kw["milestones"], gamma=kw["gamma"])
+    for e in range(epochs):
+        for i in range(spe):
+            assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15)
+            assert sch.factor(e * spe + i) == sch.factor(e * spe)
+            sch.step()
+        ref_opt.step()
+        ref.step()
+    # per iteration (default) the factor changes inside an epoch
+    p2 = nn.Parameter(torch.zeros(1))
+    it = build_scheduler(torch.optim.SGD([p2], lr=0.1), "cosine", total_steps=epochs * spe, steps_per_epoch=spe)
+    assert it.factor(1) < it.factor(0) == 1.0
+    with pytest.raises(QreproError, match="per_epoch"):
+        build_scheduler(opt, name, total_steps=10, steps_per_epoch=2, per_epoch="yes", **kw)
+
+
+@pytest.mark.parametrize("opt_name", ["sgdt", "adamt", "sgd", "adam"])
+def test_cifar_experiments_follow_the_authors(opt_name):
+    # the CIFAR TR experiments as the authors' train_quant.py/run.sh set them up: scales at lr 0.01 (run.sh
+    # --scale_lr default, SGD and Adam alike) without momentum/weight decay, BatchNorm without momentum/weight
+    # decay, everything else with the optimizer's defaults; R^0 = 5e-3 given directly; the schedule stepped per
+    # epoch; |s| + 1e-6; CIFAR std (0.2023, 0.1994, 0.2010)
+    from qrepro.api import build
+
+    exp = f"tr_resnet20_cifar10_w2a2_{opt_name}"
+    run = build(
+        [f"+experiment={exp}", "trainer.device=cpu", "trainer.epochs=2"],
+        load_data=False,
+        num_classes=10,
+        steps_per_epoch=4,
+    )
+    cfg, model, opt = run.cfg, run.model, run.optimizer
+    assert list(cfg.dataset.std) == [0.2023, 0.1994, 0.2010] and list(cfg.dataset.mean) == [0.4914, 0.4822, 0.4465]
+    assert cfg.scheduler.per_epoch is True and run.scheduler.factor(3) == 1.0 < 1.0 + run.scheduler.factor(4)
+    sgd = opt_name.startswith("sgd")
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    a_scale = model.layer1[0].conv1.aq.scale
+    for p in (a_scale, model.bn1.weight, model.layer2[1].bn2.bias, model.bn_fc.weight):
+        g = group_of[id(p)]
+        assert g["weight_decay"] == 0.0 and g.get("momentum", 0.0) == 0.0
+        assert g["lr"] == pytest.approx(0.01 if p is a_scale else (0.1 if sgd else 1e-3))
+    for p in (model.conv1.weight, model.fc.weight, model.fc.bias, model.layer3[2].conv2.weight):
+        g = group_of[id(p)]
+        assert g["weight_decay"] == 1e-4 and g.get("momentum", 0.9) == 0.9
+    w_scale = model.layer1[0].conv1.wq.scale
+    if opt_name.endswith("t"):
+        assert id(w_scale) not in group_of and cfg.optimizer.tr.target_init == "direct"
+        assert opt._tr_r0 == [5e-3] and opt._tr_K == [5e-3]
+    else:
+        assert group_of[id(w_scale)]["lr"] == pytest.approx(0.01) and group_of[id(w_scale)]["weight_decay"] == 0.0
+    assert model.layer1[0].conv1.aq.eps == 1e-6 and model.layer1[0].conv1.wq.eps == 1e-6

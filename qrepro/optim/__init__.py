@@ -5,7 +5,9 @@
   this package is imported automatically.
 * ``param_groups(model, defaults, rules)``: parameter groups from tag rules (``norm``, ``bias``, ``depthwise``,
   ``weight``, ``quant`` and the quantizers' own ``param_tags``); the first matching rule wins.
-* ``SCHEDULERS``: per-iteration schedules exposing ``factor(step)``; they scale every group's ``initial_lr``.
+* ``SCHEDULERS``: schedules exposing ``factor(step)``; they scale every group's ``initial_lr``. They step per
+  iteration; ``per_epoch: true`` holds the factor of an epoch's first step for the whole epoch (a torch
+  ``lr_scheduler`` stepped once per epoch, as e.g. the TR authors' code does).
 """
 
 from __future__ import annotations
@@ -167,13 +169,24 @@ class Schedule:
 
 class _Warmup(Schedule):
     def __init__(
-        self, optimizer, total_steps, steps_per_epoch, warmup_epochs: float = 0.0, warmup_start_factor: float = 0.0
+        self,
+        optimizer,
+        total_steps,
+        steps_per_epoch,
+        warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 0.0,
+        per_epoch: bool = False,
     ) -> None:
         self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
         self.warmup_start_factor = warmup_start_factor
+        if not isinstance(per_epoch, bool):
+            raise QreproError(f"scheduler.per_epoch must be true or false, got {per_epoch!r}")
+        self.per_epoch = per_epoch
         super().__init__(optimizer, total_steps, steps_per_epoch)
 
     def factor(self, step: int) -> float:
+        if self.per_epoch:  # the factor of the epoch's first step (epoch e: factor(e·steps_per_epoch))
+            step = step // self.steps_per_epoch * self.steps_per_epoch
         if step < self.warmup_steps:
             a = step / self.warmup_steps
             return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * a

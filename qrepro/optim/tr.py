@@ -12,8 +12,9 @@ gradient term ``g^t`` (SGD momentum buffer, Adam's m̂/(√v̂+ε), ...) and app
 2. ``K^t = m·K^{t−1} + (1−m)·k^t`` (Eq. 10).
 3. TALR (Eq. 11, default) ``U^t = max(0, U^{t−1} + η(R^t − K^t))`` with η = U^0; or Eq. S1
    ``U^t = U^{t−1}·R^t/K^t``; or Eq. S2 ``U^t = m'U^{t−1} + (1−m')U^{t−1}·R^t/K^t`` (the authors' code).
-4. Target TR ``R^t = R_f + (R^0 − R_f)·f(t)`` with ``R^0 = λ·sqrt(b_w)`` and ``f`` the LR scheduler's
-   factor, so the target follows the same family (cosine to 0, step ÷5, linear).
+4. Target TR ``R^t = R_f + (R^0 − R_f)·f(t)`` with ``R^0 = λ·sqrt(b_w)`` (paper; ``target_init: direct``
+   takes ``R^0 = λ`` as the authors' script does) and ``f`` the LR scheduler's factor, so the target follows
+   the same family (cosine to 0, step ÷5, linear) and the same stepping (per iteration, or per epoch).
 
 Choices Algorithm 1 leaves open (documented, switchable): at the first step there is no previous ``w_d``,
 so ``U^0`` (= the initial LR) is used unchanged; ``K`` starts at ``R^0`` (``running_init: target``; a
@@ -45,7 +46,8 @@ MEASURES = ("transitions", "step_size")
 class TRConfig:
     """Options of the T-optimizers (``optimizer.tr.*`` in the config)."""
 
-    factor: float = 5e-3  # λ: initial target TR R^0 = λ·sqrt(b_w) (Sec. S4.1)
+    factor: float = 5e-3  # λ (target_init=sqrt_bits: R^0 = λ·sqrt(b_w)) or R^0 itself (target_init=direct)
+    target_init: str = "sqrt_bits"  # sqrt_bits = paper (Sec. S4.1) | direct = authors' run.sh (--initial_tr)
     momentum: float = 0.99  # m of Eq. (10), also m' of Eq. (S2)
     rule: str = "additive"  # additive = Eq. 11 | multiplicative = S1 | momentum = S2 | lr: U^t = U^0·f(t)
     scope: str = "global"  # global = paper (one TR over all N weights) | layer = authors' code (per tensor)
@@ -55,6 +57,7 @@ class TRConfig:
     running_init: str = "target"  # K^0 = R^0 ("target") or 0 ("zero")
     target_schedule: str = "scheduler"  # follow the LR scheduler's factor(step) | constant
     freeze_weight_scale: bool = True  # weight scales are not trained under TR (Sec. S5.2)
+    running_eps: float = 0.0  # S1/S2 divide by K^t + running_eps (authors' code: 1e-8); 0 floors K^t at 1e-12
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -63,14 +66,15 @@ class TRConfig:
             ("measure", MEASURES),
             ("running_init", ("target", "zero")),
             ("target_schedule", ("scheduler", "constant")),
+            ("target_init", ("sqrt_bits", "direct")),
         ):
             if getattr(self, key) not in allowed:
                 val, choices = getattr(self, key), ", ".join(allowed)
                 raise QreproError(f"optimizer.tr.{key}={val!r} is not valid; choose one of {choices}")
         if not 0.0 <= self.momentum < 1.0:
             raise QreproError(f"optimizer.tr.momentum must be in [0, 1), got {self.momentum}")
-        if self.factor < 0 or self.final_target < 0:
-            raise QreproError("optimizer.tr.factor and optimizer.tr.final_target must be >= 0")
+        if self.factor < 0 or self.final_target < 0 or self.running_eps < 0:
+            raise QreproError("optimizer.tr.factor, .final_target and .running_eps must be >= 0")
 
     @classmethod
     def from_any(cls, tr: TRConfig | dict[str, Any] | None) -> TRConfig:
@@ -165,14 +169,17 @@ def talr_additive(u: float, big_k: float, r: float, eta: float) -> float:
     return max(0.0, u + eta * (r - big_k))
 
 
-def talr_multiplicative(u: float, big_k: float, r: float) -> float:
-    """Eq. (S1): U^t = U^{t−1}·R^t/K^t (R^t = 0 gives 0; K^t is floored at 1e-12)."""
+def talr_multiplicative(u: float, big_k: float, r: float, eps: float = 0.0) -> float:
+    """Eq. (S1): U^t = U^{t−1}·R^t/K^t. ``eps`` = 0: K^t floored at 1e-12 and R^t = 0 gives 0; ``eps`` > 0:
+    U^{t−1}·R^t/(K^t + eps), the authors' form (eps = 1e-8)."""
+    if eps > 0:
+        return u * r / (big_k + eps)
     return u * r / max(big_k, 1e-12) if r > 0 else 0.0
 
 
-def talr_momentum(u: float, big_k: float, r: float, m: float) -> float:
-    """Eq. (S2): U^t = m'·U^{t−1} + (1 − m')·U^{t−1}·R^t/K^t (authors' code: lr_scale update)."""
-    return m * u + (1.0 - m) * talr_multiplicative(u, big_k, r)
+def talr_momentum(u: float, big_k: float, r: float, m: float, eps: float = 0.0) -> float:
+    """Eq. (S2): U^t = m'·U^{t−1} + (1 − m')·U^{t−1}·R^t/K^t (authors' code: lr_scale update, eps = 1e-8)."""
+    return m * u + (1.0 - m) * talr_multiplicative(u, big_k, r, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,13 +218,18 @@ class TransitionRateMixin:
         if min(bits) < 1:
             raise QreproError("transition-rate scheduling needs weight quantizers with a `bits` attribute")
         numel = self._tr_counter.numel
-        r0_layers = [cfg.factor * math.sqrt(b) for b in bits]
+        r0_layers = [cfg.factor * (math.sqrt(b) if cfg.target_init == "sqrt_bits" else 1.0) for b in bits]
         if cfg.scope == "layer":
             self._tr_units = [[i] for i in range(len(layers))]
         else:
             self._tr_units = [list(range(len(layers)))]
-        # R^0 of a unit: numel-weighted mean of λ·sqrt(b_l) (= λ·sqrt(b_w) when all layers share b_w)
-        self._tr_r0 = [sum(r0_layers[i] * numel[i] for i in u) / sum(numel[i] for i in u) for u in self._tr_units]
+        # R^0 of a unit: numel-weighted mean of λ·sqrt(b_l) (= λ·sqrt(b_w) when all layers share b_w); λ (direct)
+        self._tr_r0 = [
+            r0_layers[u[0]]  # one bit-width: exactly λ·sqrt(b_w) (or λ), not a rounded weighted mean
+            if len({r0_layers[i] for i in u}) == 1
+            else sum(r0_layers[i] * numel[i] for i in u) / sum(numel[i] for i in u)
+            for u in self._tr_units
+        ]
         self._tr_u0 = [base_lr] * len(self._tr_units)  # initial TALR = initial LR (Sec. S4.1)
         self._tr_eta = [cfg.eta if cfg.eta is not None else u0 for u0 in self._tr_u0]
         self._tr_U = list(self._tr_u0)
@@ -336,9 +348,9 @@ class TransitionRateMixin:
         if rule == "additive":
             return talr_additive(u, big_k, r, self._tr_eta[i])
         if rule == "multiplicative":
-            return talr_multiplicative(u, big_k, r)
+            return talr_multiplicative(u, big_k, r, self.tr_cfg.running_eps)
         if rule == "momentum":
-            return talr_momentum(u, big_k, r, self.tr_cfg.momentum)
+            return talr_momentum(u, big_k, r, self.tr_cfg.momentum, self.tr_cfg.running_eps)
         return self._tr_u0[i] * f  # "lr": the scheduled LR (plain optimizer with TR bookkeeping)
 
     # -- summaries for monitoring --------------------------------------------------------------------------

@@ -10,10 +10,17 @@ code, ``w_q`` is not multiplied back by ``s`` (the following BatchNorm absorbs t
 spacing ``δ = 1/γ`` is constant during training (Sec. S5). Binary weights (b = 1) use the signum function:
 ``w_n = clip(w/s, −1, 1)``, ``w_d = sign(w_n)`` (sign(0) = +1), ``w_q = w_d`` (γ = 1).
 
-Activations (b bits, unsigned): ``x_q = round(clip(x/s_a · 2^b, 0, 2^b − 1)) / 2^b``.
+Activations (b >= 2 bits, unsigned): ``x_q = round(clip(x/s_a · 2^b, 0, 2^b − 1)) / 2^b``. Binary activations
+(b = 1) follow the authors' code (``custom_modules.QConv.act_quantization``): ``x_q = round(clip(x/s_a, 0, 1))``,
+i.e. {0, 1} with the threshold at s_a/2 (the b >= 2 formula would give {0, 1/2} with the threshold at s_a/4).
+
+Scale denominators: ``eps=None`` divides by ``s`` (the paper's formulas); a number divides by ``|s| + eps``, as
+the authors' code does with eps = 1e-6 (``quantizer.scale_eps``). Division comes first and the power-of-two
+factor after (exact), so the values are those of ``(w/s)·γ`` to the last bit.
 
 Gradients: the straight-through estimator on the rounding/signum only; ``clip`` keeps its true gradient,
-so ∂w_q/∂w = 1/s and ∂w_q/∂s = −w/s² inside the clipping range and 0 outside (likewise for activations).
+so ∂w_q/∂w = 1/s and ∂w_q/∂s = −w/s² inside the clipping range and 0 outside (likewise for activations;
+with ``eps`` the denominator is ``|s| + eps`` and ∂/∂s carries sign(s)).
 """
 
 from __future__ import annotations
@@ -40,25 +47,30 @@ def weight_constants(bits: int) -> tuple[float, float, float]:
     return -g, g - 1.0, g
 
 
-def normalize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def scale_denominator(scale: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """The divisor of the quantizers: ``s`` (eps None, paper) or ``|s| + eps`` (authors' code: eps = 1e-6)."""
+    return scale if eps is None else torch.abs(scale) + eps
+
+
+def normalize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, eps: float | None = None) -> torch.Tensor:
     """w_n = clip(γ·w/s, α, β) (Eq. S4); for binary weights clip(w/s, −1, 1)."""
     alpha, beta, gamma = weight_constants(bits)
-    return torch.clamp(w * (gamma / scale), alpha, beta)
+    return torch.clamp(w / scale_denominator(scale, eps) * gamma, alpha, beta)
 
 
-def discrete_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def discrete_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, eps: float | None = None) -> torch.Tensor:
     """Integer discrete weights w_d = round(w_n) (Eq. S5), sign(w_n) for binary; no gradient."""
     with torch.no_grad():
-        wn = normalize_weight(w, scale, bits)
+        wn = normalize_weight(w, scale, bits, eps)
         if bits == 1:
             return torch.where(wn >= 0, torch.ones_like(wn), -torch.ones_like(wn))
         return torch.round(wn)
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, eps: float | None = None) -> torch.Tensor:
     """Fake-quantized weights w_q = w_d/γ (Eqs. S4–S6) with the STE on the rounding (sign for b = 1)."""
     _, _, gamma = weight_constants(bits)
-    wn = normalize_weight(w, scale, bits)
+    wn = normalize_weight(w, scale, bits, eps)
     wd = sign_ste(wn) if bits == 1 else round_ste(wn)
     return wd / gamma
 
@@ -68,12 +80,16 @@ def level_spacing(bits: int) -> float:
     return 2.0 if bits == 1 else 1.0 / weight_constants(bits)[2]
 
 
-def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """x_q = round(clip(x/s_a·2^b, 0, 2^b − 1))/2^b with the STE on the rounding."""
+def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bits: int, eps: float | None = None) -> torch.Tensor:
+    """x_q = round(clip(x/s_a·2^b, 0, 2^b − 1))/2^b for b >= 2, round(clip(x/s_a, 0, 1)) for b = 1 (authors'
+    code: {0, 1}, threshold s_a/2), with the STE on the rounding."""
     if not 1 <= bits <= 8:
         raise QreproError(f"TR activation quantizer supports 1..8 bits, got {bits}; choose e.g. precision=w2a2")
+    u = x / scale_denominator(scale, eps)
+    if bits == 1:
+        return round_ste(torch.clamp(u, 0.0, 1.0))
     n = float(2**bits)
-    return round_ste(torch.clamp(x * (n / scale), 0.0, n - 1.0)) / n
+    return round_ste(torch.clamp(u * n, 0.0, n - 1.0)) / n
 
 
 def init_weight_scale(w: torch.Tensor) -> torch.Tensor:

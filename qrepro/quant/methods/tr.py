@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qrepro.engine.hooks import Context, Hook
+from qrepro.errors import QreproError
 from qrepro.quant import tr as F
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
@@ -30,20 +31,21 @@ class TRWeightQuantizer(nn.Module):
 
     param_tags = {"scale": "w_scale"}
 
-    def __init__(self, bits: int, learnable: bool = True) -> None:
+    def __init__(self, bits: int, learnable: bool = True, eps: float | None = None) -> None:
         super().__init__()
         F.weight_constants(bits)  # validates bits
         self.bits = bits
+        self.eps = eps  # None: divide by s (paper); a number: by |s| + eps (authors' code, 1e-6)
         self.scale = nn.Parameter(torch.ones(()), requires_grad=learnable)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return F.quantize_weight(w, self.scale.to(w.dtype), self.bits)
+        return F.quantize_weight(w, self.scale.to(w.dtype), self.bits, self.eps)
 
     @torch.no_grad()
     def discrete(self, w: torch.Tensor) -> torch.Tensor:
         """Integer discrete weights w_d (Eq. S5) as int8; what the transition rate counts."""
-        return F.discrete_weight(w, self.scale.to(w.dtype), self.bits).to(torch.int8)
+        return F.discrete_weight(w, self.scale.to(w.dtype), self.bits, self.eps).to(torch.int8)
 
     def from_discrete(self, wd: torch.Tensor) -> torch.Tensor:
         """Quantized weights w_q = w_d/γ (Eq. S6) from discrete ones."""
@@ -55,7 +57,7 @@ class TRWeightQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, learnable={self.scale.requires_grad}"
+        return f"bits={self.bits}, learnable={self.scale.requires_grad}, eps={self.eps}"
 
 
 class TRActQuantizer(nn.Module):
@@ -63,16 +65,17 @@ class TRActQuantizer(nn.Module):
 
     param_tags = {"scale": "a_scale"}
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, eps: float | None = None) -> None:
         super().__init__()
         if not 1 <= bits <= 8:
             F.quantize_activation(torch.zeros(()), torch.ones(()), bits)  # raises the QreproError
         self.bits = bits
+        self.eps = eps
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.quantize_activation(x, self.scale.to(x.dtype), self.bits)
+        return F.quantize_activation(x, self.scale.to(x.dtype), self.bits, self.eps)
 
     @torch.no_grad()
     def init_scale(self, x: torch.Tensor) -> None:
@@ -80,7 +83,7 @@ class TRActQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}, eps={self.eps}"
 
 
 class TRScaleInit(Hook):
@@ -142,16 +145,22 @@ def build_tr(
     monitor_tr: bool = True,
     monitor_every: int = 100,
     monitor_momentum: float = 0.99,
+    scale_eps: float | None = None,
 ) -> Method:
     """TR-scheduling quantizer. ``learn_weight_scale`` applies to plain optimizers; T-optimizers always
-    freeze the weight scales. ``monitor_tr`` attaches the transition-rate monitor (for every optimizer)."""
+    freeze the weight scales. ``monitor_tr`` attaches the transition-rate monitor (for every optimizer).
+    ``scale_eps``: None divides by the scales (paper); a number divides by ``|s| + scale_eps`` (the authors'
+    code uses 1e-6)."""
     check_bits("tr", w_bits, a_bits, SUPPORTED_BITS)
+    if scale_eps is not None and not (isinstance(scale_eps, (int, float)) and scale_eps >= 0):
+        raise QreproError(f"quantizer.scale_eps must be null or a number >= 0, got {scale_eps!r}")
+    eps = None if scale_eps is None else float(scale_eps)
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         if info.role in ("first", "last") and not quantize_first_last:
             return None
-        wq = TRWeightQuantizer(w_bits, learnable=learn_weight_scale) if w_bits != FP_BITS else None
-        aq = TRActQuantizer(a_bits) if a_bits != FP_BITS else None
+        wq = TRWeightQuantizer(w_bits, learnable=learn_weight_scale, eps=eps) if w_bits != FP_BITS else None
+        aq = TRActQuantizer(a_bits, eps=eps) if a_bits != FP_BITS else None
         return wq, aq
 
     hooks: list[Hook] = [TRScaleInit()]
@@ -167,5 +176,6 @@ def build_tr(
             "quantize_first_last": quantize_first_last,
             "learn_weight_scale": learn_weight_scale,
             "monitor_tr": monitor_tr,
+            "scale_eps": eps,
         },
     )
