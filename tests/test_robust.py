@@ -141,8 +141,28 @@ def test_symreg_and_kure_methods_leave_layers_fp_and_add_losses():
     mk = build_method("kure", 32, 32, kure_coef=2.0)
     # KURE: every conv except the first, averaged over layers; the linear layer is not included
     assert torch.allclose(mk.regularizer(net), 2.0 * kure_loss(net[2].weight))
-    mk2 = build_method("kure", 32, 32, kure_coef=2.0, kure_double_count=True)
-    assert torch.allclose(mk2.regularizer(net), 3.0 * kure_loss(net[2].weight))
+
+
+@pytest.mark.parametrize("quantizer", ["kure", "satnl", "symreg", "robust_qat"])
+def test_kure_term_is_added_once(quantizer):
+    """KURE (paper and reference code) adds λ·mean (Kurt − 1.8)² to the loss once: the composed quantizer
+    configs carry no switch that adds it a second time, and the experiment's loss term is exactly λ·KURE."""
+    from qrepro.train import compose
+
+    over = ["+experiment=symreg_digits_kure", f"quantizer={quantizer}", "quantizer.kure_coef=0.5"]
+    if quantizer != "kure":
+        over.append("quantizer.symreg_coef=0.0")
+    if quantizer == "robust_qat":
+        over.append("precision=w4a4")
+    q = dict(compose(over).quantizer)
+    assert not any("double" in k for k in q), q
+    name = q.pop("name")
+    m = build_method(name, 4 if name == "robust_qat" else 32, 4 if name == "robust_qat" else 32, **q)
+    net = prepare(_net(), m)
+    w = net[2].effective_weight() if hasattr(net[2], "effective_weight") else net[2].weight
+    assert torch.allclose(m.regularizer(net).double(), 0.5 * kure_loss(w).double(), rtol=1e-12, atol=0)
+    with pytest.raises(QreproError, match="kure_double_count"):
+        build_method("kure", 32, 32, kure_coef=2.0, kure_double_count=True)
 
 
 def test_ours_regularizes_the_satnl_weight():
@@ -169,25 +189,32 @@ def _asam_problem():
     return lin, loss_at
 
 
-@pytest.mark.parametrize("adaptive", [True, False])
-def test_asam_step_matches_equations(adaptive):
+@pytest.mark.parametrize("adaptive,scope", [(True, "weights"), (True, "all"), (False, "weights")])
+def test_asam_step_matches_equations(adaptive, scope):
     lin, loss_at = _asam_problem()
     rho, eta, lr = 0.5, 0.01, 0.1
     w0 = [p.detach().clone() for p in lin.parameters()]
-    # reference: ε = ρ T² g / ‖T g‖, T = |w| + η (I for SAM); w ← w − lr ∇L(w + ε)
+    # ε = ρ T² g / ‖T g‖, T = |w| + η (I for SAM); w ← w − lr ∇L(w + ε). ASAM reference (scope "weights"):
+    # T = |w| + η only for parameters named *weight*; the bias gets T = 1 but shares the norm.
     ps = [p.clone().requires_grad_(True) for p in w0]
     g = torch.autograd.grad(loss_at(ps), ps)
-    t = [p.abs() + eta if adaptive else torch.ones_like(p) for p in w0]
+    names = [n for n, _ in lin.named_parameters()]
+    t = [
+        p.abs() + eta if adaptive and (scope == "all" or "weight" in n) else torch.ones_like(p)
+        for n, p in zip(names, w0)
+    ]
     norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
     eps = [rho * ti**2 * gi / norm for ti, gi in zip(t, g)]
     pe = [(p + e).requires_grad_(True) for p, e in zip(w0, eps)]
     g2 = torch.autograd.grad(loss_at(pe), pe)
     expect = [p - lr * gi for p, gi in zip(w0, g2)]
 
-    opt = ASAM(torch.optim.SGD(lin.parameters(), lr=lr), rho=rho, eta=eta, adaptive=adaptive)
-    calls = []
+    sgd = torch.optim.SGD(lin.parameters(), lr=lr)
+    opt = ASAM(sgd, rho=rho, eta=eta, adaptive=adaptive, scale_scope=scope, model=lin)
+    calls, seen = [], []
 
     def closure():
+        seen.append([p.detach().clone() for p in lin.parameters()])
         opt.zero_grad()
         loss = loss_at(list(lin.parameters()))
         loss.backward()
@@ -199,16 +226,52 @@ def test_asam_step_matches_equations(adaptive):
     loss_at(list(lin.parameters())).backward()
     loss = opt.step(closure)
     assert len(calls) == 1 and torch.equal(loss.detach(), calls[0])
+    for p, e in zip(seen[0], [p + e for p, e in zip(w0, eps)]):
+        assert torch.allclose(p, e, atol=1e-14, rtol=0)  # the perturbed point itself
     for p, e in zip(lin.parameters(), expect):
         assert torch.allclose(p.detach(), e, atol=1e-14)
     assert ASAM.needs_closure and opt.param_groups is opt.base.param_groups
 
 
+def test_asam_bias_is_perturbed_sam_style_as_in_the_reference():
+    """ASAM reference (SamsungLabs/ASAM): biases are perturbed with T = 1, not with |b| + η; a small bias
+    (|b| << 1) therefore moves much more than with the adaptive scale."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        for m in net:
+            if getattr(m, "bias", None) is not None:
+                m.bias.mul_(0.01)
+    x, y = torch.randn(8, 4, dtype=D), torch.randn(8, 1, dtype=D)
+    out = {}
+    for scope in ("weights", "all"):
+        n2 = __import__("copy").deepcopy(net)
+        opt = ASAM(torch.optim.SGD(n2.parameters(), lr=0.1), rho=0.5, scale_scope=scope, model=n2)
+        ((n2(x) - y) ** 2).mean().backward()
+        opt._perturb()
+        out[scope] = {k: opt._eps[p].clone() for k, p in n2.named_parameters()}
+        grads = {k: p.grad for k, p in n2.named_parameters()}
+        ps = dict(n2.named_parameters())
+        opt._restore()
+    eps, grads = out["weights"], grads
+    t = {k: (ps[k].detach().abs() + 0.01) if "weight" in k else torch.ones_like(ps[k]) for k in ps}
+    norm = torch.sqrt(sum(((t[k] * grads[k]) ** 2).sum() for k in ps))
+    for k in ps:
+        assert torch.allclose(eps[k], 0.5 * t[k] ** 2 * grads[k] / norm, rtol=1e-12, atol=0), k
+    # BatchNorm weight ("1.weight") is scaled like the reference; biases are not
+    b = [k for k in ps if k.endswith("bias")]
+    assert sum(eps[k].norm() for k in b) > 5 * sum(out["all"][k].norm() for k in b)
+
+
 def test_asam_needs_closure_and_checks_rho():
     lin, _ = _asam_problem()
-    opt = ASAM(torch.optim.SGD(lin.parameters(), lr=0.1))
+    opt = ASAM(torch.optim.SGD(lin.parameters(), lr=0.1), model=lin)
     with pytest.raises(QreproError, match="closure"):
         opt.step()
+    with pytest.raises(QreproError, match="parameter names"):
+        ASAM(torch.optim.SGD(lin.parameters(), lr=0.1))  # scale_scope=weights needs the names
+    with pytest.raises(QreproError, match="scale_scope"):
+        ASAM(torch.optim.SGD(lin.parameters(), lr=0.1), scale_scope="bias")
     with pytest.raises(QreproError, match="rho"):
         ASAM(torch.optim.SGD(lin.parameters(), lr=0.1), rho=0.0)
     assert math.isclose(opt.param_groups[0]["lr"], 0.1)

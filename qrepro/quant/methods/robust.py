@@ -64,25 +64,23 @@ def robust_regularizer(
     symreg_coef: float = 0.0,
     kure_coef: float = 0.0,
     kure_target: float = 1.8,
-    kure_double_count: bool = False,
 ) -> torch.Tensor | None:
     """symreg_coef · Σ_l SymReg(W'_l)  +  λ_K · mean_{l ∈ KURE layers} (Kurt[W'_l] − K_T)².
 
     SymReg covers every conv/linear layer (summed, REFERENCE.md); KURE covers every conv except the first
-    (averaged over layers, KURE Eq. 5). Both act on the effective weight W' (what PTQ will quantize).
-    ``kure_double_count=True`` mimics the KURE reference code, which adds the term twice (λ_K = coef + 1).
+    (averaged over layers, KURE Eq. 5), added once with coefficient λ_K = ``kure_coef`` (as the KURE paper and
+    its reference code do). Both act on the effective weight W' (what PTQ will quantize).
     """
     layers = _weight_layers(model)
     total: torch.Tensor | None = None
     if symreg_coef:
         sym = sum(symreg_loss(effective_weight(m)) for _, m in layers)
         total = symreg_coef * sym
-    if kure_coef or kure_double_count:
+    if kure_coef:
         convs = [m for _, m in layers if isinstance(m, nn.Conv2d)][1:]
         if convs:
-            coef = kure_coef + (1.0 if kure_double_count else 0.0)
             kure = torch.stack([kure_loss(effective_weight(m), kure_target) for m in convs]).mean()
-            total = coef * kure if total is None else total + coef * kure
+            total = kure_coef * kure if total is None else total + kure_coef * kure
     return total
 
 
@@ -98,7 +96,6 @@ def _build(
     symreg_coef: float,
     kure_coef: float,
     kure_target: float,
-    kure_double_count: bool,
 ) -> Method:
     check_bits(name, w_bits, a_bits, (FP_BITS,))
     for what, v in (("symreg_coef", symreg_coef), ("kure_coef", kure_coef)):
@@ -116,12 +113,11 @@ def _build(
             symreg_coef=symreg_coef,
             kure_coef=kure_coef,
             kure_target=kure_target,
-            kure_double_count=kure_double_count,
         )
 
-    has_reg = bool(symreg_coef or kure_coef or kure_double_count)
+    has_reg = bool(symreg_coef or kure_coef)
     opts = dict(satnl=satnl_on, fn=fn, d=d, d_mode=d_mode, symreg_coef=symreg_coef, kure_coef=kure_coef)
-    opts.update(kure_target=kure_target, kure_double_count=kure_double_count)
+    opts.update(kure_target=kure_target)
     return Method(
         name=name,
         quantize_layer=quantize_layer,
@@ -142,7 +138,6 @@ def build_satnl(
     symreg_coef: float = 0.0,
     kure_coef: float = 0.0,
     kure_target: float = 1.8,
-    kure_double_count: bool = False,
 ) -> Method:
     """SatNL (+ optional SymReg / KURE) full-precision training."""
     return _build(
@@ -156,7 +151,6 @@ def build_satnl(
         symreg_coef=symreg_coef,
         kure_coef=kure_coef,
         kure_target=kure_target,
-        kure_double_count=kure_double_count,
     )
 
 
@@ -168,7 +162,6 @@ def build_symreg(
     symreg_coef: float = 1.0,
     kure_coef: float = 0.0,
     kure_target: float = 1.8,
-    kure_double_count: bool = False,
 ) -> Method:
     """SymReg alone on plain FP layers (SatNL off)."""
     return _build(
@@ -182,7 +175,6 @@ def build_symreg(
         symreg_coef=symreg_coef,
         kure_coef=kure_coef,
         kure_target=kure_target,
-        kure_double_count=kure_double_count,
     )
 
 
@@ -193,7 +185,6 @@ def build_kure(
     *,
     kure_coef: float = 1.0,
     kure_target: float = 1.8,
-    kure_double_count: bool = False,
 ) -> Method:
     """KURE baseline (Shkolnik et al. 2020): plain FP layers + kurtosis regularization to K_T = 1.8."""
     return _build(
@@ -207,7 +198,6 @@ def build_kure(
         symreg_coef=0.0,
         kure_coef=kure_coef,
         kure_target=kure_target,
-        kure_double_count=kure_double_count,
     )
 
 
@@ -245,7 +235,6 @@ def build_robust_qat(
     symreg_coef: float = 0.0,
     kure_coef: float = 0.0,
     kure_target: float = 1.8,
-    kure_double_count: bool = False,
     first_last_bits: int | None = 8,
     quantize_first_input: bool = False,
     weight_grid: str = "midrise",
@@ -276,7 +265,6 @@ def build_robust_qat(
         symreg_coef=symreg_coef,
         kure_coef=kure_coef,
         kure_target=kure_target,
-        kure_double_count=kure_double_count,
     )
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
