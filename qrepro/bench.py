@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrepro import cli
 from qrepro.errors import QreproError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(cli.CONFIG_DIR)
 DEFAULT_MODELS = ("resnet20", "mobilenet_v2_cifar")
 DEFAULT_BATCH_SIZES = (128, 512)
 DEFAULT_MODES = ("eager", "compiled")

@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 
 from qrepro.errors import QreproError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+_PKG = Path(__file__).resolve().parent
+# a checkout uses its top-level configs/; an installed wheel carries a copy as qrepro/configs (setup.py)
+CONFIG_DIR = str(_PKG.parent / "configs" if (_PKG.parent / "pyproject.toml").is_file() else _PKG / "configs")
 
 # keys that never change what a run computes: excluded from the run directory name and the record's overrides
 NON_SEMANTIC_KEYS = {

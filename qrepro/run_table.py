@@ -29,7 +29,7 @@ from qrepro.tables.records import (
     override_key,
     override_value,
 )
-from qrepro.tables.schema import Cell, Table, load_table, resolve_table
+from qrepro.tables.schema import Cell, Table, default_configs, load_table, resolve_table
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"where complete records are looked up; repeatable (default: {' '.join(DEFAULT_RUN_ROOTS)})",
     )
-    p.add_argument("--configs", default="configs", help="config root holding table/")
+    p.add_argument("--configs", default=default_configs(), help="config root holding table/")
     p.add_argument("--python", default=sys.executable, help="python executable for the runs")
     return p
 

@@ -18,7 +18,7 @@ from qrepro.tables import figures as figs
 from qrepro.tables.compare import Row, compare, failures, summary
 from qrepro.tables.records import DEFAULT_RUN_ROOTS, Record, collect, load_records
 from qrepro.tables.render import LEGEND, fmt, to_csv, to_latex, to_markdown
-from qrepro.tables.schema import SELECTIONS, Table, load_table, resolve_table, table_paths
+from qrepro.tables.schema import SELECTIONS, Table, default_configs, load_table, resolve_table, table_paths
 
 FORMATS = ("md", "csv", "tex")
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--readme", default=None, help="index written with --all (default: <out>/../README.md)")
-    p.add_argument("--configs", default="configs", help="config root holding table/ and experiment/")
+    p.add_argument("--configs", default=default_configs(), help="config root holding table/ and experiment/")
     return p
 
 

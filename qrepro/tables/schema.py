@@ -233,6 +233,16 @@ def load_table(path: str | Path) -> Table:
     return parse_table(data, path)
 
 
+def default_configs() -> str:
+    """The config root the table commands default to: ``configs`` in the working directory when it holds tables (a
+    checkout; links in rendered tables stay relative), else the configs qrepro runs with (an installed package)."""
+    if Path("configs", "table").is_dir():
+        return "configs"
+    from qrepro.cli import CONFIG_DIR
+
+    return CONFIG_DIR
+
+
 def table_paths(configs: str | Path = "configs") -> list[Path]:
     """Every ``configs/table/*.yaml``, sorted by name."""
     return sorted(Path(configs, "table").glob("*.yaml"))
