@@ -464,10 +464,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qrepro.builders import select_device
     from qrepro.engine.fast import setup_device
     from qrepro.engine.record import git_info, versions, write_json_atomic
     from qrepro.quant.methods import method_names
-    from qrepro.train import select_device
 
     args = parse_args(argv)
     try:

@@ -23,12 +23,16 @@ from qrepro.errors import QreproError
 VALID_BITS = set(range(1, 9)) | {32}
 
 
-def _plain(cfg: Any) -> Any:
+def plain(cfg: Any) -> Any:
+    """A config node as plain Python containers (resolved)."""
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def _without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+def without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
+
+
+_plain, _without = plain, without  # older names, still imported by scripts
 
 
 def select_device(name: str) -> torch.device:
@@ -92,7 +96,7 @@ def build_data_from_cfg(cfg: DictConfig, device: torch.device, rank: int = 0, wo
     from qrepro.engine.dist import per_rank_batch
 
     dcfg = _plain(cfg.dataset)
-    return build_data(
+    data = build_data(
         dcfg["name"],
         **_without(dcfg, "name", "num_classes"),
         batch_size=per_rank_batch(int(cfg.trainer.batch_size), world_size),
@@ -101,18 +105,27 @@ def build_data_from_cfg(cfg: DictConfig, device: torch.device, rank: int = 0, wo
         rank=rank,
         world_size=world_size,
     )
+    want = dcfg.get("num_classes")
+    if want is not None and int(want) != data.num_classes:
+        raise QreproError(
+            f"dataset={dcfg['name']} at {dcfg.get('root')} has {data.num_classes} classes but dataset.num_classes="
+            f"{want}; point dataset.root at the right data or pick the matching dataset"
+        )
+    return data
 
 
 def init_model(model: nn.Module, path: str, strict: bool = True) -> None:
-    from qrepro.engine.checkpoint import extract_state_dict, load_model_state, read_checkpoint
+    from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
 
     sd, fmt = extract_state_dict(read_checkpoint(path))
+    check_finite(sd, f"checkpoint {path}")
     kept = load_model_state(model, sd, strict=strict)
     note = f" ({len(kept)} quantizer tensors keep their initial values)" if kept else ""
     print(f"initialised from {path} [{fmt} format]{note}", flush=True)
 
 
-def make_logger(cfg: DictConfig, run_dir: Path, config: dict[str, Any]):
+def make_logger(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume_id: str | None = None):
+    """The run's logger; ``resume_id``: the W&B run id of the run being resumed (the same W&B run continues)."""
     from qrepro.logging import build_logger
 
     lcfg = _plain(cfg.logger)
@@ -125,7 +138,13 @@ def make_logger(cfg: DictConfig, run_dir: Path, config: dict[str, Any]):
         f"bits:{cfg.precision.name}",
     ]
     return build_logger(
-        "wandb", run_dir=str(run_dir), name=f"{cfg.name}/{run_dir.name}", config=config, tags=tags, **lcfg
+        "wandb",
+        run_dir=str(run_dir),
+        name=f"{cfg.name}/{run_dir.name}",
+        config=config,
+        tags=tags,
+        resume_id=resume_id,
+        **lcfg,
     )
 
 

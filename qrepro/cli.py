@@ -39,6 +39,7 @@ NON_SEMANTIC_KEYS = {
     "trainer.find_unused_parameters",
     "hydra.verbose",
     "table",
+    "retry",
 }
 
 
@@ -118,13 +119,141 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# ------------------------------------------------------------------------------------------------ multirun
+# A multirun job that fails (bad value, divergence, a crash) is reported and the sweep goes on. Each job writes
+# its outcome to <out_root>/.multirun/<token>/<n>.json (works for jobs in other processes, e.g. submitit); the
+# launching process prints one summary line and writes <sweep dir>/multirun.json.
+_OUTCOMES_ENV = "QREPRO_MULTIRUN_OUTCOMES"
+
+
+def _job_info() -> tuple[str, Path, Path]:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    return hc.job.override_dirname or f"job{hc.job.num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir)
+
+
+def _clean_unused_dir(run_dir: Path) -> None:
+    """A job that failed before it started leaves only Hydra's own files: remove them (no empty run dirs)."""
+    import shutil
+
+    if not run_dir.is_dir() or (run_dir / "record.json").exists() or (run_dir / "checkpoints").exists():
+        return
+    if any(p.name not in (".hydra", ".lock") and not p.name.endswith(".log") for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``task`` as a Hydra job: one line + exit 2 on error in a single run; in a multirun the error is printed,
+    the outcome recorded and the sweep goes on. ``task`` returns "finished" (or None), "skipped" or "diverged"."""
+    single = one_line_errors(task)
+
+    @functools.wraps(task)
+    def wrapper(cfg: Any) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return single(cfg)
+        job, run_dir, sweep_dir = _job_info()
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            try:
+                return single(cfg)
+            except SystemExit:
+                _clean_unused_dir(run_dir)  # failed before it started: leave no empty run directory
+                raise
+        out: dict[str, Any] = {"id": job, "run_dir": str(run_dir), "sweep_dir": str(sweep_dir)}
+        try:
+            out["status"] = task(cfg) or "finished"
+        except QreproError as e:
+            print(f"error: {job}: {e}", file=sys.stderr, flush=True)
+            out.update(status="diverged" if str(e).startswith("training diverged") else "failed", error=str(e))
+            _clean_unused_dir(run_dir)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a crash of one job must not end the sweep
+            import traceback
+
+            traceback.print_exc()
+            first = (str(e).splitlines() or [""])[0]
+            out.update(status="failed", error=f"{type(e).__name__}: {first}")
+            print(f"error: {job}: crashed ({out['error']})", file=sys.stderr, flush=True)
+        _write_outcome(out)
+        return out["status"]
+
+    return wrapper
+
+
+def _write_outcome(out: dict[str, Any]) -> None:
+    d = os.environ.get(_OUTCOMES_ENV)
+    if not d:
+        return
+    import hashlib
+
+    from qrepro.engine.record import write_json_atomic
+
+    try:
+        write_json_atomic(out, Path(d) / f"{hashlib.sha1(out['run_dir'].encode()).hexdigest()[:16]}.json")
+    except (QreproError, OSError):
+        pass
+
+
+def summarize_multirun(outcomes_dir: Path) -> int:
+    """One line ``multirun: N finished, M skipped, K failed: ids`` and <sweep dir>/multirun.json; exit code."""
+    import json
+    import shutil
+
+    from qrepro.engine.record import write_json_atomic
+
+    jobs = []
+    for p in sorted(outcomes_dir.glob("*.json")):
+        try:
+            jobs.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    shutil.rmtree(outcomes_dir, ignore_errors=True)
+    try:
+        outcomes_dir.parent.rmdir()  # <out_root>/.multirun when no other sweep is running
+    except OSError:
+        pass
+    fin = [j for j in jobs if j.get("status") == "finished"]
+    skip = [j for j in jobs if j.get("status") == "skipped"]
+    bad = [j for j in jobs if j.get("status") not in ("finished", "skipped")]
+    ids = ", ".join(f"{j['id']} ({j.get('status')})" for j in bad)
+    print(f"multirun: {len(fin)} finished, {len(skip)} skipped, {len(bad)} failed" + (f": {ids}" if bad else ""))
+    sweep_dirs = {j.get("sweep_dir") for j in jobs if j.get("sweep_dir")}
+    for sd in sweep_dirs:
+        try:
+            write_json_atomic({"jobs": jobs, "failed": [j["id"] for j in bad]}, Path(sd) / "multirun.json")
+        except QreproError:
+            pass
+    return 1 if bad else 0
+
+
 def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
-    """Run ``task`` under ``hydra.main`` with our resolvers, argv checks and one-line errors."""
+    """Run ``task`` under ``hydra.main`` with our resolvers, argv checks (the whole config is validated before
+    Hydra writes anything), one-line errors, and multirun outcomes with a summary line."""
+    import secrets
+
     import hydra
+
+    from qrepro.validation import precheck
 
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     one_line_errors(check_group_choices)(sys.argv[1:])
     one_line_errors(check_launcher)(sys.argv[1:])
-    main = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(one_line_errors(task))
+    argv, cfg, multirun = one_line_errors(precheck)(sys.argv[1:], config_name)
+    sys.argv[1:] = argv
+    outcomes = None
+    if multirun:  # its jobs report their outcomes here
+        outcomes = Path(str(cfg.out_root)).resolve() / ".multirun" / secrets.token_hex(6)
+        os.environ[_OUTCOMES_ENV] = str(outcomes)
+    main = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(multirun_job(task))
     main()
+    if outcomes is not None:
+        code = summarize_multirun(outcomes)
+        os.environ.pop(_OUTCOMES_ENV, None)
+        if code:
+            sys.exit(code)

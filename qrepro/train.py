@@ -29,38 +29,143 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     semantic_overrides,
 )
 from qrepro.cli import hydra_entry
+from qrepro.errors import QreproError
+
+RESUME_HINT = "add resume=true to continue it, or force=true to start over"
+
+
+def _init_mismatch(record: dict, init: dict | None) -> str | None:
+    """How ``record``'s initialisation differs from this launch's ``init`` (None: the same)."""
+    ident = record.get("identity")
+    now_sha = init["sha256"] if init else None
+    if isinstance(ident, dict) and "init_from_sha256" in ident:
+        old = ident["init_from_sha256"]
+        if old == now_sha:
+            return None
+        return (
+            f"init_from {'sha256 ' + old[:12] if old else 'none'} -> {'sha256 ' + now_sha[:12] if now_sha else 'none'}"
+        )
+    old_path, now_path = record.get("init_from") or None, init["path"] if init else None  # a record without hashes
+    return None if old_path == now_path else f"init_from {old_path} -> {now_path}"
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
+    """What this launch does with ``run_dir`` (its lock held): ("fresh" | "resume" | "skip", record).
+
+    * ``force=true`` (or ``retry=true`` on a diverged run): the old record is marked superseded, then the old
+      checkpoints are removed, then the run starts from scratch;
+    * a complete record: skipped, but only when it was initialised from the same ``init_from`` content;
+    * a diverged record: skipped (``retry=true`` or ``force=true`` runs it again);
+    * a checkpoint without a complete record (a killed run): resumed with ``resume=true``, else refused in one line.
+    """
+    from qrepro.engine.checkpoint import read_checkpoint
+    from qrepro.engine.record import read_record
+    from qrepro.engine.rundir import mark_superseded, remove_checkpoints
+
+    record_path = run_dir / "record.json"
+    rec = read_record(record_path)
+    status = (rec or {}).get("status") or ("complete" if (rec or {}).get("complete") else None)
+    last = run_dir / "checkpoints" / "last.pt"
+    if cfg.force or (cfg.get("retry") and status == "diverged"):
+        why = "force=true" if cfg.force else "retry=true"
+        if rec is not None:
+            mark_superseded(record_path, rec, why)
+        gone = remove_checkpoints(run_dir)
+        (run_dir / WANDB_ID_FILE).unlink(missing_ok=True)
+        if rec is not None or gone:
+            print(f"{why}: {run_dir} starts over (old record marked superseded, removed {gone or 'no checkpoints'})")
+        return "fresh", None
+    if rec is not None and rec.get("complete") is True:
+        diff = _init_mismatch(rec, init)
+        if diff:
+            raise QreproError(
+                f"{run_dir} holds a complete run initialised differently ({diff}); a different initialisation is a "
+                "different run: pass another out_root=..., or force=true to replace it"
+            )
+        return "skip", rec
+    if status == "diverged":
+        return "skip", rec
+    if last.exists():
+        if not cfg.resume:
+            try:
+                ck = read_checkpoint(last)
+                where = f"checkpoint after epoch {int(ck['epoch']) + 1}/{cfg.trainer.epochs}"
+            except (QreproError, KeyError, TypeError, ValueError):
+                where = f"checkpoint {last}"
+            raise QreproError(f"{run_dir} holds an unfinished run ({where}, no complete record); {RESUME_HINT}")
+        return "resume", rec
+    return "fresh", rec
+
+
+WANDB_ID_FILE = "wandb_id"
+
+
+def _decide(cfg: DictConfig, run_dir: Path, init: dict | None, denv, lock) -> tuple[str, dict | None]:
+    """Rank 0 takes the lock and decides; under DDP the other ranks follow its decision (or its error)."""
+
+    out: list = [None, None, None]
+    if denv.is_main:
+        try:
+            lock.acquire()
+            out[:2] = prepare_run_dir(cfg, run_dir, init)
+        except QreproError as e:
+            out[2] = str(e)
+    if denv.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.broadcast_object_list(out, src=0)
+    if out[2]:
+        raise QreproError(out[2] if denv.is_main else f"rank 0 stopped: {out[2]}")
+    return out[0], out[1]
+
 
 def train(
     cfg: DictConfig, run_dir: Path | None = None, experiment: str | None = None, overrides: list[str] | None = None
 ):
     """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
     from qrepro.engine import dist as qdist
-    from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
-    from qrepro.engine.record import is_complete, read_record
-    from qrepro.engine.trainer import Fit, fit
-    from qrepro.logging import build_logger
+    from qrepro.engine.rundir import RunLock, init_source
+    from qrepro.engine.trainer import FitResult
+    from qrepro.validation import validate_config
 
+    validate_config(cfg)
     h_dir, h_exp, h_over = hydra_context()
     run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
     experiment = experiment or h_exp or cfg.get("experiment")
     overrides = semantic_overrides(overrides if overrides is not None else h_over)
     record_path = run_dir / "record.json"
-    if is_complete(record_path) and not cfg.force:
-        print(f"skip: {run_dir} already has a complete record (force=true to re-run)", flush=True)
-        from qrepro.engine.trainer import FitResult
+    init = init_source(cfg.init_from)
+    denv = qdist.setup(cfg.trainer.device)  # torchrun / submitit tasks -> process group; else one process
+    lock = RunLock(run_dir)
+    try:
+        action, rec = _decide(cfg, run_dir, init, denv, lock)
+        if action == "skip":
+            if denv.is_main:
+                what = "a complete record" if rec.get("complete") else f"a {rec.get('status')} record"
+                hint = "force=true to re-run" if rec.get("complete") else "retry=true or force=true to run it again"
+                print(f"skip: {run_dir} already has {what} ({hint})", flush=True)
+            return FitResult(rec, record_path, diverged=rec.get("status") == "diverged", skipped=True)
+        return _train(cfg, run_dir, experiment, overrides, init, denv, resuming=action == "resume")
+    finally:
+        lock.release()
 
-        return FitResult(read_record(record_path), record_path)
+
+def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
+    from qrepro.engine import dist as qdist
+    from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
+    from qrepro.engine.fsio import atomic_write
+    from qrepro.engine.rundir import identity
+    from qrepro.engine.trainer import Fit, fit
+    from qrepro.logging import build_logger
 
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
-    denv = qdist.setup(cfg.trainer.device)  # torchrun / submitit tasks -> process group; else one process
     device, world = denv.device, denv.world_size
     seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     setup_device(device, deterministic=bool(cfg.trainer.get("deterministic")))
     data = build_data_from_cfg(cfg, device, denv.rank, world)
-    resuming = bool(cfg.resume and (run_dir / "checkpoints" / "last.pt").exists())
     comp = build_components(
         cfg,
         device,
@@ -80,11 +185,13 @@ def train(
         forward_loss = compile_forward_loss(make_forward_loss(train_model, loss_fn, method.regularizer), mode)
     if world > 1:
         seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
+    config = _plain(cfg)
+    ident = identity(config, init)
     record_base = {
         "name": cfg.name,
         "experiment": experiment,
         "overrides": overrides,
-        "config": _plain(cfg),
+        "config": config,
         "model": cfg.model.name,
         "method": cfg.quantizer.name,
         "dataset": cfg.dataset.name,
@@ -94,10 +201,16 @@ def train(
         "optimizer": cfg.optimizer.name,
         "seed": int(cfg.seed),
         "init_from": cfg.init_from,
+        "init_from_sha256": init["sha256"] if init else None,
         "world_size": world,
     }
-    logger = make_logger(cfg, run_dir, record_base["config"]) if denv.is_main else build_logger("none")
+    logger = build_logger("none")
     if denv.is_main:
+        id_file = run_dir / WANDB_ID_FILE
+        resume_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
+        logger = make_logger(cfg, run_dir, config, resume_id=resume_id)
+        if getattr(logger, "id", None) and logger.id != resume_id:
+            atomic_write(id_file, lambda tmp: tmp.write_text(f"{logger.id}\n"))
         print(
             f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
             f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
@@ -119,27 +232,29 @@ def train(
         record_base=record_base,
         log_every=int(cfg.trainer.log_every),
         progress=bool(cfg.trainer.progress),
-        resume=bool(cfg.resume),
+        resume=resuming,
         device=device,
         forward_loss=forward_loss,
         eval_compile=mode,
         train_model=train_model,
         is_main=denv.is_main,
+        identity=ident,
     )
     try:
         result = fit(f)
     finally:
-        logger.finish()
+        logger.finish()  # no-op when the run finished (the logger callback closed it with its summary)
     m = result.record["metrics"]
     if denv.is_main:
         print(f"best top1 {m['best_top1']:.2f}% (epoch {m['best_epoch']}), last top1 {m['last_top1']:.2f}%", flush=True)
     return result
 
 
-def _task(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> str:
     result = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"record: {result.record_path}", flush=True)
+    return "skipped" if result.skipped else "finished"
 
 
 def main() -> None:

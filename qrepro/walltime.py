@@ -94,7 +94,7 @@ def lookup(rows: list[dict], model: str, method: str, precision: str, batch: int
 
 
 def cell_config(cell: dict) -> Any:
-    from qrepro.train import compose
+    from qrepro.builders import compose
 
     return compose([f"+experiment={cell['experiment']}", *(cell.get("overrides") or []), "logger=none"])
 

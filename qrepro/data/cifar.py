@@ -66,6 +66,16 @@ def _from_members(members: list[tuple[str, bytes]], root: str) -> dict[str, tupl
             f"dataset.root={root} has no train/<class>/ and test/<class>/ images; point dataset.root at a "
             "torchvision CIFAR folder, an ImageFolder tree or a .tar.gz of one"
         )
+    per_split = {
+        s: sorted({sc[1] for name, _ in members if (sc := _split_class(name)) and sc[0] == s})
+        for s in ("train", "test")
+    }
+    if per_split["train"] and per_split["test"] and per_split["train"] != per_split["test"]:
+        only = sorted(set(per_split["train"]) ^ set(per_split["test"]))
+        raise QreproError(
+            f"dataset.root={root}: train/ and test/ hold different class folders ({', '.join(only[:5])} in only one); "
+            "both splits need the same classes"
+        )
     cidx = {c: i for i, c in enumerate(classes)}
     out: dict[str, list] = {"train": [], "test": []}
     for name, data in members:
@@ -102,8 +112,9 @@ def _load_archive(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
                     if f is not None:
                         members.append((m.name, f.read()))
     except (tarfile.TarError, OSError, EOFError) as e:
+        why = "not a tar, tar.gz or tar.bz2 archive" if isinstance(e, tarfile.ReadError) else str(e).splitlines()[0]
         raise QreproError(
-            f"dataset.root={path} is not a readable tar archive ({e}); re-download or fix the path"
+            f"dataset.root={path} is not a readable tar archive ({why}); re-download or fix the path"
         ) from None
     data = _from_members(members, str(path))
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -184,8 +195,15 @@ def _build(classes: int):
     ) -> DataBundle:
         data = load_cifar_tensors(root, classes, download)
         (xtr, ytr), (xte, yte) = data["train"], data["test"]
-        if int(ytr.max()) + 1 > classes:
-            raise QreproError(f"dataset.root={root} has {int(ytr.max()) + 1} classes, expected {classes}")
+        found = int(torch.cat([ytr, yte]).max()) + 1
+        present = len(torch.unique(ytr))
+        if found != classes or present != classes:
+            other = {10: "cifar10", 100: "cifar100"}.get(found)
+            raise QreproError(
+                f"dataset.root={root} has {found} classes ({present} with training images) but dataset=cifar{classes} "
+                f"expects {classes}; "
+                + (f"use dataset={other}" if other else "point dataset.root at CIFAR-" + str(classes))
+            )
         if subset:  # a deterministic random subset (all classes) for smoke tests
             g = torch.Generator().manual_seed(0)
             itr = torch.randperm(len(ytr), generator=g)[:subset]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,28 +28,74 @@ def register_converter(name: str) -> Callable[[Converter], Converter]:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file unique to this process, then rename: readers see the old or the new
+    file, never a partial one. A full disk, a permission problem or a file blocking the directory is a one-line
+    QreproError naming the path, and the temporary file is removed."""
+    from qrepro.engine.fsio import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _load_reason(p: Path, e: BaseException) -> str:
+    """Why ``torch.load`` failed, in words (torch's own messages are internal: '(101)', 'pop from empty list')."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as oe:
+        return f"unreadable: {oe.strerror or oe}"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK"):
+        return "a truncated or damaged torch zip archive"
+    if head[:1] == b"\x80":
+        return "a damaged or non-tensor legacy pickle"
+    return "not a torch checkpoint (neither a torch zip archive nor a pickle)"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file; a missing or corrupt file is a one-line QreproError."""
+    """Load a checkpoint file; a missing, directory, unreadable or corrupt file is a one-line QreproError."""
     p = Path(path)
+    if p.is_dir():
+        hint = next((c for c in (p / "checkpoints" / "last.pt", p / "last.pt") if c.is_file()), None)
+        fix = f"use {hint}" if hint else "pass the .pt/.pth file inside it"
+        raise QreproError(f"checkpoint {path} is a directory, not a checkpoint file; {fix}")
     if not p.is_file():
         raise QreproError(f"checkpoint {path} does not exist; check init_from=<path to a .pt/.pth file>")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise QreproError(f"checkpoint {path} is not readable (permission denied); fix its permissions") from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on a damaged file
-        msg = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        msg = str(e)
         if msg.startswith("Weights only load failed"):
-            msg = "not a zip/pickle torch file, or it holds non-tensor objects"
-        raise QreproError(f"checkpoint {path} is corrupt or not a torch checkpoint ({msg}); re-create it") from None
+            reason = "a pickle holding non-tensor objects (only tensors and plain containers are loaded)"
+        else:
+            reason = _load_reason(p, e)
+        raise QreproError(f"checkpoint {path} is corrupt: {reason}; re-create it") from None
     if not isinstance(obj, dict):
         raise QreproError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict / state_dict")
     return obj
+
+
+def nonfinite_tensors(sd: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors in ``sd`` (nested dicts searched) holding NaN or inf."""
+    bad = []
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            bad += [f"{k}.{n}" for n in nonfinite_tensors(v)]
+        elif isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad.append(k)
+    return bad
+
+
+def check_finite(sd: dict[str, Any], what: str) -> None:
+    """Refuse a state_dict holding NaN/inf weights or statistics (e.g. BatchNorm ``running_var``)."""
+    bad = nonfinite_tensors(sd)
+    if bad:
+        raise QreproError(
+            f"{what} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), e.g. {', '.join(bad[:3])}; "
+            "it comes from a diverged run: use an earlier checkpoint"
+        )
 
 
 def extract_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:

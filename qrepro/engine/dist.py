@@ -83,11 +83,11 @@ def _env_from_submitit() -> None:
 def setup(device: str | None) -> DistEnv:
     """Initialise the process group from the launcher's environment (no-op for a single process).
 
-    ``device`` is ``trainer.device`` (auto | cpu | cuda | cuda:k), resolved by ``qrepro.train.select_device``
+    ``device`` is ``trainer.device`` (auto | cpu | cuda | cuda:k), resolved by ``qrepro.builders.select_device``
     for a single process. Under several processes each rank takes ``cuda:<local_rank mod #GPUs>`` with the NCCL
     backend, or the CPU with gloo (``trainer.device=cpu``).
     """
-    from qrepro.train import select_device
+    from qrepro.builders import select_device
 
     _env_from_submitit()
     ws = int(os.environ.get("WORLD_SIZE", "1"))
@@ -116,7 +116,7 @@ def setup(device: str | None) -> DistEnv:
 
 
 def _rank_device(device: str | None, local_rank: int) -> torch.device:
-    from qrepro.train import select_device
+    from qrepro.builders import select_device
 
     if device in (None, "auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -96,10 +96,16 @@ def train_one_epoch(
     n_seen = 0
     t0 = time.perf_counter()
     steps = 0
-    for x, y in loader:
-        step_loss, correct = train_step(
-            model, forward_loss, optimizer, scheduler, x, y, ctx=ctx, hooks=hooks, ema=ema
-        )
+    data_s = 0.0  # time spent waiting for the loader
+    it = iter(loader)
+    while True:
+        td = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            break
+        data_s += time.perf_counter() - td
+        step_loss, correct = train_step(model, forward_loss, optimizer, scheduler, x, y, ctx=ctx, hooks=hooks, ema=ema)
         with torch.no_grad():
             bl = step_loss * y.shape[0]
             dev_loss = bl if dev_loss is None else dev_loss + bl
@@ -110,7 +116,7 @@ def train_one_epoch(
             lv = float(dev_loss) / n_seen
             loss_v = float(qdist.all_reduce_sum(step_loss))  # every rank stops together on a NaN
             if not math.isfinite(loss_v):
-                raise NonFiniteLoss(f"loss is {loss_v} at step {ctx.step}")
+                raise NonFiniteLoss(f"loss is {loss_v} at step {ctx.step} (epoch {ctx.epoch + 1})")
             if progress is not None:
                 dt = time.perf_counter() - t0
                 progress.set_postfix(
@@ -130,13 +136,14 @@ def train_one_epoch(
         dev_loss, dev_correct, n_seen = sums[0], sums[1], int(sums[2])
     loss_v = float(dev_loss) / n_seen
     if not math.isfinite(loss_v):
-        raise NonFiniteLoss(f"loss is {loss_v} in epoch {ctx.epoch}")
+        raise NonFiniteLoss(f"mean loss of epoch {ctx.epoch + 1} is {loss_v}")
     dt = time.perf_counter() - t0
     return {
         "train_loss": loss_v,
         "train_top1": 100.0 * float(dev_correct) / n_seen,
         "images": n_seen,
         "seconds": dt,
+        "data_seconds": data_s,
         "images_per_s": n_seen / max(dt, 1e-9),
     }
 

@@ -49,11 +49,11 @@ def device_name(device: torch.device) -> str:
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON through a temporary file unique to this process and a rename (see ``fsio.atomic_write``)."""
+    from qrepro.engine.fsio import atomic_write
+
+    text = json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_record(path: str | Path) -> dict[str, Any] | None:

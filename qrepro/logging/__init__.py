@@ -58,10 +58,14 @@ class WandbLogger:
         self.run.log(metrics, step=step)
 
     def finish(self, summary: dict[str, Any] | None = None) -> None:
+        """Write ``summary`` (best and last metrics) and close the run; later calls do nothing."""
+        if self.run is None:
+            return
         if summary:
             for k, v in summary.items():
                 self.run.summary[k] = v
         self.run.finish()
+        self.run = None
 
 
 def build_logger(kind: str, **kw: Any):

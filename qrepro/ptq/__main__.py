@@ -20,9 +20,10 @@ from qrepro.cli import hydra_entry
 from qrepro.errors import QreproError
 
 PTQ_KEYS = (
-    "first_last_bits quantize_first_input weight_grid weight_granularity act_grid distribution init iters "
-    "batch_size lr_weight lr_bias lr_step lr_round lr_act_step drop_prob round_weight round_warmup round_beta "
-    "kmeans_iters weight_step_scale"
+    "first_last_bits quantize_first_input weight_grid weight_granularity asymmetric act_grid distribution init "
+    "lp_norm act_calib_size iters batch_size lr_weight lr_bias lr_weight_qparams lr_act_qparams relu_before_mse "
+    "loss_through_bn lr_round lr_act_step act_lr_schedule act_grad_scale drop_prob round_weight round_warmup "
+    "round_beta kmeans_iters weight_step_scale"
 ).split()
 
 
@@ -50,10 +51,10 @@ def bit_configs(cfg: DictConfig) -> list[tuple[int, int]]:
 
 def load_fp_model(cfg: DictConfig, num_classes: int, path: str, use_ema: str | bool) -> tuple[torch.nn.Module, str]:
     """The experiment's FP model with the checkpoint's (EMA) weights; returns (model, which weights)."""
-    from qrepro.engine.checkpoint import extract_state_dict, load_model_state, read_checkpoint
+    from qrepro.builders import without as _without
+    from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
     from qrepro.models import build_model
     from qrepro.quant import build_method, prepare
-    from qrepro.train import _without
 
     mcfg, qcfg = _plain(cfg.model), _plain(cfg.quantizer)
     model = build_model(mcfg["name"], num_classes=num_classes, **_without(mcfg, "name"))
@@ -71,6 +72,7 @@ def load_fp_model(cfg: DictConfig, num_classes: int, path: str, use_ema: str | b
         sd, which = obj["ema"], "ema"
     else:
         sd, which = extract_state_dict(obj)[0], "model"
+    check_finite(sd, f"checkpoint {path} ({which} weights)")
     load_model_state(model, sd, strict=True)
     return model.eval(), which
 
@@ -96,23 +98,17 @@ def run_ptq(
 ) -> list[Path]:
     """Run every bit configuration of ``cfg.ptq``; returns the record paths. Under Hydra the run directory,
     experiment name and overrides come from Hydra; in-process callers may pass them."""
-    from qrepro.engine.loop import evaluate
-    from qrepro.engine.record import device_name, git_info, is_complete, versions, write_json_atomic
-    from qrepro.ptq.core import PTQ_ALGORITHMS, PTQConfig, quantize_model
-    from qrepro.train import (
-        build_data_from_cfg,
-        hydra_context,
-        seed_everything,
-        select_device,
-        semantic_overrides,
-    )
+    from qrepro.builders import hydra_context, semantic_overrides
+    from qrepro.engine.rundir import RunLock, init_source
+    from qrepro.ptq.core import PTQ_ALGORITHMS
+    from qrepro.validation import validate_config
 
+    validate_config(cfg)
     if not cfg.init_from:
         raise QreproError("ptq needs the FP checkpoint: add init_from=<run dir>/checkpoints/last.pt")
     src = Path(str(cfg.init_from))
-    if not src.is_file():
-        raise QreproError(f"checkpoint {src} does not exist; check init_from=<path to a .pt file>")
     PTQ_ALGORITHMS.get(str(cfg.ptq.algorithm))  # unknown algorithm: fail before loading anything
+    digest = init_source(src)["sha256"]  # a missing path or a directory is a one-line error
     configs = bit_configs(cfg)
     h_dir, h_exp, h_over = hydra_context()
     base_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "ptq" / "default")
@@ -124,14 +120,44 @@ def run_ptq(
         run_dir = base_dir / f"w{w}a{a}" if sweep else base_dir
         ov = sorted([o for o in overrides if not o.startswith(("ptq.bits=", "precision="))] + [f"precision=w{w}a{a}"])
         targets.append((w, a, run_dir, ov if sweep else overrides))
-    todo = [t for t in targets if cfg.force or not is_complete(t[2] / "record.json")]
-    for t in targets:
-        if t not in todo:
-            print(f"skip: {t[2]} already has a complete record (force=true to re-run)", flush=True)
-    if not todo:
-        return [t[2] / "record.json" for t in targets]
+    with RunLock(base_dir):  # one PTQ command owns its directory (and its per-bit subdirectories)
+        todo = _todo(cfg, targets, digest)
+        if not todo:
+            return [t[2] / "record.json" for t in targets]
+        return _run_todo(cfg, todo, src, digest, experiment)
 
-    digest = sha256(src)
+
+def _todo(cfg: DictConfig, targets: list, digest: str) -> list:
+    """The targets to (re)compute: a complete record of the same source checkpoint is skipped; one made from
+    another checkpoint is refused (force=true replaces it, after marking it superseded)."""
+    from qrepro.engine.record import read_record
+    from qrepro.engine.rundir import mark_superseded
+
+    todo = []
+    for t in targets:
+        path = t[2] / "record.json"
+        rec = read_record(path)
+        if rec is not None and cfg.force:
+            mark_superseded(path, rec, "force=true")
+        elif rec is not None and rec.get("complete") is True:
+            old = (rec.get("ptq") or {}).get("source_sha256")
+            if old is not None and old != digest:
+                raise QreproError(
+                    f"{t[2]} holds a complete PTQ result of another checkpoint (sha256 {old[:12]}; init_from "
+                    f"{cfg.init_from} has {digest[:12]}); pass another out_root=..., or force=true to replace it"
+                )
+            print(f"skip: {t[2]} already has a complete record (force=true to re-run)", flush=True)
+            continue
+        todo.append(t)
+    return todo
+
+
+def _run_todo(cfg: DictConfig, todo: list, src: Path, digest: str, experiment: str | None) -> list[Path]:
+    from qrepro.builders import build_data_from_cfg, seed_everything, select_device
+    from qrepro.engine.loop import evaluate
+    from qrepro.engine.record import device_name, git_info, versions, write_json_atomic
+    from qrepro.ptq.core import PTQConfig, quantize_model
+
     device = select_device(cfg.trainer.device)
     seed_everything(int(cfg.seed))
     data = build_data_from_cfg(cfg, device)
@@ -146,7 +172,7 @@ def run_ptq(
     paths = []
     for w, a, run_dir, ov in todo:
         started, t0 = time.time(), time.perf_counter()
-        pcfg = PTQConfig(algorithm=str(cfg.ptq.algorithm), w_bits=w, a_bits=a, seed=int(cfg.seed), **opts)
+        pcfg = PTQConfig(algorithm=str(cfg.ptq.algorithm), w_bits=w, a_bits=a, seed=int(cfg.seed), **opts).resolved()
         seed_everything(int(cfg.seed))
         q = quantize_model(fp, calib, pcfg)
         ptq_s = time.perf_counter() - t0

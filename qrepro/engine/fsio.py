@@ -1,0 +1,113 @@
+"""File writes that never leave a partial file behind, and filesystem errors as one line naming the path.
+
+Every file a run writes (checkpoints, records, the lock) goes through :func:`atomic_write`: the content is
+written to ``<name>.<pid>.<random>.tmp`` beside the target (unique per process, so concurrent writers never
+share a temporary name), then renamed over the target. On any failure the temporary file is removed and an
+``OSError`` (disk full, permission denied, a file where a directory should be) or torch's writer error becomes a
+``QreproError`` naming the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from qrepro.errors import QreproError
+
+# torch.save reports a failed write (e.g. a full disk) as a RuntimeError from its zip writer
+_TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "enforce fail", "unexpected pos", "file write failed")
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _free(path: Path) -> str:
+    for p in (path, *path.parents):
+        try:
+            return f"{shutil.disk_usage(p).free / 2**20:.0f} MiB free"
+        except OSError:
+            continue
+    return "free space unknown"
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first component of ``path`` that exists but is not a directory."""
+    for p in reversed((path, *path.parents)):
+        if p.exists() and not p.is_dir():
+            return p
+    return None
+
+
+def io_error(path: Path, e: BaseException, action: str = "write") -> QreproError:
+    """One line for a failed filesystem operation on ``path``."""
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC or (isinstance(e, RuntimeError) and not isinstance(e, OSError)):
+        detail = "no space left on device" if code == errno.ENOSPC else "torch's writer failed: disk full?"
+        return QreproError(
+            f"cannot {action} {path}: {detail} ({_free(path.parent)}); free space or set out_root=<another disk>"
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return QreproError(
+            f"cannot {action} {path}: {os.strerror(code).lower()}; fix the permissions or set out_root=<writable dir>"
+        )
+    blocker = _blocking_file(path.parent if action == "write" else path)
+    if code in (errno.ENOTDIR, errno.EEXIST) or blocker is not None:
+        where = blocker or path.parent
+        return QreproError(
+            f"cannot {action} {path}: {where} is a file, not a directory; move it away or set out_root=<dir>"
+        )
+    why = os.strerror(code).lower() if code else (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return QreproError(f"cannot {action} {path}: {why}")
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """``mkdir -p`` with the failure as one line (a file in the way, no permission, a full disk)."""
+    path = Path(path)
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        raise QreproError(
+            f"cannot create directory {path}: {blocker} is a file, not a directory; move it away or set out_root"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise io_error(path, e, "create directory") from None
+    return path
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], object]) -> None:
+    """``writer(tmp)`` writes the whole content to ``tmp``; then ``tmp`` replaces ``path`` atomically."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    tmp = tmp_path(path)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(t in str(e) for t in _TORCH_WRITE_ERRORS)):
+            raise io_error(path, e) from None
+        raise
+
+
+def remove_stale_tmp(directory: str | Path) -> list[Path]:
+    """Delete ``*.tmp`` files left in ``directory`` (and ``checkpoints/``) by a killed writer. Only the owner of
+    the run directory's lock calls this, so no live writer can own them."""
+    out = []
+    for d in (Path(directory), Path(directory) / "checkpoints"):
+        if d.is_dir():
+            for p in d.glob("*.tmp"):
+                try:
+                    p.unlink()
+                    out.append(p)
+                except OSError:
+                    pass
+    return out

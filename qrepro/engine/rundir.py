@@ -1,0 +1,232 @@
+"""One run directory, one owner: the lock, what the directory holds, and a run's identity.
+
+* :class:`RunLock` — ``<run dir>/.lock``, an exclusive ``flock`` held for the whole run and released by the
+  kernel when the process dies (even on ``kill -9``). The file names the owner (pid, host, start time, command):
+  a second launch is refused with that owner in one line; a lock file left by a dead process is taken over with a
+  message. On shared filesystems the lock relies on ``flock`` over NFS (Linux emulates it with POSIX locks).
+* :func:`identity` — what determines a run's result besides its directory name: the semantic config (no paths,
+  devices or logging keys) and the content hash of ``init_from``. Stored in every checkpoint and record; a resume
+  or skip whose identity differs is refused instead of continuing or returning another run's result.
+* :func:`mark_superseded` — a rerun (``force=true``/``retry=true``) rewrites the old record as
+  ``status: superseded`` (``complete: false``) before it touches any checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qrepro.engine.fsio import ensure_dir, io_error, remove_stale_tmp
+from qrepro.errors import QreproError
+
+LOCK_NAME = ".lock"
+# config keys that never change a run's result (besides the path-like init_from, replaced by its hash)
+NON_RESULT_KEYS = (
+    "resume",
+    "force",
+    "retry",
+    "out_root",
+    "init_from",
+    "experiment",
+    "logger",
+    "dataset.root",
+    "dataset.download",
+    "dataset.workers",
+    "trainer.device",
+    "trainer.progress",
+    "trainer.compile",
+    "trainer.num_threads",
+    "trainer.log_every",
+    "trainer.find_unused_parameters",
+    "ptq.eval_fp",
+)
+
+
+class RunLock:
+    """Exclusive ownership of a run directory (see the module docstring). Use as a context manager."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.fd: int | None = None
+        self.previous: dict[str, Any] | None = None  # a dead owner's entry, when one was taken over
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any] | None:
+        try:
+            data = os.pread(fd, 65536, 0)
+            return json.loads(data) if data.strip() else None
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> RunLock:
+        ensure_dir(self.run_dir)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise io_error(self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self._read(fd) or {}
+            os.close(fd)
+            who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, since {owner.get('started', '?')}"
+            raise QreproError(
+                f"{self.run_dir} is in use by another process ({who}); wait for it to finish or stop it first"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise io_error(self.path, e, "lock") from None
+        self.previous = self._read(fd)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "argv": sys.argv[:20],
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise io_error(self.path, e) from None
+        self.fd = fd
+        if self.previous:
+            p = self.previous
+            print(
+                f"lock: taking over {self.path} left by pid {p.get('pid')} on {p.get('host')} "
+                f"(since {p.get('started')}; that process is gone)",
+                flush=True,
+            )
+        removed = remove_stale_tmp(self.run_dir)  # partial writes of a killed owner
+        if removed:
+            print(f"lock: removed {len(removed)} partial file(s) of a killed run: {removed[0].name} ...", flush=True)
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # an empty lock file: nobody owns the directory
+        except OSError:
+            pass
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # read-only
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def init_source(init_from: Any) -> dict[str, str] | None:
+    """``{"path", "sha256"}`` of an ``init_from`` file (None without one); a bad path is one line."""
+    if not init_from:
+        return None
+    p = Path(str(init_from))
+    if p.is_dir():
+        from qrepro.engine.checkpoint import read_checkpoint
+
+        read_checkpoint(p)  # raises the one-line "is a directory" error with a hint
+    if not p.is_file():
+        raise QreproError(f"checkpoint {p} does not exist; check init_from=<path to a .pt/.pth file>")
+    try:
+        return {"path": str(p), "sha256": file_sha256(p)}
+    except OSError as e:
+        raise io_error(p, e, "read") from None
+
+
+def _drop(d: dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        d.pop(head, None)
+    elif isinstance(d.get(head), dict):
+        _drop(d[head], rest)
+
+
+def result_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that determines a run's result."""
+    out = json.loads(json.dumps(config, default=str))
+    for k in NON_RESULT_KEYS:
+        _drop(out, k)
+    return out
+
+
+def identity(config: dict[str, Any], init: dict[str, str] | None) -> dict[str, Any]:
+    cfg = result_config(config)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+    return {"config_sha256": digest, "init_from_sha256": init["sha256"] if init else None, "config": cfg}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def identity_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """None when ``old`` (from a checkpoint or record) describes the same run as ``new``; else what differs.
+    Entries written before identities were recorded (``old`` None) are taken as the same run."""
+    if not old:
+        return None
+    parts = []
+    if old.get("init_from_sha256") != new.get("init_from_sha256"):
+        o, n = old.get("init_from_sha256"), new.get("init_from_sha256")
+        parts.append(f"init_from {'sha256 ' + o[:12] if o else 'none'} -> {'sha256 ' + n[:12] if n else 'none'}")
+    if old.get("config_sha256") and old.get("config_sha256") != new.get("config_sha256"):
+        fo, fn = _flat(old.get("config") or {}), _flat(new.get("config") or {})
+        keys = sorted(k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
+        shown = ", ".join(f"{k} {fo.get(k)!r} -> {fn.get(k)!r}" for k in keys[:3])
+        parts.append(f"config: {shown}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
+    return "; ".join(parts) or None
+
+
+def mark_superseded(record_path: Path, record: dict[str, Any], why: str) -> None:
+    """Rewrite an old record as superseded (never complete) before a rerun touches the checkpoints."""
+    from qrepro.engine.record import write_json_atomic
+
+    old_status = record.get("status") or ("complete" if record.get("complete") else "incomplete")
+    record = {
+        **record,
+        "complete": False,
+        "status": "superseded",
+        "superseded": {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "by": why, "previous_status": old_status},
+    }
+    write_json_atomic(record, record_path)
+
+
+def remove_checkpoints(run_dir: Path) -> list[str]:
+    """Delete a run's checkpoints (a rerun starts from scratch); returns the names removed."""
+    gone = []
+    d = run_dir / "checkpoints"
+    if d.is_dir():
+        for p in sorted(d.iterdir()):
+            if p.is_file():
+                try:
+                    p.unlink()
+                except OSError as e:
+                    raise io_error(p, e, "remove") from None
+                gone.append(p.name)
+    return gone

@@ -1,0 +1,391 @@
+"""Config checks run before a run writes anything: types and ranges of the trainer, optimizer, scheduler,
+precision, dataset, seed and run-control keys, unknown keys with a "did you mean", and the command line's
+overrides (a misspelt key is one line, never Hydra's ``+key`` hint).
+
+``validate_config(cfg)`` raises a one-line ``QreproError`` for the first bad value; ``precheck(argv, config)``
+composes the command line's config in-process (exactly as Hydra will) and validates it, so that the entry points
+fail before Hydra creates a run directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from qrepro.errors import QreproError
+
+VALID_BITS = set(range(1, 9)) | {32}
+SEED_MAX = 2**32 - 1  # numpy's seed range
+PATH_KEYS = ("init_from", "dataset.root", "out_root")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _bad(key: str, value: Any, want: str, example: str) -> QreproError:
+    return QreproError(f"{key}={value!r} is invalid: expected {want}, e.g. {key}={example}")
+
+
+def _int(d: Any, key: str, prefix: str, lo: int, example: str, nullable: bool = False) -> None:
+    if key not in d:
+        return
+    v = d[key]
+    if v is None and nullable:
+        return
+    if not _is_int(v) or v < lo:
+        raise _bad(f"{prefix}{key}", v, f"an integer >= {lo}" + (" or null" if nullable else ""), example)
+
+
+def _num(
+    d: Any,
+    key: str,
+    prefix: str,
+    example: str,
+    *,
+    lo: float | None = None,
+    lo_open: bool = False,
+    hi: float | None = None,
+    hi_open: bool = False,
+    nullable: bool = False,
+) -> None:
+    if key not in d:
+        return
+    v = d[key]
+    if v is None and nullable:
+        return
+    ok = _is_num(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        rng = []
+        if lo is not None:
+            rng.append(f"{'>' if lo_open else '>='} {lo:g}")
+        if hi is not None:
+            rng.append(f"{'<' if hi_open else '<='} {hi:g}")
+        want = "a finite number" + (f" {' and '.join(rng)}" if rng else "") + (" or null" if nullable else "")
+        raise _bad(f"{prefix}{key}", v, want, example)
+
+
+def _bool(d: Any, key: str, prefix: str) -> None:
+    if key in d and not isinstance(d[key], bool):
+        raise _bad(f"{prefix}{key}", d[key], "true or false", "true")
+
+
+def did_you_mean(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _trainer_keys() -> list[str]:
+    """The keys the trainer section may hold: those of configs/trainer/*.yaml."""
+    keys: list[str] = []
+    for f in sorted(Path(_config_dir(), "trainer").glob("*.yaml")):
+        keys += [k for k in OmegaConf.load(f).keys() if k not in keys]
+    return keys
+
+
+def _check_trainer(t: dict[str, Any]) -> None:
+    TRAINER_KEYS = _trainer_keys()  # noqa: N806
+    for k in t:
+        if k not in TRAINER_KEYS:
+            raise QreproError(
+                f"unknown config key trainer.{k}"
+                + (did_you_mean(k, TRAINER_KEYS).replace("mean ", "mean trainer.") or "")
+                + f" (trainer keys: {', '.join(TRAINER_KEYS)})"
+            )
+    _int(t, "epochs", "trainer.", 1, "30")
+    _int(t, "batch_size", "trainer.", 1, "128")
+    _num(t, "label_smoothing", "trainer.", "0.1", lo=0.0, hi=1.0, hi_open=True)
+    _num(t, "ema", "trainer.", "0.9999", lo=0.0, lo_open=True, hi=1.0, hi_open=True, nullable=True)
+    _int(t, "log_every", "trainer.", 1, "50")
+    _int(t, "num_threads", "trainer.", 1, "4", nullable=True)
+    for k in ("progress", "deterministic", "sync_bn", "find_unused_parameters"):
+        _bool(t, k, "trainer.")
+    if "device" in t and not isinstance(t["device"], str):
+        raise _bad("trainer.device", t["device"], "auto, cpu, cuda or cuda:<index>", "cpu")
+    if "compile" in t and not isinstance(t["compile"], (bool, str)):
+        raise _bad("trainer.compile", t["compile"], "auto, true, false or a torch.compile mode", "false")
+
+
+def _check_optimizer(o: dict[str, Any]) -> None:
+    p = "optimizer."
+    if not isinstance(o.get("name"), str):
+        raise QreproError("optimizer.name is missing; choose e.g. optimizer=sgd")
+    _num(o, "lr", p, "0.1", lo=0.0, lo_open=True)
+    _num(o, "weight_decay", p, "5e-4", lo=0.0)
+    _num(o, "momentum", p, "0.9", lo=0.0, hi=1.0, hi_open=True)
+    _num(o, "eps", p, "1e-8", lo=0.0, lo_open=True)
+    _bool(o, "nesterov", p)
+    if "betas" in o:
+        b = o["betas"]
+        if not (isinstance(b, list) and len(b) == 2 and all(_is_num(x) and 0 <= x < 1 for x in b)):
+            raise _bad("optimizer.betas", b, "two numbers in [0, 1)", "[0.9,0.999]")
+    groups = o.get("groups")
+    if groups is None:
+        return
+    if not isinstance(groups, list):
+        raise _bad("optimizer.groups", groups, "a list of {tags: [...], <option>: <value>} rules", "[]")
+    for i, g in enumerate(groups):
+        gp = f"optimizer.groups[{i}]."
+        if not isinstance(g, dict) or not isinstance(g.get("tags"), list):
+            raise QreproError(
+                f"optimizer.groups[{i}]={g!r} needs 'tags: [...]', e.g. {{tags: [norm, bias], weight_decay: 0}}"
+            )
+        _num(g, "lr", gp, "0.1", lo=0.0, lo_open=True)
+        _num(g, "weight_decay", gp, "0.0", lo=0.0)
+        _num(g, "momentum", gp, "0.9", lo=0.0, hi=1.0, hi_open=True)
+
+
+def _check_scheduler(s: dict[str, Any]) -> None:
+    p = "scheduler."
+    if not isinstance(s.get("name"), str):
+        raise QreproError("scheduler.name is missing; choose e.g. scheduler=cosine")
+    _num(s, "warmup_epochs", p, "5", lo=0.0)
+    for k in ("warmup_start_factor", "min_factor", "end_factor"):
+        _num(s, k, p, "0.0", lo=0.0)
+    _num(s, "gamma", p, "0.1", lo=0.0, lo_open=True)
+    _bool(s, "per_epoch", p)
+    if "milestones" in s:
+        m = s["milestones"]
+        if not (isinstance(m, list) and all(_is_int(x) and x >= 0 for x in m) and m == sorted(m)):
+            raise _bad("scheduler.milestones", m, "an ascending list of epoch numbers", "[80,120]")
+
+
+def _check_precision(pr: dict[str, Any]) -> None:
+    for k in ("w_bits", "a_bits"):
+        v = pr.get(k)
+        if not _is_int(v) or v not in VALID_BITS:
+            raise QreproError(
+                f"precision.{k}={v!r} is out of range; use 1..8 or 32 (full precision), e.g. precision=w4a4"
+            )
+
+
+def _check_dataset(d: dict[str, Any]) -> None:
+    p = "dataset."
+    if not isinstance(d.get("name"), str):
+        raise QreproError("dataset.name is missing; choose e.g. dataset=digits")
+    _int(d, "num_classes", p, 1, "10")
+    _int(d, "test_batch_size", p, 1, "1000")
+    _int(d, "crop_padding", p, 0, "4")
+    _int(d, "subset", p, 1, "1000", nullable=True)
+    _int(d, "image_size", p, 1, "32")
+    _int(d, "resize", p, 1, "256")
+    _int(d, "workers", p, 0, "8")
+    for k in ("flip", "raw255", "download"):
+        _bool(d, k, p)
+    for k in ("mean", "std"):
+        v = d.get(k)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and v and all(_is_num(x) for x in v)):
+            raise _bad(f"dataset.{k}", v, "a list of per-channel numbers or null", "[0.5,0.5,0.5]")
+        if k == "std" and any(x <= 0 for x in v):
+            raise _bad("dataset.std", v, "positive per-channel numbers", "[0.25,0.25,0.25]")
+    if d.get("root") is not None and not isinstance(d["root"], str):
+        raise _bad("dataset.root", d["root"], "a path", "/data/cifar10")
+
+
+def _check_ptq(q: dict[str, Any]) -> None:
+    p = "ptq."
+    _int(q, "calib_size", p, 1, "1024")
+    _int(q, "batch_size", p, 1, "32")
+    _int(q, "iters", p, 0, "200", nullable=True)
+    _bool(q, "eval_fp", p)
+
+
+def validate_config(cfg: DictConfig | dict[str, Any]) -> None:
+    """Raise a one-line QreproError for the first invalid value of ``cfg`` (see the module docstring)."""
+    try:
+        c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except Exception as e:  # noqa: BLE001 - interpolation errors in user values
+        raise QreproError(f"config cannot be resolved: {str(e).splitlines()[0]}") from None
+    if not _is_int(c.get("seed")) or not 0 <= c["seed"] <= SEED_MAX:
+        raise _bad("seed", c.get("seed"), f"an integer in 0..{SEED_MAX}", "0")
+    for k in ("resume", "force", "retry", "init_strict"):
+        _bool(c, k, "")
+    for k in ("init_from", "out_root"):
+        if c.get(k) is not None and not isinstance(c[k], str):
+            raise _bad(k, c[k], "a path", "runs" if k == "out_root" else "<run dir>/checkpoints/last.pt")
+    if not c.get("out_root"):
+        raise _bad("out_root", c.get("out_root"), "a directory", "runs")
+    sections = {
+        "trainer": _check_trainer,
+        "optimizer": _check_optimizer,
+        "scheduler": _check_scheduler,
+        "precision": _check_precision,
+        "dataset": _check_dataset,
+        "ptq": _check_ptq,
+    }
+    for name, check in sections.items():
+        if name in c:
+            if not isinstance(c[name], dict):
+                raise QreproError(f"{name}={c[name]!r} replaces the whole {name} section; set {name}.<key>=... instead")
+            check(c[name])
+
+
+# ----------------------------------------------------------------------------------------- the command line
+def _needs_quotes(value: str, multirun: bool) -> bool:
+    if not value or value[0] in "'\"" or value.startswith(("${", "[", "{")):
+        return False
+    return "=" in value or (not multirun and "," in value) or " " in value
+
+
+def quote_path_overrides(argv: Sequence[str], multirun: bool) -> list[str]:
+    """Quote path values that Hydra's override grammar would split or reject: run directories hold ``=`` and
+    ``,`` (``init_from=runs/x/precision=w4a4,seed=1/checkpoints/last.pt``). In a multirun a comma stays a sweep
+    separator unless the value also holds ``=`` (then quote each path yourself)."""
+    out = []
+    for a in argv:
+        m = re.match(r"^([+~]{0,2})([A-Za-z_.]+)=(.*)$", a)
+        if m and m.group(2) in PATH_KEYS and _needs_quotes(m.group(3), multirun):
+            v = m.group(3)
+            q = '"' if '"' not in v else "'"
+            a = f"{m.group(1)}{m.group(2)}={q}{v}{q}"
+        out.append(a)
+    return out
+
+
+def _flat_keys(c: Any, prefix: str = "") -> list[str]:
+    if not isinstance(c, dict):
+        return [prefix.rstrip(".")]
+    out = []
+    for k, v in c.items():
+        out += [f"{prefix}{k}"] + (_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [])
+    return out
+
+
+def _compose(overrides: list[str], config_name: str) -> DictConfig:
+    from qrepro.builders import compose
+
+    return compose(overrides, config_name=config_name)
+
+
+def _first_values(overrides: list[str]) -> list[str]:
+    """Each sweep override (``a=1,2``, ``a=range(3)``) replaced by its first value, for a trial composition."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            first = next(iter(o.sweep_string_iterator()))
+            prefix = {"ADD": "+", "FORCE_ADD": "++"}.get(o.type.name, "")
+            out.append(f"{prefix}{o.key_or_group}={first}")
+        else:
+            out.append(o.input_line)
+    return out
+
+
+def precheck(argv: Sequence[str], config_name: str) -> tuple[list[str], DictConfig, bool]:
+    """Check the command line before Hydra runs it. Returns (argv with path values quoted, the composed config,
+    multirun). A multirun's config is composed with each sweep's first value: its keys are checked here, and
+    every job's values again in the job (a bad job fails alone)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    argv = quote_path_overrides(argv, multirun)
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a and not a.lstrip("+~").startswith("hydra")]
+    try:
+        trial = _first_values(overrides) if multirun else overrides
+        cfg = _compose(trial, config_name)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise _composition_error(e, overrides, config_name) from None
+    _check_added_keys(overrides, config_name)
+    if not multirun:
+        validate_config(cfg)
+        check_output_root(str(cfg.out_root))
+        if cfg.get("init_from"):
+            check_init_path(str(cfg.init_from))
+    return argv, cfg, multirun
+
+
+def check_init_path(path: str) -> None:
+    """``init_from`` names an existing checkpoint file (a directory or a missing path is one line)."""
+    p = Path(path)
+    if p.is_dir() or not p.is_file():
+        from qrepro.engine.checkpoint import read_checkpoint
+
+        read_checkpoint(p)  # raises the one-line error ("is a directory" with a hint, or "does not exist")
+
+
+def check_output_root(out_root: str) -> None:
+    """``out_root`` must be (or be creatable as) a writable directory: a file in the way or no permission is one
+    line before anything is written."""
+    import os
+
+    from qrepro.engine.fsio import _blocking_file
+
+    p = Path(out_root).expanduser().absolute()
+    blocker = _blocking_file(p)
+    if blocker is not None:
+        raise QreproError(
+            f"out_root={out_root}: {blocker} is a file, not a directory; move it or pick another out_root"
+        )
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QreproError(
+            f"out_root={out_root}: {existing} is not writable; fix its permissions or pick another out_root"
+        )
+
+
+def _composition_error(e: Exception, overrides: list[str], config_name: str) -> QreproError:
+    msg = str(e)
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:
+        key = m.group(1)
+        base = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
+        try:
+            known = _flat_keys(OmegaConf.to_container(_compose(_first_values(base), config_name), resolve=False))
+        except Exception:  # noqa: BLE001 - the hint is optional
+            known = []
+        return QreproError(f"unknown config key {key}{did_you_mean(key, known)}")
+    m = re.search(r"Could not append to config. An item is already at '([^']+)'", msg)
+    if m:
+        return QreproError(f"{m.group(1)} already exists: set it without the leading '+' ({m.group(1)}=...)")
+    first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), type(e).__name__)
+    if "mismatched input" in msg or "token recognition error" in msg or "no viable alternative" in msg:
+        return QreproError(f"cannot parse the overrides ({first}); quote values holding '=' or ',': key='...'")
+    return QreproError(first)
+
+
+def _check_added_keys(overrides: list[str], config_name: str) -> None:
+    """``+trainer.epoch=1`` (Hydra's hint for a misspelt key) would run with the key silently ignored: the
+    trainer and top-level sections take no keys beyond their own."""
+    groups = {p.name for p in Path(_config_dir()).iterdir() if p.is_dir()}
+    top = set(OmegaConf.load(Path(_config_dir()) / "train.yaml").keys()) | groups | {"ptq", "table"}
+    for o in overrides:
+        if not o.startswith("+") or o.startswith("++"):
+            continue
+        key = o[1:].split("=", 1)[0]
+        if key in groups or key.split("/")[0] in groups:
+            continue
+        if key.startswith("trainer."):
+            sub = key.split(".", 1)[1]
+            if sub not in _trainer_keys():
+                hint = did_you_mean(sub, _trainer_keys()).replace("mean ", "mean trainer.")
+                raise QreproError(f"unknown config key {key}{hint} (the trainer takes no other keys)")
+        elif "." not in key and key not in top:
+            raise QreproError(f"unknown config key {key}{did_you_mean(key, sorted(top))}")
+
+
+def _config_dir() -> str:
+    from qrepro.cli import CONFIG_DIR
+
+    return CONFIG_DIR
+
+
+def as_plain(x: Any) -> Any:
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
