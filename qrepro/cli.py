@@ -244,7 +244,11 @@ def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     one_line_errors(check_group_choices)(sys.argv[1:])
     one_line_errors(check_launcher)(sys.argv[1:])
-    argv, cfg, multirun = one_line_errors(precheck)(sys.argv[1:], config_name)
+    # Hydra's shell completion (-sc install=bash | query=bash): no run overrides to check; COMP_LINE may be partial
+    if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
+        argv, cfg, multirun = sys.argv[1:], None, False
+    else:
+        argv, cfg, multirun = one_line_errors(precheck)(sys.argv[1:], config_name)
     sys.argv[1:] = argv
     outcomes = None
     if multirun:  # its jobs report their outcomes here
