@@ -201,7 +201,8 @@ def _check_dataset(d: dict[str, Any]) -> None:
 def _check_ptq(q: dict[str, Any]) -> None:
     p = "ptq."
     _int(q, "calib_size", p, 1, "1024")
-    _int(q, "batch_size", p, 1, "32")
+    _int(q, "batch_size", p, 1, "32", nullable=True)
+    _int(q, "act_calib_size", p, 1, "256")
     _int(q, "iters", p, 0, "200", nullable=True)
     _bool(q, "eval_fp", p)
 

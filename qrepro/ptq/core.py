@@ -9,13 +9,22 @@ left untouched) built with the framework's own QConv2d/QLinear layers:
 2. activation statistics are collected on the calibration set (quantizers disabled);
 3. the registered algorithm (``PTQ_ALGORITHMS``) sets / optimises the quantizers:
    ``minmax``, ``mse``, ``aciq`` (closed-form clipping), ``adaquant`` (per-layer output-MSE optimisation of
-   weights, biases and steps), ``qdrop`` (block reconstruction, AdaRound weights, learned activation steps,
-   activation quantization dropped with probability p), ``pot`` and ``kmeans`` (non-uniform weights).
+   weights, biases and quantizer ranges), ``qdrop`` (block reconstruction, AdaRound weights, learned
+   activation steps, activation quantization dropped with probability p), ``pot`` and ``kmeans``
+   (non-uniform weights).
+
+AdaQuant and QDrop follow their reference implementations where the SymReg/SatNL supplement is silent
+(CalibTIP ``utils/adaquant.py`` + ``models/modules/quantize.py``; wimh966/QDrop ``solver/recon.py`` +
+``quantization/``): asymmetric quantizers with zero points, per-channel weights, their learning rates, batch
+sizes, initial ranges and losses. Every such choice is a ``PTQConfig`` field (``None`` = the algorithm's
+reference value, see ``ALGORITHM_DEFAULTS``) and is listed in docs/symreg.md.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,9 +38,13 @@ from qrepro.ptq.levels import best_pot_levels, kmeans_levels, mse_alpha_candidat
 from qrepro.ptq.quantizers import (
     GRIDS,
     AdaRoundWeight,
+    AffineQuantizer,
     LevelQuantizer,
+    RangeQuantizer,
     TransformedQuantizer,
     UniformQuantizer,
+    affine_qparams,
+    fake_quant_affine,
 )
 from qrepro.quant.layers import QUANT_LAYERS, quantized_layers
 from qrepro.quant.methods import FP_BITS, LayerInfo, Method
@@ -41,27 +54,52 @@ from qrepro.registry import Registry
 PTQ_ALGORITHMS = Registry("ptq algorithm", config_group="ptq.algorithm")
 
 
+#: Reference values of the options left at ``None`` (CalibTIP for AdaQuant, wimh966/QDrop for QDrop).
+ALGORITHM_DEFAULTS: dict[str, dict[str, object]] = {
+    # CalibTIP: per-channel asymmetric weights (perC=True in its scripts), asymmetric inputs, ranges "measured"
+    # as the mean over calibration samples of each sample's min/max, 1000 Adam iterations per layer
+    # (optimize_layer), random batches of 50
+    "adaquant": dict(weight_granularity="channel", asymmetric=True, init="mean_minmax", iters=1000, batch_size=50),
+    # QDrop: per-channel asymmetric AdaRound weights, asymmetric LSQ activations, MSE (Lp, p = 2.4) observers,
+    # 20000 iterations per block, batches of 32
+    "qdrop": dict(weight_granularity="channel", asymmetric=True, init="lp", iters=20000, batch_size=32),
+}
+_FALLBACK = dict(weight_granularity="tensor", asymmetric=False, init="mse", iters=100, batch_size=32)
+INITS_UNIFORM = ("minmax", "mse", "aciq")
+INITS_AFFINE = ("minmax", "mse", "aciq", "mean_minmax", "lp")
+LP_CANDIDATES = 100  # QDrop MSEObserver: 100 clipping candidates (× every zero point for two-sided data)
+
+
 @dataclass
 class PTQConfig:
-    """Options of one PTQ run (keys of the ``ptq`` config block, minus the bit list)."""
+    """Options of one PTQ run (keys of the ``ptq`` config block, minus the bit list). ``None`` = the
+    algorithm's reference value (``ALGORITHM_DEFAULTS``); ``resolved()`` fills them in."""
 
     algorithm: str = "aciq"
     w_bits: int = 4
     a_bits: int = 32
     first_last_bits: int | None = 8  # None: first/last layers at the network bit-widths
     quantize_first_input: bool = False
-    weight_grid: str = "midrise"
-    weight_granularity: str = "tensor"  # tensor | channel (one weight step per output channel)
+    weight_grid: str = "midrise"  # symmetric weight grid (asymmetric=False)
+    weight_granularity: str | None = None  # tensor | channel (one weight step per output channel)
+    asymmetric: bool | None = None  # adaquant / qdrop: asymmetric quantizers with zero points (reference)
     act_grid: str = "int"
     distribution: str = "laplace"  # ACIQ prior: laplace | gaussian
-    init: str = "mse"  # initial clipping for adaquant / qdrop: minmax | mse | aciq
-    iters: int | None = None  # None: the algorithm's default (adaquant 100, qdrop 20000)
-    batch_size: int = 32
-    lr_weight: float = 1e-5  # AdaQuant
-    lr_bias: float = 1e-3  # AdaQuant
-    lr_step: float = 1e-3  # AdaQuant (weight and activation steps)
+    init: str | None = None  # initial clipping for adaquant / qdrop: minmax | mse | aciq | mean_minmax | lp
+    lp_norm: float = 2.4  # init=lp: the p of the Lp quantization error QDrop's MSE observer minimises
+    act_calib_size: int = 256  # init=mse/lp with asymmetric quantizers: images the activation search sees
+    iters: int | None = None  # per layer (adaquant) / block (qdrop)
+    batch_size: int | None = None  # reconstruction mini-batch (adaquant 50, qdrop 32); calibration chunks
+    lr_weight: float = 1e-5  # AdaQuant: weights
+    lr_bias: float = 1e-3  # AdaQuant: biases
+    lr_weight_qparams: float = 1e-3  # AdaQuant: weight range and zero point (step when symmetric)
+    lr_act_qparams: float = 1e-1  # AdaQuant: input range and zero point (step when symmetric)
+    relu_before_mse: bool = True  # AdaQuant: ReLU on both outputs before the MSE where the network applies one
+    loss_through_bn: bool = True  # AdaQuant / QDrop layers: the MSE after the layer's BatchNorm (reference: folded)
     lr_round: float = 1e-3  # QDrop: AdaRound V
     lr_act_step: float = 4e-5  # QDrop: activation steps
+    act_lr_schedule: str = "cosine"  # QDrop: activation-step lr cosine-annealed to 0 over iters | constant
+    act_grad_scale: bool = True  # QDrop: LSQ gradient scale 1/sqrt(N·q_max) on the activation steps
     drop_prob: float = 0.5  # QDrop
     round_weight: float = 0.01  # QDrop: λ of the AdaRound regulariser
     round_warmup: float = 0.2  # QDrop: fraction of iterations without the regulariser
@@ -70,6 +108,23 @@ class PTQConfig:
     weight_step_scale: float = 1.0  # Fig. 5A: evaluate with Δ = scale · Δ' after PTQ
     seed: int = 0
 
+    def resolved(self) -> PTQConfig:
+        """A copy with every ``None`` option set to the algorithm's reference value."""
+        defaults = {**_FALLBACK, **ALGORITHM_DEFAULTS.get(self.algorithm, {})}
+        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **fill)
+
+    @property
+    def chunk(self) -> int:
+        """Mini-batch of calibration forwards (memory only; results do not depend on it)."""
+        return int(self.batch_size or 32)
+
+    def quantizer_kind(self) -> str:
+        """uniform (symmetric policy quantizers) | range (AdaQuant reference) | affine (QDrop reference)."""
+        if not self.asymmetric:
+            return "uniform"
+        return "range" if self.algorithm == "adaquant" else "affine"
+
     def check(self) -> None:
         PTQ_ALGORITHMS.get(self.algorithm)
         for what, b in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
@@ -77,12 +132,22 @@ class PTQConfig:
                 raise QreproError(f"ptq {what}={b} out of range; use 1..16 or 32 (full precision)")
         if self.weight_grid not in GRIDS or self.act_grid not in GRIDS:
             raise QreproError(f"ptq grids must be one of {', '.join(GRIDS)}")
-        if self.weight_granularity not in ("tensor", "channel"):
+        if self.weight_granularity not in (None, "tensor", "channel"):
             raise QreproError(f"ptq.weight_granularity={self.weight_granularity!r}; choose tensor or channel")
         if self.distribution not in DISTRIBUTIONS:
             raise QreproError(f"ptq.distribution must be one of {', '.join(DISTRIBUTIONS)}")
-        if self.init not in ("minmax", "mse", "aciq"):
-            raise QreproError(f"ptq.init={self.init!r}; choose minmax, mse or aciq")
+        if self.asymmetric and self.algorithm not in ("adaquant", "qdrop"):
+            raise QreproError(f"ptq.asymmetric=true is implemented for adaquant and qdrop, not {self.algorithm}")
+        inits = INITS_AFFINE if self.asymmetric else INITS_UNIFORM
+        if self.init is not None and self.init not in inits:
+            kind = "asymmetric" if self.asymmetric else "symmetric"
+            raise QreproError(f"ptq.init={self.init!r} with {kind} quantizers; choose one of: {', '.join(inits)}")
+        if not self.lp_norm > 0:
+            raise QreproError(f"ptq.lp_norm must be > 0, got {self.lp_norm}")
+        if self.act_calib_size < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise QreproError("ptq.act_calib_size and ptq.batch_size must be >= 1")
+        if self.act_lr_schedule not in ("cosine", "constant"):
+            raise QreproError(f"ptq.act_lr_schedule={self.act_lr_schedule!r}; choose cosine or constant")
         if not 0.0 <= self.drop_prob < 1.0:
             raise QreproError(f"ptq.drop_prob must be in [0, 1), got {self.drop_prob}")
         if not self.weight_step_scale > 0:
@@ -106,15 +171,36 @@ def weight_quantizer_for(
     return UniformQuantizer(bits, signed=True, grid=grid, learn_step=learn_step, channels=ch, ndim=w.dim())
 
 
+def _weight_quantizer(layer: nn.Module, bits: int, cfg: PTQConfig) -> nn.Module:
+    kind = cfg.quantizer_kind()
+    if kind == "uniform":
+        return weight_quantizer_for(layer, bits, cfg.weight_grid, cfg.weight_granularity)
+    w = layer.weight
+    ch = w.shape[0] if cfg.weight_granularity == "channel" else None
+    if kind == "range":
+        return RangeQuantizer(bits, channels=ch, ndim=w.dim())
+    return AffineQuantizer(bits, channels=ch, ndim=w.dim())
+
+
+def _act_quantizer(bits: int, cfg: PTQConfig) -> nn.Module:
+    kind = cfg.quantizer_kind()
+    if kind == "uniform":
+        return UniformQuantizer(bits, signed=False, grid=cfg.act_grid)
+    if kind == "range":
+        return RangeQuantizer(bits)
+    return AffineQuantizer(bits, grad_scale=cfg.act_grad_scale)
+
+
 def ptq_method(cfg: PTQConfig) -> Method:
-    """The PTQ layer policy as a framework Method (uniform quantizers; algorithms may replace ``wq``)."""
+    """The PTQ layer policy as a framework Method (algorithms may replace ``wq``)."""
+    cfg = cfg.resolved()
 
     def quantize_layer(info: LayerInfo):
         wb = layer_bits(cfg.w_bits, info.role, cfg.first_last_bits)
         ab = layer_bits(cfg.a_bits, info.role, cfg.first_last_bits)
-        wq = weight_quantizer_for(info.module, wb, cfg.weight_grid, cfg.weight_granularity) if wb != FP_BITS else None
+        wq = _weight_quantizer(info.module, wb, cfg) if wb != FP_BITS else None
         quant_input = ab != FP_BITS and (info.role != "first" or cfg.quantize_first_input)
-        aq = UniformQuantizer(ab, signed=False, grid=cfg.act_grid) if quant_input else None
+        aq = _act_quantizer(ab, cfg) if quant_input else None
         return (wq, aq) if (wq is not None or aq is not None) else None
 
     return Method(name=f"ptq_{cfg.algorithm}", quantize_layer=quantize_layer, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
@@ -126,14 +212,18 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(i, min(n, i + batch_size))
 
 
-def _quantizers(model: nn.Module) -> Iterator[UniformQuantizer]:
+_SWITCHABLE = (UniformQuantizer, RangeQuantizer, AffineQuantizer)
+_AFFINE = (RangeQuantizer, AffineQuantizer)
+
+
+def _quantizers(model: nn.Module) -> Iterator[nn.Module]:
     for m in model.modules():
-        if isinstance(m, UniformQuantizer):
+        if isinstance(m, _SWITCHABLE):
             yield m
 
 
 def set_quantization(model: nn.Module, enabled: bool) -> None:
-    """Enable / disable every uniform quantizer (disabled = full-precision pass-through)."""
+    """Enable / disable every uniform / asymmetric quantizer (disabled = full-precision pass-through)."""
     for q in _quantizers(model):
         q.enabled = enabled
 
@@ -182,6 +272,9 @@ class _ActStats:
     sum_pos_sq: torch.Tensor
     n: int
     n_pos: torch.Tensor
+    sum_sample_min: torch.Tensor  # Σ over images of each image's minimum (CalibTIP's "measure")
+    sum_sample_max: torch.Tensor
+    n_samples: int
 
 
 @torch.no_grad()
@@ -194,6 +287,7 @@ def _collect_act_stats(q: nn.Module, calib: torch.Tensor, batch_size: int) -> di
         def pre(_m, args):
             x = args[0].detach().double()
             pos = x.clamp_min(0)
+            flat = x.flatten(1)
             upd = dict(
                 amax=x.max(),
                 amin=x.min(),
@@ -202,15 +296,18 @@ def _collect_act_stats(q: nn.Module, calib: torch.Tensor, batch_size: int) -> di
                 sum_pos=pos.sum(),
                 sum_pos_sq=pos.square().sum(),
                 n_pos=(x > 0).sum(),
+                sum_sample_min=flat.amin(1).sum(),
+                sum_sample_max=flat.amax(1).sum(),
             )
             s = stats.get(name)
             if s is None:
-                stats[name] = _ActStats(n=x.numel(), **upd)
+                stats[name] = _ActStats(n=x.numel(), n_samples=x.shape[0], **upd)
             else:
                 s.amax, s.amin = torch.maximum(s.amax, upd["amax"]), torch.minimum(s.amin, upd["amin"])
-                for k in ("sum_abs", "sum_sq", "sum_pos", "sum_pos_sq", "n_pos"):
+                for k in ("sum_abs", "sum_sq", "sum_pos", "sum_pos_sq", "n_pos", "sum_sample_min", "sum_sample_max"):
                     setattr(s, k, getattr(s, k) + upd[k])
                 s.n += x.numel()
+                s.n_samples += x.shape[0]
 
         return pre
 
@@ -240,7 +337,7 @@ def _aciq_act_alpha(s: _ActStats, bits: int, dist: str, signed: bool) -> torch.T
 @torch.no_grad()
 def _mse_act_alphas(q: nn.Module, calib: torch.Tensor, batch_size: int, amax: dict[str, torch.Tensor]) -> dict:
     """Per layer input: α among mse_alpha_candidates(amax) minimising Σ‖Q_α(x) − x‖² on ``calib``."""
-    layers = {n: l for n, l in quantized_layers(q) if l.aq is not None}
+    layers = {n: l for n, l in quantized_layers(q) if isinstance(l.aq, UniformQuantizer)}
     cands = {n: mse_alpha_candidates(amax[n].float()) for n in layers}
     errs = {n: torch.zeros(len(c), dtype=torch.float64, device=c.device) for n, c in cands.items()}
     hooks = []
@@ -293,41 +390,198 @@ def weight_alpha(wq: UniformQuantizer, w: torch.Tensor, how: str, dist: str) -> 
     return amax * fracs[torch.argmin(errs, dim=0)].view_as(amax)
 
 
-def weight_quantizer(layer: nn.Module) -> tuple[UniformQuantizer, torch.Tensor] | None:
-    """The layer's uniform weight quantizer and the tensor it quantizes (after a weight transform)."""
+def weight_quantizer(layer: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
+    """The layer's uniform / asymmetric weight quantizer and the tensor it quantizes (after a weight
+    transform)."""
     wq = layer.wq
-    if isinstance(wq, UniformQuantizer):
+    if isinstance(wq, _SWITCHABLE):
         return wq, layer.weight
     if isinstance(wq, TransformedQuantizer):
         return wq.quant, wq.transform(layer.weight)
     return None
 
 
+def _lp_candidates(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, one_side: str) -> tuple[torch.Tensor, ...]:
+    """Clipping candidates (lo, hi) of QDrop's ``MSEObserver`` in its search order, shape (K, *xmin.shape):
+    one-sided data: [0, range·i/100] (or [−range·i/100, 0]), range = max(|min|, max), i = 1..100; two-sided:
+    every (width range·i/100, integer zero point z = 0..2^b − 1) with lo = −z·Δ, hi = width − z·Δ, Δ =
+    width/(2^b − 1), range = max − min."""
+    n = LP_CANDIDATES
+    i = torch.arange(1, n + 1, dtype=xmin.dtype, device=xmin.device).view(-1, *([1] * xmin.dim()))
+    if one_side != "no":
+        thres = torch.maximum(xmin.abs(), xmax) / n * i
+        zero = torch.zeros_like(thres)
+        return (zero, thres) if one_side == "pos" else (-thres, zero)
+    qmax = 2**bits - 1
+    width = (xmax - xmin) / n * i  # (n, ...)
+    delta = (width - 0) / qmax
+    z = torch.arange(0, qmax + 1, dtype=xmin.dtype, device=xmin.device).view(1, -1, *([1] * xmin.dim()))
+    lo = 0 - z * delta.unsqueeze(1)
+    hi = width.unsqueeze(1) - z * delta.unsqueeze(1)
+    return lo.flatten(0, 1), hi.flatten(0, 1)
+
+
+def _one_side(xmin: torch.Tensor, xmax: torch.Tensor) -> str:
+    return "pos" if bool(xmin.min() >= 0) else "neg" if bool(xmax.max() <= 0) else "no"
+
+
+@torch.no_grad()
+def lp_weight_bounds(w: torch.Tensor, bits: int, per_channel: bool, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """QDrop's ``MSEObserver`` on a weight tensor: the candidate (lo, hi) minimising mean |Q(w) − w|^p, per
+    output channel or per tensor (first minimum in search order)."""
+    w = w.detach()
+    if per_channel:
+        flat = w.flatten(1)
+        xmin, xmax = flat.amin(1), flat.amax(1)
+        one_side = _one_side(xmin, xmax)
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)  # the reference clamps per channel only
+    else:
+        flat = w.reshape(1, -1)
+        xmin, xmax = w.min().reshape(1), w.max().reshape(1)
+        one_side = _one_side(xmin, xmax)
+    lo, hi = _lp_candidates(xmin, xmax, bits, one_side)  # (K, C)
+    scores = []
+    per = max(1, (1 << 22) // max(1, flat.numel()))
+    qmax = float(2**bits - 1)
+    for k in range(0, lo.shape[0], per):
+        s, z = affine_qparams(lo[k : k + per], hi[k : k + per], bits)  # (k, C)
+        s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+        # fake_quant_affine, in place: (clamp(round(w/s) + z, 0, q_max) − z)·s − w
+        e = flat.unsqueeze(0) / s
+        e.round_().add_(z).clamp_(0.0, qmax).sub_(z).mul_(s).sub_(flat)
+        scores.append(e.abs_().pow_(p).mean(-1))
+    best = torch.argmin(torch.cat(scores), dim=0)  # (C,)
+    cols = torch.arange(lo.shape[1], device=w.device)
+    lo_b, hi_b = lo[best, cols], hi[best, cols]
+    shape = (-1,) + (1,) * (w.dim() - 1) if per_channel else ()
+    return lo_b.reshape(shape), hi_b.reshape(shape)
+
+
+@torch.no_grad()
+def _lp_act_bounds(
+    q: nn.Module, calib: torch.Tensor, cfg: PTQConfig, names: list[str], p: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """QDrop's ``MSEObserver`` on every listed layer input over ``calib`` (all quantizers off): the candidate
+    (lo, hi) minimising the mean |Q(x) − x|^p (one-sided inputs: 100 candidates; two-sided: 100 × 2^b)."""
+    stats = _collect_act_stats(q, calib, cfg.chunk)
+    layers = {n: q.get_submodule(n) for n in names}
+    cands, errs = {}, {}
+    for n in names:
+        st, bits = stats[n], layers[n].aq.bits
+        xmin, xmax = st.amin.to(calib.dtype), st.amax.to(calib.dtype)
+        lo, hi = _lp_candidates(xmin, xmax, bits, _one_side(xmin, xmax))
+        cands[n] = (lo, hi, *affine_qparams(lo, hi, bits))
+        errs[n] = torch.zeros(len(lo), dtype=torch.float64, device=lo.device)
+
+    def make(name: str) -> Callable:
+        def pre(_m, args):
+            x = args[0].detach()
+            _, _, st, zp = cands[name]
+            bits = layers[name].aq.bits
+            for k in range(len(st)):
+                errs[name][k] += (fake_quant_affine(x, st[k], zp[k], bits) - x).abs().pow(p).double().sum()
+
+        return pre
+
+    hooks = [layers[n].register_forward_pre_hook(make(n)) for n in names]
+    set_quantization(q, False)
+    try:
+        for sl in _batches(len(calib), cfg.chunk):
+            q(calib[sl])
+    finally:
+        for h in hooks:
+            h.remove()
+        set_quantization(q, True)
+    out = {}
+    for n in names:
+        k = int(torch.argmin(errs[n]))
+        out[n] = (cands[n][0][k], cands[n][1][k])
+    return out
+
+
+def _aciq_weight_alpha(w: torch.Tensor, bits: int, dist: str, per_channel: bool) -> torch.Tensor:
+    w = w.detach()
+    if per_channel:
+        dims = tuple(range(1, w.dim()))
+        x = w.double()
+        scale = x.abs().mean(dims, keepdim=True) if dist == "laplace" else x.square().mean(dims, keepdim=True).sqrt()
+        amax = w.abs().amax(dim=dims, keepdim=True)
+    else:
+        scale, amax = fit_scale(w, dist, True), w.abs().max()
+    return torch.minimum(aciq_alpha(scale, bits, dist, True).to(w.dtype), amax)
+
+
+def _affine_weight_bounds(wq: nn.Module, w: torch.Tensor, how: str, cfg: PTQConfig) -> tuple[torch.Tensor, ...]:
+    per_channel = (wq.range if isinstance(wq, RangeQuantizer) else wq.step).dim() > 0
+    w = w.detach()
+    if how in ("minmax", "mean_minmax"):  # CalibTIP measures weights by their min / max
+        if per_channel:
+            flat = w.flatten(1)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            return flat.amin(1).reshape(shape), flat.amax(1).reshape(shape)
+        return w.min(), w.max()
+    if how == "aciq":
+        a = _aciq_weight_alpha(w, wq.bits, cfg.distribution, per_channel)
+        return -a, a
+    return lp_weight_bounds(w, wq.bits, per_channel, 2.0 if how == "mse" else cfg.lp_norm)
+
+
+def _affine_act_bounds(s: _ActStats, bits: int, how: str, cfg: PTQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of an asymmetric input quantizer from the calibration statistics (float64; the quantizer
+    casts them to its own dtype)."""
+    if how == "minmax":
+        return s.amin, s.amax
+    if how == "mean_minmax":  # CalibTIP's measure: mean over images of each image's min / max
+        return s.sum_sample_min / s.n_samples, s.sum_sample_max / s.n_samples
+    signed = bool(s.amin < 0)  # aciq
+    a = _aciq_act_alpha(s, bits, cfg.distribution, signed)
+    return (-a if signed else torch.zeros_like(a)), a
+
+
 @torch.no_grad()
 def init_quantizers(q: nn.Module, calib: torch.Tensor, cfg: PTQConfig, how: str) -> None:
-    """Set every weight and activation clipping value by ``how`` (minmax | mse | aciq)."""
-    stats = _collect_act_stats(q, calib, cfg.batch_size)
+    """Set every weight and activation clipping value by ``how``: minmax | mse | aciq for the symmetric
+    quantizers; also mean_minmax | lp for the asymmetric ones (mse = the Lp search with p = 2)."""
+    stats = _collect_act_stats(q, calib, cfg.chunk)
+    affine_acts: list[str] = []
     for name, layer in quantized_layers(q):
         parts = weight_quantizer(layer)
         if parts is not None:
             wq, w = parts
-            wq.set_alpha(weight_alpha(wq, w, how, cfg.distribution))
+            if isinstance(wq, UniformQuantizer):
+                wq.set_alpha(weight_alpha(wq, w, how, cfg.distribution))
+            else:
+                wq.set_bounds(*_affine_weight_bounds(wq, w, how, cfg))
         if isinstance(layer.aq, UniformQuantizer):
             s = stats[name]
             layer.aq.set_signed(bool(s.amin < 0))
+        elif isinstance(layer.aq, _AFFINE):
+            affine_acts.append(name)
+    if affine_acts:
+        if how in ("mse", "lp"):
+            sub = calib[: min(len(calib), cfg.act_calib_size)]
+            p = 2.0 if how == "mse" else cfg.lp_norm
+            for name, (lo, hi) in _lp_act_bounds(q, sub, cfg, affine_acts, p).items():
+                q.get_submodule(name).aq.set_bounds(lo, hi)
+        else:
+            for name in affine_acts:
+                aq = q.get_submodule(name).aq
+                aq.set_bounds(*_affine_act_bounds(stats[name], aq.bits, how, cfg))
+    uniform_acts = {n: s for n, s in stats.items() if isinstance(q.get_submodule(n).aq, UniformQuantizer)}
+    if not uniform_acts:
+        return
     if how == "mse":
-        amax = {n: torch.maximum(s.amax, -s.amin) for n, s in stats.items()}
-        for name, alpha in _mse_act_alphas(q, calib, cfg.batch_size, amax).items():
+        amax = {n: torch.maximum(s.amax, -s.amin) for n, s in uniform_acts.items()}
+        for name, alpha in _mse_act_alphas(q, calib, cfg.chunk, amax).items():
             q.get_submodule(name).aq.set_alpha(alpha)
         return
-    for name, layer in quantized_layers(q):
-        if isinstance(layer.aq, UniformQuantizer):
-            s, aq = stats[name], layer.aq
-            if how == "minmax":
-                alpha = torch.maximum(s.amax, -s.amin) if aq.signed else s.amax
-            else:
-                alpha = _aciq_act_alpha(s, aq.bits, cfg.distribution, aq.signed)
-            aq.set_alpha(alpha.float())
+    for name, s in uniform_acts.items():
+        aq = q.get_submodule(name).aq
+        if how == "minmax":
+            alpha = torch.maximum(s.amax, -s.amin) if aq.signed else s.amax
+        else:
+            alpha = _aciq_act_alpha(s, aq.bits, cfg.distribution, aq.signed)
+        aq.set_alpha(alpha.float())
 
 
 # ---------------------------------------------------------------------------------------------- algorithms
@@ -353,32 +607,122 @@ def _minibatch(n: int, batch_size: int, gen: torch.Generator, device: torch.devi
     return torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
 
 
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_ACTS = {"relu": F.relu, "relu6": F.relu6}
+
+
+def layer_post_ops(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
+    """For every conv/linear of ``model`` (a plain FP model): (name of the BatchNorm module its output feeds
+    alone, or None; "relu"/"relu6" when that BatchNorm output — or the layer output itself when there is no
+    BatchNorm — feeds a ReLU alone, else None). Read from a ``torch.fx`` trace; {} (no post-ops) with a
+    printed note when the model does not trace."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as e:  # data-dependent control flow etc.: the MSE stays on the raw layer output
+        print(f"ptq: model does not trace with torch.fx ({type(e).__name__}); MSE on raw layer outputs", flush=True)
+        return {}
+    mods = dict(model.named_modules())
+
+    def act(node) -> str | None:
+        if node.op == "call_module":
+            m = mods.get(node.target)
+            return "relu" if isinstance(m, nn.ReLU) else "relu6" if isinstance(m, nn.ReLU6) else None
+        if node.op == "call_function":
+            if node.target in (F.relu, torch.relu, torch.relu_):
+                return "relu"
+            return "relu6" if node.target is F.relu6 else None
+        if node.op == "call_method" and node.target in ("relu", "relu_"):
+            return "relu"
+        return None
+
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), (nn.Conv2d, nn.Linear)):
+            continue
+        bn, cur = None, node
+        users = list(cur.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(mods.get(users[0].target), _BN):
+            bn, cur = users[0].target, users[0]
+            users = list(cur.users)
+        a = act(users[0]) if len(users) == 1 else None
+        out[str(node.target)] = (bn, a)
+    return out
+
+
+def _post_fn(
+    q: nn.Module, ops: tuple[str | None, str | None] | None, through_bn: bool, with_act: bool
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """y ↦ act(BN(y)) for a layer's post-ops (BN only when ``through_bn``; the activation only when asked for
+    and the BN before it, if any, is applied); None when nothing applies."""
+    if ops is None:
+        return None
+    bn_name, act = ops
+    bn = q.get_submodule(bn_name) if (bn_name is not None and through_bn) else None
+    use_act = with_act and act is not None and (bn_name is None or bn is not None)
+    if bn is None and not use_act:
+        return None
+
+    def f(y: torch.Tensor) -> torch.Tensor:
+        if bn is not None:
+            y = bn(y)
+        return _ACTS[act](y) if use_act else y
+
+    return f
+
+
+def _require_grad(params: list[torch.Tensor]) -> list[bool]:
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    return flags
+
+
+def _qparams(qq: nn.Module | None) -> list[nn.Parameter]:
+    if isinstance(qq, _AFFINE):
+        return qq.qparams()
+    if isinstance(qq, UniformQuantizer):
+        return [qq.step]
+    return []
+
+
 @PTQ_ALGORITHMS.register("adaquant")
 def ptq_adaquant(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
-    """AdaQuant (Hubara et al., ICML 2021), sequential: for each layer in order, minimise
-    ‖Q(W + V)·Q(x̃) − W·x‖² over the weights, bias and the weight/activation steps with Adam, where x̃ is the
-    layer input in the already-quantized model and W·x the FP layer output on the same images."""
+    """AdaQuant (Hubara et al., ICML 2021), sequential, as its reference implementation (CalibTIP
+    ``adaquant``/``optimize_layer``): for each layer in order, minimise MSE(post(Q_w(W)·Q_in(x̃) + b),
+    post(W·x + b)) with Adam over the weights (lr 1e-5), bias (1e-3), the weight quantizer's range and zero
+    point (1e-3) and the input quantizer's range and zero point (1e-1), on random batches of 50 distinct
+    calibration images; x̃ is the layer input in the already-quantized model, W·x the FP layer output on the
+    same images; post = the layer's BatchNorm (``loss_through_bn``; the reference folds it into the conv)
+    then ReLU where the network applies one (``relu_before_mse``)."""
     init_quantizers(q, calib, cfg, cfg.init)
-    iters = 100 if cfg.iters is None else cfg.iters
     gen = torch.Generator().manual_seed(cfg.seed)
     fp_layers = dict(fp.named_modules())
+    post_ops = layer_post_ops(fp) if (cfg.loss_through_bn or cfg.relu_before_mse) else {}
+    n = len(calib)
     for name, layer in quantized_layers(q):
-        x_in = capture(q, layer, calib, cfg.batch_size, "input")
-        target = capture(fp, fp_layers[name], calib, cfg.batch_size, "output")
+        x_in = capture(q, layer, calib, cfg.chunk, "input")
+        target = capture(fp, fp_layers[name], calib, cfg.chunk, "output")
+        post = _post_fn(q, post_ops.get(name), cfg.loss_through_bn, cfg.relu_before_mse)
+        if post is not None:
+            with torch.no_grad():
+                target = post(target)
         groups = [{"params": [layer.weight], "lr": cfg.lr_weight}]
         if layer.bias is not None:
             groups.append({"params": [layer.bias], "lr": cfg.lr_bias})
-        steps = [qq.step for qq in (layer.wq, layer.aq) if isinstance(qq, UniformQuantizer)]
-        if steps:
-            groups.append({"params": steps, "lr": cfg.lr_step})
+        wq_params, aq_params = _qparams(layer.wq), _qparams(layer.aq)
+        if wq_params:
+            groups.append({"params": wq_params, "lr": cfg.lr_weight_qparams})
+        if aq_params:
+            groups.append({"params": aq_params, "lr": cfg.lr_act_qparams})
         params = [p for g in groups for p in g["params"]]
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
+        flags = _require_grad(params)
         opt = torch.optim.Adam(groups)
-        for _ in range(iters):
-            idx = _minibatch(len(calib), cfg.batch_size, gen, x_in.device)
-            loss = F.mse_loss(layer(x_in[idx]), target[idx])
+        for _ in range(cfg.iters):
+            idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(x_in.device)
+            out = layer(x_in[idx])
+            if post is not None:
+                out = post(out)
+            loss = F.mse_loss(out, target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -428,29 +772,48 @@ def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> lis
     return seen
 
 
+def _round_beta(count: int, iters: int, warmup: float, beta: tuple[float, float]) -> float:
+    """QDrop's ``LinearTempDecay`` at step ``count`` (1-based): β₀ until warmup·iters, then linear to β₁."""
+    start = warmup * iters
+    b0, b1 = beta
+    if count < start:
+        return b0
+    if count > iters:
+        return b1
+    rel = (count - start) / (iters - start)
+    return b1 + (b0 - b1) * max(0.0, 1.0 - rel)
+
+
 @PTQ_ALGORITHMS.register("qdrop")
 def ptq_qdrop(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
-    """QDrop (Wei et al., ICLR 2022): block-wise reconstruction of the FP block output with AdaRound weights
-    and learned activation steps, each activation element's quantization dropped with probability p during
-    reconstruction; AdaRound regulariser after a warm-up with β annealed 20 → 2."""
+    """QDrop (Wei et al., ICLR 2022), as its reference implementation (``solver/recon.py``): block-wise
+    reconstruction of the FP block output with AdaRound weights (Adam, lr 1e-3) and LSQ activation steps
+    (Adam, lr 4e-5 cosine-annealed to 0), each activation element's quantization dropped with probability p.
+    Loss per step: Σ_channels (out − target)² averaged over batch and positions, + λ·Σ AdaRound regulariser
+    from step warmup·iters on (β from 20 to 2). A stand-alone layer's output includes its BatchNorm and ReLU
+    (the reference's QuantizedLayer, BN folded)."""
     init_quantizers(q, calib, cfg, cfg.init)
-    iters = 20000 if cfg.iters is None else cfg.iters
+    iters = cfg.iters
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the drop masks
     blocks = _execution_order(q, find_blocks(q), calib[: min(2, len(calib))])
-    warm = int(cfg.round_warmup * iters)
-    b0, b1 = cfg.round_beta
+    post_ops = layer_post_ops(fp)
     for bname in blocks:
         qb, fb = q.get_submodule(bname), fp.get_submodule(bname)
-        x_in = capture(q, qb, calib, cfg.batch_size, "input")
-        target = capture(fp, fb, calib, cfg.batch_size, "output")
-        layers = [qb] if isinstance(qb, QUANT_LAYERS) else [m for _, m in quantized_layers(qb)]
+        x_in = capture(q, qb, calib, cfg.chunk, "input")
+        target = capture(fp, fb, calib, cfg.chunk, "output")
+        standalone = isinstance(qb, QUANT_LAYERS)
+        post = _post_fn(q, post_ops.get(bname), cfg.loss_through_bn, True) if standalone else None
+        if post is not None:
+            with torch.no_grad():
+                target = post(target)
+        layers = [qb] if standalone else [m for _, m in quantized_layers(qb)]
         ada, acts = [], []
         for layer in layers:
-            if isinstance(layer.wq, UniformQuantizer):
+            if isinstance(layer.wq, (UniformQuantizer, AffineQuantizer)):
                 layer.wq = AdaRoundWeight(layer.wq, layer.weight)
                 ada.append(layer.wq)
-            if isinstance(layer.aq, UniformQuantizer):
+            if isinstance(layer.aq, (UniformQuantizer, AffineQuantizer)):
                 layer.aq.step.requires_grad_(True)
                 layer.aq.drop_prob = cfg.drop_prob
                 layer.aq.train()
@@ -462,16 +825,25 @@ def ptq_qdrop(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) 
             groups.append({"params": [a.step for a in acts], "lr": cfg.lr_act_step})
         if groups:
             opt = torch.optim.Adam(groups)
+            act_group = opt.param_groups[-1] if acts else None
             for it in range(iters):
+                if act_group is not None and cfg.act_lr_schedule == "cosine":  # CosineAnnealingLR(T=iters, 0)
+                    act_group["lr"] = cfg.lr_act_step * (1 + math.cos(math.pi * it / iters)) / 2
                 idx = _minibatch(len(calib), cfg.batch_size, gen, x_in.device)
                 out = qb(x_in[idx])
-                loss = (out - target[idx]).square().flatten(1).sum(1).mean()
-                if ada and it >= warm:
-                    beta = b1 + (b0 - b1) * (1 - (it - warm) / max(1, iters - warm))
-                    loss = loss + cfg.round_weight * sum(a.round_loss(beta) for a in ada)
+                if post is not None:
+                    out = post(out)
+                loss = (out - target[idx]).square().sum(1).mean()  # Σ over channels, mean over batch/positions
+                count = it + 1
+                if ada and count >= cfg.round_warmup * iters:
+                    beta = _round_beta(count, iters, cfg.round_warmup, cfg.round_beta)
+                    loss = loss + sum(cfg.round_weight * a.round_loss(beta) for a in ada)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                for a in acts:
+                    if isinstance(a, AffineQuantizer):
+                        a.sanitize()
         for a in ada:
             a.hard = True
             a.v.requires_grad_(False)
@@ -527,6 +899,8 @@ def fold_weight_transforms(model: nn.Module) -> nn.Module:
 
 def quantize_model(fp_model: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> nn.Module:
     """PTQ of ``fp_model`` (not modified) on calibration inputs ``calib``; returns a quantized copy."""
+    PTQ_ALGORITHMS.get(cfg.algorithm)
+    cfg = cfg.resolved()
     cfg.check()
     fp = fold_weight_transforms(copy.deepcopy(fp_model)).eval()
     for p in fp.parameters():
@@ -537,7 +911,7 @@ def quantize_model(fp_model: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> 
     PTQ_ALGORITHMS.get(cfg.algorithm)(q, fp, calib, cfg)
     if cfg.weight_step_scale != 1.0:
         for _, layer in quantized_layers(q):
-            if isinstance(layer.wq, (UniformQuantizer, AdaRoundWeight)):
-                with torch.no_grad():
-                    layer.wq.step.mul_(cfg.weight_step_scale)
+            rescale = getattr(layer.wq, "rescale_step", None)
+            if callable(rescale):
+                rescale(cfg.weight_step_scale)
     return q.eval()
