@@ -62,8 +62,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def add(self, name: str, ours: Any, ref: Any, tol: float | None = None) -> Row:
-        a = torch.as_tensor(ours).detach().to("cpu", torch.float64)
-        b = torch.as_tensor(ref).detach().to("cpu", torch.float64)
+        # dtype given here: torch.as_tensor(python float) alone would round to float32 first
+        a = torch.as_tensor(ours, dtype=torch.float64).detach().to("cpu")
+        b = torch.as_tensor(ref, dtype=torch.float64).detach().to("cpu")
         if a.shape != b.shape:
             if a.numel() == b.numel():
                 a = a.reshape(b.shape)

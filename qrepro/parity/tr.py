@@ -1,0 +1,379 @@
+"""TR-scheduling parity: qrepro's SGDT/AdamT CIFAR-10 ResNet-20 against the authors' own code (hw-ch0/TRS).
+
+``python -m qrepro.parity tr --reference <checkout>`` (the checkout holds ``custom_models.py``,
+``custom_modules.py``, ``custom_optims.py`` and ``utils.py``). For W2A2 and W1A1, each with SGDT and AdamT
+(``--quick``: W2A2 SGDT and W1A1 AdamT), in float64:
+
+- the oracle: their ``resnet20_quant`` (``QConv`` layers) and their ``quant_SGD`` / ``quant_Adam`` with the
+  parameter groups ``train_quant.py`` builds from ``utils.get_trainable_params`` for ``--baseline False`` (latent
+  weights: ``lr`` = the target TR ``--initial_tr``, ``alpha`` = ``--lr``, ``momentum_tr``; first/last layer
+  weights and biases: the defaults; scales: ``--scale_lr``, momentum 0 and weight decay 0; BatchNorm: momentum 0
+  and weight decay 0), the values of ``run.sh`` (SGD lr 0.1, Adam lr 1e-3, wd 1e-4, initial TR 5e-3, m 0.99;
+  ``--scale_lr`` and ``--momentum`` at their defaults 0.01 and 0.9), ``CosineAnnealingLR(T_max=epochs)`` stepped
+  once per epoch, their training step (zero_grad, forward, cross-entropy, backward, step) and their input
+  pipeline (``ToTensor`` + ``Normalize`` with ``train_quant.py``'s mean/std, float32). Their scales initialise
+  themselves in the first training forward (``QConv.initialize``), on the first batch.
+- qrepro: ``qrepro.api.build(["+experiment=tr_resnet20_cifar10_w{b}a{b}_{sgdt|adamt}", "trainer.device=cpu",
+  ...], dtype=torch.float64)`` stepped with ``Run.step`` (the trainer's step; its first call runs the scale
+  calibration hook on that batch), inputs through qrepro's ``Normalizer`` with the experiment's mean/std. The
+  experiments already follow the authors' code (parameter groups, ``scale_eps`` 1e-6, ``target_init: direct``,
+  per-epoch schedule, CIFAR std); the suite adds the authors' TALR as qrepro names it (``optimizer.tr.rule=
+  momentum``, ``scope=layer``, ``running_eps=1e-8``) and a schedule of ``EPOCHS`` epochs of
+  ``STEPS_PER_EPOCH`` steps, so the per-epoch cosine moves the LR and the target TR within the compared steps.
+
+Both models start from the same weights (the oracle's random initialisation copied into qrepro's model). Compared
+on the same real CIFAR-10 training images (no augmentation): the normalised inputs; at the first step the scales
+after initialisation, the train-mode forward output, the loss and every gradient; over ``steps`` optimizer steps
+the loss of each step, the per-layer transition rate k^t of each step, the target TR and every parameter's LR of
+each step; after the last step every parameter, every optimizer state (momentum buffers or Adam moments and step
+counts; per layer the running TR ``EMA_transition`` vs qrepro's K and the TALR ``alpha·lr_scale`` vs qrepro's U),
+the BatchNorm statistics and the last gradients. The authors' code is imported, never copied, and run as published
+but for two things that do not change its maths: ``custom_optims.sgd`` declares a keyword ``flag`` that its only
+caller (``quant_SGD.step``) never passes and that it never reads, so the suite calls it with ``flag=False``; and
+their layers store the transition mask as float32 (``.float()``), which makes k^t = mask.sum()/numel a float32
+ratio (relative rounding up to 6e-8, which then reaches the running TR, the TALR and the weights), so a forward
+hook converts the 0/1 mask to float64 as the rest of the model.
+
+The suite runs on one CPU thread (restored afterwards): on the shared 2-core machine it was measured, two OpenMP
+threads made a float64 ResNet-20 step up to 10x slower whenever other processes were running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+
+CELLS = (("w2a2", "sgdt"), ("w2a2", "adamt"), ("w1a1", "sgdt"), ("w1a1", "adamt"))
+QUICK_CELLS = (("w2a2", "sgdt"), ("w1a1", "adamt"))
+DEFAULT_BATCH = 16
+TOL = 1e-9  # float64, absolute
+OPT_TITLE = {"sgdt": "SGDT", "adamt": "AdamT"}
+EPOCHS, STEPS_PER_EPOCH = 8, 5  # the schedule of the comparison: cosine over 8 epochs of 5 steps
+
+# The oracle's recipe: run.sh (CIFAR, --baseline False) and train_quant.py's defaults
+THEIR_MEAN, THEIR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # train_quant.py transforms.Normalize
+THEIR_LR = {"sgdt": 0.1, "adamt": 1e-3}  # run.sh --lr
+THEIR_WD = 1e-4  # run.sh --weight_decay
+THEIR_MOMENTUM = 0.9  # train_quant.py --momentum default (SGD)
+THEIR_SCALE_LR = 0.01  # train_quant.py --scale_lr default
+THEIR_INITIAL_TR = 5e-3  # run.sh --initial_tr
+THEIR_MOMENTUM_TR = 0.99  # run.sh --momentum_tr
+
+# qrepro's names for what the authors' optimizers do beyond the experiment defaults
+AUTHORS_TALR = ["optimizer.tr.rule=momentum", "optimizer.tr.scope=layer", "optimizer.tr.running_eps=1e-8"]
+
+
+def their_name_to_ours(name: str) -> str:
+    """Name of a parameter / buffer of their ResNet-20 -> the same tensor's name in qrepro's model."""
+    if name.startswith("bn2."):  # the BatchNorm1d before the classifier (not a block's bn2)
+        return "bn_fc." + name[4:]
+    if name.startswith("linear."):
+        return "fc." + name[7:]
+    if name.endswith(".sA"):
+        return name[:-2] + "aq.scale"
+    if name.endswith(".sW"):
+        return name[:-2] + "wq.scale"
+    return name
+
+
+# ------------------------------------------------------------------------------------------------- oracle
+def _their_optimizer(co: Any, ut: Any, model: nn.Module, opt_name: str) -> torch.optim.Optimizer:
+    """train_quant.py, ``--baseline False``: the four groups of ``utils.get_trainable_params``."""
+    with contextlib.redirect_stdout(io.StringIO()):  # get_trainable_params prints parameter counts
+        quant_weights, fp_weights, scale_params, other_params = ut.get_trainable_params(model)
+    lr = THEIR_LR[opt_name]
+    quant = {"params": quant_weights, "lr": THEIR_INITIAL_TR, "momentum_tr": THEIR_MOMENTUM_TR, "alpha": lr}
+    if opt_name == "sgdt":
+        groups = [
+            quant,
+            {"params": fp_weights},
+            {"params": scale_params, "lr": THEIR_SCALE_LR, "momentum": 0, "weight_decay": 0},
+            {"params": other_params, "momentum": 0, "weight_decay": 0},
+        ]
+        return co.quant_SGD(groups, lr=lr, momentum=THEIR_MOMENTUM, weight_decay=THEIR_WD, baseline=False)
+    groups = [
+        quant,
+        {"params": fp_weights},
+        {"params": scale_params, "lr": THEIR_SCALE_LR, "weight_decay": 0},
+        {"params": other_params, "weight_decay": 0},
+    ]
+    return co.quant_Adam(groups, lr=lr, weight_decay=THEIR_WD, baseline=False)
+
+
+def _their_inputs(x: torch.Tensor) -> torch.Tensor:
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(THEIR_MEAN, THEIR_STD)])
+    return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
+
+
+# ------------------------------------------------------------------------------------------------ qrepro
+def _our_run(bits: str, opt_name: str, overrides: list[str]) -> Any:
+    from qrepro.api import build
+
+    return build(
+        [
+            f"+experiment=tr_resnet20_cifar10_{bits}_{opt_name}",
+            "trainer.device=cpu",
+            f"trainer.epochs={EPOCHS}",
+            *AUTHORS_TALR,
+            *overrides,
+        ],
+        dtype=torch.float64,
+        load_data=False,
+        num_classes=10,
+        steps_per_epoch=STEPS_PER_EPOCH,
+    )
+
+
+def _our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
+    from qrepro.data import Normalizer
+
+    d = run.cfg.dataset
+    return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
+
+
+def _f64(v: Any) -> torch.Tensor:
+    """A float64 tensor (torch.tensor of Python floats would make float32)."""
+    return v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)
+
+
+def _transition_to_float64(module: nn.Module, args: Any, out: Any) -> None:
+    t = getattr(module.weight, "transition", None)
+    if t is not None:
+        module.weight.transition = t.double()
+
+
+# -------------------------------------------------------------------------------------------- comparison
+def _kind(name: str) -> str:
+    if name.endswith("aq.scale"):
+        return "act scales"
+    if name.endswith("wq.scale"):
+        return "weight scales"
+    if ".bn" in name or name.startswith("bn"):
+        return "bn"
+    return "conv/fc"
+
+
+def _add_grouped(rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
+    if set(ours) != set(ref):
+        raise QreproError(f"parity tr: {prefix}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
+    kinds: dict[str, list[str]] = {}
+    for k in ref:
+        kinds.setdefault(_kind(k), []).append(k)
+    for kind, keys in kinds.items():
+        rep.add_many(f"{prefix} {kind}", {k: ours[k] for k in keys}, {k: ref[k] for k in keys})
+
+
+def _stats(model: nn.Module, rename: bool) -> dict[str, torch.Tensor]:
+    return {
+        (their_name_to_ours(n) if rename else n): b.detach().clone()
+        for n, b in model.named_buffers()
+        if "running" in n or "num_batches" in n
+    }
+
+
+def _group_values(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], key: str) -> dict[str, torch.Tensor]:
+    owner = {id(p): g for g in opt.param_groups for p in g["params"]}
+    return {n: _f64(float(owner[id(p)].get(key, 0.0))) for n, p in params.items()}
+
+
+def compare_cell(
+    reference: Path,
+    bits: str,
+    opt_name: str,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    overrides: list[str] | None = None,
+    tol: float = TOL,
+    seed: int = 0,
+) -> Report:
+    """One (bit-width, optimizer) cell: ``steps`` training steps on both sides from the same weights."""
+    overrides = list(overrides or [])
+    b = int(bits[1 : bits.index("a")])
+    batch = len(batches[0][1])
+    extra = f", qrepro overrides {' '.join(overrides)}" if overrides else ""
+    title = (
+        f"TR ResNet-20 CIFAR-10 {bits.upper()} {OPT_TITLE[opt_name]}, float64, batch {batch}, {steps} steps "
+        f"(cosine over {EPOCHS} epochs of {STEPS_PER_EPOCH} steps){extra}"
+    )
+    rep = Report(title, tol)
+    with reference_import(Path(reference)) as imp:
+        cm, co, ut = imp("custom_models"), imp("custom_optims"), imp("utils")
+        co.sgd = functools.partial(co.sgd, flag=False)  # the unused keyword quant_SGD.step never passes
+        torch.manual_seed(seed)
+        args = SimpleNamespace(bit_weight=b, bit_act=b, symmetric_fxp=False, baseline=False, num_classes=10)
+        theirs = cm.resnet20_quant(args).double()
+        t_opt = _their_optimizer(co, ut, theirs, opt_name)
+        t_sched = torch.optim.lr_scheduler.CosineAnnealingLR(t_opt, T_max=EPOCHS, eta_min=0)
+        t_qconv = {n: m for n, m in theirs.named_modules() if isinstance(m, cm.QConv)}
+        for m in t_qconv.values():  # the 0/1 transition mask in float64 (their .float() makes k^t a float32 ratio)
+            m.register_forward_hook(_transition_to_float64)
+
+        run = _our_run(bits, opt_name, overrides)
+        ours = run.model
+        t_sd = {their_name_to_ours(k): v for k, v in theirs.state_dict().items()}
+        o_sd = ours.state_dict()
+        copied = {k: t_sd[k] for k in o_sd if k in t_sd and not k.endswith(("wq.scale", "aq.scale"))}
+        missing = [k for k in o_sd if k not in copied and not k.endswith(("wq.scale", "aq.scale", "initialized"))]
+        if missing:
+            raise QreproError(f"parity tr: qrepro tensors without a counterpart in the authors' model: {missing[:8]}")
+        with torch.no_grad():
+            for k, v in copied.items():
+                o_sd[k].copy_(v)
+
+        t_params = {their_name_to_ours(n): p for n, p in theirs.named_parameters()}
+        o_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+        if set(t_params) != set(o_params):
+            raise QreproError(f"parity tr: trainable parameters differ: {sorted(set(t_params) ^ set(o_params))[:8]}")
+        layers = run.optimizer.tr_layer_names
+        if layers != list(t_qconv):
+            raise QreproError(f"parity tr: quantized layers differ: {layers[:3]} vs {list(t_qconv)[:3]}")
+        start = {k: v.detach().clone() for k, v in o_params.items()}
+        for key in ("weight_decay", "momentum"):
+            if key == "momentum" and opt_name != "sgdt":
+                continue
+            rep.add_many(
+                f"param groups: {key} of every parameter",
+                _group_values(run.optimizer, o_params, key),
+                _group_values(t_opt, t_params, key),
+            )
+
+        logits: list[torch.Tensor] = []
+        handle = ours.register_forward_hook(lambda m, a, out: logits.append(out.detach()))
+        losses_t, losses_o, k_t, k_o, r_t, r_o, lr_t, lr_o = [], [], [], [], [], [], [], []
+        talr_ids = {id(t_params[n + ".weight"]) for n in layers}
+        t_name = {id(p): n for n, p in t_params.items()}
+        plain_order = [t_name[id(p)] for g in t_opt.param_groups for p in g["params"] if id(p) not in talr_ids]
+        t0 = time.perf_counter()
+        for i in range(steps):
+            x8, y = batches[i % len(batches)]
+            xt, xo = _their_inputs(x8), _our_inputs(run, x8)
+            if i == 0:
+                rep.add("normalised input batch", xo, xt)
+                run.start(xo, y)  # what Run.step does first on its first batch: the scale calibration hook
+            # the LR every non-TALR parameter is stepped with, and the target TR (their quant group's lr)
+            lr_t.append(_f64([g["lr"] for g in t_opt.param_groups for p in g["params"] if id(p) not in talr_ids]))
+            r_t.append(t_opt.param_groups[0]["lr"])
+            owner = {id(p): g for g in run.optimizer.param_groups for p in g["params"]}
+            lr_o.append(_f64([owner[id(o_params[n])]["lr"] for n in plain_order]))
+
+            # the oracle: train_quant.py's step (their QConv initialises its scales in the first forward)
+            theirs.train()
+            t_opt.zero_grad()
+            out_t = theirs(xt)
+            loss_t = nn.CrossEntropyLoss()(out_t, y)
+            loss_t.backward()
+            if i == 0:
+                t_scales = {their_name_to_ours(n + ".sA"): m.sA.detach().clone() for n, m in t_qconv.items()}
+                t_scales |= {their_name_to_ours(n + ".sW"): m.sW.detach().clone() for n, m in t_qconv.items()}
+                o_scales = {
+                    n: v.detach().clone() for n, v in ours.state_dict().items() if n.endswith(("aq.scale", "wq.scale"))
+                }
+                _add_grouped(rep, "1st batch: initialised", o_scales, t_scales)
+            t_grads = {k: p.grad.detach().clone() for k, p in t_params.items()}
+            t_opt.step()
+            if (i + 1) % STEPS_PER_EPOCH == 0:
+                t_sched.step()
+            losses_t.append(loss_t.detach())
+            if i > 0:
+                k_t.append(_f64([float(m.weight.transition.sum()) / m.weight.numel() for m in t_qconv.values()]))
+
+            # qrepro: the trainer's step
+            losses_o.append(run.step(xo, y))
+            o_grads = {k: p.grad.detach().clone() for k, p in o_params.items()}
+            last = run.optimizer.tr_last
+            r_o.append(last["R"][0])
+            if i > 0:
+                k_o.append(_f64(last["k_layers"]))
+            if i == 0:
+                rep.add("1st step: train-mode forward output (logits)", logits[-1], out_t)
+                rep.add("1st step: loss", losses_o[0], losses_t[0])
+                _add_grouped(rep, "1st step: grad", o_grads, t_grads)
+                _add_grouped(rep, "1st step: BN stats", _stats(ours, False), _stats(theirs, True))
+        handle.remove()
+        wall = time.perf_counter() - t0
+
+        rep.add(f"loss of each of the {steps} steps", torch.stack(losses_o), torch.stack(losses_t))
+        rep.add("target TR of each step", _f64(r_o), _f64(r_t))
+        rep.add("LR of every non-TALR parameter, each step", torch.stack(lr_o), torch.stack(lr_t))
+        if k_t:
+            rep.add(f"transition rate k^t per layer, steps 2..{steps}", torch.stack(k_o), torch.stack(k_t))
+        rep.add(f"step {steps}: train-mode forward output (logits)", logits[-1], out_t)
+        _add_grouped(rep, f"step {steps}: grad", o_grads, t_grads)
+        _add_grouped(rep, f"after {steps} steps: param", dict(o_params), dict(t_params))
+        frozen_o = {n + ".wq.scale": ours.get_submodule(n).wq.scale for n in layers}
+        frozen_t = {n + ".wq.scale": m.sW for n, m in t_qconv.items()}
+        _add_grouped(rep, f"after {steps} steps: frozen", frozen_o, frozen_t)
+        _add_grouped(rep, f"after {steps} steps: BN stats", _stats(ours, False), _stats(theirs, True))
+        st_t, st_o = t_opt.state, run.optimizer.state
+        if opt_name == "sgdt":
+            have = [n for n, p in t_params.items() if st_t[p].get("momentum_buffer") is not None]
+            if sorted(have) != sorted(n for n, p in o_params.items() if "momentum_buffer" in st_o.get(p, {})):
+                raise QreproError("parity tr: momentum buffers exist for different parameters")
+            bufs = (
+                {n: st_o[o_params[n]]["momentum_buffer"] for n in have},
+                {n: st_t[t_params[n]]["momentum_buffer"] for n in have},
+            )
+            _add_grouped(rep, f"after {steps} steps: momentum buffer", *bufs)
+        else:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                o_v = {n: _f64(st_o[p][key]) for n, p in o_params.items()}
+                t_v = {n: _f64(st_t[p][key]) for n, p in t_params.items()}
+                _add_grouped(rep, f"after {steps} steps: Adam {key}", o_v, t_v)
+        last = run.optimizer.tr_last
+        lr = THEIR_LR[opt_name]
+        ema = {n: st_t[t_params[n + ".weight"]]["EMA_transition"] for n in layers}
+        talr = {n: lr * st_t[t_params[n + ".weight"]]["lr_scale"] for n in layers}
+        rep.add_many(f"after {steps} steps: running TR (K vs EMA_transition)", dict(zip(layers, _f64(last["K"]))), ema)
+        rep.add_many(f"after {steps} steps: TALR (U vs alpha*lr_scale)", dict(zip(layers, _f64(last["U"]))), talr)
+    moved = max(float((o_params[k].detach() - start[k]).abs().max()) for k in o_params)
+    k_all = torch.stack(k_t) if k_t else torch.zeros(1)
+    u_all = _f64(last["U"])
+    rep.notes.append(
+        f"largest parameter change {moved:.3e}; transition rates k^t in [{float(k_all.min()):.2e}, "
+        f"{float(k_all.max()):.2e}] (mean {float(k_all.mean()):.2e}); TALR U after the last step in "
+        f"[{float(u_all.min()):.3e}, {float(u_all.max()):.3e}] (U^0 = {lr:g}); target TR {r_o[0]:.3e} -> "
+        f"{r_o[-1]:.3e}; both sides stepped in {wall:.1f} s"
+    )
+    return rep
+
+
+@SUITES.register("tr")
+def suite(
+    reference: Path,
+    *,
+    steps: int = 20,
+    data: Any = None,
+    quick: bool = False,
+    batch: int = DEFAULT_BATCH,
+    cells: tuple[tuple[str, str], ...] | None = None,
+    overrides: list[str] | None = None,
+) -> list[Report]:
+    """Reports for W2A2 and W1A1 with SGDT and AdamT (``quick``: W2A2 SGDT and W1A1 AdamT)."""
+    reference = Path(reference)
+    need = ("custom_models.py", "custom_modules.py", "custom_optims.py", "utils.py")
+    if not all((reference / f).is_file() for f in need):
+        raise QreproError(
+            f"parity tr: {reference} lacks {', '.join(need)}; pass a checkout of hw-ch0/TRS (cvlab-yonsei/TRS)"
+        )
+    cells = tuple(cells) if cells else (QUICK_CELLS if quick else CELLS)
+    batches = cifar_batches(data, steps, batch, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [compare_cell(reference, bits, opt, batches, steps=steps, overrides=overrides) for bits, opt in cells]
+    finally:
+        torch.set_num_threads(threads)
