@@ -249,7 +249,10 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
 
     from qrepro.cli import CONFIG_DIR, check_group_choices, register_resolvers
 
+    from qrepro.validation import quote_path_overrides
+
     register_resolvers()
+    overrides = quote_path_overrides(overrides, multirun=False)  # run directories in paths hold '=' and ','
     check_group_choices(overrides)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)

@@ -37,6 +37,8 @@ NON_SEMANTIC_KEYS = {
     "trainer.num_threads",
     "trainer.log_every",
     "trainer.find_unused_parameters",
+    "trainer.members",
+    "trainer.channels_last",
     "hydra.verbose",
     "table",
     "retry",
@@ -126,11 +128,12 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 _OUTCOMES_ENV = "QREPRO_MULTIRUN_OUTCOMES"
 
 
-def _job_info() -> tuple[str, Path, Path]:
+def _job_info() -> tuple[str, Path, Path, int]:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    return hc.job.override_dirname or f"job{hc.job.num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir)
+    num = None if OmegaConf.is_missing(hc.job, "num") else hc.job.num  # set in a multirun only
+    return hc.job.override_dirname or f"job{num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir), num
 
 
 def _clean_unused_dir(run_dir: Path) -> None:
@@ -156,14 +159,14 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
         if not HydraConfig.initialized():
             return single(cfg)
-        job, run_dir, sweep_dir = _job_info()
+        job, run_dir, sweep_dir, num = _job_info()
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             try:
                 return single(cfg)
             except SystemExit:
                 _clean_unused_dir(run_dir)  # failed before it started: leave no empty run directory
                 raise
-        out: dict[str, Any] = {"id": job, "run_dir": str(run_dir), "sweep_dir": str(sweep_dir)}
+        out: dict[str, Any] = {"id": job, "num": num, "run_dir": str(run_dir), "sweep_dir": str(sweep_dir)}
         try:
             out["status"] = task(cfg) or "finished"
         except QreproError as e:
@@ -212,6 +215,7 @@ def summarize_multirun(outcomes_dir: Path) -> int:
             jobs.append(json.loads(p.read_text()))
         except (OSError, ValueError):
             continue
+    jobs.sort(key=lambda j: (j.get("num") is None, j.get("num") or 0))
     shutil.rmtree(outcomes_dir, ignore_errors=True)
     try:
         outcomes_dir.parent.rmdir()  # <out_root>/.multirun when no other sweep is running

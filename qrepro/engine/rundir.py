@@ -45,6 +45,8 @@ NON_RESULT_KEYS = (
     "trainer.num_threads",
     "trainer.log_every",
     "trainer.find_unused_parameters",
+    "trainer.members",
+    "trainer.channels_last",
     "ptq.eval_fp",
 )
 
@@ -197,7 +199,8 @@ def identity_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str 
         parts.append(f"init_from {'sha256 ' + o[:12] if o else 'none'} -> {'sha256 ' + n[:12] if n else 'none'}")
     if old.get("config_sha256") and old.get("config_sha256") != new.get("config_sha256"):
         fo, fn = _flat(old.get("config") or {}), _flat(new.get("config") or {})
-        keys = sorted(k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
+        first = ("quantizer.name", "model.name", "precision.name", "dataset.name", "optimizer.name", "scheduler.name")
+        keys = sorted((k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k)), key=lambda k: (k not in first, k))
         shown = ", ".join(f"{k} {fo.get(k)!r} -> {fn.get(k)!r}" for k in keys[:3])
         parts.append(f"config: {shown}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
     return "; ".join(parts) or None
