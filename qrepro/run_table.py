@@ -189,6 +189,14 @@ def run_table(
             run_dir = parent.run_dir.as_posix() if parent.run_dir else f"<run dir of {job.parent[0]}>"
             init_from = f"{run_dir}/checkpoints/last.pt"
         if job.done is not None:
+            stale = _stale_init(job.done, init_from) if init_from and not dry_run else None
+            if stale:
+                out(
+                    f"# {label}: its complete record was initialised from another checkpoint of {job.parent[0]} "
+                    f"({stale}); to rerun it, move {job.done.run_dir.as_posix()} away"
+                )
+                failed.append(label)
+                continue
             out(f"# {label}: complete, skipped ({job.done.path.as_posix()})")
             continue
         if parent is not None and parent.done is not None and parent.done.checkpoint_dir() is None:
@@ -213,6 +221,19 @@ def run_table(
     if not dry_run:
         out(f"# done; build the table with: python -m qrepro.tables {table.name}")
     return 0
+
+
+def _stale_init(record: Record, init_from: str) -> str | None:
+    """How the checkpoint a chained cell starts from now differs from the one its record was initialised from
+    (None: the same content, or not known: a record without hashes, or no checkpoint at hand)."""
+    from qrepro.engine.rundir import file_sha256
+
+    old = record.data.get("init_from_sha256") or ((record.data.get("ptq") or {}).get("source_sha256"))
+    path = Path(init_from)
+    if not old or not path.is_file():
+        return None
+    now = file_sha256(path)
+    return None if now == old else f"sha256 {old[:12]} -> {now[:12]}"
 
 
 def _int_list(text: str) -> list[int]:

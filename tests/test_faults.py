@@ -618,3 +618,33 @@ def test_multirun_goes_on_after_failures_and_skips_them_when_relaunched(tmp_path
     assert summary.startswith("multirun: 0 finished, 2 skipped, 1 failed: ")
     assert re.search(r"optimizer\.lr=abc\S* \(failed\)", summary)
     assert p.returncode == 1
+
+
+# ------------------------------------------------------------------------------------ table chains (run_table)
+def test_run_table_does_not_return_a_chained_cell_initialised_from_an_older_parent(tmp_path, capsys):
+    """A table cell started from another cell's checkpoint is not 'complete' once that checkpoint changed."""
+    from qrepro.run_table import main as run_table_main
+
+    configs = ROOT / "tests" / "fixtures" / "tables" / "configs"
+    fp, w4 = tmp_path / "runs" / "fp", tmp_path / "runs" / "w4"
+    for d, rec in (
+        (fp, {"experiment": "demo_fp", "overrides": []}),
+        (w4, {"experiment": "demo_q", "overrides": ["precision=w4a4"]}),
+    ):
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "checkpoints" / "last.pt").write_bytes(b"v1")
+        (d / "record.json").write_text(json.dumps({**rec, "complete": True, "seed": 0, "metrics": {"best_top1": 1}}))
+    sha_v1 = file_sha256(fp / "checkpoints" / "last.pt")
+    rec = json.loads((w4 / "record.json").read_text())
+    (w4 / "record.json").write_text(json.dumps({**rec, "init_from_sha256": sha_v1}))
+    argv = ["demo", "--configs", str(configs), "--runs", str(tmp_path / "runs"), "--cells", "w4"]
+
+    def never(cmd):
+        raise AssertionError(f"nothing should run: {cmd}")
+
+    assert run_table_main(argv, runner=never) == 0  # the same parent checkpoint: both skipped
+    assert "demo/w4: complete, skipped" in capsys.readouterr().out
+    (fp / "checkpoints" / "last.pt").write_bytes(b"v2")  # the parent was re-trained since
+    assert run_table_main(argv, runner=never) == 1
+    out = capsys.readouterr().out
+    assert "demo/w4: its complete record was initialised from another checkpoint of fp (sha256 " in out
