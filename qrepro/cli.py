@@ -45,16 +45,20 @@ NON_SEMANTIC_KEYS = {
 }
 
 
-def _run_subdir(s: str | None) -> str:
+def run_subdir_name(s: str | None) -> str:
+    """A run directory's name from Hydra's ``override_dirname`` (``default`` when empty; path-safe)."""
     s = (s or "").strip()
     if not s:
         return "default"
     return re.sub(r"[^A-Za-z0-9=,._+\-]", "_", s.replace("/", "_"))[:200]
 
 
+_run_subdir = run_subdir_name  # the older name
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_subdir"):
-        OmegaConf.register_new_resolver("run_subdir", _run_subdir)
+        OmegaConf.register_new_resolver("run_subdir", run_subdir_name)
     quiet_launcher_schema_matching()
 
 

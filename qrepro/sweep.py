@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from qrepro.cli import CONFIG_DIR, _run_subdir, one_line_errors
+from qrepro.cli import CONFIG_DIR, one_line_errors, run_subdir_name
 from qrepro.errors import QreproError
 
 
@@ -42,7 +42,7 @@ def run_subdir(overrides: Sequence[str]) -> str:
 
     excluded = set(_exclude_keys())
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    return _run_subdir(",".join(sorted(o.input_line for o in parsed if o.key_or_group not in excluded)))
+    return run_subdir_name(",".join(sorted(o.input_line for o in parsed if o.key_or_group not in excluded)))
 
 
 def _experiment_name(experiment: str) -> str:
