@@ -241,7 +241,6 @@ def compare_cell(
         layers = run.optimizer.tr_layer_names
         if layers != list(t_qconv):
             raise QreproError(f"parity tr: quantized layers differ: {layers[:3]} vs {list(t_qconv)[:3]}")
-        start = {k: v.detach().clone() for k, v in o_params.items()}
         for key in ("weight_decay", "momentum"):
             if key == "momentum" and opt_name != "sgdt":
                 continue
@@ -264,6 +263,7 @@ def compare_cell(
             if i == 0:
                 rep.add("normalised input batch", xo, xt)
                 run.start(xo, y)  # what Run.step does first on its first batch: the scale calibration hook
+                start = {k: v.detach().clone() for k, v in o_params.items()}  # after the scale initialisation
             # the LR every non-TALR parameter is stepped with, and the target TR (their quant group's lr)
             lr_t.append(_f64([g["lr"] for g in t_opt.param_groups for p in g["params"] if id(p) not in talr_ids]))
             r_t.append(t_opt.param_groups[0]["lr"])
@@ -343,7 +343,7 @@ def compare_cell(
     k_all = torch.stack(k_t) if k_t else torch.zeros(1)
     u_all = _f64(last["U"])
     rep.notes.append(
-        f"largest parameter change {moved:.3e}; transition rates k^t in [{float(k_all.min()):.2e}, "
+        f"largest parameter change over the steps {moved:.3e}; transition rates k^t in [{float(k_all.min()):.2e}, "
         f"{float(k_all.max()):.2e}] (mean {float(k_all.mean()):.2e}); TALR U after the last step in "
         f"[{float(u_all.min()):.3e}, {float(u_all.max()):.3e}] (U^0 = {lr:g}); target TR {r_o[0]:.3e} -> "
         f"{r_o[-1]:.3e}; both sides stepped in {wall:.1f} s"

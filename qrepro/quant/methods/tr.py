@@ -8,8 +8,9 @@ been loaded): ``s = 3·std(w)``; ``s_a = 3·std(x)/sqrt(1 − 2/π)`` on the lay
 A checkpoint of a quantized model carries the ``initialized`` buffers, so resuming never re-initialises.
 
 Weight scales carry the param tag ``w_scale`` and activation scales ``a_scale`` so the optimizer config can
-give them a 10× smaller LR (Sec. S4.1). A T-optimizer (``optimizer=sgdt`` ...) freezes the weight scales
-(Sec. S5.2); with a plain optimizer they are learned.
+give them their own group (paper: a 10× smaller LR, Sec. S4.1; the authors' CIFAR code: lr 0.01, no momentum,
+no weight decay). A T-optimizer (``optimizer=sgdt`` ...) freezes the weight scales (Sec. S5.2); with a plain
+optimizer they are learned. ``scale_eps`` divides by ``|s| + scale_eps`` instead of ``s`` (authors: 1e-6).
 """
 
 from __future__ import annotations
