@@ -141,14 +141,22 @@ def _job_info() -> tuple[str, Path, Path, int]:
 
 
 def _clean_unused_dir(run_dir: Path) -> None:
-    """A job that failed before it started leaves only Hydra's own files: remove them (no empty run dirs)."""
+    """A job that failed before it took the run directory (a bad value) leaves only Hydra's own files there:
+    remove those and the directory if it is then empty. A directory with a lock file (another launch owns or
+    owned it), a record or checkpoints is never touched."""
     import shutil
 
-    if not run_dir.is_dir() or (run_dir / "record.json").exists() or (run_dir / "checkpoints").exists():
+    if not run_dir.is_dir() or any((run_dir / n).exists() for n in (".lock", "record.json", "checkpoints")):
         return
-    if any(p.name not in (".hydra", ".lock") and not p.name.endswith(".log") for p in run_dir.iterdir()):
+    if any(p.name != ".hydra" and not p.name.endswith(".log") for p in run_dir.iterdir()):
         return
-    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    for p in run_dir.glob("*.log"):
+        p.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()  # only when empty
+    except OSError:
+        pass
 
 
 def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -648,3 +648,13 @@ def test_run_table_does_not_return_a_chained_cell_initialised_from_an_older_pare
     assert run_table_main(argv, runner=never) == 1
     out = capsys.readouterr().out
     assert "demo/w4: its complete record was initialised from another checkpoint of fp (sha256 " in out
+
+
+def test_a_launch_refused_by_the_lock_leaves_the_owners_directory_alone(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "runs" / "demo_digits_fp" / "model.width=4,trainer.batch_size=256,trainer.epochs=1"
+    with RunLock(run_dir):  # another launch owns it (e.g. still in its first epoch: no checkpoint, no record)
+        argv = ["+experiment=demo_digits_fp", *FAST, "trainer.epochs=1", f"out_root={tmp_path / 'runs'}"]
+        code, err = _main(argv, monkeypatch, capsys)
+        assert code == 2 and "in use by another process" in _one_error_line(err)
+        assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
+        assert (run_dir / ".hydra").is_dir()
