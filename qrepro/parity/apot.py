@@ -1,0 +1,366 @@
+"""APoT parity: qrepro's CIFAR-10 ResNet-20 against the authors' own (``CIFAR10/models`` of their repository).
+
+``python -m qrepro.parity apot --reference <checkout>/`` (the checkout holds ``CIFAR10/models`` and
+``CIFAR10/main.py``). For each bit-width (2, 3, 4; ``--quick``: 2 only) both models start from the authors'
+released checkpoint ``res20_{b}bit.pth.tar``, in float64:
+
+- the oracle: their ``resnet20_cifar`` with the quantizers re-made for ``b`` bits as their ``main.py`` does, their
+  checkpoint loaded (``module.`` prefix removed, strict), their optimizer (``main.py``: one SGD group per parameter,
+  ``act_alpha`` lr 0.1 / wd 1e-4, ``wgt_alpha`` lr 0.02 / wd 1e-4, the rest the script's lr / wd;
+  ``train_res20.sh``: lr 0.04, wd 1e-4 at 4 and 3 bits, 3e-5 at 2 bits; momentum 0.9), their training step
+  (``train`` in ``main.py``: forward, cross-entropy, zero_grad, backward, step), inputs normalised as their data
+  pipeline does (``ToTensor`` + ``Normalize`` with ``main.py``'s mean/std, in float32);
+- qrepro: ``qrepro.api.build(["+experiment=apot_resnet20_cifar10_w{b}a{b}_script", "init_from=<checkpoint>",
+  "trainer.device=cpu"], dtype=torch.float64)`` (the released file goes through the registered converter), stepped
+  with ``Run.step`` (the trainer's step), inputs normalised by qrepro's data pipeline (``Normalizer`` with the
+  experiment's mean/std, in float32).
+
+Compared, on the same real CIFAR-10 training images (no augmentation): the normalised inputs; one train-mode
+forward/backward with every alpha_w negated on both sides (a learned alpha_w can cross 0: the forward does not change,
+alpha sign(W/alpha) Pi(|W/alpha|) being even in alpha, and the straight-through weight gradient must not either),
+then back to the checkpoint; then ``steps`` optimizer steps, each side its own training step: after the first, its
+train-mode forward output, loss, every gradient and the BatchNorm running statistics; after the last, the loss of
+every step, every parameter, every momentum buffer and BatchNorm statistic, the per-parameter lr / weight decay,
+and per layer the weight clipping threshold alpha_w (a note lists any that reach <= 0 during the steps).
+
+Default: batch 16, 20 steps, 2/3/4 bits. ``quick``: 2 bits, at most 10 steps. Tolerance per row: 1e-9 absolute,
+times the tensor's largest magnitude where that exceeds 1 (float64 rounding is relative); the differences
+measured are rounding (~1e-13 or less).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qrepro.data import Normalizer
+from qrepro.errors import QreproError
+from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+
+RELEASE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "apot-cifar10-release"
+BITS = (2, 3, 4)
+QUICK_BITS = (2,)
+DEFAULT_BATCH = 16
+QUICK_STEPS = 10
+# the images: a fixed random draw. With seed 0 at batch 16 the 4-bit run diverges at lr 0.04 (alpha_a of layer1.0.conv1
+# jumps to ~1e6 at step 16; the differences stay at rounding relative to that scale); seed 1 stays finite-scale.
+DATA_SEED = 1
+TOL = 1e-9  # float64: absolute, times the tensor's largest magnitude where that exceeds 1
+
+# The oracle's recipe, read from their CIFAR10/main.py and CIFAR10/train_res20.sh
+THEIR_MEAN, THEIR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)  # main.py transforms.Normalize
+THEIR_LR = {4: 4e-2, 3: 4e-2, 2: 4e-2}  # train_res20.sh --lr
+THEIR_WD = {4: 1e-4, 3: 1e-4, 2: 3e-5}  # train_res20.sh --wd
+THEIR_ACT_ALPHA = {"lr": 1e-1, "weight_decay": 1e-4}  # main.py: 'act_alpha' in name
+THEIR_WGT_ALPHA = {"lr": 2e-2, "weight_decay": 1e-4}  # main.py: 'wgt_alpha' in name
+THEIR_MOMENTUM = 0.9
+
+
+def their_name_to_ours(name: str) -> str:
+    """Parameter / buffer name of their (non-DataParallel) model -> the same tensor's name in qrepro's model."""
+    name = name.removeprefix("module.").replace(".downsample.", ".shortcut.")
+    if name.endswith(".weight_quant.wgt_alpha"):
+        return name[: -len("weight_quant.wgt_alpha")] + "wq.alpha"
+    if name.endswith(".act_alpha"):
+        return name[: -len("act_alpha")] + "aq.alpha"
+    return name
+
+
+# ------------------------------------------------------------------------------------------------- oracle
+def _their_model(models: Any, bits: int, checkpoint: Path) -> nn.Module:
+    model = models.resnet20_cifar(float=False)
+    for m in model.modules():  # main.py: quantizers re-made for --bit
+        if isinstance(m, models.QuantConv2d):
+            m.weight_quant = models.weight_quantize_fn(w_bit=bits)
+            m.act_grid = models.build_power_value(bits)
+            m.act_alq = models.act_quantization(bits, m.act_grid)
+    sd = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()}, strict=True)
+    return model.double()
+
+
+def _their_optimizer(model: nn.Module, bits: int) -> torch.optim.Optimizer:
+    groups = []
+    for name, p in model.named_parameters():  # main.py's loop over model.module.named_parameters()
+        if "act_alpha" in name:
+            groups.append({"params": [p], **THEIR_ACT_ALPHA})
+        elif "wgt_alpha" in name:
+            groups.append({"params": [p], **THEIR_WGT_ALPHA})
+        else:
+            groups.append({"params": [p]})
+    return torch.optim.SGD(groups, lr=THEIR_LR[bits], momentum=THEIR_MOMENTUM, weight_decay=THEIR_WD[bits])
+
+
+def _their_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model.train()  # main.py train(): output, loss, zero_grad, backward, step
+    output = model(x)
+    loss = nn.CrossEntropyLoss()(output, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _their_pipeline() -> Any:
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=THEIR_MEAN, std=THEIR_STD)])
+
+
+def _their_inputs(tf: Any, x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
+
+
+# ------------------------------------------------------------------------------------------------ qrepro
+def _our_run(bits: int, checkpoint: Path, overrides: list[str]) -> Any:
+    from qrepro.api import build
+
+    return build(
+        [
+            f"+experiment=apot_resnet20_cifar10_w{bits}a{bits}_script",
+            f"init_from={checkpoint}",
+            "trainer.device=cpu",
+            *overrides,
+        ],
+        dtype=torch.float64,
+        load_data=False,
+        num_classes=10,
+        steps_per_epoch=math.ceil(50_000 / 128),  # sizes the schedule only (milestones at epochs 150/225)
+    )
+
+
+def _our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
+    d = run.cfg.dataset
+    return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
+
+
+# -------------------------------------------------------------------------------------------- comparison
+def _grouped(named: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Split tensors into the rows a reader looks at: clipping thresholds, BN, the rest."""
+    out: dict[str, dict[str, torch.Tensor]] = {"alpha_w": {}, "alpha_a": {}, "bn": {}, "conv/fc": {}}
+    for k, v in named.items():
+        key = (
+            "alpha_w"
+            if k.endswith("wq.alpha")
+            else "alpha_a"
+            if k.endswith("aq.alpha")
+            else "bn"
+            if ".bn" in k or k.startswith("bn") or ".shortcut.1." in k
+            else "conv/fc"
+        )
+        out[key][k] = v
+    return {k: v for k, v in out.items() if v}
+
+
+def _tol(ref: Any) -> float:
+    """1e-9 absolute, scaled by the tensor's largest magnitude where that exceeds 1 (float64 rounding is relative)."""
+    r = torch.as_tensor(ref).detach()
+    return TOL * max(1.0, float(r.abs().max())) if r.numel() else TOL
+
+
+def _add(rep: Report, name: str, ours: Any, ref: Any) -> None:
+    rep.add(name, ours, ref, _tol(ref))
+
+
+def _add_all(rep: Report, name: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
+    """One row for a dict of tensors: the worst item (a failing one first, else the largest difference / tolerance),
+    each item against its own tolerance."""
+    if set(ours) != set(ref):
+        raise QreproError(f"parity apot: {name}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
+    rows = []
+    for k in ref:
+        rows.append(rep.add(f"{name} (all {len(ref)}; worst {k})", ours[k], ref[k], _tol(ref[k])))
+        rep.rows.pop()
+    worst = max(rows, key=lambda r: (not r.ok, r.max_abs / r.tol))
+    worst.numel = sum(r.numel for r in rows)
+    rep.rows.append(worst)
+
+
+def _add_grouped(rep: Report, prefix: str, ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    if set(ours) != set(ref):
+        raise QreproError(f"parity apot: {prefix}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
+    g_ours, g_ref = _grouped(ours), _grouped(ref)
+    for kind in g_ref:
+        _add_all(rep, f"{prefix} {kind}", g_ours[kind], g_ref[kind])
+
+
+def _grads(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {k: p.grad for k, p in params.items()}
+
+
+def _params(model: nn.Module, rename: bool) -> dict[str, nn.Parameter]:
+    return {(their_name_to_ours(n) if rename else n): p for n, p in model.named_parameters()}
+
+
+def _bn_stats(model: nn.Module, rename: bool) -> dict[str, torch.Tensor]:
+    return {
+        (their_name_to_ours(n) if rename else n): b.detach().clone()
+        for n, b in model.named_buffers()
+        if "running" in n or "num_batches" in n
+    }
+
+
+def _per_param(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], what: str) -> dict[str, torch.Tensor]:
+    """Per parameter name: the momentum buffer (``what='momentum'``) or the group's ``lr`` / ``weight_decay``."""
+    owner = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out = {}
+    for n, p in params.items():
+        if what == "momentum":
+            out[n] = opt.state[p]["momentum_buffer"]
+        else:
+            out[n] = torch.tensor(float(owner[id(p)][what]))
+    return out
+
+
+def compare_bits(
+    reference: Path,
+    bits: int,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    release: Path = RELEASE,
+    overrides: list[str] | None = None,
+) -> Report:
+    """One bit-width: first forward/backward, then ``steps`` optimizer steps, both sides from the released file."""
+    checkpoint = release / f"res20_{bits}bit.pth.tar"
+    if not checkpoint.is_file():
+        raise QreproError(f"parity apot: {checkpoint} not found; pass the folder of the authors' released checkpoints")
+    overrides = list(overrides or [])
+    batch = len(batches[0][1])
+    extra = f", qrepro overrides {' '.join(overrides)}" if overrides else ""
+    rep = Report(
+        f"APoT ResNet-20 CIFAR-10 W{bits}A{bits} from res20_{bits}bit.pth.tar, float64, "
+        f"batch {batch}, {steps} steps{extra}",
+        TOL,
+    )
+
+    # qrepro and torchvision first: only the authors' modules are imported inside reference_import
+    run = _our_run(bits, checkpoint, overrides)
+    ours = run.model
+    tf = _their_pipeline()
+    with reference_import(Path(reference) / "CIFAR10") as imp:
+        models = imp("models")
+        theirs = _their_model(models, bits, checkpoint)
+        t_opt = _their_optimizer(theirs, bits)
+        t_params, o_params = _params(theirs, True), _params(ours, False)
+        if set(t_params) != set(o_params):
+            raise QreproError(f"parity apot: parameter names differ: {sorted(set(t_params) ^ set(o_params))[:8]}")
+        start = {k: v.detach().clone() for k, v in o_params.items()}
+        _add_all(rep, "checkpoint loaded: parameters", dict(start), {k: v.detach() for k, v in t_params.items()})
+
+        x8, y = batches[0]
+        xt, xo = _their_inputs(tf, x8), _our_inputs(run, x8)
+        _add(rep, "normalised input batch", xo, xt)
+
+        # ---- every alpha_w negated on both sides (a learned alpha_w can cross 0), one forward/backward, then back
+        # to the checkpoint: the forward is unchanged (alpha sign(W/alpha) Pi(|W/alpha|) is even in alpha) and the
+        # straight-through weight gradient must not change either
+        t_state = {k: v.clone() for k, v in theirs.state_dict().items()}
+        o_state = {k: v.clone() for k, v in ours.state_dict().items()}
+        with torch.no_grad():
+            for k in o_params:
+                if k.endswith("wq.alpha"):
+                    o_params[k].neg_()
+                    t_params[k].neg_()
+        theirs.train()
+        ours.train()
+        neg_t, neg_o = theirs(xt), ours(xo)
+        _add(rep, "alpha_w < 0: train-mode forward output", neg_o, neg_t)
+        nn.CrossEntropyLoss()(neg_t, y).backward()
+        run.loss_fn(neg_o, y).backward()
+        _add_grouped(rep, "alpha_w < 0: grad", _grads(o_params), _grads(t_params))
+        with torch.no_grad():
+            theirs.load_state_dict(t_state)
+            ours.load_state_dict(o_state)
+        for p in (*t_params.values(), *o_params.values()):
+            p.grad = None
+
+        # ---- N optimizer steps, each side's own training step; the first step's forward output (captured by a
+        # hook), gradients (left in .grad by both steps) and BN statistics are compared after it
+        losses_t, losses_o = [], []
+        crossed: dict[str, int] = {}
+        outs: dict[str, torch.Tensor] = {}
+
+        def keep(side: str) -> Any:
+            def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:  # None: the output is unchanged
+                outs.setdefault(side, out.detach().clone())
+
+            return hook
+
+        hooks = [m.register_forward_hook(keep(side)) for side, m in (("theirs", theirs), ("ours", ours))]
+        for i in range(steps):
+            x8, y = batches[i % len(batches)]
+            losses_t.append(_their_step(theirs, t_opt, _their_inputs(tf, x8), y))
+            losses_o.append(run.step(_our_inputs(run, x8), y))
+            if i == 0:
+                for h in hooks:
+                    h.remove()
+                _add(rep, "step 1: train-mode forward output (logits)", outs["ours"], outs["theirs"])
+                _add(rep, "step 1: loss", losses_o[0], losses_t[0])
+                _add_grouped(rep, "step 1: grad", _grads(o_params), _grads(t_params))
+                _add_grouped(rep, "step 1: BN stats", _bn_stats(ours, False), _bn_stats(theirs, True))
+                _add(rep, "alpha_w < 0: forward output = alpha_w > 0 output (ours)", neg_o, outs["ours"])
+            for k, p in t_params.items():
+                if k.endswith("wq.alpha") and float(p.detach()) <= 0 and k not in crossed:
+                    crossed[k] = i + 1
+        _add(rep, f"loss of each of the {steps} steps", torch.stack(losses_o), torch.stack(losses_t))
+        _add_grouped(rep, f"after {steps} steps: param", dict(o_params), dict(t_params))
+        _add_grouped(
+            rep,
+            f"after {steps} steps: momentum",
+            _per_param(run.optimizer, o_params, "momentum"),
+            _per_param(t_opt, t_params, "momentum"),
+        )
+        _add_grouped(rep, f"after {steps} steps: BN stats", _bn_stats(ours, False), _bn_stats(theirs, True))
+        for what in ("lr", "weight_decay"):
+            _add_all(
+                rep,
+                f"after {steps} steps: {what}",
+                _per_param(run.optimizer, o_params, what),
+                _per_param(t_opt, t_params, what),
+            )
+        for k in (k for k in t_params if k.endswith("wq.alpha")):  # per layer
+            _add(rep, f"after {steps} steps: alpha_w {k.removesuffix('.wq.alpha')}", o_params[k], t_params[k])
+    moved = max(float((o_params[k].detach() - start[k]).abs().max()) for k in o_params)
+    rep.notes.append(f"largest parameter change over the {steps} steps: {moved:.3e} (the comparison is not vacuous)")
+    if crossed:
+        where = ", ".join(f"{k.removesuffix('.wq.alpha')} (step {s})" for k, s in crossed.items())
+        rep.notes.append(f"alpha_w <= 0 reached (authors' side) in: {where}")
+    return rep
+
+
+@SUITES.register("apot")
+def suite(
+    reference: Path,
+    *,
+    steps: int = 20,
+    data: Any = None,
+    quick: bool = False,
+    batch: int = DEFAULT_BATCH,
+    bits: tuple[int, ...] | None = None,
+    release: Path | None = None,
+    overrides: list[str] | None = None,
+) -> list[Report]:
+    """Reports for 2, 3 and 4 bits (``quick``: 2 bits only, where alpha_w crosses 0)."""
+    reference = Path(reference)
+    if not (reference / "CIFAR10" / "models").is_dir():
+        raise QreproError(
+            f"parity apot: {reference}/CIFAR10/models not found; pass a checkout of yhhhli/APoT_Quantization"
+        )
+    release = Path(release) if release else RELEASE
+    if not release.is_dir():
+        raise QreproError(f"parity apot: {release} not found (the authors' released res20_*bit.pth.tar files)")
+    bits = tuple(bits) if bits else (QUICK_BITS if quick else BITS)
+    steps = min(steps, QUICK_STEPS) if quick else steps
+    batches = cifar_batches(data, steps, batch, seed=DATA_SEED)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same arithmetic on any machine, and no spinning on a shared CPU
+    try:
+        return [compare_bits(reference, b, batches, steps=steps, release=release, overrides=overrides) for b in bits]
+    finally:
+        torch.set_num_threads(threads)
