@@ -124,8 +124,11 @@ def init_model(model: nn.Module, path: str, strict: bool = True) -> None:
     print(f"initialised from {path} [{fmt} format]{note}", flush=True)
 
 
-def make_logger(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume_id: str | None = None):
-    """The run's logger; ``resume_id``: the W&B run id of the run being resumed (the same W&B run continues)."""
+def make_logger(
+    cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume_id: str | None = None, concurrent: bool = False
+):
+    """The run's logger; ``resume_id``: the W&B run id of the run being resumed (the same W&B run continues);
+    ``concurrent``: several runs log from this process at once (batched members)."""
     from qrepro.logging import build_logger
 
     lcfg = _plain(cfg.logger)
@@ -144,6 +147,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, config: dict[str, Any], resume_i
         config=config,
         tags=tags,
         resume_id=resume_id,
+        **({"concurrent": True} if concurrent else {}),
         **lcfg,
     )
 

@@ -129,6 +129,10 @@ def train(
     from qrepro.validation import validate_config
 
     validate_config(cfg)
+    if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
+        from qrepro.engine.members_train import run_members
+
+        return run_members(cfg, run_dir, experiment, overrides)
     h_dir, h_exp, h_over = hydra_context()
     run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
     experiment = experiment or h_exp or cfg.get("experiment")
@@ -150,10 +154,50 @@ def train(
         lock.release()
 
 
+def make_record_base(cfg: DictConfig, experiment: str | None, overrides: list[str], init: dict | None, world: int):
+    """The record fields that describe the run (everything but its results and provenance)."""
+    return {
+        "name": cfg.name,
+        "experiment": experiment,
+        "overrides": overrides,
+        "config": _plain(cfg),
+        "model": cfg.model.name,
+        "method": cfg.quantizer.name,
+        "dataset": cfg.dataset.name,
+        "precision": cfg.precision.name,
+        "w_bits": int(cfg.precision.w_bits),
+        "a_bits": int(cfg.precision.a_bits),
+        "optimizer": cfg.optimizer.name,
+        "seed": int(cfg.seed),
+        "init_from": cfg.init_from,
+        "init_from_sha256": init["sha256"] if init else None,
+        "world_size": world,
+    }
+
+
+def open_logger(cfg: DictConfig, run_dir: Path, config: dict, resuming: bool, **kw):
+    """The run's logger; a resumed run continues its W&B run (id kept in ``<run dir>/wandb_id``)."""
+    from qrepro.engine.fsio import atomic_write
+
+    id_file = run_dir / WANDB_ID_FILE
+    resume_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
+    logger = make_logger(cfg, run_dir, config, resume_id=resume_id, **kw)
+    if getattr(logger, "id", None) and logger.id != resume_id:
+        atomic_write(id_file, lambda tmp: tmp.write_text(f"{logger.id}\n"))
+    return logger
+
+
 def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
     from qrepro.engine import dist as qdist
     from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
-    from qrepro.engine.fsio import atomic_write
+    from qrepro.engine.precision import (
+        amp_mode,
+        autocast_factory,
+        channels_last,
+        check_amp,
+        input_transform,
+        make_scaler,
+    )
     from qrepro.engine.rundir import identity
     from qrepro.engine.trainer import Fit, fit
     from qrepro.logging import build_logger
@@ -175,45 +219,35 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
     )
     model, method, optimizer, scheduler = comp.model, comp.method, comp.optimizer, comp.scheduler
     loss_fn, ema = comp.loss_fn, comp.ema
+    amp, cl = amp_mode(cfg.trainer.get("amp")), bool(cfg.trainer.get("channels_last", False))
+    check_amp(amp, optimizer)
+    if cl:
+        channels_last(model)
+    autocast, scaler = autocast_factory(amp, device), make_scaler(amp, device)
     # under DDP: rank 0's state broadcast after the method's hooks initialise from each rank's own first batch
     sync = [qdist.DistributedSync()] if world > 1 else []
     hooks = list(method.hooks) + sync + list(getattr(optimizer, "hooks", []))
     train_model = qdist.wrap_ddp(model, denv, bool(cfg.trainer.get("find_unused_parameters", False)))
     mode = compile_mode(cfg.trainer.compile, device)
     forward_loss = None
+    if mode is not None or autocast is not None or cl:
+        forward_loss = make_forward_loss(
+            train_model, loss_fn, method.regularizer, autocast=autocast, input_transform=input_transform(cl)
+        )
     if mode is not None:  # the fast path: forward + loss + regularizer compiled (CUDA graphs on GPU)
-        forward_loss = compile_forward_loss(make_forward_loss(train_model, loss_fn, method.regularizer), mode)
+        forward_loss = compile_forward_loss(forward_loss, mode)
     if world > 1:
         seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
     config = _plain(cfg)
     ident = identity(config, init)
-    record_base = {
-        "name": cfg.name,
-        "experiment": experiment,
-        "overrides": overrides,
-        "config": config,
-        "model": cfg.model.name,
-        "method": cfg.quantizer.name,
-        "dataset": cfg.dataset.name,
-        "precision": cfg.precision.name,
-        "w_bits": int(cfg.precision.w_bits),
-        "a_bits": int(cfg.precision.a_bits),
-        "optimizer": cfg.optimizer.name,
-        "seed": int(cfg.seed),
-        "init_from": cfg.init_from,
-        "init_from_sha256": init["sha256"] if init else None,
-        "world_size": world,
-    }
+    record_base = make_record_base(cfg, experiment, overrides, init, world)
     logger = build_logger("none")
     if denv.is_main:
-        id_file = run_dir / WANDB_ID_FILE
-        resume_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
-        logger = make_logger(cfg, run_dir, config, resume_id=resume_id)
-        if getattr(logger, "id", None) and logger.id != resume_id:
-            atomic_write(id_file, lambda tmp: tmp.write_text(f"{logger.id}\n"))
+        logger = open_logger(cfg, run_dir, config, resuming)
         print(
             f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
             f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
+            + (f" amp={amp}" if amp != "off" else "")
             + (f" ranks={world} ({denv.backend})" if world > 1 else ""),
             flush=True,
         )
@@ -239,6 +273,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
         train_model=train_model,
         is_main=denv.is_main,
         identity=ident,
+        scaler=scaler,
     )
     try:
         result = fit(f)
@@ -252,9 +287,11 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
 
 def _task(cfg: DictConfig) -> str:
     result = train(cfg)
+    results = result if isinstance(result, list) else [result]  # batched members: one result per member
     if os.environ.get("RANK", "0") == "0":
-        print(f"record: {result.record_path}", flush=True)
-    return "skipped" if result.skipped else "finished"
+        for r in results:
+            print(f"record: {r.record_path}", flush=True)
+    return "skipped" if all(r.skipped for r in results) else "finished"
 
 
 def main() -> None:

@@ -112,7 +112,12 @@ def _check_trainer(t: dict[str, Any]) -> None:
     _num(t, "ema", "trainer.", "0.9999", lo=0.0, lo_open=True, hi=1.0, hi_open=True, nullable=True)
     _int(t, "log_every", "trainer.", 1, "50")
     _int(t, "num_threads", "trainer.", 1, "4", nullable=True)
-    for k in ("progress", "deterministic", "sync_bn", "find_unused_parameters"):
+    _int(t, "members", "trainer.", 1, "4")
+    if "amp" in t:
+        from qrepro.engine.precision import amp_mode
+
+        amp_mode(t["amp"])
+    for k in ("progress", "deterministic", "sync_bn", "find_unused_parameters", "channels_last"):
         _bool(t, k, "trainer.")
     if "device" in t and not isinstance(t["device"], str):
         raise _bad("trainer.device", t["device"], "auto, cpu, cuda or cuda:<index>", "cpu")

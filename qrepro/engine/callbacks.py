@@ -121,6 +121,8 @@ class Checkpointer(Callback):
             f.scheduler.load_state_dict(ck["scheduler"])
         if f.ema is not None and "ema" in ck:
             f.ema.load_state_dict(ck["ema"])
+        if getattr(f, "scaler", None) is not None and "scaler" in ck:
+            f.scaler.load_state_dict(ck["scaler"])
         for h, hs in zip(f.hooks, ck.get("hooks", [])):
             h.load_state_dict(hs)
         st.epoch, st.best, st.curves = ck["epoch"] + 1, ck["best"], ck["curves"]
@@ -153,6 +155,8 @@ class Checkpointer(Callback):
             out["scheduler"] = f.scheduler.state_dict()
         if f.ema is not None:
             out["ema"] = f.ema.state_dict()
+        if getattr(f, "scaler", None) is not None:
+            out["scaler"] = f.scaler.state_dict()
         return out
 
     def on_epoch_end(self, t: Any, epoch: int, row: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ compiled ``optimizer.step``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,17 +30,25 @@ def make_forward_loss(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None,
+    *,
+    autocast: Callable[[], Any] | None = None,
+    input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ForwardLoss:
     """``(x, y) -> (loss, correct)``: forward, loss (+ the method's regularizer) and the number of correct
-    top-1 predictions (a 0-d tensor, so accuracy needs no host read). The unit that ``torch.compile`` captures."""
+    top-1 predictions (a 0-d tensor, so accuracy needs no host read). The unit that ``torch.compile`` captures.
+    ``autocast``: a factory of the mixed-precision context (``qrepro.engine.precision``, ``trainer.amp``);
+    ``input_transform``: applied to ``x`` first (channels-last layout)."""
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        if regularizer is not None:
-            r = regularizer(model)
-            if r is not None:
-                loss = loss + r
+        if input_transform is not None:
+            x = input_transform(x)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            if regularizer is not None:
+                r = regularizer(model)
+                if r is not None:
+                    loss = loss + r
         correct = logits.detach().argmax(1).eq(y).sum()
         return loss, correct
 

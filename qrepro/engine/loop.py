@@ -40,18 +40,24 @@ def train_step(
     ctx: Context,
     hooks: Sequence[Hook] = (),
     ema: Any = None,
+    scaler: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step exactly as the trainer takes it: forward + loss (+ regularizer), backward, the
     optimizer step (with a closure for two-pass optimizers such as ASAM), the LR schedule, EMA, then the
     hooks' ``on_step_end``. Returns (the step's loss, number of correct top-1 predictions), both detached
-    copies (under CUDA graphs the next call overwrites the compiled function's outputs)."""
+    copies (under CUDA graphs the next call overwrites the compiled function's outputs). ``scaler``: a
+    ``torch.amp.GradScaler`` (``trainer.amp=fp16``) scales the loss and steps the optimizer."""
     optimizer.zero_grad(set_to_none=True)
     loss, correct = forward_loss(x, y)
     with torch.no_grad():
         step_loss = loss.detach().clone()
         correct = correct.clone()
-    loss.backward()
-    if getattr(optimizer, "needs_closure", False):  # the closure recomputes loss and gradients
+    if scaler is not None:  # fp16: scaled loss; the step is skipped (and the scale lowered) on overflow
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    elif getattr(optimizer, "needs_closure", False):  # the closure recomputes loss and gradients
+        loss.backward()
 
         def closure():
             optimizer.zero_grad(set_to_none=True)
@@ -61,6 +67,7 @@ def train_step(
 
         optimizer.step(closure)
     else:
+        loss.backward()
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -87,6 +94,7 @@ def train_one_epoch(
     log_every: int = 50,
     progress: Any = None,
     forward_loss: ForwardLoss | None = None,
+    scaler: Any = None,
 ) -> dict[str, float]:
     """One epoch. ``forward_loss`` (e.g. the compiled one of ``qrepro.engine.fast``) replaces
     ``make_forward_loss(model, loss_fn, regularizer)``."""
@@ -105,7 +113,9 @@ def train_one_epoch(
         except StopIteration:
             break
         data_s += time.perf_counter() - td
-        step_loss, correct = train_step(model, forward_loss, optimizer, scheduler, x, y, ctx=ctx, hooks=hooks, ema=ema)
+        step_loss, correct = train_step(
+            model, forward_loss, optimizer, scheduler, x, y, ctx=ctx, hooks=hooks, ema=ema, scaler=scaler
+        )
         with torch.no_grad():
             bl = step_loss * y.shape[0]
             dev_loss = bl if dev_loss is None else dev_loss + bl

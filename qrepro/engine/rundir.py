@@ -170,6 +170,8 @@ def result_config(config: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(config, default=str))
     for k in NON_RESULT_KEYS:
         _drop(out, k)
+    if isinstance(out.get("trainer"), dict) and out["trainer"].get("amp") in ("off", False, None):
+        _drop(out, "trainer.amp")  # float32 (the default): the identity of runs from before the key existed
     return out
 
 

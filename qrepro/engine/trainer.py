@@ -52,6 +52,7 @@ class Fit:
     is_main: bool = True
     identity: dict[str, Any] | None = None  # qrepro.engine.rundir.identity: checked on resume, stored everywhere
     callbacks: list[Callback] | None = None  # None: default_callbacks(fit)
+    scaler: Any = None  # torch.amp.GradScaler under trainer.amp=fp16 (checkpointed)
 
 
 @dataclass
@@ -104,6 +105,8 @@ class Trainer:
         self.ctx: Context | None = None
         self.bar: Any = None
         self.record: dict[str, Any] = {}
+        self.eval_model: nn.Module | None = None
+        self.eval_forward: Any = None
 
     def _call(self, name: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -114,10 +117,11 @@ class Trainer:
         where = ck.last_good() if ck is not None else "no checkpoint callback"
         return f"{e}; stopped in epoch {self.state.epoch + 1}/{self.f.epochs}; {where}"
 
-    def run(self) -> FitResult:
+    def setup(self) -> None:
+        """Before the first epoch of this launch: callbacks' ``on_fit_start`` (a resumed run's state), the hooks'
+        ``on_train_start`` on the first training batch, the EMA copy and the compiled evaluation forward."""
         f, st = self.f, self.state
         self._call("on_fit_start")  # restores a resumed run (Checkpointer)
-        train_model = f.train_model or f.model
         self.ctx = ctx = Context(
             model=f.model,
             optimizer=f.optimizer,
@@ -132,71 +136,100 @@ class Trainer:
             h.on_train_start(ctx)
         if f.ema is not None and st.epoch == 0:  # hooks may initialise state (e.g. quantizer calibration)
             f.ema.load_state_dict(f.model.state_dict())
-        eval_model = f.ema.module if f.ema is not None else f.model
-        eval_forward = None
+        self.eval_model = f.ema.module if f.ema is not None else f.model
+        self.eval_forward = None
         if f.eval_compile is not None:
             from qrepro.engine.fast import compile_eval_forward
 
-            eval_forward = compile_eval_forward(eval_model, f.eval_compile)
+            self.eval_forward = compile_eval_forward(self.eval_model, f.eval_compile)
+
+    def begin_epoch(self, epoch: int) -> float:
+        """Start ``epoch`` (0-based): the loader's epoch, callbacks' ``on_epoch_start``; returns its start time."""
+        t0 = time.perf_counter()
+        self.ctx.epoch = epoch
+        if hasattr(self.f.data.train, "set_epoch"):
+            self.f.data.train.set_epoch(epoch)
+        self._call("on_epoch_start", epoch)
+        return t0
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        f = self.f
+        return train_one_epoch(
+            f.train_model or f.model,
+            f.data.train,
+            f.optimizer,
+            f.scheduler,
+            f.loss_fn,
+            ctx=self.ctx,
+            hooks=f.hooks,
+            regularizer=f.regularizer,
+            ema=f.ema,
+            log_every=f.log_every,
+            progress=self.bar,
+            forward_loss=f.forward_loss,
+            scaler=f.scaler,
+        )
+
+    def end_epoch(self, epoch: int, tr: dict[str, float], t0: float) -> None:
+        """After ``epoch``'s training (``tr``: train_one_epoch's metrics): NaN guard, evaluation, the hooks'
+        epoch-end values, the curves and the best epoch, then checkpoints, console and logger (callbacks)."""
+        f, st, ctx = self.f, self.state, self.ctx
+        qdist.sync_buffers(self.eval_model)  # DDP: rank 0's BN/quantizer statistics, i.e. the checkpointed ones
+        self._call("on_train_epoch_end", epoch, tr)  # the NaN guard stops here
+        lr = _main_lr(f.optimizer)
+        ev = evaluate(self.eval_model, f.data.test, all_reduce=True, forward=self.eval_forward)
+        extra: dict[str, float] = {}
+        for h in f.hooks:
+            extra.update(h.on_epoch_end(ctx, epoch) or {})
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": tr["train_loss"],
+            "train_top1": tr["train_top1"],
+            **ev,
+            "lr": lr,
+            "images_per_s": tr["images_per_s"],
+            "epoch_s": time.perf_counter() - t0,  # training + evaluation + hooks (not the checkpoint write)
+            "data_s": tr.get("data_seconds", 0.0),
+            **extra,
+        }
+        for k, v in row.items():
+            st.curves.setdefault(k, []).append(v)
+        st.train_images += tr["images"]
+        st.train_seconds += tr["seconds"]
+        st.is_best = ev["test_top1"] > st.best["top1"]
+        if st.is_best:
+            st.best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": epoch + 1}
+        st.epoch = epoch + 1
+        self._call("on_epoch_end", epoch, row)  # checkpoints, console line, logger
+
+    def diverge(self, e: NonFiniteLoss) -> None:
+        self.state.status, self.state.error = "diverged", self._diverged(e)
+
+    def finish(self) -> FitResult:
+        """Callbacks' ``on_fit_end`` (logger summary, record); a diverged run raises the one-line error."""
+        if self.bar is not None:
+            self.bar.close()
+        self._call("on_fit_end")  # logger summary, record
+        record_path = Path(self.f.run_dir) / "record.json"
+        if self.state.status == "diverged":
+            raise QreproError(f"training diverged: {self.state.error}")
+        return FitResult(self.record, record_path)
+
+    def run(self) -> FitResult:
+        f, st = self.f, self.state
+        self.setup()
         try:
             for epoch in range(st.epoch, f.epochs):
-                t0 = time.perf_counter()
-                ctx.epoch = epoch
-                if hasattr(f.data.train, "set_epoch"):
-                    f.data.train.set_epoch(epoch)
-                self._call("on_epoch_start", epoch)
-                tr = train_one_epoch(
-                    train_model,
-                    f.data.train,
-                    f.optimizer,
-                    f.scheduler,
-                    f.loss_fn,
-                    ctx=ctx,
-                    hooks=f.hooks,
-                    regularizer=f.regularizer,
-                    ema=f.ema,
-                    log_every=f.log_every,
-                    progress=self.bar,
-                    forward_loss=f.forward_loss,
-                )
-                qdist.sync_buffers(eval_model)  # DDP: rank 0's BN/quantizer statistics, i.e. the checkpointed ones
-                self._call("on_train_epoch_end", epoch, tr)  # the NaN guard stops here
-                lr = _main_lr(f.optimizer)
-                ev = evaluate(eval_model, f.data.test, all_reduce=True, forward=eval_forward)
-                extra: dict[str, float] = {}
-                for h in f.hooks:
-                    extra.update(h.on_epoch_end(ctx, epoch) or {})
-                row = {
-                    "epoch": epoch + 1,
-                    "train_loss": tr["train_loss"],
-                    "train_top1": tr["train_top1"],
-                    **ev,
-                    "lr": lr,
-                    "images_per_s": tr["images_per_s"],
-                    "epoch_s": time.perf_counter() - t0,  # training + evaluation + hooks (not the checkpoint write)
-                    "data_s": tr.get("data_seconds", 0.0),
-                    **extra,
-                }
-                for k, v in row.items():
-                    st.curves.setdefault(k, []).append(v)
-                st.train_images += tr["images"]
-                st.train_seconds += tr["seconds"]
-                st.is_best = ev["test_top1"] > st.best["top1"]
-                if st.is_best:
-                    st.best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": epoch + 1}
-                st.epoch = epoch + 1
-                self._call("on_epoch_end", epoch, row)  # checkpoints, console line, logger
+                t0 = self.begin_epoch(epoch)
+                tr = self.train_epoch(epoch)
+                self.end_epoch(epoch, tr, t0)
             st.status = "complete"
         except NonFiniteLoss as e:
-            st.status, st.error = "diverged", self._diverged(e)
+            self.diverge(e)
         finally:
             if self.bar is not None:
                 self.bar.close()
-        self._call("on_fit_end")  # logger summary, record
-        record_path = Path(f.run_dir) / "record.json"
-        if st.status == "diverged":
-            raise QreproError(f"training diverged: {st.error}")
-        return FitResult(self.record, record_path)
+        return self.finish()
 
 
 def fit(f: Fit) -> FitResult:

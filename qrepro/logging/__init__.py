@@ -32,6 +32,7 @@ class WandbLogger:
         tags: list[str] | None = None,
         job_type: str = "train",
         resume_id: str | None = None,
+        concurrent: bool = False,
     ) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
@@ -49,7 +50,7 @@ class WandbLogger:
             job_type=job_type,
             id=resume_id,
             resume="allow" if resume_id else None,
-            reinit=True,
+            reinit="create_new" if concurrent else True,  # batched members: K runs open at once
         )
         self.run_dir = getattr(self.run, "dir", None)
         self.id = getattr(self.run, "id", None)

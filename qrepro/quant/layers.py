@@ -33,12 +33,19 @@ class _QMixin:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.aq(x) if self.aq is not None else x
 
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias used with ``effective_weight()``: the weight quantizer may adjust it through an optional
+        ``transform_bias(bias, weight)`` (SAT's last FC in eval mode divides it by the rescale factor)."""
+        b = self.bias  # type: ignore[attr-defined]
+        tb = getattr(self.wq, "transform_bias", None)
+        return tb(b, self.weight) if (b is not None and tb is not None) else b  # type: ignore[attr-defined]
+
 
 class QConv2d(_QMixin, nn.Conv2d):
     """nn.Conv2d whose weight and input pass through the method's fake-quantizers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.effective_bias())
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, wq: nn.Module | None, aq: nn.Module | None) -> QConv2d:
@@ -55,7 +62,7 @@ class QLinear(_QMixin, nn.Linear):
     """nn.Linear whose weight and input pass through the method's fake-quantizers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.effective_weight(), self.bias)
+        return F.linear(self.quantize_input(x), self.effective_weight(), self.effective_bias())
 
     @classmethod
     def from_float(cls, lin: nn.Linear, wq: nn.Module | None, aq: nn.Module | None) -> QLinear:

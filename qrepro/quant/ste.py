@@ -37,10 +37,15 @@ class _Clip(torch.autograd.Function):
     boolean masks between forward and backward (Inductor's C++ backend writes those slowly; docs/speed.md §3).
     """
 
+    generate_vmap_rule = True  # batched members (torch.func.vmap, qrepro/engine/members.py)
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, lo, hi)
+    def forward(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return torch.minimum(torch.maximum(x, lo), hi)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]

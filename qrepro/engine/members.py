@@ -1,0 +1,550 @@
+"""Batched members: K runs of one experiment, seeds S..S+K-1, trained in one process as one batched computation.
+
+``python -m qrepro.train +experiment=<x> seed=S trainer.members=K`` trains member i exactly as the separate run
+``seed=S+i`` (its initialisation, data order and augmentation, its optimizer, schedule, hooks and EMA) and writes
+that run's directory, checkpoints and record (the record carries a ``members`` field naming the batch). What is
+batched is the forward and backward pass: every member's parameters and buffers are slices of stacked
+``[K, ...]`` tensors, and one ``torch.func.vmap`` of ``functional_call`` over the stack computes all K losses and,
+by one backward pass, all K gradients. Everything a member owns beyond its tensors stays its own object, stepped
+in member order with the member's own random-number state: optimizer (incl. TR transition counting and TALR),
+LR schedule, method hooks (calibration, monitors), EMA, gradient scaler, evaluation, callbacks.
+
+How the tensors are shared (:class:`MemberStack`): ``p.data`` of member i's parameter (and buffer) is the view
+``stack[name][i]``, so a member's optimizer updating ``p`` in place updates the stack that the next batched
+forward reads, BatchNorm's in-place running statistics written inside ``vmap`` land in the members' buffers, and
+hooks that write quantizer state (``copy_``/``fill_``) write the stack. After every step the views are checked;
+a tensor that something replaced is copied back into the stack and re-tied. A member model's ``state_dict()``
+returns compact copies (a view would pickle the whole stack), so checkpoints equal a separate run's.
+
+What cannot be batched is refused in one line (``QreproError``), never run separately in silence: a forward pass
+that draws random numbers (dropout, stochastic quantizers), optimizers that re-evaluate the loss in ``step``
+(ASAM's closure), several processes (DDP), datasets streamed by a DataLoader (ImageNet), and any operation
+without a batching rule that raises under ``vmap``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+
+__all__ = [
+    "MemberStack",
+    "RngState",
+    "MemberSlot",
+    "BatchedStep",
+    "Members",
+    "build_members",
+    "member_overrides",
+    "member_seeds",
+]
+
+
+# ----------------------------------------------------------------------------------------------- RNG state
+class RngState:
+    """The global random-number state of one member (torch CPU and CUDA, numpy, python ``random``).
+
+    A separate run owns the process's global generators; K members interleaved in one process would share them.
+    ``with state:`` swaps this member's state in and saves it back on exit, so each member draws exactly the
+    numbers its separate run draws (hooks, optimizers, data-independent initialisation)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.saved: tuple | None = None
+        self._outer: tuple | None = None
+
+    def _get(self) -> tuple:
+        cuda = torch.cuda.get_rng_state(self.device) if self.cuda else None
+        return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
+
+    def _set(self, s: tuple) -> None:
+        torch.set_rng_state(s[0])
+        if self.cuda and s[1] is not None:
+            torch.cuda.set_rng_state(s[1], self.device)
+        np.random.set_state(s[2])
+        random.setstate(s[3])
+
+    def capture(self) -> None:
+        """Take the current global state as this member's."""
+        self.saved = self._get()
+
+    def __enter__(self) -> RngState:
+        self._outer = self._get()
+        if self.saved is not None:
+            self._set(self.saved)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.saved = self._get()
+        self._set(self._outer)
+        self._outer = None
+
+
+# --------------------------------------------------------------------------------------------- the stack
+_VMAP_HINT = "run the seeds separately (trainer.members=1)"
+
+
+class MemberStack:
+    """K structurally identical models whose parameters and buffers are views into stacked ``[K, ...]`` tensors.
+
+    ``params[name]`` are leaves of shape ``[K, *shape]`` (``requires_grad`` as the members' parameters) that
+    receive the gradients of the batched backward pass; ``buffers[name]`` are plain stacked tensors. ``forward``
+    runs ``fn(module, *args)`` for all members at once (``vmap`` over the stack, random numbers refused)."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        if len(models) < 1:
+            raise ValueError("MemberStack needs at least one model")
+        self.models = list(models)
+        self.k = len(models)
+        first = models[0]
+        self.param_names = [n for n, _ in first.named_parameters()]
+        self.buffer_names = [n for n, _ in first.named_buffers()]
+        for i, m in enumerate(models[1:], 1):
+            _check_same_structure(first, m, i)
+        self.template = copy.deepcopy(first)  # functional_call swaps tensors into this copy, never into a member
+        for p in self.template.parameters():
+            p.requires_grad_(False)
+        self.params: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._slots: list[tuple[int, nn.Module, str, bool, str]] = []  # (member, owner, attribute, param?, name)
+        self._ptr: dict[tuple[int, str], int] = {}
+        self._hooks: list[Any] = []
+        self._tie_all()
+
+    # -- tying -------------------------------------------------------------------------------------------
+    def _tie_all(self) -> None:
+        owners = [_owners(m) for m in self.models]
+        for name in self.param_names:
+            ps = [owners[i][0][name][0]._parameters[owners[i][0][name][1]] for i in range(self.k)]
+            st = torch.stack([p.detach() for p in ps]).requires_grad_(ps[0].requires_grad)
+            self.params[name] = st
+            for i, p in enumerate(ps):
+                mod, attr = owners[i][0][name]
+                self._slots.append((i, mod, attr, True, name))
+                self._tie(i, name, p, st)
+        for name in self.buffer_names:
+            bs = [owners[i][1][name][0]._buffers[owners[i][1][name][1]] for i in range(self.k)]
+            st = torch.stack([b.detach() for b in bs])
+            self.buffers[name] = st
+            for i, b in enumerate(bs):
+                mod, attr = owners[i][1][name]
+                self._slots.append((i, mod, attr, False, name))
+                self._tie(i, name, b, st)
+        for m in self.models:
+            self._hooks.append(m._register_state_dict_hook(_compact_state_dict))
+
+    def _tie(self, i: int, name: str, t: torch.Tensor, st: torch.Tensor) -> None:
+        view = st.detach()[i]
+        t.data = view
+        self._ptr[(i, name)] = view.data_ptr()
+
+    def check_tied(self) -> int:
+        """Re-tie every member tensor that was replaced since the last check (its value copied into the stack);
+        returns how many. A replacement with another shape or dtype cannot be batched (one-line error)."""
+        n = 0
+        for i, mod, attr, is_param, name in self._slots:
+            t = (mod._parameters if is_param else mod._buffers).get(attr)
+            if t is not None and t.numel() and t.data_ptr() == self._ptr[(i, name)]:
+                continue
+            if t is None or not t.numel():
+                continue
+            st = self.params[name] if is_param else self.buffers[name]
+            if tuple(t.shape) != tuple(st.shape[1:]) or t.dtype != st.dtype or t.device != st.device:
+                raise QreproError(
+                    f"member {i}: {name} changed to shape {tuple(t.shape)} {t.dtype} during training, which batched "
+                    f"members cannot follow; {_VMAP_HINT}"
+                )
+            with torch.no_grad():
+                st.detach()[i].copy_(t.detach())
+            self._tie(i, name, t, st)
+            n += 1
+        return n
+
+    def release(self) -> None:
+        """Give every member its own compact tensors again (the stack is no longer used)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for _i, mod, attr, is_param, _name in self._slots:
+            t = (mod._parameters if is_param else mod._buffers).get(attr)
+            if t is not None and t.numel():
+                t.data = t.detach().clone()
+        self._slots = []
+
+    # -- gradients -----------------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for st in self.params.values():
+            st.grad = None
+        for _i, mod, attr, is_param, _ in self._slots:
+            if is_param:
+                p = mod._parameters.get(attr)
+                if p is not None:
+                    p.grad = None
+
+    def scatter_grads(self) -> None:
+        """Member i's ``p.grad`` = the view ``params[name].grad[i]`` (None where the stack got no gradient)."""
+        for i, mod, attr, is_param, name in self._slots:
+            if not is_param:
+                continue
+            p = mod._parameters.get(attr)
+            g = self.params[name].grad
+            if p is not None and p.requires_grad:
+                p.grad = None if g is None else g[i]
+
+    # -- batched call --------------------------------------------------------------------------------------
+    def vmapped(self, fn: Callable[..., Any], in_dims: tuple = ()) -> Callable[..., Any]:
+        """``(*args) -> fn(template, *args)`` for every member at once: ``args`` batched along dim 0 as given by
+        ``in_dims`` (0 = one slice per member, None = shared)."""
+        from torch.func import functional_call, vmap
+
+        template = self.template
+
+        class _Call(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = template
+
+            def forward(self, *args: Any) -> Any:
+                return fn(self.m, *args)
+
+        call = _Call()
+        pnames = {n: "m." + n for n in self.param_names}
+        bnames = {n: "m." + n for n in self.buffer_names}
+
+        def one(p: dict, b: dict, *args: Any) -> Any:
+            tensors = {pnames[k]: v for k, v in p.items()}
+            tensors.update({bnames[k]: v for k, v in b.items()})
+            return functional_call(call, tensors, args, tie_weights=True, strict=False)
+
+        batched = vmap(one, in_dims=(0, 0, *in_dims), randomness="error")
+
+        def run(*args: Any) -> Any:
+            try:
+                return batched(self.params, self.buffers, *args)
+            except RuntimeError as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if "randomness" in msg or "random" in msg.lower():
+                    raise QreproError(
+                        f"batched members: the forward pass draws random numbers (dropout or a stochastic "
+                        f"quantizer), which cannot be batched exactly; {_VMAP_HINT}"
+                    ) from None
+                if "vmap" in msg or "functorch" in msg or "autograd.Function" in msg or "Batching rule" in msg:
+                    raise QreproError(f"batched members: an operation cannot be batched ({msg}); {_VMAP_HINT}") from e
+                raise
+
+        return run
+
+    def set_training(self, mode: bool) -> None:
+        self.template.train(mode)
+
+
+def _owners(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str]], dict[str, tuple[nn.Module, str]]]:
+    """(param name -> (owning module, attribute), buffer name -> (owning module, attribute)), deduplicated as
+    ``named_parameters``/``named_buffers`` are."""
+    ps: dict[str, tuple[nn.Module, str]] = {}
+    bs: dict[str, tuple[nn.Module, str]] = {}
+    seen_p: set[int] = set()
+    seen_b: set[int] = set()
+    for mname, mod in model.named_modules():
+        for attr, p in mod._parameters.items():
+            if p is None or id(p) in seen_p:
+                continue
+            seen_p.add(id(p))
+            ps[f"{mname}.{attr}" if mname else attr] = (mod, attr)
+        for attr, b in mod._buffers.items():
+            if b is None or id(b) in seen_b:
+                continue
+            seen_b.add(id(b))
+            bs[f"{mname}.{attr}" if mname else attr] = (mod, attr)
+    return ps, bs
+
+
+def _check_same_structure(a: nn.Module, b: nn.Module, i: int) -> None:
+    ta = {n: (tuple(t.shape), t.dtype, t.requires_grad) for n, t in a.named_parameters()}
+    tb = {n: (tuple(t.shape), t.dtype, t.requires_grad) for n, t in b.named_parameters()}
+    ta.update({n: (tuple(t.shape), t.dtype, False) for n, t in a.named_buffers()})
+    tb.update({n: (tuple(t.shape), t.dtype, False) for n, t in b.named_buffers()})
+    if ta != tb:
+        diff = sorted(set(ta.items()) ^ set(tb.items()), key=str)[:2]
+        raise QreproError(f"batched members: member {i}'s model differs from member 0's ({diff}); {_VMAP_HINT}")
+
+
+def _compact_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> dict:
+    """State-dict hook of a member model: compact copies instead of views into the stack (a saved view would
+    carry every member's tensors)."""
+    for k, v in list(state.items()):
+        if isinstance(v, torch.Tensor):
+            state[k] = v.detach().clone()
+    return state
+
+
+def check_python_state(models: Sequence[nn.Module]) -> None:
+    """Plain Python attributes (flags, modes) that a forward pass may read must agree across members, since the
+    batched forward runs one module structure; hooks that set them differently per member cannot be batched."""
+    kinds = (bool, int, float, str, type(None))
+
+    def attrs(m: nn.Module) -> dict[str, Any]:
+        out = {}
+        for mname, mod in m.named_modules():
+            for k, v in vars(mod).items():
+                if not k.startswith("_") and isinstance(v, kinds):
+                    out[f"{mname}.{k}"] = v
+        return out
+
+    ref = attrs(models[0])
+    for i, m in enumerate(models[1:], 1):
+        other = attrs(m)
+        bad = [k for k in ref if ref[k] != other.get(k) and not (_isnan(ref[k]) and _isnan(other.get(k)))]
+        if bad:
+            k = bad[0]
+            raise QreproError(
+                f"batched members: member {i} sets {k}={other.get(k)!r} where member 0 has {ref[k]!r}; the members "
+                f"must share one module structure; {_VMAP_HINT}"
+            )
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+# ---------------------------------------------------------------------------------------------- one step
+@dataclass
+class MemberSlot:
+    """What one member owns besides its tensors (built exactly as its separate run builds them)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    hooks: list[Any]
+    ema: Any
+    ctx: Any
+    rng: RngState
+    scaler: Any = None
+    label: str = ""
+
+
+def _forward_loss_fn(loss_fn: Callable, regularizer: Callable | None, autocast: Any = None) -> Callable:
+    """``(model, x, y) -> (loss, correct)``: ``make_forward_loss``'s unit, for the template module."""
+
+    def fl(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast() if autocast is not None else _null():
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            if regularizer is not None:
+                r = regularizer(model)
+                if r is not None:
+                    loss = loss + r
+        correct = logits.detach().argmax(1).eq(y).sum()
+        return loss, correct
+
+    return fl
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class BatchedStep:
+    """One optimizer step of every member, exactly as ``qrepro.engine.loop.train_step`` takes it for one run:
+    forward + loss (+ the method's regularizer) and backward batched over the stack, then per member (in member
+    order, with its own RNG state): the optimizer step (through its gradient scaler under fp16), the LR schedule,
+    the EMA and the hooks' ``on_step_end``."""
+
+    def __init__(
+        self,
+        slots: Sequence[MemberSlot],
+        loss_fn: Callable,
+        regularizer: Callable | None,
+        autocast: Any = None,
+        compile_mode: str | None = None,
+    ) -> None:
+        self.slots = list(slots)
+        for s in self.slots:
+            if getattr(s.optimizer, "needs_closure", False):
+                raise QreproError(
+                    f"batched members: optimizer {type(s.optimizer).__name__} re-evaluates the loss inside step() "
+                    f"(a closure, e.g. ASAM), which cannot be batched; {_VMAP_HINT}"
+                )
+        self.stack = MemberStack([s.model for s in self.slots])
+        self.fn = self.stack.vmapped(_forward_loss_fn(loss_fn, regularizer, autocast), in_dims=(0, 0))
+        if compile_mode is not None:  # one graph for all members (CUDA graphs in reduce-overhead)
+            from qrepro.engine.fast import compile_forward_loss
+
+            self.fn = compile_forward_loss(self.fn, compile_mode)
+
+    @property
+    def k(self) -> int:
+        return len(self.slots)
+
+    def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stack = self.stack
+        stack.set_training(True)
+        for s in self.slots:
+            s.model.train()
+        stack.zero_grad()
+        losses, correct = self.fn(xs, ys)
+        with torch.no_grad():
+            step_losses = losses.detach().clone()
+            correct = correct.detach().clone()
+        if any(s.scaler is not None for s in self.slots):  # fp16: each member's loss times its own scale
+            scaled = [s.scaler.scale(loss) if s.scaler is not None else loss for s, loss in zip(self.slots, losses)]
+            torch.stack(scaled).sum().backward()
+        else:
+            losses.sum().backward()
+        stack.scatter_grads()
+        for i, s in enumerate(self.slots):
+            with s.rng:
+                if s.scaler is not None:
+                    s.scaler.step(s.optimizer)
+                    s.scaler.update()
+                else:
+                    s.optimizer.step()
+                if s.scheduler is not None:
+                    s.scheduler.step()
+                if s.ema is not None:
+                    s.ema.update(s.model)
+                s.ctx.step += 1
+                s.ctx.loss = step_losses[i]
+                for h in s.hooks:
+                    h.on_step_end(s.ctx, s.ctx.step)
+        stack.check_tied()
+        return step_losses, correct
+
+    def release(self) -> None:
+        self.stack.release()
+
+
+# ------------------------------------------------------------------------------- in-process API (tests)
+@dataclass
+class Members:
+    """K runs (``qrepro.api.Run`` each, built exactly as ``qrepro.api.build`` with seed S+i) stepped as one batch.
+
+    ``step([(x0, y0), ..., (xK-1, yK-1)])`` takes one training step of every member on its own batch (the first
+    call first runs each member's ``on_train_start`` on its batch, as the trainer does). ``runs[i]`` is member i.
+    """
+
+    runs: list[Any]
+    step_fn: BatchedStep | None = None
+    rngs: list[RngState] = field(default_factory=list)
+
+    def _start(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for r, rng, (x, y) in zip(self.runs, self.rngs, batches):
+            with rng:
+                r.start(x, y)
+        slots = [
+            MemberSlot(r.model, r.optimizer, r.scheduler, r.hooks, r.ema, r.ctx, rng)
+            for r, rng in zip(self.runs, self.rngs)
+        ]
+        check_python_state([r.model for r in self.runs])
+        r0 = self.runs[0]
+        self.step_fn = BatchedStep(slots, r0.loss_fn, r0.method.regularizer)
+
+    def step(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if len(batches) != len(self.runs):
+            raise ValueError(f"step needs one batch per member ({len(self.runs)}), got {len(batches)}")
+        if self.step_fn is None:
+            self._start(batches)
+        prepared = [r._prepare(x, y) for r, (x, y) in zip(self.runs, batches)]
+        for r in self.runs:
+            r.ctx.epoch = r.ctx.step // max(1, r.steps_per_epoch)
+        xs = torch.stack([x for x, _ in prepared])
+        ys = torch.stack([y for _, y in prepared])
+        losses, _ = self.step_fn(xs, ys)
+        return losses
+
+    def end_epoch(self) -> list[dict[str, float]]:
+        out = []
+        for r, rng in zip(self.runs, self.rngs):
+            with rng:
+                out.append(r.end_epoch())
+        return out
+
+
+def build_members(
+    overrides: Sequence[str],
+    members: int,
+    dtype: torch.dtype | None = None,
+    *,
+    load_data: bool = True,
+    num_classes: int | None = None,
+    steps_per_epoch: int | None = None,
+) -> Members:
+    """``qrepro.api.build(overrides + [f"seed={S + i}"])`` for i < ``members`` (S: the composed seed), as one batch."""
+    from qrepro.api import build
+    from qrepro.builders import compose
+
+    base = int(compose([o for o in overrides if not o.startswith("trainer.members=")]).seed)
+    runs, rngs = [], []
+    for i in range(members):
+        ov = [o for o in overrides if _key(o) not in ("seed", "trainer.members")] + [f"seed={base + i}"]
+        r = build(ov, dtype, load_data=load_data, num_classes=num_classes, steps_per_epoch=steps_per_epoch)
+        rng = RngState(r.device)
+        rng.capture()
+        runs.append(r)
+        rngs.append(rng)
+    return Members(runs, rngs=rngs)
+
+
+# -------------------------------------------------------------------------------- run directories, seeds
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def member_seeds(seed: int, members: int) -> list[int]:
+    return [int(seed) + i for i in range(int(members))]
+
+
+def member_overrides(overrides: Sequence[str], seed: int, index: int, seed_given: bool) -> list[str]:
+    """Member ``index``'s command-line overrides: the launch's, without ``trainer.members``, with ``seed=S+index``
+    (member 0 keeps the launch's own form: no seed override when none was given)."""
+    out = [o for o in overrides if _key(o) not in ("seed", "trainer.members")]
+    if index > 0 or seed_given:
+        out.append(f"seed={seed + index}")
+    return out
+
+
+def _exclude_keys() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().job.config.override_dirname.exclude_keys)
+    from qrepro.cli import CONFIG_DIR
+
+    return list(OmegaConf.load(Path(CONFIG_DIR) / "train.yaml").hydra.job.config.override_dirname.exclude_keys)
+
+
+def override_dirname(overrides: Sequence[str]) -> str:
+    """The run sub-directory Hydra names for ``overrides`` (``hydra.job.override_dirname`` + ``run_subdir``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from qrepro.cli import run_subdir_name
+
+    exclude = set(_exclude_keys())
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    lines = sorted(o.input_line for o in parsed if o.key_or_group not in exclude)
+    return run_subdir_name(",".join(lines))
+
+
+def batch_id(name: str, seeds: Sequence[int], overrides: Sequence[str]) -> str:
+    """A name for one batched job: experiment name, seed range and a hash of the shared overrides."""
+    import json
+
+    h = hashlib.sha256(json.dumps([name, list(seeds), sorted(overrides)], default=str).encode()).hexdigest()[:12]
+    return f"{name}:seeds={seeds[0]}-{seeds[-1]}:{h}"
