@@ -361,9 +361,9 @@ def test_no_bn_rescaling_follows_data_flow() -> None:
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(
         ls["1.conv2"].effective_weight(),
-        sat_rescale(dorefa_weight(ls["1.conv2"].weight, 2), 8 * 9),
+        sat_rescale(dorefa_weight(ls["1.conv2"].weight, 2, "modified"), 8 * 9, "sample"),
     )
-    torch.testing.assert_close(ls["1.conv1"].effective_weight(), dorefa_weight(ls["1.conv1"].weight, 2))
+    torch.testing.assert_close(ls["1.conv1"].effective_weight(), dorefa_weight(ls["1.conv1"].weight, 2, "modified"))
     m.eval()
     assert torch.isfinite(m(x)).all()
 
@@ -378,7 +378,10 @@ def test_policy_defaults() -> None:
     assert float(last.aq.alpha.detach()) == 10.0 and float(ls["3"].aq.alpha.detach()) == 8.0
     assert ls["3"].wq.bits == 4 and ls["3"].aq.bits == 4 and ls["3"].aq.calibrated
     assert [n for n, l in ls.items() if l.wq.rescale] == ["11"]  # rescale the last FC only
-    assert all(l.wq.scheme == "original" for l in ls.values())
+    # the authors' code: asymmetric "modified" levels, VAR = torch.std(Q)^2, inputs clipped at 0
+    assert all(l.wq.scheme == "modified" and l.wq.variance == "sample" for l in ls.values())
+    assert all(float(l.aq.signed) == 0 and not l.aq.auto_sign for l in ls.values() if l.aq is not None)
+    assert build_method("sat", 4, 4).hooks == []
     assert PACTQuantizer.param_tags == {"alpha": "act_clip"}
 
 
@@ -445,6 +448,40 @@ def test_fp_checkpoint_loads_strictly_except_quantizer_state() -> None:
     assert not unexpected and all(k.split(".")[-2] in ("aq", "wq") for k in missing)
 
 
+def _fc_input(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of the last FC, model output) of one forward pass."""
+    seen = {}
+    h = m[11].register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        out = m(x)
+    h.remove()
+    return seen["x"], out
+
+
+def test_last_fc_factor_in_training_bias_divided_in_eval() -> None:
+    """Paper §3.3.2 and the authors' QLinear: the last FC's factor f scales its weight in training only; in eval
+    mode the weight is Q and the bias b / f (logits / f, same arg-max). Other rescaled layers keep f in eval."""
+    torch.manual_seed(1)
+    m = prepare(tiny_net().double(), build_method("sat", 4, 4, rescale="all"))
+    fc = m[11]
+    with torch.no_grad():
+        fc.bias.normal_(0, 0.5)
+    x = torch.randn(64, 3, 8, 8, dtype=D)
+    q = dorefa_weight(fc.weight, 8, "modified")
+    f = 1 / (math.sqrt(10) * float(q.detach().std()))  # the authors' factor: 1 / (sqrt(n_out) torch.std(Q))
+    m.train()
+    xin, out = _fc_input(m, x)
+    torch.testing.assert_close(out, nn.functional.linear(fc.aq(xin), f * q, fc.bias))
+    m.eval()
+    xin, out = _fc_input(m, x)
+    torch.testing.assert_close(out, nn.functional.linear(fc.aq(xin), q, fc.bias / f))
+    torch.testing.assert_close(out * f, nn.functional.linear(fc.aq(xin), f * q, fc.bias))
+    conv = m[3]  # a rescaled conv: the same effective weight in both modes
+    assert conv.wq.rescale == "const" and not conv.wq.foldable
+    torch.testing.assert_close(conv.effective_weight(), conv.wq.train()(conv.weight))
+    torch.testing.assert_close(conv.effective_bias(), conv.bias)  # None: convs have no bias
+
+
 def test_folded_bias_same_argmax() -> None:
     torch.manual_seed(1)
     m = prepare(tiny_net().double(), build_method("sat", 4, 4)).eval()
@@ -452,19 +489,23 @@ def test_folded_bias_same_argmax() -> None:
         m[11].bias.normal_(0, 0.5)
     x = torch.randn(64, 3, 8, 8, dtype=D)
     with torch.no_grad():
-        logits = m(x)
+        logits = m(x)  # eval mode: already x Q + b / f
         f = m[11].wq.factor(m[11].weight)
+        bias = m[11].bias.clone()
     assert fold_sat_rescale(m) == ["11"]
     assert m[11].wq.rescale is None
+    torch.testing.assert_close(m[11].bias, bias / f)
     with torch.no_grad():
         folded = m(x)
-    assert torch.equal(folded.argmax(1), logits.argmax(1))
-    torch.testing.assert_close(folded * f, logits)  # logits divided by the positive factor
+    torch.testing.assert_close(folded, logits)  # folding freezes what eval mode computes
+    m.train()
+    with torch.no_grad():
+        assert torch.equal(m[11].effective_bias(), m[11].bias)
 
 
 def test_signed_auto_detection() -> None:
     net = tiny_net(bn_after_last_conv=False)  # the 1x1 conv's output (signed) feeds the last FC via the pool
-    m = prepare(net, build_method("sat", 4, 4))
+    m = prepare(net, build_method("sat", 4, 4, signed_act="auto"))
     assert all(l.aq.auto_sign for l in q_layers(m).values() if l.aq is not None)
     rep = calibrate_structure(m, torch.randn(8, 3, 8, 8))
     assert rep == {"signed": ["9"], "rescaled": []}
@@ -491,3 +532,118 @@ def test_kappa_diagnostics() -> None:
     assert abs(out["sat_kappa0"] - k0) < 1e-6
     assert {"sat_kappa1/0", "sat_kappa1/3", "sat_kappa1/6", "sat_kappa1_median"} <= set(out)
     assert all(math.isfinite(v) and v > 0 for v in out.values())
+
+
+# --------------------------------------------------------------------------- the authors' code (SAT experiments)
+@pytest.mark.parametrize("scheme, bits, lo, hi", [("modified", 2, 0.05, 1.0), ("original", 2, 0.0, 0.01)])
+def test_rescale_variance_is_the_authors_torch_std(scheme: str, bits: int, lo: float, hi: float) -> None:
+    """The authors divide by torch.std(Q) (mean removed, N - 1); the paper's text averages the squares. With
+    the asymmetric modified levels at 2 bits the two factors differ by several % (mean(Q) != 0), with the
+    symmetric original levels by < 1 %; ``variance: mean_square`` keeps the paper's reading."""
+    conv = nn.Conv2d(16, 32, 3, bias=False).double()
+    torch.nn.init.normal_(conv.weight, 0, 0.1)
+    n_out = 32 * 9
+    q = dorefa_weight(conv.weight, bits, scheme)
+    wq = SATWeightQuantizer(bits, scheme, rescale="const")  # the method's default: variance="sample"
+    torch.testing.assert_close(wq(conv.weight), q / (math.sqrt(n_out) * q.std()))
+    assert abs(float(n_out * wq(conv.weight).detach().var()) - 1) < 1e-12
+    paper = SATWeightQuantizer(bits, scheme, rescale="const", variance="mean_square")
+    torch.testing.assert_close(paper(conv.weight), sat_rescale(q, n_out))
+    ratio = float(wq.factor(conv.weight) / paper.factor(conv.weight))
+    assert lo < abs(ratio - 1) < hi
+    # Eq. S23 (the authors' rescale_type: stddev): torch.std(W) / torch.std(Q)
+    s23 = SATWeightQuantizer(bits, scheme, rescale="std")
+    torch.testing.assert_close(s23(conv.weight), q * conv.weight.std() / q.std())
+    m = prepare(tiny_net(), build_method("sat", bits, bits, scheme=scheme, variance="mean_square"))
+    assert q_layers(m)["11"].wq.variance == "mean_square"
+    with pytest.raises(QreproError):
+        build_method("sat", 4, 4, variance="unbiased")
+
+
+def test_sat_quantizer_configs_follow_the_authors_code() -> None:
+    from qrepro.builders import compose
+
+    for exp in ("sat_mbv2_4bit", "sat_mbv1_4bit", "sat_cifar_resnet20_4bit_sat", "sat_cifar_resnet20_4bit_pact"):
+        q = compose([f"+experiment={exp}"]).quantizer
+        assert (q.scheme, q.variance, q.signed_act) == ("modified", "sample", False), exp
+
+
+def _sat_model(exp: str, *extra: str) -> nn.Module:
+    from qrepro.builders import build_model_and_method, compose
+
+    torch.manual_seed(0)
+    return build_model_and_method(compose([f"+experiment={exp}", *extra]), 10)[0]
+
+
+@pytest.mark.parametrize("exp", ["sat_mbv2_4bit", "sat_mbv1_4bit", "sat_cifar_mbv2_4bit_sat"])
+def test_sat_mobilenets_are_the_authors_networks(exp: str) -> None:
+    """ReLU (not ReLU6), no dropout, the authors' module names, block inputs clipped at 0 (one-sided PACT)."""
+    m = _sat_model(exp)
+    kinds = {type(x) for x in m.modules()}
+    assert nn.ReLU in kinds and nn.ReLU6 not in kinds and nn.Dropout not in kinds
+    keys = set(m.state_dict())
+    assert {"head.0.weight", "head.1.running_var", "classifier.0.weight", "classifier.0.aq.alpha"} <= keys
+    assert "stage_1_layer_0.body.3.weight" in keys  # second stage, first block, depthwise (V2) conv
+    ls = q_layers(m)
+    assert ls["head.0"].aq is None and ls["head.0"].wq.bits == 8 and ls["classifier.0"].wq.bits == 8
+    assert all(float(l.aq.signed) == 0 for l in ls.values() if l.aq is not None)
+    fc = m.classifier[0]
+    assert float(fc.weight.detach().std()) < 0.02 and not fc.bias.any()  # linear init N(0, 0.01), zero bias
+    if "mbv2" in exp:
+        expand = ls["stage_1_layer_1.body.0"]  # its input is the previous block's linear bottleneck output
+        x = torch.randn(4, 24, 8, 8)
+        assert (x < 0).any() and (expand.aq(x) >= 0).all()
+        assert "tail.0.weight" in keys
+    # the alternatives stay switches: torchvision's MobileNet-V2 and two-sided PACT
+    if exp == "sat_mbv2_4bit":
+        tv = _sat_model(exp, "model=mobilenet_v2", "quantizer.signed_act=auto")
+        assert nn.ReLU6 in {type(x) for x in tv.modules()} and nn.Dropout in {type(x) for x in tv.modules()}
+
+
+def test_sat_cifar_resnet20_is_the_authors_model_and_recipe() -> None:
+    """models/q_resnet_cifar.py + apps/cifar10/*.yml: quantized 1x1 conv + BN shortcuts, every conv and the FC
+    rescaled (rescale_conv), first conv / last FC at the network bit-width, ReLU after the addition."""
+    m = _sat_model("sat_cifar_resnet20_4bit_sat")
+    ls = q_layers(m)
+    assert len(ls) == 22  # 19 3x3 convs + 2 1x1 shortcut convs + the FC
+    shortcuts = [n for n in ls if n.endswith("shortcut.0")]
+    assert shortcuts == ["stage_1_layer_0.shortcut.0", "stage_2_layer_0.shortcut.0"]
+    assert all(ls[n].aq is not None and ls[n].wq.bits == 4 for n in shortcuts)
+    assert all(l.wq.rescale == "const" and l.wq.bits == 4 for l in ls.values())
+    assert ls["head.0"].aq is None and ls["classifier.0"].aq.bits == 4
+    alphas = (float(ls["classifier.0"].aq.alpha.detach()), float(ls["stage_0_layer_0.body.0"].aq.alpha.detach()))
+    assert alphas == (10.0, 8.0)
+    assert sum(p.numel() for n, p in m.named_parameters() if not n.endswith("alpha")) == 272_474
+    for n, conv in ls.items():  # conv init N(0, 2 / (k k C_out))
+        if n != "classifier.0":
+            k = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+            assert abs(float(conv.weight.detach().std()) * math.sqrt(k / 2) - 1) < 0.35, n
+    fp = _sat_model("sat_cifar_resnet20_fp")
+    assert all(l.wq.bits == 32 and l.wq.rescale == "const" and l.aq is None for l in q_layers(fp).values())
+
+
+def test_adabits_state_dict_mapping() -> None:
+    from qrepro.models.sat_nets import adabits_key, adabits_state_dict
+
+    m = _sat_model("sat_cifar_resnet20_4bit_sat")
+    ours = m.state_dict()
+    theirs = {}
+    for k, v in ours.items():  # the authors' layout: switchable BN (two bit-widths), alpha per bit-width
+        if k.endswith(".aq.signed"):
+            continue
+        if k.endswith(".aq.alpha"):
+            theirs["module." + k.replace("aq.alpha", "alpha")] = torch.stack([v + 1, v])
+            continue
+        parent, _, leaf = k.rpartition(".")
+        if isinstance(m.get_submodule(parent), nn.BatchNorm2d):
+            theirs[f"module.{parent}.bn.0.{leaf}"] = v + 7
+            theirs[f"module.{parent}.bn.1.{leaf}"] = v
+        else:
+            theirs["module." + k] = v
+    theirs["module.head.0.alpha"] = torch.tensor([8.0, 8.0])  # their weight-only first conv has an unused clip
+    conv = adabits_state_dict(theirs, ours, bits_index=1)
+    assert set(conv) == set(ours) and all(torch.equal(conv[k], v) for k, v in ours.items())
+    assert adabits_key("module.head.1.bn.0.running_mean") == "head.1.running_mean"
+    assert adabits_key("head.1.bn.1.weight") is None
+    with pytest.raises(KeyError):
+        adabits_state_dict({}, ours)

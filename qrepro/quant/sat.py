@@ -5,6 +5,8 @@ Functional maths only; the quantizer modules and the per-layer policy live in ``
 - ``dorefa_weight``  Eq. (5, 6, 8, 9): tanh clamping + DoReFa rounding, the effective weight Q in [-1, 1].
 - ``sat_rescale``    Eq. (10): constant rescaling Q* = Q / sqrt(n_out VAR[Q]), VAR detached.
 - ``std_rescale``    Eq. (S23): rescaling with the standard deviation of the original weights.
+- ``weight_var``     VAR[.] of Eq. (10) / (S23): ``mean_square`` (the paper's text, "averaging the square of
+                     elements") or ``sample`` (the authors' code, ``torch.std``: mean removed, N - 1).
 - ``pact``           Eq. (11)-(13): PACT clipping + quantization, calibrated (CG-PACT) or original gradient.
 
 Every rounding uses the straight-through estimator on the rounding only (``x + (round(x) - x).detach()``),
@@ -19,6 +21,7 @@ from qrepro.errors import QreproError
 from qrepro.quant.ste import clip, value_ste
 
 WEIGHT_SCHEMES = ("original", "modified", "centered")
+VARIANCES = ("sample", "mean_square")
 FP_BITS = 32
 
 
@@ -77,6 +80,21 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
     return x.square().mean()
 
 
+def weight_var(x: torch.Tensor, variance: str = "mean_square") -> torch.Tensor:
+    """VAR[x] of the rescaling equations (10) and (S23) over all elements of a weight tensor.
+
+    - ``mean_square``: mean(x^2), as the paper's text defines it;
+    - ``sample``: the unbiased sample variance sum((x - mean(x))^2) / (N - 1), i.e. ``torch.std(x)**2`` as the
+      authors' code computes it. The two differ where mean(x) != 0: ~0.1 % for the symmetric ``original``
+      levels, ~9 % at 2 bits for the asymmetric ``modified`` levels.
+    """
+    if variance == "mean_square":
+        return mean_square(x)
+    if variance == "sample":
+        return x.var()
+    raise QreproError(f"unknown SAT variance {variance!r}; choose one of: {', '.join(VARIANCES)}")
+
+
 def out_neurons(w: torch.Tensor) -> int:
     """Number of output neurons of a layer: C_out * k_h * k_w for a conv, out_features for a linear."""
     n = w.shape[0]
@@ -85,28 +103,29 @@ def out_neurons(w: torch.Tensor) -> int:
     return int(n)
 
 
-def sat_rescale(q: torch.Tensor, n_out: int) -> torch.Tensor:
+def sat_rescale(q: torch.Tensor, n_out: int, variance: str = "mean_square") -> torch.Tensor:
     """Constant rescaling, Eq. (10): Q* = Q / sqrt(n_out * VAR[Q]); VAR is treated as a constant (detached).
 
-    VAR[Q] is the mean of the squared elements as the paper defines it, so mean(Q*^2) = 1 / n_out exactly.
+    With the paper's VAR (``variance="mean_square"``) mean(Q*^2) = 1 / n_out exactly; with the authors'
+    ``variance="sample"`` the unbiased variance of Q* is 1 / n_out.
     """
-    return q * sat_rescale_factor(q, n_out)
+    return q * sat_rescale_factor(q, n_out, variance)
 
 
-def sat_rescale_factor(q: torch.Tensor, n_out: int) -> torch.Tensor:
+def sat_rescale_factor(q: torch.Tensor, n_out: int, variance: str = "mean_square") -> torch.Tensor:
     """The (detached, positive) factor 1 / sqrt(n_out VAR[Q]) of Eq. (10)."""
-    return torch.rsqrt(n_out * mean_square(q.detach()))
+    return torch.rsqrt(n_out * weight_var(q.detach(), variance))
 
 
-def std_rescale_factor(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def std_rescale_factor(q: torch.Tensor, w: torch.Tensor, variance: str = "mean_square") -> torch.Tensor:
     """The (detached, positive) factor sqrt(VAR[W] / VAR[Q]) of Eq. (S23)."""
-    return torch.sqrt(mean_square(w.detach()) / mean_square(q.detach()))
+    return torch.sqrt(weight_var(w.detach(), variance) / weight_var(q.detach(), variance))
 
 
-def std_rescale(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def std_rescale(q: torch.Tensor, w: torch.Tensor, variance: str = "mean_square") -> torch.Tensor:
     """Rescaling with the standard deviation of the original weights, Eq. (S23):
     Q* = sqrt(VAR[W] / VAR[Q]) Q, both variances detached like the constant rescaling of Eq. (10)."""
-    return q * std_rescale_factor(q, w)
+    return q * std_rescale_factor(q, w, variance)
 
 
 def pact(

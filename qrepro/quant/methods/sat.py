@@ -13,14 +13,21 @@ Policy (paper §3.1, §4):
   straight into a BN plus the last FC (``no_bn``, §3.3.1 / S6; read off the data flow of the first batch,
   because module order misses residual additions), on every layer (``all``, what S6's figure shows; the
   same training, since a BN after a layer cancels a constant factor) or nowhere (``none``); Eq. (S23) with
-  ``rescale_method: std``;
+  ``rescale_method: std``; VAR as the authors' code computes it (``variance: sample``, torch.std: mean removed,
+  N - 1) or as the paper's text defines it (``variance: mean_square``);
+- the last FC's factor applies in training only: in eval mode its weight is Q and its bias b / f (the authors'
+  code, and paper §3.3.2: "the scaling factor can be discarded, with the bias term being modified"), so eval
+  logits are the training-mode logits divided by f > 0 (same arg-max);
 - CG-PACT gradient (Eq. 13) with ``cg: true``, original PACT gradient with ``cg: false``;
 - alpha parameterised as |alpha|, initialised to 8 (convs) and 10 (last FC), tagged ``act_clip`` so configs
   can exempt it from weight decay;
 - signed (two-sided) activation quantization for inputs that take negative values (MobileNet-V2's linear
   bottleneck outputs): ``signed_act: auto`` detects them on the first training batch (hook), ``true`` /
-  ``false`` force it, or a list of fnmatch patterns of layer names. ``false`` reproduces the authors' code,
-  which silently clips such inputs at 0 (a ReLU).
+  ``false`` force it, or a list of fnmatch patterns of layer names. ``false`` (default) reproduces the authors'
+  code, which clips such inputs at 0 (a ReLU); their ``double_side`` switch is a pattern list (docs/sat.md).
+
+Defaults follow the authors' code (weight levels ``modified``, ``variance: sample``, ``signed_act: false``);
+the paper's readings are the switches ``scheme: original`` and ``variance: mean_square`` (docs/sat.md).
 
 Registered methods (same builder, different defaults):
 - ``sat``    rescale=last, cg=true        (Table 1-3, Table 4 "PACT+SAT+CG")
@@ -56,8 +63,9 @@ class SATWeightQuantizer(nn.Module):
     """Weight fake-quantizer: W -> Q (Eq. 9) [-> Q* (Eq. 10 or S23)].
 
     ``clamp=False`` (only with ``bits=32``) skips the tanh clamping, so the layer is a plain FP layer unless
-    rescaling is on. ``foldable`` marks a layer whose positive rescale factor may be dropped at inference
-    (the last FC: logits only feed the arg-max / softmax), see ``fold_sat_rescale``. ``gated=True``
+    rescaling is on. ``foldable`` marks the last FC, whose positive rescale factor applies in training
+    only: in eval mode ``forward`` returns Q and ``transform_bias`` (called by the layer) divides the bias by the
+    factor, as the authors' eval mode does (``fold_sat_rescale`` makes that permanent). ``gated=True``
     (``rescale: no_bn``) adds a persistent 0/1 buffer ``rescale_on`` that switches the factor on or off
     without a Python branch; it is set from the real data flow by ``calibrate_structure``.
     """
@@ -71,6 +79,7 @@ class SATWeightQuantizer(nn.Module):
         foldable: bool = False,
         gated: bool = False,
         rescale_on: bool = True,
+        variance: str = "sample",
     ) -> None:
         super().__init__()
         if scheme not in satf.WEIGHT_SCHEMES:
@@ -79,6 +88,9 @@ class SATWeightQuantizer(nn.Module):
             raise QreproError(f"unknown rescale_method {rescale!r}; choose one of: {', '.join(RESCALE_METHODS)}")
         if not clamp and bits != satf.FP_BITS:
             raise QreproError("weight_clamp=false is only valid with 32-bit weights (DoReFa rounds the clamped weight)")
+        if variance not in satf.VARIANCES:
+            raise QreproError(f"unknown SAT variance {variance!r}; choose one of: {', '.join(satf.VARIANCES)}")
+        self.variance = variance
         self.bits, self.scheme, self.rescale, self.clamp, self.foldable = (
             bits,
             scheme,
@@ -98,24 +110,38 @@ class SATWeightQuantizer(nn.Module):
         """The detached positive rescale factor (1 when rescaling is off)."""
         q = self.quantize(w) if q is None else q
         if self.rescale == "const":
-            f = satf.sat_rescale_factor(q, satf.out_neurons(w))
+            f = satf.sat_rescale_factor(q, satf.out_neurons(w), self.variance)
         elif self.rescale == "std":
-            f = satf.std_rescale_factor(q, w)
+            f = satf.std_rescale_factor(q, w, self.variance)
         else:
             return torch.ones((), dtype=w.dtype, device=w.device)
         if self.gated:
             f = torch.where(self.rescale_on > 0, f, torch.ones_like(f))
         return f
 
+    def _folded(self) -> bool:
+        """Eval mode of a foldable (last FC) layer: the factor moves from the weight into the bias."""
+        return self.rescale is not None and self.foldable and not self.training
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         q = self.quantize(w)
-        if self.rescale is None:
+        if self.rescale is None or self._folded():
             return q
         return q * self.factor(w, q)
 
+    def transform_bias(self, bias: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The bias that goes with ``forward(w)``: b / f in eval mode of a foldable layer (paper §3.3.2, the
+        authors' eval mode: x Q + b / f = (x fQ + b) / f), b otherwise."""
+        if not self._folded():
+            return bias
+        return bias / self.factor(w)
+
     def extra_repr(self) -> str:
         gate = ", gated" if self.gated else ""
-        return f"bits={self.bits}, scheme={self.scheme}, rescale={self.rescale}{gate}, clamp={self.clamp}"
+        return (
+            f"bits={self.bits}, scheme={self.scheme}, rescale={self.rescale}{gate}, variance={self.variance}, "
+            f"clamp={self.clamp}, foldable={self.foldable}"
+        )
 
 
 class PACTQuantizer(nn.Module):
@@ -162,6 +188,7 @@ def _build(
     scheme: str,
     rescale: str,
     rescale_method: str,
+    variance: str,
     cg: bool,
     first_last: str,
     signed_act: Any,
@@ -175,6 +202,7 @@ def _build(
         ("scheme", scheme, satf.WEIGHT_SCHEMES),
         ("rescale", rescale, RESCALE_MODES),
         ("rescale_method", rescale_method, RESCALE_METHODS),
+        ("variance", variance, satf.VARIANCES),
         ("first_last", first_last, FIRST_LAST),
     ):
         if val not in allowed:
@@ -204,6 +232,7 @@ def _build(
             foldable=last,
             gated=gated,
             rescale_on=not isinstance(info.next_module, _BatchNorm),
+            variance=variance,
         )
         aq = None
         if not first and info.a_bits != satf.FP_BITS:  # first conv: uint8 image, not quantized
@@ -221,6 +250,7 @@ def _build(
         scheme=scheme,
         rescale=rescale,
         rescale_method=rescale_method,
+        variance=variance,
         cg=cg,
         first_last=first_last,
         signed_act=signed_act if isinstance(signed_act, (str, bool)) else list(signed_act),
@@ -237,12 +267,13 @@ def build_sat(
     w_bits: int,
     a_bits: int,
     *,
-    scheme: str = "original",
+    scheme: str = "modified",
     rescale: str = "last",
     rescale_method: str = "const",
+    variance: str = "sample",
     cg: bool = True,
     first_last: str = "8bit",
-    signed_act: Any = "auto",
+    signed_act: Any = False,
     alpha_init: float = 8.0,
     alpha_init_last: float = 10.0,
     weight_clamp: bool = True,
@@ -257,12 +288,13 @@ def build_pact(
     w_bits: int,
     a_bits: int,
     *,
-    scheme: str = "original",
+    scheme: str = "modified",
     rescale: str = "none",
     rescale_method: str = "const",
+    variance: str = "sample",
     cg: bool = False,
     first_last: str = "8bit",
-    signed_act: Any = "auto",
+    signed_act: Any = False,
     alpha_init: float = 8.0,
     alpha_init_last: float = 10.0,
     weight_clamp: bool = True,
@@ -277,12 +309,13 @@ def build_dorefa(
     w_bits: int,
     a_bits: int,
     *,
-    scheme: str = "original",
+    scheme: str = "modified",
     rescale: str = "none",
     rescale_method: str = "const",
+    variance: str = "sample",
     cg: bool = True,
     first_last: str = "8bit",
-    signed_act: Any = "auto",
+    signed_act: Any = False,
     alpha_init: float = 8.0,
     alpha_init_last: float = 10.0,
     weight_clamp: bool = True,
@@ -380,9 +413,9 @@ def fold_sat_rescale(model: nn.Module) -> list[str]:
     """Fold the rescale factor f > 0 of the last FC into its bias for inference (paper §3.3.2).
 
     The folded layer computes x Q^T + b / f = (x (fQ)^T + b) / f: logits divided by a positive constant, so
-    the arg-max (and the ranking) is unchanged and the extra multiply disappears; the authors divide the FC
-    bias by the factor in eval mode. In place and for inference only (the factor is frozen at its current
-    value). Rescaled layers that are not the last FC (S6: convs followed by a residual addition) keep their
+    the arg-max (and the ranking) is unchanged and the extra multiply disappears. Eval mode already computes
+    this on the fly (as the authors' code does); folding freezes the factor at its current value, in place, for
+    inference or export. Rescaled layers that are not the last FC (S6: convs followed by a residual addition) keep their
     factor. Returns the names of the folded layers.
     """
     folded = []

@@ -1,0 +1,275 @@
+"""The networks of the SAT authors' code (their AdaBits repository: ``models/q_mobilenet_v1.py``,
+``q_mobilenet_v2.py``, ``q_resnet_cifar.py``), written here as plain FP modules for ``qrepro.quant.prepare``.
+
+The SAT experiments use these, so that a quantized model is the network the paper's numbers came from:
+
+- ``sat_mobilenet_v1``: 3x3/2 stem (32) and 13 depthwise-separable blocks (64, 128x2, 256x2, 512x6, 1024x2; the
+  first block of each group after the first has stride 2), global average pool, Linear(1024, classes).
+- ``sat_mobilenet_v2``: 3x3/2 stem (32), inverted residual blocks (t, c, n, s) = (1,16,1,1) (6,24,2,2)
+  (6,32,3,2) (6,64,4,2) (6,96,3,1) (6,160,3,2) (6,320,1,1) with a residual addition where the shape is kept,
+  1x1 tail conv to 1280, global average pool, Linear(1280, classes). ``sat_mobilenet_v2_cifar``: the same
+  blocks with the stem and the 24-/32-channel stages at stride 1 (32x32 -> 8x8, as ``mobilenet_v2_cifar``).
+- ``sat_resnet20`` / ``sat_resnet56``: CIFAR ResNet with 3x3 stem (16), three stages of basic blocks (16, 32, 64
+  channels), a 1x1 conv + BN projection shortcut where the shape changes (quantized like every other conv),
+  ReLU after the addition, global average pool, Linear(64, classes).
+
+How they differ from the zoo's other models of the same name: ReLU everywhere (never ReLU6; PACT's learned clip
+takes the place of the 6), no dropout, the linear bottleneck outputs of MobileNet-V2 stay signed (a quantizer
+with ``signed_act: false`` clips them at 0, as the authors' layers do), and the authors' initialisation: conv
+weights N(0, 2 / (k_h k_w C_out)), BN weight 1 / bias 0, linear weights N(0, 0.01) and bias 0.
+
+Module names follow the authors' (``head``, ``stage_{i}_layer_{j}.body``, ``.shortcut``, ``tail``,
+``classifier.0``), so their state dicts map key for key onto ours: ``adabits_state_dict`` does that mapping
+(their switchable BN holds one BN per bit-width as ``.bn.<k>``, their layers hold the PACT clip as ``.alpha``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qrepro.models import MODELS
+
+MBV1_STAGES = [(64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2)]  # (channels, blocks, stride)
+MBV2_STAGES = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
+# 32x32 inputs: stem and the 24-/32-channel stages at stride 1 (overall stride 4 instead of 32)
+MBV2_CIFAR_STAGES = [(t, c, n, 1 if i in (1, 2) else s) for i, (t, c, n, s) in enumerate(MBV2_STAGES)]
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False)
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list[nn.Module]:
+    mods: list[nn.Module] = [_conv(cin, cout, k, stride, groups), nn.BatchNorm2d(cout)]
+    return [*mods, nn.ReLU()] if relu else mods
+
+
+def _stages(model: nn.Module, blocks: Iterable[tuple[int, int, nn.Module]]) -> list[str]:
+    names = []
+    for i, j, block in blocks:
+        name = f"stage_{i}_layer_{j}"
+        model.add_module(name, block)
+        names.append(name)
+    return names
+
+
+def sat_init(model: nn.Module) -> None:
+    """The authors' initialisation: conv N(0, 2/(k_h k_w C_out)), BN (1, 0), linear N(0, 0.01) with zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+class _Net(nn.Module):
+    """head -> stages -> [tail] -> global average pool -> classifier."""
+
+    stage_names: list[str]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        if hasattr(self, "tail"):
+            x = self.tail(x)
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+class DepthwiseSeparable(nn.Module):
+    """3x3 depthwise conv - BN - ReLU - 1x1 conv - BN - ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(cin, cin, 3, stride, groups=cin), *_conv_bn(cin, cout, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class MobileNetV1SAT(_Net):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Sequential(*_conv_bn(3, 32, 3, 2))
+        blocks, c = [], 32
+        for i, (cout, n, stride) in enumerate(MBV1_STAGES):
+            for j in range(n):
+                blocks.append((i, j, DepthwiseSeparable(c, cout, stride if j == 0 else 1)))
+                c = cout
+        self.stage_names = _stages(self, blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(c, num_classes))
+        sat_init(self)
+
+
+class InvertedResidual(nn.Module):
+    """[1x1 expand conv - BN - ReLU] - 3x3 depthwise conv - BN - ReLU - 1x1 project conv - BN (linear
+    bottleneck), plus the input where stride 1 keeps the channel count."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers = _conv_bn(cin, hidden, 1) if expand != 1 else []
+        layers += _conv_bn(hidden, hidden, 3, stride, groups=hidden) + _conv_bn(hidden, cout, 1, relu=False)
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.body(x)
+        return out + x if self.residual else out
+
+
+class MobileNetV2SAT(_Net):
+    def __init__(self, num_classes: int, stages: list[tuple[int, int, int, int]], stem_stride: int) -> None:
+        super().__init__()
+        self.head = nn.Sequential(*_conv_bn(3, 32, 3, stem_stride))
+        blocks, c = [], 32
+        for i, (t, cout, n, stride) in enumerate(stages):
+            for j in range(n):
+                blocks.append((i, j, InvertedResidual(c, cout, stride if j == 0 else 1, t)))
+                c = cout
+        self.stage_names = _stages(self, blocks)
+        self.tail = nn.Sequential(*_conv_bn(c, 1280, 1))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
+        sat_init(self)
+
+
+class BasicBlockSAT(nn.Module):
+    """3x3 conv - BN - ReLU - 3x3 conv - BN, plus the input or a 1x1 conv + BN projection of it, then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(cin, cout, 3, stride), *_conv_bn(cout, cout, 3, relu=False))
+        self.projection = stride != 1 or cin != cout
+        if self.projection:
+            self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, stride, relu=False))
+        self.post_relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.post_relu(self.body(x) + (self.shortcut(x) if self.projection else x))
+
+
+class CifarResNetSAT(_Net):
+    def __init__(self, num_classes: int, depth: int) -> None:
+        super().__init__()
+        n = (depth - 2) // 6
+        self.head = nn.Sequential(*_conv_bn(3, 16, 3))
+        blocks, c = [], 16
+        for i, cout in enumerate((16, 32, 64)):
+            for j in range(n):
+                blocks.append((i, j, BasicBlockSAT(c, cout, 2 if (j == 0 and i > 0) else 1)))
+                c = cout
+        self.stage_names = _stages(self, blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(c, num_classes))
+        sat_init(self)
+
+
+@MODELS.register("sat_mobilenet_v1")
+def sat_mobilenet_v1(num_classes: int) -> MobileNetV1SAT:
+    """The SAT authors' MobileNet-V1 (4.2M parameters at 1000 classes)."""
+    return MobileNetV1SAT(num_classes)
+
+
+@MODELS.register("sat_mobilenet_v2")
+def sat_mobilenet_v2(num_classes: int) -> MobileNetV2SAT:
+    """The SAT authors' MobileNet-V2: ReLU, no dropout (3.5M parameters at 1000 classes)."""
+    return MobileNetV2SAT(num_classes, MBV2_STAGES, stem_stride=2)
+
+
+@MODELS.register("sat_mobilenet_v2_cifar")
+def sat_mobilenet_v2_cifar(num_classes: int) -> MobileNetV2SAT:
+    """The SAT authors' MobileNet-V2 blocks for 32x32 inputs (stem and the 24-/32-channel stages at stride 1)."""
+    return MobileNetV2SAT(num_classes, MBV2_CIFAR_STAGES, stem_stride=1)
+
+
+@MODELS.register("sat_resnet20")
+def sat_resnet20(num_classes: int) -> CifarResNetSAT:
+    """The SAT authors' CIFAR ResNet-20 (1x1 conv + BN projection shortcuts; 0.27M parameters)."""
+    return CifarResNetSAT(num_classes, 20)
+
+
+@MODELS.register("sat_resnet56")
+def sat_resnet56(num_classes: int) -> CifarResNetSAT:
+    """The SAT authors' CIFAR ResNet-56 (1x1 conv + BN projection shortcuts)."""
+    return CifarResNetSAT(num_classes, 56)
+
+
+_SWITCH_BN = re.compile(r"\.bn\.(\d+)\.")
+
+
+def adabits_key(key: str, bits_index: int = 0) -> str | None:
+    """The name in our models of an entry of the authors' state dicts (None: a BN of another bit-width)."""
+    key = key.removeprefix("module.")
+    m = _SWITCH_BN.search(key)
+    if m:
+        if int(m.group(1)) != bits_index:
+            return None
+        key = key[: m.start()] + "." + key[m.end() :]
+    if key.endswith(".alpha"):
+        key = key[: -len("alpha")] + "aq.alpha"
+    return key
+
+
+def adabits_state_dict(sd: dict[str, Any], target: dict[str, Any], bits_index: int = 0) -> dict[str, Any]:
+    """A state dict of the authors' models converted for our quantized model, whose state dict is ``target``.
+
+    Their switchable BN ``X.bn.<k>.*`` becomes ``X.*`` (``k = bits_index``, the position of the bit-width in
+    their ``bits_list``; the others are dropped), a layer's PACT clip ``X.alpha`` (a scalar, or one per
+    bit-width) becomes ``X.aq.alpha``, a ``module.`` prefix is removed, and entries our model does not have
+    (the clip of their weight-only first conv) are dropped. Our quantizers' own buffers, which the authors'
+    layers do not have (``aq.signed``, ``wq.rescale_on``), keep their values from ``target``. Raises KeyError
+    if anything else of ``target`` is not covered.
+    """
+    out: dict[str, Any] = {}
+    for k, v in sd.items():
+        key = adabits_key(k, bits_index)
+        if key is None or key not in target:
+            continue
+        if key.endswith(".aq.alpha") and isinstance(v, Tensor) and v.dim() == 1:
+            v = v[bits_index]
+        out[key] = v
+    missing = []
+    for k, v in target.items():
+        if k not in out:
+            if k.endswith((".aq.signed", ".wq.rescale_on")):
+                out[k] = v
+            else:
+                missing.append(k)
+    if missing:
+        raise KeyError(f"not in the authors' state dict: {missing[:8]}")
+    return out
+
+
+__all__ = [
+    "adabits_key",
+    "adabits_state_dict",
+    "sat_init",
+    "sat_mobilenet_v1",
+    "sat_mobilenet_v2",
+    "sat_mobilenet_v2_cifar",
+    "sat_resnet20",
+    "sat_resnet56",
+]
