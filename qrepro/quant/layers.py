@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class _QMixin:
     wq: nn.Module | None
@@ -28,10 +30,20 @@ class _QMixin:
 
     def effective_weight(self) -> torch.Tensor:
         w = self.weight  # type: ignore[attr-defined]
-        return self.wq(w) if self.wq is not None else w
+        if self.wq is None:
+            return w
+        if torch.is_autocast_enabled(w.device.type):  # trainer.amp: the quantizer's arithmetic stays float32
+            with torch.autocast(w.device.type, enabled=False):
+                return self.wq(w.float())
+        return self.wq(w)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.aq(x) if self.aq is not None else x
+        if self.aq is None:
+            return x
+        if torch.is_autocast_enabled(x.device.type) or x.dtype in _HALF:  # trainer.amp: float32 fake-quant
+            with torch.autocast(x.device.type, enabled=False):
+                return self.aq(x.float())
+        return self.aq(x)
 
     def effective_bias(self) -> torch.Tensor | None:
         """The bias used with ``effective_weight()``: the weight quantizer may adjust it through an optional
