@@ -9,7 +9,14 @@ Each case builds the model exactly as the trainer does (``configs/quantizer/<met
 eager and compiled (``qrepro.engine.fast``, the trainer's fast path). A timed sample is ``--window``
 consecutive steps between two device synchronisations; the reported step time is the median sample divided
 by the window, after ``--warmup`` untimed steps (which include compilation). Ratios are to FP measured in
-the same process, same model, batch size and mode.
+the same process, same model, batch size, mode, members and amp.
+
+``--members 1,2,4`` also times K replicas (seeds 0..K-1) trained as one batched step (``trainer.members``,
+qrepro/engine/members.py: the trainer's ``BatchedStep``); a row reports the batched step time, the images/s of
+one member (its batch per batched step) and of all K, and ``× K sep`` = batched step time / (K × the step time
+of one run of the same case, measured in the same invocation): below 1, the batch trains K runs faster than K
+separate runs one after another. ``--amp off,bf16`` times the step under ``trainer.amp`` (autocast, fp16 with
+loss scaling).
 
 Writes ``<out>/<device-slug>.json`` and ``<out>/<device-slug>.md``.
 """
@@ -55,6 +62,8 @@ class Case:
     batch_size: int
     mode: str  # "eager" or a torch.compile mode
     image_size: int = 32
+    members: int = 1  # K runs as one batched step (trainer.members)
+    amp: str = "off"  # trainer.amp
 
     @property
     def precision(self) -> str:
@@ -83,6 +92,11 @@ class Row:
     graph_breaks: int | None = None
     cudagraph_counters: dict[str, int] = field(default_factory=dict)  # skips, non-static inputs (copied per replay)
     samples_ms: list[float] = field(default_factory=list)
+    members: int = 1  # K runs stepped as one batch; step_ms is the batched step
+    amp: str = "off"
+    member_images_per_s: float | None = None  # one member's images/s (batch / batched step time)
+    separate_step_ms: float | None = None  # step time of one run of the same case (members=1), same invocation
+    ratio_separate: float | None = None  # step_ms / (members x separate_step_ms)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -144,6 +158,14 @@ def parse_bits(spec: str | None) -> tuple[dict[str, tuple[int, ...]], tuple[int,
         else:
             per[k.strip()] = bits
     return per, default
+
+
+def _loadavg() -> str | None:
+    """The 1/5/15-minute load averages (a shared machine's other jobs slow every case)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
 
 
 def _csv(s: str | None) -> list[str]:
@@ -213,11 +235,15 @@ def run_case(
     from qrepro.engine.fast import compile_forward_loss, make_forward_loss
     from qrepro.engine.hooks import Context
     from qrepro.engine.loop import train_one_epoch
+    from qrepro.engine.precision import autocast_factory, make_scaler
     from qrepro.models import build_model
     from qrepro.optim import build_optimizer, build_scheduler
     from qrepro.quant import build_method, prepare
 
     row = Row(case.model, case.method, case.precision, case.batch_size, case.mode, image_size=case.image_size)
+    row.members, row.amp = case.members, case.amp
+    if case.members > 1:
+        return _run_members_case(case, row, device, warmup=warmup, steps=steps, window=window, num_classes=num_classes)
     image_size = case.image_size
     gc.collect()
     if device.type == "cuda":
@@ -252,7 +278,8 @@ def run_case(
     def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, t)
 
-    forward_loss = make_forward_loss(model, loss_fn, method.regularizer)
+    forward_loss = make_forward_loss(model, loss_fn, method.regularizer, autocast=autocast_factory(case.amp, device))
+    scaler = make_scaler(case.amp, device)
     if case.mode != "eager":
         forward_loss = compile_forward_loss(forward_loss, case.mode, backend=backend)
     sync = _sync(device)
@@ -269,6 +296,7 @@ def run_case(
             regularizer=method.regularizer,
             log_every=10**9,
             forward_loss=forward_loss,
+            scaler=scaler,
         )
 
     # CUDA-graph trees warm up, then record: at least 3 untimed steps before timing a compiled case
@@ -285,11 +313,94 @@ def run_case(
     row.samples_ms = [1e3 * s for s in samples]
     row.step_ms = statistics.median(row.samples_ms)
     row.step_ms_min, row.step_ms_max = min(row.samples_ms), max(row.samples_ms)
-    row.images_per_s = case.batch_size / (row.step_ms / 1e3)
+    row.images_per_s = row.member_images_per_s = case.batch_size / (row.step_ms / 1e3)
     counters = torch._dynamo.utils.counters
     if case.mode != "eager":
         row.graph_breaks = int(sum(counters["graph_break"].values()))
         row.cudagraph_counters = {k: int(v) for k, v in counters["inductor"].items() if "cudagraph" in k}
+    return row
+
+
+def _run_members_case(
+    case: Case, row: Row, device: torch.device, *, warmup: int, steps: int, window: int, num_classes: int
+) -> Row:
+    """``case.members`` replicas (seeds 0..K-1) of the case, stepped by the trainer's ``BatchedStep``."""
+    from qrepro.engine.hooks import Context
+    from qrepro.engine.members import BatchedStep, MemberSlot, RngState
+    from qrepro.engine.precision import autocast_factory, make_scaler
+    from qrepro.models import build_model
+    from qrepro.optim import build_optimizer, build_scheduler
+    from qrepro.quant import build_method, prepare
+
+    k, image_size = case.members, case.image_size
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    total = warmup + steps * window
+    torch.manual_seed(0)
+    x = torch.randn(case.batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, num_classes, (case.batch_size,), device=device)
+    slots, method = [], None
+    for i in range(k):
+        torch.manual_seed(i)
+        try:
+            method = build_method(case.method, case.w_bits, case.a_bits, **method_options(case.method))
+        except QreproError as e:
+            row.status = f"skipped: {e}"
+            return row
+        model = build_model(case.model, num_classes=num_classes)
+        prepare(model, method)
+        model.to(device).train()
+        optimizer = build_optimizer(model, "sgd", None, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        scheduler = build_scheduler(optimizer, "cosine", total_steps=10 * total, steps_per_epoch=total)
+        data = SimpleNamespace(train=[(x, y)], test=[], num_classes=num_classes)
+        ctx = Context(model=model, optimizer=optimizer, scheduler=scheduler, data=data, sample_batch=(x, y))
+        hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
+        for h in hooks:
+            h.on_train_start(ctx)
+        rng = RngState(device)
+        rng.capture()
+        slots.append(MemberSlot(model, optimizer, scheduler, hooks, None, ctx, rng, make_scaler(case.amp, device)))
+
+    def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, t)
+
+    mode = None if case.mode == "eager" else case.mode
+    step = BatchedStep(slots, loss_fn, method.regularizer, autocast_factory(case.amp, device), mode)
+    xs = x.unsqueeze(0).expand(k, *x.shape).contiguous()
+    ys = y.unsqueeze(0).expand(k, *y.shape).contiguous()
+    sync = _sync(device)
+    t0 = time.perf_counter()
+    for i in range(max(1 if mode is None else 3, warmup)):
+        step(xs, ys)
+        if i == 0:
+            sync()
+            row.first_step_s = time.perf_counter() - t0
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    samples = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        for _ in range(window):
+            step(xs, ys)
+        sync()
+        samples.append((time.perf_counter() - t) / window)
+    step.release()
+    if device.type == "cuda":
+        row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    row.samples_ms = [1e3 * s for s in samples]
+    row.step_ms = statistics.median(row.samples_ms)
+    row.step_ms_min, row.step_ms_max = min(row.samples_ms), max(row.samples_ms)
+    row.member_images_per_s = case.batch_size / (row.step_ms / 1e3)
+    row.images_per_s = k * row.member_images_per_s
+    if mode is not None:
+        counters = torch._dynamo.utils.counters
+        row.graph_breaks = int(sum(counters["graph_break"].values()))
+        row.cudagraph_counters = {c: int(v) for c, v in counters["inductor"].items() if "cudagraph" in c}
     return row
 
 
@@ -312,6 +423,8 @@ def plan(
     modes: list[str],
     bits: str | None,
     image_size: int = 32,
+    members: list[int] | None = None,
+    amps: list[str] | None = None,
 ) -> list[Case]:
     """FP first, then every method at its bit-widths (``--bits``; default 4, APoT 2/3/4), for every model,
     batch size and mode. A method that supports none of its default bit-widths (FP-only regularizers such
@@ -326,24 +439,39 @@ def plan(
         if not ok and q not in per and supported(q, 32):
             ok = (32,)
         precisions[q] = ok or want
+    members = sorted(set(members or [1]) | {1})  # one run of each case: the reference of "x K sep"
     cases = []
     for m in models:
         for b in batch_sizes:
             for mode in modes:
-                cases.append(Case(m, FP_METHOD, 32, 32, b, mode, image_size))
-                for q, bl in precisions.items():
-                    for nb in bl:
-                        cases.append(Case(m, q, nb, nb, b, mode, image_size))
+                for amp in amps or ["off"]:
+                    for k in members:
+                        cases.append(Case(m, FP_METHOD, 32, 32, b, mode, image_size, k, amp))
+                        for q, bl in precisions.items():
+                            for nb in bl:
+                                cases.append(Case(m, q, nb, nb, b, mode, image_size, k, amp))
     return cases
 
 
 def add_ratios(rows: list[Row]) -> None:
-    fp = {(r.model, r.image_size, r.batch_size, r.mode): r for r in rows if r.method == FP_METHOD and r.step_ms}
+    def grp(r: Row, mode: str | None = None) -> tuple:
+        return (r.model, r.image_size, r.batch_size, mode or r.mode, r.members, r.amp)
+
+    fp = {grp(r): r for r in rows if r.method == FP_METHOD and r.step_ms}
+    single = {
+        (r.model, r.image_size, r.batch_size, r.mode, r.amp, r.method, r.precision): r
+        for r in rows
+        if r.members == 1 and r.step_ms
+    }
     for r in rows:
         if r.step_ms is None:
             continue
-        base = fp.get((r.model, r.image_size, r.batch_size, r.mode))
-        eager = fp.get((r.model, r.image_size, r.batch_size, "eager"))
+        one = single.get((r.model, r.image_size, r.batch_size, r.mode, r.amp, r.method, r.precision))
+        if one is not None:
+            r.separate_step_ms = one.step_ms
+            r.ratio_separate = r.step_ms / (r.members * one.step_ms)
+        base = fp.get(grp(r))
+        eager = fp.get(grp(r, "eager"))
         r.fp_step_ms = base.step_ms if base else None
         r.ratio_fp = r.step_ms / base.step_ms if base else None
         r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base and r.step_ms_min and base.step_ms_min else None
@@ -358,7 +486,8 @@ def merge_rounds(first: Row, later: Row) -> None:
     first.samples_ms += later.samples_ms
     first.step_ms = statistics.median(first.samples_ms)
     first.step_ms_min, first.step_ms_max = min(first.samples_ms), max(first.samples_ms)
-    first.images_per_s = first.batch_size / (first.step_ms / 1e3)
+    first.member_images_per_s = first.batch_size / (first.step_ms / 1e3)
+    first.images_per_s = first.members * first.member_images_per_s
     if later.peak_mem_mb is not None:
         first.peak_mem_mb = max(first.peak_mem_mb or 0.0, later.peak_mem_mb)
 
@@ -372,7 +501,7 @@ def append_to(path: Path, rows: list[Row], runs: list[dict[str, Any]]) -> tuple[
     old = json.loads(path.read_text())
 
     def key(r: Row) -> tuple:
-        return (r.model, r.image_size, r.batch_size, r.mode, r.method, r.precision)
+        return (r.model, r.image_size, r.batch_size, r.mode, r.method, r.precision, r.members, r.amp)
 
     new = {key(r) for r in rows}
     kept = [r for r in (Row(**d) for d in old.get("rows", [])) if key(r) not in new]
@@ -394,26 +523,35 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] |
         f"- timing: {meta['warmup']} warm-up steps, then {meta['steps']} samples of {meta['window']} step(s); "
         f"median per step; {meta['rounds']} round(s) over the whole grid, samples pooled; "
         f"compile backend {meta['backend']}",
-        "- × FP = median step time / FP's, measured in this run (same model, batch size, mode); "
+        "- × FP = median step time / FP's, measured in this run (same model, batch size, mode, K, amp); "
         "× FP (min) = fastest sample / FP's fastest sample; × FP eager = against FP without compilation.",
+        "- K = runs stepped as one batch (`trainer.members`; step ms is the batched step); img/s = all K members; "
+        "img/s/member = one member's; × K sep = batched step / (K × one run's step of the same case, this run).",
         "- 1st step s = the first warm-up step of the first round (includes compilation; Inductor's on-disk "
         "cache makes it shorter when the same graph was compiled before).",
     ]
     if meta.get("note"):
         lines.append(f"- note: {meta['note']}")
+    if meta.get("load_before") or meta.get("load_note"):
+        lines.append(
+            f"- machine load (1/5/15-min load average): before {meta.get('load_before')}, after "
+            f"{meta.get('load_after')}" + (f"; {meta['load_note']}" if meta.get("load_note") else "")
+        )
     for r in (runs or [])[:-1]:  # earlier invocations merged with --append
         lines.append(f"- also merged: `{r['command']}` ({r.get('finished')}, git {r['git'].get('commit')})")
     lines += [
         "",
-        "| model | input | batch | method | bits | mode | step ms (median) | min–max | img/s | × FP | × FP (min) "
-        "| × FP eager | 1st step s | graph breaks | CUDA-graph skips | status |",
-        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | input | batch | method | bits | mode | K | amp | step ms (median) | min–max | img/s "
+        "| img/s/member | × K sep | × FP | × FP (min) | × FP eager | 1st step s | graph breaks | CUDA-graph skips "
+        "| status |",
+        "|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.image_size} | {r.batch_size} | {r.method} | {r.precision} | {r.mode} | "
-            f"{_fmt(r.step_ms, '.1f')} | "
+            f"{r.members} | {r.amp} | {_fmt(r.step_ms, '.1f')} | "
             f"{_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
+            f"{_fmt(r.member_images_per_s, '.0f')} | {_fmt(r.ratio_separate, '.2f')} | "
             f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_min, '.2f')} | {_fmt(r.ratio_fp_eager, '.2f')} | "
             f"{_fmt(r.first_step_s, '.1f')} | "
             f"{'—' if r.graph_breaks is None else r.graph_breaks} | "
@@ -438,6 +576,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="eager, compiled (= the trainer's fast path: reduce-overhead on CUDA, default on CPU) "
         "or torch.compile mode names",
     )
+    p.add_argument(
+        "--members",
+        default="1",
+        help="comma-separated K: K runs (seeds 0..K-1) stepped as one batch (trainer.members); K=1 is always "
+        "measured too, as the reference of the ratio to K separate runs",
+    )
+    p.add_argument("--amp", default="off", help="comma-separated trainer.amp settings: off, bf16, fp16")
+    p.add_argument("--load", default="", help="free text: the machine's load during the run (stored with it)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (inductor; aot_eager for checks)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per case (compilation happens here)")
@@ -487,7 +633,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.image_size < 8 or args.num_classes < 2:
             raise QreproError("--image-size must be >= 8 and --num-classes >= 2")
         batch_sizes = [int(b) for b in _csv(args.batch_sizes)]
-        cases = plan(_csv(args.models), methods, batch_sizes, modes, args.bits, args.image_size)
+        from qrepro.engine.precision import amp_mode
+
+        amps = [amp_mode(a) for a in _csv(args.amp)] or ["off"]
+        try:
+            members = [int(k) for k in _csv(args.members)]
+        except ValueError:
+            raise QreproError(f"--members {args.members!r} is not a list of integers (e.g. 1,2,4)") from None
+        if any(k < 1 for k in members):
+            raise QreproError("--members: every K must be >= 1")
+        cases = plan(_csv(args.models), methods, batch_sizes, modes, args.bits, args.image_size, members, amps)
     except QreproError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -506,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         "backend": args.backend,
         "threads": torch.get_num_threads(),
         "note": args.note,
+        "load_before": _loadavg(),
+        "load_note": args.load,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     print(f"benchmark on {meta['device']}: {len(cases)} cases x {args.rounds} round(s)", flush=True)
@@ -524,20 +681,22 @@ def main(argv: list[str] | None = None) -> int:
             )
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
             row = Row(c.model, c.method, c.precision, c.batch_size, c.mode, status=f"error: {type(e).__name__}: {e}")
-            row.image_size = c.image_size
+            row.image_size, row.members, row.amp = c.image_size, c.members, c.amp
             row.status = row.status.splitlines()[0][:300]
         if i <= len(cases):
             rows.append(row)
         else:
             merge_rounds(rows[(i - 1) % len(cases)], row)
         print(
-            f"[{i}/{len(cases) * args.rounds}] {c.model} b{c.batch_size} {c.method} {c.precision} {c.mode}: "
+            f"[{i}/{len(cases) * args.rounds}] {c.model} b{c.batch_size} {c.method} {c.precision} {c.mode} "
+            f"K={c.members} amp={c.amp}: "
             f"{_fmt(row.step_ms, '.1f')} ms/step {_fmt(row.images_per_s, '.0f')} img/s  {row.status}  "
             f"({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
     add_ratios(rows)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    meta["load_after"] = _loadavg()
     runs = [{k: v for k, v in meta.items() if k not in ("device", "device_slug", "versions")}]
     if args.append:
         rows, runs = append_to(out / f"{slug}.json", rows, runs)

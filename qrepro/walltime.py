@@ -66,6 +66,8 @@ def load_bench(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text())
         rows = [r for r in data["rows"] if r.get("status") == "ok" and r.get("images_per_s")]
+        # one run in float32: rows of batched members (K runs per step) or of trainer.amp time something else
+        rows = [r for r in rows if r.get("members", 1) == 1 and r.get("amp", "off") == "off"]
     except (ValueError, KeyError, TypeError) as e:
         why = type(e).__name__
         raise QreproError(f"benchmark file {p} is not a qrepro.bench result ({why}); re-run the bench") from None

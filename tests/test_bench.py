@@ -102,3 +102,23 @@ def test_image_size_and_classes_reach_the_synthetic_batch(tmp_path: Path) -> Non
     (row,) = json.loads(js.read_text())["rows"]
     assert row["status"] == "ok" and row["image_size"] == 16
     assert "| small_cnn | 16 | 4 | fp |" in js.with_suffix(".md").read_text()
+
+
+def test_members_and_amp_rows_with_ratio_to_separate_runs(tmp_path: Path) -> None:
+    """--members 2 --amp off,bf16: K=1 is measured as the reference; the batched row reports per-member img/s and
+    its step time against two separate runs' (same invocation)."""
+    args = ["--models", "small_cnn", "--methods", "fp", "--modes", "eager", "--batch-sizes", "4", "--members", "2"]
+    args += ["--amp", "off,bf16", "--warmup", "1", "--steps", "2", "--window", "1", "--load", "test"]
+    assert bench.main([*args, "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("*.json")
+    data = json.loads(js.read_text())
+    rows = {(r["members"], r["amp"]): r for r in data["rows"]}
+    assert set(rows) == {(1, "off"), (2, "off"), (1, "bf16"), (2, "bf16")}
+    assert all(r["status"] == "ok" for r in rows.values())
+    for amp in ("off", "bf16"):
+        one, two = rows[(1, amp)], rows[(2, amp)]
+        assert two["ratio_separate"] == pytest.approx(two["step_ms"] / (2 * one["step_ms"]))
+        assert two["images_per_s"] == pytest.approx(2 * two["member_images_per_s"])
+        assert one["ratio_separate"] == pytest.approx(1.0)
+    assert data["load_before"] and data["load_note"] == "test"
+    assert "| small_cnn | 32 | 4 | fp | w32a32 | eager | 2 | bf16 |" in js.with_suffix(".md").read_text()
