@@ -135,10 +135,20 @@ def reference_import(root: Path, stubs: dict[str, types.ModuleType] | None = Non
     finally:
         sys.path.remove(str(root))
         for k in set(sys.modules) - before:
-            del sys.modules[k]
+            if _imported_from(sys.modules[k], root):  # not e.g. torch internals imported lazily meanwhile
+                del sys.modules[k]
         for k in stubs or {}:
             sys.modules.pop(k, None)
         sys.modules.update(saved)
+
+
+def _imported_from(module: Any, root: Path) -> bool:
+    """True if ``module`` (a module or a namespace package) was loaded from a file or folder under ``root``."""
+    paths = [getattr(module, "__file__", None), *list(getattr(module, "__path__", None) or [])]
+    for p in paths:
+        if p and Path(p).resolve().is_relative_to(root):
+            return True
+    return False
 
 
 def cifar_batches(

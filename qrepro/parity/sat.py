@@ -1,0 +1,390 @@
+"""SAT parity: qrepro against the SAT authors' code (their AdaBits repository), float64, real CIFAR-10 images.
+
+``python -m qrepro.parity sat --reference <checkout of deJQK/AdaBits>`` imports their ``models/quant_ops.py`` and
+model files with a stand-in ``utils.config`` whose ``FLAGS`` holds the quantizer flags of the recipe compared
+against (their ``apps/*/*.yml``), builds qrepro's side through its own API, copies the authors' randomly
+initialised weights into ours (``qrepro.models.sat_nets.adabits_state_dict``) and runs both on the same batches:
+
+1. quantized conv + linear layers: a small net, first conv (weight-only) - BN - ReLU - conv (PACT input) - BN -
+   ReLU - pool - FC (PACT input), built with ``build_method("sat", ...)`` + ``prepare``; every layer rescaled
+   (their ``rescale`` + ``rescale_conv``), weight levels ``original`` (DoReFa) and ``modified`` at 2, 4 and 8
+   bits: outputs, gradients of the layer inputs, weights and clips alpha, then N SGD steps with the authors'
+   optimizer settings (their ``get_optimizer``: lr 0.1, Nesterov 0.9, weight decay 4e-5 only on conv / linear
+   weights that are not depthwise; qrepro: ``build_optimizer`` with the SAT experiments' group rules);
+2. a MobileNet-V2 inverted residual block (``qrepro.models.sat_nets.InvertedResidual``, t = 6, residual) behind
+   a weight-only first conv + BN (so the block input is signed) and in front of the last FC, with one-sided PACT
+   (their recipe) and with their ``double_side`` switch (ours: ``signed_act`` = the expand conv);
+3. whole SAT experiments built by ``qrepro.api.build`` (model, method, optimizer, schedule exactly as the trainer
+   builds them, stepped by ``run.step``) against the authors' models with their recipes' flags:
+   ``sat_cifar_resnet20_4bit_sat`` and the FP model ``sat_cifar_resnet20_fp`` against ``q_resnet_cifar``,
+   ``sat_mbv2_4bit`` / ``sat_mbv1_4bit`` against ``q_mobilenet_v2`` / ``q_mobilenet_v1`` (32x32 images, 1000
+   classes, a hundredth of the recipe's lr, see ``EXPERIMENTS``); the authors' optimizer takes our schedule's learning
+   rate at every step (the schedules themselves are not compared).
+
+After the N steps: parameters, SGD momentum buffers, BN running statistics and eval-mode logits (their eval mode
+divides the last FC's bias by the rescale factor instead of scaling its weight). The PACT clips are set to 2.0
+(convs) / 1.0 (last FC) on both sides in (1) and (2) so that inputs fall on both sides of the clip (the
+authors' init 8 / 10 leaves nearly all below it there); (3) keeps the authors' init. A row passes when
+max |ours - theirs| <= 1e-9 x max(1, max |theirs|). ``quantizer={...}`` changes qrepro's quantizer options
+(``{"variance": "mean_square"}``, the paper's VAR, must FAIL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+
+D = torch.float64
+TOL = 1e-9
+ALPHA_CONV, ALPHA_FC = 2.0, 1.0
+SGD = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 4.0e-5}  # apps/cifar10/*.yml
+GROUPS = [{"tags": ["norm", "bias", "depthwise", "act_clip"], "weight_decay": 0.0}]  # the SAT experiments' rule
+
+# quantizer flags of the authors' recipes (apps/*/*.yml; unset flags take their code's getattr defaults)
+FLAGS_CIFAR = dict(
+    depth=20,
+    reset_parameters=True,
+    weight_quant_scheme="modified",
+    act_quant_scheme="original",
+    rescale=True,
+    rescale_conv=True,
+    rescale_type="constant",
+    clamp=True,
+    switch_alpha=True,
+    switchbn=True,
+    stats_sharing=False,
+    weight_only=False,
+)
+FLAGS_MBV2 = {**FLAGS_CIFAR, "rescale_conv": False}  # apps/imagenet/q_mobilenetv2_uint8_train_val.yml
+FLAGS_MBV1 = {**FLAGS_MBV2, "switch_alpha": False}  # apps/imagenet/q_mobilenetv1_uint8_train_val.yml
+
+
+@contextlib.contextmanager
+def authors(reference: Path, bits: int, **flags: Any) -> Iterator[Callable[[str], Any]]:
+    """Import the authors' modules with ``FLAGS`` = their recipe's flags and ``bits_list = [bits]``."""
+    cfg = types.ModuleType("utils.config")
+    cfg.FLAGS = types.SimpleNamespace(bits_list=[bits], **flags)  # their code reads FLAGS with getattr defaults
+    pkg = types.ModuleType("utils")
+    pkg.__path__ = []  # a package, so that "utils.config" resolves to the stand-in
+    pkg.config = cfg
+    with reference_import(reference, {"utils": pkg, "utils.config": cfg}) as imp:
+        yield imp
+
+
+def authors_sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float):
+    """The authors' ``get_optimizer`` (train.py) rule: one group per parameter, weight decay on 4-D weights that
+    are not depthwise (size(1) != 1) and on 2-D weights, none on BN parameters, biases, clips and depthwise."""
+    groups = []
+    for p in model.parameters():
+        s = list(p.size())
+        wd = weight_decay if (len(s) == 4 and s[1] != 1) or len(s) == 2 else 0.0
+        groups.append({"params": [p], "weight_decay": wd, "lr": lr, "momentum": momentum, "nesterov": nesterov})
+    return torch.optim.SGD(groups)
+
+
+def to_ours(ref_name: str) -> str | None:
+    """A parameter / buffer name of the authors' models in ours."""
+    from qrepro.models.sat_nets import adabits_key
+
+    return adabits_key(ref_name)
+
+
+@dataclass
+class Side:
+    """One implementation: its model, optimizer, one training step, and what the first step captured."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    layers: dict[str, nn.Module] = field(default_factory=dict)  # our names -> layers whose inputs are compared
+    logits: torch.Tensor | None = None
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list)
+
+    def capture(self) -> None:
+        def out_hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            self.logits = out.detach().clone()
+
+        self._handles.append(self.model.register_forward_hook(out_hook))
+        for name, layer in self.layers.items():
+
+            def pre(mod: nn.Module, args: tuple, _n: str = name) -> None:
+                if args[0].requires_grad:
+                    args[0].retain_grad()
+                self.inputs[_n] = args[0]
+
+            self._handles.append(layer.register_forward_pre_hook(pre))
+
+    def release(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def add(rep: Report, name: str, ours: Any, ref: Any) -> None:
+    """One row; tolerance TOL x max(1, max|reference|): float64 round-off grows with the values' scale (BN
+    running variances of raw 0..255 inputs are ~1e4, FP logits ~1e3)."""
+    add_group(rep, name, {"": ours}, {"": ref})
+
+
+def add_group(rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
+    """One row for a group of tensors (the one furthest out of its own tolerance, see ``add``)."""
+    worst = None
+    for k in ours:
+        b = torch.as_tensor(ref[k]).detach()
+        tol = TOL * max(1.0, float(b.abs().max()) if b.numel() else 0.0)
+        row = rep.add(f"{prefix} {k}".strip(), ours[k], b, tol)
+        rep.rows.pop()
+        if worst is None or row.max_abs / row.tol > worst.max_abs / worst.tol or not row.ok:
+            if worst is None or worst.ok:
+                worst = row
+    if len(ours) > 1:
+        worst.name = f"{prefix} (all {len(ours)}; worst {worst.name[len(prefix) + 1 :]})"
+    rep.rows.append(worst)
+
+
+def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def compare_training(
+    report: Report,
+    ours: Side,
+    ref: Side,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    eval_batch: torch.Tensor,
+    alphas: dict[str, float] | None = None,
+) -> None:
+    """Copy the authors' weights into ours, take ``len(batches)`` steps on both, add the comparison rows."""
+    from qrepro.models.sat_nets import adabits_state_dict
+
+    with torch.no_grad():
+        for name, m in ref.model.named_modules():  # the clips under test, on both sides
+            if alphas and name in alphas and hasattr(m, "alpha"):
+                m.alpha.fill_(alphas[name])
+        ours.model.load_state_dict(adabits_state_dict(ref.model.state_dict(), ours.model.state_dict()))
+    o_params = dict(ours.model.named_parameters())
+    r_params = {to_ours(k): p for k, p in ref.model.named_parameters()}
+    r_params = {k: p for k, p in r_params.items() if k in o_params}  # their weight-only first conv's clip
+    assert set(r_params) == set(o_params), sorted(set(o_params) ^ set(r_params))
+    o_group = {id(p): g for g in ours.optimizer.param_groups for p in g["params"]}
+    r_group = {id(p): g for g in ref.optimizer.param_groups for p in g["params"]}
+    losses_o, losses_r = [], []
+    for i, (x, y) in enumerate(batches):
+        x = x.to(D)
+        if i == 0:
+            ours.capture(), ref.capture()
+        for k, p in o_params.items():  # the authors' optimizer takes our schedule's learning rate
+            r_group[id(r_params[k])]["lr"] = o_group[id(p)]["lr"]
+        losses_o.append(ours.step(x, y))
+        losses_r.append(ref.step(x, y))
+        if i == 0:
+            ours.release(), ref.release()
+            add(report, "train logits (step 1)", ours.logits, ref.logits)
+            for n in ours.layers:
+                add(report, f"grad input {n}", ours.inputs[n].grad, ref.inputs[n].grad)
+            add_group(report, "grad", {k: p.grad for k, p in o_params.items()}, {k: r_params[k].grad for k in o_params})
+            al = [k for k in o_params if k.endswith("aq.alpha")]
+            if al:
+                add_group(report, "grad alpha", {k: o_params[k].grad for k in al}, {k: r_params[k].grad for k in al})
+    add(report, f"loss, steps 1..{len(batches)}", torch.stack(losses_o), torch.stack(losses_r))
+    add_group(report, f"params after {len(batches)} steps", o_params, r_params)
+    mom_o = {k: ours.optimizer.state[p]["momentum_buffer"] for k, p in o_params.items()}
+    mom_r = {k: ref.optimizer.state[r_params[k]]["momentum_buffer"] for k in o_params}
+    add_group(report, "momentum", mom_o, mom_r)
+    o_bufs = {k: b for k, b in ours.model.named_buffers() if "running" in k}
+    r_bufs = {to_ours(k): b for k, b in ref.model.named_buffers() if "running" in k}
+    add_group(report, "BN running stats", o_bufs, {k: r_bufs[k] for k in o_bufs})
+    with torch.no_grad():
+        ours.model.eval(), ref.model.eval()
+        add(report, "eval logits", ours.model(eval_batch.to(D)), ref.model(eval_batch.to(D)))
+        ours.model.train(), ref.model.train()
+
+
+# ------------------------------------------------------------------------------------------------- suites
+def layers_report(reference: Path, scheme: str, bits: int, batches, eval_batch, quantizer: dict) -> Report:
+    """(1): first conv (3 -> 8, stride 2, weight-only) - BN - ReLU - conv (8 -> 16) - BN - ReLU - pool - FC,
+    every layer rescaled."""
+    from qrepro.optim import build_optimizer
+    from qrepro.quant import build_method, prepare
+
+    rep = Report(f"SAT layers, weight levels {scheme}, W{bits}A{bits}, rescaled (Eq. 10), CG-PACT", TOL)
+    with authors(reference, bits, **{**FLAGS_CIFAR, "weight_quant_scheme": scheme}) as imp:
+        q = imp("models.quant_ops")
+        torch.manual_seed(bits)
+        ref = nn.Sequential(
+            q.QConv2d(3, 8, 3, 2, 1, bias=False, weight_only=True),
+            q.SwitchBN2d(8),
+            nn.ReLU(),
+            q.QConv2d(8, 16, 3, 1, 1, bias=False),
+            q.SwitchBN2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            q.QLinear(16, 10),
+        ).to(D)
+        ours = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        )
+        opts = {"scheme": scheme, "rescale": "all", "first_last": "same", **quantizer}
+        prepare(ours, build_method("sat", bits, bits, **opts)).to(D)  # the quantizers' clips in float64 too
+        o_opt = build_optimizer(ours, "sgd", GROUPS, **SGD)
+        r_opt = authors_sgd(ref, **SGD)
+        o = Side(ours, o_opt, plain_step(ours, o_opt), layers={"3": ours[3], "8": ours[8]})
+        r = Side(ref, r_opt, plain_step(ref, r_opt), layers={"3": ref[3], "8": ref[8]})
+        compare_training(rep, o, r, batches, eval_batch, alphas={"3": ALPHA_CONV, "8": ALPHA_FC})
+    rep.notes.append(f"qrepro: build_method('sat', {bits}, {bits}, {opts}) + prepare; {len(batches)} SGD steps {SGD}")
+    return rep
+
+
+def block_report(reference: Path, bits: int, double_side: bool, batches, eval_batch, quantizer: dict) -> Report:
+    """(2): first conv (8-bit, weight-only, stride 2) - BN - inverted residual (C -> C, t = 6, residual) - pool -
+    FC (8-bit); C = 24 as in MobileNet-V2's second stage, 16x16 maps."""
+    C = 24
+    from qrepro.models.sat_nets import InvertedResidual
+    from qrepro.optim import build_optimizer
+    from qrepro.quant import build_method, prepare
+
+    side = "two-sided PACT on the expand conv (double_side)" if double_side else "one-sided PACT"
+    rep = Report(f"SAT MobileNet-V2 block, W{bits}A{bits}, {side}, last FC rescaled", TOL)
+    with authors(reference, bits, **{**FLAGS_MBV2, "double_side": double_side}) as imp:
+        q = imp("models.quant_ops")
+        mb = imp("models.q_mobilenet_v2")
+        torch.manual_seed(100 + bits)
+        ref = nn.Sequential(
+            q.QConv2d(3, C, 3, 2, 1, bias=False, bitw_min=8, weight_only=True),
+            q.SwitchBN2d(C),
+            mb.InvertedResidual(C, C, 1, 6, double_side=double_side),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            q.QLinear(C, 10, bitw_min=8),
+        ).to(D)
+        ours = nn.Sequential(
+            nn.Conv2d(3, C, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(C),
+            InvertedResidual(C, C, 1, 6),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(C, 10),
+        )
+        opts = {"signed_act": ["2.body.0"] if double_side else False, **quantizer}
+        prepare(ours, build_method("sat", bits, bits, **opts)).to(D)
+        o_opt = build_optimizer(ours, "sgd", GROUPS, **SGD)
+        r_opt = authors_sgd(ref, **SGD)
+        names = ["2.body.0", "2.body.3", "2.body.6", "5"]
+        o = Side(ours, o_opt, plain_step(ours, o_opt), layers={n: ours.get_submodule(n) for n in names})
+        r = Side(ref, r_opt, plain_step(ref, r_opt), layers={n: ref.get_submodule(n) for n in names})
+        alphas = {n: ALPHA_CONV for n in names[:3]} | {"5": ALPHA_FC}
+        compare_training(rep, o, r, batches, eval_batch, alphas=alphas)
+    rep.notes.append(f"qrepro: qrepro.models.sat_nets.InvertedResidual, build_method('sat', {bits}, {bits}, {opts})")
+    return rep
+
+
+# experiment -> (the authors' model module, their recipe's flags, steps per epoch for our schedule, classes,
+# extra overrides). The ImageNet MobileNets keep 1000 classes (with 10, Eq. 10 makes the logits several times too
+# large: ETR I is an ImageNet rule) and train at a hundredth of the recipe's lr: from a random init, 8 images a
+# step, the recipe's lr makes both implementations diverge alike (weights ~1e20 within 5 steps; MobileNet-V2 still
+# at a tenth), and then float64 round-off is amplified without bound: no comparison of anything.
+EXPERIMENTS: dict[str, tuple[str, dict[str, Any], int, int, list[str]]] = {
+    "sat_cifar_resnet20_4bit_sat": ("models.q_resnet_cifar", FLAGS_CIFAR, 391, 10, []),
+    "sat_cifar_resnet20_fp": ("models.q_resnet_cifar", FLAGS_CIFAR, 391, 10, []),
+    "sat_mbv2_4bit": ("models.q_mobilenet_v2", FLAGS_MBV2, 625, 1000, ["optimizer.lr=0.004"]),
+    "sat_mbv1_4bit": ("models.q_mobilenet_v1", FLAGS_MBV1, 625, 1000, ["optimizer.lr=0.004"]),
+}
+
+
+def experiment_report(reference: Path, experiment: str, batches, eval_batch, quantizer: dict) -> Report:
+    """(3): a SAT experiment as the trainer builds it against the authors' model with their recipe's flags."""
+    from qrepro.api import build
+
+    module, flags, spe, classes, extra = EXPERIMENTS[experiment]
+    overrides = [f"+experiment={experiment}", *extra, *(f"quantizer.{k}={v}" for k, v in quantizer.items())]
+    run = build(
+        [*overrides, "trainer.device=cpu", "logger=none", "trainer.compile=false"],
+        dtype=D,
+        load_data=False,
+        num_classes=classes,
+        steps_per_epoch=spe,
+    )
+    bits = int(run.cfg.precision.w_bits)
+    prec = "FP (clamped, rescaled)" if bits == 32 else f"W{bits}A{bits}"
+    rep = Report(f"SAT experiment {experiment} vs the authors' {module}, {prec}", TOL)
+    with authors(reference, bits, **flags) as imp:
+        torch.manual_seed(7)
+        ref = imp(module).Model(classes).to(D)
+        wd = float(run.cfg.optimizer.weight_decay)
+        r_opt = authors_sgd(ref, lr=0.0, momentum=0.9, nesterov=True, weight_decay=wd)
+        o = Side(run.model, run.optimizer, run.step)
+        r = Side(ref, r_opt, plain_step(ref, r_opt))
+        compare_training(rep, o, r, batches, eval_batch)
+    q, opt, sch = run.cfg.quantizer, run.cfg.optimizer, run.cfg.scheduler
+    rep.notes += [
+        f"qrepro: qrepro.api.build({' '.join(overrides)}), {classes} classes: model={run.cfg.model.name}, "
+        f"quantizer={q.name}, scheme={q.scheme}, rescale={q.rescale}, variance={q.variance}, "
+        f"first_last={q.first_last}, signed_act={q.signed_act}",
+        f"{len(batches)} steps of run.step, {batches[0][0].shape[0]} images each; the authors' SGD (momentum 0.9, "
+        f"Nesterov, wd {wd}) takes our schedule's lr ({sch.name}, lr {opt.lr}) at every step",
+    ]
+    return rep
+
+
+@SUITES.register("sat")
+def suite(
+    reference: Path,
+    *,
+    steps: int = 20,
+    data: Any = None,
+    quick: bool = False,
+    batch: int = 16,
+    quantizer: dict[str, Any] | None = None,
+) -> list[Report]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same arithmetic on any machine, and no spinning on a shared CPU
+    try:
+        return _suite(reference, steps, data, quick, batch, dict(quantizer or {}))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _suite(reference: Path, steps: int, data: Any, quick: bool, batch: int, quantizer: dict) -> list[Report]:
+    batches = cifar_batches(data, steps + 1, batch, seed=0)
+    train, (eval_x, _) = batches[:steps], batches[steps]
+    reports = []
+    layer_grid = (
+        [("modified", 2), ("original", 4)] if quick else [(s, b) for s in ("original", "modified") for b in (2, 4, 8)]
+    )
+    for scheme, bits in layer_grid:
+        reports.append(layers_report(reference, scheme, bits, train, eval_x, quantizer))
+    for bits, ds in [(4, False), (4, True)] if quick else [(2, False), (4, False), (4, True)]:
+        reports.append(block_report(reference, bits, ds, train, eval_x, quantizer))
+    small = [(x[:8], y[:8]) for x, y in train]  # whole networks: 8 images a step
+    experiments = ["sat_cifar_resnet20_4bit_sat"] if quick else list(EXPERIMENTS)
+    for exp in experiments:
+        reports.append(experiment_report(reference, exp, small, eval_x[:8], quantizer))
+    return reports
