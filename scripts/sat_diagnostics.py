@@ -5,9 +5,11 @@
 - Fig. S3: std[Q] / std[W^] of the quantized weight Q (Eq. 9) against the bit-width, for 3x3 conv weights
   with c input and c output channels, Kaiming-normal initialised (std = sqrt(2 / (9 c))).
 - kappa0 (Eq. S7/S17a, the logit-scale number of ETR I) and the median kappa1 (Eq. S17b) at initialisation for
-  the paper's and our CIFAR models: vanilla (quantizer=fp), clamped (dorefa, w32) and SAT (clamped + Eq. 10
-  rescaling of the last FC), cf. the supplement's Table 1 (kappa0 vanilla vs clamp).
-VAR is the mean of squares, as the paper defines it. Writes PNG figures and ``sat_diagnostics.json``.
+  the SAT experiments' models (the authors' networks, qrepro/models/sat_nets.py, and PreResNet-50): vanilla
+  (quantizer=fp), clamped (dorefa, w32) and SAT (clamped + Eq. 10 rescaling of the last FC, VAR as the authors'
+  torch.std, the method's default), cf. the supplement's Table 1 (kappa0 vanilla vs clamp).
+The figures' and kappa's VAR is the mean of squares, as the paper defines it. Writes PNG figures and
+``sat_diagnostics.json``.
 
     python scripts/sat_diagnostics.py --out results/sat
 """
@@ -58,11 +60,11 @@ def kappas_at_init(seed: int) -> dict[str, dict[str, dict[str, float]]]:
     from qrepro.quant.methods.sat import sat_kappas
 
     cases = [
-        ("mobilenet_v1", 1000, 224),
-        ("mobilenet_v2", 1000, 224),
+        ("sat_mobilenet_v1", 1000, 224),
+        ("sat_mobilenet_v2", 1000, 224),
         ("preresnet50", 1000, 224),
-        ("resnet20", 10, 32),
-        ("mobilenet_v2_cifar", 10, 32),
+        ("sat_resnet20", 10, 32),
+        ("sat_mobilenet_v2_cifar", 10, 32),
     ]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for model, classes, size in cases:
@@ -139,7 +141,8 @@ def main() -> None:
         },
         "kappa_at_init": {
             "setup": "models at their default init, train mode, batch of 2 random uint8 images; w32a32; "
-            "vanilla = quantizer=fp, clamp = dorefa (clamped, no rescale), sat = clamped + Eq. 10 on the last FC",
+            "vanilla = quantizer=fp, clamp = dorefa (clamped, no rescale), sat = clamped + Eq. 10 on the last FC "
+            "(variance: sample, the authors' torch.std)",
             "values": ka,
         },
     }
