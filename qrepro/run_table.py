@@ -7,6 +7,9 @@ the table's order, except that a cell starting from another cell's checkpoint (`
 is read from the ``record: <run dir>/record.json`` line the trainer prints last. A cell whose complete record
 already exists is skipped (the trainer would skip it too) and its run directory still feeds the chain.
 ``--seeds 0,1,2`` runs each chain once per seed (seed s starts from the parent's seed-s run).
+``--members K`` (or the override ``trainer.members=K``) trains up to K consecutive seeds of a cell as one batched
+job (``seed=S trainer.members=n``, qrepro/engine/members.py): each seed still gets its own run directory and record.
+Cells that start from another cell's checkpoint stay one job per seed (each seed starts from its own parent run).
 Afterwards, ``python -m qrepro.tables <name>`` builds the table.
 """
 
@@ -36,6 +39,7 @@ from qrepro.tables.schema import Cell, Table, default_configs, load_table, resol
 class RunResult:
     returncode: int
     record: Path | None  # the record.json the run reported (``record: <path>``), if any
+    records: tuple[Path, ...] = ()  # every ``record: <path>`` line, in order (one per member of a batched job)
 
 
 Runner = Callable[[list[str]], RunResult]
@@ -128,6 +132,43 @@ def _same_seed(record: Record, seed: object) -> bool:
     return record.seed == seed
 
 
+def group_members(jobs: Sequence[Job], members: int) -> list[Job | list[Job]]:
+    """``jobs`` with the training runs of one cell over consecutive seeds gathered into groups of at most
+    ``members`` (each group one batched job); runs already done, chained cells (their seeds start from different
+    parent runs) and PTQ cells stay single. A group replaces its first job's place in the order."""
+    if members <= 1:
+        return list(jobs)
+    out: list[Job | list[Job]] = []
+    open_group: dict[str, list[Job]] = {}
+    for job in jobs:
+        batchable = job.seed is not None and job.done is None and job.parent is None and job.module == "qrepro.train"
+        if not batchable:
+            out.append(job)
+            continue
+        g = open_group.get(job.cell.id)
+        if g is not None and len(g) < members and g[-1].seed is not None and job.seed == g[-1].seed + 1:
+            g.append(job)
+            continue
+        g = [job]
+        open_group[job.cell.id] = g
+        out.append(g)
+    return [g[0] if isinstance(g, list) and len(g) == 1 else g for g in out]
+
+
+def batch_command(group: Sequence[Job], table: Table, python: str = sys.executable) -> list[str]:
+    """One batched job for ``group`` (one cell, consecutive seeds): ``seed=<first> trainer.members=<n>``."""
+    job = group[0]
+    cmd = [python, "-m", "qrepro.train", f"+experiment={job.cell.experiment}", *job.overrides]
+    cmd.append(f"trainer.members={len(group)}")
+    cmd.append(f"++logger.group={table.name}")
+    return cmd
+
+
+def parse_record_lines(lines: Sequence[str]) -> list[Path]:
+    """Every ``record: <path>`` line, in order."""
+    return [Path(line[len("record: ") :].strip()) for line in lines if line.startswith("record: ")]
+
+
 def command(job: Job, table: Table, init_from: str | None, python: str = sys.executable) -> list[str]:
     cmd = [python, "-m", job.module, f"+experiment={job.cell.experiment}", *job.overrides]
     cmd.append(f"++logger.group={table.name}")
@@ -162,7 +203,7 @@ def subprocess_runner(cmd: list[str]) -> RunResult:
         for line in proc.stdout:
             sys.stdout.write(line)
             lines.append(line.rstrip("\n"))
-    return RunResult(proc.returncode, parse_record_line(lines))
+    return RunResult(proc.returncode, parse_record_line(lines), tuple(parse_record_lines(lines)))
 
 
 def run_table(
@@ -173,11 +214,17 @@ def run_table(
     dry_run: bool = False,
     python: str = sys.executable,
     out: Callable[[str], None] = print,
+    members: int = 1,
 ) -> int:
-    """Run (or, with ``dry_run``, print) the jobs in order; returns 0, or 1 when a run failed."""
+    """Run (or, with ``dry_run``, print) the jobs in order; returns 0, or 1 when a run failed. ``members``: up to
+    that many consecutive seeds of a cell run as one batched job (``group_members``)."""
     by_key = {j.key: j for j in jobs}
     failed: list[str] = []
-    for job in jobs:
+    for unit in group_members(jobs, members):
+        if isinstance(unit, list):
+            _run_group(unit, table, runner, dry_run, python, out, failed)
+            continue
+        job = unit
         label = f"{table.name}/{job.cell.id}" + (f" seed={job.seed}" if job.seed is not None else "")
         parent = by_key.get(job.parent) if job.parent else None
         init_from = None
@@ -223,6 +270,29 @@ def run_table(
     return 0
 
 
+def _run_group(
+    group: list[Job], table: Table, runner: Runner, dry_run: bool, python: str, out: Callable[[str], None], failed: list
+) -> None:
+    seeds = [j.seed for j in group]
+    label = f"{table.name}/{group[0].cell.id} seeds={seeds[0]}..{seeds[-1]}"
+    cmd = batch_command(group, table, python)
+    out(shlex.join(cmd))
+    if dry_run:
+        return
+    result = runner(cmd)
+    records = list(result.records) or ([result.record] if result.record else [])
+    if len(records) != len(group):
+        why = f"exit code {result.returncode}" if result.returncode else f"{len(records)} 'record:' lines"
+        out(f"# {label}: failed ({why})")
+        failed.append(label)
+        return
+    for job, rec in zip(group, records):
+        job.run_dir = rec.parent
+    if result.returncode != 0:  # some member diverged: its record says so; the others feed their chains
+        out(f"# {label}: a member failed (exit code {result.returncode}); see its record")
+        failed.append(label)
+
+
 def _stale_init(record: Record, init_from: str) -> str | None:
     """How the checkpoint a chained cell starts from now differs from the one its record was initialised from
     (None: the same content, or not known: a record without hashes, or no checkpoint at hand)."""
@@ -258,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2: every cell once per seed")
     p.add_argument("--cells", type=_str_list, help="comma-separated cell ids: only these (and their sources)")
     p.add_argument(
+        "--members",
+        type=int,
+        default=None,
+        help="train up to K consecutive seeds of a cell as one batched job (trainer.members=K; off by default)",
+    )
+    p.add_argument(
         "--runs",
         action="append",
         metavar="DIR",
@@ -290,16 +366,31 @@ def from_train_argv(train_argv: Sequence[str], runner: Runner = subprocess_runne
     return None if argv is None else main(argv, runner=runner)
 
 
+def _members(flag: int | None, overrides: Sequence[str]) -> tuple[int, list[str]]:
+    """K from ``--members`` or an override ``trainer.members=K`` (taken out of the per-run overrides: the runner
+    sets it per group of seeds)."""
+    given = [o for o in overrides if override_key(o) == "trainer.members"]
+    rest = [o for o in overrides if override_key(o) != "trainer.members"]
+    values = [int(str(override_value(o))) for o in given] + ([flag] if flag is not None else [])
+    if len(set(values)) > 1:
+        raise QreproError(f"--members and trainer.members disagree ({values}); give one")
+    k = values[0] if values else 1
+    if k < 1:
+        raise QreproError(f"--members must be >= 1, got {k}")
+    return k, rest
+
+
 def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) -> int:
     try:
         args = build_parser().parse_intermixed_args(argv)
         bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
         if bad:
             raise QreproError(f"extra overrides must look like key=value, got {' '.join(bad)}")
+        members, overrides = _members(args.members, args.overrides)
         table = load_table(resolve_table(args.name, args.configs))
         records = load_records(args.runs or DEFAULT_RUN_ROOTS)
-        jobs = plan(table, records, args.overrides, args.seeds, args.cells)
-        return run_table(table, jobs, runner=runner, dry_run=args.dry_run, python=args.python)
+        jobs = plan(table, records, overrides, args.seeds, args.cells)
+        return run_table(table, jobs, runner=runner, dry_run=args.dry_run, python=args.python, members=members)
     except QreproError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,11 @@ wave). PTQ cells (a ``ptq:`` field) run ``python -m qrepro.ptq`` in one process 
 
 Every command carries ``resume=true``: an interrupted or requeued cell continues from its last epoch, and a cell with
 a complete record is skipped.
+
+``--seeds 0,1,2`` trains every selected cell once per seed; with ``--members K`` consecutive seeds are grouped K at
+a time into batched jobs (``seed=S trainer.members=K``, one process each, qrepro/engine/members.py). Cells that start
+from another cell's checkpoint need one chain per seed: ``python -m qrepro.run_table <table> --seeds ... --members K``
+runs those (``--seeds`` here refuses them).
 """
 
 from __future__ import annotations
@@ -101,28 +106,69 @@ def init_path(cell: dict, by_id: dict[str, dict]) -> str | None:
     return f'"{path}/checkpoints/last.pt"'  # quoted for Hydra: run directory names contain '=' and ','
 
 
+def seed_groups(seeds: Sequence[int], members: int) -> list[tuple[int, int]]:
+    """(first seed, K) per batched job: runs of consecutive seeds cut into groups of at most ``members``."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(set(seeds)):
+        if out and s == out[-1][0] + out[-1][1] and out[-1][1] < max(1, members):
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((s, 1))
+    return out
+
+
+def seed_overrides(seeds: Sequence[int], members: int) -> list[str]:
+    """The overrides that train ``seeds`` in batches of ``members``: a sweep over the groups' first seeds."""
+    groups = seed_groups(seeds, members)
+    sizes = {k for _, k in groups}
+    if members > 1 and len(sizes) > 1:
+        raise QreproError(
+            f"--seeds {','.join(map(str, seeds))} do not split into groups of --members {members} (got sizes "
+            f"{sorted(sizes)}); give a multiple of {members} consecutive seeds"
+        )
+    out = [f"seed={','.join(str(s) for s, _ in groups)}"]
+    return out + ([f"trainer.members={groups[0][1]}"] if members > 1 and groups[0][1] > 1 else [])
+
+
 def commands(
     table: str,
     launcher: str = "submitit_slurm",
     gpus: int = 8,
     extra: Sequence[str] = (),
     only: Sequence[str] = (),
+    seeds: Sequence[int] = (),
+    members: int = 1,
 ) -> list[str]:
-    """The shell commands for ``table``; ``only``: fnmatch patterns of cell ids to keep (e.g. ``r18_*``)."""
+    """The shell commands for ``table``; ``only``: fnmatch patterns of cell ids to keep (e.g. ``r18_*``);
+    ``seeds``/``members``: the first wave's training cells once per seed, ``members`` seeds per batched job."""
+    if members > 1 and not seeds:
+        raise QreproError("--members needs --seeds (the seeds a batched job trains), e.g. --seeds 0,1,2 --members 3")
+    seeded = seed_overrides(seeds, members) if seeds else []
+    batched = any(o.startswith("trainer.members=") for o in seeded)
     all_cells = load_cells(table)
     by_id = {c["id"]: c for c in all_cells}
     cells = [c for c in all_cells if not only or any(fnmatch.fnmatchcase(c["id"], p) for p in only)]
     if not cells:
         raise QreproError(f"--cells {','.join(only)} matches no cell of {table}; ids: {', '.join(by_id)}")
+    chained = [c["id"] for c in cells if source(c)]
+    if seeds and chained:
+        raise QreproError(
+            f"--seeds with chained cells ({', '.join(chained[:3])} start from another cell's run, one per seed): "
+            f"run python -m qrepro.run_table {table} --seeds {','.join(map(str, seeds))}"
+            + (f" --members {members}" if members > 1 else "")
+            + ", or select unchained cells with --cells"
+        )
     lines = [f"# {table}: {len(cells)} of {len(all_cells)} cells; launcher={launcher}"]
     for w, wave in enumerate(waves(cells)):
         lines.append(f"# wave {w}: {', '.join(c['id'] for c in wave)}")
         if launcher == "torchrun":
             for c in wave:
                 ptq = bool(c.get("ptq"))  # PTQ is single-process: plain python, one rank
-                argv = ["python"] if ptq else ["torchrun", "--standalone", f"--nproc_per_node={gpus}"]
-                argv += ["-m", "qrepro.ptq" if ptq else "qrepro.train"]
-                argv += [f"+experiment={c['experiment']}", *(c.get("overrides") or [])]
+                sd = [] if ptq else seeded
+                one = ptq or batched and bool(sd)  # a batched job is one process (no DDP)
+                argv = ["python"] if one else ["torchrun", "--standalone", f"--nproc_per_node={gpus}"]
+                argv += ["-m", "qrepro.ptq" if ptq else "qrepro.train"] + (["-m"] if sd and "," in sd[0] else [])
+                argv += [f"+experiment={c['experiment']}", *(c.get("overrides") or []), *sd]
                 ip = init_path(c, by_id)
                 argv += ([f"init_from={ip}"] if ip else []) + ([] if ptq else ["resume=true"]) + [*extra]
                 lines.append(shlex.join(argv))
@@ -132,9 +178,11 @@ def commands(
             key = (bool(c.get("ptq")), tuple(c.get("overrides") or []), init_path(c, by_id))
             groups.setdefault(key, []).append(c["experiment"])
         for (ptq, overrides, ip), exps in groups.items():
+            sd = [] if ptq else seeded
             argv = ["python", "-m", "qrepro.ptq" if ptq else "qrepro.train", "-m", f"hydra/launcher={launcher}"]
-            argv += ["hydra.launcher.gpus_per_node=1"] if ptq else []  # one task: PTQ calibrates on one rank
-            argv += [f"+experiment={','.join(exps)}", *overrides, *([f"init_from={ip}"] if ip else [])]
+            # one task: PTQ calibrates on one rank; a batched job trains its members in one process
+            argv += ["hydra.launcher.gpus_per_node=1"] if ptq or (batched and sd) else []
+            argv += [f"+experiment={','.join(exps)}", *overrides, *sd, *([f"init_from={ip}"] if ip else [])]
             argv += [*([] if ptq else ["resume=true"]), *extra]
             lines.append(shlex.join(argv))
     return lines
@@ -146,10 +194,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--launcher", choices=["submitit_slurm", "submitit_local", "torchrun"], default="submitit_slurm")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per cell with --launcher torchrun (default 8)")
     p.add_argument("--cells", default="", help="comma-separated cell ids to keep (fnmatch patterns, e.g. 'r18_*')")
+    p.add_argument("--seeds", default="", help="comma-separated seeds for the first wave's training cells")
+    p.add_argument("--members", type=int, default=1, help="seeds per batched job (trainer.members; needs --seeds)")
     p.add_argument("extra", nargs="*", help="overrides added to every command, e.g. dataset.root=/data/imagenet")
     a = p.parse_intermixed_args(argv)
     only = [c for c in a.cells.split(",") if c]
-    print("\n".join(one_line_errors(commands)(a.table, a.launcher, a.gpus, a.extra, only)))
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    print("\n".join(one_line_errors(commands)(a.table, a.launcher, a.gpus, a.extra, only, seeds, a.members)))
 
 
 if __name__ == "__main__":
