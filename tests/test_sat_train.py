@@ -71,12 +71,13 @@ def test_fp_to_quantized_chain(tmp_path):
     torch.set_num_threads(1)
     fp, _ = _run(tmp_path, ["quantizer=sat", "precision=w32a32"], "fp")
     ckpt = fp.record_path.parent / "checkpoints" / "last.pt"
-    q, _ = _run(tmp_path, ["quantizer=sat", "precision=w4a4", f"init_from={ckpt}", "optimizer.lr=0.0"], "q")
+    # lr 1e-30: far below the float32 spacing of the weights (lr must be > 0), so the loaded weights stay exact
+    q, _ = _run(tmp_path, ["quantizer=sat", "precision=w4a4", f"init_from={ckpt}", "optimizer.lr=1e-30"], "q")
     sd_fp = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
     sd_q = torch.load(q.record_path.parent / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
     for k, v in sd_fp.items():
         if k.endswith("weight") and v.dim() > 1:
-            assert torch.equal(sd_q[k], v), k  # FP weights loaded (lr = 0 keeps them)
+            assert torch.equal(sd_q[k], v), k  # FP weights loaded (lr 1e-30 keeps them)
     alphas = {k: float(v) for k, v in sd_q.items() if k.endswith("aq.alpha")}
     assert alphas == {"features.4.aq.alpha": 8.0, "features.8.aq.alpha": 8.0, "fc.aq.alpha": 10.0}
 
