@@ -302,6 +302,14 @@ def main() -> None:
     # `python -m qrepro.train +table=<name> [overrides]` runs every cell of a paper table (qrepro.run_table)
     if (code := from_train_argv(sys.argv[1:])) is not None:
         sys.exit(code)
+    from qrepro.chain import prepare
+    from qrepro.cli import one_line_errors
+
+    # a cell that starts from another cell: use (or train first) that cell's run, or preview it with +plan=true
+    argv = one_line_errors(prepare)(sys.argv[1:])
+    if argv is None:
+        return
+    sys.argv[1:] = argv
     hydra_entry(_task, "train")
 
 

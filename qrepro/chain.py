@@ -1,0 +1,222 @@
+"""A cell that starts from another cell: ``python -m qrepro.train +experiment=<cell>`` resolves the chain.
+
+An experiment names its source with ``init_from_experiment: <experiment>`` (the FP model, or the previous
+bit-width of a progressive chain); one that starts from an external checkpoint says so with
+``init_from_required: "<what>"``. Before training such a cell the trainer
+
+* uses the finished run of the source cell (same carried overrides, hence same recipe and seed) when one exists,
+* otherwise trains it first (``python -m qrepro.train +experiment=<source> ...``, itself resolved the same way)
+  and says so,
+* and does neither when the command line gives ``init_from=<path>`` (or ``init_from=null``: from scratch).
+
+The overrides of the command line carry over to the source runs, except those that define the cell itself
+(``precision``, ``quantizer``, ``name``, ``init_from``): ``seed=1 trainer.epochs=3 dataset.root=...`` apply to
+the whole chain. ``+plan=true`` prints the chain, its run directories and commands without training.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from qrepro.errors import QreproError
+
+PLAN_KEYS = ("plan", "+plan", "++plan")
+CELL_KEYS = ("precision", "quantizer", "name", "init_from", "experiment")  # not carried to the source runs
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def pop_plan(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``+plan=<bool>``, and whether a plan preview was asked for."""
+    rest, plan = [], False
+    for a in argv:
+        if "=" in a and a.split("=", 1)[0] in PLAN_KEYS:
+            value = a.split("=", 1)[1].strip().lower()
+            if value not in ("true", "false"):
+                raise QreproError(f"plan takes true or false, got {a}")
+            plan = value == "true"
+        else:
+            rest.append(a)
+    return rest, plan
+
+
+def experiment_of(argv: Sequence[str]) -> str | None:
+    names = [a.split("=", 1)[1] for a in argv if "=" in a and _key(a) == "experiment"]
+    return names[-1] if names else None
+
+
+def carried(overrides: Sequence[str]) -> list[str]:
+    """The overrides a source run inherits from the cell's command line."""
+    return [o for o in overrides if not any(_key(o) == k or _key(o).startswith(k + ".") for k in CELL_KEYS)]
+
+
+def explicit_init(overrides: Sequence[str]) -> bool:
+    return any(_key(o) == "init_from" for o in overrides)
+
+
+@dataclass
+class Step:
+    """One run of the chain."""
+
+    experiment: str
+    overrides: list[str]  # without +experiment and init_from
+    run_dir: Path
+    complete: bool
+    record: dict | None = None
+
+    def command(self, init_from: str | None, python: str = "python") -> list[str]:
+        from qrepro.run_table import hydra_quote
+
+        init = hydra_quote(init_from) if init_from else "null"
+        return [python, "-m", "qrepro.train", f"+experiment={self.experiment}", *self.overrides, f"init_from={init}"]
+
+
+def _step(experiment: str, overrides: list[str]) -> tuple[Step, object]:
+    from qrepro.builders import compose
+    from qrepro.engine.record import read_record
+    from qrepro.sweep import run_subdir
+
+    cfg = compose([f"+experiment={experiment}", *overrides])
+    run_dir = Path(str(cfg.out_root)) / str(cfg.name) / run_subdir(overrides)
+    rec = read_record(run_dir / "record.json")
+    return Step(experiment, list(overrides), run_dir, bool(rec and rec.get("complete") is True), rec), cfg
+
+
+def resolve(experiment: str, overrides: Sequence[str]) -> list[Step]:
+    """The runs a cell needs, sources first, the cell itself last (one step when it starts from nothing, or
+    when ``init_from`` is given). Raises when the cell needs an external checkpoint that was not given."""
+    overrides = [o for o in overrides if _key(o) != "experiment"]
+    step, cfg = _step(experiment, overrides)
+    chain = [step]
+    if explicit_init(overrides) or cfg.get("init_from"):
+        return chain
+    need = cfg.get("init_from_required")
+    if need and not cfg.get("init_from_experiment"):
+        raise QreproError(
+            f"{experiment} starts from {need} in the paper: give init_from=<path>, or init_from=null to train it "
+            "from scratch"
+        )
+    source, seen, rest = cfg.get("init_from_experiment"), {experiment}, carried(overrides)
+    while source:
+        if source in seen:
+            raise QreproError(f"init_from_experiment chain of {experiment} is a cycle at {source}")
+        seen.add(str(source))
+        step, cfg = _step(str(source), rest)
+        chain.append(step)
+        need = cfg.get("init_from_required")
+        source = cfg.get("init_from_experiment")
+        if need and not source:
+            raise QreproError(
+                f"{experiment} starts from {step.experiment}, which starts from {need}: train {step.experiment} "
+                "with init_from=<path> first"
+            )
+    return chain[::-1]
+
+
+def last_checkpoint(step: Step) -> Path:
+    return step.run_dir / "checkpoints" / "last.pt"
+
+
+def describe(chain: Sequence[Step], python: str = "python") -> list[str]:
+    """The plan preview: one block per run, in order."""
+    lines = [f"plan: {chain[-1].experiment}: {len(chain)} run(s) in order"]
+    init: str | None = None
+    for i, step in enumerate(chain, 1):
+        state = (
+            "finished (reused)" if step.complete and i < len(chain) else ("finished" if step.complete else "to train")
+        )
+        origin = f"from {chain[i - 2].experiment}" if i > 1 else "from scratch"
+        lines.append(f"  {i}. {step.experiment}  [{state}, {origin}]")
+        lines.append(f"     run dir: {step.run_dir.as_posix()}")
+        lines.append(f"     {shlex.join(step.command(init, python))}")
+        init = last_checkpoint(step).as_posix()
+    return lines
+
+
+Runner = Callable[[list[str]], object]
+
+
+def run_sources(
+    chain: Sequence[Step], *, out: Callable[[str], None] = print, runner: Runner | None = None
+) -> str | None:
+    """Make sure every source run of ``chain`` is finished (training it when not); returns the checkpoint the
+    cell itself starts from (None when the chain is the cell alone)."""
+    from qrepro.engine.rundir import file_sha256
+    from qrepro.run_table import subprocess_runner
+
+    runner = runner or subprocess_runner
+    init: str | None = None
+    target = chain[-1].experiment
+    for step in chain[:-1]:
+        ckpt = last_checkpoint(step)
+        want = file_sha256(init) if init else None
+        same_init = step.record is not None and (step.record.get("init_from_sha256") or None) == want
+        if step.complete and same_init and ckpt.is_file():
+            out(f"chain: {target} starts from {step.experiment}: using its finished run {step.run_dir.as_posix()}")
+        else:
+            why = "no finished run" if not step.complete else "its finished run has no checkpoint or another init"
+            out(
+                f"chain: {target} starts from {step.experiment} ({why} in {step.run_dir.as_posix()}): training it first"
+            )
+            cmd = step.command(init, sys.executable)
+            out(shlex.join(cmd))
+            result = runner(cmd)
+            code, record = getattr(result, "returncode", 1), getattr(result, "record", None)
+            if code != 0 or record is None:
+                raise QreproError(f"the source run {step.experiment} failed (exit code {code}); {target} not started")
+            step.run_dir = Path(record).parent
+            ckpt = last_checkpoint(step)
+        init = ckpt.as_posix()
+    return init
+
+
+def prepare(
+    argv: Sequence[str], *, out: Callable[[str], None] = print, runner: Runner | None = None
+) -> list[str] | None:
+    """For the trainer's entry point: ``argv`` with the resolved ``init_from`` added (sources trained first), or
+    None after a plan preview (nothing to train)."""
+    from qrepro.run_table import hydra_quote
+
+    argv, plan = pop_plan(argv)
+    experiment = experiment_of(argv)
+    if experiment is None:
+        if plan:
+            raise QreproError("+plan=true previews a cell: give +experiment=<name>")
+        return argv
+    overrides = [a for a in argv if not a.startswith("-")]
+    multirun = any(a in MULTIRUN_FLAGS for a in argv)
+    if multirun or explicit_init(overrides):
+        if multirun and not explicit_init(overrides):
+            chain = resolve(experiment, [])
+            if len(chain) > 1:
+                raise QreproError(
+                    f"{experiment} starts from {chain[-2].experiment}: a multirun needs init_from=<path> (or "
+                    "init_from=null to train from scratch); `qrepro-table sweep` runs whole chains"
+                )
+        if plan:
+            out("\n".join(describe(resolve(experiment, overrides))))
+            return None
+        return argv
+    chain = resolve(experiment, overrides)
+    if plan:
+        out("\n".join(describe(chain)))
+        return None
+    if len(chain) == 1:
+        return argv
+    from qrepro.builders import compose
+
+    if int(compose(argv).trainer.get("members") or 1) > 1:
+        raise QreproError(
+            f"{experiment} starts from {chain[-2].experiment}: trainer.members>1 needs init_from=<path> (or "
+            "init_from=null); `qrepro-table sweep` runs whole chains"
+        )
+    init = run_sources(chain, out=out, runner=runner)
+    out(f"chain: {experiment} starts from {init}")
+    return [*argv, f"init_from={hydra_quote(init)}"]
