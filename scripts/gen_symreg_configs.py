@@ -235,6 +235,17 @@ def _yaml_map(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
 
 
+def _same_recipe(key: str) -> str | None:
+    """An earlier row whose recipe differs from ``key``'s only in the model (and the note on its lr), if any."""
+    mine = RECIPES[key]
+    for other, theirs in RECIPES.items():
+        if other == key:
+            return None
+        if theirs[1:10] == mine[1:10] and theirs[11:] == mine[11:]:
+            return other
+    return None
+
+
 def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
     model, dataset, epochs, lr, wd, warm, eta_min, rho, batch, ema, lr_note, source = RECIPES[key]
     label, quantizer, qover = TRAIN_METHODS[method]
@@ -244,7 +255,7 @@ def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
         qover = {"satnl": quantizer == "satnl", **qover}
         quantizer = "robust_qat"
         what = f"QAT fine-tuning (90 epochs, lr/10) of the {label} FP model, W4A4 by default"
-        run = f"python -m qrepro.train +experiment={name} init_from=<symreg_{key}_{method} run>/checkpoints/last.pt"
+        run = f"python -m qrepro.train +experiment={name}"
     else:
         what = f"{label} FP pre-training for PTQ"
         run = f"python -m qrepro.train +experiment={name}"
@@ -256,10 +267,22 @@ def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
     if dataset == "imagenet" or key == "mbv2c100":
         notes.append("batch size and EMA decay ASSUMED (not in the supplement)")
     note = f" [{'; '.join(notes)}]" if notes else ""
+    header = ["# @package _global_", f"# SymReg/SatNL supplement ({source}), {model} {dataset}: {what}{note} — {run}"]
+    source_line = [f"init_from_experiment: symreg_{key}_{method}"] if qat else []
+    same = _same_recipe(key)
+    if same is not None:  # the recipe of an earlier row with another model: a thin delta over that experiment
+        lines = [
+            *header,
+            "defaults:",
+            f"  - /experiment/{name.replace(f'_{key}_', f'_{same}_')}",
+            f"  - override /model: {model}",
+            f"name: {name}",
+            *source_line,
+        ]
+        return name, "\n".join(lines) + "\n"
     sched = {"warmup_epochs": warm, "warmup_start_factor": 0.0, "min_factor": round(eta_min / lr, 6)}
     lines = [
-        "# @package _global_",
-        f"# SymReg/SatNL supplement ({source}), {model} {dataset}: {what}{note} — {run}",
+        *header,
         "defaults:",
         f"  - override /dataset: {dataset}",
         f"  - override /model: {model}",
@@ -269,6 +292,7 @@ def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
         "  - override /scheduler: cosine",
         "",
         f"name: {name}",
+        *source_line,
         f"trainer: {_yaml_map({'epochs': epochs, 'batch_size': batch, 'ema': ema if ema else 'null'})}",
         "optimizer:",
         f"  lr: {lr:g}",

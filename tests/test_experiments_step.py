@@ -42,10 +42,19 @@ def _num_classes(dataset: str) -> int:
     return int(OmegaConf.load(Path(CONFIG_DIR) / "dataset" / f"{dataset}.yaml").num_classes)
 
 
+def _dataset_in(path: Path) -> str | None:
+    """The dataset a config's defaults list chooses, following included configs (a cell's recipe)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []
+    found = _default(defaults, "dataset")
+    for item in defaults:
+        if found is None and isinstance(item, str) and item.startswith("/"):
+            found = _dataset_in(Path(CONFIG_DIR) / f"{item.strip('/').split('@')[0]}.yaml")
+    return found
+
+
 def _dataset(name: str) -> str:
     """The experiment's dataset, read from its defaults list (else the trainer's default), without composing."""
-    exp = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{name}.yaml")
-    found = _default(OmegaConf.to_container(exp).get("defaults"), "dataset")
+    found = _dataset_in(Path(CONFIG_DIR) / "experiment" / f"{name}.yaml")
     return found or _default(
         OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "train.yaml"))["defaults"], "dataset"
     )

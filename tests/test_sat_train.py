@@ -100,7 +100,10 @@ def test_sat_tables_match_their_experiments():
             ep = root / "experiment" / f"{c['experiment']}.yaml"
             assert ep.exists(), (tp.name, c["id"])
             text = ep.read_text()
-            picks = dict(re.findall(r"override /(\w+): (\S+)", text))
+            picks = {}  # group choices of the cell's recipe, then of the cell itself
+            for inc in re.findall(r"^  - /(recipe/\S+)$", text, re.M):
+                picks.update(re.findall(r"override /(\w+): (\S+)", (root / f"{inc}.yaml").read_text()))
+            picks.update(re.findall(r"override /(\w+): (\S+)", text))
             assert picks["model"] == c["model"] and picks["dataset"] == c["dataset"], (tp.name, c["id"])
             wb, ab = re.fullmatch(r"w(\d+)a(\d+)", picks["precision"]).groups()
             assert (int(wb), int(ab)) == (c["w_bits"], c["a_bits"]), (tp.name, c["id"])
