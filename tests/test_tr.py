@@ -621,24 +621,10 @@ TABLES = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "table")
 
 
 def _experiment_view(name, overrides):
-    """The fields a cell is checked against: composed with Hydra when the cell has overrides, else read
-    from the experiment file (test_configs composes every experiment file already)."""
-    import yaml
-    from omegaconf import OmegaConf
+    """The fields a cell is checked against: the experiment (a recipe plus its cell lines) composed with Hydra."""
+    from qrepro.train import compose
 
-    if overrides:
-        from qrepro.train import compose
-
-        return compose([f"+experiment={name}", *overrides])
-    root = Path(__file__).resolve().parents[1] / "configs"
-    exp = yaml.safe_load((root / "experiment" / f"{name}.yaml").read_text())
-    cfg = {k: v for k, v in exp.items() if k != "defaults"}
-    for entry in exp["defaults"]:
-        ((key, choice),) = entry.items()
-        group = key.split()[-1].strip("/")
-        base = yaml.safe_load((root / group / f"{choice}.yaml").read_text())
-        cfg[group] = OmegaConf.merge(base, cfg.get(group, {}))
-    return OmegaConf.create(cfg)
+    return compose([f"+experiment={name}", *overrides])
 
 
 @pytest.mark.parametrize("path", TABLES, ids=lambda p: p.stem)
@@ -764,7 +750,9 @@ def test_cifar_experiments_follow_the_authors(opt_name):
     w_scale = model.layer1[0].conv1.wq.scale
     if opt_name.endswith("t"):
         assert id(w_scale) not in group_of and cfg.optimizer.tr.target_init == "direct"
-        assert opt._tr_r0 == [5e-3] and opt._tr_K == [5e-3]
+        # the authors' TALR (talr: authors): one TR and TALR per quantized weight tensor, R^0 = K^0 = 5e-3
+        assert (cfg.optimizer.tr.rule, cfg.optimizer.tr.scope) == ("momentum", "layer")
+        assert len(opt._tr_r0) == 18 and set(opt._tr_r0) == {5e-3} and set(opt._tr_K) == {5e-3}
     else:
         assert group_of[id(w_scale)]["lr"] == pytest.approx(0.01) and group_of[id(w_scale)]["weight_decay"] == 0.0
     assert model.layer1[0].conv1.aq.eps == 1e-6 and model.layer1[0].conv1.wq.eps == 1e-6

@@ -17,8 +17,8 @@
   ...], dtype=torch.float64)`` stepped with ``Run.step`` (the trainer's step; its first call runs the scale
   calibration hook on that batch), inputs through qrepro's ``Normalizer`` with the experiment's mean/std. The
   experiments already follow the authors' code (parameter groups, ``scale_eps`` 1e-6, ``target_init: direct``,
-  per-epoch schedule, CIFAR std); the suite adds the authors' TALR as qrepro names it (``optimizer.tr.rule=
-  momentum``, ``scope=layer``, ``running_eps=1e-8``) and a schedule of ``EPOCHS`` epochs of
+  per-epoch schedule, CIFAR std, and the authors' TALR update: ``talr: authors``, i.e. ``optimizer.tr.rule=
+  momentum``, ``scope=layer``, ``running_eps=1e-8``); the suite adds only a schedule of ``EPOCHS`` epochs of
   ``STEPS_PER_EPOCH`` steps, so the per-epoch cosine moves the LR and the target TR within the compared steps.
 
 Both models start from the same weights (the oracle's random initialisation copied into qrepro's model). Compared
@@ -69,10 +69,6 @@ THEIR_MOMENTUM = 0.9  # train_quant.py --momentum default (SGD)
 THEIR_SCALE_LR = 0.01  # train_quant.py --scale_lr default
 THEIR_INITIAL_TR = 5e-3  # run.sh --initial_tr
 THEIR_MOMENTUM_TR = 0.99  # run.sh --momentum_tr
-
-# qrepro's names for what the authors' optimizers do beyond the experiment defaults
-AUTHORS_TALR = ["optimizer.tr.rule=momentum", "optimizer.tr.scope=layer", "optimizer.tr.running_eps=1e-8"]
-
 
 def their_name_to_ours(name: str) -> str:
     """Name of a parameter / buffer of their ResNet-20 -> the same tensor's name in qrepro's model."""
@@ -127,7 +123,6 @@ def _our_run(bits: str, opt_name: str, overrides: list[str]) -> Any:
             f"+experiment=tr_resnet20_cifar10_{bits}_{opt_name}",
             "trainer.device=cpu",
             f"trainer.epochs={EPOCHS}",
-            *AUTHORS_TALR,
             *overrides,
         ],
         dtype=torch.float64,
