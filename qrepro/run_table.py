@@ -1,4 +1,5 @@
-"""Run every cell of a paper table: ``python -m qrepro.run_table <name> [--dry-run] [overrides...]``.
+"""Run every cell of a paper table: ``qrepro-table run <name> [--cells GLOB] [overrides...]``
+(``python -m qrepro.table``; ``python -m qrepro.run_table`` is the same command under its older name).
 
 Each cell becomes one ``python -m qrepro.train +experiment=<cell.experiment> <cell.overrides...> <extra...>
 ++logger.group=<table>`` subprocess (``python -m qrepro.ptq`` for cells with a ``ptq:`` field). Cells run in
@@ -69,6 +70,16 @@ def _sources(cell: Cell) -> list[str]:
     return [p for p in (cell.init_from_cell, cell.ptq_from_cell) if p]
 
 
+def expand_cells(table: Table, patterns: Sequence[str]) -> list[str]:
+    """Cell ids matching any of the fnmatch ``patterns`` (an exact id is a pattern too), in table order."""
+    import fnmatch
+
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(i, pat) for i in table.ids()):
+            raise QreproError(f"table {table.name!r} has no cell matching {pat!r}; cells: {', '.join(table.ids())}")
+    return [i for i in table.ids() if any(fnmatch.fnmatchcase(i, p) for p in patterns)]
+
+
 def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]:
     """Cells in table order, each moved after the cells it starts from.
 
@@ -76,7 +87,7 @@ def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]
     """
     keep = set(table.ids())
     if only is not None:
-        keep, todo = set(), [table.cell(i).id for i in only]
+        keep, todo = set(), [table.cell(i).id for i in expand_cells(table, only)]
         while todo:
             cid = todo.pop()
             if cid not in keep:
@@ -326,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. trainer.device=cuda)")
     p.add_argument("--dry-run", action="store_true", help="print the commands in order without running them")
     p.add_argument("--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2: every cell once per seed")
-    p.add_argument("--cells", type=_str_list, help="comma-separated cell ids: only these (and their sources)")
+    p.add_argument(
+        "--cells",
+        type=_str_list,
+        help="comma-separated cell ids or fnmatch globs ('r18_*'): only these (and their sources)",
+    )
     p.add_argument(
         "--members",
         type=int,

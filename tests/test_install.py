@@ -23,7 +23,7 @@ SCRIPTS = {
     "qrepro-train": "qrepro.train:main",
     "qrepro-eval": "qrepro.evaluate:main",
     "qrepro-ptq": "qrepro.ptq.__main__:main",
-    "qrepro-table": "qrepro.tables.cli:main",
+    "qrepro-table": "qrepro.table:main",
 }
 
 
@@ -107,7 +107,16 @@ def test_installed_train_runs_outside_the_checkout(installed):
 def test_installed_table_renders_outside_the_checkout(installed):
     outside = installed[2]
     _run(
-        ["qrepro-table", "symreg_digits_demo", "--runs", str(outside / "none"), "--out", "tables", "--no-figures"],
+        [
+            "qrepro-table",
+            "render",
+            "symreg_digits_demo",
+            "--runs",
+            str(outside / "none"),
+            "--out",
+            "tables",
+            "--no-figures",
+        ],
         installed,
     )
     assert "symreg_digits_demo" in (outside / "tables" / "symreg_digits_demo.md").read_text()
