@@ -16,6 +16,7 @@ the whole chain. ``+plan=true`` prints the chain, its run directories and comman
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -161,6 +162,11 @@ def run_sources(
         if step.complete and same_init and ckpt.is_file():
             out(f"chain: {target} starts from {step.experiment}: using its finished run {step.run_dir.as_posix()}")
         else:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train it: one process does, first
+                raise QreproError(
+                    f"{target} starts from {step.experiment}, which has no finished run in {step.run_dir.as_posix()}; "
+                    f"under torchrun train it first: {shlex.join(step.command(init))} (or use qrepro-table run)"
+                )
             why = "no finished run" if not step.complete else "its finished run has no checkpoint or another init"
             out(
                 f"chain: {target} starts from {step.experiment} ({why} in {step.run_dir.as_posix()}): training it first"

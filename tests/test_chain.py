@@ -127,3 +127,10 @@ def test_table_chains_agree_with_the_experiments_sources():
                 assert cells[parent]["experiment"] in ancestors, f"{path.name}:{c['id']}"
                 checked += 1
     assert checked > 50
+
+
+def test_torchrun_ranks_do_not_train_the_source_each(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["+experiment=demo_digits_sat_w4a4", f"out_root={tmp_path}", *FAST]
+    with pytest.raises(QreproError, match="under torchrun train it first"):
+        prepare(argv, runner=lambda cmd: pytest.fail("no rank may train the source"))
