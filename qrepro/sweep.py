@@ -62,7 +62,9 @@ def load_cells(table: str) -> list[dict]:
     if not path.is_file():
         known = sorted(p.stem for p in Path(CONFIG_DIR, "table").glob("*.yaml"))
         raise QreproError(f"unknown table {table!r}; choose one of: {', '.join(known)}")
-    cells = OmegaConf.to_container(OmegaConf.load(path).cells, resolve=False)
+    from qrepro.tables.schema import derive_sources
+
+    cells = derive_sources(OmegaConf.to_container(OmegaConf.load(path).cells, resolve=False))
     ids = {c["id"] for c in cells}
     for c in cells:
         src = source(c)

@@ -107,26 +107,46 @@ def test_plan_flag_parsing():
 
 
 def test_table_chains_agree_with_the_experiments_sources():
-    """A table cell without its own overrides starts from a cell of its experiment's init_from_experiment chain; every
-    chained cell's experiment names a source (so the cell command alone never trains it from scratch)."""
-    exp_dir = Path(CONFIG_DIR) / "experiment"
-    source = {p.stem: (yaml.safe_load(p.read_text()) or {}).get("init_from_experiment") for p in exp_dir.glob("*.yaml")}
-    checked = 0
+    """Every table cell whose experiment names a source starts from a cell of that source's chain: derived from the
+    experiment (tables leave init_from_cell out) or stated by an ablation table for its own chain."""
+    from qrepro.tables.schema import experiment_source, load_table
+
+    derived = explicit = 0
     for path in sorted((Path(CONFIG_DIR) / "table").glob("*.yaml")):
-        cells = {c["id"]: c for c in yaml.safe_load(path.read_text())["cells"]}
-        for c in cells.values():
-            parent = c.get("init_from_cell")
-            if not parent:
+        raw = {c["id"]: c for c in yaml.safe_load(path.read_text())["cells"]}
+        table = load_table(path)
+        for c in table.cells:
+            src = experiment_source(c.experiment)
+            if c.ptq_from_cell or src is None:
                 continue
-            assert source.get(c["experiment"]), f"{path.name}:{c['id']}: {c['experiment']} names no source"
-            if not c.get("overrides") and not cells[parent].get("overrides"):
-                ancestors, e = [], c["experiment"]
-                while source.get(e):  # an ablation table may skip steps of the chain (APoT Table 3: 5 -> 3 bits)
-                    e = source[e]
-                    ancestors.append(e)
-                assert cells[parent]["experiment"] in ancestors, f"{path.name}:{c['id']}"
-                checked += 1
-    assert checked > 50
+            assert c.init_from_cell, f"{path.name}:{c.id}: {c.experiment} starts from {src}, the table from nothing"
+            ancestors, e = [], c.experiment
+            while experiment_source(e):  # an ablation may skip steps of the chain (APoT Table 3: 5 -> 3 bits)
+                e = experiment_source(e)
+                ancestors.append(e)
+            assert table.cell(c.init_from_cell).experiment in ancestors, f"{path.name}:{c.id}"
+            if "init_from_cell" in raw[c.id]:
+                explicit += 1
+            else:
+                derived += 1
+    assert derived > 90 and explicit < 50
+
+
+def test_tables_derive_the_source_cell_from_the_experiment(tmp_path):
+    from qrepro.tables.schema import derive_sources, parse_table
+
+    cell = {"model": "small_cnn", "dataset": "digits", "paper": None, "w_bits": 4, "a_bits": 4, "method": "SAT"}
+    cells = [
+        {**cell, "id": "fp", "experiment": "demo_digits_fp", "w_bits": 32, "a_bits": 32},
+        {**cell, "id": "q", "experiment": "demo_digits_sat_w4a4"},
+        {**cell, "id": "q_seed1", "experiment": "demo_digits_sat_w4a4", "overrides": ["seed=1"]},
+        {**cell, "id": "fp_seed1", "experiment": "demo_digits_fp", "overrides": ["seed=1"]},
+        {**cell, "id": "q_scratch", "experiment": "demo_digits_sat_w4a4", "init_from_cell": None},
+    ]
+    got = {c["id"]: c.get("init_from_cell") for c in derive_sources(cells)}
+    assert got == {"fp": None, "q": "fp", "q_seed1": "fp_seed1", "fp_seed1": None, "q_scratch": None}
+    head = {"name": "t", "paper": "Demo", "title": "t", "metric": "top1", "reported": "last", "tolerance": 1.0}
+    assert parse_table({**head, "cells": cells}).cell("q").init_from_cell == "fp"
 
 
 def test_torchrun_ranks_do_not_train_the_source_each(tmp_path, monkeypatch):

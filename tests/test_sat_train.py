@@ -89,11 +89,14 @@ def test_sat_tables_match_their_experiments():
 
     import yaml
 
+    from qrepro.tables.schema import derive_sources
+
     root = Path(__file__).resolve().parents[1] / "configs"
     tables = sorted((root / "table").glob("sat_*.yaml"))
     assert len(tables) >= 5
     for tp in tables:
         t = yaml.safe_load(tp.read_text())
+        t["cells"] = derive_sources(t["cells"])  # init_from_cell from the experiments' init_from_experiment
         assert t["paper"] == "SAT" and t["name"] == tp.stem
         ids = {c["id"] for c in t["cells"]}
         for c in t["cells"]:

@@ -128,7 +128,7 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
 
     cells: list[Cell] = []
     seen: set[str] = set()
-    for i, raw in enumerate(raw_cells):
+    for i, raw in enumerate(derive_sources(raw_cells, _configs_of(path))):
         cells.append(_parse_cell(raw, i, where))
         if cells[-1].id in seen:
             raise QreproError(f"{where}: duplicate cell id {cells[-1].id!r}; cell ids must be unique")
@@ -162,6 +162,46 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
         path,
         extra,
     )
+
+
+def experiment_source(experiment: str, configs: str | Path | None = None) -> str | None:
+    """The ``init_from_experiment`` an experiment file names (the cell it starts from), or None."""
+    import yaml
+
+    path = Path(configs or default_configs()) / "experiment" / f"{experiment}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    src = data.get("init_from_experiment") if isinstance(data, dict) else None
+    return src if isinstance(src, str) else None
+
+
+def derive_sources(cells: list, configs: str | Path | None = None) -> list:
+    """Cells (raw mappings) with ``init_from_cell`` filled in from their experiment's ``init_from_experiment``
+    where a cell leaves the key out: the cell of the table that runs that experiment with the same overrides.
+    ``init_from_cell: <id>`` (an ablation's own chain) or ``init_from_cell: null`` (from scratch) is kept."""
+    out = []
+    for c in cells:
+        if isinstance(c, dict) and "init_from_cell" not in c and not c.get("ptq") and c.get("experiment"):
+            src = experiment_source(str(c["experiment"]), configs)
+            over = list(c.get("overrides") or [])
+            hits = [
+                d["id"]
+                for d in cells
+                if isinstance(d, dict) and d.get("experiment") == src and list(d.get("overrides") or []) == over
+            ]
+            if src and len(hits) == 1:
+                c = {**c, "init_from_cell": hits[0]}
+        out.append(c)
+    return out
+
+
+def _configs_of(path: Path | None) -> Path | None:
+    """The config root a table file lives in (``<root>/table/<name>.yaml``), else None (the default root)."""
+    if path is not None and path.parent.name == "table" and (path.parent.parent / "experiment").is_dir():
+        return path.parent.parent
+    return None
 
 
 def _parse_cell(raw: Any, index: int, where: str) -> Cell:
