@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -82,6 +83,15 @@ def test_fp_to_quantized_chain(tmp_path):
     assert alphas == {"features.4.aq.alpha": 8.0, "features.8.aq.alpha": 8.0, "fc.aq.alpha": 10.0}
 
 
+def _group_choices(root, text: str) -> dict:
+    """The group choices a config file's defaults list makes: its included recipes' first, then its own."""
+    picks = {}
+    for inc in re.findall(r"^  - /(recipe/\S+)$", text, re.M):
+        picks.update(_group_choices(root, (root / f"{inc}.yaml").read_text()))
+    picks.update(re.findall(r"override /(\w+): (\S+)", text))
+    return picks
+
+
 def test_sat_tables_match_their_experiments():
     """Every SAT table cell names an existing experiment whose model / precision / dataset agree with it."""
     import re
@@ -103,10 +113,7 @@ def test_sat_tables_match_their_experiments():
             ep = root / "experiment" / f"{c['experiment']}.yaml"
             assert ep.exists(), (tp.name, c["id"])
             text = ep.read_text()
-            picks = {}  # group choices of the cell's recipe, then of the cell itself
-            for inc in re.findall(r"^  - /(recipe/\S+)$", text, re.M):
-                picks.update(re.findall(r"override /(\w+): (\S+)", (root / f"{inc}.yaml").read_text()))
-            picks.update(re.findall(r"override /(\w+): (\S+)", text))
+            picks = _group_choices(root, text)
             assert picks["model"] == c["model"] and picks["dataset"] == c["dataset"], (tp.name, c["id"])
             wb, ab = re.fullmatch(r"w(\d+)a(\d+)", picks["precision"]).groups()
             assert (int(wb), int(ab)) == (c["w_bits"], c["a_bits"]), (tp.name, c["id"])
