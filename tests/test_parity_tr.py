@@ -71,3 +71,13 @@ def test_tr_parity_fails_with_a_paper_or_default_switch(override, failing_row, s
     (report,) = _suite(steps=steps, cells=(("w2a2", "sgdt"),), overrides=[override])
     assert not report.ok
     assert any(row.name.startswith(failing_row) and not row.ok for row in report.rows), report.render()
+
+
+@needs_reference
+def test_tr_parity_needs_the_authors_talr_default():
+    """The experiments carry the authors' TALR (talr: authors); the paper's Eq. 11 with one global TR (talr=paper)
+    keeps no per-layer running TR to compare with theirs."""
+    from qrepro.errors import QreproError
+
+    with pytest.raises(QreproError, match="running TR .* keys present on one side only"):
+        _suite(steps=2, cells=(("w2a2", "sgdt"),), overrides=["talr=paper"])
