@@ -70,6 +70,7 @@ THEIR_SCALE_LR = 0.01  # train_quant.py --scale_lr default
 THEIR_INITIAL_TR = 5e-3  # run.sh --initial_tr
 THEIR_MOMENTUM_TR = 0.99  # run.sh --momentum_tr
 
+
 def their_name_to_ours(name: str) -> str:
     """Name of a parameter / buffer of their ResNet-20 -> the same tensor's name in qrepro's model."""
     if name.startswith("bn2."):  # the BatchNorm1d before the classifier (not a block's bn2)
