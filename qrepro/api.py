@@ -14,6 +14,10 @@ optimizer's and method's hooks (e.g. TR transition counting), the LR schedule an
 runs the hooks' ``on_train_start`` on that batch, as the trainer does on its first batch (data-dependent
 initialisation such as TR's scale calibration). The parity harness (``python -m qrepro.parity``) and notebooks
 use this; its shape is stable.
+
+``build_members(overrides, K, dtype)`` builds the runs ``seed=S..S+K-1`` (each exactly as ``build``) as one batch of
+members (``trainer.members``): ``members.step([(x0, y0), ...])`` steps all of them in one batched computation and
+``members.runs[i]`` is member i's ``Run`` (qrepro/engine/members.py).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from qrepro.builders import Components, build_components, build_data_from_cfg, c
 from qrepro.engine.fast import make_forward_loss
 from qrepro.engine.hooks import Context
 from qrepro.engine.loop import evaluate, train_step
+from qrepro.engine.members import build_members  # noqa: F401  (re-exported)
 
-__all__ = ["Run", "build"]
+__all__ = ["Run", "build", "build_members"]
 
 
 @dataclass

@@ -7,12 +7,13 @@
 #   scripts/gpu_session.sh epochs          # CIFAR-10 ResNet-20, 3 epochs FP and APoT W4A4: per-epoch time
 #   scripts/gpu_session.sh parallel        # 4 short cells, --jobs 1 vs --jobs 4 on one GPU
 #   scripts/gpu_session.sh bench-more      # b512 and MobileNet-V2 (CIFAR), appended to the same result file
+#   scripts/gpu_session.sh members         # K runs as one batched step x amp: bench grid + a batched digits run
 #
 # Results go to results/bench/ (commit them) and, when $OUT is set (device tool), are copied there too.
 # QUICK=1 shrinks every step (CPU dry run of this script: QUICK=1 DEVICE=cpu scripts/gpu_session.sh epochs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: scripts/gpu_session.sh check|bench|epochs|parallel|bench-more}
+step=${1:?usage: scripts/gpu_session.sh check|bench|epochs|parallel|bench-more|members}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
@@ -76,5 +77,13 @@ parallel)  # the same 4 cells one at a time, then 4 at once on the one GPU (docs
     cp runs/_gpu_parallel/jobs$j/summary.json results/bench/"$slug"-parallel-jobs$j.json
   done
   save results/bench/"$slug"-parallel-jobs1.json results/bench/"$slug"-parallel-jobs4.json ;;
-*) echo "error: unknown step '$step'; use check|bench|epochs|parallel|bench-more" >&2; exit 2 ;;
+members)  # docs/speed.md section 6/7: batched members (K = 1, 2, 4, 8) x amp (off, bf16), eager and compiled
+  "$PY" -m qrepro.bench --device "$DEVICE" --models resnet20 --batch-sizes 128 --methods fp,apot,sat,tr \
+    --members 1,2,4,8 --amp off,bf16 --modes eager "${bench_steps[@]}" --tag members \
+    --note "scripts/gpu_session.sh members"
+  "$PY" -m qrepro.train +experiment=demo_digits_apot_w4a4 trainer.members=4 trainer.amp=bf16 trainer.epochs=1 \
+    trainer.device="$DEVICE" logger=none trainer.progress=false out_root=runs/_gpu_members \
+    2>&1 | tee results/bench/"$slug"-members-run.log
+  save results/bench/"$slug"-members.json results/bench/"$slug"-members.md results/bench/"$slug"-members-run.log ;;
+*) echo "error: unknown step '$step'; use check|bench|epochs|parallel|bench-more|members" >&2; exit 2 ;;
 esac
