@@ -304,7 +304,11 @@ def main() -> None:
         sys.exit(code)
     from qrepro.chain import prepare
     from qrepro.cli import one_line_errors
+    from qrepro.validation import precheck
 
+    args = sys.argv[1:]
+    if not {"-sc", "--shell-completion"} & set(args):  # bad values and misspelt keys: one line before anything runs
+        one_line_errors(precheck)([a for a in args if a.lstrip("+~").split("=", 1)[0] != "plan"], "train")
     # a cell that starts from another cell: use (or train first) that cell's run, or preview it with +plan=true
     argv = one_line_errors(prepare)(sys.argv[1:])
     if argv is None:
