@@ -97,6 +97,7 @@ class Row:
     member_images_per_s: float | None = None  # one member's images/s (batch / batched step time)
     separate_step_ms: float | None = None  # step time of one run of the same case (members=1), same invocation
     ratio_separate: float | None = None  # step_ms / (members x separate_step_ms)
+    ratio_separate_min: float | None = None  # fastest sample / (members x the single run's fastest sample)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -470,6 +471,8 @@ def add_ratios(rows: list[Row]) -> None:
         if one is not None:
             r.separate_step_ms = one.step_ms
             r.ratio_separate = r.step_ms / (r.members * one.step_ms)
+            if r.step_ms_min and one.step_ms_min:
+                r.ratio_separate_min = r.step_ms_min / (r.members * one.step_ms_min)
         base = fp.get(grp(r))
         eager = fp.get(grp(r, "eager"))
         r.fp_step_ms = base.step_ms if base else None
@@ -526,7 +529,8 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] |
         "- × FP = median step time / FP's, measured in this run (same model, batch size, mode, K, amp); "
         "× FP (min) = fastest sample / FP's fastest sample; × FP eager = against FP without compilation.",
         "- K = runs stepped as one batch (`trainer.members`; step ms is the batched step); img/s = all K members; "
-        "img/s/member = one member's; × K sep = batched step / (K × one run's step of the same case, this run).",
+        "img/s/member = one member's; × K sep = batched step / (K × one run's step of the same case, this run); "
+        "× K sep (min) = the same with the fastest samples (robust to a loaded machine).",
         "- 1st step s = the first warm-up step of the first round (includes compilation; Inductor's on-disk "
         "cache makes it shorter when the same graph was compiled before).",
     ]
@@ -542,9 +546,9 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] |
     lines += [
         "",
         "| model | input | batch | method | bits | mode | K | amp | step ms (median) | min–max | img/s "
-        "| img/s/member | × K sep | × FP | × FP (min) | × FP eager | 1st step s | graph breaks | CUDA-graph skips "
-        "| status |",
-        "|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| img/s/member | × K sep | × K sep (min) | × FP | × FP (min) | × FP eager | 1st step s | graph breaks "
+        "| CUDA-graph skips | status |",
+        "|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
@@ -552,6 +556,7 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] |
             f"{r.members} | {r.amp} | {_fmt(r.step_ms, '.1f')} | "
             f"{_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
             f"{_fmt(r.member_images_per_s, '.0f')} | {_fmt(r.ratio_separate, '.2f')} | "
+            f"{_fmt(r.ratio_separate_min, '.2f')} | "
             f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_min, '.2f')} | {_fmt(r.ratio_fp_eager, '.2f')} | "
             f"{_fmt(r.first_step_s, '.1f')} | "
             f"{'—' if r.graph_breaks is None else r.graph_breaks} | "
