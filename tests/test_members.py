@@ -326,3 +326,15 @@ def test_ste_clip_batches_under_vmap():
         assert (
             torch.equal(x.grad[i], xi.grad) and torch.equal(hi.grad[i], hii.grad) and torch.equal(lo.grad[i], loi.grad)
         )
+
+
+def test_members_refuse_in_one_line_before_touching_run_dirs(tmp_path):
+    from types import SimpleNamespace
+
+    from qrepro.engine.members_train import member_data
+
+    with pytest.raises(QreproError, match="channels_last"):
+        _train(["seed=0", "trainer.members=2", "trainer.channels_last=true"], tmp_path)
+    assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("record.json"))
+    with pytest.raises(QreproError, match="DataLoader"):  # e.g. ImageNet: not held on the device
+        member_data(SimpleNamespace(train=[(torch.zeros(1), torch.zeros(1))]), 1)

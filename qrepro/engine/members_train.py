@@ -119,6 +119,11 @@ def run_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None, o
         _Member(i, seeds[i], f"seed={seeds[i]}", _member_cfg(cfg, seeds[i]), base / override_dirname(raws[i]))
         for i in range(k)
     ]
+    if bool(cfg.trainer.get("channels_last", False)):
+        raise QreproError(
+            "trainer.channels_last with trainer.members: the batched forward runs on stacked [K, ...] tensors "
+            "(no channels-last layout); drop one of the two"
+        )
     denv = qdist.setup(cfg.trainer.device)
     if denv.world_size > 1:
         raise QreproError("trainer.members cannot be combined with several processes (torchrun/DDP); use one")
@@ -178,12 +183,6 @@ def _train(cfg, todo, experiment, member_overrides_, init, denv, batch) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     setup_device(device, deterministic=deterministic)
     amp = amp_mode(cfg.trainer.get("amp"))
-    cl = bool(cfg.trainer.get("channels_last", False))
-    if cl:
-        raise QreproError(
-            "trainer.channels_last with trainer.members: the batched forward runs on stacked [K, ...] tensors "
-            "(no channels-last layout); drop one of the two"
-        )
     # trainer.compile=auto stays eager with members (the batched step is compiled only when asked for)
     mode = None if str(cfg.trainer.compile).lower() == "auto" else compile_mode(cfg.trainer.compile, device)
     autocast = autocast_factory(amp, device)
