@@ -252,7 +252,6 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
     from hydra import initialize_config_dir
 
     from qrepro.cli import CONFIG_DIR, check_group_choices, register_resolvers
-
     from qrepro.validation import quote_path_overrides
 
     register_resolvers()

@@ -101,7 +101,9 @@ class Report:
         if worst is not None:
             n = sum(torch.as_tensor(v).numel() for v in ours.values())
             worst_name = worst.name[len(prefix) + 1 :]
-            self.rows.append(Row(f"{prefix} (all {len(ours)}; worst {worst_name})", worst.max_abs, worst.max_rel, n, worst.tol))
+            self.rows.append(
+                Row(f"{prefix} (all {len(ours)}; worst {worst_name})", worst.max_abs, worst.max_rel, n, worst.tol)
+            )
 
     @property
     def ok(self) -> bool:
@@ -111,9 +113,13 @@ class Report:
         w = max([len(r.name) for r in self.rows] + [8])
         lines = [self.title, f"{'quantity':<{w}}  {'max abs diff':>12}  {'max rel diff':>12}  {'tolerance':>9}  ok"]
         for r in self.rows:
-            lines.append(f"{r.name:<{w}}  {r.max_abs:12.3e}  {r.max_rel:12.3e}  {r.tol:9.1e}  {'yes' if r.ok else 'NO'}")
+            lines.append(
+                f"{r.name:<{w}}  {r.max_abs:12.3e}  {r.max_rel:12.3e}  {r.tol:9.1e}  {'yes' if r.ok else 'NO'}"
+            )
         lines += self.notes
-        lines.append(("PASS" if self.ok else "FAIL") + f": {sum(r.ok for r in self.rows)}/{len(self.rows)} within tolerance")
+        lines.append(
+            ("PASS" if self.ok else "FAIL") + f": {sum(r.ok for r in self.rows)}/{len(self.rows)} within tolerance"
+        )
         return "\n".join(lines)
 
 

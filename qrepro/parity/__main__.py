@@ -17,9 +17,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m qrepro.parity", description=__doc__)
     p.add_argument("suite", choices=["apot", "sat", "tr"])
-    p.add_argument("--reference", default=None, help="checkout of the authors' repository (default ../shared/reference/<suite>)")
+    p.add_argument(
+        "--reference", default=None, help="checkout of the authors' repository (default ../shared/reference/<suite>)"
+    )
     p.add_argument("--steps", type=int, default=20, help="optimizer steps compared after the first forward/backward")
-    p.add_argument("--data", default=str(DEFAULT_CIFAR), help="CIFAR-10 root (torchvision folder, ImageFolder or .tar.gz)")
+    p.add_argument(
+        "--data", default=str(DEFAULT_CIFAR), help="CIFAR-10 root (torchvision folder, ImageFolder or .tar.gz)"
+    )
     p.add_argument("--batch", type=int, default=None, help="images per step (default: the suite's)")
     p.add_argument("--quick", action="store_true", help="a reduced grid (the test suite's)")
     a = p.parse_args(argv)
