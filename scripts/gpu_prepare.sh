@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here (a machine with PyPI), before a GPU session: the wheels the GPU image lacks (hydra-core, omegaconf,
 # antlr4 runtime: pure Python) into .whl/, and the offline CIFAR-10 archive into .cache/data/. Both folders are
-# git-ignored; the device tool carries them: run(carry=[".whl", ".cache/data"], command="scripts/gpu_session.sh check").
+# git-ignored: copy them along with the working tree to the GPU machine, then run scripts/gpu_session.sh check there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements that issues #8 and #9 still need, as steps that each fit one 10-minute device call.
+# The GPU measurements not yet made (speed target, epoch times, parallel runs, NCCL), as steps of at most 10 minutes.
 #
 #   scripts/gpu_prepare.sh                 # here, once: wheels the GPU image lacks -> .whl/, CIFAR-10 -> .cache/data/
-#   scripts/gpu_session.sh check           # on the GPU machine (device tool: carry .whl and .cache/data)
+#   scripts/gpu_session.sh check           # on the GPU machine (with .whl/ and .cache/data/ copied along)
 #   scripts/gpu_session.sh bench           # ResNet-20 b128 eager + compiled, every quantizer (the 1.2x target)
 #   scripts/gpu_session.sh epochs          # CIFAR-10 ResNet-20, 3 epochs FP and APoT W4A4: per-epoch time
 #   scripts/gpu_session.sh parallel        # 4 short cells, --jobs 1 vs --jobs 4 on one GPU
