@@ -9,7 +9,7 @@
 #   scripts/gpu_session.sh bench-more      # b512 and MobileNet-V2 (CIFAR), appended to the same result file
 #   scripts/gpu_session.sh members         # K runs as one batched step x amp: bench grid + a batched digits run
 #
-# Results go to results/bench/ (commit them) and, when $OUT is set (device tool), are copied there too.
+# Results go to results/bench/ (commit them) and, when $OUT is set (an output folder the GPU machine returns), are copied there too.
 # QUICK=1 shrinks every step (CPU dry run of this script: QUICK=1 DEVICE=cpu scripts/gpu_session.sh epochs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
