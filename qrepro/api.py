@@ -32,7 +32,7 @@ from torch import nn
 
 from qrepro.builders import Components, build_components, build_data_from_cfg, compose, seed_everything, select_device
 from qrepro.engine.fast import make_forward_loss
-from qrepro.engine.hooks import Context
+from qrepro.hooks import Context
 from qrepro.engine.loop import evaluate, train_step
 from qrepro.engine.members import build_members  # noqa: F401  (re-exported)
 

@@ -234,7 +234,7 @@ def run_case(
     seed: int = 0,
 ) -> Row:
     from qrepro.engine.fast import compile_forward_loss, make_forward_loss
-    from qrepro.engine.hooks import Context
+    from qrepro.hooks import Context
     from qrepro.engine.loop import train_one_epoch
     from qrepro.engine.precision import autocast_factory, make_scaler
     from qrepro.models import build_model
@@ -326,7 +326,7 @@ def _run_members_case(
     case: Case, row: Row, device: torch.device, *, warmup: int, steps: int, window: int, num_classes: int
 ) -> Row:
     """``case.members`` replicas (seeds 0..K-1) of the case, stepped by the trainer's ``BatchedStep``."""
-    from qrepro.engine.hooks import Context
+    from qrepro.hooks import Context
     from qrepro.engine.members import BatchedStep, MemberSlot, RngState
     from qrepro.engine.precision import autocast_factory, make_scaler
     from qrepro.models import build_model

@@ -16,7 +16,7 @@ from torch import nn
 
 from qrepro.bench import method_options
 from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss
-from qrepro.engine.hooks import Context
+from qrepro.hooks import Context
 from qrepro.errors import QreproError
 from qrepro.quant import build_method, prepare
 from qrepro.quant.methods import method_names

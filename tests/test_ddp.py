@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from qrepro.engine import dist as qdist
-from qrepro.engine.hooks import Hook
+from qrepro.hooks import Hook
 from qrepro.errors import QreproError
 from qrepro.models import MODELS
 from qrepro.quant.layers import quantized_layers

@@ -296,7 +296,7 @@ def test_asam_registered_and_scheduled():
 
 # ------------------------------------------------------------------------------------------------ QAT
 def test_robust_qat_calibrates_once_and_quantizes_satnl_weights():
-    from qrepro.engine.hooks import Context
+    from qrepro.hooks import Context
     from qrepro.ptq.quantizers import TransformedQuantizer, UniformQuantizer
 
     m = build_method("robust_qat", 3, 4, d=0.2, symreg_coef=1.0, first_last_bits=None, init="aciq")
@@ -339,7 +339,7 @@ def test_robust_qat_with_ema_starts_from_calibrated_quantizers(tmp_path):
 
 @pytest.mark.parametrize("name,bits", [("satnl", 32), ("robust_qat", 4)])
 def test_methods_trace_without_graph_breaks(name, bits):
-    from qrepro.engine.hooks import Context
+    from qrepro.hooks import Context
 
     torch._dynamo.reset()
     m = build_method(name, bits, bits, symreg_coef=1.0, kure_coef=1.0, d_mode="std", d=2.0)
@@ -356,7 +356,7 @@ def test_methods_trace_without_graph_breaks(name, bits):
 
 
 def test_robust_qat_per_channel_steps():
-    from qrepro.engine.hooks import Context
+    from qrepro.hooks import Context
 
     m = build_method("robust_qat", 4, 4, first_last_bits=None, weight_granularity="channel", init="minmax")
     net = prepare(_net(), m)

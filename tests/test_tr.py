@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from qrepro.engine.hooks import Context
+from qrepro.hooks import Context
 from qrepro.errors import QreproError
 from qrepro.quant import build_method, prepare, quantized_layers
 from qrepro.quant import tr as F

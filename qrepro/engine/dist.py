@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qrepro.engine.hooks import Context, Hook
+from qrepro.hooks import Context, Hook
 from qrepro.errors import QreproError
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from qrepro.engine import dist as qdist
 from qrepro.engine.fast import ForwardLoss, make_forward_loss
-from qrepro.engine.hooks import Context, Hook
+from qrepro.hooks import Context, Hook
 
 
 class NonFiniteLoss(RuntimeError):

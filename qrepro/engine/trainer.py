@@ -13,7 +13,7 @@ from torch import nn
 
 from qrepro.engine import dist as qdist
 from qrepro.engine.callbacks import Callback, Checkpointer, NaNGuard, default_callbacks
-from qrepro.engine.hooks import Context, Hook
+from qrepro.hooks import Context, Hook
 from qrepro.engine.loop import NonFiniteLoss, evaluate, train_one_epoch
 from qrepro.errors import QreproError
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrepro.engine.hooks import Context, Hook
+from qrepro.hooks import Context, Hook
 from qrepro.errors import QreproError
 from qrepro.optim import OPTIMIZERS
 from qrepro.quant.layers import quantized_layers

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qrepro.engine.checkpoint import register_converter
-from qrepro.engine.hooks import Hook
+from qrepro.hooks import Hook
 from qrepro.errors import QreproError
 from qrepro.quant import apot as qa
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits

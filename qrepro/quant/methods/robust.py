@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qrepro.engine.hooks import Hook
+from qrepro.hooks import Hook
 from qrepro.errors import QreproError
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
 from qrepro.quant.robust import SATNL_FUNCTIONS, kure_loss, satnl, symreg_loss

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qrepro.engine.hooks import Context, Hook
+from qrepro.hooks import Context, Hook
 from qrepro.errors import QreproError
 from qrepro.quant import sat as satf
 from qrepro.quant.layers import QConv2d, QLinear, quantized_layers

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qrepro.engine.hooks import Context, Hook
+from qrepro.hooks import Context, Hook
 from qrepro.errors import QreproError
 from qrepro.quant import tr as F
 from qrepro.quant.layers import quantized_layers

@@ -1,4 +1,4 @@
-"""Hooks: the few places where methods and optimizers extend the training loop."""
+"""Hooks: the contract through which methods and optimizers extend the training loop (core layer: imports nothing of qrepro)."""
 
 from __future__ import annotations
 
