@@ -17,6 +17,7 @@ Afterwards, ``python -m qrepro.tables <name>`` builds the table.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import shlex
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qrepro.engine.rundir import file_sha256
 from qrepro.errors import QreproError
 from qrepro.tables.records import (
     DEFAULT_RUN_ROOTS,
@@ -72,8 +74,6 @@ def _sources(cell: Cell) -> list[str]:
 
 def expand_cells(table: Table, patterns: Sequence[str]) -> list[str]:
     """Cell ids matching any of the fnmatch ``patterns`` (an exact id is a pattern too), in table order."""
-    import fnmatch
-
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(i, pat) for i in table.ids()):
             raise QreproError(f"table {table.name!r} has no cell matching {pat!r}; cells: {', '.join(table.ids())}")
@@ -307,8 +307,6 @@ def _run_group(
 def _stale_init(record: Record, init_from: str) -> str | None:
     """How the checkpoint a chained cell starts from now differs from the one its record was initialised from
     (None: the same content, or not known: a record without hashes, or no checkpoint at hand)."""
-    from qrepro.engine.rundir import file_sha256
-
     old = record.data.get("init_from_sha256") or ((record.data.get("ptq") or {}).get("source_sha256"))
     path = Path(init_from)
     if not old or not path.is_file():

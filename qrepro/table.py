@@ -16,6 +16,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from qrepro.run_table import main as run_main
+from qrepro.sweep import main as sweep_main
+from qrepro.tables.cli import main as render_main
+
 SUBCOMMANDS = ("plan", "run", "sweep", "render")
 USAGE = "usage: qrepro-table {plan,run,sweep,render} <table> [--cells GLOB ...] [options] [overrides...]"
 
@@ -44,15 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sub not in SUBCOMMANDS:  # `qrepro-table <table>` (the older render entry)
         sub, rest = "render", merge_cells(argv)
     if sub in ("run", "plan"):
-        from qrepro.run_table import main as run_main
-
         return run_main([*rest, "--dry-run"] if sub == "plan" else rest)
     if sub == "sweep":
-        from qrepro.sweep import main as sweep_main
-
         sweep_main(rest)
         return 0
-    from qrepro.tables.cli import main as render_main
 
     if "--cells" in rest:
         print("error: render builds whole tables; --cells is for plan, run and sweep", file=sys.stderr)

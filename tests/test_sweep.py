@@ -27,12 +27,11 @@ def test_run_subdir_is_hydras_override_dirname():
     from hydra._internal.config_loader_impl import get_overrides_dirname
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from qrepro.cli import _run_subdir
-    from qrepro.sweep import _exclude_keys
+    from qrepro.config import NON_SEMANTIC_KEYS, run_subdir_name
 
     ov = ["+experiment=x", "trainer.epochs=3", "resume=true", "seed=1", "dataset.root=/d", "model.width=8"]
-    ref = get_overrides_dirname(OverridesParser.create().parse_overrides(ov), _exclude_keys(), ",", "=")
-    assert run_subdir(ov) == _run_subdir(ref) == "model.width=8,seed=1,trainer.epochs=3"
+    ref = get_overrides_dirname(OverridesParser.create().parse_overrides(ov), list(NON_SEMANTIC_KEYS), ",", "=")
+    assert run_subdir(ov) == run_subdir_name(ref) == "model.width=8,seed=1,trainer.epochs=3"
     assert run_subdir(["+experiment=x", "resume=true"]) == "default"
 
 

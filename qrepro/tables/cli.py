@@ -9,6 +9,7 @@ identical bytes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,8 +103,6 @@ def readme_text(
     configs: str | Path,
 ) -> str:
     """``results/README.md``: column legend, how to reproduce, an index and every table embedded."""
-    import os
-
     base = readme.parent
     rel = lambda p: Path(os.path.relpath(p, base)).as_posix()  # noqa: E731
     lines = [
@@ -160,8 +159,6 @@ def update_project_readme(
 ) -> bool:
     """Rewrite the block between the results markers of the project README (if it has them): the column legend,
     every table with at least one record embedded, and the status of the others. Returns whether it wrote."""
-    import os
-
     if not path.exists():
         return False
     text = path.read_text(encoding="utf-8")

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from omegaconf import OmegaConf
+
+from qrepro.config import CONFIG_DIR
 from qrepro.errors import QreproError
 
 METRICS = ("top1", "top5")
@@ -166,8 +170,6 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
 
 def experiment_source(experiment: str, configs: str | Path | None = None) -> str | None:
     """The ``init_from_experiment`` an experiment file names (the cell it starts from), or None."""
-    import yaml
-
     path = Path(configs or default_configs()) / "experiment" / f"{experiment}.yaml"
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -258,8 +260,6 @@ def _check_acyclic(cells: list[Cell], where: str) -> None:
 
 def load_table(path: str | Path) -> Table:
     """Load and validate one table YAML (plain OmegaConf load, no Hydra composition)."""
-    from omegaconf import OmegaConf
-
     path = Path(path)
     if not path.is_file():
         raise QreproError(f"table file {path} not found; list the tables with: ls configs/table/")
@@ -278,7 +278,6 @@ def default_configs() -> str:
     checkout; links in rendered tables stay relative), else the configs qrepro runs with (an installed package)."""
     if Path("configs", "table").is_dir():
         return "configs"
-    from qrepro.cli import CONFIG_DIR
 
     return CONFIG_DIR
 
