@@ -65,6 +65,9 @@ def load_cells(table: str) -> list[dict]:
     from qrepro.tables.schema import derive_sources
 
     cells = derive_sources(OmegaConf.to_container(OmegaConf.load(path).cells, resolve=False))
+    # paper-only rows (a why and no experiment file) are not runnable here: no job
+    root = path.parent.parent if path.parent.name == "table" else Path(CONFIG_DIR)
+    cells = [c for c in cells if not c.get("why") or Path(root, "experiment", f"{c['experiment']}.yaml").is_file()]
     ids = {c["id"] for c in cells}
     for c in cells:
         src = source(c)
