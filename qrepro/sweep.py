@@ -151,6 +151,8 @@ def commands(
     seeded = seed_overrides(seeds, members) if seeds else []
     batched = any(o.startswith("trainer.members=") for o in seeded)
     all_cells = load_cells(table)
+    if not all_cells:
+        return [f"# {table}: no runnable cell (paper-only rows; qrepro-table coverage says why)"]
     by_id = {c["id"]: c for c in all_cells}
     cells = [c for c in all_cells if not only or any(fnmatch.fnmatchcase(c["id"], p) for p in only)]
     if not cells:

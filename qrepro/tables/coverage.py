@@ -4,13 +4,15 @@ Counting rule (one *number* = one accuracy value the paper prints in a table):
 
 * each row's ``paper`` value (the table's metric, e.g. top-1) counts once when it is a number (``null``: the paper
   prints a dash or "NA" there, not counted);
-* each row's value in the other accuracy column (``paper_top5`` for a top-1 table, ``paper_top1`` for a top-5
-  one) counts once when transcribed;
-* a row's ``paper_fp`` counts only when no full-precision row of the same table carries it (the FP row named by
-  ``fp_cell``, else a W32A32 row of the same model and dataset with that ``paper`` value): an FP value printed once
-  in a column header or beside every row of one model is counted once per (model, dataset, value);
+* each row's value in every other accuracy column the table prints counts once when transcribed: the keys
+  ``paper_<column>`` other than ``paper_fp`` (``paper_top5`` in a top-1 table, ``paper_ap50`` ... in a detection
+  table);
+* a row's ``paper_fp`` counts only when the row names no ``fp_cell`` carrying that value (an FP value printed in a
+  column header, or beside the rows of a method that has no FP row of its own): once per (model, dataset, method,
+  value) in the table;
 * a table with ``same_numbers_as: <table>`` re-runs another table's rows with another recipe: its numbers are
-  that table's, not counted again;
+  that table's, not counted again; the rows listed in a table's ``copied_rows`` carry numbers the paper prints in
+  another table (e.g. an FP row repeated for reference), counted there only;
 * object-detection numbers (AP columns) are rows of their own table like any other accuracy value.
 
 A number *has a runnable cell* when its row is runnable (its experiment file exists; a ``paper_fp`` number: when
@@ -23,7 +25,6 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from qrepro.tables.compare import other_metric
 from qrepro.tables.schema import Cell, Table
 
 NO_FP_ROW = "the FP value has no row of its own in the table"
@@ -85,24 +86,23 @@ def table_numbers(table: Table) -> list[Number]:
     """The numbers ``table`` transcribes from its paper, by the counting rule of this module."""
     if table.extra.get("same_numbers_as"):
         return []
-    other = other_metric(table.metric)
     out: list[Number] = []
-    fp_rows = [c for c in table.cells if c.w_bits >= 32 and c.a_bits >= 32]
-    seen_fp: set[tuple[str, str, float]] = set()
+    copied = set(table.extra.get("copied_rows") or ())
+    seen_fp: set[tuple[str, str, str, float]] = set()
     for c in table.cells:
+        if c.id in copied:
+            continue
         if c.paper is not None:
             out.append(Number(table.name, c.id, table.metric, c.paper, c.runnable, _why(c), c.method))
-        value = c.extra.get(f"paper_{other}")
-        if _is_number(value):
-            out.append(Number(table.name, c.id, other, float(value), c.runnable, _why(c), c.method))
+        for key, value in c.extra.items():
+            if key.startswith("paper_") and _is_number(value):
+                out.append(Number(table.name, c.id, key[6:], float(value), c.runnable, _why(c), c.method))
         if c.paper_fp is None:
             continue
         fp = table.cell(c.fp_cell) if c.fp_cell else None
         if fp is not None and fp.paper == c.paper_fp:
             continue
-        if fp is None and any(f.model == c.model and f.dataset == c.dataset and f.paper == c.paper_fp for f in fp_rows):
-            continue
-        key = (c.model, c.dataset, c.paper_fp)
+        key = (c.model, c.dataset, c.method, c.paper_fp)
         if key in seen_fp:
             continue
         seen_fp.add(key)

@@ -12,7 +12,7 @@ from pathlib import Path
 from qrepro.tables.compare import Row, other_metric, summary
 from qrepro.tables.schema import Table
 
-METRIC_LABEL = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
+METRIC_LABEL = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "ap": "COCO average precision AP (%)"}
 SELECT_LABEL = {"best": "the best test accuracy over epochs", "last": "the last epoch's test accuracy"}
 
 LEGEND = (

@@ -21,7 +21,7 @@ from typing import Any
 
 from qrepro.errors import QreproError
 
-METRICS = ("top1", "top5")
+METRICS = ("top1", "top5", "ap")  # ap: a detection table's average precision (no runnable row yet)
 SELECTIONS = ("best", "last")
 TABLE_KEYS_REQUIRED = ("name", "paper", "title", "metric", "reported", "tolerance", "cells")
 CELL_KEYS_REQUIRED = ("id", "experiment", "model", "dataset", "method", "w_bits", "a_bits", "paper")
