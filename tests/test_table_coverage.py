@@ -167,3 +167,21 @@ def test_repo_coverage_is_computed_from_the_table_files():
     cov = load_coverage(REPO / "configs")
     assert cov.total >= cov.runnable > 0
     assert all(n.why for n in cov.numbers if not n.runnable)
+
+
+def test_runnable_rows_with_overrides_compose():
+    """Every runnable row's experiment builds and steps in tests/test_experiments_step.py; here the rows' overrides
+    on top of it compose too: one row per distinct override shape (the keys, and the values of group choices)."""
+    from qrepro.builders import compose
+    from qrepro.tables import table_paths
+
+    shapes: dict[tuple, tuple] = {}
+    for path in table_paths(REPO / "configs"):
+        for c in load_table(path).cells:
+            if c.runnable and c.overrides and not c.extra.get("ptq"):
+                shape = tuple(o if "." not in o.split("=", 1)[0] else o.split("=", 1)[0] for o in c.overrides)
+                shapes.setdefault(shape, (c.experiment, c.overrides))
+    assert shapes
+    for experiment, overrides in shapes.values():
+        cfg = compose([f"+experiment={experiment}", *overrides, "logger=none"])
+        assert cfg.name
