@@ -81,7 +81,8 @@ def expand_cells(table: Table, patterns: Sequence[str]) -> list[str]:
 
 
 def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]:
-    """Cells in table order, each moved after the cells it starts from.
+    """Runnable cells in table order, each moved after the cells it starts from (paper-only rows, which have a
+    ``why`` and no experiment file, are left out).
 
     ``only`` restricts to those cells plus, transitively, the cells they start from.
     """
@@ -105,7 +106,7 @@ def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]
         out.append(cell)
 
     for c in table.cells:
-        if c.id in keep:
+        if c.id in keep and c.runnable:
             place(c)
     return out
 
@@ -403,6 +404,10 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
         table = load_table(resolve_table(args.name, args.configs))
         records = load_records(args.runs or DEFAULT_RUN_ROOTS)
         jobs = plan(table, records, overrides, args.seeds, args.cells)
+        chosen = set(expand_cells(table, args.cells)) if args.cells else set(table.ids())
+        skipped = [c.id for c in table.cells if c.id in chosen and not c.runnable]
+        if skipped:
+            print(f"# {table.name}: {len(skipped)} paper-only row(s) not runnable here, skipped: {', '.join(skipped)}")
         return run_table(table, jobs, runner=runner, dry_run=args.dry_run, python=args.python, members=members)
     except QreproError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -51,6 +51,9 @@ def load_cells(table: str) -> list[dict]:
         raise QreproError(f"unknown table {table!r}; choose one of: {', '.join(known)}")
 
     cells = derive_sources(OmegaConf.to_container(OmegaConf.load(path).cells, resolve=False))
+    # paper-only rows (a why and no experiment file) are not runnable here: no job
+    root = path.parent.parent if path.parent.name == "table" else Path(CONFIG_DIR)
+    cells = [c for c in cells if not c.get("why") or Path(root, "experiment", f"{c['experiment']}.yaml").is_file()]
     ids = {c["id"] for c in cells}
     for c in cells:
         src = source(c)
@@ -134,6 +137,8 @@ def commands(
     seeded = seed_overrides(seeds, members) if seeds else []
     batched = any(o.startswith("trainer.members=") for o in seeded)
     all_cells = load_cells(table)
+    if not all_cells:
+        return [f"# {table}: no runnable cell (paper-only rows; qrepro-table coverage says why)"]
     by_id = {c["id"]: c for c in all_cells}
     cells = [c for c in all_cells if not only or any(fnmatch.fnmatchcase(c["id"], p) for p in only)]
     if not cells:

@@ -17,6 +17,7 @@ from pathlib import Path
 from qrepro.errors import QreproError
 from qrepro.tables import figures as figs
 from qrepro.tables.compare import Row, compare, failures, summary
+from qrepro.tables.coverage import coverage, update_readme_coverage
 from qrepro.tables.records import DEFAULT_RUN_ROOTS, Record, collect, load_records
 from qrepro.tables.render import LEGEND, fmt, to_csv, to_latex, to_markdown
 from qrepro.tables.schema import SELECTIONS, Table, default_configs, load_table, resolve_table, table_paths
@@ -240,6 +241,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             project, entries, select=args.select, out=out, configs=args.configs
         ):
             print(f"results section: {project.as_posix()}")
+        if not args.readme and update_readme_coverage(project, coverage(tables)):
+            print(f"coverage section: {project.as_posix()}")
     if args.verify:
         for table, row in failed:
             print(_fail_line(table, row))
