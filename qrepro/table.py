@@ -17,10 +17,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from qrepro.errors import QreproError
 from qrepro.run_table import main as run_main
 from qrepro.sweep import main as sweep_main
 from qrepro.tables.cli import main as render_main
-from qrepro.errors import QreproError
 from qrepro.tables.coverage import coverage_line, load_coverage
 from qrepro.tables.coverage import main as coverage_main
 
