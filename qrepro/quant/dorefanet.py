@@ -35,7 +35,7 @@ def quantize_k(r: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def weight(w: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-bit DoReFa-Net weight: sign(w)·E|w| at k = 1, the tanh-normalised k-bit weight at k > 1, w itself at k = 32."""
+    """The k-bit DoReFa-Net weight: sign(w)·E|w| at k = 1, tanh-normalised k-bit at k > 1, w at k = 32."""
     _check(k, "weight")
     if k == FP_BITS:
         return w

@@ -1,4 +1,6 @@
-"""``quantizer=dorefanet``: DoReFa-Net as published (Zhou et al., 2016). Maths: ``qrepro.quant.dorefanet``; docs/dorefanet.md.
+"""``quantizer=dorefanet``: DoReFa-Net as published (Zhou et al., 2016).
+
+Maths: ``qrepro.quant.dorefanet``; docs/dorefanet.md.
 
 Distinct from ``quantizer=dorefa`` (SAT's ablation: DoReFa weights with PACT activations): here the activations
 are clipped to the fixed range [0, 1] and rounded to k bits, with nothing learned.
