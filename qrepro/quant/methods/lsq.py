@@ -76,6 +76,11 @@ class LSQActQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):  # fake-quant arithmetic in float32 (exact rounding)
+            return self._quantize(x.float()).to(x.dtype)
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         g = F.step_grad_scale(x[0].numel(), self.qp)
         s = self.step.to(x.dtype)
         if self.beta is None:
