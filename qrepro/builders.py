@@ -237,7 +237,7 @@ def build_components(
         method=method,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_fn=make_loss_fn(cfg),
+        loss_fn=method.loss if method.loss is not None else make_loss_fn(cfg),  # a method may bring its own
         ema=ema,
         device=device,
         steps_per_epoch=steps_per_epoch,
