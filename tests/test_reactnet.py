@@ -175,7 +175,7 @@ def test_cifar_stem_keeps_resolution_and_imagenet_stem_downsamples():
     for stem, hw in (("cifar", 4), ("imagenet", 1)):
         m = build_model("reactnet18", 10, stem=stem).eval()
         feats = {}
-        m.layer4.register_forward_hook(lambda mod, i, o: feats.update(o=o))
+        m.layer4.register_forward_hook(lambda mod, i, o, feats=feats: feats.update(o=o))
         assert m(x).shape == (2, 10) and feats["o"].shape[-1] == hw
 
 
@@ -184,7 +184,9 @@ def test_t_optimizer_schedules_binary_latent_weights():
     from qrepro.optim import build_optimizer
 
     m = prepare(build_model("reactnet18", 10, stem="cifar"), build_method("reactnet", 1, 1)).double()
-    opt = build_optimizer(m, "sgdt", None, lr=0.1, momentum=0.9, weight_decay=1e-4, tr={"factor": 5e-3, "target_schedule": "constant"})
+    opt = build_optimizer(
+        m, "sgdt", None, lr=0.1, momentum=0.9, weight_decay=1e-4, tr={"factor": 5e-3, "target_schedule": "constant"}
+    )
     talr = [g for g in opt.param_groups if g.get("talr")]
     latent = {id(q.weight) for _, q in quantized_layers(m)}
     assert {id(p) for g in talr for p in g["params"]} == latent
@@ -198,3 +200,26 @@ def test_t_optimizer_schedules_binary_latent_weights():
     after = [q.wq.discrete(q.weight) for _, q in quantized_layers(m)]
     flips = sum(int((a != b).sum()) for a, b in zip(after, before))
     assert flips > 0 and "k" in opt.tr_last
+
+
+def test_distill_option_trains_against_the_teacher(tmp_path):
+    from qrepro.quant.distill import distribution_loss
+
+    teacher = build_model("reactnet18", 10, stem="cifar")  # the real-valued network (quantizer=fp) as a teacher
+    torch.save({"state_dict": teacher.state_dict()}, tmp_path / "t.pt")
+    method = build_method(
+        "reactnet",
+        1,
+        1,
+        distill={"model": "reactnet18", "options": {"stem": "cifar"}, "checkpoint": str(tmp_path / "t.pt")},
+    )
+    student = prepare(build_model("reactnet18", 10, stem="cifar"), method)
+    from qrepro.hooks import Context
+
+    for h in method.hooks:
+        h.on_train_start(Context(model=student))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    out = student(x)
+    assert torch.allclose(method.loss(out, y, x), distribution_loss(out, teacher.eval()(x)))
+    with pytest.raises(QreproError, match="distill"):
+        build_method("reactnet", 1, 1, distill={"checkpoint": "x"})

@@ -11,6 +11,10 @@ Policy (Bi-Real Net / ReActNet): the first and last layers and the shortcut proj
 (initialised from step 1). :class:`BinaryWeight` exposes the discrete weights sign(W) (``discrete`` /
 ``from_discrete``, ``bits = 1``), so the transition-rate optimizers (``optimizer=sgdt`` / ``adamt``) schedule the
 binary latent weights and the TR monitor counts their sign flips. α is not a parameter (nothing to freeze).
+
+``distill``: ReActNet's distributional loss against a real-valued teacher (:mod:`qrepro.quant.distill`) as the
+training loss (``Method.loss``), e.g. ``{model: resnet34, checkpoint: teacher.pt}``; null = the trainer's
+cross-entropy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant import reactnet as F
+from qrepro.quant.distill import Distillation
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
 
 SUPPORTED_BITS = (1, FP_BITS)
@@ -85,6 +90,7 @@ def build_reactnet(
     monitor_tr: bool = True,
     monitor_every: int = 100,
     monitor_momentum: float = 0.99,
+    distill: dict | None = None,
 ) -> Method:
     """Binary activations (a_bits = 1) and/or binary weights (w_bits = 1); 32 leaves that operand real."""
     check_bits("reactnet", w_bits, a_bits, SUPPORTED_BITS)
@@ -103,6 +109,18 @@ def build_reactnet(
         return (wq, aq) if (wq or aq) else None
 
     hooks: list[Hook] = []
+    loss = None
+    if distill is not None:
+        if (
+            not isinstance(distill, dict)
+            or not distill.get("model")
+            or set(distill) - {"model", "options", "checkpoint"}
+        ):
+            raise QreproError(
+                f"quantizer.distill must be null or {{model, options, checkpoint}} (the teacher), got {distill!r}"
+            )
+        loss = Distillation(spec=dict(distill))
+        hooks.append(loss)  # builds the teacher at the start of training
     if monitor_tr and w_bits == 1:
         from qrepro.optim.tr import TRMonitor  # optim imports quant; import lazily
 
@@ -111,11 +129,13 @@ def build_reactnet(
         name="reactnet",
         quantize_layer=quantize_layer,
         hooks=hooks,
+        loss=loss,
         options={
             "act_grad": act_grad,
             "weight_scale": weight_scale,
             "keep_real": sorted(keep),
             "quantize_first_last": quantize_first_last,
             "monitor_tr": monitor_tr,
+            "distill": distill,
         },
     )
