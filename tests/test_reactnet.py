@@ -3,6 +3,8 @@ the method's policy, transition-rate scheduling of the binary latent weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -223,3 +225,43 @@ def test_distill_option_trains_against_the_teacher(tmp_path):
     assert torch.allclose(method.loss(out, y, x), distribution_loss(out, teacher.eval()(x)))
     with pytest.raises(QreproError, match="distill"):
         build_method("reactnet", 1, 1, distill={"checkpoint": "x"})
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "reactnet"
+
+
+def test_authors_checkpoint_layout_loads_strictly(tmp_path, capsys):
+    """A checkpoint as the authors' train.py saves it ({'state_dict'} of an nn.DataParallel model) initialises our
+    model strictly through the ``reactnet-authors`` converter, and the two networks then compute the same logits."""
+    from qrepro.builders import init_model
+
+    if (REFERENCE / "resnet" / "2_step2" / "birealnet.py").is_file():
+        from qrepro.parity import reference_import
+
+        with reference_import(REFERENCE / "resnet" / "2_step2") as imp:
+            theirs = imp("birealnet").birealnet18(num_classes=1000).double()
+    else:  # the layout alone: our model's own names under DataParallel's prefix
+        theirs = build_model("reactnet18", 1000).double()
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.05 if "binary_conv" in n else 0.1) + (1.0 if "bn" in n else 0.0))
+    ckpt = {"epoch": 3, "state_dict": nn.DataParallel(theirs).state_dict(), "best_top1_acc": 1.0}
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])
+    torch.save(ckpt, tmp_path / "checkpoint.pth.tar")
+    ours = prepare(build_model("reactnet18", 1000), build_method("reactnet", 1, 1)).double()
+    init_model(ours, str(tmp_path / "checkpoint.pth.tar"), strict=True)
+    assert "reactnet-authors format" in capsys.readouterr().out
+    x = torch.randn(2, 3, 64, 64, dtype=D)
+    if (REFERENCE / "resnet" / "2_step2" / "birealnet.py").is_file():
+        assert torch.allclose(ours.eval()(x), theirs.eval()(x), rtol=0, atol=1e-10)
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v)
+
+
+def test_converter_ignores_other_layouts():
+    from qrepro.models.reactnet import convert_authors_state_dict
+
+    sd = {"module.layer1.0.conv1.weight": torch.zeros(1), "module.fc.weight": torch.zeros(1)}
+    assert convert_authors_state_dict(sd) is None
+    assert convert_authors_state_dict({"layer1.0.move0.bias": torch.zeros(1)}) is None

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qrepro.errors import QreproError
+from qrepro.models.reactnet import convert_authors_state_dict as convert_reactnet_authors
 from qrepro.quant.layers import is_quantizer_param
 
 # fn(state_dict) -> converted state_dict, or None when it does not recognise the format
@@ -138,3 +139,6 @@ def load_model_state(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool
             raise QreproError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return quant_missing
+
+
+register_converter("reactnet-authors")(convert_reactnet_authors)

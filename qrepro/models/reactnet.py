@@ -112,3 +112,15 @@ class ReActNet(nn.Module):
 def reactnet18(num_classes: int, stem: str = "imagenet", in_chans: int = 3) -> ReActNet:
     """ReActNet-18 (Bi-Real-Net-18 based): 4 blocks per stage, 16 binary 3x3 convolutions."""
     return ReActNet((4, 4, 4, 4), num_classes, stem, in_chans, name="reactnet18")
+
+
+def convert_authors_state_dict(sd: dict) -> dict | None:
+    """The ReActNet authors' checkpoint (``{'state_dict': ...}`` saved from ``nn.DataParallel``, keys
+    ``module.<name>``) -> ours: the ``module.`` prefix removed, every name and shape kept. Returns None when
+    the keys are not ReActNet's (RSign shifts ``layerS.B.move0.bias`` and ``layerS.B.binary_conv.weight``)."""
+    if not sd or not all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        return None
+    keys = [k.removeprefix("module.") for k in sd]
+    if not any(k.endswith(".move0.bias") for k in keys) or not any(k.endswith(".binary_conv.weight") for k in keys):
+        return None
+    return dict(zip(keys, sd.values()))
