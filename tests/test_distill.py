@@ -47,6 +47,7 @@ def test_teacher_built_from_spec_with_student_classes(tmp_path):
     ref = build_model("small_cnn", 10).double()
     torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, tmp_path / "t.pt")
     kd = Distillation(spec={"model": "small_cnn", "checkpoint": str(tmp_path / "t.pt")})
+    kd.bind_models(build_model)
     student = build_model("small_cnn", 10).double()
     kd.on_train_start(Context(model=student))
     x = torch.randn(2, 3, 32, 32, dtype=D)

@@ -215,6 +215,7 @@ def test_distill_option_trains_against_the_teacher(tmp_path):
         1,
         distill={"model": "reactnet18", "options": {"stem": "cifar"}, "checkpoint": str(tmp_path / "t.pt")},
     )
+    method.loss.bind_models(build_model)  # what qrepro.builders does
     student = prepare(build_model("reactnet18", 10, stem="cifar"), method)
     from qrepro.hooks import Context
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from qrepro.models import MODELS
 from qrepro.models._common import check_choice, check_positive
+from qrepro.registry import register_converter
 
 
 class LearnableBias(nn.Module):
@@ -114,6 +115,7 @@ def reactnet18(num_classes: int, stem: str = "imagenet", in_chans: int = 3) -> R
     return ReActNet((4, 4, 4, 4), num_classes, stem, in_chans, name="reactnet18")
 
 
+@register_converter("reactnet-authors")
 def convert_authors_state_dict(sd: dict) -> dict | None:
     """The ReActNet authors' checkpoint (``{'state_dict': ...}`` saved from ``nn.DataParallel``, keys
     ``module.<name>``) -> ours: the ``module.`` prefix removed, every name and shape kept. Returns None when

@@ -39,7 +39,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models import resnet18 as tv_resnet18
 
+from qrepro.api import build
 from qrepro.errors import QreproError
 from qrepro.parity import SUITES, Report, cifar_batches, normalize, reference_import
 
@@ -93,10 +95,6 @@ def compare_step(
     seed: int = 0,
 ) -> Report:
     """One ReActNet step (``step2``: W1A1, ``step1``: W32A1) over ``steps`` optimizer steps on both sides."""
-    from torchvision.models import resnet18 as tv_resnet18
-
-    from qrepro.api import build
-
     folder, cell = STEPS[step]
     overrides = list(overrides or [])
     batch = len(batches[0][1])

@@ -10,11 +10,14 @@ gradients on the same input batch as the student.
 :class:`Distillation` is a method's training loss (``Method.loss``, called as ``loss(logits, y, x)``) and a
 :class:`~qrepro.hooks.Hook`: at the start of training it builds the teacher with the student's class count,
 loads its checkpoint strictly and moves it to the student's device and dtype. The teacher is held here, not in
-the student, so it is neither trained nor saved with the student's checkpoints.
+the student, so it is neither trained nor saved with the student's checkpoints. A teacher given by name needs
+the model factory (``qrepro.models.build_model``), which the quantization layer does not import: whoever builds
+the method hands it over through ``bind_models(factory)`` (``qrepro.builders`` does).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +64,9 @@ def load_state(model: nn.Module, path: str | Path) -> None:
 class Distillation(Hook):
     """``loss(logits, y, x)`` = :func:`distribution_loss` of the student's logits against ``teacher(x)``.
 
-    ``teacher``: a module, or ``(model_name, options, checkpoint)`` built at ``on_train_start`` with the
-    student's class count (``checkpoint`` None: the teacher's initial weights, for tests only).
+    ``teacher``: a module, or ``spec = {model, options, checkpoint}`` built at ``on_train_start`` with the
+    student's class count by the factory given to :meth:`bind_models` (``checkpoint`` None: the teacher's
+    initial weights, for tests only).
     """
 
     takes_input = True  # the training-loss contract: called as loss(logits, y, x) (qrepro.engine.fast)
@@ -72,6 +76,7 @@ class Distillation(Hook):
             raise ValueError("Distillation needs a teacher module or a spec, not both")
         self.teacher = teacher
         self.spec = spec
+        self.factory: Callable[..., nn.Module] | None = None
         if teacher is not None:
             self._freeze(teacher)
 
@@ -81,14 +86,18 @@ class Distillation(Hook):
         for p in teacher.parameters():
             p.requires_grad_(False)
 
+    def bind_models(self, factory: Callable[..., nn.Module]) -> None:
+        """``factory(name, num_classes, **options) -> nn.Module`` that builds the teacher of a spec."""
+        self.factory = factory
+
     def on_train_start(self, ctx: Context) -> None:
         ref = next(ctx.model.parameters())
         if self.teacher is None:
-            from qrepro.models import build_model
-
+            if self.factory is None:
+                raise RuntimeError("Distillation(spec=...) needs bind_models(build_model) before training starts")
             spec = dict(self.spec or {})
             opts = dict(spec.get("options") or {})
-            self.teacher = build_model(str(spec["model"]), _last_linear_out(ctx.model), **opts)
+            self.teacher = self.factory(str(spec["model"]), _last_linear_out(ctx.model), **opts)
             if spec.get("checkpoint"):
                 load_state(self.teacher, spec["checkpoint"])
         self._freeze(self.teacher)

@@ -20,6 +20,7 @@ from qrepro.registry import Registry, import_submodules
 METHODS = Registry("quantizer")
 
 FP_BITS = 32
+VALID_BITS = frozenset(range(1, 9)) | {FP_BITS}  # the bit-widths a precision config may name
 
 
 @dataclass

@@ -27,6 +27,7 @@ from qrepro.hooks import Hook
 from qrepro.quant import reactnet as F
 from qrepro.quant.distill import Distillation
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.transitions import TRMonitor
 
 SUPPORTED_BITS = (1, FP_BITS)
 
@@ -122,8 +123,6 @@ def build_reactnet(
         loss = Distillation(spec=dict(distill))
         hooks.append(loss)  # builds the teacher at the start of training
     if monitor_tr and w_bits == 1:
-        from qrepro.optim.tr import TRMonitor  # optim imports quant; import lazily
-
         hooks.append(TRMonitor(every=monitor_every, momentum=monitor_momentum))
     return Method(
         name="reactnet",

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qrepro.hooks import Context, Hook
 from qrepro.errors import QreproError
+from qrepro.hooks import Context, Hook
 from qrepro.quant import sat as satf
 from qrepro.quant.layers import QConv2d, QLinear, quantized_layers
 from qrepro.quant.methods import METHODS, LayerInfo, Method, check_bits
