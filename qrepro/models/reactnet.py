@@ -17,7 +17,7 @@ CIFAR stem: the "11,235K" the TR paper gives for its CIFAR-100 ReActNet-18).
 
 Module names follow the authors' code (``conv1``, ``bn1``, ``layerN.i.{move0, binary_conv, bn1, move1, prelu,
 move2, downsample}``, ``fc``), and the biases keep its (1, C, 1, 1) shape, so their checkpoints load strictly
-(``module.`` prefixes stripped by the ``reactnet`` converter of :mod:`qrepro.engine.checkpoint`).
+(``module.`` prefixes stripped by the ``reactnet-authors`` converter below, applied by ``init_from``).
 
 ``stem``: ``imagenet`` = 7x7 stride-2 conv + 3x3 stride-2 max pool (authors' ImageNet network); ``cifar`` =
 3x3 stride-1 conv, no max pool (the usual CIFAR adaptation of ResNet-18, 4x4 feature map before pooling at 32x32).
