@@ -61,8 +61,8 @@ DEFAULT_MODELS = ("resnet20", "mobilenet_v2_cifar")
 DEFAULT_BATCH_SIZES = (128, 512)
 DEFAULT_MODES = ("eager", "compiled")
 DEFAULT_BITS = 4
-# methods benchmarked at several bit-widths by default (APoT's level sets change with b: Eq. 5/6)
-METHOD_BITS = {"apot": (2, 3, 4)}
+# methods benchmarked at other bit-widths than the default (APoT's level sets change with b: Eq. 5/6)
+METHOD_BITS = {"apot": (2, 3, 4), "reactnet": (1,)}  # reactnet: binary only (W1A1)
 FP_METHOD = "fp"
 
 

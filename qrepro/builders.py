@@ -50,6 +50,9 @@ def build_model_and_method(cfg: DictConfig, num_classes: int) -> tuple[nn.Module
     model = build_model(mcfg["name"], num_classes=num_classes, **_without(mcfg, "name"))
     qcfg = _plain(cfg.quantizer)
     method = build_method(qcfg["name"], int(cfg.precision.w_bits), int(cfg.precision.a_bits), **_without(qcfg, "name"))
+    bind = getattr(method.loss, "bind_models", None)
+    if callable(bind):  # a method's loss that builds a model by name (a distillation teacher) gets the factory
+        bind(build_model)
     prepare(model, method)
     return model, method
 
@@ -190,7 +193,7 @@ def build_components(
         method=method,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_fn=make_loss_fn(cfg),
+        loss_fn=method.loss if method.loss is not None else make_loss_fn(cfg),  # a method may bring its own
         ema=ema,
         device=device,
         steps_per_epoch=steps_per_epoch,
