@@ -40,8 +40,8 @@ from qrepro.errors import QreproError
 
 KMEANS_INITS = ("linear", "density", "random", "kmeans++")
 CENTROID_GRADS = ("sum", "mean")
-ACT_INIT_RANGE = 6.0
-KMEANS_PP_SAMPLE = 2**16  # k-means++ seeds on at most this many weights drawn at random (Lloyd uses all)  # HAQ: the initial (and largest calibrated) activation range
+ACT_INIT_RANGE = 6.0  # HAQ: the initial (and largest calibrated) activation range
+KMEANS_PP_SAMPLE = 2**16  # k-means++ seeds on at most this many weights drawn at random (Lloyd uses all)
 
 
 # ------------------------------------------------------------------------------------------------ k-means
@@ -49,7 +49,9 @@ def _flat64(w: torch.Tensor) -> torch.Tensor:
     return w.detach().reshape(-1).to(torch.float64)
 
 
-def init_centroids(w: torch.Tensor, k: int, init: str = "linear", generator: torch.Generator | None = None) -> torch.Tensor:
+def init_centroids(
+    w: torch.Tensor, k: int, init: str = "linear", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """k initial centroids (float64, in init order) for the 1-D k-means of ``w`` (Deep Compression Sec. 3.2)."""
     if init not in KMEANS_INITS:
         raise QreproError(f"unknown k-means init {init!r}; choose one of: {', '.join(KMEANS_INITS)}")
@@ -129,7 +131,8 @@ def kmeans_1d(
     tol_abs = float(x.var(unbiased=False)) * tol
     splits_old = None
     it = 0
-    for it in range(1, max_iter + 1):
+    while it < max_iter:
+        it += 1
         order = torch.argsort(c, stable=True)
         cs = c[order]
         # cluster order[j] holds xs[edges[j]:edges[j+1]] (x <= midpoint goes to the smaller centroid)
@@ -137,7 +140,11 @@ def kmeans_1d(
         edges = torch.cat([splits.new_zeros(1), splits, splits.new_full((1,), n)])
         counts = (edges[1:] - edges[:-1]).to(x.dtype)
         sums = prefix[edges[1:]] - prefix[edges[:-1]]
-        new_sorted = torch.where(counts > 0, sums / counts.clamp_min(1), cs)
+        lo = xs[edges[:-1].clamp(max=n - 1)]
+        hi = xs[(edges[1:] - 1).clamp(min=0)]
+        # a mean lies within its members' range (exact for a cluster of equal weights, which prefix sums are not)
+        mean = torch.minimum(torch.maximum(sums / counts.clamp_min(1), lo), hi)
+        new_sorted = torch.where(counts > 0, mean, cs)
         new = torch.empty_like(c)
         new[order] = new_sorted
         shift = float((new - c).square().sum())

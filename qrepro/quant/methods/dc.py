@@ -48,9 +48,7 @@ class KMeansWeightQuantizer(nn.Module):
         if init not in km.KMEANS_INITS:
             raise QreproError(f"unknown k-means init {init!r}; choose one of: {', '.join(km.KMEANS_INITS)}")
         if centroid_grad not in km.CENTROID_GRADS:
-            raise QreproError(
-                f"unknown centroid_grad {centroid_grad!r}; choose one of: {', '.join(km.CENTROID_GRADS)}"
-            )
+            raise QreproError(f"unknown centroid_grad {centroid_grad!r}; choose one of: {', '.join(km.CENTROID_GRADS)}")
         self.bits, self.init, self.centroid_grad = bits, init, centroid_grad
         self.max_iter, self.tol, self.seed = max_iter, tol, seed
         k = 2**bits
@@ -123,9 +121,7 @@ def build_dc(
     if w_bits not in SUPPORTED_W_BITS:
         raise QreproError(f"quantizer=dc supports 1..8 weight bits, got w_bits={w_bits}; e.g. precision=w4a32")
     if a_bits != FP_BITS:
-        raise QreproError(
-            f"quantizer=dc quantizes weights only (got a_bits={a_bits}); use precision=w{w_bits}a32"
-        )
+        raise QreproError(f"quantizer=dc quantizes weights only (got a_bits={a_bits}); use precision=w{w_bits}a32")
     if first_last not in FIRST_LAST:
         raise QreproError(f"quantizer.first_last={first_last!r} is invalid for quantizer=dc; use one of: same, fp")
     KMeansWeightQuantizer(w_bits, init, centroid_grad, max_iter, tol, seed)  # validates the options
@@ -135,7 +131,5 @@ def build_dc(
             return None
         return KMeansWeightQuantizer(info.w_bits, init, centroid_grad, max_iter, tol, seed), None
 
-    options = dict(
-        init=init, centroid_grad=centroid_grad, max_iter=max_iter, tol=tol, first_last=first_last, seed=seed
-    )
+    options = dict(init=init, centroid_grad=centroid_grad, max_iter=max_iter, tol=tol, first_last=first_last, seed=seed)
     return Method(name="dc", quantize_layer=quantize_layer, hooks=[KMeansInit()], options=options)

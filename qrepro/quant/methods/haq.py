@@ -47,6 +47,9 @@ class HAQWeightQuantizer(nn.Module):
         self.register_buffer("threshold", torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    def bind(self, layer: nn.Module) -> None:
+        self.to(dtype=layer.weight.dtype, device=layer.weight.device)  # type: ignore[attr-defined]
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return km.linear_weight(w, self.threshold, self.bits)
 
@@ -74,6 +77,9 @@ class HAQActQuantizer(nn.Module):
         self.register_buffer("signed", torch.zeros(()))
         self.register_buffer("levels", torch.tensor(2.0**bits - 1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def bind(self, layer: nn.Module) -> None:
+        self.to(dtype=layer.weight.dtype, device=layer.weight.device)  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -179,10 +185,11 @@ def build_haq(
         if pol is None:
             wb, ab = (first_w_bits, FP_BITS) if info.role == "first" else (info.w_bits, info.a_bits)
         else:
-            if info.index >= n_layers:
+            if info.index >= n_layers or (info.role == "last" and info.index != n_layers - 1):
+                n = info.index + 1 if info.role == "last" else f"more than {n_layers}"
                 raise QreproError(
-                    f"HAQ policy {policy!r} has {n_layers} layers but the model has more Conv2d/Linear layers "
-                    f"(layer {info.index}: {info.name}); it is published for model={pol['model']}"
+                    f"HAQ policy {policy!r} has {n_layers} layers but the model has {n} Conv2d/Linear layers; "
+                    f"the policy is published for model={pol['model']}"
                 )
             wb, ab = _layer_bits(pol["bits"][info.index], kind)
         if kind == "kmeans":
@@ -193,8 +200,6 @@ def build_haq(
         return wq, aq
 
     hooks: list[Hook] = [KMeansInit()] if kind == "kmeans" else [HAQCalibration()]
-    if n_layers is not None:
-        hooks.insert(0, PolicyCheck(policy, n_layers, pol["model"]))
     options = dict(
         policy=policy,
         first_w_bits=first_w_bits,
@@ -204,23 +209,3 @@ def build_haq(
         seed=seed,
     )
     return Method(name="haq", quantize_layer=quantize_layer, hooks=hooks, options=options)
-
-
-class PolicyCheck(Hook):
-    """Refuse a model with fewer Conv2d/Linear layers than the policy has entries (more are refused while
-    preparing the model)."""
-
-    def __init__(self, policy: str | None, n_layers: int, model: str) -> None:
-        self.policy, self.n_layers, self.model = policy, n_layers, model
-
-    def on_train_start(self, ctx: Context) -> None:
-        check_policy_fits(ctx.model, self.policy, self.n_layers, self.model)
-
-
-def check_policy_fits(model: nn.Module, policy: str | None, n_layers: int, model_name: str) -> None:
-    n = sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-    if n != n_layers:
-        raise QreproError(
-            f"HAQ policy {policy!r} has {n_layers} layers but the model has {n} Conv2d/Linear layers; "
-            f"the policy is published for model={model_name}"
-        )
