@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from qrepro.parity import DEFAULT_CIFAR, run_suite
 
     p = argparse.ArgumentParser(prog="python -m qrepro.parity", description=__doc__)
-    p.add_argument("suite", choices=["apot", "sat", "tr"])
+    p.add_argument("suite", choices=["apot", "sat", "tr", "haq"])
     p.add_argument(
         "--reference", default=None, help="checkout of the authors' repository (default ../shared/reference/<suite>)"
     )

@@ -1,0 +1,265 @@
+"""HAQ / Deep Compression k-means parity: qrepro's ``quantizer=dc`` against the HAQ authors' k-means code
+(mit-han-lab/haq: ``lib/utils/quantize_utils.py`` and the training step of ``finetune.py``).
+
+``python -m qrepro.parity haq --reference <checkout>``. In float64, on the same real CIFAR-10 images:
+
+- the oracle: their ``mobilenetv2`` (``models/mobilenetv2.py``, plain ``nn.Conv2d``, 10 classes), clustered by their
+  ``quantize_model`` (scikit-learn ``KMeans``, ``n_init=1``, ``max_iter=50``) at ``BITS`` bits for every Conv2d/Linear,
+  then trained as ``finetune.py`` trains (cross-entropy, ``zero_grad``, ``backward``, SGD step with lr 0.01, momentum
+  0.9 and weight decay 1e-5 on every parameter, then ``kmeans_update_model``, which replaces each cluster's weights
+  by their mean), with their per-epoch cosine lr ``0.5·lr·(1 + cos(pi·epoch/epochs))``;
+- qrepro: ``qrepro.api.build(["+experiment=dc_mobilenet_v2_imagenet_w2a32", "quantizer.centroid_grad=mean", ...])``
+  (torchvision's MobileNet-V2 without dropout, the same layers in the same order), stepped with ``Run.step``
+  (its first call runs the k-means hook).
+
+Both start from the same weights (the oracle's initialisation copied in module order). Their ``quantize_model``
+takes the centroid initialisation as an argument that it hands to scikit-learn (``centroids_init``); the suite
+passes evenly spaced centroids over [min, max] (computed here with numpy), i.e. Deep Compression's linear
+initialisation, which qrepro's ``init: linear`` computes itself (their default k-means++ draws random centroids that
+no other implementation can reproduce). Their code moves tensors to the GPU (``.cuda()``) and stores the clustered
+weights as float32 (``.float()``); the suite runs it with ``.cuda()`` as the identity and ``.float()`` as float64,
+which changes nothing else. ``progress.bar`` (a progress display) is replaced by a silent stand-in.
+
+Compared: the centroids and cluster labels of every layer; the clustered weights; at the first step the output,
+the loss, the BatchNorm gradients and each centroid's gradient against the mean of its weights' gradients; the loss
+of every step; after the last step every effective weight, the BatchNorm parameters and statistics, and the
+momentum of every centroid against the mean momentum of its weights (their per-weight SGD followed by cluster
+averaging is SGD on the centroids with the mean gradient: docs/haq.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+from qrepro.parity import SUITES, Report, cifar_batches, normalize, reference_import
+
+BITS = 2
+DEFAULT_BATCH = 8
+TOL = 1e-9
+EPOCHS, STEPS_PER_EPOCH = 100, 5  # finetune.py's 100 epochs; a short epoch so the per-epoch cosine moves
+THEIR_LR, THEIR_MOMENTUM, THEIR_WD = 0.01, 0.9, 1e-5  # run_kmeans_quantize_finetune.sh, finetune.py defaults
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # their ImageNet normalisation, also our experiment's
+
+
+def _stubs() -> dict[str, types.ModuleType]:
+    progress = types.ModuleType("progress")
+    bar = types.ModuleType("progress.bar")
+
+    class Bar:  # silent stand-in for the progress display
+        def __init__(self, *a: Any, **k: Any) -> None:
+            self.suffix = ""
+
+        def next(self) -> None: ...
+
+        def finish(self) -> None: ...
+
+    bar.Bar = Bar  # type: ignore[attr-defined]
+    progress.bar = bar  # type: ignore[attr-defined]
+    return {"progress": progress, "progress.bar": bar}
+
+
+@contextlib.contextmanager
+def _cpu_float64() -> Any:
+    """Their ``.cuda()`` as the identity and ``.float()`` as float64 while their code runs."""
+    cuda, flt = torch.Tensor.cuda, torch.Tensor.float
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    torch.Tensor.float = lambda self, *a, **k: self.to(torch.float64)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, torch.Tensor.float = cuda, flt  # type: ignore[method-assign]
+
+
+def linear_init(x: np.ndarray, n_clusters: int, random_state: Any = None) -> np.ndarray:
+    """scikit-learn ``init`` callable: n_clusters centroids evenly spaced over [min, max] (Deep Compression)."""
+    return np.linspace(x.min(), x.max(), n_clusters).reshape(-1, 1)
+
+
+def _copy_weights(theirs: nn.Module, ours: nn.Module) -> None:
+    """Their state in module order into ours (same architecture: shapes checked one by one)."""
+    a, b = theirs.state_dict(), ours.state_dict()
+    mine = [k for k in b if ".wq." not in k]
+    if len(a) != len(mine):
+        raise QreproError(f"parity haq: {len(a)} tensors in their model, {len(mine)} in ours")
+    with torch.no_grad():
+        for (ka, va), kb in zip(a.items(), mine):
+            if va.shape != b[kb].shape:
+                raise QreproError(f"parity haq: {ka} {tuple(va.shape)} vs {kb} {tuple(b[kb].shape)}")
+            b[kb].copy_(va)
+
+
+def _their_lr(step: int) -> float:
+    epoch = step // STEPS_PER_EPOCH
+    return 0.5 * THEIR_LR * (1 + math.cos(math.pi * epoch / EPOCHS))
+
+
+def suite(
+    reference: Path | str,
+    *,
+    steps: int = 20,
+    data: Path | str | None = None,
+    batch: int = DEFAULT_BATCH,
+    quick: bool = False,
+    overrides: list[str] | None = None,
+) -> list[Report]:
+    from qrepro.api import build
+    from qrepro.quant.layers import quantized_layers
+
+    root = Path(reference)
+    if not (root / "lib" / "utils" / "quantize_utils.py").is_file():
+        raise QreproError(f"--reference {root} has no lib/utils/quantize_utils.py; pass a checkout of mit-han-lab/haq")
+    batches = cifar_batches(data, steps + 1, batch, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path0 = list(sys.path)
+    try:
+        with reference_import(root, _stubs()) as imp, _cpu_float64():
+            qu = imp("lib.utils.quantize_utils")
+            mv2 = imp("models.mobilenetv2")
+            torch.manual_seed(0)
+            theirs = mv2.mobilenetv2(num_classes=10).double().train()
+            run = build(
+                [
+                    "+experiment=dc_mobilenet_v2_imagenet_w2a32",
+                    "trainer.device=cpu",
+                    f"trainer.epochs={EPOCHS}",
+                    "quantizer.centroid_grad=mean",  # HAQ's code: the cluster mean after each step
+                    "init_from=null",
+                    *(overrides or []),
+                ],
+                dtype=torch.float64,
+                load_data=False,
+                num_classes=10,
+                steps_per_epoch=STEPS_PER_EPOCH,
+            )
+            _copy_weights(theirs, run.model)
+            rep = Report(f"HAQ k-means (Deep Compression) MobileNet-V2 W{BITS}, {steps} steps, batch {batch}", TOL)
+            idx = [i for i, m in enumerate(theirs.modules()) if type(m) in (nn.Conv2d, nn.Linear)]
+            cl = qu.quantize_model(
+                theirs, idx, [BITS] * len(idx), max_iter=50, mode="cpu", quantize_bias=False, centroids_init=linear_init
+            )
+            opt = torch.optim.SGD(theirs.parameters(), lr=THEIR_LR, momentum=THEIR_MOMENTUM, weight_decay=THEIR_WD)
+            layers = [layer for _, layer in quantized_layers(run.model)]
+            if len(layers) != len(idx):
+                raise QreproError(f"parity haq: {len(idx)} layers clustered by theirs, {len(layers)} by ours")
+            their_layers = [m for i, m in enumerate(theirs.modules()) if i in set(idx)]
+            ce = nn.CrossEntropyLoss()
+            x0, y0 = batches[0]
+            xin = normalize(x0, MEAN, STD)
+            # step 0: our k-means runs in the first step's start hook; compare before stepping
+            run.start(xin, y0)
+            rep.add_many(
+                "k-means centroids",
+                {f"{k}": layers[k].wq.centroids for k in range(len(idx))},
+                {f"{k}": cl[i][0][0].view(-1) for k, i in enumerate(idx)},
+            )
+            rep.add_many(
+                "k-means labels",
+                {f"{k}": layers[k].wq.labels.double() for k in range(len(idx))},
+                {f"{k}": cl[i][0][1].double() for k, i in enumerate(idx)},
+                tol=0.0,
+            )
+            rep.add_many(
+                "clustered weights",
+                {f"{k}": layers[k].effective_weight() for k in range(len(idx))},
+                {f"{k}": their_layers[k].weight for k in range(len(idx))},
+            )
+            losses_ours, losses_theirs = [], []
+            w0 = [layer.effective_weight().detach().clone() for layer in layers]
+            for s in range(steps):
+                x, y = batches[s]
+                xin = normalize(x, MEAN, STD)
+                for g in opt.param_groups:
+                    g["lr"] = _their_lr(s)
+                out_t = theirs(xin)
+                loss_t = ce(out_t, y)
+                opt.zero_grad()
+                loss_t.backward()
+                if s == 0:
+                    first_grads = {n: p.grad.clone() for n, p in theirs.named_parameters()}
+                opt.step()
+                qu.kmeans_update_model(theirs, idx, cl, free_high_bit=True)
+                losses_theirs.append(float(loss_t))
+                losses_ours.append(float(run.step(xin, y)))
+                if s == 0:
+                    mean_grads = {}
+                    for k, tl in enumerate(their_layers):
+                        lab = layers[k].wq.labels
+                        gsum = torch.zeros_like(layers[k].wq.centroids).index_add_(
+                            0, lab.reshape(-1), first_grads[_pname(theirs, tl)].reshape(-1)
+                        )
+                        cnt = torch.bincount(lab.reshape(-1), minlength=gsum.numel()).clamp_min(1)
+                        mean_grads[f"{k}"] = gsum / cnt
+                    rep.add_many(
+                        "1st step: centroid grad vs mean of member grads",
+                        {f"{k}": layers[k].wq.centroids.grad for k in range(len(idx))},
+                        mean_grads,
+                    )
+                    bn_t = {n: g for n, g in first_grads.items() if n not in {_pname(theirs, tl) for tl in their_layers}}
+                    ours_named = [
+                        (n, p) for n, p in run.model.named_parameters() if ".wq." not in n and p.grad is not None
+                    ]
+                    rep.add_many(
+                        "1st step: grad of BN params and classifier bias",
+                        {n: p.grad for n, p in ours_named},
+                        dict(zip([n for n, _ in ours_named], bn_t.values())),
+                    )
+            rep.add("loss of each step", losses_ours, losses_theirs)
+            rep.add_many(
+                f"after {steps} steps: effective weights",
+                {f"{k}": layers[k].effective_weight() for k in range(len(idx))},
+                {f"{k}": their_layers[k].weight for k in range(len(idx))},
+            )
+            ours_other = [t for n, t in run.model.state_dict().items() if ".wq." not in n and not _is_qweight(n, run)]
+            theirs_other = [t for n, t in theirs.state_dict().items() if not _is_weight_of(n, theirs, their_layers)]
+            rep.add_many(
+                f"after {steps} steps: BN params/statistics, classifier bias",
+                {f"{k}": v for k, v in enumerate(ours_other)},
+                {f"{k}": v for k, v in enumerate(theirs_other)},
+            )
+            mom_ours, mom_theirs = {}, {}
+            for k, tl in enumerate(their_layers):
+                buf = opt.state[tl.weight]["momentum_buffer"]
+                lab = layers[k].wq.labels
+                gsum = torch.zeros_like(layers[k].wq.centroids).index_add_(0, lab.reshape(-1), buf.reshape(-1))
+                cnt = torch.bincount(lab.reshape(-1), minlength=gsum.numel()).clamp_min(1)
+                present = torch.bincount(lab.reshape(-1), minlength=gsum.numel()) > 0
+                mom_theirs[f"{k}"] = (gsum / cnt)[present]
+                mom_ours[f"{k}"] = run.optimizer.state[layers[k].wq.centroids]["momentum_buffer"][present]
+            rep.add_many(f"after {steps} steps: centroid momentum vs mean weight momentum", mom_ours, mom_theirs)
+            moved = max(float((layers[k].effective_weight() - w0[k]).abs().max()) for k in range(len(idx)))
+            rep.notes.append(f"largest change of a shared weight over the steps: {moved:.3e}")
+    finally:
+        sys.path[:] = path0  # their models/mobilenet.py inserts a path of its own
+        torch.set_num_threads(threads)
+    return [rep]
+
+
+def _pname(model: nn.Module, layer: nn.Module) -> str:
+    for n, p in model.named_parameters():
+        if p is layer.weight:
+            return n
+    raise KeyError("layer weight not found")
+
+
+def _is_weight_of(name: str, model: nn.Module, layers: list[nn.Module]) -> bool:
+    return name in {_pname(model, layer) for layer in layers}
+
+
+def _is_qweight(name: str, run: Any) -> bool:
+    from qrepro.quant.layers import quantized_layers
+
+    return name in {f"{n}.weight" for n, _ in quantized_layers(run.model)}
+
+
+SUITES.register("haq")(suite)
