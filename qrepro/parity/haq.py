@@ -3,25 +3,29 @@
 
 ``python -m qrepro.parity haq --reference <checkout>``. In float64, on the same real CIFAR-10 images:
 
-- the oracle: their ``mobilenetv2`` (``models/mobilenetv2.py``, plain ``nn.Conv2d``, 10 classes), clustered by their
-  ``quantize_model`` (scikit-learn ``KMeans``, ``n_init=1``, ``max_iter=50``) at ``BITS`` bits for every Conv2d/Linear,
-  then trained as ``finetune.py`` trains (cross-entropy, ``zero_grad``, ``backward``, SGD step with lr 0.01, momentum
-  0.9 and weight decay 1e-5 on every parameter, then ``kmeans_update_model``, which replaces each cluster's weights
-  by their mean), with their per-epoch cosine lr ``0.5·lr·(1 + cos(pi·epoch/epochs))``;
-- qrepro: ``qrepro.api.build(["+experiment=dc_mobilenet_v2_imagenet_w2a32", "quantizer.centroid_grad=mean", ...])``
-  (torchvision's MobileNet-V2 without dropout, the same layers in the same order), stepped with ``Run.step``
-  (its first call runs the k-means hook).
+- the oracle: an FP CIFAR ResNet-20 (qrepro's ``resnet20``, 10 classes: their k-means code works on the
+  ``nn.Conv2d`` / ``nn.Linear`` layers of any module, and their MobileNets differ from every model of this zoo in
+  activations or channel rounding), clustered by their ``quantize_model`` (scikit-learn ``KMeans``, ``n_init=1``,
+  ``max_iter=50``) at ``BITS`` bits for every Conv2d/Linear, then trained as ``finetune.py`` trains
+  (cross-entropy, ``zero_grad``, ``backward``, SGD step with lr 0.01, momentum 0.9 and weight decay 1e-5 on every
+  parameter, then their ``kmeans_update_model``, which replaces each cluster's weights by their mean), with their
+  per-epoch cosine lr ``0.5·lr·(1 + cos(pi·epoch/epochs))`` over 100 epochs of 5 steps;
+- qrepro: ``qrepro.api.build(["+experiment=dc_resnet50_imagenet_w2a32", "model=resnet20",
+  "quantizer.centroid_grad=mean", ...])`` (the k-means recipe of the Deep Compression cells), stepped with
+  ``Run.step`` (the k-means hook runs at its start).
 
-Both start from the same weights (the oracle's initialisation copied in module order). Their ``quantize_model``
-takes the centroid initialisation as an argument that it hands to scikit-learn (``centroids_init``); the suite
-passes evenly spaced centroids over [min, max] (computed here with numpy), i.e. Deep Compression's linear
-initialisation, which qrepro's ``init: linear`` computes itself (their default k-means++ draws random centroids that
-no other implementation can reproduce). Their code moves tensors to the GPU (``.cuda()``) and stores the clustered
-weights as float32 (``.float()``); the suite runs it with ``.cuda()`` as the identity and ``.float()`` as float64,
-which changes nothing else. ``progress.bar`` (a progress display) is replaced by a silent stand-in.
+Both start from the same weights (the oracle's initialisation copied in module order), and the fine-tuning
+comparison from the same clustered state (their centroids copied into ours once the clusterings are compared).
+Their ``quantize_model`` takes the centroid initialisation as an argument that it hands to scikit-learn
+(``centroids_init``); the suite passes evenly spaced centroids over [min, max] (computed here with numpy), i.e.
+Deep Compression's linear initialisation, which qrepro's ``init: linear`` computes itself (their default k-means++
+draws random centroids that no other implementation can reproduce). Their code moves tensors to the GPU
+(``.cuda()``) and stores the clustered weights as float32 (``.float()``); the suite runs it with ``.cuda()`` as the
+identity and ``.float()`` as float64, which changes nothing else. ``progress.bar`` (a progress display) is
+replaced by a silent stand-in.
 
-Compared: the centroids and cluster labels of every layer; the clustered weights; at the first step the output,
-the loss, the BatchNorm gradients and each centroid's gradient against the mean of its weights' gradients; the loss
+Compared: the centroids and cluster labels of every layer; the clustered weights; at the first step the
+BatchNorm gradients and each centroid's gradient against the mean of its weights' gradients; the loss
 of every step; after the last step every effective weight, the BatchNorm parameters and statistics, and the
 momentum of every centroid against the mean momentum of its weights (their per-weight SGD followed by cluster
 averaging is SGD on the centroids with the mean gradient: docs/haq.md).
@@ -44,6 +48,7 @@ from qrepro.errors import QreproError
 from qrepro.parity import SUITES, Report, cifar_batches, normalize, reference_import
 
 BITS = 2
+MODEL = "resnet20"  # any model: their k-means code works on every nn.Conv2d / nn.Linear of a module
 DEFAULT_BATCH = 8
 TOL = 1e-9
 EPOCHS, STEPS_PER_EPOCH = 100, 5  # finetune.py's 100 epochs; a short epoch so the per-epoch cosine moves
@@ -125,12 +130,14 @@ def suite(
     try:
         with reference_import(root, _stubs()) as imp, _cpu_float64():
             qu = imp("lib.utils.quantize_utils")
-            mv2 = imp("models.mobilenetv2")
+            from qrepro.models import build_model
+
             torch.manual_seed(0)
-            theirs = mv2.mobilenetv2(num_classes=10).double().train()
+            theirs = build_model(MODEL, num_classes=10).double().train()
             run = build(
                 [
-                    "+experiment=dc_mobilenet_v2_imagenet_w2a32",
+                    "+experiment=dc_resnet50_imagenet_w2a32",
+                    f"model={MODEL}",
                     "trainer.device=cpu",
                     f"trainer.epochs={EPOCHS}",
                     "quantizer.centroid_grad=mean",  # HAQ's code: the cluster mean after each step
@@ -143,7 +150,7 @@ def suite(
                 steps_per_epoch=STEPS_PER_EPOCH,
             )
             _copy_weights(theirs, run.model)
-            rep = Report(f"HAQ k-means (Deep Compression) MobileNet-V2 W{BITS}, {steps} steps, batch {batch}", TOL)
+            rep = Report(f"HAQ k-means (Deep Compression) {MODEL} W{BITS}, {steps} steps, batch {batch}", TOL)
             idx = [i for i, m in enumerate(theirs.modules()) if type(m) in (nn.Conv2d, nn.Linear)]
             cl = qu.quantize_model(
                 theirs, idx, [BITS] * len(idx), max_iter=50, mode="cpu", quantize_bias=False, centroids_init=linear_init
@@ -174,6 +181,9 @@ def suite(
                 {f"{k}": layers[k].effective_weight() for k in range(len(idx))},
                 {f"{k}": their_layers[k].weight for k in range(len(idx))},
             )
+            with torch.no_grad():  # the training comparison starts from the same clustered state
+                for k, i in enumerate(idx):
+                    layers[k].wq.centroids[: cl[i][0][0].numel()] = cl[i][0][0].view(-1)
             losses_ours, losses_theirs = [], []
             w0 = [layer.effective_weight().detach().clone() for layer in layers]
             for s in range(steps):
@@ -189,7 +199,7 @@ def suite(
                     first_grads = {n: p.grad.clone() for n, p in theirs.named_parameters()}
                 opt.step()
                 qu.kmeans_update_model(theirs, idx, cl, free_high_bit=True)
-                losses_theirs.append(float(loss_t))
+                losses_theirs.append(float(loss_t.detach()))
                 losses_ours.append(float(run.step(xin, y)))
                 if s == 0:
                     mean_grads = {}
@@ -205,7 +215,8 @@ def suite(
                         {f"{k}": layers[k].wq.centroids.grad for k in range(len(idx))},
                         mean_grads,
                     )
-                    bn_t = {n: g for n, g in first_grads.items() if n not in {_pname(theirs, tl) for tl in their_layers}}
+                    wnames = {_pname(theirs, tl) for tl in their_layers}
+                    bn_t = {n: g for n, g in first_grads.items() if n not in wnames}
                     ours_named = [
                         (n, p) for n, p in run.model.named_parameters() if ".wq." not in n and p.grad is not None
                     ]
@@ -237,7 +248,7 @@ def suite(
                 mom_theirs[f"{k}"] = (gsum / cnt)[present]
                 mom_ours[f"{k}"] = run.optimizer.state[layers[k].wq.centroids]["momentum_buffer"][present]
             rep.add_many(f"after {steps} steps: centroid momentum vs mean weight momentum", mom_ours, mom_theirs)
-            moved = max(float((layers[k].effective_weight() - w0[k]).abs().max()) for k in range(len(idx)))
+            moved = max(float((layers[k].effective_weight().detach() - w0[k]).abs().max()) for k in range(len(idx)))
             rep.notes.append(f"largest change of a shared weight over the steps: {moved:.3e}")
     finally:
         sys.path[:] = path0  # their models/mobilenet.py inserts a path of its own
