@@ -1,6 +1,7 @@
-"""HAQ k-means parity against the authors' code (../shared/reference/haq): the clustering, the first step and 20
-fine-tuning steps agree in float64; the paper's Eq. 3 (summed centroid gradient) and another centroid
-initialisation do not match the authors' code. Skipped without ../shared.
+"""HAQ parity against the authors' code (../shared/reference/haq), float64: their k-means (quantize_model +
+kmeans_update_model) and their linear quantizer (QConv2d/QLinear, calibration) agree with qrepro over 20 steps; the
+paper's Eq. 3 (summed centroid gradient), another centroid initialisation and a first layer at the network's bits
+do not match the authors' code. Skipped without ../shared.
 """
 
 from __future__ import annotations
@@ -29,20 +30,30 @@ ROWS = (
 )
 
 
+def _named(report):
+    return {row.name.split(" (")[0]: row for row in report.rows}
+
+
 def _rows(steps, **kw):
     pytest.importorskip("sklearn")  # the authors' k-means
     from qrepro.parity.haq import suite
 
     (report,) = suite(REFERENCE, data=CIFAR, steps=steps, **kw)
-    return {row.name.split(" (")[0]: row for row in report.rows}, report
+    return _named(report), report
 
 
 @needs_reference
-def test_haq_kmeans_parity_passes():
-    rows, report = _rows(20)
-    assert report.ok and sorted(rows) == sorted(ROWS), report.render()
-    assert "largest change of a shared weight" in report.notes[0]
-    assert float(report.notes[0].split()[-1]) > 1e-3  # the shared weights moved: the comparison is not vacuous
+def test_haq_parity_passes():
+    pytest.importorskip("sklearn")  # the authors' k-means
+    from qrepro.parity import run_suite
+
+    kmeans, linear = run_suite("haq", REFERENCE, data=CIFAR, steps=20)
+    assert kmeans.ok and sorted(_named(kmeans)) == sorted(ROWS), kmeans.render()
+    assert linear.ok, linear.render()
+    for what in ("calibrated weight ranges t", "calibrated activation ranges a", "1st step: activation range grads"):
+        assert what in _named(linear)
+    for report in (kmeans, linear):  # the weights moved: the comparison is not vacuous
+        assert "largest change" in report.notes[0] and float(report.notes[0].split()[-1]) > 1e-3
 
 
 @needs_reference
@@ -56,3 +67,13 @@ def test_haq_kmeans_parity_passes():
 def test_haq_parity_fails_with_another_reading(override, failing):
     rows, report = _rows(1, overrides=[override])
     assert not rows[failing].ok, report.render()
+
+
+@needs_reference
+def test_haq_linear_parity_fails_with_the_first_layer_at_the_network_bits():
+    """HAQ keeps the first layer's weights at 8 bits (SAT Table 3's note); 4 bits there is another reading."""
+    from qrepro.parity.haq import linear_suite
+
+    report = linear_suite(REFERENCE, steps=1, data=CIFAR, batch=8, overrides=["quantizer.first_w_bits=4"])
+    rows = _named(report)
+    assert not rows["calibrated weight ranges t"].ok and not rows["1st step: weight grads"].ok, report.render()

@@ -93,7 +93,7 @@ def linear_init(x: np.ndarray, n_clusters: int, random_state: Any = None) -> np.
 def _copy_weights(theirs: nn.Module, ours: nn.Module) -> None:
     """Their state in module order into ours (same architecture: shapes checked one by one)."""
     a, b = theirs.state_dict(), ours.state_dict()
-    mine = [k for k in b if ".wq." not in k]
+    mine = [k for k in b if ".wq." not in k and ".aq." not in k]
     if len(a) != len(mine):
         raise QreproError(f"parity haq: {len(a)} tensors in their model, {len(mine)} in ours")
     with torch.no_grad():
@@ -273,4 +273,169 @@ def _is_qweight(name: str, run: Any) -> bool:
     return name in {f"{n}.weight" for n, _ in quantized_layers(run.model)}
 
 
-SUITES.register("haq")(suite)
+# --------------------------------------------------------------------------------------------- linear
+LINEAR_BITS = 4  # every layer but the first (8-bit weights, input unquantized): below 5 bits, so KL thresholds
+LINEAR_EPOCHS, LINEAR_WD = 30, 4e-5  # run_linear_quantize_finetune.sh
+
+
+def _their_linear_model(qu: Any, fp: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """``fp`` with every nn.Conv2d / nn.Linear replaced by their QConv2d / QLinear (weights copied), bits set as
+    finetune.py sets them from a strategy: [8, -1] for the first layer, [LINEAR_BITS] x 2 for the others."""
+    layers = []
+    for i, (name, m) in enumerate([(n, m) for n, m in fp.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]):
+        if isinstance(m, nn.Conv2d):
+            q = qu.QConv2d(
+                m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                bias=m.bias is not None,
+            )  # fmt: skip
+        else:
+            q = qu.QLinear(m.in_features, m.out_features, bias=m.bias is not None)
+        q = q.double()
+        with torch.no_grad():
+            q.weight.copy_(m.weight)
+            if m.bias is not None:
+                q.bias.copy_(m.bias)
+        q.w_bit, q.a_bit = (8, -1) if i == 0 else (LINEAR_BITS, LINEAR_BITS)
+        parent, _, child = name.rpartition(".")
+        setattr(fp.get_submodule(parent) if parent else fp, child, q)
+        layers.append(q)
+    return fp, layers
+
+
+def linear_suite(
+    reference: Path | str, *, steps: int, data: Path | str | None, batch: int, overrides: list[str] | None
+) -> Report:
+    """HAQ's linear quantizer (their QConv2d / QLinear, calibration and training step) against ``quantizer=haq``."""
+    from qrepro.api import build
+    from qrepro.models import build_model
+    from qrepro.quant.layers import quantized_layers
+
+    root = Path(reference)
+    batches = cifar_batches(data, steps + 1, batch, seed=1)
+    with reference_import(root, _stubs()) as imp:
+        qu = imp("lib.utils.quantize_utils")
+        torch.manual_seed(0)
+        fp = build_model(MODEL, num_classes=10).double().train()
+        run = build(
+            [
+                "+experiment=haq_mobilenet_v1_imagenet_w8a8",
+                f"model={MODEL}",
+                f"precision=w{LINEAR_BITS}a{LINEAR_BITS}",
+                "trainer.device=cpu",
+                f"trainer.epochs={LINEAR_EPOCHS}",
+                "init_from=null",
+                *(overrides or []),
+            ],
+            dtype=torch.float64,
+            load_data=False,
+            num_classes=10,
+            steps_per_epoch=STEPS_PER_EPOCH,
+        )
+        _copy_weights(fp, run.model)
+        theirs, their_layers = _their_linear_model(qu, fp)
+        ours = [layer for _, layer in quantized_layers(run.model)]
+        if len(ours) != len(their_layers):
+            raise QreproError(f"parity haq: {len(their_layers)} layers quantized by theirs, {len(ours)} by ours")
+        rep = Report(
+            f"HAQ linear quantizer {MODEL} W{LINEAR_BITS}A{LINEAR_BITS} (first layer W8, input as is), "
+            f"{steps} steps, batch {batch}",
+            TOL,
+        )
+        x0, y0 = batches[0]
+        xin = normalize(x0, MEAN, STD)
+        # their calibrate(): every QModule in calibration mode, one forward of the first batch (train mode)
+        for m in theirs.modules():
+            if isinstance(m, qu.QModule):
+                m.set_calibrate(True)
+        dtype0 = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # their calibrate stores the range as torch.tensor([float]): float64
+        try:
+            with torch.no_grad():
+                theirs(xin)
+        finally:
+            torch.set_default_dtype(dtype0)
+        for m in theirs.modules():
+            if isinstance(m, qu.QModule):
+                m.set_calibrate(False)
+        run.start(xin, y0)
+        rep.add_many(
+            "calibrated weight ranges t",
+            {f"{k}": q.wq.threshold for k, q in enumerate(ours)},
+            {f"{k}": t.weight_range for k, t in enumerate(their_layers)},
+        )
+        act = [k for k, t in enumerate(their_layers) if t.a_bit > 0]
+        rep.add_many(
+            "calibrated activation ranges a",
+            {f"{k}": ours[k].aq.alpha for k in act},
+            {f"{k}": their_layers[k].activation_range for k in act},
+        )
+        opt = torch.optim.SGD(theirs.parameters(), lr=THEIR_LR, momentum=THEIR_MOMENTUM, weight_decay=LINEAR_WD)
+        ce = nn.CrossEntropyLoss()
+        losses_ours, losses_theirs = [], []
+        w0 = [q.weight.detach().clone() for q in ours]
+        for s in range(steps):
+            x, y = batches[s + 1]
+            xin = normalize(x, MEAN, STD)
+            for g in opt.param_groups:
+                g["lr"] = 0.5 * THEIR_LR * (1 + math.cos(math.pi * (s // STEPS_PER_EPOCH) / LINEAR_EPOCHS))
+            out = theirs(xin)
+            loss = ce(out, y)
+            opt.zero_grad()
+            loss.backward()
+            if s == 0:
+                their_grads = [(t.weight.grad.clone(), t.activation_range.grad) for t in their_layers]
+            opt.step()
+            losses_theirs.append(float(loss.detach()))
+            losses_ours.append(float(run.step(xin, y)))
+            if s == 0:
+                rep.add_many(
+                    "1st step: weight grads",
+                    {f"{k}": q.weight.grad for k, q in enumerate(ours)},
+                    {f"{k}": g[0] for k, g in enumerate(their_grads)},
+                )
+                rep.add_many(
+                    "1st step: activation range grads",
+                    {f"{k}": ours[k].aq.alpha.grad for k in act},
+                    {f"{k}": their_grads[k][1].clone() for k in act},
+                )
+        rep.add("loss of each step", losses_ours, losses_theirs)
+        rep.add_many(
+            f"after {steps} steps: weights",
+            {f"{k}": q.weight for k, q in enumerate(ours)},
+            {f"{k}": t.weight for k, t in enumerate(their_layers)},
+        )
+        rep.add_many(
+            f"after {steps} steps: activation ranges",
+            {f"{k}": ours[k].aq.alpha for k in act},
+            {f"{k}": their_layers[k].activation_range for k in act},
+        )
+        rep.add_many(
+            f"after {steps} steps: quantized weights",
+            {f"{k}": q.effective_weight() for k, q in enumerate(ours)},
+            {f"{k}": t._quantize_weight(t.weight) for k, t in enumerate(their_layers)},
+        )
+        bn_ours = {n: v for n, v in run.model.state_dict().items() if ".bn" in n or n.startswith("bn")}
+        bn_theirs = {n: v for n, v in theirs.state_dict().items() if ".bn" in n or n.startswith("bn")}
+        rep.add_many(f"after {steps} steps: BatchNorm parameters and statistics", bn_ours, bn_theirs)
+        moved = max(float((q.weight.detach() - w).abs().max()) for q, w in zip(ours, w0))
+        rep.notes.append(f"largest change of a weight over the steps: {moved:.3e}")
+    return rep
+
+
+def haq_suite(reference: Path | str, *, steps: int = 20, data: Path | str | None = None, batch: int = DEFAULT_BATCH,
+              quick: bool = False, overrides: list[str] | None = None, linear_overrides: list[str] | None = None,
+              ) -> list[Report]:  # fmt: skip
+    """Both comparisons: k-means (Deep Compression / HAQ model-size policies) and the linear quantizer."""
+    reports = suite(reference, steps=steps, data=data, batch=batch, overrides=overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path0 = list(sys.path)
+    try:
+        reports.append(linear_suite(reference, steps=steps, data=data, batch=batch, overrides=linear_overrides))
+    finally:
+        sys.path[:] = path0
+        torch.set_num_threads(threads)
+    return reports
+
+
+SUITES.register("haq")(haq_suite)

@@ -109,8 +109,8 @@ class HAQCalibration(Hook):
 @torch.no_grad()
 def calibrate_model(model: nn.Module, x: torch.Tensor | None) -> int:
     """Weight thresholds from the weights; activation ranges from one forward of ``x`` with every quantizer of
-    the model switched off (a full-precision forward, in the model's current mode, as the authors'). Returns
-    the number of quantizers calibrated."""
+    the model switched off (a full-precision forward in training mode, as the authors'; it updates the BatchNorm
+    running statistics as theirs does). Returns the number of quantizers calibrated."""
     layers = [layer for _, layer in quantized_layers(model)]
     n = 0
     for layer in layers:
@@ -129,11 +129,14 @@ def calibrate_model(model: nn.Module, x: torch.Tensor | None) -> int:
         inputs[mod] = args[0].detach()
 
     handles = [layer.register_forward_pre_hook(pre_hook) for layer in todo]
+    was_training = model.training
     try:
         for layer, _, _ in saved:
             layer.wq, layer.aq = None, None
+        model.train()  # the authors calibrate a model in training mode (BatchNorm batch statistics)
         model(x)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
         for layer, wq, aq in saved:
