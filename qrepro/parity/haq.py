@@ -11,7 +11,8 @@
   parameter, then their ``kmeans_update_model``, which replaces each cluster's weights by their mean), with their
   per-epoch cosine lr ``0.5·lr·(1 + cos(pi·epoch/epochs))`` over 100 epochs of 5 steps;
 - qrepro: ``qrepro.api.build(["+experiment=dc_resnet50_imagenet_w2a32", "model=resnet20",
-  "quantizer.centroid_grad=mean", ...])`` (the k-means recipe of the Deep Compression cells), stepped with
+  "quantizer.centroid_grad=mean", "quantizer.init=linear", ...])`` (the k-means recipe of the Deep
+  Compression cells), stepped with
   ``Run.step`` (the k-means hook runs at its start).
 
 Both start from the same weights (the oracle's initialisation copied in module order), and the fine-tuning
@@ -141,6 +142,7 @@ def suite(
                     "trainer.device=cpu",
                     f"trainer.epochs={EPOCHS}",
                     "quantizer.centroid_grad=mean",  # HAQ's code: the cluster mean after each step
+                    "quantizer.init=linear",  # the initialisation the suite hands to their k-means
                     "init_from=null",
                     *(overrides or []),
                 ],
