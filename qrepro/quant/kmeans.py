@@ -212,7 +212,8 @@ def linear_act(x: torch.Tensor, alpha: torch.Tensor, levels: torch.Tensor, signe
     its gradient is 1/2 at the clip points."""
     a = alpha.to(x.dtype)
     sg = signed.to(x.dtype)
-    xc = 0.5 * (sg * (x + a).abs() + (1 - sg) * (x.abs() + a) - (x - a).abs())
+    # (|x + a| - |x - a|)/2 when signed, (|x| + a - |x - a|)/2 when not: one expression, scalar coefficients
+    xc = 0.5 * ((x + sg * a).abs() + (1 - sg) * a - (x - a).abs())
     s = a.detach() / levels.to(x.dtype)
     q = torch.round(xc.detach() / s) * s
     return xc + (q - xc).detach()
