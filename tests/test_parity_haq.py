@@ -77,3 +77,20 @@ def test_haq_linear_parity_fails_with_the_first_layer_at_the_network_bits():
     report = linear_suite(REFERENCE, steps=1, data=CIFAR, batch=8, overrides=["quantizer.first_w_bits=4"])
     rows = _named(report)
     assert not rows["calibrated weight ranges t"].ok and not rows["1st step: weight grads"].ok, report.render()
+
+
+@pytest.mark.skipif(not (REFERENCE / "finetune.py").is_file(), reason="../shared/reference/haq not present")
+def test_policies_are_the_lists_the_authors_published():
+    import ast
+    import re
+
+    from qrepro.quant.haq_policies import POLICIES
+
+    code = (REFERENCE / "finetune.py").read_text()
+    readme = (REFERENCE / "README.md").read_text()
+    linear = re.search(r"strategy = (\[\[8, -1\].*?\]\])", code).group(1)
+    kmeans = re.search(r"strategy = (\[6, 6, 6, 6[^\]]*\])", code, re.S).group(1)
+    printed = re.search(r"strategy = (\[[^\]]*\])", readme).group(1)
+    assert POLICIES["mobilenet_v2_latency_ratio060"]["bits"] == ast.literal_eval(linear)
+    assert POLICIES["resnet50_size_ratio010"]["bits"] == ast.literal_eval(kmeans)
+    assert POLICIES["resnet50_size_ratio010_readme"]["bits"] == ast.literal_eval(printed)
