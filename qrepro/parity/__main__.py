@@ -15,7 +15,7 @@ from qrepro.parity import DEFAULT_CIFAR, run_suite
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qrepro.parity", description=__doc__)
-    p.add_argument("suite", choices=["apot", "sat", "tr", "reactnet"])
+    p.add_argument("suite", choices=["apot", "sat", "tr", "reactnet", "haq"])
     p.add_argument(
         "--reference", default=None, help="checkout of the authors' repository (default ../shared/reference/<suite>)"
     )
