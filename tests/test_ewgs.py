@@ -100,7 +100,11 @@ def test_output_scale_multiplies_the_whole_output_bias_included():
 def test_initialisation_is_the_authors_and_restores_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False), nn.Flatten(),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, bias=False),
+        nn.Flatten(),
         nn.Linear(64, 2),
     ).double()
     prepare(model, build_method("ewgs", 3, 3, use_hessian=False))
@@ -136,8 +140,15 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian():
 def test_hessian_deltas_are_set_clipped_at_zero_and_leave_no_state():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(64, 3),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),
+        nn.Flatten(),
+        nn.Linear(64, 3),
     ).double()
     prepare(model, build_method("ewgs", 2, 2))
     x, y = torch.randn(6, 3, 8, 8, dtype=D), torch.randint(0, 3, (6,))
