@@ -163,3 +163,22 @@ def test_hessian_deltas_are_set_clipped_at_zero_and_leave_no_state():
         assert not lay.aq.retain and lay.aq.captured is None
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in before.items())
+
+
+def test_output_scale_of_a_degenerate_batch_stays_finite():
+    # 1-bit inputs all below (l + u)/2 give a zero quantized output: α = 1 instead of mean|out|/0 = inf
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1, bias=False), nn.Flatten(), nn.Linear(4, 2)).double()
+    prepare(model, build_method("ewgs", 1, 1, use_hessian=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(0.0)
+    x = torch.tensor([0.0, 0.0, 0.0, 0.01], dtype=D).view(1, 1, 2, 2)  # u = 3·std/0.6 > 2·max: all round to 0
+    initialize(model, x)
+    assert float(model[1].wq.output_scale) == 1.0
+
+
+def test_degenerate_intervals_get_a_positive_width():
+    assert F.init_activation_interval(torch.zeros(2, 3, dtype=D)) == (0.0, 1.0)
+    assert F.init_weight_interval(torch.full((4,), 0.3, dtype=D)) == (0.0, 1.0)
+    lo, hi = F.init_activation_interval(torch.tensor([0.0, 1.0, 2.0], dtype=D))
+    assert lo == 0.0 and hi == pytest.approx(3.0 / math.sqrt(1 - 2 / math.pi))

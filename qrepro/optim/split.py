@@ -30,7 +30,7 @@ from qrepro.errors import QreproError
 from qrepro.optim import OPTIMIZERS, _strip
 
 SGD_KEYS = {"lr", "momentum", "nesterov", "weight_decay", "dampening"}
-ADAM_KEYS = {"adam", "betas", "eps"}
+ADAM_KEYS = {"adam", "betas", "eps", "fixed_lr"}  # fixed_lr: the LR schedule leaves the group alone
 
 
 class SGDAdam(torch.optim.SGD):

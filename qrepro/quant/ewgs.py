@@ -81,16 +81,21 @@ def quantize_weight(
     return (discretize(normalize(w, lower, upper), levels(bits), delta) - 0.5) * 2.0
 
 
+def _nonempty(lower: float, upper: float) -> tuple[float, float]:
+    """A degenerate interval (a constant tensor: u <= l, so (x − l)/(u − l) would divide by 0) gets width 1."""
+    return (lower, upper) if upper > lower else (lower, lower + 1.0)
+
+
 def init_weight_interval(w: torch.Tensor) -> tuple[float, float]:
     """(l, u) = (−3·std(w), 3·std(w)) (the authors' initialisation)."""
     s = 3.0 * float(w.detach().std())
-    return -s, s
+    return _nonempty(-s, s)
 
 
 def init_activation_interval(x: torch.Tensor) -> tuple[float, float]:
     """(l, u) = (min(x), 3·std(x)/sqrt(1 − 2/π)) on the first batch (the authors' initialisation)."""
     x = x.detach()
-    return float(x.min()), float(x.std() / HALF_NORMAL_STD * 3.0)
+    return _nonempty(float(x.min()), float(x.std() / HALF_NORMAL_STD * 3.0))
 
 
 def hutchinson_trace(

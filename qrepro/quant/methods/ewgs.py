@@ -6,7 +6,7 @@ Policy (the authors' ResNets): the first and last layers stay full precision; ev
 
 Hooks: :class:`EWGSInit` sets the intervals and output scales on the first batch (``l, u = ∓3·std(w)``;
 ``l_a = min(x)``, ``u_a = 3·std(x)/sqrt(1 − 2/π)``; ``α = mean|conv(x, w)| / mean|conv(x_q, w_q)|``), layer by layer
-in one training-mode forward; :class:`EWGSHessianDelta` re-estimates δ from the Hessian trace at the end of every
+in one training-mode forward (α = 1 where every quantized output of the batch is 0); :class:`EWGSHessianDelta` re-estimates δ from the Hessian trace at the end of every
 ``update_every``-th epoch (the authors: before every epoch but the first), unless ``use_hessian`` is false
 (then δ stays at ``delta``; ``delta: 0`` with ``use_hessian: false`` is the straight-through baseline).
 """
@@ -132,7 +132,9 @@ def initialize(model: nn.Module, x: torch.Tensor | None) -> int:
             q_in = aq(inp)
         out = _raw_output(layer, inp, layer.weight)
         q_out = _raw_output(layer, q_in, wq.quantize(layer.weight))
-        wq.output_scale.fill_(float(out.abs().mean() / q_out.abs().mean()))
+        q_mean = float(q_out.abs().mean())
+        # degenerate batch (every quantized output 0, e.g. 1-bit inputs all below u/2): keep α = 1, not inf
+        wq.output_scale.fill_(float(out.abs().mean()) / q_mean if q_mean > 0 else 1.0)
         wq.initialized.fill_(True)
 
     saved = {k: v.clone() for k, v in model.named_buffers()}
