@@ -43,18 +43,23 @@ def effective_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.clamp(s, min=SCALE_EPS)
 
 
-def to_integer(x: torch.Tensor, s: torch.Tensor, n: float, p: float) -> torch.Tensor:
+def to_integer(x: torch.Tensor, s: torch.Tensor, n: float | torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """x_int = clip(round_STE(x/s), n, p)."""
     return torch.clamp(round_ste(x / s), n, p)
 
 
-def quantize(x: torch.Tensor, s: torch.Tensor, n: float, p: float) -> torch.Tensor:
+def quantize(x: torch.Tensor, s: torch.Tensor, n: float | torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """x_q = s·clip(round_STE(x/s), n, p)."""
     return s * to_integer(x, s, n, p)
 
 
 def dampening_term(
-    w: torch.Tensor, w_q: torch.Tensor, s: torch.Tensor, n: float, p: float, aggregation: str = "kernel_mean"
+    w: torch.Tensor,
+    w_q: torch.Tensor,
+    s: torch.Tensor,
+    n: float | torch.Tensor,
+    p: float | torch.Tensor,
+    aggregation: str = "kernel_mean",
 ) -> torch.Tensor:
     """One layer's dampening loss: agg((w_q.detach() − clip(w, s·n, s·p))²) (the clip bounds carry s's gradient)."""
     w_clip = torch.minimum(torch.maximum(w, s * n), s * p)

@@ -29,7 +29,7 @@ EDGE_BITS = 8
 
 
 class NagelQuantizer(nn.Module):
-    """x_q = s·clip(round(x/s), n, p); the grid's sign is fixed at initialisation (``signed`` buffer).
+    """x_q = s·clip(round(x/s), n, p); the grid's sign is fixed at initialisation (``n_int``/``p_int`` buffers).
 
     As a weight quantizer it also holds the oscillation state: ``frozen`` (bool), ``frozen_int`` (the frozen
     integers), ``prev_int``/``prev_dir`` (last integers and the direction of their last change), ``freq`` (the
@@ -43,7 +43,10 @@ class NagelQuantizer(nn.Module):
         self.bits = bits
         self.track = track
         self.scale = nn.Parameter(torch.ones(()))
-        self.register_buffer("signed", torch.tensor(bool(signed)))
+        n, p = F.int_range(bits, signed)
+        # the grid (n, p) as buffers: its sign is set from data at initialisation and read inside compiled graphs
+        self.register_buffer("n_int", torch.tensor(n))
+        self.register_buffer("p_int", torch.tensor(p))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         if track:
             for name in ("prev_int", "prev_dir", "freq", "frozen_int", "ema_int"):
@@ -51,12 +54,13 @@ class NagelQuantizer(nn.Module):
             self.register_buffer("frozen", torch.zeros(0, dtype=torch.bool))
             self.register_buffer("ema_ready", torch.zeros((), dtype=torch.bool))
 
-    def grid(self) -> tuple[float, float]:
-        return F.int_range(self.bits, bool(self.signed))
+    def grid(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, p) as 0-d tensors of ``dtype``."""
+        return self.n_int.to(dtype), self.p_int.to(dtype)
 
     def integers(self, x: torch.Tensor) -> torch.Tensor:
         """x_int with frozen weights replaced by their frozen integers (no gradient to those)."""
-        n, p = self.grid()
+        n, p = self.grid(x.dtype)
         x_int = F.to_integer(x, F.effective_scale(self.scale).to(x.dtype), n, p)
         if self.track and self.frozen.numel():
             x_int = torch.where(self.frozen, self.frozen_int.to(x.dtype), x_int)
@@ -68,7 +72,9 @@ class NagelQuantizer(nn.Module):
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
         s, signed = F.mse_scale(x, self.bits)
-        self.signed.fill_(signed)
+        n, p = F.int_range(self.bits, signed)
+        self.n_int.fill_(n)
+        self.p_int.fill_(p)
         self.scale.fill_(s)
         self.initialized.fill_(True)
 
@@ -164,7 +170,7 @@ class DampeningLoss(nn.Module):
                 continue
             w = layer.weight
             s = F.effective_scale(wq.scale).to(w.dtype)
-            n, p = wq.grid()
+            n, p = wq.grid(w.dtype)
             t = F.dampening_term(w, s * wq.integers(w), s, n, p, self.aggregation)
             total = t if total is None else total + t
         if total is None:
@@ -186,7 +192,7 @@ class NagelSchedule(Hook):
     """Per-step annealing of λ (dampening) and of the freezing threshold, and the oscillation tracking.
 
     Before step ``t`` (1-based, the authors' iteration) λ and the threshold take their cosine schedules' values
-    at ``t`` over ``total_steps`` (the LR schedule's); tracking follows each optimizer step, on the integers the
+    at ``t`` over ``total_steps`` (the LR schedule's; without a schedule they keep their starting values); tracking follows each optimizer step, on the integers the
     next forward sees. Reports the mean oscillation frequency, the frozen fraction and λ / the threshold."""
 
     def __init__(
@@ -207,6 +213,11 @@ class NagelSchedule(Hook):
 
     def _set(self, t: int) -> None:
         total = self.total_steps
+        if total is None:  # no LR schedule to follow (benchmarks, bare loops): the starting values throughout
+            if self.damp is not None:
+                self.damp.weight.fill_(self.damp_range[0])
+            self.threshold = self.freeze_range[0] if self.freeze_range is not None else 0.0
+            return
         t = min(t, total)  # the schedules end at the last step
         if self.damp is not None:
             self.damp.weight.fill_(F.cosine_anneal(t, total, *self.damp_range, self.damp_start))
@@ -216,9 +227,7 @@ class NagelSchedule(Hook):
 
     def on_train_start(self, ctx: Context) -> None:
         total = getattr(ctx.scheduler, "total_steps", None)
-        if total is None:
-            raise QreproError("quantizer=nagel_* anneals over the run: it needs a scheduler with total_steps")
-        self.total_steps = int(total)
+        self.total_steps = None if total is None else int(total)
         if self.damp is not None:
             self.damp.to(next(ctx.model.parameters()).device)
         self._set(ctx.step + 1)
