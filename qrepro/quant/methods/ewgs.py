@@ -6,7 +6,8 @@ Policy (the authors' ResNets): the first and last layers stay full precision; ev
 
 Hooks: :class:`EWGSInit` sets the intervals and output scales on the first batch (``l, u = ∓3·std(w)``;
 ``l_a = min(x)``, ``u_a = 3·std(x)/sqrt(1 − 2/π)``; ``α = mean|conv(x, w)| / mean|conv(x_q, w_q)|``), layer by layer
-in one training-mode forward (α = 1 where every quantized output of the batch is 0); :class:`EWGSHessianDelta` re-estimates δ from the Hessian trace at the end of every
+in one training-mode forward (α = 1 where every quantized output of the batch is 0);
+:class:`EWGSHessianDelta` re-estimates δ from the Hessian trace at the end of every
 ``update_every``-th epoch (the authors: before every epoch but the first), unless ``use_hessian`` is false
 (then δ stays at ``delta``; ``delta: 0`` with ``use_hessian: false`` is the straight-through baseline).
 """

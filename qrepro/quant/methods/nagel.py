@@ -192,7 +192,8 @@ class NagelSchedule(Hook):
     """Per-step annealing of λ (dampening) and of the freezing threshold, and the oscillation tracking.
 
     Before step ``t`` (1-based, the authors' iteration) λ and the threshold take their cosine schedules' values
-    at ``t`` over ``total_steps`` (the LR schedule's; without a schedule they keep their starting values); tracking follows each optimizer step, on the integers the
+    at ``t`` over ``total_steps`` (the LR schedule's; without a schedule they keep their starting values);
+    tracking follows each optimizer step, on the integers the
     next forward sees. Reports the mean oscillation frequency, the frozen fraction and λ / the threshold."""
 
     def __init__(
