@@ -209,10 +209,12 @@ class EWGSInit(Hook):
 
 class EWGSHessianDelta(Hook):
     """Every ``every`` epochs, δ of every discretiser from the Hessian trace on ``batches`` training batches
-    (Hutchinson probes from a generator seeded with ``seed`` + epoch, so the training RNG stream is untouched).
-    Reports the mean δ of activations and weights in the record curves."""
+    (Hutchinson probes from a generator seeded with ``seed`` + epoch, so the training RNG stream is untouched;
+    ``seed=None``: from the global RNG, as the authors' code). Reports the mean δ of activations and weights."""
 
-    def __init__(self, every: int = 1, batches: int = 3, max_iter: int = 50, tol: float = 1e-3, seed: int = 0):
+    def __init__(
+        self, every: int = 1, batches: int = 3, max_iter: int = 50, tol: float = 1e-3, seed: int | None = 0
+    ) -> None:
         self.every, self.batches, self.max_iter, self.tol, self.seed = every, batches, max_iter, tol, seed
 
     def on_epoch_end(self, ctx: Context, epoch: int) -> dict[str, float]:
@@ -223,8 +225,9 @@ class EWGSHessianDelta(Hook):
             if i == self.batches:
                 break
             batches.append((b[0], b[1]))
-        device = batches[0][0].device
-        g = torch.Generator(device=device).manual_seed(self.seed + epoch)
+        g = None
+        if self.seed is not None:
+            g = torch.Generator(device=batches[0][0].device).manual_seed(self.seed + epoch)
         d = estimate_hessian_deltas(ctx.model, batches, max_iter=self.max_iter, tol=self.tol, generator=g)
         out = {}
         for k, v in d.items():
@@ -245,11 +248,12 @@ def build_ewgs(
     hessian_batches: int = 3,
     hessian_max_iter: int = 50,
     hessian_tol: float = 1e-3,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> Method:
     """EWGS. ``delta``: the initial (or, with ``use_hessian: false``, fixed) gradient scale δ >= 0;
     ``use_hessian``: re-estimate δ every ``update_every`` epochs from ``hessian_batches`` batches (authors: 3),
-    Hutchinson with at most ``hessian_max_iter`` probes and relative tolerance ``hessian_tol`` (50, 1e-3)."""
+    Hutchinson with at most ``hessian_max_iter`` probes and relative tolerance ``hessian_tol`` (50, 1e-3), probes
+    drawn from a generator seeded with ``seed`` + epoch (``seed: null``: the global RNG)."""
     check_bits("ewgs", w_bits, a_bits, SUPPORTED_BITS)
     if not (isinstance(delta, (int, float)) and delta >= 0):
         raise QreproError(f"quantizer.delta must be a number >= 0, got {delta!r}")
