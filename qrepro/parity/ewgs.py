@@ -171,7 +171,6 @@ def compare_cell(
             num_classes=10,
         )
         theirs = cm.resnet20_quant(args).double()
-        qconv = [m for m in theirs.modules() if isinstance(m, cm.QConv)]
 
         run = _our_run(bits, overrides, max_iter, spe)
         ours = run.model
