@@ -1,4 +1,4 @@
-"""``python -m qrepro.parity <apot|sat|tr|ewgs> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
+"""``python -m qrepro.parity <apot|sat|tr|ewgs|nagel> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from qrepro.parity import DEFAULT_CIFAR, run_suite
 
     p = argparse.ArgumentParser(prog="python -m qrepro.parity", description=__doc__)
-    p.add_argument("suite", choices=["apot", "sat", "tr", "ewgs"])
+    p.add_argument("suite", choices=["apot", "sat", "tr", "ewgs", "nagel"])
     p.add_argument(
         "--reference", default=None, help="checkout of the authors' repository (default ../shared/reference/<suite>)"
     )

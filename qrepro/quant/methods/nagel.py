@@ -44,9 +44,12 @@ class NagelQuantizer(nn.Module):
         self.track = track
         self.scale = nn.Parameter(torch.ones(()))
         n, p = F.int_range(bits, signed)
-        # the grid (n, p) as buffers: its sign is set from data at initialisation and read inside compiled graphs
+        # the grid (n, p): buffers (checkpointed; the sign is set from data at initialisation) mirrored as Python
+        # floats, which the forward uses: torch.clamp with number bounds, as the authors' code (with tensor bounds
+        # PyTorch splits the gradient at x_int = n or p between x and the bound)
         self.register_buffer("n_int", torch.tensor(n))
         self.register_buffer("p_int", torch.tensor(p))
+        self.n, self.p = n, p
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         if track:
             for name in ("prev_int", "prev_dir", "freq", "frozen_int", "ema_int"):
@@ -54,13 +57,13 @@ class NagelQuantizer(nn.Module):
             self.register_buffer("frozen", torch.zeros(0, dtype=torch.bool))
             self.register_buffer("ema_ready", torch.zeros((), dtype=torch.bool))
 
-    def grid(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, p) as 0-d tensors of ``dtype``."""
-        return self.n_int.to(dtype), self.p_int.to(dtype)
+    def grid(self) -> tuple[float, float]:
+        """(n, p), the integer grid."""
+        return self.n, self.p
 
     def integers(self, x: torch.Tensor) -> torch.Tensor:
         """x_int with frozen weights replaced by their frozen integers (no gradient to those)."""
-        n, p = self.grid(x.dtype)
+        n, p = self.grid()
         x_int = F.to_integer(x, F.effective_scale(self.scale).to(x.dtype), n, p)
         if self.track and self.frozen.numel():
             x_int = torch.where(self.frozen, self.frozen_int.to(x.dtype), x_int)
@@ -75,6 +78,7 @@ class NagelQuantizer(nn.Module):
         n, p = F.int_range(self.bits, signed)
         self.n_int.fill_(n)
         self.p_int.fill_(p)
+        self.n, self.p = n, p
         self.scale.fill_(s)
         self.initialized.fill_(True)
 
@@ -95,6 +99,7 @@ class NagelQuantizer(nn.Module):
                 if prefix + name in state_dict:
                     setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.n, self.p = float(self.n_int), float(self.p_int)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, track={self.track}"
@@ -160,7 +165,7 @@ class DampeningLoss(nn.Module):
     def __init__(self, aggregation: str = "kernel_mean", weight: float = 0.0) -> None:
         super().__init__()
         self.aggregation = aggregation
-        self.register_buffer("weight", torch.tensor(float(weight)))
+        self.register_buffer("weight", torch.tensor(float(weight), dtype=torch.float64))  # λ, cast where used
 
     def forward(self, model: nn.Module) -> torch.Tensor | None:
         total = None
@@ -170,7 +175,7 @@ class DampeningLoss(nn.Module):
                 continue
             w = layer.weight
             s = F.effective_scale(wq.scale).to(w.dtype)
-            n, p = wq.grid(w.dtype)
+            n, p = wq.grid()
             t = F.dampening_term(w, s * wq.integers(w), s, n, p, self.aggregation)
             total = t if total is None else total + t
         if total is None:
