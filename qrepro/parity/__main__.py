@@ -1,4 +1,4 @@
-"""``python -m qrepro.parity <apot|sat|tr|ewgs|nagel> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
+"""``python -m qrepro.parity <suite> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
 
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ Compared: the initial scales (their estimator rounds the ranges to float32, so t
 tolerance and qrepro then starts from their values), the loss, λ and the freezing threshold of every step, and
 after the last step every parameter, the optimizer states, and per tracked layer the oscillation frequency EMA,
 the frozen mask, the frozen integers and the integer EMA (qrepro tracks after each step what the next forward
-uses; their tracker runs in the forward, so it is called once more on the final weights).
+uses, and a freezing decision takes effect from the next forward, as in theirs; their tracker runs in the forward,
+so it is called once more on the final weights, and its state is compared with qrepro's decided (``*_next``) one).
 
 Two shims let their modules import on current Python and timm, without touching the maths: their option enums
 (``enum.Flag`` with namedtuple values, rejected by Python >= 3.11) are rebuilt on ``enum.Enum``, and timm's
@@ -182,7 +183,8 @@ def compare_cell(
             if isinstance(layer.aq, NagelQuantizer):
                 aq_t[name] = layer.aq = _TheirQuantizer(uq, re_, layer.aq.bits)
         sched = next(h for h in run.hooks if isinstance(h, NagelSchedule))
-        cfg = run.cfg.quantizer
+        # their side follows the experiment as configured, never the overrides under test (negative controls)
+        cfg = (_our_run(kind, []) if overrides else run).cfg.quantizer
         total = EPOCHS * STEPS_PER_EPOCH
 
         x0, y0 = batches[0]
@@ -322,12 +324,12 @@ def compare_cell(
 
             rep.add_many(
                 "frozen mask",
-                {n: q.frozen.double() for n, q in tr_o.items()},
+                {n: q.frozen_next.double() for n, q in tr_o.items()},
                 {n: theirs_or_zeros(t, "frozen", tr_o[n].frozen) for n, t in trackers.items()},
             )
             rep.add_many(
                 "frozen integers (where frozen)",
-                {n: q.frozen_int * q.frozen for n, q in tr_o.items()},
+                {n: q.frozen_int_next * q.frozen_next for n, q in tr_o.items()},
                 {
                     n: theirs_or_zeros(t, "frozen_x_int", tr_o[n].frozen) * theirs_or_zeros(t, "frozen", tr_o[n].frozen)
                     for n, t in trackers.items()
@@ -339,7 +341,7 @@ def compare_cell(
                     {n: q.ema_int for n, q in tr_o.items()},
                     {n: t.ema_x_int for n, t in trackers.items()},
                 )
-            n_frozen = sum(int(q.frozen.sum()) for q in tr_o.values())
+            n_frozen = sum(int(q.frozen_next.sum()) for q in tr_o.values())
             n_osc = sum(float(t.total_oscillation.sum()) for t in trackers.values())
             rep.notes.append(f"{int(n_osc)} oscillations counted, {n_frozen} weights frozen")
     moved = max(float((p_o[k].detach() - p_t[k].detach()).abs().max()) for k in p_o)

@@ -52,9 +52,10 @@ class NagelQuantizer(nn.Module):
         self.n, self.p = n, p
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         if track:
-            for name in ("prev_int", "prev_dir", "freq", "frozen_int", "ema_int"):
+            for name in ("prev_int", "prev_dir", "freq", "frozen_int", "frozen_int_next", "ema_int"):
                 self.register_buffer(name, torch.zeros(0))
             self.register_buffer("frozen", torch.zeros(0, dtype=torch.bool))
+            self.register_buffer("frozen_next", torch.zeros(0, dtype=torch.bool))
             self.register_buffer("ema_ready", torch.zeros((), dtype=torch.bool))
 
     def grid(self) -> tuple[float, float]:
@@ -90,12 +91,23 @@ class NagelQuantizer(nn.Module):
         self.freq = torch.zeros_like(x_int)
         self.frozen = torch.zeros_like(x_int, dtype=torch.bool)
         self.frozen_int = torch.zeros_like(x_int)
+        self.frozen_next = torch.zeros_like(x_int, dtype=torch.bool)
+        self.frozen_int_next = torch.zeros_like(x_int)
         self.ema_int = torch.zeros_like(x_int)
         self.ema_ready.fill_(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # tracking buffers change shape
         if self.track:
-            for name in ("prev_int", "prev_dir", "freq", "frozen_int", "ema_int", "frozen"):
+            for name in (
+                "prev_int",
+                "prev_dir",
+                "freq",
+                "frozen_int",
+                "frozen_int_next",
+                "ema_int",
+                "frozen",
+                "frozen_next",
+            ):
                 if prefix + name in state_dict:
                     setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -244,6 +256,11 @@ class NagelSchedule(Hook):
             return
         with torch.no_grad():
             for layer, wq in tracked(ctx.model):
+                # decisions of the previous tracking take effect now: a weight frozen when the frequency of the
+                # integers of forward t passes the threshold is frozen from forward t + 1 on (as the authors' tracker,
+                # which decides inside forward t after computing its integers)
+                wq.frozen.copy_(wq.frozen_next)
+                wq.frozen_int.copy_(wq.frozen_int_next)
                 x_int = wq.integers(layer.weight)
                 F.track_oscillations(x_int, wq.prev_int, wq.prev_dir, wq.freq, self.momentum)
                 if self.threshold > 0:
@@ -252,11 +269,11 @@ class NagelSchedule(Hook):
                         wq.ema_ready.fill_(True)
                     if self.use_ema:
                         th, m = self.threshold, self.momentum
-                        F.freeze_step(x_int, wq.freq, wq.frozen, wq.frozen_int, wq.ema_int, th, m)
+                        F.freeze_step(x_int, wq.freq, wq.frozen_next, wq.frozen_int_next, wq.ema_int, th, m)
                     else:
                         new = wq.freq > self.threshold
-                        wq.frozen.logical_or_(new)
-                        wq.frozen_int.copy_(torch.where(new, x_int, wq.frozen_int))
+                        wq.frozen_next.logical_or_(new)
+                        wq.frozen_int_next.copy_(torch.where(new, x_int, wq.frozen_int_next))
 
     def on_epoch_end(self, ctx: Context, epoch: int) -> dict[str, float]:
         out: dict[str, float] = {}
