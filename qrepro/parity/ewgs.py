@@ -8,7 +8,7 @@
   1e-4) for the network and ``Adam`` (lr 1e-5) for the quantizer parameters (intervals and output scales), each with
   ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch; their ``update_grad_scales`` (δ from the Hessian
   trace on 3 batches) before epoch ``UPDATE_EVERY`` (their ``--update_every``).
-- qrepro: ``qrepro.api.build(["+experiment=ewgs_resnet20_cifar10_w{b}a{b}", "trainer.device=cpu", ...],
+- qrepro: ``qrepro.api.build(["+experiment=ewgs_resnet20_cifar10_w1a1", "precision=w{b}a{b}", ...],
   dtype=torch.float64)`` stepped with ``Run.step`` (its first call runs the initialisation hook) and
   ``Run.end_epoch`` (the Hessian hook, as the trainer runs it at every epoch end), with ``quantizer.seed=null``
   so that its Hutchinson probes come from the global RNG as theirs do (both sides are seeded alike before).
@@ -101,7 +101,8 @@ def _our_run(bits: str, overrides: list[str], max_iter: int, steps_per_epoch: in
 
     return build(
         [
-            f"+experiment=ewgs_resnet20_cifar10_{bits}",
+            "+experiment=ewgs_resnet20_cifar10_w1a1",
+            f"precision={bits}",
             "trainer.device=cpu",
             f"trainer.epochs={EPOCHS}",
             f"quantizer.update_every={UPDATE_EVERY}",
