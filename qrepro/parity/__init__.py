@@ -181,5 +181,6 @@ def normalize(x: torch.Tensor, mean: Any, std: Any, dtype: torch.dtype = torch.f
 def run_suite(name: str, reference: Path | str | None, **kw: Any) -> list[Report]:
     import_submodules(__name__, __path__)
     suite = SUITES.get(name)
-    ref = Path(reference) if reference else DEFAULT_REFERENCE / {"tr": "trs"}.get(name, name)
+    folder = {"tr": "trs", "nagel": "oscillations-qat"}.get(name, name)  # the authors' repository per suite
+    ref = Path(reference) if reference else DEFAULT_REFERENCE / folder
     return suite(ref, **kw)
