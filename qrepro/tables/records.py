@@ -105,6 +105,12 @@ class Record:
         return self.data.get("experiment")
 
     @property
+    def num_classes(self) -> int | None:
+        """``config.dataset.num_classes`` (None when the record does not say)."""
+        n = ((self.data.get("config") or {}).get("dataset") or {}).get("num_classes")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    @property
     def seed(self) -> Any:
         return self.data.get("seed")
 
