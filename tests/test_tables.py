@@ -463,7 +463,8 @@ def test_dry_run_prints_commands_in_order(tmp_path, capsys):
     # plan names the directory each pending run will write, and chains use it (no placeholders)
     assert expected[:2] == ["runs/demo_q/precision=w4a4", "runs/demo_q/precision=w3a3"]
     assert lines[2].endswith(
-        "precision=w3a3 trainer.device=cpu ++logger.group=demo 'init_from=\"runs/demo_q/precision=w4a4/checkpoints/last.pt\"'"
+        "precision=w3a3 trainer.device=cpu ++logger.group=demo "
+        "'init_from=\"runs/demo_q/precision=w4a4/checkpoints/last.pt\"'"
     )
     assert "precision=w2a2" in lines[3] and "runs/demo_q/precision=w3a3/checkpoints" in lines[3]
     assert "<run dir" not in "\n".join(printed)
