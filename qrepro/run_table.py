@@ -328,7 +328,7 @@ def elsewhere_lines(job: Job, table: Table, records: Sequence[Record]) -> list[s
     """For a pending run: the complete runs of its experiment under other overrides (seed aside), and how
     to count them (``qrepro-table render <table> <the extra overrides>``)."""
     extra = [o for o in job.overrides if o not in job.cell.overrides and override_key(o) != "seed"]
-    others = elsewhere(job.cell, records, extra)
+    others = elsewhere(job.cell, records, extra, table)
     if not others:
         return []
     lines = other_runs_lines(table, [_Elsewhere(job.cell, others)], markdown=False)

@@ -153,17 +153,28 @@ def compare(
                 select,
                 Stats.of(cell_values(matched[c.id], select, other)),
                 table.metric,
-                elsewhere(c, records, extra_overrides) if ours.n == 0 else (),
+                elsewhere(c, records, extra_overrides, table) if ours.n == 0 else (),
             )
         )
     return rows
 
 
-def elsewhere(cell: Cell, records: Sequence[Record], extra_overrides: Sequence[str] = ()) -> tuple[Record, ...]:
-    """Complete records of the cell's experiment whose overrides differ from the cell's (e.g. a smaller batch):
-    they do not count as the cell, but a reader should hear that they exist."""
+def elsewhere(
+    cell: Cell, records: Sequence[Record], extra_overrides: Sequence[str] = (), table: Table | None = None
+) -> tuple[Record, ...]:
+    """Complete records of the cell's experiment whose overrides differ from the cell's (e.g. a smaller batch)
+    and that are no other cell's of ``table``: they do not count as the cell, but a reader should hear that
+    they exist."""
     want = canonical_overrides(list(cell.overrides) + list(extra_overrides))
-    return tuple(r for r in records if r.complete and r.experiment == cell.experiment and r.canonical() != want)
+    cells = table.cells if table is not None else ()
+    claimed = {
+        canonical_overrides(list(c.overrides) + list(extra_overrides)) for c in cells if c.experiment == cell.experiment
+    }
+    return tuple(
+        r
+        for r in records
+        if r.complete and r.experiment == cell.experiment and r.canonical() != want and r.canonical() not in claimed
+    )
 
 
 def override_diff(cell: Cell, record: Record) -> tuple[list[str], list[str]]:
