@@ -195,12 +195,13 @@ def _seed_order(seed: Any) -> tuple:
 
 
 OUT_ROOT, LOCAL = "<out_root>", "<local>"
+_OUTSIDE = ("/", "../")  # absolute paths and paths that leave the project: specific to one machine
 
 
 def portable(data: dict[str, Any]) -> dict[str, Any]:
     """A record without the machine's absolute paths, for committing: a path under the run's output root
-    (``run_dir`` minus ``<name>/...``) becomes ``<out_root>/<rest>`` and any other absolute path
-    ``<local>/<file name>``, wherever it appears (also inside ``key=/abs/path`` strings). Everything else,
+    (``run_dir`` minus ``<name>/...``) becomes ``<out_root>/<rest>`` and any other absolute path or path
+    leaving the project (``../``) ``<local>/<file name>``, wherever it appears (also in ``key=path`` strings). Everything else,
     hashes included (``init_from_sha256`` names the checkpoint's content), is kept."""
     run_dir, name = str(data.get("run_dir") or ""), str(data.get("name") or "")
     base = run_dir[: run_dir.rindex(f"/{name}/")] if run_dir.startswith("/") and f"/{name}/" in run_dir else None
@@ -215,11 +216,11 @@ def portable(data: dict[str, Any]) -> dict[str, Any]:
             return {k: fix(x) for k, x in v.items()}
         if isinstance(v, list):
             return [fix(x) for x in v]
-        if isinstance(v, str) and v.startswith("/"):
+        if isinstance(v, str) and v.startswith(_OUTSIDE):
             return path(v)
-        if isinstance(v, str) and "=/" in v:
+        if isinstance(v, str) and "=" in v and v.partition("=")[2].lstrip("\"'").startswith(_OUTSIDE):
             key, _, value = v.partition("=")
-            return f"{key}={path(value)}"
+            return f"{key}={path(value.strip(chr(34) + chr(39)))}"
         return v
 
     return fix(data)
