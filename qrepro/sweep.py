@@ -191,7 +191,7 @@ def commands(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qrepro.sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="qrepro-table sweep", description=__doc__.splitlines()[0])
     p.add_argument("table", help="configs/table/<name>.yaml name, or a path to a table YAML")
     p.add_argument("--launcher", choices=["submitit_slurm", "submitit_local", "torchrun"], default="submitit_slurm")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per cell with --launcher torchrun (default 8)")
