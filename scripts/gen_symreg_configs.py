@@ -1,7 +1,7 @@
 """Write configs/table/symreg_*.yaml and configs/experiment/symreg_*.yaml (SymReg/SatNL supplement).
 
 Run from the repository root: ``python scripts/gen_symreg_configs.py``. The rows below are copied verbatim
-from papers/symreg-satnl-supplement.md (Table 2A: top-1 on ImageNet; columns FP, W4/FP, W3/FP, W2/FP, W6A6,
+from the SymReg/SatNL supplement (Table 2A: top-1 on ImageNet; columns FP, W4/FP, W3/FP, W2/FP, W6A6,
 W5A5, W4A4, W3A3; "-" = "PTQ fails to converge, < 1 % top-1"). Keeping the numbers as text here and
 generating the YAML avoids transcription slips across ~230 cells.
 """
