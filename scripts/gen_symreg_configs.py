@@ -343,6 +343,7 @@ QAT_KEYS = ("r18", "mbv2", "mbv3", "r20", "digits")
 def write_experiments() -> None:
     out, rec = Path("configs/experiment"), Path("configs/recipe")
     out.mkdir(parents=True, exist_ok=True)
+    rec.mkdir(parents=True, exist_ok=True)
     for key in RECIPES:
         for qat in (False, True) if key in QAT_KEYS else (False,):
             name, text = recipe(key, qat)
