@@ -7,6 +7,7 @@
   torchrun commands (``--launcher torchrun``); run it with ``| bash``;
 * ``render``: build the table from the run records (``render --all``: every table and results/README.md, with a
   one-line summary); ``render <table> key=value`` counts the runs made with those extra overrides as the cells;
+* ``coverage``: how many numbers of the papers' tables have a runnable cell, and why the others do not.
 
 * ``runs``: list and compare run records (also ``qrepro-runs``): ``--experiment GLOB --table T --status S --group``;
 * ``completion bash``: a shell completion script: ``eval "$(qrepro-table completion bash)"`` (zsh: run
@@ -23,13 +24,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from qrepro.errors import QreproError
+from qrepro.run_table import main as run_main
+from qrepro.sweep import main as sweep_main
+from qrepro.tables.cli import main as render_main
+from qrepro.tables.coverage import coverage_line, load_coverage
+from qrepro.tables.coverage import main as coverage_main
 from qrepro.tables.runs import SORT_KEYS
 from qrepro.tables.runs import main as runs_main
 from qrepro.tables.schema import default_configs, load_table, resolve_table, table_paths
 
-SUBCOMMANDS = ("plan", "run", "sweep", "render", "runs", "completion")
+SUBCOMMANDS = ("plan", "run", "sweep", "render", "coverage", "runs", "completion")
 USAGE = (
-    "usage: qrepro-table {plan,run,sweep,render} <table> [--cells GLOB ...] [options] [overrides...]\n"
+    "usage: qrepro-table {plan,run,sweep,render,coverage} <table> [--cells GLOB ...] [options] [overrides...]\n"
     "       qrepro-table runs [--experiment GLOB] [--table T] [--status S] [--group]\n"
     "       qrepro-table completion bash"
 )
@@ -53,6 +60,7 @@ OPTIONS = {
         "--help",
     ),  # fmt: skip
     "runs": ("--experiment", "--table", "--status", "--group", "--sort", "--json", "--runs", "--configs", "--help"),
+    "coverage": ("--help",),
 }
 BASH_COMPLETION = """_qrepro_table() {
     local IFS=$'\\n'
@@ -140,21 +148,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub, rest = argv[0], merge_cells(argv[1:])
     if sub not in SUBCOMMANDS:  # `qrepro-table <table>` (the older render entry)
         sub, rest = "render", merge_cells(argv)
+    if sub == "coverage":
+        return coverage_main(rest)
     if sub in ("run", "plan"):
-        from qrepro.run_table import main as run_main
-
-        return run_main([*rest, "--dry-run"] if sub == "plan" else rest)
+        code = run_main([*rest, "--dry-run"] if sub == "plan" else rest)
+        if sub == "plan" and code == 0:
+            _print_coverage()
+        return code
     if sub == "sweep":
-        from qrepro.sweep import main as sweep_main
-
         sweep_main(rest)
         return 0
-    from qrepro.tables.cli import main as render_main
 
     if "--cells" in rest:
         print("error: render builds whole tables; --cells is for plan, run and sweep", file=sys.stderr)
         return 2
     return render_main(rest)
+
+
+def _print_coverage() -> None:
+    """The project's coverage line (``qrepro-table coverage`` for the breakdown)."""
+    try:
+        print(f"# {coverage_line(load_coverage())} (breakdown: qrepro-table coverage)")
+    except QreproError as exc:  # another table file is broken: the plan above is still valid
+        print(f"# coverage not computed: {exc}")
 
 
 if __name__ == "__main__":

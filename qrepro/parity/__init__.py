@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from qrepro.data.cifar import load_cifar_tensors
 from qrepro.errors import QreproError
-from qrepro.registry import Registry
+from qrepro.registry import Registry, import_submodules
 
 SUITES = Registry("parity suite")
 
@@ -39,6 +40,7 @@ REFERENCE_REPOS = {
     "apot": ("yhhhli/APoT_Quantization", "apot"),
     "sat": ("deJQK/AdaBits", "sat"),
     "tr": ("cvlab-yonsei/TRS", "trs"),
+    "reactnet": ("liuzechun/ReActNet", "reactnet"),
 }
 
 
@@ -189,8 +191,6 @@ def cifar_batches(
     root: Path | str | None, n: int, batch: int, seed: int = 0, split: str = "train"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches of ``batch`` real CIFAR-10 images (uint8 NCHW, labels), drawn at random with ``seed``."""
-    from qrepro.data.cifar import load_cifar_tensors
-
     root = Path(root) if root else default_cifar()
     if root is None:
         raise QreproError(f"parity needs CIFAR-10 images: pass --data <CIFAR-10 root> or set {CIFAR_ENV}")
@@ -210,8 +210,6 @@ def normalize(x: torch.Tensor, mean: Any, std: Any, dtype: torch.dtype = torch.f
 
 
 def run_suite(name: str, reference: Path | str | None, **kw: Any) -> list[Report]:
-    from qrepro.registry import import_submodules
-
     import_submodules(__name__, __path__)
     suite = SUITES.get(name)
     ref = Path(reference) if reference else default_reference(name)

@@ -1,4 +1,4 @@
-"""``python -m qrepro.parity <apot|sat|tr> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
+"""``python -m qrepro.parity <apot|sat|tr|reactnet> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
 
 from __future__ import annotations
 
@@ -6,21 +6,20 @@ import argparse
 import sys
 import time
 
+import torch
+
 from qrepro.cli import one_line_errors
+from qrepro.parity import CIFAR_ENV, REFERENCE_ENV, run_suite
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from qrepro.parity import CIFAR_ENV, REFERENCE_ENV, run_suite
-
     p = argparse.ArgumentParser(prog="python -m qrepro.parity", description=__doc__)
-    p.add_argument("suite", choices=["apot", "sat", "tr"])
+    p.add_argument("suite", choices=["apot", "sat", "tr", "reactnet"])
     p.add_argument(
         "--reference",
         default=None,
-        help=f"checkout of the authors' repository (default: ${REFERENCE_ENV}/<apot|sat|trs>)",
+        help=f"checkout of the authors' repository (default: ${REFERENCE_ENV}/<apot|sat|trs|reactnet>)",
     )
     p.add_argument("--steps", type=int, default=20, help="optimizer steps compared after the first forward/backward")
     p.add_argument(

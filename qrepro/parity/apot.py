@@ -31,17 +31,20 @@ measured are rounding (~1e-13 or less).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torchvision import transforms
 
+from qrepro.api import build
 from qrepro.data import Normalizer
 from qrepro.errors import QreproError
 from qrepro.parity import SUITES, Report, cifar_batches, reference_import
 
-RELEASE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "apot-cifar10-release"
+RELEASE_ENV = "QREPRO_APOT_RELEASE"  # the folder of the authors' released res20_{2,3,4}bit.pth.tar
 BITS = (2, 3, 4)
 QUICK_BITS = (2,)
 DEFAULT_BATCH = 16
@@ -106,8 +109,6 @@ def _their_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
 
 def _their_pipeline() -> Any:
-    from torchvision import transforms
-
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=THEIR_MEAN, std=THEIR_STD)])
 
 
@@ -117,8 +118,6 @@ def _their_inputs(tf: Any, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ qrepro
 def _our_run(bits: int, checkpoint: Path, overrides: list[str]) -> Any:
-    from qrepro.api import build
-
     return build(
         [
             f"+experiment=apot_resnet20_cifar10_w{bits}a{bits}_script",
@@ -222,7 +221,7 @@ def compare_bits(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     steps: int,
-    release: Path = RELEASE,
+    release: Path,
     overrides: list[str] | None = None,
 ) -> Report:
     """One bit-width: first forward/backward, then ``steps`` optimizer steps, both sides from the released file."""
@@ -351,7 +350,13 @@ def suite(
         raise QreproError(
             f"parity apot: {reference}/CIFAR10/models not found; pass a checkout of yhhhli/APoT_Quantization"
         )
-    release = Path(release) if release else RELEASE
+    release = release or os.environ.get(RELEASE_ENV)
+    if not release:
+        raise QreproError(
+            f"parity apot starts from the authors' released checkpoints: set {RELEASE_ENV}=<folder holding "
+            "res20_{2,3,4}bit.pth.tar> (from yhhhli/APoT_Quantization)"
+        )
+    release = Path(release)
     if not release.is_dir():
         raise QreproError(f"parity apot: {release} not found (the authors' released res20_*bit.pth.tar files)")
     bits = tuple(bits) if bits else (QUICK_BITS if quick else BITS)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qrepro.cli import NON_SEMANTIC_KEYS
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from qrepro.config import NON_SEMANTIC_KEYS
 from qrepro.tables.schema import Cell
 
 DEFAULT_RUN_ROOTS = ("runs", "results/records")
@@ -39,8 +41,6 @@ def _ignored(key: str, keep_seed: bool) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Any:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     return OverridesParser.create()
 
 
@@ -201,8 +201,8 @@ _OUTSIDE = ("/", "../")  # absolute paths and paths that leave the project: spec
 def portable(data: dict[str, Any]) -> dict[str, Any]:
     """A record without the machine's absolute paths, for committing: a path under the run's output root
     (``run_dir`` minus ``<name>/...``) becomes ``<out_root>/<rest>`` and any other absolute path or path
-    leaving the project (``../``) ``<local>/<file name>``, wherever it appears (also in ``key=path`` strings). Everything else,
-    hashes included (``init_from_sha256`` names the checkpoint's content), is kept."""
+    leaving the project (``../``) ``<local>/<file name>``, wherever it appears (also in ``key=path`` strings).
+    Everything else, hashes included (``init_from_sha256`` names the checkpoint's content), is kept."""
     run_dir, name = str(data.get("run_dir") or ""), str(data.get("name") or "")
     base = run_dir[: run_dir.rindex(f"/{name}/")] if run_dir.startswith("/") and f"/{name}/" in run_dir else None
 
