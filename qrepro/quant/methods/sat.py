@@ -1,7 +1,7 @@
 """SAT (scale-adjusted training) + CG-PACT, and the ablation baselines ``pact`` and ``dorefa``.
 
-Papers: papers/sat.md (Eq. 5-13), papers/sat-supplement-bmvc.md (S2/S3 rescaling variants, S5 first/last
-bit-widths, S6 rescaling every conv not followed by BN). Maths: ``qrepro.quant.sat``.
+Papers: Towards Efficient Training for Neural Network Quantization (Eq. 5-13), its BMVC supplement (S2/S3
+rescaling variants, S5 first/last bit-widths, S6 rescaling every conv not followed by BN). Maths: ``qrepro.quant.sat``.
 
 Policy (paper §3.1, §4):
 - every conv/linear weight: tanh clamping + DoReFa rounding (``scheme``); ``w_bits=32`` keeps the clamped
