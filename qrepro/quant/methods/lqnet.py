@@ -81,7 +81,7 @@ class LQNetWeightQuantizer(_LQNetQuantizer):
 
 
 class LQNetActQuantizer(_LQNetQuantizer):
-    """Per-layer basis, codes {0, 1}^K; gradient 1 below the largest level, 0 at or above it."""
+    """Per-layer basis, codes {0, 1}^K; gradient 1 up to the largest level (inclusive), 0 above it."""
 
     signed = False
 
@@ -91,7 +91,7 @@ class LQNetActQuantizer(_LQNetQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self._quantize_rows(x.reshape(1, -1)).reshape(x.shape)
         top = self.basis.clamp(min=0).sum().to(x.dtype)  # the largest level (codes {0, 1}); a buffer: no gradient
-        xc = torch.where(x < top, x, top)
+        xc = torch.where(x <= top, x, top)
         return xc + (q - xc).detach()
 
 
