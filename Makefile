@@ -19,6 +19,7 @@ demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python scripts/demo.py
 
 test: $(STAMP)
+	$(BIN)/lint-imports --no-logo
 	WANDB_MODE=disabled OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest
 
 tables: $(STAMP)

@@ -17,7 +17,7 @@ use this; its shape is stable.
 
 ``build_members(overrides, K, dtype)`` builds the runs ``seed=S..S+K-1`` (each exactly as ``build``) as one batch of
 members (``trainer.members``): ``members.step([(x0, y0), ...])`` steps all of them in one batched computation and
-``members.runs[i]`` is member i's ``Run`` (qrepro/engine/members.py).
+``members.runs[i]`` is member i's ``Run`` (the batching: qrepro/engine/members.py).
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from qrepro.builders import Components, build_components, build_data_from_cfg, compose, seed_everything, select_device
+from qrepro.config import key_of
 from qrepro.engine.fast import make_forward_loss
-from qrepro.hooks import Context
 from qrepro.engine.loop import evaluate, train_step
-from qrepro.engine.members import build_members  # noqa: F401  (re-exported)
+from qrepro.engine.members import BatchedStep, MemberSlot, RngState, check_python_state
+from qrepro.hooks import Context
 
-__all__ = ["Run", "build", "build_members"]
+__all__ = ["Members", "Run", "build", "build_members"]
 
 
 @dataclass
@@ -157,3 +158,71 @@ def build(
         data=data,
         steps_per_epoch=comp.steps_per_epoch,
     )
+
+
+# ------------------------------------------------------------------------------------------ batched members
+@dataclass
+class Members:
+    """K runs (``qrepro.api.Run`` each, built exactly as ``qrepro.api.build`` with seed S+i) stepped as one batch.
+
+    ``step([(x0, y0), ..., (xK-1, yK-1)])`` takes one training step of every member on its own batch (the first
+    call first runs each member's ``on_train_start`` on its batch, as the trainer does). ``runs[i]`` is member i.
+    """
+
+    runs: list[Any]
+    step_fn: BatchedStep | None = None
+    rngs: list[RngState] = field(default_factory=list)
+
+    def _start(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for r, rng, (x, y) in zip(self.runs, self.rngs, batches):
+            with rng:
+                r.start(x, y)
+        slots = [
+            MemberSlot(r.model, r.optimizer, r.scheduler, r.hooks, r.ema, r.ctx, rng)
+            for r, rng in zip(self.runs, self.rngs)
+        ]
+        check_python_state([r.model for r in self.runs])
+        r0 = self.runs[0]
+        self.step_fn = BatchedStep(slots, r0.loss_fn, r0.method.regularizer)
+
+    def step(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if len(batches) != len(self.runs):
+            raise ValueError(f"step needs one batch per member ({len(self.runs)}), got {len(batches)}")
+        if self.step_fn is None:
+            self._start(batches)
+        prepared = [r._prepare(x, y) for r, (x, y) in zip(self.runs, batches)]
+        for r in self.runs:
+            r.ctx.epoch = r.ctx.step // max(1, r.steps_per_epoch)
+        xs = torch.stack([x for x, _ in prepared])
+        ys = torch.stack([y for _, y in prepared])
+        losses, _ = self.step_fn(xs, ys)
+        return losses
+
+    def end_epoch(self) -> list[dict[str, float]]:
+        out = []
+        for r, rng in zip(self.runs, self.rngs):
+            with rng:
+                out.append(r.end_epoch())
+        return out
+
+
+def build_members(
+    overrides: Sequence[str],
+    members: int,
+    dtype: torch.dtype | None = None,
+    *,
+    load_data: bool = True,
+    num_classes: int | None = None,
+    steps_per_epoch: int | None = None,
+) -> Members:
+    """``qrepro.api.build(overrides + [f"seed={S + i}"])`` for i < ``members`` (S: the composed seed), as one batch."""
+    base = int(compose([o for o in overrides if not o.startswith("trainer.members=")]).seed)
+    runs, rngs = [], []
+    for i in range(members):
+        ov = [o for o in overrides if key_of(o) not in ("seed", "trainer.members")] + [f"seed={base + i}"]
+        r = build(ov, dtype, load_data=load_data, num_classes=num_classes, steps_per_epoch=steps_per_epoch)
+        rng = RngState(r.device)
+        rng.capture()
+        runs.append(r)
+        rngs.append(rng)
+    return Members(runs, rngs=rngs)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -38,18 +39,30 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from qrepro import cli
+from qrepro.builders import select_device
+from qrepro.engine.fast import COMPILE_MODES, compile_forward_loss, compile_mode, make_forward_loss, setup_device
+from qrepro.engine.loop import train_one_epoch
+from qrepro.engine.members import BatchedStep, MemberSlot, RngState
+from qrepro.engine.precision import amp_mode, autocast_factory, make_scaler
+from qrepro.engine.record import git_info, versions, write_json_atomic
 from qrepro.errors import QreproError
+from qrepro.hooks import Context
+from qrepro.models import build_model
+from qrepro.optim import build_optimizer, build_scheduler
+from qrepro.quant import build_method, prepare
+from qrepro.quant.methods import method_names
 
 CONFIG_DIR = Path(cli.CONFIG_DIR)
 DEFAULT_MODELS = ("resnet20", "mobilenet_v2_cifar")
 DEFAULT_BATCH_SIZES = (128, 512)
 DEFAULT_MODES = ("eager", "compiled")
 DEFAULT_BITS = 4
-# methods benchmarked at several bit-widths by default (APoT's level sets change with b: Eq. 5/6)
-METHOD_BITS = {"apot": (2, 3, 4)}
+# methods benchmarked at other bit-widths than the default (APoT's level sets change with b: Eq. 5/6)
+METHOD_BITS = {"apot": (2, 3, 4), "reactnet": (1,)}  # reactnet: binary only (W1A1)
 FP_METHOD = "fp"
 
 
@@ -124,15 +137,12 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})"
-    import os
 
     return f"CPU {cpu_model()} ({os.cpu_count()} cores visible, torch threads {torch.get_num_threads()})"
 
 
 def method_options(name: str) -> dict[str, Any]:
     """The options of ``configs/quantizer/<name>.yaml`` (what ``quantizer=<name>`` trains with), else {}."""
-    from omegaconf import OmegaConf
-
     path = CONFIG_DIR / "quantizer" / f"{name}.yaml"
     if not path.exists():
         return {}
@@ -212,8 +222,6 @@ class TimedBatches:
 
 def resolve_mode(mode: str, device: torch.device) -> str:
     """``compiled`` -> the trainer's automatic compile mode on ``device``; other names pass through."""
-    from qrepro.engine.fast import COMPILE_MODES, compile_mode
-
     if mode in ("eager", *COMPILE_MODES):
         return mode
     if mode == "compiled":
@@ -233,14 +241,6 @@ def run_case(
     num_classes: int = 10,
     seed: int = 0,
 ) -> Row:
-    from qrepro.engine.fast import compile_forward_loss, make_forward_loss
-    from qrepro.hooks import Context
-    from qrepro.engine.loop import train_one_epoch
-    from qrepro.engine.precision import autocast_factory, make_scaler
-    from qrepro.models import build_model
-    from qrepro.optim import build_optimizer, build_scheduler
-    from qrepro.quant import build_method, prepare
-
     row = Row(case.model, case.method, case.precision, case.batch_size, case.mode, image_size=case.image_size)
     row.members, row.amp = case.members, case.amp
     if case.members > 1:
@@ -326,13 +326,6 @@ def _run_members_case(
     case: Case, row: Row, device: torch.device, *, warmup: int, steps: int, window: int, num_classes: int
 ) -> Row:
     """``case.members`` replicas (seeds 0..K-1) of the case, stepped by the trainer's ``BatchedStep``."""
-    from qrepro.hooks import Context
-    from qrepro.engine.members import BatchedStep, MemberSlot, RngState
-    from qrepro.engine.precision import autocast_factory, make_scaler
-    from qrepro.models import build_model
-    from qrepro.optim import build_optimizer, build_scheduler
-    from qrepro.quant import build_method, prepare
-
     k, image_size = case.members, case.image_size
     gc.collect()
     if device.type == "cuda":
@@ -408,8 +401,6 @@ def _run_members_case(
 # ---------------------------------------------------------------------------------------------- grid
 def supported(method: str, bits: int) -> bool:
     """Whether ``method`` builds at W=A=``bits`` (cheap: builders create no layers)."""
-    from qrepro.quant import build_method
-
     try:
         build_method(method, bits, bits, **method_options(method))
     except QreproError:
@@ -615,11 +606,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qrepro.builders import select_device
-    from qrepro.engine.fast import setup_device
-    from qrepro.engine.record import git_info, versions, write_json_atomic
-    from qrepro.quant.methods import method_names
-
     args = parse_args(argv)
     try:
         if args.threads:
@@ -638,8 +624,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.image_size < 8 or args.num_classes < 2:
             raise QreproError("--image-size must be >= 8 and --num-classes >= 2")
         batch_sizes = [int(b) for b in _csv(args.batch_sizes)]
-        from qrepro.engine.precision import amp_mode
-
         amps = [amp_mode(a) for a in _csv(args.amp)] or ["off"]
         try:
             members = [int(k) for k in _csv(args.members)]

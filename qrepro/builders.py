@@ -1,8 +1,8 @@
-"""Builders shared by the entry points (train, evaluate, ptq, bench, the in-process API): device, seeding,
-data, model + method, initialisation, optimizer + schedule, logger and in-process config composition.
+"""Builders shared by the entry points (train, evaluate, ptq, bench, the in-process API): seeding, data, model +
+method, initialisation, optimizer + schedule, logger, and the record fields that describe a run.
 
 The entry modules call these; nothing here imports an entry module. Functions that take a ``DictConfig`` are the
-bridge from Hydra's config to the plain-argument library code.
+bridge from Hydra's config to the plain-argument library code below (engine, quant, models, data, optim).
 """
 
 from __future__ import annotations
@@ -14,61 +14,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from qrepro.cli import NON_SEMANTIC_KEYS
+from qrepro.config import compose, hydra_context, plain, semantic_overrides, without  # noqa: F401  (re-exported)
+from qrepro.data import build_data
+from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
+from qrepro.engine.dist import per_rank_batch, select_device  # noqa: F401  (re-exported)
+from qrepro.engine.ema import EMA
 from qrepro.errors import QreproError
-
-VALID_BITS = set(range(1, 9)) | {32}
-
-
-def plain(cfg: Any) -> Any:
-    """A config node as plain Python containers (resolved)."""
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k not in keys}
-
+from qrepro.logging import build_logger
+from qrepro.models import build_model
+from qrepro.optim import build_optimizer, build_scheduler
+from qrepro.quant import build_method, prepare
+from qrepro.quant.methods import VALID_BITS
 
 _plain, _without = plain, without  # older names, still imported by scripts
-
-
-def select_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QreproError(f"trainer.device={name} but no CUDA GPU is available; use trainer.device=cpu")
-    return dev
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def hydra_context() -> tuple[Path | None, str | None, list[str]]:
-    """(run dir, experiment choice, task overrides) when running under Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None, None, []
-    hc = HydraConfig.get()
-    exp = hc.runtime.choices.get("experiment")
-    return Path(hc.runtime.output_dir), exp, list(hc.overrides.task)
-
-
-def semantic_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that change what a run computes (used to match records to table cells)."""
-    out = []
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key not in NON_SEMANTIC_KEYS and not key.startswith("hydra."):
-            out.append(o.lstrip("+") if key != "seed" else o)
-    return sorted(out)
 
 
 def check_precision(w_bits: int, a_bits: int) -> None:
@@ -78,23 +45,20 @@ def check_precision(w_bits: int, a_bits: int) -> None:
 
 
 def build_model_and_method(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Any]:
-    from qrepro.models import build_model
-    from qrepro.quant import build_method, prepare
-
     check_precision(cfg.precision.w_bits, cfg.precision.a_bits)
     mcfg = _plain(cfg.model)
     model = build_model(mcfg["name"], num_classes=num_classes, **_without(mcfg, "name"))
     qcfg = _plain(cfg.quantizer)
     method = build_method(qcfg["name"], int(cfg.precision.w_bits), int(cfg.precision.a_bits), **_without(qcfg, "name"))
+    bind = getattr(method.loss, "bind_models", None)
+    if callable(bind):  # a method's loss that builds a model by name (a distillation teacher) gets the factory
+        bind(build_model)
     prepare(model, method)
     return model, method
 
 
 def build_data_from_cfg(cfg: DictConfig, device: torch.device, rank: int = 0, world_size: int = 1):
     """The dataset of ``cfg``; under DDP rank ``rank``'s shard with ``trainer.batch_size / world_size`` per step."""
-    from qrepro.data import build_data
-    from qrepro.engine.dist import per_rank_batch
-
     dcfg = _plain(cfg.dataset)
     data = build_data(
         dcfg["name"],
@@ -115,8 +79,6 @@ def build_data_from_cfg(cfg: DictConfig, device: torch.device, rank: int = 0, wo
 
 
 def init_model(model: nn.Module, path: str, strict: bool = True) -> None:
-    from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
-
     sd, fmt = extract_state_dict(read_checkpoint(path))
     check_finite(sd, f"checkpoint {path}")
     kept = load_model_state(model, sd, strict=strict)
@@ -129,8 +91,6 @@ def make_logger(
 ):
     """The run's logger; ``resume_id``: the W&B run id of the run being resumed (the same W&B run continues);
     ``concurrent``: several runs log from this process at once (batched members)."""
-    from qrepro.logging import build_logger
-
     lcfg = _plain(cfg.logger)
     name = lcfg.pop("name")
     if name != "wandb":
@@ -154,8 +114,6 @@ def make_logger(
 
 def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int):
     """(optimizer, scheduler) of ``cfg`` over ``model``, the schedule spanning ``trainer.epochs`` epochs."""
-    from qrepro.optim import build_optimizer, build_scheduler
-
     ocfg = _plain(cfg.optimizer)
     optimizer = build_optimizer(model, ocfg.pop("name"), ocfg.pop("groups", None), **ocfg)
     scfg = _plain(cfg.scheduler)
@@ -213,8 +171,6 @@ def build_components(
     ``data`` (a DataBundle) gives the class count and steps per epoch; without it both must be passed.
     ``dtype`` converts the model (float64 for parity checks) before ``init_from`` is loaded into it.
     """
-    from qrepro.engine.ema import EMA
-
     if data is not None:
         num_classes = data.num_classes if num_classes is None else num_classes
         steps_per_epoch = len(data.train) if steps_per_epoch is None else steps_per_epoch
@@ -237,25 +193,10 @@ def build_components(
         method=method,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_fn=make_loss_fn(cfg),
+        loss_fn=method.loss if method.loss is not None else make_loss_fn(cfg),  # a method may bring its own
         ema=ema,
         device=device,
         steps_per_epoch=steps_per_epoch,
         data=data,
         hooks=hooks,
     )
-
-
-def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
-    """Compose a config in-process (tests, scripts) exactly as the command line would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from qrepro.cli import CONFIG_DIR, check_group_choices, register_resolvers
-    from qrepro.validation import quote_path_overrides
-
-    register_resolvers()
-    overrides = quote_path_overrides(overrides, multirun=False)  # run directories in paths hold '=' and ','
-    check_group_choices(overrides)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)

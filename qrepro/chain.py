@@ -23,7 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qrepro.config import compose, run_subdir
+from qrepro.engine.record import read_record
+from qrepro.engine.rundir import file_sha256
 from qrepro.errors import QreproError
+from qrepro.run_table import hydra_quote, subprocess_runner
 
 PLAN_KEYS = ("plan", "+plan", "++plan")
 CELL_KEYS = ("precision", "quantizer", "name", "init_from", "experiment")  # not carried to the source runs
@@ -73,17 +77,11 @@ class Step:
     record: dict | None = None
 
     def command(self, init_from: str | None, python: str = "python") -> list[str]:
-        from qrepro.run_table import hydra_quote
-
         init = hydra_quote(init_from) if init_from else "null"
         return [python, "-m", "qrepro.train", f"+experiment={self.experiment}", *self.overrides, f"init_from={init}"]
 
 
 def _step(experiment: str, overrides: list[str]) -> tuple[Step, object]:
-    from qrepro.builders import compose
-    from qrepro.engine.record import read_record
-    from qrepro.sweep import run_subdir
-
     cfg = compose([f"+experiment={experiment}", *overrides])
     run_dir = Path(str(cfg.out_root)) / str(cfg.name) / run_subdir(overrides)
     rec = read_record(run_dir / "record.json")
@@ -149,9 +147,6 @@ def run_sources(
 ) -> str | None:
     """Make sure every source run of ``chain`` is finished (training it when not); returns the checkpoint the
     cell itself starts from (None when the chain is the cell alone)."""
-    from qrepro.engine.rundir import file_sha256
-    from qrepro.run_table import subprocess_runner
-
     runner = runner or subprocess_runner
     init: str | None = None
     target = chain[-1].experiment
@@ -188,8 +183,6 @@ def prepare(
 ) -> list[str] | None:
     """For the trainer's entry point: ``argv`` with the resolved ``init_from`` added (sources trained first), or
     None after a plan preview (nothing to train)."""
-    from qrepro.run_table import hydra_quote
-
     argv, plan = pop_plan(argv)
     experiment = experiment_of(argv)
     if experiment is None:
@@ -216,7 +209,6 @@ def prepare(
         return None
     if len(chain) == 1:
         return argv
-    from qrepro.builders import compose
 
     if int(compose(argv).trainer.get("members") or 1) > 1:
         raise QreproError(

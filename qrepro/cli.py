@@ -1,79 +1,29 @@
-"""Shared plumbing for the Hydra entry points: config dir, resolvers, argv checks, one-line errors."""
+"""Shared plumbing for the Hydra entry points: argv checks, one-line errors, multirun outcomes, ``hydra_entry``."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import re
+import secrets
+import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from qrepro.config import CONFIG_DIR, check_group_choices, register_resolvers
+from qrepro.engine.record import write_json_atomic
 from qrepro.errors import QreproError
-
-_PKG = Path(__file__).resolve().parent
-# a checkout uses its top-level configs/; an installed wheel carries a copy as qrepro/configs (setup.py)
-CONFIG_DIR = str(_PKG.parent / "configs" if (_PKG.parent / "pyproject.toml").is_file() else _PKG / "configs")
-
-# keys that never change what a run computes: excluded from the run directory name and the record's overrides
-NON_SEMANTIC_KEYS = {
-    "experiment",
-    "resume",
-    "force",
-    "dataset.root",
-    "out_root",
-    "init_from",
-    "logger",
-    "logger.mode",
-    "logger.project",
-    "logger.entity",
-    "logger.group",
-    "trainer.device",
-    "trainer.progress",
-    "trainer.compile",
-    "trainer.num_threads",
-    "trainer.log_every",
-    "trainer.find_unused_parameters",
-    "trainer.members",
-    "trainer.channels_last",
-    "hydra.verbose",
-    "table",
-    "retry",
-}
-
-
-def run_subdir_name(s: str | None) -> str:
-    """A run directory's name from Hydra's ``override_dirname`` (``default`` when empty; path-safe)."""
-    s = (s or "").strip()
-    if not s:
-        return "default"
-    return re.sub(r"[^A-Za-z0-9=,._+\-]", "_", s.replace("/", "_"))[:200]
-
-
-_run_subdir = run_subdir_name  # the older name
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("run_subdir"):
-        OmegaConf.register_new_resolver("run_subdir", run_subdir_name)
-    quiet_launcher_schema_matching()
-
-
-def quiet_launcher_schema_matching() -> None:
-    """Silence Hydra's deprecation notice for ``configs/hydra/launcher/submitit_{slurm,local}.yaml``.
-
-    Those files carry the plugin's own names on purpose (``hydra/launcher=submitit_slurm``), so Hydra validates
-    them against the plugin's schema of the same name, an intended use it reports as deprecated in 1.1 but still
-    performs in 1.3 (pinned ``<1.4`` in pyproject.toml; ``tests/test_ddp.py`` checks the validation happens).
-    """
-    import warnings
-
-    warnings.filterwarnings(
-        "ignore", message=r"\s*'hydra/launcher/submitit_(slurm|local)' is validated against ConfigStore schema"
-    )
+from qrepro.validation import precheck
 
 
 def check_launcher(argv: list[str]) -> None:
@@ -83,29 +33,11 @@ def check_launcher(argv: list[str]) -> None:
         if not m or not any(v.strip().startswith("submitit_") for v in m.group(1).split(",")):
             continue
         try:
-            import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+            import hydra_plugins.hydra_submitit_launcher  # noqa: F401  (optional plugin: the slurm extra)
         except ImportError:
             raise QreproError(
                 f"{arg} needs Hydra's submitit launcher plugin; install it with: pip install -e '.[slurm]'"
             ) from None
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """Fail fast, in one line, on an unknown config-group option (``model=foo``), before Hydra's long message."""
-    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
-    for arg in argv:
-        m = re.match(r"^[+~]{0,2}([A-Za-z_][\w/]*)=(.*)$", arg)
-        if not m or m.group(1) not in groups:
-            continue
-        group, values = m.group(1), m.group(2)
-        if values.startswith(("choice(", "range(", "glob(")):
-            continue
-        for v in values.split(","):
-            v = v.strip()
-            if v and v != "null" and not (Path(CONFIG_DIR) / group / f"{v}.yaml").exists():
-                known = sorted(p.stem for p in (Path(CONFIG_DIR) / group).rglob("*.yaml"))
-                show = ", ".join(known[:30]) + (" ..." if len(known) > 30 else "")
-                raise QreproError(f"unknown {group} {v!r}; choose one of: {show}")
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -133,8 +65,6 @@ _OUTCOMES_ENV = "QREPRO_MULTIRUN_OUTCOMES"
 
 
 def _job_info() -> tuple[str, Path, Path, int]:
-    from hydra.core.hydra_config import HydraConfig
-
     hc = HydraConfig.get()
     num = None if OmegaConf.is_missing(hc.job, "num") else hc.job.num  # set in a multirun only
     return hc.job.override_dirname or f"job{num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir), num
@@ -144,8 +74,6 @@ def _clean_unused_dir(run_dir: Path) -> None:
     """A job that failed before it took the run directory (a bad value) leaves only Hydra's own files there:
     remove those and the directory if it is then empty. A directory with a lock file (another launch owns or
     owned it), a record or checkpoints is never touched."""
-    import shutil
-
     if not run_dir.is_dir() or any((run_dir / n).exists() for n in (".lock", "record.json", "checkpoints")):
         return
     if any(p.name != ".hydra" and not p.name.endswith(".log") for p in run_dir.iterdir()):
@@ -166,9 +94,6 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     @functools.wraps(task)
     def wrapper(cfg: Any) -> Any:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         if not HydraConfig.initialized():
             return single(cfg)
         job, run_dir, sweep_dir, num = _job_info()
@@ -188,8 +113,6 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - a crash of one job must not end the sweep
-            import traceback
-
             traceback.print_exc()
             first = (str(e).splitlines() or [""])[0]
             out.update(status="failed", error=f"{type(e).__name__}: {first}")
@@ -204,10 +127,6 @@ def _write_outcome(out: dict[str, Any]) -> None:
     d = os.environ.get(_OUTCOMES_ENV)
     if not d:
         return
-    import hashlib
-
-    from qrepro.engine.record import write_json_atomic
-
     try:
         write_json_atomic(out, Path(d) / f"{hashlib.sha1(out['run_dir'].encode()).hexdigest()[:16]}.json")
     except (QreproError, OSError):
@@ -216,11 +135,6 @@ def _write_outcome(out: dict[str, Any]) -> None:
 
 def summarize_multirun(outcomes_dir: Path) -> int:
     """One line ``multirun: N finished, M skipped, K failed: ids`` and <sweep dir>/multirun.json; exit code."""
-    import json
-    import shutil
-
-    from qrepro.engine.record import write_json_atomic
-
     jobs = []
     for p in sorted(outcomes_dir.glob("*.json")):
         try:
@@ -250,12 +164,6 @@ def summarize_multirun(outcomes_dir: Path) -> int:
 def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
     """Run ``task`` under ``hydra.main`` with our resolvers, argv checks (the whole config is validated before
     Hydra writes anything), one-line errors, and multirun outcomes with a summary line."""
-    import secrets
-
-    import hydra
-
-    from qrepro.validation import precheck
-
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     one_line_errors(check_group_choices)(sys.argv[1:])

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from qrepro.builders import build_data_from_cfg, build_model_and_method, init_model, select_device
 from qrepro.cli import hydra_entry
+from qrepro.engine.loop import evaluate
 from qrepro.errors import QreproError
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
-    from qrepro.builders import build_data_from_cfg, build_model_and_method, init_model, select_device
-    from qrepro.engine.loop import evaluate
-
     if not cfg.init_from:
         raise QreproError("evaluate needs a checkpoint: add init_from=<path to .pt/.pth/.pth.tar>")
     device = select_device(cfg.trainer.device)

@@ -1,4 +1,7 @@
-"""Hooks: the contract through which methods and optimizers extend the training loop (core layer: imports nothing of qrepro)."""
+"""Hooks: the contract through which methods and optimizers extend the training loop.
+
+Core layer: imports nothing of qrepro.
+"""
 
 from __future__ import annotations
 

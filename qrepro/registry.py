@@ -1,4 +1,5 @@
-"""A tiny name -> factory registry whose unknown-name error lists the known names."""
+"""A tiny name -> factory registry whose unknown-name error lists the known names, and the registry of converters
+for foreign checkpoint formats (methods register them; the engine applies them when loading)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def import_submodules(package: str, path: Iterable[str]) -> None:
     for mod in pkgutil.iter_modules(path):
         importlib.import_module(f"{package}.{mod.name}")
     _imported.add(package)
+
+
+# fn(state_dict) -> converted state_dict, or None when it does not recognise the format
+Converter = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+CONVERTERS: list[tuple[str, Converter]] = []
+
+
+def register_converter(name: str) -> Callable[[Converter], Converter]:
+    """Register a converter for a foreign checkpoint format (e.g. the APoT authors' release)."""
+
+    def deco(fn: Converter) -> Converter:
+        CONVERTERS.append((name, fn))
+        return fn
+
+    return deco

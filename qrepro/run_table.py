@@ -17,6 +17,7 @@ Afterwards, ``python -m qrepro.tables <name>`` builds the table.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import shlex
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qrepro.engine.rundir import file_sha256
 from qrepro.errors import QreproError
 from qrepro.tables.records import (
     DEFAULT_RUN_ROOTS,
@@ -72,8 +74,6 @@ def _sources(cell: Cell) -> list[str]:
 
 def expand_cells(table: Table, patterns: Sequence[str]) -> list[str]:
     """Cell ids matching any of the fnmatch ``patterns`` (an exact id is a pattern too), in table order."""
-    import fnmatch
-
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(i, pat) for i in table.ids()):
             raise QreproError(f"table {table.name!r} has no cell matching {pat!r}; cells: {', '.join(table.ids())}")
@@ -81,7 +81,8 @@ def expand_cells(table: Table, patterns: Sequence[str]) -> list[str]:
 
 
 def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]:
-    """Cells in table order, each moved after the cells it starts from.
+    """Runnable cells in table order, each moved after the cells it starts from (paper-only rows, which have a
+    ``why`` and no experiment file, are left out).
 
     ``only`` restricts to those cells plus, transitively, the cells they start from.
     """
@@ -105,7 +106,7 @@ def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]
         out.append(cell)
 
     for c in table.cells:
-        if c.id in keep:
+        if c.id in keep and c.runnable:
             place(c)
     return out
 
@@ -307,8 +308,6 @@ def _run_group(
 def _stale_init(record: Record, init_from: str) -> str | None:
     """How the checkpoint a chained cell starts from now differs from the one its record was initialised from
     (None: the same content, or not known: a record without hashes, or no checkpoint at hand)."""
-    from qrepro.engine.rundir import file_sha256
-
     old = record.data.get("init_from_sha256") or ((record.data.get("ptq") or {}).get("source_sha256"))
     path = Path(init_from)
     if not old or not path.is_file():
@@ -405,6 +404,10 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
         table = load_table(resolve_table(args.name, args.configs))
         records = load_records(args.runs or DEFAULT_RUN_ROOTS)
         jobs = plan(table, records, overrides, args.seeds, args.cells)
+        chosen = set(expand_cells(table, args.cells)) if args.cells else set(table.ids())
+        skipped = [c.id for c in table.cells if c.id in chosen and not c.runnable]
+        if skipped:
+            print(f"# {table.name}: {len(skipped)} paper-only row(s) not runnable here, skipped: {', '.join(skipped)}")
         return run_table(table, jobs, runner=runner, dry_run=args.dry_run, python=args.python, members=members)
     except QreproError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,23 +31,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from qrepro.cli import CONFIG_DIR, one_line_errors, run_subdir_name
+from qrepro.cli import one_line_errors
+from qrepro.config import CONFIG_DIR, run_subdir  # noqa: F401  (run_subdir: re-exported)
 from qrepro.errors import QreproError
-
-
-def _exclude_keys() -> list[str]:
-    train = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml")
-    return list(train.hydra.job.config.override_dirname.exclude_keys)
-
-
-def run_subdir(overrides: Sequence[str]) -> str:
-    """The run directory name these overrides get (Hydra's ``hydra.job.override_dirname`` rule: sorted
-    ``key=value`` items without the excluded keys, joined by commas; made path-safe as in configs/train.yaml)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    excluded = set(_exclude_keys())
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    return run_subdir_name(",".join(sorted(o.input_line for o in parsed if o.key_or_group not in excluded)))
+from qrepro.tables.schema import derive_sources
 
 
 def _experiment_name(experiment: str) -> str:
@@ -62,9 +49,11 @@ def load_cells(table: str) -> list[dict]:
     if not path.is_file():
         known = sorted(p.stem for p in Path(CONFIG_DIR, "table").glob("*.yaml"))
         raise QreproError(f"unknown table {table!r}; choose one of: {', '.join(known)}")
-    from qrepro.tables.schema import derive_sources
 
     cells = derive_sources(OmegaConf.to_container(OmegaConf.load(path).cells, resolve=False))
+    # paper-only rows (a why and no experiment file) are not runnable here: no job
+    root = path.parent.parent if path.parent.name == "table" else Path(CONFIG_DIR)
+    cells = [c for c in cells if not c.get("why") or Path(root, "experiment", f"{c['experiment']}.yaml").is_file()]
     ids = {c["id"] for c in cells}
     for c in cells:
         src = source(c)
@@ -148,6 +137,8 @@ def commands(
     seeded = seed_overrides(seeds, members) if seeds else []
     batched = any(o.startswith("trainer.members=") for o in seeded)
     all_cells = load_cells(table)
+    if not all_cells:
+        return [f"# {table}: no runnable cell (paper-only rows; qrepro-table coverage says why)"]
     by_id = {c["id"]: c for c in all_cells}
     cells = [c for c in all_cells if not only or any(fnmatch.fnmatchcase(c["id"], p) for p in only)]
     if not cells:

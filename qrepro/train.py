@@ -7,10 +7,12 @@ takes plain arguments.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests import them from here)
     VALID_BITS,
@@ -28,76 +30,40 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     select_device,
     semantic_overrides,
 )
-from qrepro.cli import hydra_entry
+from qrepro.chain import prepare
+from qrepro.cli import hydra_entry, one_line_errors
+from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
+from qrepro.engine import dist as qdist
+from qrepro.engine.callbacks import Console, default_callbacks
+from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
+from qrepro.engine.fsio import atomic_write
+from qrepro.engine.members import MemberSlot, RngState, batch_id, member_overrides, member_seeds
+from qrepro.engine.members_train import MemberConsole, _Member, member_data, run_members
+from qrepro.engine.precision import (
+    amp_mode,
+    autocast_factory,
+    channels_last,
+    check_amp,
+    input_transform,
+    make_scaler,
+)
+from qrepro.engine.rundir import WANDB_ID_FILE, RunLock, identity, init_source, prepare_run_dir
+from qrepro.engine.trainer import Fit, FitResult, Trainer, fit
 from qrepro.errors import QreproError
-
-RESUME_HINT = "add resume=true to continue it, or force=true to start over"
-
-
-def _init_mismatch(record: dict, init: dict | None) -> str | None:
-    """How ``record``'s initialisation differs from this launch's ``init`` (None: the same)."""
-    ident = record.get("identity")
-    now_sha = init["sha256"] if init else None
-    if isinstance(ident, dict) and "init_from_sha256" in ident:
-        old = ident["init_from_sha256"]
-        if old == now_sha:
-            return None
-        return (
-            f"init_from {'sha256 ' + old[:12] if old else 'none'} -> {'sha256 ' + now_sha[:12] if now_sha else 'none'}"
-        )
-    old_path, now_path = record.get("init_from") or None, init["path"] if init else None  # a record without hashes
-    return None if old_path == now_path else f"init_from {old_path} -> {now_path}"
+from qrepro.logging import build_logger
+from qrepro.run_table import from_train_argv
+from qrepro.validation import precheck, validate_config
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
-    """What this launch does with ``run_dir`` (its lock held): ("fresh" | "resume" | "skip", record).
-
-    * ``force=true`` (or ``retry=true`` on a diverged run): the old record is marked superseded, then the old
-      checkpoints are removed, then the run starts from scratch;
-    * a complete record: skipped, but only when it was initialised from the same ``init_from`` content;
-    * a diverged record: skipped (``retry=true`` or ``force=true`` runs it again);
-    * a checkpoint without a complete record (a killed run): resumed with ``resume=true``, else refused in one line.
-    """
-    from qrepro.engine.checkpoint import read_checkpoint
-    from qrepro.engine.record import read_record
-    from qrepro.engine.rundir import mark_superseded, remove_checkpoints
-
-    record_path = run_dir / "record.json"
-    rec = read_record(record_path)
-    status = (rec or {}).get("status") or ("complete" if (rec or {}).get("complete") else None)
-    last = run_dir / "checkpoints" / "last.pt"
-    if cfg.force or (cfg.get("retry") and status == "diverged"):
-        why = "force=true" if cfg.force else "retry=true"
-        if rec is not None:
-            mark_superseded(record_path, rec, why)
-        gone = remove_checkpoints(run_dir)
-        (run_dir / WANDB_ID_FILE).unlink(missing_ok=True)
-        if rec is not None or gone:
-            print(f"{why}: {run_dir} starts over (old record marked superseded, removed {gone or 'no checkpoints'})")
-        return "fresh", None
-    if rec is not None and rec.get("complete") is True:
-        diff = _init_mismatch(rec, init)
-        if diff:
-            raise QreproError(
-                f"{run_dir} holds a complete run initialised differently ({diff}); a different initialisation is a "
-                "different run: pass another out_root=..., or force=true to replace it"
-            )
-        return "skip", rec
-    if status == "diverged":
-        return "skip", rec
-    if last.exists():
-        if not cfg.resume:
-            try:
-                ck = read_checkpoint(last)
-                where = f"checkpoint after epoch {int(ck['epoch']) + 1}/{cfg.trainer.epochs}"
-            except (QreproError, KeyError, TypeError, ValueError):
-                where = f"checkpoint {last}"
-            raise QreproError(f"{run_dir} holds an unfinished run ({where}, no complete record); {RESUME_HINT}")
-        return "resume", rec
-    return "fresh", rec
-
-
-WANDB_ID_FILE = "wandb_id"
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
+    return prepare_run_dir(
+        run_dir,
+        init,
+        force=bool(cfg.force),
+        retry=bool(cfg.get("retry")),
+        resume=bool(cfg.resume),
+        epochs=int(cfg.trainer.epochs),
+    )
 
 
 def _decide(cfg: DictConfig, run_dir: Path, init: dict | None, denv, lock) -> tuple[str, dict | None]:
@@ -107,13 +73,11 @@ def _decide(cfg: DictConfig, run_dir: Path, init: dict | None, denv, lock) -> tu
     if denv.is_main:
         try:
             lock.acquire()
-            out[:2] = prepare_run_dir(cfg, run_dir, init)
+            out[:2] = _prepare_run_dir(cfg, run_dir, init)
         except QreproError as e:
             out[2] = str(e)
     if denv.world_size > 1:
-        import torch.distributed as tdist
-
-        tdist.broadcast_object_list(out, src=0)
+        torch.distributed.broadcast_object_list(out, src=0)
     if out[2]:
         raise QreproError(out[2] if denv.is_main else f"rank 0 stopped: {out[2]}")
     return out[0], out[1]
@@ -123,16 +87,9 @@ def train(
     cfg: DictConfig, run_dir: Path | None = None, experiment: str | None = None, overrides: list[str] | None = None
 ):
     """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
-    from qrepro.engine import dist as qdist
-    from qrepro.engine.rundir import RunLock, init_source
-    from qrepro.engine.trainer import FitResult
-    from qrepro.validation import validate_config
-
     validate_config(cfg)
     if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
-        from qrepro.engine.members_train import run_members
-
-        return run_members(cfg, run_dir, experiment, overrides)
+        return train_members(cfg, run_dir, experiment, overrides)
     h_dir, h_exp, h_over = hydra_context()
     run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
     experiment = experiment or h_exp or cfg.get("experiment")
@@ -177,8 +134,6 @@ def make_record_base(cfg: DictConfig, experiment: str | None, overrides: list[st
 
 def open_logger(cfg: DictConfig, run_dir: Path, config: dict, resuming: bool, **kw):
     """The run's logger; a resumed run continues its W&B run (id kept in ``<run dir>/wandb_id``)."""
-    from qrepro.engine.fsio import atomic_write
-
     id_file = run_dir / WANDB_ID_FILE
     resume_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
     logger = make_logger(cfg, run_dir, config, resume_id=resume_id, **kw)
@@ -188,20 +143,6 @@ def open_logger(cfg: DictConfig, run_dir: Path, config: dict, resuming: bool, **
 
 
 def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
-    from qrepro.engine import dist as qdist
-    from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
-    from qrepro.engine.precision import (
-        amp_mode,
-        autocast_factory,
-        channels_last,
-        check_amp,
-        input_transform,
-        make_scaler,
-    )
-    from qrepro.engine.rundir import identity
-    from qrepro.engine.trainer import Fit, fit
-    from qrepro.logging import build_logger
-
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     device, world = denv.device, denv.world_size
@@ -239,7 +180,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
     if world > 1:
         seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
     config = _plain(cfg)
-    ident = identity(config, init)
+    ident = identity(config, init, NON_SEMANTIC_KEYS)
     record_base = make_record_base(cfg, experiment, overrides, init, world)
     logger = build_logger("none")
     if denv.is_main:
@@ -285,6 +226,165 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
     return result
 
 
+def _member_cfg(cfg: DictConfig, seed: int) -> DictConfig:
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(c):
+        c.seed = int(seed)
+        c.trainer.members = 1
+    return c
+
+
+def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None, overrides: list[str] | None):
+    """Train the K members of ``cfg``; returns their FitResults (member order). A diverged member gets a
+    diverged record and, after the others finished, the launch fails in one line naming it."""
+    validate_config(cfg)
+    k = int(cfg.trainer.members)
+    h_dir, h_exp, h_over = hydra_context()
+    raw = [o for o in (overrides if overrides is not None else h_over)]
+    experiment = experiment or h_exp or cfg.get("experiment")
+    s0 = int(cfg.seed)
+    seed_given = any(key_of(o) == "seed" for o in raw)
+    seeds = member_seeds(s0, k)
+    raws = [member_overrides(raw, s0, i, seed_given) for i in range(k)]
+    base = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default").parent
+    members = [
+        _Member(i, seeds[i], f"seed={seeds[i]}", _member_cfg(cfg, seeds[i]), base / run_subdir(raws[i]))
+        for i in range(k)
+    ]
+    if bool(cfg.trainer.get("channels_last", False)):
+        raise QreproError(
+            "trainer.channels_last with trainer.members: the batched forward runs on stacked [K, ...] tensors "
+            "(no channels-last layout); drop one of the two"
+        )
+    denv = qdist.setup(cfg.trainer.device)
+    if denv.world_size > 1:
+        raise QreproError("trainer.members cannot be combined with several processes (torchrun/DDP); use one")
+    init = init_source(cfg.init_from)
+    results: list[Any] = [None] * k
+    batch = {
+        "id": batch_id(str(cfg.name), seeds, [o for o in raw if key_of(o) not in ("seed", "trainer.members")]),
+        "size": k,
+        "seeds": seeds,
+        "run_dirs": [str(m.run_dir) for m in members],
+    }
+    todo: list[tuple[_Member, bool]] = []
+    try:
+        for m in members:
+            m.lock = RunLock(m.run_dir)
+            m.lock.acquire()
+            try:
+                action, rec = _prepare_run_dir(m.cfg, m.run_dir, init)
+            except QreproError as e:
+                raise QreproError(f"member {m.label}: {e}") from None
+            if action == "skip":
+                what = "a complete record" if rec.get("complete") else f"a {rec.get('status')} record"
+                print(f"skip: {m.run_dir} already has {what} (member {m.label})", flush=True)
+                results[m.index] = FitResult(
+                    rec, m.run_dir / "record.json", diverged=rec.get("status") == "diverged", skipped=True
+                )
+            else:
+                todo.append((m, action == "resume"))
+        if todo:
+            _train_members(
+                cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], init, denv, batch
+            )
+            for m, _ in todo:
+                results[m.index] = m.result
+    finally:
+        for m in members:
+            if m.lock is not None:
+                m.lock.release()
+    bad = [m for m, _ in todo if m.error]
+    if bad:
+        raise QreproError("training diverged: " + "; ".join(f"member {m.label}: {m.error}" for m in bad))
+    return results
+
+
+def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) -> None:
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    device = denv.device
+    deterministic = bool(cfg.trainer.get("deterministic"))
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    setup_device(device, deterministic=deterministic)
+    amp = amp_mode(cfg.trainer.get("amp"))
+    # trainer.compile=auto stays eager with members (the batched step is compiled only when asked for)
+    mode = None if str(cfg.trainer.compile).lower() == "auto" else compile_mode(cfg.trainer.compile, device)
+    autocast = autocast_factory(amp, device)
+    seed_everything(int(todo[0][0].seed))
+    data = build_data_from_cfg(cfg, device)
+    k_all = batch["size"]
+    for (m, resuming), ovr in zip(todo, member_overrides_):
+        c = m.cfg
+        seed_everything(int(m.seed))  # as the separate run: the model initialised from its own seed
+        data_m = member_data(data, m.seed)
+        comp = build_components(c, device, data=data_m, init=not resuming)
+        check_amp(amp, comp.optimizer)
+        hooks = list(comp.method.hooks) + list(getattr(comp.optimizer, "hooks", []))
+        config = OmegaConf.to_container(c, resolve=True)
+        record_base = make_record_base(c, experiment, ovr, init, 1)
+        record_base["members"] = {**batch, "index": m.index}
+        logger = open_logger(c, m.run_dir, config, resuming, concurrent=True)
+        scaler = make_scaler(amp, device)
+        f = Fit(
+            model=comp.model,
+            data=data_m,
+            optimizer=comp.optimizer,
+            scheduler=comp.scheduler,
+            loss_fn=comp.loss_fn,
+            epochs=int(c.trainer.epochs),
+            run_dir=m.run_dir,
+            hooks=hooks,
+            regularizer=comp.method.regularizer,
+            ema=comp.ema,
+            logger=logger,
+            record_base=record_base,
+            log_every=int(c.trainer.log_every),
+            progress=False,
+            resume=resuming,
+            device=device,
+            identity=identity(config, init, NON_SEMANTIC_KEYS),
+            scaler=scaler,
+        )
+        f.callbacks = [MemberConsole(m.label) if isinstance(cb, Console) else cb for cb in default_callbacks(f)]
+        m.trainer = Trainer(f)
+        m.rng = RngState(device)
+        m.rng.capture()
+        m.method = comp.method
+        print(
+            f"run: {m.run_dir}  model={c.model.name} quantizer={c.quantizer.name} precision={c.precision.name} "
+            f"device={device} epochs={c.trainer.epochs} compile={mode or 'off'}"
+            + (f" amp={amp}" if amp != "off" else "")
+            + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
+            flush=True,
+        )
+    members = [m for m, _ in todo]
+    try:
+        for m in members:
+            with m.rng:
+                m.trainer.setup()
+            t = m.trainer
+            m.slot = MemberSlot(
+                t.f.model, t.f.optimizer, t.f.scheduler, t.f.hooks, t.f.ema, t.ctx, m.rng, t.f.scaler, m.label
+            )
+        run_members(
+            members,
+            epochs=int(cfg.trainer.epochs),
+            log_every=int(cfg.trainer.log_every),
+            progress=bool(cfg.trainer.progress),
+            autocast=autocast,
+            mode=mode,
+        )
+    finally:
+        for m in members:
+            if m.result is None and m.trainer is not None:  # an exception: close what is open
+                try:
+                    m.trainer.f.logger.finish()
+                except Exception:  # noqa: BLE001
+                    pass
+
+
 def _task(cfg: DictConfig) -> str:
     result = train(cfg)
     results = result if isinstance(result, list) else [result]  # batched members: one result per member
@@ -295,17 +395,9 @@ def _task(cfg: DictConfig) -> str:
 
 
 def main() -> None:
-    import sys
-
-    from qrepro.run_table import from_train_argv
-
     # `python -m qrepro.train +table=<name> [overrides]` runs every cell of a paper table (qrepro.run_table)
     if (code := from_train_argv(sys.argv[1:])) is not None:
         sys.exit(code)
-    from qrepro.chain import prepare
-    from qrepro.cli import one_line_errors
-    from qrepro.validation import precheck
-
     args = sys.argv[1:]
     if not {"-sc", "--shell-completion"} & set(args):  # bad values and misspelt keys: one line before anything runs
         one_line_errors(precheck)([a for a in args if a.lstrip("+~").split("=", 1)[0] != "plan"], "train")

@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from qrepro.config import CONFIG_DIR, compose, quote_path_overrides
+from qrepro.engine.checkpoint import read_checkpoint
+from qrepro.engine.fsio import _blocking_file
+from qrepro.engine.precision import amp_mode
 from qrepro.errors import QreproError
+from qrepro.quant.methods import VALID_BITS
 
-VALID_BITS = set(range(1, 9)) | {32}
 SEED_MAX = 2**32 - 1  # numpy's seed range
-PATH_KEYS = ("init_from", "dataset.root", "out_root")
 
 
 def _is_int(v: Any) -> bool:
@@ -92,7 +99,7 @@ def did_you_mean(key: str, known: Sequence[str]) -> str:
 def _trainer_keys() -> list[str]:
     """The keys the trainer section may hold: those of configs/trainer/*.yaml."""
     keys: list[str] = []
-    for f in sorted(Path(_config_dir(), "trainer").glob("*.yaml")):
+    for f in sorted(Path(CONFIG_DIR, "trainer").glob("*.yaml")):
         keys += [k for k in OmegaConf.load(f).keys() if k not in keys]
     return keys
 
@@ -114,8 +121,6 @@ def _check_trainer(t: dict[str, Any]) -> None:
     _int(t, "num_threads", "trainer.", 1, "4", nullable=True)
     _int(t, "members", "trainer.", 1, "4")
     if "amp" in t:
-        from qrepro.engine.precision import amp_mode
-
         amp_mode(t["amp"])
     for k in ("progress", "deterministic", "sync_bn", "find_unused_parameters", "channels_last"):
         _bool(t, k, "trainer.")
@@ -243,27 +248,6 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- the command line
-def _needs_quotes(value: str, multirun: bool) -> bool:
-    if not value or value[0] in "'\"" or value.startswith(("${", "[", "{")):
-        return False
-    return "=" in value or (not multirun and "," in value) or " " in value
-
-
-def quote_path_overrides(argv: Sequence[str], multirun: bool) -> list[str]:
-    """Quote path values that Hydra's override grammar would split or reject: run directories hold ``=`` and
-    ``,`` (``init_from=runs/x/precision=w4a4,seed=1/checkpoints/last.pt``). In a multirun a comma stays a sweep
-    separator unless the value also holds ``=`` (then quote each path yourself)."""
-    out = []
-    for a in argv:
-        m = re.match(r"^([+~]{0,2})([A-Za-z_.]+)=(.*)$", a)
-        if m and m.group(2) in PATH_KEYS and _needs_quotes(m.group(3), multirun):
-            v = m.group(3)
-            q = '"' if '"' not in v else "'"
-            a = f"{m.group(1)}{m.group(2)}={q}{v}{q}"
-        out.append(a)
-    return out
-
-
 def _flat_keys(c: Any, prefix: str = "") -> list[str]:
     if not isinstance(c, dict):
         return [prefix.rstrip(".")]
@@ -273,16 +257,8 @@ def _flat_keys(c: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def _compose(overrides: list[str], config_name: str) -> DictConfig:
-    from qrepro.builders import compose
-
-    return compose(overrides, config_name=config_name)
-
-
 def _first_values(overrides: list[str]) -> list[str]:
     """Each sweep override (``a=1,2``, ``a=range(3)``) replaced by its first value, for a trial composition."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     out = []
     for o in OverridesParser.create().parse_overrides(overrides):
         if o.is_sweep_override():
@@ -298,18 +274,15 @@ def precheck(argv: Sequence[str], config_name: str) -> tuple[list[str], DictConf
     """Check the command line before Hydra runs it. Returns (argv with path values quoted, the composed config,
     multirun). A multirun's config is composed with each sweep's first value: its keys are checked here, and
     every job's values again in the job (a bad job fails alone)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     multirun = any(a in ("-m", "--multirun") for a in argv)
     argv = quote_path_overrides(argv, multirun)
     overrides = [a for a in argv if not a.startswith("-") and "=" in a and not a.lstrip("+~").startswith("hydra")]
     try:
         trial = _first_values(overrides) if multirun else overrides
-        cfg = _compose(trial, config_name)
+        cfg = compose(trial, config_name=config_name)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise _composition_error(e, overrides, config_name) from None
-    _check_added_keys(overrides, config_name)
+        raise _composition_error(e, overrides, config_name=config_name) from None
+    _check_added_keys(overrides, config_name=config_name)
     if not multirun:
         validate_config(cfg)
         check_output_root(str(cfg.out_root))
@@ -322,18 +295,12 @@ def check_init_path(path: str) -> None:
     """``init_from`` names an existing checkpoint file (a directory or a missing path is one line)."""
     p = Path(path)
     if p.is_dir() or not p.is_file():
-        from qrepro.engine.checkpoint import read_checkpoint
-
         read_checkpoint(p)  # raises the one-line error ("is a directory" with a hint, or "does not exist")
 
 
 def check_output_root(out_root: str) -> None:
     """``out_root`` must be (or be creatable as) a writable directory: a file in the way or no permission is one
     line before anything is written."""
-    import os
-
-    from qrepro.engine.fsio import _blocking_file
-
     p = Path(out_root).expanduser().absolute()
     blocker = _blocking_file(p)
     if blocker is not None:
@@ -354,7 +321,9 @@ def _composition_error(e: Exception, overrides: list[str], config_name: str) -> 
         key = m.group(1)
         base = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
         try:
-            known = _flat_keys(OmegaConf.to_container(_compose(_first_values(base), config_name), resolve=False))
+            known = _flat_keys(
+                OmegaConf.to_container(compose(_first_values(base), config_name=config_name), resolve=False)
+            )
         except Exception:  # noqa: BLE001 - the hint is optional
             known = []
         return QreproError(f"unknown config key {key}{did_you_mean(key, known)}")
@@ -370,8 +339,8 @@ def _composition_error(e: Exception, overrides: list[str], config_name: str) -> 
 def _check_added_keys(overrides: list[str], config_name: str) -> None:
     """``+trainer.epoch=1`` (Hydra's hint for a misspelt key) would run with the key silently ignored: the
     trainer and top-level sections take no keys beyond their own."""
-    groups = {p.name for p in Path(_config_dir()).iterdir() if p.is_dir()}
-    top = set(OmegaConf.load(Path(_config_dir()) / "train.yaml").keys()) | groups | {"ptq", "table"}
+    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    top = set(OmegaConf.load(Path(CONFIG_DIR) / "train.yaml").keys()) | groups | {"ptq", "table"}
     for o in overrides:
         if not o.startswith("+") or o.startswith("++"):
             continue
@@ -385,13 +354,3 @@ def _check_added_keys(overrides: list[str], config_name: str) -> None:
                 raise QreproError(f"unknown config key {key}{hint} (the trainer takes no other keys)")
         elif "." not in key and key not in top:
             raise QreproError(f"unknown config key {key}{did_you_mean(key, sorted(top))}")
-
-
-def _config_dir() -> str:
-    from qrepro.cli import CONFIG_DIR
-
-    return CONFIG_DIR
-
-
-def as_plain(x: Any) -> Any:
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from qrepro.cli import one_line_errors
+from qrepro.config import compose
 from qrepro.errors import QreproError
+from qrepro.sweep import load_cells, waves
 
 FP_METHOD, FP_PRECISION = "fp", "w32a32"
 # compiled evaluation / training images/s: ResNet-20 at batch 1000 vs 128 on the 2-core CPU (FP, SAT, APoT: 2.3-2.4)
@@ -96,8 +98,6 @@ def lookup(rows: list[dict], model: str, method: str, precision: str, batch: int
 
 
 def cell_config(cell: dict) -> Any:
-    from qrepro.builders import compose
-
     return compose([f"+experiment={cell['experiment']}", *(cell.get("overrides") or []), "logger=none"])
 
 
@@ -142,8 +142,6 @@ def estimate_cell(
 
 
 def waves_hours(cells: list[dict], ests: dict[str, CellEstimate]) -> float:
-    from qrepro.sweep import waves
-
     return sum(max((ests[c["id"]].hours or 0.0) for c in wave) for wave in waves(cells))
 
 
@@ -160,8 +158,6 @@ def _h(hours: float | None) -> str:
 def table_markdown(
     table: str, bench: dict, *, gpus: int, efficiency: float, eval_factor: float
 ) -> tuple[str, dict[str, Any]]:
-    from qrepro.sweep import load_cells
-
     cells = load_cells(table)
     ests = {
         c["id"]: estimate_cell(c, bench["rows"], gpus=gpus, efficiency=efficiency, eval_factor=eval_factor)

@@ -79,7 +79,7 @@ def test_amp_setting_is_validated():
 
 
 def _train(tmp_path, extra):
-    from qrepro.engine.members import override_dirname
+    from qrepro.config import run_subdir as override_dirname
     from qrepro.train import compose, train
 
     ov = DIGITS + extra

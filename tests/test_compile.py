@@ -21,7 +21,8 @@ from qrepro.errors import QreproError
 from qrepro.quant import build_method, prepare
 from qrepro.quant.methods import method_names
 
-BITS_TRIED = (4, 2, 8, 3, 32)  # first precision (W=A) the method supports; 32 for FP-only methods (KURE...)
+# first precision (W=A) the method supports; 1 for binary-only methods (reactnet), 32 for FP-only ones (KURE...)
+BITS_TRIED = (4, 2, 8, 3, 1, 32)
 
 
 class TinyNet(nn.Module):

@@ -94,9 +94,8 @@ def _worst(a: dict, b: dict) -> tuple[float, str]:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_members_train_exactly_as_separate_runs(method):
     """K = 3 members over 20 float64 steps (two epochs' ends) equal their separate runs (<= 1e-10)."""
-    from qrepro.api import build
+    from qrepro.api import build, build_members
     from qrepro.builders import build_data_from_cfg, compose
-    from qrepro.engine.members import build_members
     from qrepro.engine.members_train import member_data
 
     torch.set_num_threads(1)
@@ -131,7 +130,8 @@ def test_members_train_exactly_as_separate_runs(method):
 
 
 def test_unbatchable_members_are_refused():
-    from qrepro.engine.members import MemberStack, build_members
+    from qrepro.api import build_members
+    from qrepro.engine.members import MemberStack
 
     mem = build_members(
         R20 + ["optimizer=asam_sgd", "seed=0"], 2, **dict(load_data=False, num_classes=10, steps_per_epoch=5)
@@ -187,7 +187,7 @@ def float64_trainer(monkeypatch):
 
 def _train(overrides, out_root):
     """As ``python -m qrepro.train <DIGITS + overrides>`` with its Hydra run directory."""
-    from qrepro.engine.members import override_dirname
+    from qrepro.config import run_subdir as override_dirname
     from qrepro.train import compose, train
 
     ov = DIGITS + overrides

@@ -13,12 +13,12 @@ from scipy import integrate, optimize, stats
 from torch import nn
 
 from qrepro.errors import QreproError
-from qrepro.ptq.aciq import aciq_alpha, clip_mse, fit_scale, optimal_clip_ratio
 from qrepro.ptq.core import PTQConfig, find_blocks, fold_weight_transforms, quantize_model
-from qrepro.ptq.levels import kmeans_levels, pot_levels, project
-from qrepro.ptq.quantizers import AdaRoundWeight, LevelQuantizer, UniformQuantizer
 from qrepro.quant import build_method, prepare
+from qrepro.quant.aciq import aciq_alpha, clip_mse, fit_scale, optimal_clip_ratio
 from qrepro.quant.layers import quantized_layers
+from qrepro.quant.levels import kmeans_levels, pot_levels, project
+from qrepro.quant.quantizers import AdaRoundWeight, LevelQuantizer, UniformQuantizer
 
 D = torch.float64
 
@@ -373,7 +373,7 @@ def test_quantized_models_trace_without_graph_breaks(alg):
 
 
 def test_per_channel_weight_quantization():
-    from qrepro.ptq.core import weight_alpha, weight_quantizer_for
+    from qrepro.quant.calibrate import weight_alpha, weight_quantizer_for
 
     fp, calib = _model(), _calib(32)
     layer = fp[2][0].conv1
@@ -537,7 +537,7 @@ def test_adaquant_matches_calibtip_reference_maths(f64):
 
 
 def test_range_quantizer_is_calibtip_quantizer(f64):
-    from qrepro.ptq.quantizers import RangeQuantizer
+    from qrepro.quant.quantizers import RangeQuantizer
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 3, 5, 5, generator=g) * 2).requires_grad_(True)
@@ -610,8 +610,8 @@ def _qdrop_lp_search(x: torch.Tensor, bits: int, p: float, per_channel: bool):
 
 
 def test_lp_observer_matches_brute_force_search(f64):
-    from qrepro.ptq.core import lp_weight_bounds
-    from qrepro.ptq.quantizers import affine_qparams
+    from qrepro.quant.calibrate import lp_weight_bounds
+    from qrepro.quant.quantizers import affine_qparams
 
     w = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 1.0, 3.0]).view(
         3, 1, 1, 1

@@ -297,7 +297,7 @@ def test_asam_registered_and_scheduled():
 # ------------------------------------------------------------------------------------------------ QAT
 def test_robust_qat_calibrates_once_and_quantizes_satnl_weights():
     from qrepro.hooks import Context
-    from qrepro.ptq.quantizers import TransformedQuantizer, UniformQuantizer
+    from qrepro.quant.quantizers import TransformedQuantizer, UniformQuantizer
 
     m = build_method("robust_qat", 3, 4, d=0.2, symreg_coef=1.0, first_last_bits=None, init="aciq")
     net = prepare(_net(), m)

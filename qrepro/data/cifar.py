@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision import datasets
 
 from qrepro.data import DATASETS, DataBundle, Normalizer, tensor_bundle
 from qrepro.errors import QreproError
@@ -37,8 +39,6 @@ def cache_dir() -> Path:
 
 
 def _decode(data: bytes) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
@@ -136,8 +136,6 @@ def _load_imagefolder(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]
 
 
 def _load_torchvision(root: Path, classes: int, download: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from torchvision import datasets
-
     cls = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
     base = root.parent if root.name == _TV_DIRS[classes] else root
     out = {}

@@ -11,7 +11,7 @@ from qrepro.data import DATASETS, DataBundle, Normalizer, tensor_bundle
 
 def load_digits_tensors(image_size: int = 32, test_fraction: float = 0.2):
     """(x_train, y_train, x_test, y_test) as uint8 NCHW tensors; a fixed, stratified-by-order split."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import, only digits needs it
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)  # values 0..16

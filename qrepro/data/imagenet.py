@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from torchvision import datasets, transforms
 
 from qrepro.data import DATASETS, DataBundle
 from qrepro.errors import QreproError
@@ -40,8 +42,6 @@ class DeviceLoader:
 
 
 def _pil_to_uint8(img) -> torch.Tensor:
-    import numpy as np
-
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -64,8 +64,6 @@ def build_imagenet(
     world_size: int = 1,
     **_: object,
 ) -> DataBundle:
-    from torchvision import datasets, transforms
-
     if not root or not (Path(root) / "train").is_dir() or not (Path(root) / "val").is_dir():
         raise QreproError(
             f"dataset.root={root} is not an ImageNet folder; pass dataset.root=<dir with train/ and val/ ImageFolders>"

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qrepro.engine.checkpoint import atomic_save, check_finite, nonfinite_tensors, read_checkpoint
+from tqdm import tqdm
+
+from qrepro.engine.checkpoint import atomic_save, check_finite, load_model_state, nonfinite_tensors, read_checkpoint
 from qrepro.engine.loop import NonFiniteLoss
 from qrepro.engine.record import device_name, git_info, versions, write_json_atomic
 from qrepro.engine.rundir import identity_difference
@@ -107,7 +109,6 @@ class Checkpointer(Callback):
                     "or start over with force=true"
                 )
         check_finite(ck["model"], f"checkpoint {self.last}")
-        from qrepro.engine.checkpoint import load_model_state
 
         load_model_state(f.model, ck["model"], strict=True)
         try:
@@ -207,8 +208,6 @@ class Console(Callback):
     def on_epoch_start(self, t: Any, epoch: int) -> None:
         t.bar = None
         if self.progress and t.f.is_main:
-            from tqdm import tqdm
-
             t.bar = tqdm(
                 total=len(t.f.data.train),
                 desc=f"epoch {epoch + 1}/{t.f.epochs}",

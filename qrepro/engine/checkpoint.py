@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qrepro.engine.fsio import atomic_write
 from qrepro.errors import QreproError
 from qrepro.quant.layers import is_quantizer_param
-
-# fn(state_dict) -> converted state_dict, or None when it does not recognise the format
-Converter = Callable[[dict[str, torch.Tensor]], "dict[str, torch.Tensor] | None"]
-_CONVERTERS: list[tuple[str, Converter]] = []
-
-
-def register_converter(name: str) -> Callable[[Converter], Converter]:
-    """Register a converter for a foreign checkpoint format (e.g. the APoT authors' release)."""
-
-    def deco(fn: Converter) -> Converter:
-        _CONVERTERS.append((name, fn))
-        return fn
-
-    return deco
+from qrepro.registry import CONVERTERS
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file unique to this process, then rename: readers see the old or the new
     file, never a partial one. A full disk, a permission problem or a file blocking the directory is a one-line
     QreproError naming the path, and the temporary file is removed."""
-    from qrepro.engine.fsio import atomic_write
-
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -107,7 +92,7 @@ def extract_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], st
             break
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise QreproError("checkpoint has no state_dict (expected keys 'model' or 'state_dict' or a bare state_dict)")
-    for name, conv in _CONVERTERS:
+    for name, conv in CONVERTERS:
         out = conv(sd)
         if out is not None:
             return out, name

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from qrepro.hooks import Context, Hook
 from qrepro.errors import QreproError
+from qrepro.hooks import Context, Hook
 
 
 def is_distributed() -> bool:
@@ -67,7 +68,7 @@ def _env_from_submitit() -> None:
     if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
         return
     try:
-        from submitit import JobEnvironment
+        from submitit import JobEnvironment  # optional: only present with the slurm extra
         from submitit.helpers import TorchDistributedEnvironment
     except ImportError:
         return
@@ -80,15 +81,23 @@ def _env_from_submitit() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def select_device(name: str | None) -> torch.device:
+    """``trainer.device`` (auto | cpu | cuda | cuda:k) for a single process; a missing GPU is one line."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QreproError(f"trainer.device={name} but no CUDA GPU is available; use trainer.device=cpu")
+    return dev
+
+
 def setup(device: str | None) -> DistEnv:
     """Initialise the process group from the launcher's environment (no-op for a single process).
 
-    ``device`` is ``trainer.device`` (auto | cpu | cuda | cuda:k), resolved by ``qrepro.builders.select_device``
+    ``device`` is ``trainer.device`` (auto | cpu | cuda | cuda:k), resolved by :func:`select_device`
     for a single process. Under several processes each rank takes ``cuda:<local_rank mod #GPUs>`` with the NCCL
     backend, or the CPU with gloo (``trainer.device=cpu``).
     """
-    from qrepro.builders import select_device
-
     _env_from_submitit()
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_available() and dist.is_initialized():  # a caller (tests, a notebook) made the group already
@@ -116,8 +125,6 @@ def setup(device: str | None) -> DistEnv:
 
 
 def _rank_device(device: str | None, local_rank: int) -> torch.device:
-    from qrepro.builders import select_device
-
     if device in (None, "auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     dev = select_device(device)
@@ -285,7 +292,6 @@ def wrap_ddp(model: nn.Module, env: DistEnv, find_unused_parameters: bool = Fals
     """
     if env.world_size <= 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)

@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, vmap
 
+from qrepro.engine.fast import compile_forward_loss, with_input
 from qrepro.errors import QreproError
 
 __all__ = [
@@ -44,8 +46,6 @@ __all__ = [
     "RngState",
     "MemberSlot",
     "BatchedStep",
-    "Members",
-    "build_members",
     "member_overrides",
     "member_seeds",
 ]
@@ -207,8 +207,6 @@ class MemberStack:
     def vmapped(self, fn: Callable[..., Any], in_dims: tuple = ()) -> Callable[..., Any]:
         """``(*args) -> fn(template, *args)`` for every member at once: ``args`` batched along dim 0 as given by
         ``in_dims`` (0 = one slice per member, None = shared)."""
-        from torch.func import functional_call, vmap
-
         template = self.template
 
         class _Call(nn.Module):
@@ -337,11 +335,12 @@ class MemberSlot:
 
 def _forward_loss_fn(loss_fn: Callable, regularizer: Callable | None, autocast: Any = None) -> Callable:
     """``(model, x, y) -> (loss, correct)``: ``make_forward_loss``'s unit, for the template module."""
+    criterion = with_input(loss_fn)
 
     def fl(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast() if autocast is not None else _null():
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = criterion(logits, y, x)
             if regularizer is not None:
                 r = regularizer(model)
                 if r is not None:
@@ -384,8 +383,6 @@ class BatchedStep:
         self.stack = MemberStack([s.model for s in self.slots])
         self.fn = self.stack.vmapped(_forward_loss_fn(loss_fn, regularizer, autocast), in_dims=(0, 0))
         if compile_mode is not None:  # one graph for all members (CUDA graphs in reduce-overhead)
-            from qrepro.engine.fast import compile_forward_loss
-
             self.fn = compile_forward_loss(self.fn, compile_mode)
 
     @property
@@ -430,77 +427,6 @@ class BatchedStep:
         self.stack.release()
 
 
-# ------------------------------------------------------------------------------- in-process API (tests)
-@dataclass
-class Members:
-    """K runs (``qrepro.api.Run`` each, built exactly as ``qrepro.api.build`` with seed S+i) stepped as one batch.
-
-    ``step([(x0, y0), ..., (xK-1, yK-1)])`` takes one training step of every member on its own batch (the first
-    call first runs each member's ``on_train_start`` on its batch, as the trainer does). ``runs[i]`` is member i.
-    """
-
-    runs: list[Any]
-    step_fn: BatchedStep | None = None
-    rngs: list[RngState] = field(default_factory=list)
-
-    def _start(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for r, rng, (x, y) in zip(self.runs, self.rngs, batches):
-            with rng:
-                r.start(x, y)
-        slots = [
-            MemberSlot(r.model, r.optimizer, r.scheduler, r.hooks, r.ema, r.ctx, rng)
-            for r, rng in zip(self.runs, self.rngs)
-        ]
-        check_python_state([r.model for r in self.runs])
-        r0 = self.runs[0]
-        self.step_fn = BatchedStep(slots, r0.loss_fn, r0.method.regularizer)
-
-    def step(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        if len(batches) != len(self.runs):
-            raise ValueError(f"step needs one batch per member ({len(self.runs)}), got {len(batches)}")
-        if self.step_fn is None:
-            self._start(batches)
-        prepared = [r._prepare(x, y) for r, (x, y) in zip(self.runs, batches)]
-        for r in self.runs:
-            r.ctx.epoch = r.ctx.step // max(1, r.steps_per_epoch)
-        xs = torch.stack([x for x, _ in prepared])
-        ys = torch.stack([y for _, y in prepared])
-        losses, _ = self.step_fn(xs, ys)
-        return losses
-
-    def end_epoch(self) -> list[dict[str, float]]:
-        out = []
-        for r, rng in zip(self.runs, self.rngs):
-            with rng:
-                out.append(r.end_epoch())
-        return out
-
-
-def build_members(
-    overrides: Sequence[str],
-    members: int,
-    dtype: torch.dtype | None = None,
-    *,
-    load_data: bool = True,
-    num_classes: int | None = None,
-    steps_per_epoch: int | None = None,
-) -> Members:
-    """``qrepro.api.build(overrides + [f"seed={S + i}"])`` for i < ``members`` (S: the composed seed), as one batch."""
-    from qrepro.api import build
-    from qrepro.builders import compose
-
-    base = int(compose([o for o in overrides if not o.startswith("trainer.members=")]).seed)
-    runs, rngs = [], []
-    for i in range(members):
-        ov = [o for o in overrides if _key(o) not in ("seed", "trainer.members")] + [f"seed={base + i}"]
-        r = build(ov, dtype, load_data=load_data, num_classes=num_classes, steps_per_epoch=steps_per_epoch)
-        rng = RngState(r.device)
-        rng.capture()
-        runs.append(r)
-        rngs.append(rng)
-    return Members(runs, rngs=rngs)
-
-
 # -------------------------------------------------------------------------------- run directories, seeds
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
@@ -519,32 +445,7 @@ def member_overrides(overrides: Sequence[str], seed: int, index: int, seed_given
     return out
 
 
-def _exclude_keys() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    if HydraConfig.initialized():
-        return list(HydraConfig.get().job.config.override_dirname.exclude_keys)
-    from qrepro.cli import CONFIG_DIR
-
-    return list(OmegaConf.load(Path(CONFIG_DIR) / "train.yaml").hydra.job.config.override_dirname.exclude_keys)
-
-
-def override_dirname(overrides: Sequence[str]) -> str:
-    """The run sub-directory Hydra names for ``overrides`` (``hydra.job.override_dirname`` + ``run_subdir``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from qrepro.cli import run_subdir_name
-
-    exclude = set(_exclude_keys())
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    lines = sorted(o.input_line for o in parsed if o.key_or_group not in exclude)
-    return run_subdir_name(",".join(lines))
-
-
 def batch_id(name: str, seeds: Sequence[int], overrides: Sequence[str]) -> str:
     """A name for one batched job: experiment name, seed range and a hash of the shared overrides."""
-    import json
-
     h = hashlib.sha256(json.dumps([name, list(seeds), sorted(overrides)], default=str).encode()).hexdigest()[:12]
     return f"{name}:seeds={seeds[0]}-{seeds[-1]}:{h}"

@@ -16,14 +16,16 @@ separate run stops (a diverged record) and the batch goes on without it.
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm import tqdm
 
 from qrepro.engine.callbacks import Console
 from qrepro.engine.loop import NonFiniteLoss
@@ -31,13 +33,9 @@ from qrepro.engine.members import (
     BatchedStep,
     MemberSlot,
     RngState,
-    _key,
-    batch_id,
     check_python_state,
-    member_overrides,
-    member_seeds,
-    override_dirname,
 )
+from qrepro.engine.trainer import FitResult
 from qrepro.errors import QreproError
 
 
@@ -58,7 +56,7 @@ class _Member:
     index: int
     seed: int
     label: str
-    cfg: DictConfig
+    cfg: Any  # the member's config (the launch reads it; the loop does not)
     run_dir: Path
     trainer: Any = None
     slot: MemberSlot | None = None
@@ -71,8 +69,6 @@ class _Member:
 
 def member_data(data: Any, seed: int) -> Any:
     """``data`` with its training loader drawing the order and augmentation of ``seed`` (the images shared)."""
-    import copy
-
     train = data.train
     if not (hasattr(train, "seed") and hasattr(train, "set_epoch") and hasattr(train, "images")):
         raise QreproError(
@@ -87,174 +83,7 @@ def member_data(data: Any, seed: int) -> Any:
     return out
 
 
-def _member_cfg(cfg: DictConfig, seed: int) -> DictConfig:
-    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    with open_dict(c):
-        c.seed = int(seed)
-        c.trainer.members = 1
-    return c
-
-
-def run_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None, overrides: list[str] | None):
-    """Train the K members of ``cfg``; returns their FitResults (member order). A diverged member gets a
-    diverged record and, after the others finished, the launch fails in one line naming it."""
-    from qrepro.builders import hydra_context, semantic_overrides
-    from qrepro.engine import dist as qdist
-    from qrepro.engine.rundir import RunLock, init_source
-    from qrepro.engine.trainer import FitResult
-    from qrepro.train import prepare_run_dir
-    from qrepro.validation import validate_config
-
-    validate_config(cfg)
-    k = int(cfg.trainer.members)
-    h_dir, h_exp, h_over = hydra_context()
-    raw = [o for o in (overrides if overrides is not None else h_over)]
-    experiment = experiment or h_exp or cfg.get("experiment")
-    s0 = int(cfg.seed)
-    seed_given = any(_key(o) == "seed" for o in raw)
-    seeds = member_seeds(s0, k)
-    raws = [member_overrides(raw, s0, i, seed_given) for i in range(k)]
-    base = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default").parent
-    members = [
-        _Member(i, seeds[i], f"seed={seeds[i]}", _member_cfg(cfg, seeds[i]), base / override_dirname(raws[i]))
-        for i in range(k)
-    ]
-    if bool(cfg.trainer.get("channels_last", False)):
-        raise QreproError(
-            "trainer.channels_last with trainer.members: the batched forward runs on stacked [K, ...] tensors "
-            "(no channels-last layout); drop one of the two"
-        )
-    denv = qdist.setup(cfg.trainer.device)
-    if denv.world_size > 1:
-        raise QreproError("trainer.members cannot be combined with several processes (torchrun/DDP); use one")
-    init = init_source(cfg.init_from)
-    results: list[Any] = [None] * k
-    batch = {
-        "id": batch_id(str(cfg.name), seeds, [o for o in raw if _key(o) not in ("seed", "trainer.members")]),
-        "size": k,
-        "seeds": seeds,
-        "run_dirs": [str(m.run_dir) for m in members],
-    }
-    todo: list[tuple[_Member, bool]] = []
-    try:
-        for m in members:
-            m.lock = RunLock(m.run_dir)
-            m.lock.acquire()
-            try:
-                action, rec = prepare_run_dir(m.cfg, m.run_dir, init)
-            except QreproError as e:
-                raise QreproError(f"member {m.label}: {e}") from None
-            if action == "skip":
-                what = "a complete record" if rec.get("complete") else f"a {rec.get('status')} record"
-                print(f"skip: {m.run_dir} already has {what} (member {m.label})", flush=True)
-                results[m.index] = FitResult(
-                    rec, m.run_dir / "record.json", diverged=rec.get("status") == "diverged", skipped=True
-                )
-            else:
-                todo.append((m, action == "resume"))
-        if todo:
-            _train(cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], init, denv, batch)
-            for m, _ in todo:
-                results[m.index] = m.result
-    finally:
-        for m in members:
-            if m.lock is not None:
-                m.lock.release()
-    bad = [m for m, _ in todo if m.error]
-    if bad:
-        raise QreproError("training diverged: " + "; ".join(f"member {m.label}: {m.error}" for m in bad))
-    return results
-
-
-def _train(cfg, todo, experiment, member_overrides_, init, denv, batch) -> None:
-    from qrepro.builders import build_components, build_data_from_cfg, seed_everything
-    from qrepro.engine.callbacks import default_callbacks
-    from qrepro.engine.fast import compile_mode, setup_device
-    from qrepro.engine.precision import amp_mode, autocast_factory, check_amp, make_scaler
-    from qrepro.engine.rundir import identity
-    from qrepro.engine.trainer import Fit, Trainer
-    from qrepro.train import make_record_base, open_logger
-
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(int(cfg.trainer.num_threads))
-    device = denv.device
-    deterministic = bool(cfg.trainer.get("deterministic"))
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    setup_device(device, deterministic=deterministic)
-    amp = amp_mode(cfg.trainer.get("amp"))
-    # trainer.compile=auto stays eager with members (the batched step is compiled only when asked for)
-    mode = None if str(cfg.trainer.compile).lower() == "auto" else compile_mode(cfg.trainer.compile, device)
-    autocast = autocast_factory(amp, device)
-    seed_everything(int(todo[0][0].seed))
-    data = build_data_from_cfg(cfg, device)
-    k_all = batch["size"]
-    for (m, resuming), ovr in zip(todo, member_overrides_):
-        c = m.cfg
-        seed_everything(int(m.seed))  # as the separate run: the model initialised from its own seed
-        data_m = member_data(data, m.seed)
-        comp = build_components(c, device, data=data_m, init=not resuming)
-        check_amp(amp, comp.optimizer)
-        hooks = list(comp.method.hooks) + list(getattr(comp.optimizer, "hooks", []))
-        config = OmegaConf.to_container(c, resolve=True)
-        record_base = make_record_base(c, experiment, ovr, init, 1)
-        record_base["members"] = {**batch, "index": m.index}
-        logger = open_logger(c, m.run_dir, config, resuming, concurrent=True)
-        scaler = make_scaler(amp, device)
-        f = Fit(
-            model=comp.model,
-            data=data_m,
-            optimizer=comp.optimizer,
-            scheduler=comp.scheduler,
-            loss_fn=comp.loss_fn,
-            epochs=int(c.trainer.epochs),
-            run_dir=m.run_dir,
-            hooks=hooks,
-            regularizer=comp.method.regularizer,
-            ema=comp.ema,
-            logger=logger,
-            record_base=record_base,
-            log_every=int(c.trainer.log_every),
-            progress=False,
-            resume=resuming,
-            device=device,
-            identity=identity(config, init),
-            scaler=scaler,
-        )
-        f.callbacks = [MemberConsole(m.label) if isinstance(cb, Console) else cb for cb in default_callbacks(f)]
-        m.trainer = Trainer(f)
-        m.rng = RngState(device)
-        m.rng.capture()
-        m.method = comp.method
-        print(
-            f"run: {m.run_dir}  model={c.model.name} quantizer={c.quantizer.name} precision={c.precision.name} "
-            f"device={device} epochs={c.trainer.epochs} compile={mode or 'off'}"
-            + (f" amp={amp}" if amp != "off" else "")
-            + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
-            flush=True,
-        )
-    members = [m for m, _ in todo]
-    try:
-        for m in members:
-            with m.rng:
-                m.trainer.setup()
-            t = m.trainer
-            m.slot = MemberSlot(
-                t.f.model, t.f.optimizer, t.f.scheduler, t.f.hooks, t.f.ema, t.ctx, m.rng, t.f.scaler, m.label
-            )
-        _loop(members, cfg, autocast, mode)
-    finally:
-        for m in members:
-            if m.result is None and m.trainer is not None:  # an exception: close what is open
-                try:
-                    m.trainer.f.logger.finish()
-                except Exception:  # noqa: BLE001
-                    pass
-
-
 def _finish(m: _Member) -> None:
-    from qrepro.engine.trainer import FitResult
-
     try:
         m.result = m.trainer.finish()
     except QreproError as e:  # diverged
@@ -271,8 +100,11 @@ def _finish(m: _Member) -> None:
         )
 
 
-def _loop(members: list[_Member], cfg: DictConfig, autocast: Any, mode: str | None) -> None:
-    epochs = int(cfg.trainer.epochs)
+def run_members(
+    members: list[_Member], *, epochs: int, log_every: int, progress: bool, autocast: Any, mode: str | None
+) -> None:
+    """Train every member (each already ``setup``) to ``epochs``, in cohorts of members at the same epoch."""
+    opts = {"epochs": epochs, "log_every": log_every, "progress": progress, "autocast": autocast, "mode": mode}
     for m in members:
         if m.trainer.state.epoch >= epochs:  # resumed after its last epoch: only the record was missing
             m.trainer.state.status = "complete"
@@ -288,7 +120,7 @@ def _loop(members: list[_Member], cfg: DictConfig, autocast: Any, mode: str | No
                 f"before the batch of {len(active)} continues",
                 flush=True,
             )
-        batch = _Batch(cohort, cfg, autocast, mode)
+        batch = _Batch(cohort, **opts)
         try:
             for epoch in range(low, nxt):
                 batch.epoch(epoch)
@@ -306,9 +138,12 @@ def _loop(members: list[_Member], cfg: DictConfig, autocast: Any, mode: str | No
 class _Batch:
     """A cohort of members at the same epoch and its batched step (rebuilt when a member leaves)."""
 
-    def __init__(self, cohort: list[_Member], cfg: DictConfig, autocast: Any, mode: str | None) -> None:
+    def __init__(
+        self, cohort: list[_Member], *, epochs: int, log_every: int, progress: bool, autocast: Any, mode: str | None
+    ) -> None:
         self.cohort = list(cohort)
-        self.cfg, self.autocast, self.mode = cfg, autocast, mode
+        self.epochs, self.log_every, self.progress = epochs, log_every, progress
+        self.autocast, self.mode = autocast, mode
         self.step: BatchedStep | None = None
         self._build()
 
@@ -337,8 +172,7 @@ class _Batch:
 
     def epoch(self, epoch: int) -> None:
         """Train the cohort (all at ``epoch``) for one epoch as one batch, then each member's epoch end."""
-        cfg, cohort = self.cfg, self.cohort
-        log_every = int(cfg.trainer.log_every)
+        cohort, log_every = self.cohort, self.log_every
         t0s = {}
         for m in cohort:
             with m.rng:
@@ -346,12 +180,8 @@ class _Batch:
         iters = [iter(m.trainer.f.data.train) for m in cohort]
         n_steps = len(cohort[0].trainer.f.data.train)
         bar = None
-        if bool(cfg.trainer.progress):
-            import sys
-
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.trainer.epochs} x{len(cohort)}", leave=False,
+        if self.progress:
+            bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.epochs} x{len(cohort)}", leave=False,
                        file=sys.stderr, mininterval=1.0, dynamic_ncols=True)  # fmt: skip
         dev_loss = dev_correct = None
         n_seen = 0

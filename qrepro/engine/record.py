@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from qrepro.engine.fsio import atomic_write
+
 
 def git_info(cwd: str | Path | None = None) -> dict[str, Any]:
     cwd = str(cwd or Path(__file__).resolve().parents[2])
@@ -50,8 +52,6 @@ def device_name(device: torch.device) -> str:
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
     """Write JSON through a temporary file unique to this process and a rename (see ``fsio.atomic_write``)."""
-    from qrepro.engine.fsio import atomic_write
-
     text = json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

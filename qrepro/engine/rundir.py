@@ -7,6 +7,7 @@
 * :func:`identity` — what determines a run's result besides its directory name: the semantic config (no paths,
   devices or logging keys) and the content hash of ``init_from``. Stored in every checkpoint and record; a resume
   or skip whose identity differs is refused instead of continuing or returning another run's result.
+* :func:`prepare_run_dir` — what a launch does with a directory it holds: start fresh, resume, or skip.
 * :func:`mark_superseded` — a rerun (``force=true``/``retry=true``) rewrites the old record as
   ``status: superseded`` (``complete: false``) before it touches any checkpoint.
 """
@@ -20,35 +21,18 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qrepro.engine.checkpoint import read_checkpoint
 from qrepro.engine.fsio import ensure_dir, io_error, remove_stale_tmp
+from qrepro.engine.record import read_record, write_json_atomic
 from qrepro.errors import QreproError
 
 LOCK_NAME = ".lock"
-# config keys that never change a run's result (besides the path-like init_from, replaced by its hash)
-NON_RESULT_KEYS = (
-    "resume",
-    "force",
-    "retry",
-    "out_root",
-    "init_from",
-    "experiment",
-    "logger",
-    "dataset.root",
-    "dataset.download",
-    "dataset.workers",
-    "trainer.device",
-    "trainer.progress",
-    "trainer.compile",
-    "trainer.num_threads",
-    "trainer.log_every",
-    "trainer.find_unused_parameters",
-    "trainer.members",
-    "trainer.channels_last",
-    "ptq.eval_fp",
-)
+WANDB_ID_FILE = "wandb_id"  # the W&B run a resumed launch continues
+RESUME_HINT = "add resume=true to continue it, or force=true to start over"
 
 
 class RunLock:
@@ -146,8 +130,6 @@ def init_source(init_from: Any) -> dict[str, str] | None:
         return None
     p = Path(str(init_from))
     if p.is_dir():
-        from qrepro.engine.checkpoint import read_checkpoint
-
         read_checkpoint(p)  # raises the one-line "is a directory" error with a hint
     if not p.is_file():
         raise QreproError(f"checkpoint {p} does not exist; check init_from=<path to a .pt/.pth file>")
@@ -165,18 +147,20 @@ def _drop(d: dict[str, Any], dotted: str) -> None:
         _drop(d[head], rest)
 
 
-def result_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config that determines a run's result."""
+def result_config(config: dict[str, Any], non_result_keys: Sequence[str]) -> dict[str, Any]:
+    """The part of a resolved config that determines a run's result (``config`` without ``non_result_keys``)."""
     out = json.loads(json.dumps(config, default=str))
-    for k in NON_RESULT_KEYS:
+    for k in non_result_keys:
         _drop(out, k)
     if isinstance(out.get("trainer"), dict) and out["trainer"].get("amp") in ("off", False, None):
         _drop(out, "trainer.amp")  # float32 (the default): the identity of runs from before the key existed
     return out
 
 
-def identity(config: dict[str, Any], init: dict[str, str] | None) -> dict[str, Any]:
-    cfg = result_config(config)
+def identity(config: dict[str, Any], init: dict[str, str] | None, non_result_keys: Sequence[str]) -> dict[str, Any]:
+    """What determines a run's result: the hash of ``config`` without ``non_result_keys`` (the configuration's
+    non-semantic keys, ``qrepro.config.NON_SEMANTIC_KEYS``) and the content hash of ``init_from``."""
+    cfg = result_config(config, non_result_keys)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
     return {"config_sha256": digest, "init_from_sha256": init["sha256"] if init else None, "config": cfg}
 
@@ -210,8 +194,6 @@ def identity_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str 
 
 def mark_superseded(record_path: Path, record: dict[str, Any], why: str) -> None:
     """Rewrite an old record as superseded (never complete) before a rerun touches the checkpoints."""
-    from qrepro.engine.record import write_json_atomic
-
     old_status = record.get("status") or ("complete" if record.get("complete") else "incomplete")
     record = {
         **record,
@@ -235,3 +217,64 @@ def remove_checkpoints(run_dir: Path) -> list[str]:
                     raise io_error(p, e, "remove") from None
                 gone.append(p.name)
     return gone
+
+
+def _init_mismatch(record: dict[str, Any], init: dict[str, str] | None) -> str | None:
+    """How ``record``'s initialisation differs from this launch's ``init`` (None: the same)."""
+    ident = record.get("identity")
+    now_sha = init["sha256"] if init else None
+    if isinstance(ident, dict) and "init_from_sha256" in ident:
+        old = ident["init_from_sha256"]
+        if old == now_sha:
+            return None
+        return (
+            f"init_from {'sha256 ' + old[:12] if old else 'none'} -> {'sha256 ' + now_sha[:12] if now_sha else 'none'}"
+        )
+    old_path, now_path = record.get("init_from") or None, init["path"] if init else None  # a record without hashes
+    return None if old_path == now_path else f"init_from {old_path} -> {now_path}"
+
+
+def prepare_run_dir(
+    run_dir: Path, init: dict[str, str] | None, *, force: bool, retry: bool, resume: bool, epochs: int
+) -> tuple[str, dict[str, Any] | None]:
+    """What this launch does with ``run_dir`` (its lock held): ("fresh" | "resume" | "skip", record).
+
+    * ``force`` (or ``retry`` on a diverged run): the old record is marked superseded, then the old checkpoints
+      are removed, then the run starts from scratch;
+    * a complete record: skipped, but only when it was initialised from the same ``init_from`` content;
+    * a diverged record: skipped (``retry`` or ``force`` runs it again);
+    * a checkpoint without a complete record (a killed run): resumed with ``resume``, else refused in one line.
+    """
+    record_path = run_dir / "record.json"
+    rec = read_record(record_path)
+    status = (rec or {}).get("status") or ("complete" if (rec or {}).get("complete") else None)
+    last = run_dir / "checkpoints" / "last.pt"
+    if force or (retry and status == "diverged"):
+        why = "force=true" if force else "retry=true"
+        if rec is not None:
+            mark_superseded(record_path, rec, why)
+        gone = remove_checkpoints(run_dir)
+        (run_dir / WANDB_ID_FILE).unlink(missing_ok=True)
+        if rec is not None or gone:
+            print(f"{why}: {run_dir} starts over (old record marked superseded, removed {gone or 'no checkpoints'})")
+        return "fresh", None
+    if rec is not None and rec.get("complete") is True:
+        diff = _init_mismatch(rec, init)
+        if diff:
+            raise QreproError(
+                f"{run_dir} holds a complete run initialised differently ({diff}); a different initialisation is a "
+                "different run: pass another out_root=..., or force=true to replace it"
+            )
+        return "skip", rec
+    if status == "diverged":
+        return "skip", rec
+    if last.exists():
+        if not resume:
+            try:
+                ck = read_checkpoint(last)
+                where = f"checkpoint after epoch {int(ck['epoch']) + 1}/{epochs}"
+            except (QreproError, KeyError, TypeError, ValueError):
+                where = f"checkpoint {last}"
+            raise QreproError(f"{run_dir} holds an unfinished run ({where}, no complete record); {RESUME_HINT}")
+        return "resume", rec
+    return "fresh", rec

@@ -13,9 +13,10 @@ from torch import nn
 
 from qrepro.engine import dist as qdist
 from qrepro.engine.callbacks import Callback, Checkpointer, NaNGuard, default_callbacks
-from qrepro.hooks import Context, Hook
+from qrepro.engine.fast import compile_eval_forward
 from qrepro.engine.loop import NonFiniteLoss, evaluate, train_one_epoch
 from qrepro.errors import QreproError
+from qrepro.hooks import Context, Hook
 
 
 @dataclass
@@ -139,8 +140,6 @@ class Trainer:
         self.eval_model = f.ema.module if f.ema is not None else f.model
         self.eval_forward = None
         if f.eval_compile is not None:
-            from qrepro.engine.fast import compile_eval_forward
-
             self.eval_forward = compile_eval_forward(self.eval_model, f.eval_compile)
 
     def begin_epoch(self, epoch: int) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from qrepro.errors import QreproError
+
 
 class NullLogger:
     run_dir: str | None = None
@@ -35,7 +37,7 @@ class WandbLogger:
         concurrent: bool = False,
     ) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
+        import wandb  # imported here: slow to import, and only logger=wandb needs it
 
         self._wandb = wandb
         self.run = wandb.init(
@@ -77,6 +79,5 @@ def build_logger(kind: str, **kw: Any):
         mode = os.environ.get("WANDB_MODE", kw.pop("mode", "offline"))
         kw.pop("mode", None)
         return WandbLogger(mode=mode, **kw)
-    from qrepro.errors import QreproError
 
     raise QreproError(f"unknown logger {kind!r}; choose logger=wandb or logger=none")

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from qrepro.data.cifar import load_cifar_tensors
 from qrepro.errors import QreproError
-from qrepro.registry import Registry
+from qrepro.registry import Registry, import_submodules
 
 SUITES = Registry("parity suite")
 
@@ -161,8 +162,6 @@ def cifar_batches(
     root: Path | str | None, n: int, batch: int, seed: int = 0, split: str = "train"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches of ``batch`` real CIFAR-10 images (uint8 NCHW, labels), drawn at random with ``seed``."""
-    from qrepro.data.cifar import load_cifar_tensors
-
     root = Path(root) if root else DEFAULT_CIFAR
     if not root.exists():
         raise QreproError(f"parity needs CIFAR-10 images: {root} does not exist; pass --data <CIFAR-10 root>")
@@ -180,8 +179,6 @@ def normalize(x: torch.Tensor, mean: Any, std: Any, dtype: torch.dtype = torch.f
 
 
 def run_suite(name: str, reference: Path | str | None, **kw: Any) -> list[Report]:
-    from qrepro.registry import import_submodules
-
     import_submodules(__name__, __path__)
     suite = SUITES.get(name)
     ref = Path(reference) if reference else DEFAULT_REFERENCE / {"tr": "trs"}.get(name, name)

@@ -1,4 +1,4 @@
-"""``python -m qrepro.parity <apot|sat|tr> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
+"""``python -m qrepro.parity <apot|sat|tr|reactnet> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
 
 from __future__ import annotations
 
@@ -6,17 +6,16 @@ import argparse
 import sys
 import time
 
+import torch
+
 from qrepro.cli import one_line_errors
+from qrepro.parity import DEFAULT_CIFAR, run_suite
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from qrepro.parity import DEFAULT_CIFAR, run_suite
-
     p = argparse.ArgumentParser(prog="python -m qrepro.parity", description=__doc__)
-    p.add_argument("suite", choices=["apot", "sat", "tr"])
+    p.add_argument("suite", choices=["apot", "sat", "tr", "reactnet"])
     p.add_argument(
         "--reference", default=None, help="checkout of the authors' repository (default ../shared/reference/<suite>)"
     )

@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision import transforms
 
+from qrepro.api import build
 from qrepro.data import Normalizer
 from qrepro.errors import QreproError
 from qrepro.parity import SUITES, Report, cifar_batches, reference_import
@@ -106,8 +108,6 @@ def _their_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
 
 def _their_pipeline() -> Any:
-    from torchvision import transforms
-
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=THEIR_MEAN, std=THEIR_STD)])
 
 
@@ -117,8 +117,6 @@ def _their_inputs(tf: Any, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ qrepro
 def _our_run(bits: int, checkpoint: Path, overrides: list[str]) -> Any:
-    from qrepro.api import build
-
     return build(
         [
             f"+experiment=apot_resnet20_cifar10_w{bits}a{bits}_script",

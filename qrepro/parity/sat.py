@@ -42,7 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrepro.api import build
+from qrepro.models.sat_nets import InvertedResidual, adabits_key, adabits_state_dict
+from qrepro.optim import build_optimizer
 from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+from qrepro.quant import build_method, prepare
 
 D = torch.float64
 TOL = 1e-9
@@ -94,8 +98,6 @@ def authors_sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, we
 
 def to_ours(ref_name: str) -> str | None:
     """A parameter / buffer name of the authors' models in ours."""
-    from qrepro.models.sat_nets import adabits_key
-
     return adabits_key(ref_name)
 
 
@@ -174,8 +176,6 @@ def compare_training(
     alphas: dict[str, float] | None = None,
 ) -> None:
     """Copy the authors' weights into ours, take ``len(batches)`` steps on both, add the comparison rows."""
-    from qrepro.models.sat_nets import adabits_state_dict
-
     with torch.no_grad():
         for name, m in ref.model.named_modules():  # the clips under test, on both sides
             if alphas and name in alphas and hasattr(m, "alpha"):
@@ -223,9 +223,6 @@ def compare_training(
 def layers_report(reference: Path, scheme: str, bits: int, batches, eval_batch, quantizer: dict) -> Report:
     """(1): first conv (3 -> 8, stride 2, weight-only) - BN - ReLU - conv (8 -> 16) - BN - ReLU - pool - FC,
     every layer rescaled."""
-    from qrepro.optim import build_optimizer
-    from qrepro.quant import build_method, prepare
-
     rep = Report(f"SAT layers, weight levels {scheme}, W{bits}A{bits}, rescaled (Eq. 10), CG-PACT", TOL)
     with authors(reference, bits, **{**FLAGS_CIFAR, "weight_quant_scheme": scheme}) as imp:
         q = imp("models.quant_ops")
@@ -267,9 +264,6 @@ def block_report(reference: Path, bits: int, double_side: bool, batches, eval_ba
     """(2): first conv (8-bit, weight-only, stride 2) - BN - inverted residual (C -> C, t = 6, residual) - pool -
     FC (8-bit); C = 24 as in MobileNet-V2's second stage, 16x16 maps."""
     C = 24
-    from qrepro.models.sat_nets import InvertedResidual
-    from qrepro.optim import build_optimizer
-    from qrepro.quant import build_method, prepare
 
     side = "two-sided PACT on the expand conv (double_side)" if double_side else "one-sided PACT"
     rep = Report(f"SAT MobileNet-V2 block, W{bits}A{bits}, {side}, last FC rescaled", TOL)
@@ -321,8 +315,6 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], int, int, list[str]]] = {
 
 def experiment_report(reference: Path, experiment: str, batches, eval_batch, quantizer: dict) -> Report:
     """(3): a SAT experiment as the trainer builds it against the authors' model with their recipe's flags."""
-    from qrepro.api import build
-
     module, flags, spe, classes, extra = EXPERIMENTS[experiment]
     overrides = [f"+experiment={experiment}", *extra, *(f"quantizer.{k}={v}" for k, v in quantizer.items())]
     run = build(

@@ -50,7 +50,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision import transforms
 
+from qrepro.api import build
+from qrepro.data import Normalizer
 from qrepro.errors import QreproError
 from qrepro.parity import SUITES, Report, cifar_batches, reference_import
 
@@ -109,16 +112,12 @@ def _their_optimizer(co: Any, ut: Any, model: nn.Module, opt_name: str) -> torch
 
 
 def _their_inputs(x: torch.Tensor) -> torch.Tensor:
-    from torchvision import transforms
-
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(THEIR_MEAN, THEIR_STD)])
     return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
 
 
 # ------------------------------------------------------------------------------------------------ qrepro
 def _our_run(bits: str, opt_name: str, overrides: list[str]) -> Any:
-    from qrepro.api import build
-
     return build(
         [
             f"+experiment=tr_resnet20_cifar10_{bits}_{opt_name}",
@@ -134,8 +133,6 @@ def _our_run(bits: str, opt_name: str, overrides: list[str]) -> Any:
 
 
 def _our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
-    from qrepro.data import Normalizer
-
     d = run.cfg.dataset
     return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
 

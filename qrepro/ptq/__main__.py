@@ -16,8 +16,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from qrepro.builders import build_data_from_cfg, hydra_context, seed_everything, select_device, semantic_overrides
+from qrepro.builders import without as _without
 from qrepro.cli import hydra_entry
+from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
+from qrepro.engine.loop import evaluate
+from qrepro.engine.record import device_name, git_info, read_record, versions, write_json_atomic
+from qrepro.engine.rundir import RunLock, init_source, mark_superseded
 from qrepro.errors import QreproError
+from qrepro.models import build_model
+from qrepro.ptq.core import PTQ_ALGORITHMS, PTQConfig, quantize_model
+from qrepro.quant import build_method, prepare
+from qrepro.validation import validate_config
 
 PTQ_KEYS = (
     "first_last_bits quantize_first_input weight_grid weight_granularity asymmetric act_grid distribution init "
@@ -51,11 +61,6 @@ def bit_configs(cfg: DictConfig) -> list[tuple[int, int]]:
 
 def load_fp_model(cfg: DictConfig, num_classes: int, path: str, use_ema: str | bool) -> tuple[torch.nn.Module, str]:
     """The experiment's FP model with the checkpoint's (EMA) weights; returns (model, which weights)."""
-    from qrepro.builders import without as _without
-    from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
-    from qrepro.models import build_model
-    from qrepro.quant import build_method, prepare
-
     mcfg, qcfg = _plain(cfg.model), _plain(cfg.quantizer)
     model = build_model(mcfg["name"], num_classes=num_classes, **_without(mcfg, "name"))
     try:
@@ -98,11 +103,6 @@ def run_ptq(
 ) -> list[Path]:
     """Run every bit configuration of ``cfg.ptq``; returns the record paths. Under Hydra the run directory,
     experiment name and overrides come from Hydra; in-process callers may pass them."""
-    from qrepro.builders import hydra_context, semantic_overrides
-    from qrepro.engine.rundir import RunLock, init_source
-    from qrepro.ptq.core import PTQ_ALGORITHMS
-    from qrepro.validation import validate_config
-
     validate_config(cfg)
     if not cfg.init_from:
         raise QreproError("ptq needs the FP checkpoint: add init_from=<run dir>/checkpoints/last.pt")
@@ -130,9 +130,6 @@ def run_ptq(
 def _todo(cfg: DictConfig, targets: list, digest: str) -> list:
     """The targets to (re)compute: a complete record of the same source checkpoint is skipped; one made from
     another checkpoint is refused (force=true replaces it, after marking it superseded)."""
-    from qrepro.engine.record import read_record
-    from qrepro.engine.rundir import mark_superseded
-
     todo = []
     for t in targets:
         path = t[2] / "record.json"
@@ -153,11 +150,6 @@ def _todo(cfg: DictConfig, targets: list, digest: str) -> list:
 
 
 def _run_todo(cfg: DictConfig, todo: list, src: Path, digest: str, experiment: str | None) -> list[Path]:
-    from qrepro.builders import build_data_from_cfg, seed_everything, select_device
-    from qrepro.engine.loop import evaluate
-    from qrepro.engine.record import device_name, git_info, versions, write_json_atomic
-    from qrepro.ptq.core import PTQConfig, quantize_model
-
     device = select_device(cfg.trainer.device)
     seed_everything(int(cfg.seed))
     data = build_data_from_cfg(cfg, device)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qrepro.errors import QreproError
+from qrepro.quant.prepare import _layer_infos
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -362,8 +363,6 @@ def model_cost(
     ``w_bits`` = 32 gives the FP size. Layers are visited with a zero input of ``input_shape`` unless their
     ``macs`` (from :func:`layer_macs`) are given.
     """
-    from qrepro.quant.prepare import _layer_infos
-
     if scheme not in ("apot", "pot", "uniform", "lloyd", "fp"):
         raise QreproError(f"unknown cost scheme {scheme!r}; choose apot, pot, uniform, lloyd or fp")
     macs = layer_macs(model, input_shape) if macs is None else macs

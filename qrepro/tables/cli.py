@@ -9,6 +9,7 @@ identical bytes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from qrepro.errors import QreproError
 from qrepro.tables import figures as figs
 from qrepro.tables.compare import Row, compare, failures, summary
+from qrepro.tables.coverage import coverage, update_readme_coverage
 from qrepro.tables.records import DEFAULT_RUN_ROOTS, Record, collect, load_records
 from qrepro.tables.render import LEGEND, fmt, to_csv, to_latex, to_markdown
 from qrepro.tables.schema import SELECTIONS, Table, default_configs, load_table, resolve_table, table_paths
@@ -102,8 +104,6 @@ def readme_text(
     configs: str | Path,
 ) -> str:
     """``results/README.md``: column legend, how to reproduce, an index and every table embedded."""
-    import os
-
     base = readme.parent
     rel = lambda p: Path(os.path.relpath(p, base)).as_posix()  # noqa: E731
     lines = [
@@ -160,8 +160,6 @@ def update_project_readme(
 ) -> bool:
     """Rewrite the block between the results markers of the project README (if it has them): the column legend,
     every table with at least one record embedded, and the status of the others. Returns whether it wrote."""
-    import os
-
     if not path.exists():
         return False
     text = path.read_text(encoding="utf-8")
@@ -243,6 +241,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             project, entries, select=args.select, out=out, configs=args.configs
         ):
             print(f"results section: {project.as_posix()}")
+        if not args.readme and update_readme_coverage(project, coverage(tables)):
+            print(f"coverage section: {project.as_posix()}")
     if args.verify:
         for table, row in failed:
             print(_fail_line(table, row))

@@ -5,6 +5,7 @@ Verdict rule (also printed in every generated table):
 - ``missing``: no complete record for the cell (never filled in from anywhere else).
 - ``diverged``: no complete record, but a run of the cell stopped on a non-finite loss (``status: diverged``).
 - ``n/a``: the paper prints no number for the cell (``paper: null``).
+- ``paper only``: the row is not runnable here (its ``why`` says why); it shows the paper's number alone.
 - Otherwise the *basis* is the FP-difference when it can be formed, i.e. the cell names an ``fp_cell`` that
   has records and the paper's FP value is known (``paper_fp``, else the FP cell's ``paper``):
   ``gap = (ours − our FP) − (paper − paper FP)``; this comparison survives a different copy of the dataset
@@ -26,7 +27,7 @@ from qrepro.tables.records import Record, match_cell
 from qrepro.tables.schema import SELECTIONS, Cell, Table
 
 EPS = 1e-9
-PASS, FAIL, MISSING, NA, DIVERGED = "pass", "fail", "missing", "n/a", "diverged"
+PASS, FAIL, MISSING, NA, DIVERGED, PAPER_ONLY = "pass", "fail", "missing", "n/a", "diverged", "paper only"
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,9 @@ def compare(table: Table, records: Sequence[Record], select: str | None = None) 
         ours_dfp = _sub(ours.mean, ours_fp)
         gap = _sub(ours_dfp, paper_dfp)
         diverged = tuple(r for r in hits[c.id] if r.diverged)
-        if ours.n == 0:
+        if not c.runnable:
+            basis, verdict = None, PAPER_ONLY
+        elif ours.n == 0:
             basis, verdict = None, DIVERGED if diverged and not matched[c.id] else MISSING
         elif c.paper is None:
             basis, verdict = None, NA
@@ -142,11 +145,13 @@ def failures(rows: Sequence[Row]) -> list[Row]:
 
 def summary(rows: Sequence[Row]) -> str:
     """``'5/8 cells present: 4 pass, 1 fail, 3 missing'`` (n/a counted when present)."""
-    count = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, MISSING, NA, DIVERGED)}
-    present = len(rows) - count[MISSING]
+    count = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, MISSING, NA, DIVERGED, PAPER_ONLY)}
+    present = len(rows) - count[MISSING] - count[PAPER_ONLY]
     parts = [f"{count[PASS]} pass", f"{count[FAIL]} fail", f"{count[MISSING]} missing"]
     if count[DIVERGED]:
         parts.append(f"{count[DIVERGED]} diverged")
     if count[NA]:
         parts.append(f"{count[NA]} without a paper number")
+    if count[PAPER_ONLY]:
+        parts.append(f"{count[PAPER_ONLY]} paper only (not runnable here)")
     return f"{present}/{len(rows)} cells present: " + ", ".join(parts)

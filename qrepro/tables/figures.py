@@ -26,7 +26,7 @@ PNG_META = {"Software": None}  # no library version in the file: identical bytes
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # imported here: slow to import, and only the figures need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

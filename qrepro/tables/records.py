@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qrepro.cli import NON_SEMANTIC_KEYS
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from qrepro.config import NON_SEMANTIC_KEYS
 from qrepro.tables.schema import Cell
 
 DEFAULT_RUN_ROOTS = ("runs", "results/records")
@@ -39,8 +41,6 @@ def _ignored(key: str, keep_seed: bool) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Any:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     return OverridesParser.create()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from qrepro.tables.compare import Row, other_metric, summary
 from qrepro.tables.schema import Table
 
-METRIC_LABEL = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}
+METRIC_LABEL = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "ap": "COCO average precision AP (%)"}
 SELECT_LABEL = {"best": "the best test accuracy over epochs", "last": "the last epoch's test accuracy"}
 
 LEGEND = (
@@ -23,7 +23,7 @@ LEGEND = (
     "copy or FP recipe; otherwise the absolute difference Δ (*abs*). pass = |basis| ≤ tolerance (exactly at "
     "the tolerance passes), fail otherwise (in either direction); *missing* = no complete run record yet "
     "(never filled in); *diverged* = the only runs stopped on a non-finite loss; *n/a* = the paper prints no "
-    "number."
+    "number; *paper only* = a row of the paper that is not runnable here (its config column says why)."
 )
 
 CSV_COLUMNS = (
@@ -152,7 +152,9 @@ def to_markdown(
         links = [f"[{_seed_label(rec.seed)}]({_rel(rec.path, link_base)})" for rec in r.records]
         links += [f"[{_seed_label(rec.seed)} diverged]({_rel(rec.path, link_base)})" for rec in r.diverged]
         cfg = f"[{c.experiment}]({_rel(experiment_path(table, c.experiment, configs), link_base)})"
-        if c.overrides:
+        if not c.runnable:
+            cfg = f"not runnable here: {c.why}"
+        elif c.overrides:
             cfg += " " + " ".join(f"`{_md_escape(o)}`" for o in c.overrides)
         cells = [f"`{c.id}`{mark}", c.model] + ([c.dataset] if show_ds else []) + [c.method]
         cells += [c.optimizer or "—"] if show_opt else []
@@ -221,7 +223,9 @@ def to_csv(table: Table, rows: Sequence[Row], select: str, *, configs: str | Pat
                 c.extra.get("note", "") if isinstance(c.extra.get("note"), str) else "",
                 " ".join(json.dumps(rec.seed) for rec in r.records),
                 " ".join(rec.path.as_posix() for rec in r.records),
-                experiment_path(table, c.experiment, configs).as_posix(),
+                experiment_path(table, c.experiment, configs).as_posix()
+                if c.runnable
+                else f"not runnable here: {c.why}",
             ]
         )
     return buf.getvalue()

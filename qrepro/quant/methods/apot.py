@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qrepro.engine.checkpoint import register_converter
-from qrepro.hooks import Hook
 from qrepro.errors import QreproError
+from qrepro.hooks import Hook
 from qrepro.quant import apot as qa
+from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.registry import register_converter
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 LEVEL_FAMILIES = ("apot", "pot", "uniform", "lloyd")
@@ -139,8 +140,6 @@ class LloydRefit(Hook):
     after every epoch (Table 3 "Lloyd" ablation)."""
 
     def _refit(self, model: nn.Module) -> None:
-        from qrepro.quant.layers import quantized_layers
-
         for _, layer in quantized_layers(model):
             wq = layer.wq
             if isinstance(wq, APoTWeightQuantizer) and wq.family == "lloyd":

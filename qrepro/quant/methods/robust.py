@@ -17,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qrepro.hooks import Hook
 from qrepro.errors import QreproError
+from qrepro.hooks import Hook
+from qrepro.quant.calibrate import Calibration, init_quantizers, layer_bits, weight_quantizer_for
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.quantizers import TransformedQuantizer, UniformQuantizer
 from qrepro.quant.robust import SATNL_FUNCTIONS, kure_loss, satnl, symreg_loss
 
 
@@ -208,9 +210,6 @@ class _CalibrateQuantizers(Hook):
         self.init, self.distribution = init, distribution
 
     def on_train_start(self, ctx) -> None:
-        from qrepro.ptq.core import PTQConfig, init_quantizers
-        from qrepro.ptq.quantizers import UniformQuantizer
-
         model = getattr(ctx.model, "_orig_mod", ctx.model)
         qs = [m for m in model.modules() if isinstance(m, UniformQuantizer)]
         if not qs or all(q.initialized for q in qs) or ctx.sample_batch is None:
@@ -218,7 +217,7 @@ class _CalibrateQuantizers(Hook):
         x = ctx.sample_batch[0]
         was_training = model.training
         model.eval()
-        cfg = PTQConfig(distribution=self.distribution, batch_size=len(x))
+        cfg = Calibration(distribution=self.distribution, batch_size=len(x))
         init_quantizers(model, x, cfg, self.init)
         model.train(was_training)
 
@@ -246,9 +245,6 @@ def build_robust_qat(
     """QAT fine-tuning of a robust FP model: W_q = Q(d·f(W/d)) and inputs Q(x), both uniform per-tensor with
     LSQ-learned steps initialised from the first batch (``init``: minmax | mse | aciq), plus the same
     SymReg / KURE terms. (The main paper's QAT algorithm is not in the available sources; this is ours.)"""
-    from qrepro.ptq.core import layer_bits, weight_quantizer_for
-    from qrepro.ptq.quantizers import TransformedQuantizer, UniformQuantizer
-
     check_bits("robust_qat", w_bits, a_bits, (2, 3, 4, 5, 6, 7, 8, FP_BITS))
     if init not in ("minmax", "mse", "aciq"):
         raise QreproError(f"quantizer.init={init!r}; choose minmax, mse or aciq")

@@ -18,11 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qrepro.hooks import Context, Hook
 from qrepro.errors import QreproError
+from qrepro.hooks import Context, Hook
 from qrepro.quant import tr as F
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.transitions import TRMonitor
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP_BITS)
 
@@ -166,8 +167,6 @@ def build_tr(
 
     hooks: list[Hook] = [TRScaleInit()]
     if monitor_tr and w_bits != FP_BITS:
-        from qrepro.optim.tr import TRMonitor  # optim imports quant; import lazily
-
         hooks.append(TRMonitor(every=monitor_every, momentum=monitor_momentum))
     return Method(
         name="tr",

@@ -1,0 +1,184 @@
+"""The configuration layer's base: where the configs live, composing them in-process, the one table of
+non-semantic keys, and run-directory naming.
+
+Everything that reads Hydra's or OmegaConf's objects sits at or above this module; the engine and the building
+blocks below it take plain arguments.
+
+``NON_SEMANTIC_KEYS`` is the one list of config keys that never change what a run computes (paths, devices,
+logging, run control). Three things derive from it:
+
+* the run directory's name (``hydra.job.config.override_dirname.exclude_keys`` in configs/train.yaml reads it
+  through the ``qrepro_exclude_keys`` resolver, and :func:`run_subdir` names directories the same way);
+* the overrides a record stores (:func:`semantic_overrides`), which table cells are matched against;
+* a run's identity (passed to ``qrepro.engine.rundir.identity``, which drops these keys before hashing).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from qrepro.errors import QreproError
+
+_PKG = Path(__file__).resolve().parent
+# a checkout uses its top-level configs/; an installed wheel carries a copy as qrepro/configs (setup.py)
+CONFIG_DIR = str(_PKG.parent / "configs" if (_PKG.parent / "pyproject.toml").is_file() else _PKG / "configs")
+
+# keys that never change what a run computes: left out of the run directory name, of the record's overrides and
+# of the run's identity (a key names its whole sub-tree: ``logger`` covers ``logger.project``)
+NON_SEMANTIC_KEYS = (
+    "experiment",
+    "resume",
+    "force",
+    "retry",
+    "out_root",
+    "init_from",  # the identity holds its content hash instead
+    "logger",
+    "logger.mode",
+    "logger.project",
+    "logger.entity",
+    "logger.group",
+    "dataset.root",
+    "dataset.download",
+    "dataset.workers",
+    "trainer.device",
+    "trainer.progress",
+    "trainer.compile",
+    "trainer.num_threads",
+    "trainer.log_every",
+    "trainer.find_unused_parameters",
+    "trainer.members",
+    "trainer.channels_last",
+    "ptq.eval_fp",
+    "hydra.verbose",
+    "table",
+)
+PATH_KEYS = ("init_from", "dataset.root", "out_root")
+
+
+def plain(cfg: Any) -> Any:
+    """A config node as plain Python containers (resolved)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+
+
+def without(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def key_of(override: str) -> str:
+    """``'+a.b=1'`` -> ``'a.b'``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+# ------------------------------------------------------------------------------------------ run directories
+def run_subdir_name(s: str | None) -> str:
+    """A run directory's name from Hydra's ``override_dirname`` (``default`` when empty; path-safe)."""
+    s = (s or "").strip()
+    if not s:
+        return "default"
+    return re.sub(r"[^A-Za-z0-9=,._+\-]", "_", s.replace("/", "_"))[:200]
+
+
+def run_subdir(overrides: Sequence[str]) -> str:
+    """The run directory name Hydra gives these overrides (``hydra.job.override_dirname``: sorted ``key=value``
+    items without the non-semantic keys, joined by commas; made path-safe by :func:`run_subdir_name`)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    excluded = set(NON_SEMANTIC_KEYS)
+    return run_subdir_name(",".join(sorted(o.input_line for o in parsed if o.key_or_group not in excluded)))
+
+
+def semantic_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that change what a run computes (stored in records; table cells are matched on them)."""
+    out = []
+    for o in overrides:
+        key = key_of(o)
+        if key not in NON_SEMANTIC_KEYS and not key.startswith("hydra."):
+            out.append(o.lstrip("+") if key != "seed" else o)
+    return sorted(out)
+
+
+def hydra_context() -> tuple[Path | None, str | None, list[str]]:
+    """(run dir, experiment choice, task overrides) when running under Hydra."""
+    if not HydraConfig.initialized():
+        return None, None, []
+    hc = HydraConfig.get()
+    exp = hc.runtime.choices.get("experiment")
+    return Path(hc.runtime.output_dir), exp, list(hc.overrides.task)
+
+
+# ---------------------------------------------------------------------------------------------- composing
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_subdir"):
+        OmegaConf.register_new_resolver("run_subdir", run_subdir_name)
+    if not OmegaConf.has_resolver("qrepro_exclude_keys"):
+        OmegaConf.register_new_resolver("qrepro_exclude_keys", lambda: list(NON_SEMANTIC_KEYS))
+    quiet_launcher_schema_matching()
+
+
+def quiet_launcher_schema_matching() -> None:
+    """Silence Hydra's deprecation notice for ``configs/hydra/launcher/submitit_{slurm,local}.yaml``.
+
+    Those files carry the plugin's own names on purpose (``hydra/launcher=submitit_slurm``), so Hydra validates
+    them against the plugin's schema of the same name, an intended use it reports as deprecated in 1.1 but still
+    performs in 1.3 (pinned ``<1.4`` in pyproject.toml; ``tests/test_ddp.py`` checks the validation happens).
+    """
+    warnings.filterwarnings(
+        "ignore", message=r"\s*'hydra/launcher/submitit_(slurm|local)' is validated against ConfigStore schema"
+    )
+
+
+def check_group_choices(argv: Sequence[str]) -> None:
+    """Fail fast, in one line, on an unknown config-group option (``model=foo``), before Hydra's long message."""
+    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    for arg in argv:
+        m = re.match(r"^[+~]{0,2}([A-Za-z_][\w/]*)=(.*)$", arg)
+        if not m or m.group(1) not in groups:
+            continue
+        group, values = m.group(1), m.group(2)
+        if values.startswith(("choice(", "range(", "glob(")):
+            continue
+        for v in values.split(","):
+            v = v.strip()
+            if v and v != "null" and not (Path(CONFIG_DIR) / group / f"{v}.yaml").exists():
+                known = sorted(p.stem for p in (Path(CONFIG_DIR) / group).rglob("*.yaml"))
+                show = ", ".join(known[:30]) + (" ..." if len(known) > 30 else "")
+                raise QreproError(f"unknown {group} {v!r}; choose one of: {show}")
+
+
+def _needs_quotes(value: str, multirun: bool) -> bool:
+    if not value or value[0] in "'\"" or value.startswith(("${", "[", "{")):
+        return False
+    return "=" in value or (not multirun and "," in value) or " " in value
+
+
+def quote_path_overrides(argv: Sequence[str], multirun: bool) -> list[str]:
+    """Quote path values that Hydra's override grammar would split or reject: run directories hold ``=`` and
+    ``,`` (``init_from=runs/x/precision=w4a4,seed=1/checkpoints/last.pt``). In a multirun a comma stays a sweep
+    separator unless the value also holds ``=`` (then quote each path yourself)."""
+    out = []
+    for a in argv:
+        m = re.match(r"^([+~]{0,2})([A-Za-z_.]+)=(.*)$", a)
+        if m and m.group(2) in PATH_KEYS and _needs_quotes(m.group(3), multirun):
+            v = m.group(3)
+            q = '"' if '"' not in v else "'"
+            a = f"{m.group(1)}{m.group(2)}={q}{v}{q}"
+        out.append(a)
+    return out
+
+
+def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
+    """Compose a config in-process (tests, scripts, the launch's checks) exactly as the command line would."""
+    register_resolvers()
+    overrides = quote_path_overrides(overrides, multirun=False)  # run directories in paths hold '=' and ','
+    check_group_choices(overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
