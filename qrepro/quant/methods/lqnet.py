@@ -1,0 +1,145 @@
+"""LQ-Net (Zhang et al., "LQ-Nets: Learned Quantization for Highly Accurate and Compact Deep Neural Networks",
+ECCV 2018): learned quantizer bases fitted by quantization error minimisation (QEM). See docs/lqnet.md.
+
+- weights: one K-bit basis per output channel, codes in {-1, 1}^K; activations (layer input): one basis per
+  layer, codes in {0, 1}^K. Forward: nearest level (``qrepro.quant.lqnet``).
+- gradient: straight-through (weights: identity; activations: identity below the largest level, zero above, as
+  the authors' code ``y = clip(x) + stop_gradient(q - clip(x))``).
+- QEM: every training forward pass adds the per-level counts and sums of the values it quantized to the
+  quantizer's statistics (buffers, so the compiled step keeps them); after the optimizer step the ``LQNetQEM``
+  hook solves ``v* = (B B^T + eps I)^{-1} (B x + eps v)`` and moves the basis ``v <- m v + (1 - m) v*``
+  (``momentum`` 0.9 and eps 1e-4 as the authors' code), then clears the statistics. The basis is a buffer: no
+  gradient reaches it, as in the paper.
+- first conv and last FC stay full precision (paper, Sec. 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qrepro.errors import QreproError
+from qrepro.hooks import Hook
+from qrepro.quant import lqnet as lq
+from qrepro.quant.layers import quantized_layers
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+
+SUPPORTED_BITS = (1, 2, 3, 4, FP_BITS)
+
+
+class _LQNetQuantizer(nn.Module):
+    """Common state: the basis [C, K] (C = 1 per tensor), the code table, the QEM statistics."""
+
+    signed: bool
+
+    def __init__(self, bits: int, basis: torch.Tensor, *, momentum: float, ridge: float) -> None:
+        super().__init__()
+        self.bits, self.momentum, self.ridge = bits, momentum, ridge
+        self.register_buffer("basis", basis.float())  # [C, K]; persistent: a trained model keeps its quantizer
+        self.register_buffer("codes", lq.codes(bits, self.signed), persistent=False)
+        levels = 2**bits
+        self.register_buffer("qem_count", torch.zeros(basis.shape[0], levels), persistent=False)
+        self.register_buffer("qem_sum", torch.zeros(basis.shape[0], levels), persistent=False)
+
+    def _quantize_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """Nearest level of each row of ``x2`` [C, N] (no gradient); in training, QEM statistics accumulate."""
+        levels, _ = lq.sorted_levels(self.basis.to(x2.dtype), self.codes)
+        x2 = x2.detach()
+        if self.training:
+            n, s = lq.level_stats(x2, levels)
+            self.qem_count.add_(n.to(self.qem_count.dtype))
+            self.qem_sum.add_(s.to(self.qem_sum.dtype))
+        return lq.quantize(x2, levels)
+
+    @torch.no_grad()
+    def qem_step(self) -> None:
+        """One QEM basis update from the statistics gathered since the last one (float64 solve)."""
+        basis = self.basis.double()
+        _, order = lq.sorted_levels(basis, self.codes)
+        btb, bx = lq.normal_equations(self.qem_count.double(), self.qem_sum.double(), order, self.codes)
+        new = lq.qem_basis(btb, bx, basis, self.ridge)
+        self.basis.copy_(self.momentum * basis + (1 - self.momentum) * new)
+        self.qem_count.zero_()
+        self.qem_sum.zero_()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channels={self.basis.shape[0]}, momentum={self.momentum}, ridge={self.ridge}"
+
+
+class LQNetWeightQuantizer(_LQNetQuantizer):
+    """Per-output-channel basis, codes {-1, 1}^K, identity (straight-through) gradient."""
+
+    signed = True
+
+    def __init__(self, bits: int, out_channels: int, fan: int, *, momentum: float = 0.9, ridge: float = 1e-4):
+        basis = lq.init_basis(bits, True, fan).expand(out_channels, bits).clone()
+        super().__init__(bits, basis, momentum=momentum, ridge=ridge)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        q = self._quantize_rows(w.reshape(w.shape[0], -1)).reshape(w.shape)
+        return w + (q - w).detach()
+
+
+class LQNetActQuantizer(_LQNetQuantizer):
+    """Per-layer basis, codes {0, 1}^K; gradient 1 up to the largest level (inclusive), 0 above it."""
+
+    signed = False
+
+    def __init__(self, bits: int, *, momentum: float = 0.9, ridge: float = 1e-4) -> None:
+        super().__init__(bits, lq.init_basis(bits, False)[None], momentum=momentum, ridge=ridge)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self._quantize_rows(x.reshape(1, -1)).reshape(x.shape)
+        top = self.basis.clamp(min=0).sum().to(x.dtype)  # the largest level (codes {0, 1}); a buffer: no gradient
+        xc = torch.where(x <= top, x, top)
+        return xc + (q - xc).detach()
+
+
+class LQNetQEM(Hook):
+    """After every optimizer step: one QEM update of every LQ-Net basis (weights and activations)."""
+
+    def on_step_end(self, ctx, step: int) -> None:
+        for _, layer in quantized_layers(ctx.model):
+            for q in (layer.wq, layer.aq):
+                if isinstance(q, _LQNetQuantizer):
+                    q.qem_step()
+
+
+@METHODS.register("lqnet")
+def build_lqnet(
+    w_bits: int,
+    a_bits: int,
+    *,
+    first_last: str = "fp",
+    momentum: float = 0.9,
+    w_ridge: float = 1e-4,
+    a_ridge: float = 1e-4,
+) -> Method:
+    """LQ-Net. first_last: fp (paper) | same (the network's bit-widths there too; the first layer's input is
+    then quantized by an activation basis). momentum: moving average of the QEM basis (authors: 0.9).
+    w_ridge / a_ridge: the eps of ``(B B^T + eps I)^{-1} (B x + eps v)`` (authors: 1e-4 for weights; their
+    activation solve has none and fails when a code goes unused, so ours keeps a small one)."""
+    check_bits("lqnet", w_bits, a_bits, SUPPORTED_BITS)
+    if first_last not in ("fp", "same"):
+        raise QreproError(f"quantizer.first_last={first_last!r} is not valid; choose one of: fp, same")
+    if not 0.0 <= momentum < 1.0:
+        raise QreproError(f"quantizer.momentum={momentum} must be in [0, 1) (authors: 0.9)")
+    for name, r in (("w_ridge", w_ridge), ("a_ridge", a_ridge)):
+        if not r > 0:
+            raise QreproError(f"quantizer.{name}={r} must be > 0 (it keeps the QEM solve regular; authors: 1e-4)")
+
+    def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
+        if info.role in ("first", "last") and first_last == "fp":
+            return None
+        m = info.module
+        wq = aq = None
+        if w_bits != FP_BITS:
+            w = m.weight
+            fan = w[0].numel() // w.shape[1] * w.shape[0] if w.dim() == 4 else w.shape[0]  # k*k*out (authors)
+            wq = LQNetWeightQuantizer(w_bits, w.shape[0], fan, momentum=momentum, ridge=w_ridge)
+        if a_bits != FP_BITS:
+            aq = LQNetActQuantizer(a_bits, momentum=momentum, ridge=a_ridge)
+        return wq, aq
+
+    options = dict(first_last=first_last, momentum=momentum, w_ridge=w_ridge, a_ridge=a_ridge)
+    return Method(name="lqnet", quantize_layer=quantize_layer, hooks=[LQNetQEM()], options=options)
