@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from qrepro.config import CONFIG_DIR, check_group_choices, register_resolvers
+from qrepro.config import CONFIG_DIR, add_group_plus, check_group_choices, register_resolvers
 from qrepro.engine.record import write_json_atomic
 from qrepro.errors import QreproError
 from qrepro.validation import precheck
@@ -40,6 +41,30 @@ def check_launcher(argv: list[str]) -> None:
             ) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``): unwinds like Ctrl-C, so every open run keeps its last
+    checkpoint and releases its lock."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """End the process on SIGTERM the way Ctrl-C ends it (main thread only; a no-op elsewhere)."""
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+
+
+def interrupted(e: KeyboardInterrupt) -> SystemExit:
+    """The one line for an interrupted launch and its exit code (130 Ctrl-C, 143 SIGTERM)."""
+    what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+    print(f"{what}: the last finished epoch is checkpointed; resume with resume=true", file=sys.stderr, flush=True)
+    return SystemExit(code)
+
+
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a QreproError (or a config error) as one line and exit 2, without a traceback."""
 
@@ -50,9 +75,8 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except QreproError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted: the last finished epoch is checkpointed; resume with resume=true", file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as e:
+            raise interrupted(e) from None
 
     return wrapper
 
@@ -166,6 +190,8 @@ def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
     Hydra writes anything), one-line errors, and multirun outcomes with a summary line."""
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    handle_sigterm()
+    sys.argv[1:] = add_group_plus(sys.argv[1:])  # experiment=x works with or without the '+'
     one_line_errors(check_group_choices)(sys.argv[1:])
     one_line_errors(check_launcher)(sys.argv[1:])
     # Hydra's shell completion (-sc install=bash | query=bash): no run overrides to check; COMP_LINE may be partial
@@ -179,7 +205,10 @@ def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
         outcomes = Path(str(cfg.out_root)).resolve() / ".multirun" / secrets.token_hex(6)
         os.environ[_OUTCOMES_ENV] = str(outcomes)
     main = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(multirun_job(task))
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # a multirun interrupted mid-job (a single run exits in one_line_errors)
+        raise interrupted(e) from None
     if outcomes is not None:
         code = summarize_multirun(outcomes)
         os.environ.pop(_OUTCOMES_ENV, None)

@@ -31,8 +31,8 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     semantic_overrides,
 )
 from qrepro.chain import prepare
-from qrepro.cli import hydra_entry, one_line_errors
-from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
+from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors
+from qrepro.config import NON_SEMANTIC_KEYS, add_group_plus, key_of, run_subdir
 from qrepro.engine import dist as qdist
 from qrepro.engine.callbacks import Console, default_callbacks
 from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
@@ -52,7 +52,7 @@ from qrepro.engine.trainer import Fit, FitResult, Trainer, fit
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
 from qrepro.run_table import from_train_argv
-from qrepro.validation import precheck, validate_config
+from qrepro.validation import check_training_bits, precheck, validate_config
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
@@ -88,6 +88,7 @@ def train(
 ):
     """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
     validate_config(cfg)
+    check_training_bits(cfg)
     if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
         return train_members(cfg, run_dir, experiment, overrides)
     h_dir, h_exp, h_over = hydra_context()
@@ -395,9 +396,11 @@ def _task(cfg: DictConfig) -> str:
 
 
 def main() -> None:
+    handle_sigterm()  # SIGTERM ends a run like Ctrl-C: last checkpoint kept, lock released, one line
     # `python -m qrepro.train +table=<name> [overrides]` runs every cell of a paper table (qrepro.run_table)
     if (code := from_train_argv(sys.argv[1:])) is not None:
         sys.exit(code)
+    sys.argv[1:] = add_group_plus(sys.argv[1:])  # experiment=x works with or without the '+'
     args = sys.argv[1:]
     if not {"-sc", "--shell-completion"} & set(args):  # bad values and misspelt keys: one line before anything runs
         one_line_errors(precheck)([a for a in args if a.lstrip("+~").split("=", 1)[0] != "plan"], "train")

@@ -27,7 +27,7 @@ from qrepro.engine.checkpoint import read_checkpoint
 from qrepro.engine.fsio import _blocking_file
 from qrepro.engine.precision import amp_mode
 from qrepro.errors import QreproError
-from qrepro.quant.methods import VALID_BITS
+from qrepro.quant.methods import FP_BITS, VALID_BITS, build_method
 
 SEED_MAX = 2**32 - 1  # numpy's seed range
 
@@ -247,6 +247,21 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> None:
             check(c[name])
 
 
+def check_training_bits(cfg: DictConfig) -> None:
+    """Training with a method that ignores the bit budget (``quantizer=fp``) at bits other than 32 would record
+    bits that did not run: one line instead. (PTQ quantizes an FP model to ``precision``: not checked there.)"""
+    q, pr = cfg.quantizer, cfg.precision
+    w, a = int(pr.w_bits), int(pr.a_bits)
+    if (w, a) == (FP_BITS, FP_BITS):
+        return
+    opts = {k: v for k, v in OmegaConf.to_container(q, resolve=True).items() if k != "name"}
+    if not build_method(str(q.name), w, a, **opts).uses_bits:
+        raise QreproError(
+            f"quantizer={q.name} trains full precision and ignores precision={pr.name}: the record would claim "
+            f"{w}/{a} bits that did not run; use precision=w32a32, or a quantizer that quantizes (e.g. quantizer=apot)"
+        )
+
+
 # ----------------------------------------------------------------------------------------- the command line
 def _flat_keys(c: Any, prefix: str = "") -> list[str]:
     if not isinstance(c, dict):
@@ -285,6 +300,8 @@ def precheck(argv: Sequence[str], config_name: str) -> tuple[list[str], DictConf
     _check_added_keys(overrides, config_name=config_name)
     if not multirun:
         validate_config(cfg)
+        if config_name == "train":
+            check_training_bits(cfg)
         check_output_root(str(cfg.out_root))
         if cfg.get("init_from"):
             check_init_path(str(cfg.init_from))
