@@ -193,7 +193,7 @@ def _check_dataset(d: dict[str, Any]) -> None:
     _int(d, "subset", p, 1, "1000", nullable=True)
     _int(d, "image_size", p, 1, "32")
     _int(d, "resize", p, 1, "256")
-    _int(d, "workers", p, 0, "8")
+    _int(d, "workers", p, 0, "8", nullable=True)
     for k in ("flip", "raw255", "download"):
         _bool(d, k, p)
     for k in ("mean", "std"):

@@ -101,3 +101,16 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
     (ck,) = list(last.rglob("last.pt"))
     lock = ck.parent.parent / ".lock"
     assert lock.read_text() == ""  # released: the next launch resumes it without taking over a dead owner's lock
+
+
+# ------------------------------------------------------------------------------------------ dataset.workers
+def test_dataset_workers_default_to_the_machine_and_stay_out_of_run_names(monkeypatch):
+    from qrepro.config import run_subdir
+    from qrepro.data import imagenet
+
+    assert compose(["dataset=imagenet"]).dataset.workers is None
+    monkeypatch.setattr(imagenet.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert imagenet.default_workers() == 2
+    monkeypatch.setattr(imagenet.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert imagenet.default_workers() == 8
+    assert run_subdir(["dataset.workers=3", "seed=1"]) == "seed=1"
