@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -22,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from qrepro.config import CONFIG_DIR, add_group_plus, check_group_choices, register_resolvers
+from qrepro.engine.fsio import atomic_write
 from qrepro.engine.record import write_json_atomic
 from qrepro.errors import QreproError
 from qrepro.validation import precheck
@@ -81,6 +83,22 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def save_hydra_files(run_dir: Path, cfg: Any) -> None:
+    """``<run dir>/.hydra/{config,hydra,overrides}.yaml`` as Hydra would write them, but only once the launch
+    owns the directory and goes on to train (``hydra.output_subdir: null`` in configs/train.yaml): a launch that
+    is refused or skipped leaves a finished run's files as they were."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    files = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
+        "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
+    }
+    for name, text in files.items():
+        atomic_write(run_dir / ".hydra" / name, lambda tmp, text=text: tmp.write_text(text))
+
+
 # ------------------------------------------------------------------------------------------------ multirun
 # A multirun job that fails (bad value, divergence, a crash) is reported and the sweep goes on. Each job writes
 # its outcome to <out_root>/.multirun/<token>/<n>.json (works for jobs in other processes, e.g. submitit); the
@@ -94,7 +112,7 @@ def _job_info() -> tuple[str, Path, Path, int]:
     return hc.job.override_dirname or f"job{num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir), num
 
 
-def _clean_unused_dir(run_dir: Path) -> None:
+def _clean_unused_dir(run_dir: Path, out_root: Any = None) -> None:
     """A job that failed before it took the run directory (a bad value) leaves only Hydra's own files there:
     remove those and the directory if it is then empty. A directory with a lock file (another launch owns or
     owned it), a record or checkpoints is never touched."""
@@ -105,10 +123,14 @@ def _clean_unused_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
     for p in run_dir.glob("*.log"):
         p.unlink(missing_ok=True)
-    try:
-        run_dir.rmdir()  # only when empty
-    except OSError:
-        pass
+    stop = Path(str(out_root)).absolute() if out_root else None
+    for d in (run_dir, *run_dir.parents):  # the run directory, then parents Hydra created, below out_root
+        if stop is None and d != run_dir or stop is not None and (d == stop or stop not in d.absolute().parents):
+            break
+        try:
+            d.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -125,7 +147,9 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
             try:
                 return single(cfg)
             except SystemExit:
-                _clean_unused_dir(run_dir)  # failed before it started: leave no empty run directory
+                _clean_unused_dir(
+                    run_dir, cfg.get("out_root")
+                )  # failed before it started: leave no empty run directory
                 raise
         out: dict[str, Any] = {"id": job, "num": num, "run_dir": str(run_dir), "sweep_dir": str(sweep_dir)}
         try:
@@ -133,7 +157,7 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
         except QreproError as e:
             print(f"error: {job}: {e}", file=sys.stderr, flush=True)
             out.update(status="diverged" if str(e).startswith("training diverged") else "failed", error=str(e))
-            _clean_unused_dir(run_dir)
+            _clean_unused_dir(run_dir, cfg.get("out_root"))
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - a crash of one job must not end the sweep
@@ -179,10 +203,35 @@ def summarize_multirun(outcomes_dir: Path) -> int:
     sweep_dirs = {j.get("sweep_dir") for j in jobs if j.get("sweep_dir")}
     for sd in sweep_dirs:
         try:
-            write_json_atomic({"jobs": jobs, "failed": [j["id"] for j in bad]}, Path(sd) / "multirun.json")
-        except QreproError:
+            _merge_multirun_json(Path(sd), [j for j in jobs if j.get("sweep_dir") == sd])
+        except (QreproError, OSError):
             pass
     return 1 if bad else 0
+
+
+def _merge_multirun_json(sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:
+    """Write this sweep's jobs into ``<sweep dir>/multirun.json`` under an exclusive lock: sweeps of the same
+    directory at the same time (or one after the other) each add their jobs; a job refused because another
+    launch owned its directory does not replace that launch's entry."""
+    path = sweep_dir / "multirun.json"
+    fd = os.open(sweep_dir / ".multirun.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            old = json.loads(path.read_text()).get("jobs", [])
+        except (OSError, ValueError, AttributeError):
+            old = []
+        merged = {j.get("id"): j for j in old if isinstance(j, dict)}
+        for j in jobs:
+            prev = merged.get(j.get("id"))
+            refused = "in use by another process" in str(j.get("error", ""))
+            if prev is None or not refused:
+                merged[j.get("id")] = j
+        out = sorted(merged.values(), key=lambda j: (j.get("num") is None, j.get("num") or 0, str(j.get("id"))))
+        failed = [j["id"] for j in out if j.get("status") not in ("finished", "skipped")]
+        write_json_atomic({"jobs": out, "failed": failed}, path)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:

@@ -6,6 +6,7 @@ takes plain arguments.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -31,10 +32,11 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     semantic_overrides,
 )
 from qrepro.chain import prepare
-from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors
+from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors, save_hydra_files
 from qrepro.config import NON_SEMANTIC_KEYS, add_group_plus, key_of, run_subdir
 from qrepro.engine import dist as qdist
 from qrepro.engine.callbacks import Console, default_callbacks
+from qrepro.engine.console_log import tee_console
 from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
 from qrepro.engine.fsio import atomic_write
 from qrepro.engine.members import MemberSlot, RngState, batch_id, member_overrides, member_seeds
@@ -52,7 +54,7 @@ from qrepro.engine.trainer import Fit, FitResult, Trainer, fit
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
 from qrepro.run_table import from_train_argv
-from qrepro.validation import check_training_bits, precheck, validate_config
+from qrepro.validation import check_init_path, check_training_bits, precheck, validate_config
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
@@ -97,7 +99,10 @@ def train(
     overrides = semantic_overrides(overrides if overrides is not None else h_over)
     record_path = run_dir / "record.json"
     init = init_source(cfg.init_from)
+    if init:
+        check_init_path(init["path"])  # a corrupt checkpoint is one line before the run directory is touched
     denv = qdist.setup(cfg.trainer.device)  # torchrun / submitit tasks -> process group; else one process
+    data = _setup(cfg, denv)  # a missing dataset.root is one line before the run directory is touched
     lock = RunLock(run_dir)
     try:
         action, rec = _decide(cfg, run_dir, init, denv, lock)
@@ -107,7 +112,11 @@ def train(
                 hint = "force=true to re-run" if rec.get("complete") else "retry=true or force=true to run it again"
                 print(f"skip: {run_dir} already has {what} ({hint})", flush=True)
             return FitResult(rec, record_path, diverged=rec.get("status") == "diverged", skipped=True)
-        return _train(cfg, run_dir, experiment, overrides, init, denv, resuming=action == "resume")
+        if not denv.is_main:
+            return _train(cfg, run_dir, experiment, overrides, init, denv, data, resuming=action == "resume")
+        save_hydra_files(run_dir, cfg)
+        with tee_console(run_dir / "train.log"):  # the console output, kept beside the record
+            return _train(cfg, run_dir, experiment, overrides, init, denv, data, resuming=action == "resume")
     finally:
         lock.release()
 
@@ -143,15 +152,19 @@ def open_logger(cfg: DictConfig, run_dir: Path, config: dict, resuming: bool, **
     return logger
 
 
-def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
+def _setup(cfg: DictConfig, denv):
+    """Threads, seed, device flags and the dataset (before the run directory is taken: bad data is one line)."""
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
-    device, world = denv.device, denv.world_size
     seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
     if cfg.trainer.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
-    setup_device(device, deterministic=bool(cfg.trainer.get("deterministic")))
-    data = build_data_from_cfg(cfg, device, denv.rank, world)
+    setup_device(denv.device, deterministic=bool(cfg.trainer.get("deterministic")))
+    return build_data_from_cfg(cfg, denv.device, denv.rank, denv.world_size)
+
+
+def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: bool):
+    device, world = denv.device, denv.world_size
     comp = build_components(
         cfg,
         device,
@@ -286,9 +299,13 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
             else:
                 todo.append((m, action == "resume"))
         if todo:
-            _train_members(
-                cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], init, denv, batch
-            )
+            with contextlib.ExitStack() as logs:  # each member's train.log holds the batch's (labelled) output
+                for m, _ in todo:
+                    save_hydra_files(m.run_dir, m.cfg)
+                    logs.enter_context(tee_console(m.run_dir / "train.log"))
+                _train_members(
+                    cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], init, denv, batch
+                )
             for m, _ in todo:
                 results[m.index] = m.result
     finally:

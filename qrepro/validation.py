@@ -309,10 +309,9 @@ def precheck(argv: Sequence[str], config_name: str) -> tuple[list[str], DictConf
 
 
 def check_init_path(path: str) -> None:
-    """``init_from`` names an existing checkpoint file (a directory or a missing path is one line)."""
-    p = Path(path)
-    if p.is_dir() or not p.is_file():
-        read_checkpoint(p)  # raises the one-line error ("is a directory" with a hint, or "does not exist")
+    """``init_from`` names a readable checkpoint file (a directory, a missing path or a corrupt file is one
+    line, before the run directory is written)."""
+    read_checkpoint(Path(path))  # raises the one-line error ("is a directory" with a hint, "does not exist", "corrupt")
 
 
 def check_output_root(out_root: str) -> None:

@@ -4,6 +4,7 @@ Ctrl-C (checkpoint kept, one line)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,55 @@ def test_dataset_workers_default_to_the_machine_and_stay_out_of_run_names(monkey
     monkeypatch.setattr(imagenet.os, "sched_getaffinity", lambda pid: set(range(64)))
     assert imagenet.default_workers() == 8
     assert run_subdir(["dataset.workers=3", "seed=1"]) == "seed=1"
+
+
+# ------------------------------------------------------------------------------ nothing written before checks
+def test_bad_paths_are_one_line_and_write_nothing(tmp_path):
+    bad = tmp_path / "bad=1.pt"
+    bad.write_bytes(b"not a checkpoint")
+    base = ["+experiment=demo_digits_fp", *FAST, "out_root=runs"]
+    _one_line(_launch([*base, f"init_from={bad}"], tmp_path), "is corrupt")
+    _one_line(_launch([*base, "dataset=cifar10", f"dataset.root={tmp_path / 'a=b'}"], tmp_path), "a=b does not exist")
+    assert _written(tmp_path / "runs") == []
+    # '=' in out_root is a path like any other
+    p = _launch(["+experiment=demo_digits_fp", *FAST, "trainer.epochs=1", f"out_root={tmp_path / 'o=1'}"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    (run,) = (tmp_path / "o=1" / "demo_digits_fp").iterdir()
+    log = (run / "train.log").read_text()
+    assert log.startswith("run: ") and "best top1" in log and "\r" not in log  # the console, without bar redraws
+    overrides = (run / ".hydra" / "overrides.yaml").read_text()
+    # a skipped relaunch (a non-semantic key added) leaves the finished run's files as they were
+    p = _launch(
+        ["+experiment=demo_digits_fp", *FAST, "trainer.epochs=1", f"out_root={tmp_path / 'o=1'}", "trainer.device=cpu"],
+        tmp_path,
+    )
+    assert p.returncode == 0 and "skip: " in p.stdout, p.stderr
+    assert (run / ".hydra" / "overrides.yaml").read_text() == overrides and (run / "train.log").read_text() == log
+
+
+# ------------------------------------------------------------------------------------------- multirun.json
+def _merge_many(sweep_dir: str, who: str) -> None:
+    from qrepro.cli import _merge_multirun_json
+
+    for i in range(15):
+        _merge_multirun_json(Path(sweep_dir), [{"id": f"{who}{i}", "num": i, "status": "finished"}])
+
+
+def test_concurrent_sweeps_add_to_multirun_json_without_losing_jobs(tmp_path):
+    import multiprocessing as mp
+
+    from qrepro.cli import _merge_multirun_json
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_merge_many, args=(str(tmp_path), w)) for w in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    jobs = json.loads((tmp_path / "multirun.json").read_text())["jobs"]
+    assert sorted(j["id"] for j in jobs) == sorted(f"{w}{i}" for w in "ab" for i in range(15))
+    # a job refused because the other sweep owned its run directory keeps the owner's outcome
+    refused = {"id": "a0", "num": 0, "status": "failed", "error": "runs/x is in use by another process (pid 1)"}
+    _merge_multirun_json(tmp_path, [refused])
+    data = json.loads((tmp_path / "multirun.json").read_text())
+    assert next(j for j in data["jobs"] if j["id"] == "a0")["status"] == "finished" and data["failed"] == []
