@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from qrepro.cli import split_argv
 from qrepro.config import compose, run_subdir
 from qrepro.engine.record import read_record
 from qrepro.engine.rundir import file_sha256
@@ -58,8 +59,10 @@ def experiment_of(argv: Sequence[str]) -> str | None:
 
 
 def carried(overrides: Sequence[str]) -> list[str]:
-    """The overrides a source run inherits from the cell's command line."""
-    return [o for o in overrides if not any(_key(o) == k or _key(o).startswith(k + ".") for k in CELL_KEYS)]
+    """The overrides a source run inherits from the cell's command line: not those that define the cell, nor
+    Hydra's settings (``hydra.run.dir=X`` names the directory of the run asked for; its sources keep theirs)."""
+    own = (*CELL_KEYS, "hydra")
+    return [o for o in overrides if not any(_key(o) == k or _key(o).startswith((k + ".", k + "/")) for k in own)]
 
 
 def explicit_init(overrides: Sequence[str]) -> bool:
@@ -83,7 +86,8 @@ class Step:
 
 def _step(experiment: str, overrides: list[str]) -> tuple[Step, object]:
     cfg = compose([f"+experiment={experiment}", *overrides])
-    run_dir = Path(str(cfg.out_root)) / str(cfg.name) / run_subdir(overrides)
+    asked = [o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"]  # the user's directory
+    run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / run_subdir(overrides)
     rec = read_record(run_dir / "record.json")
     return Step(experiment, list(overrides), run_dir, bool(rec and rec.get("complete") is True), rec), cfg
 
@@ -189,7 +193,7 @@ def prepare(
         if plan:
             raise QreproError("+plan=true previews a cell: give +experiment=<name>")
         return argv
-    overrides = [a for a in argv if not a.startswith("-")]
+    overrides = split_argv(argv)[1]
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     if multirun or explicit_init(overrides):
         if multirun and not explicit_init(overrides):

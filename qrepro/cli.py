@@ -11,7 +11,7 @@ import secrets
 import shutil
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,37 @@ from qrepro.config import CONFIG_DIR, check_group_choices, register_resolvers
 from qrepro.engine.record import write_json_atomic
 from qrepro.errors import QreproError
 from qrepro.validation import precheck
+
+# Hydra's own command-line flags: those that take a value, and those after which Hydra prints and runs nothing
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+_VALUE_FLAGS |= {"--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [choice]
+NO_RUN_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides) of a command line, e.g. ``--cfg job`` is one flag."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("-"):
+            overrides.append(a)
+            i += 1
+            continue
+        name, has_value = a.split("=", 1)[0], "=" in a
+        takes = not has_value and name in _VALUE_FLAGS
+        takes |= not has_value and name in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES
+        n = 2 if takes else 1
+        flags += argv[i : i + n]
+        i += n
+    return flags, overrides
+
+
+def runs_nothing(argv: Sequence[str]) -> bool:
+    """The command line only asks Hydra to print something (config, help, info, shell completion)."""
+    return any(f.split("=", 1)[0] in NO_RUN_FLAGS for f in split_argv(argv)[0])
 
 
 def check_launcher(argv: list[str]) -> None:
@@ -169,10 +200,13 @@ def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
     one_line_errors(check_group_choices)(sys.argv[1:])
     one_line_errors(check_launcher)(sys.argv[1:])
     # Hydra's shell completion (-sc install=bash | query=bash): no run overrides to check; COMP_LINE may be partial
-    if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
-        argv, cfg, multirun = sys.argv[1:], None, False
+    if sc := {"-sc", "--shell-completion"} & set(sys.argv[1:]):
+        at = sys.argv.index(sc.pop())  # `-sc install=bash`: the words after the flag are its own
+        argv, cfg, multirun = sys.argv[at : at + 2], None, False
     else:
         argv, cfg, multirun = one_line_errors(precheck)(sys.argv[1:], config_name)
+        flags, overrides = split_argv(argv)
+        argv = overrides + flags  # Hydra's parser takes the overrides as one run of words, before its flags
     sys.argv[1:] = argv
     outcomes = None
     if multirun:  # its jobs report their outcomes here

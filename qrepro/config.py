@@ -90,8 +90,9 @@ def run_subdir_name(s: str | None) -> str:
 
 def run_subdir(overrides: Sequence[str]) -> str:
     """The run directory name Hydra gives these overrides (``hydra.job.override_dirname``: sorted ``key=value``
-    items without the non-semantic keys, joined by commas; made path-safe by :func:`run_subdir_name`)."""
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    items without the non-semantic keys and Hydra's own settings, joined by commas; made path-safe by
+    :func:`run_subdir_name`)."""
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not key_of(o).startswith("hydra")])
     excluded = set(NON_SEMANTIC_KEYS)
     return run_subdir_name(",".join(sorted(o.input_line for o in parsed if o.key_or_group not in excluded)))
 

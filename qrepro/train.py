@@ -31,7 +31,7 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     semantic_overrides,
 )
 from qrepro.chain import prepare
-from qrepro.cli import hydra_entry, one_line_errors
+from qrepro.cli import hydra_entry, one_line_errors, runs_nothing
 from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
 from qrepro.engine import dist as qdist
 from qrepro.engine.callbacks import Console, default_callbacks
@@ -399,13 +399,14 @@ def main() -> None:
     if (code := from_train_argv(sys.argv[1:])) is not None:
         sys.exit(code)
     args = sys.argv[1:]
-    if not {"-sc", "--shell-completion"} & set(args):  # bad values and misspelt keys: one line before anything runs
+    if not runs_nothing(args):  # --cfg, --info, --help, -sc: Hydra prints; no chain is resolved or trained
+        # bad values and misspelt keys: one line before anything runs
         one_line_errors(precheck)([a for a in args if a.lstrip("+~").split("=", 1)[0] != "plan"], "train")
-    # a cell that starts from another cell: use (or train first) that cell's run, or preview it with +plan=true
-    argv = one_line_errors(prepare)(sys.argv[1:])
-    if argv is None:
-        return
-    sys.argv[1:] = argv
+        # a cell that starts from another cell: use (or train first) that cell's run, or preview it with +plan=true
+        argv = one_line_errors(prepare)(args)
+        if argv is None:
+            return
+        sys.argv[1:] = argv
     hydra_entry(_task, "train")
 
 
