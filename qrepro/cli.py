@@ -192,9 +192,17 @@ def summarize_multirun(outcomes_dir: Path) -> int:
     return 1 if bad else 0
 
 
-def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
-    """Run ``task`` under ``hydra.main`` with our resolvers, argv checks (the whole config is validated before
-    Hydra writes anything), one-line errors, and multirun outcomes with a summary line."""
+def hydra_entry(
+    task: Callable[[Any], Any],
+    config_name: str,
+    prepare: Callable[[list[str], Any], list[str] | None] | None = None,
+) -> None:
+    """Run ``task`` under ``hydra.main`` with our resolvers, argv checks (the whole config is composed and
+    validated once, before Hydra writes anything), one-line errors, and multirun outcomes with a summary line.
+
+    ``prepare(argv, cfg)``: the launch's own step between the check and Hydra (the trainer resolves a cell's
+    chain there); it returns the command line to run, or None when nothing is to run. It is skipped when the
+    command line only prints (``--cfg``, ``--info``, ``--help``, ``-sc``)."""
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     one_line_errors(check_group_choices)(sys.argv[1:])
@@ -205,6 +213,10 @@ def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
         argv, cfg, multirun = sys.argv[at : at + 2], None, False
     else:
         argv, cfg, multirun = one_line_errors(precheck)(sys.argv[1:], config_name)
+        if prepare is not None and not runs_nothing(argv):
+            argv = one_line_errors(prepare)(argv, cfg)
+            if argv is None:
+                return
         flags, overrides = split_argv(argv)
         argv = overrides + flags  # Hydra's parser takes the overrides as one run of words, before its flags
     sys.argv[1:] = argv
