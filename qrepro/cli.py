@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,37 @@ from qrepro.engine.fsio import atomic_write
 from qrepro.engine.record import write_json_atomic
 from qrepro.errors import QreproError
 from qrepro.validation import precheck
+
+# Hydra's own command-line flags: those that take a value, and those after which Hydra prints and runs nothing
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+_VALUE_FLAGS |= {"--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [choice]
+NO_RUN_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides) of a command line, e.g. ``--cfg job`` is one flag."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("-"):
+            overrides.append(a)
+            i += 1
+            continue
+        name, has_value = a.split("=", 1)[0], "=" in a
+        takes = not has_value and name in _VALUE_FLAGS
+        takes |= not has_value and name in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES
+        n = 2 if takes else 1
+        flags += argv[i : i + n]
+        i += n
+    return flags, overrides
+
+
+def runs_nothing(argv: Sequence[str]) -> bool:
+    """The command line only asks Hydra to print something (config, help, info, shell completion)."""
+    return any(f.split("=", 1)[0] in NO_RUN_FLAGS for f in split_argv(argv)[0])
 
 
 def check_launcher(argv: list[str]) -> None:
@@ -234,9 +265,17 @@ def _merge_multirun_json(sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:
         os.close(fd)  # releases the lock
 
 
-def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
-    """Run ``task`` under ``hydra.main`` with our resolvers, argv checks (the whole config is validated before
-    Hydra writes anything), one-line errors, and multirun outcomes with a summary line."""
+def hydra_entry(
+    task: Callable[[Any], Any],
+    config_name: str,
+    prepare: Callable[[list[str], Any], list[str] | None] | None = None,
+) -> None:
+    """Run ``task`` under ``hydra.main`` with our resolvers, argv checks (the whole config is composed and
+    validated once, before Hydra writes anything), one-line errors, and multirun outcomes with a summary line.
+
+    ``prepare(argv, cfg)``: the launch's own step between the check and Hydra (the trainer resolves a cell's
+    chain there); it returns the command line to run, or None when nothing is to run. It is skipped when the
+    command line only prints (``--cfg``, ``--info``, ``--help``, ``-sc``)."""
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     handle_sigterm()
@@ -244,10 +283,17 @@ def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
     one_line_errors(check_group_choices)(sys.argv[1:])
     one_line_errors(check_launcher)(sys.argv[1:])
     # Hydra's shell completion (-sc install=bash | query=bash): no run overrides to check; COMP_LINE may be partial
-    if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
-        argv, cfg, multirun = sys.argv[1:], None, False
+    if sc := {"-sc", "--shell-completion"} & set(sys.argv[1:]):
+        at = sys.argv.index(sc.pop())  # `-sc install=bash`: the words after the flag are its own
+        argv, cfg, multirun = sys.argv[at : at + 2], None, False
     else:
         argv, cfg, multirun = one_line_errors(precheck)(sys.argv[1:], config_name)
+        if prepare is not None and not runs_nothing(argv):
+            argv = one_line_errors(prepare)(argv, cfg)
+            if argv is None:
+                return
+        flags, overrides = split_argv(argv)
+        argv = overrides + flags  # Hydra's parser takes the overrides as one run of words, before its flags
     sys.argv[1:] = argv
     outcomes = None
     if multirun:  # its jobs report their outcomes here

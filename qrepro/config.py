@@ -91,9 +91,11 @@ def run_subdir_name(s: str | None) -> str:
 
 def run_subdir(overrides: Sequence[str]) -> str:
     """The run directory name Hydra gives these overrides (``hydra.job.override_dirname``: sorted ``key=value``
-    items without the non-semantic keys, joined by commas; made path-safe by :func:`run_subdir_name`)."""
+    items without the non-semantic keys and Hydra's own settings, joined by commas; made path-safe by
+    :func:`run_subdir_name`)."""
     excluded = set(NON_SEMANTIC_KEYS)  # dropped before parsing: paths may hold '=' or ','
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if key_of(o) not in excluded])
+    keep = [o for o in overrides if key_of(o) not in excluded and not key_of(o).startswith("hydra")]
+    parsed = OverridesParser.create().parse_overrides(keep)
     return run_subdir_name(",".join(sorted(o.input_line for o in parsed)))
 
 

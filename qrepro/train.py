@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests import them from here)
@@ -30,14 +32,16 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     seed_everything,
     select_device,
     semantic_overrides,
+    setup_process,
 )
-from qrepro.chain import prepare
+from qrepro.chain import pop_plan, prepare
 from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors, save_hydra_files
-from qrepro.config import NON_SEMANTIC_KEYS, add_group_plus, key_of, run_subdir
+from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
 from qrepro.engine import dist as qdist
+from qrepro.engine import fast
 from qrepro.engine.callbacks import Console, default_callbacks
 from qrepro.engine.console_log import tee_console
-from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
+from qrepro.engine.fast import compile_mode, make_forward_loss
 from qrepro.engine.fsio import atomic_write
 from qrepro.engine.members import MemberSlot, RngState, batch_id, member_overrides, member_seeds
 from qrepro.engine.members_train import MemberConsole, _Member, member_data, run_members
@@ -54,7 +58,7 @@ from qrepro.engine.trainer import Fit, FitResult, Trainer, fit
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
 from qrepro.run_table import from_train_argv
-from qrepro.validation import check_init_path, check_training_bits, precheck, validate_config
+from qrepro.validation import check_init_path, check_training_bits, validate_config
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
@@ -86,11 +90,18 @@ def _decide(cfg: DictConfig, run_dir: Path, init: dict | None, denv, lock) -> tu
 
 
 def train(
-    cfg: DictConfig, run_dir: Path | None = None, experiment: str | None = None, overrides: list[str] | None = None
+    cfg: DictConfig,
+    run_dir: Path | None = None,
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    validate: bool = True,
 ):
-    """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
-    validate_config(cfg)
-    check_training_bits(cfg)
+    """Train the run described by ``cfg`` (``trainer.members=K``: K seeds as one batched job); returns the
+    FitResult (record and its path), a list of them for members. ``validate=False``: ``cfg`` was validated."""
+    if validate:
+        validate_config(cfg)
+        check_training_bits(cfg)
     if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
         return train_members(cfg, run_dir, experiment, overrides)
     h_dir, h_exp, h_over = hydra_context()
@@ -153,13 +164,9 @@ def open_logger(cfg: DictConfig, run_dir: Path, config: dict, resuming: bool, **
 
 
 def _setup(cfg: DictConfig, denv):
-    """Threads, seed, device flags and the dataset (before the run directory is taken: bad data is one line)."""
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(int(cfg.trainer.num_threads))
+    """Process settings, seed and the dataset (before the run directory is taken: bad data is one line)."""
+    setup_process(cfg, denv.device)
     seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
-    if cfg.trainer.get("deterministic"):
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    setup_device(denv.device, deterministic=bool(cfg.trainer.get("deterministic")))
     return build_data_from_cfg(cfg, denv.device, denv.rank, denv.world_size)
 
 
@@ -190,7 +197,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: b
             train_model, loss_fn, method.regularizer, autocast=autocast, input_transform=input_transform(cl)
         )
     if mode is not None:  # the fast path: forward + loss + regularizer compiled (CUDA graphs on GPU)
-        forward_loss = compile_forward_loss(forward_loss, mode)
+        forward_loss = fast.compile_forward_loss(forward_loss, mode)
     if world > 1:
         seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
     config = _plain(cfg)
@@ -251,7 +258,6 @@ def _member_cfg(cfg: DictConfig, seed: int) -> DictConfig:
 def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None, overrides: list[str] | None):
     """Train the K members of ``cfg``; returns their FitResults (member order). A diverged member gets a
     diverged record and, after the others finished, the launch fails in one line naming it."""
-    validate_config(cfg)
     k = int(cfg.trainer.members)
     h_dir, h_exp, h_over = hydra_context()
     raw = [o for o in (overrides if overrides is not None else h_over)]
@@ -319,13 +325,8 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
 
 
 def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) -> None:
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(int(cfg.trainer.num_threads))
     device = denv.device
-    deterministic = bool(cfg.trainer.get("deterministic"))
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    setup_device(device, deterministic=deterministic)
+    setup_process(cfg, device)
     amp = amp_mode(cfg.trainer.get("amp"))
     # trainer.compile=auto stays eager with members (the batched step is compiled only when asked for)
     mode = None if str(cfg.trainer.compile).lower() == "auto" else compile_mode(cfg.trainer.compile, device)
@@ -404,7 +405,8 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
 
 
 def _task(cfg: DictConfig) -> str:
-    result = train(cfg)
+    # a single run's config was validated by the launch's check; a multirun's jobs are validated one by one
+    result = train(cfg, validate=HydraConfig.get().mode == RunMode.MULTIRUN)
     results = result if isinstance(result, list) else [result]  # batched members: one result per member
     if os.environ.get("RANK", "0") == "0":
         for r in results:
@@ -417,16 +419,10 @@ def main() -> None:
     # `python -m qrepro.train +table=<name> [overrides]` runs every cell of a paper table (qrepro.run_table)
     if (code := from_train_argv(sys.argv[1:])) is not None:
         sys.exit(code)
-    sys.argv[1:] = add_group_plus(sys.argv[1:])  # experiment=x works with or without the '+'
-    args = sys.argv[1:]
-    if not {"-sc", "--shell-completion"} & set(args):  # bad values and misspelt keys: one line before anything runs
-        one_line_errors(precheck)([a for a in args if a.lstrip("+~").split("=", 1)[0] != "plan"], "train")
-    # a cell that starts from another cell: use (or train first) that cell's run, or preview it with +plan=true
-    argv = one_line_errors(prepare)(sys.argv[1:])
-    if argv is None:
-        return
-    sys.argv[1:] = argv
-    hydra_entry(_task, "train")
+    sys.argv[1:], plan = one_line_errors(pop_plan)(sys.argv[1:])
+    # checked once (bad values, misspelt keys: one line before anything runs); then a cell that starts from
+    # another cell uses (or trains first) that cell's run, or previews the chain with +plan=true
+    hydra_entry(_task, "train", prepare=lambda argv, cfg: prepare(argv, cfg=cfg, plan=plan))
 
 
 if __name__ == "__main__":
