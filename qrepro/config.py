@@ -58,7 +58,6 @@ NON_SEMANTIC_KEYS = (
     "trainer.log_every",
     "trainer.find_unused_parameters",
     "trainer.members",
-    "trainer.channels_last",
     "ptq.eval_fp",
     "hydra.verbose",
     "table",

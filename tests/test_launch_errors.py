@@ -167,3 +167,16 @@ def test_concurrent_sweeps_add_to_multirun_json_without_losing_jobs(tmp_path):
     _merge_multirun_json(tmp_path, [refused])
     data = json.loads((tmp_path / "multirun.json").read_text())
     assert next(j for j in data["jobs"] if j["id"] == "a0")["status"] == "finished" and data["failed"] == []
+
+
+# ------------------------------------------------------------------------------------------ run identity
+def test_channels_last_is_part_of_the_run_identity_and_name():
+    from qrepro.config import NON_SEMANTIC_KEYS, plain, run_subdir
+    from qrepro.engine.rundir import identity
+
+    def ident(*o):
+        return identity(plain(compose(["+experiment=demo_digits_fp", *o])), None, NON_SEMANTIC_KEYS)["config_sha256"]
+
+    assert ident("trainer.channels_last=true") != ident()
+    assert ident("trainer.channels_last=false") == ident()  # the default keeps the identity of earlier records
+    assert run_subdir(["trainer.channels_last=true"]) == "trainer.channels_last=true"
