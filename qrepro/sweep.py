@@ -16,7 +16,7 @@ a complete record is skipped.
 
 ``--seeds 0,1,2`` trains every selected cell once per seed; with ``--members K`` consecutive seeds are grouped K at
 a time into batched jobs (``seed=S trainer.members=K``, one process each, qrepro/engine/members.py). Cells that start
-from another cell's checkpoint need one chain per seed: ``python -m qrepro.run_table <table> --seeds ... --members K``
+from another cell's checkpoint need one chain per seed: ``qrepro-table run <table> --seeds ... --members K``
 runs those (``--seeds`` here refuses them).
 """
 
@@ -51,6 +51,9 @@ def load_cells(table: str) -> list[dict]:
         raise QreproError(f"unknown table {table!r}; choose one of: {', '.join(known)}")
 
     cells = derive_sources(OmegaConf.to_container(OmegaConf.load(path).cells, resolve=False))
+    # paper-only rows (a why and no experiment file) are not runnable here: no job
+    root = path.parent.parent if path.parent.name == "table" else Path(CONFIG_DIR)
+    cells = [c for c in cells if not c.get("why") or Path(root, "experiment", f"{c['experiment']}.yaml").is_file()]
     ids = {c["id"] for c in cells}
     for c in cells:
         src = source(c)
@@ -134,6 +137,8 @@ def commands(
     seeded = seed_overrides(seeds, members) if seeds else []
     batched = any(o.startswith("trainer.members=") for o in seeded)
     all_cells = load_cells(table)
+    if not all_cells:
+        return [f"# {table}: no runnable cell (paper-only rows; qrepro-table coverage says why)"]
     by_id = {c["id"]: c for c in all_cells}
     cells = [c for c in all_cells if not only or any(fnmatch.fnmatchcase(c["id"], p) for p in only)]
     if not cells:
@@ -142,7 +147,7 @@ def commands(
     if seeds and chained:
         raise QreproError(
             f"--seeds with chained cells ({', '.join(chained[:3])} start from another cell's run, one per seed): "
-            f"run python -m qrepro.run_table {table} --seeds {','.join(map(str, seeds))}"
+            f"run qrepro-table run {table} --seeds {','.join(map(str, seeds))}"
             + (f" --members {members}" if members > 1 else "")
             + ", or select unchained cells with --cells"
         )
@@ -177,7 +182,7 @@ def commands(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qrepro.sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="qrepro-table sweep", description=__doc__.splitlines()[0])
     p.add_argument("table", help="configs/table/<name>.yaml name, or a path to a table YAML")
     p.add_argument("--launcher", choices=["submitit_slurm", "submitit_local", "torchrun"], default="submitit_slurm")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per cell with --launcher torchrun (default 8)")

@@ -58,9 +58,13 @@ def test_every_table_in_the_repo_yields_commands():
     from pathlib import Path
 
     from qrepro.cli import CONFIG_DIR
+    from qrepro.tables import load_table
 
     for t in sorted(Path(CONFIG_DIR, "table").glob("*.yaml")):
         lines = commands(t.stem)
+        if not any(c.runnable for c in load_table(t).cells):  # paper-only rows: no job
+            assert lines == [f"# {t.stem}: no runnable cell (paper-only rows; qrepro-table coverage says why)"]
+            continue
         assert any(x.startswith("python -m qrepro.train -m hydra/launcher=submitit_slurm") for x in lines), t.stem
 
 

@@ -4,6 +4,12 @@ The schema is the one in docs/architecture.md ("Tables"). Validation turns every
 make into a one-line :class:`QreproError` naming the file, the cell and the fix. Unknown extra keys (e.g. a
 ``note`` or the PTQ helper's ``ptq: {algorithm, from_cell}``) are kept in ``Cell.extra`` and otherwise
 ignored.
+
+A row is *runnable* iff its experiment exists as ``configs/experiment/<experiment>.yaml`` (the config root the
+table file lives in). A row of the paper that cannot be run here (another paper's method not implemented, a
+policy never published, object detection) still names the experiment it would run and carries a one-line
+``why:``; it is rendered with the paper's number and the reason, and skipped by plan/run/sweep.
+:func:`check_experiments` rejects a row with neither an existing experiment nor a ``why``.
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ from omegaconf import OmegaConf
 from qrepro.config import CONFIG_DIR
 from qrepro.errors import QreproError
 
-METRICS = ("top1", "top5")
+METRICS = ("top1", "top5", "ap")  # ap: a detection table's average precision (no runnable row yet)
 SELECTIONS = ("best", "last")
 TABLE_KEYS_REQUIRED = ("name", "paper", "title", "metric", "reported", "tolerance", "cells")
 CELL_KEYS_REQUIRED = ("id", "experiment", "model", "dataset", "method", "w_bits", "a_bits", "paper")
-CELL_KEYS_KNOWN = CELL_KEYS_REQUIRED + ("overrides", "optimizer", "paper_fp", "fp_cell", "init_from_cell")
+CELL_KEYS_KNOWN = CELL_KEYS_REQUIRED + ("overrides", "optimizer", "paper_fp", "fp_cell", "init_from_cell", "why")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class Cell:
     fp_cell: str | None = None
     init_from_cell: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    why: str | None = None  # why the row is not runnable here (only read while its experiment file is missing)
+    runnable: bool = True  # False: a paper-only row (a ``why`` and no configs/experiment/<experiment>.yaml)
 
     @property
     def ptq_from_cell(self) -> str | None:
@@ -132,8 +140,9 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
 
     cells: list[Cell] = []
     seen: set[str] = set()
-    for i, raw in enumerate(derive_sources(raw_cells, _configs_of(path))):
-        cells.append(_parse_cell(raw, i, where))
+    configs = _configs_of(path)
+    for i, raw in enumerate(derive_sources(raw_cells, configs)):
+        cells.append(_parse_cell(raw, i, where, configs))
         if cells[-1].id in seen:
             raise QreproError(f"{where}: duplicate cell id {cells[-1].id!r}; cell ids must be unique")
         seen.add(cells[-1].id)
@@ -206,7 +215,12 @@ def _configs_of(path: Path | None) -> Path | None:
     return None
 
 
-def _parse_cell(raw: Any, index: int, where: str) -> Cell:
+def experiment_exists(experiment: str, configs: str | Path | None = None) -> bool:
+    """Whether ``<configs>/experiment/<experiment>.yaml`` exists (``configs``: default config root when None)."""
+    return Path(configs or default_configs(), "experiment", f"{experiment}.yaml").is_file()
+
+
+def _parse_cell(raw: Any, index: int, where: str, configs: str | Path | None = None) -> Cell:
     if not isinstance(raw, dict):
         raise QreproError(f"{where}: cell #{index} must be a mapping, got {type(raw).__name__}")
     cid = raw.get("id")
@@ -220,9 +234,13 @@ def _parse_cell(raw: Any, index: int, where: str) -> Cell:
     ptq = raw.get("ptq")
     if ptq is not None and not (isinstance(ptq, dict) and isinstance(ptq.get("from_cell", ""), str)):
         raise QreproError(f"{cw}: ptq must be a mapping like {{algorithm: aciq, from_cell: <cell id>}}")
+    experiment = _string(raw["experiment"], "experiment", cw)
+    why = _string(raw.get("why"), "why", cw, allow_none=True)
+    if why is not None and "\n" in why.strip():
+        raise QreproError(f"{cw}: why must be one line (why the row is not runnable here), got {why!r}")
     return Cell(
         id=_string(cid, "id", cw),
-        experiment=_string(raw["experiment"], "experiment", cw),
+        experiment=experiment,
         model=_string(raw["model"], "model", cw),
         dataset=_string(raw["dataset"], "dataset", cw),
         method=_string(raw["method"], "method", cw),
@@ -235,6 +253,9 @@ def _parse_cell(raw: Any, index: int, where: str) -> Cell:
         fp_cell=_string(raw.get("fp_cell"), "fp_cell", cw, allow_none=True),
         init_from_cell=_string(raw.get("init_from_cell"), "init_from_cell", cw, allow_none=True),
         extra={k: v for k, v in raw.items() if k not in CELL_KEYS_KNOWN},
+        why=why.strip() if why else None,
+        # a row without a why is taken as runnable (check_experiments reports a missing experiment file)
+        runnable=why is None or experiment_exists(experiment, configs),
     )
 
 
@@ -300,11 +321,19 @@ def resolve_table(name_or_path: str, configs: str | Path = "configs") -> Path:
 
 
 def check_experiments(table: Table, configs: str | Path = "configs") -> None:
-    """Every cell's experiment must exist as ``configs/experiment/<experiment>.yaml``."""
+    """Every row is runnable (its experiment exists as ``configs/experiment/<experiment>.yaml``) or says ``why`` it
+    is not; a runnable row never starts from a row that is not runnable."""
+    runnable = {c.id: experiment_exists(c.experiment, configs) for c in table.cells}
     for c in table.cells:
         exp = Path(configs, "experiment", f"{c.experiment}.yaml")
-        if not exp.is_file():
+        if not runnable[c.id] and c.why is None:
             raise QreproError(
-                f"{_where(table.path)}: cell {c.id!r}: experiment {c.experiment!r} has no file {exp}; "
-                "add it or fix the name"
+                f"{_where(table.path)}: cell {c.id!r}: experiment {c.experiment!r} has no file {exp}; add it, "
+                "fix the name, or give the row a one-line why: saying why it is not runnable here"
             )
+        for src in (c.init_from_cell, c.ptq_from_cell):
+            if runnable[c.id] and src is not None and not runnable[src]:
+                raise QreproError(
+                    f"{_where(table.path)}: cell {c.id!r} is runnable but starts from {src!r}, which is not "
+                    f"({table.cell(src).why or 'no experiment file'}); add {src}'s experiment or drop the chain"
+                )
