@@ -61,8 +61,8 @@ DEFAULT_MODELS = ("resnet20", "mobilenet_v2_cifar")
 DEFAULT_BATCH_SIZES = (128, 512)
 DEFAULT_MODES = ("eager", "compiled")
 DEFAULT_BITS = 4
-# methods benchmarked at several bit-widths by default (APoT's level sets change with b: Eq. 5/6)
-METHOD_BITS = {"apot": (2, 3, 4)}
+# methods benchmarked at other bit-widths than the default (APoT's level sets change with b: Eq. 5/6)
+METHOD_BITS = {"apot": (2, 3, 4), "reactnet": (1,)}  # reactnet: binary only (W1A1)
 FP_METHOD = "fp"
 
 
@@ -399,10 +399,10 @@ def _run_members_case(
 
 
 # ---------------------------------------------------------------------------------------------- grid
-def supported(method: str, bits: int) -> bool:
-    """Whether ``method`` builds at W=A=``bits`` (cheap: builders create no layers)."""
+def supported(method: str, bits: int, a_bits: int | None = None) -> bool:
+    """Whether ``method`` builds at W=``bits``, A=``a_bits`` (default: ``bits``) (cheap: builders create no layers)."""
     try:
-        build_method(method, bits, bits, **method_options(method))
+        build_method(method, bits, bits if a_bits is None else a_bits, **method_options(method))
     except QreproError:
         return False
     return True
@@ -420,17 +420,22 @@ def plan(
 ) -> list[Case]:
     """FP first, then every method at its bit-widths (``--bits``; default 4, APoT 2/3/4), for every model,
     batch size and mode. A method that supports none of its default bit-widths (FP-only regularizers such
-    as KURE or SymReg) runs at W32A32; explicitly requested bit-widths are kept (and reported as skipped)."""
+    as KURE or SymReg) runs at W32A32, a weight-only one (k-means weight sharing) at W{b}A32; explicitly requested
+    bit-widths are kept (and reported as skipped)."""
     per, default = parse_bits(bits)
     precisions: dict[str, tuple[int, ...]] = {}
+    a_bits_of: dict[str, int] = {}  # methods that only build weight-only: their activation bits
     for q in methods:
         if q == FP_METHOD:
             continue
         want = per.get(q, default)
         ok = tuple(b for b in want if supported(q, b))
-        if not ok and q not in per and supported(q, 32):
+        weight_only = not ok and all(supported(q, b, 32) for b in want)  # e.g. k-means weight sharing: w{b}a32
+        if not ok and not weight_only and q not in per and supported(q, 32):
             ok = (32,)
         precisions[q] = ok or want
+        if weight_only:
+            a_bits_of[q] = 32
     members = sorted(set(members or [1]) | {1})  # one run of each case: the reference of "x K sep"
     cases = []
     for m in models:
@@ -441,7 +446,7 @@ def plan(
                         cases.append(Case(m, FP_METHOD, 32, 32, b, mode, image_size, k, amp))
                         for q, bl in precisions.items():
                             for nb in bl:
-                                cases.append(Case(m, q, nb, nb, b, mode, image_size, k, amp))
+                                cases.append(Case(m, q, nb, a_bits_of.get(q, nb), b, mode, image_size, k, amp))
     return cases
 
 

@@ -72,6 +72,9 @@ def build_model_and_method(cfg: DictConfig, num_classes: int) -> tuple[nn.Module
     check_precision(cfg.precision.w_bits, cfg.precision.a_bits)
     model = build_model_from_cfg(cfg, num_classes)
     method = build_method_from_cfg(cfg, cfg.precision.w_bits, cfg.precision.a_bits)
+    bind = getattr(method.loss, "bind_models", None)
+    if callable(bind):  # a method's loss that builds a model by name (a distillation teacher) gets the factory
+        bind(build_model)
     prepare(model, method)
     return model, method
 
@@ -212,7 +215,7 @@ def build_components(
         method=method,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_fn=make_loss_fn(cfg),
+        loss_fn=method.loss if method.loss is not None else make_loss_fn(cfg),  # a method may bring its own
         ema=ema,
         device=device,
         steps_per_epoch=steps_per_epoch,

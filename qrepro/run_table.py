@@ -25,8 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from qrepro.config import run_subdir
 from qrepro.engine.rundir import file_sha256
 from qrepro.errors import QreproError
+from qrepro.tables.compare import elsewhere
 from qrepro.tables.records import (
     DEFAULT_RUN_ROOTS,
     Record,
@@ -35,6 +39,7 @@ from qrepro.tables.records import (
     override_key,
     override_value,
 )
+from qrepro.tables.render import other_runs_lines
 from qrepro.tables.schema import Cell, Table, default_configs, load_table, resolve_table
 
 
@@ -58,6 +63,7 @@ class Job:
     parent: tuple[str, int | None] | None  # (cell id, seed) whose checkpoint initialises this run
     done: Record | None = None  # a complete record of this exact run (then it is skipped)
     run_dir: Path | None = field(default=None)
+    expected_dir: Path | None = None  # where the run will write (the trainer's run-directory rule), for ``plan``
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -117,8 +123,10 @@ def plan(
     extra: Sequence[str] = (),
     seeds: Sequence[int] | None = None,
     only: Sequence[str] | None = None,
+    configs: str | Path | None = None,
 ) -> list[Job]:
-    """The runs in execution order, with completed ones marked (``job.done``)."""
+    """The runs in execution order, with completed ones marked (``job.done``); with ``configs`` (the config
+    root) each pending run also knows the directory it will write (``job.expected_dir``)."""
     extra = list(extra)
     if seeds and any(override_key(o) == "seed" for o in extra):
         raise QreproError("give the seed either as --seeds or as a seed=... override, not both")
@@ -133,8 +141,37 @@ def plan(
             job = Job(cell, seed, overrides, (parent_id, seed) if parent_id else None, hits[0] if hits else None)
             if job.done is not None:
                 job.run_dir = job.done.checkpoint_dir() or job.done.run_dir
+            elif configs is not None:
+                job.expected_dir = expected_run_dir(job, configs)
             jobs.append(job)
     return jobs
+
+
+def expected_run_dir(job: Job, configs: str | Path) -> Path | None:
+    """The directory the trainer (or ``qrepro.ptq``) will give this run: ``<out_root>/<experiment name>/[ptq/]``
+    + the run-directory name of its overrides (the rule of configs/train.yaml, ``qrepro.sweep.run_subdir``).
+    None when it cannot be told here (an ``out_root`` or ``hydra.*`` override that is not a plain path)."""
+    out_root, name = "runs", job.cell.experiment
+    for root in (Path(configs), Path(default_configs())):
+        train, exp = root / "train.yaml", root / "experiment" / f"{job.cell.experiment}.yaml"
+        if train.is_file():
+            out_root = str(OmegaConf.load(train).get("out_root", out_root))
+        if exp.is_file():
+            name = str(OmegaConf.load(exp).get("name") or name)
+            break
+    for o in job.overrides:
+        key = override_key(o)
+        if key.startswith("hydra.") or key == "name":
+            return None
+        if key == "out_root":
+            out_root = str(override_value(o))
+    if "$" in out_root or "$" in name:
+        return None
+    try:
+        sub = run_subdir(job.overrides)
+    except Exception:  # an override Hydra's grammar refuses: the run itself will say so
+        return None
+    return Path(out_root, name, *(["ptq"] if job.module == "qrepro.ptq" else []), sub)
 
 
 def _same_seed(record: Record, seed: object) -> bool:
@@ -227,6 +264,7 @@ def run_table(
     python: str = sys.executable,
     out: Callable[[str], None] = print,
     members: int = 1,
+    records: Sequence[Record] = (),
 ) -> int:
     """Run (or, with ``dry_run``, print) the jobs in order; returns 0, or 1 when a run failed. ``members``: up to
     that many consecutive seeds of a cell run as one batched job (``group_members``)."""
@@ -245,7 +283,8 @@ def run_table(
                 failed.append(label)
                 out(f"# {label}: skipped, its source cell {job.parent[0]} did not produce a run")
                 continue
-            run_dir = parent.run_dir.as_posix() if parent.run_dir else f"<run dir of {job.parent[0]}>"
+            known = parent.run_dir or (parent.expected_dir if dry_run else None)
+            run_dir = known.as_posix() if known else f"<run dir of {job.parent[0]}>"
             init_from = f"{run_dir}/checkpoints/last.pt"
         if job.done is not None:
             stale = _stale_init(job.done, init_from) if init_from and not dry_run else None
@@ -261,11 +300,15 @@ def run_table(
         if parent is not None and parent.done is not None and parent.done.checkpoint_dir() is None:
             out(
                 f"# {label}: warning: no {init_from} (only a copied record of {job.parent[0]}); recreate it "
-                f"with: python -m qrepro.run_table {table.name} --cells {job.parent[0]} --runs runs"
+                f"with: qrepro-table run {table.name} --cells {job.parent[0]} --runs runs"
             )
         cmd = command(job, table, init_from, python)
         out(shlex.join(cmd))
         if dry_run:
+            if job.expected_dir is not None:
+                out(f"#   -> {job.expected_dir.as_posix()}")
+            for line in elsewhere_lines(job, table, records):
+                out(f"#   {line}")
             continue
         result = runner(cmd)
         if result.returncode != 0 or result.record is None:
@@ -278,8 +321,25 @@ def run_table(
         out(f"# {len(failed)} run(s) failed or were skipped: {', '.join(failed)}")
         return 1
     if not dry_run:
-        out(f"# done; build the table with: python -m qrepro.tables {table.name}")
+        out(f"# done; build the table with: qrepro-table render {table.name}")
     return 0
+
+
+def elsewhere_lines(job: Job, table: Table, records: Sequence[Record]) -> list[str]:
+    """For a pending run: the complete runs of its experiment under other overrides (seed aside), and how
+    to count them (``qrepro-table render <table> <the extra overrides>``)."""
+    extra = [o for o in job.overrides if o not in job.cell.overrides and override_key(o) != "seed"]
+    others = elsewhere(job.cell, records, extra, table)
+    if not others:
+        return []
+    lines = other_runs_lines(table, [_Elsewhere(job.cell, others)], markdown=False)
+    return [f"not run with these overrides; {line.split(': ', 1)[1]}" for line in lines]
+
+
+@dataclass(frozen=True)
+class _Elsewhere:  # the two fields other_runs_lines reads from a table row
+    cell: Cell
+    elsewhere: tuple[Record, ...]
 
 
 def _run_group(
@@ -329,8 +389,9 @@ def _str_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m qrepro.run_table",
-        description="Run every cell of a paper table (progressive chains in order, complete cells skipped).",
+        prog="qrepro-table run",
+        description="Run every cell of a paper table (progressive chains in order, complete cells skipped); "
+        "`qrepro-table plan` (= run --dry-run) prints the commands and the run directory each will write.",
     )
     p.add_argument("name", help="table name (configs/table/<name>.yaml) or a path to a table YAML")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. trainer.device=cuda)")
@@ -403,12 +464,14 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
         members, overrides = _members(args.members, args.overrides)
         table = load_table(resolve_table(args.name, args.configs))
         records = load_records(args.runs or DEFAULT_RUN_ROOTS)
-        jobs = plan(table, records, overrides, args.seeds, args.cells)
+        jobs = plan(table, records, overrides, args.seeds, args.cells, configs=args.configs)
         chosen = set(expand_cells(table, args.cells)) if args.cells else set(table.ids())
         skipped = [c.id for c in table.cells if c.id in chosen and not c.runnable]
         if skipped:
             print(f"# {table.name}: {len(skipped)} paper-only row(s) not runnable here, skipped: {', '.join(skipped)}")
-        return run_table(table, jobs, runner=runner, dry_run=args.dry_run, python=args.python, members=members)
+        return run_table(
+            table, jobs, runner=runner, dry_run=args.dry_run, python=args.python, members=members, records=records
+        )
     except QreproError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ a complete record is skipped.
 
 ``--seeds 0,1,2`` trains every selected cell once per seed; with ``--members K`` consecutive seeds are grouped K at
 a time into batched jobs (``seed=S trainer.members=K``, one process each, qrepro/engine/members.py). Cells that start
-from another cell's checkpoint need one chain per seed: ``python -m qrepro.run_table <table> --seeds ... --members K``
+from another cell's checkpoint need one chain per seed: ``qrepro-table run <table> --seeds ... --members K``
 runs those (``--seeds`` here refuses them).
 """
 
@@ -147,7 +147,7 @@ def commands(
     if seeds and chained:
         raise QreproError(
             f"--seeds with chained cells ({', '.join(chained[:3])} start from another cell's run, one per seed): "
-            f"run python -m qrepro.run_table {table} --seeds {','.join(map(str, seeds))}"
+            f"run qrepro-table run {table} --seeds {','.join(map(str, seeds))}"
             + (f" --members {members}" if members > 1 else "")
             + ", or select unchained cells with --cells"
         )
@@ -182,7 +182,7 @@ def commands(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qrepro.sweep", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="qrepro-table sweep", description=__doc__.splitlines()[0])
     p.add_argument("table", help="configs/table/<name>.yaml name, or a path to a table YAML")
     p.add_argument("--launcher", choices=["submitit_slurm", "submitit_local", "torchrun"], default="submitit_slurm")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per cell with --launcher torchrun (default 8)")

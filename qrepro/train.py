@@ -163,6 +163,37 @@ def open_logger(cfg: DictConfig, run_dir: Path, config: dict, resuming: bool, **
     return logger
 
 
+def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, resuming, device, scaler, **kw) -> Fit:
+    """The Fit of one run (a separate run or one member): its components, callbacks' inputs and identity."""
+    return Fit(
+        model=comp.model,
+        data=data,
+        optimizer=comp.optimizer,
+        scheduler=comp.scheduler,
+        loss_fn=comp.loss_fn,
+        epochs=int(cfg.trainer.epochs),
+        run_dir=run_dir,
+        hooks=hooks,
+        regularizer=comp.method.regularizer,
+        ema=comp.ema,
+        logger=logger,
+        record_base=record_base,
+        log_every=int(cfg.trainer.log_every),
+        resume=resuming,
+        device=device,
+        identity=identity(config, init, NON_SEMANTIC_KEYS),
+        scaler=scaler,
+        **kw,
+    )
+
+
+def _run_line(cfg, run_dir, device, mode, amp) -> str:
+    return (
+        f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
+        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}" + (f" amp={amp}" if amp != "off" else "")
+    )
+
+
 def _setup(cfg: DictConfig, denv):
     """Process settings, seed and the dataset (before the run directory is taken: bad data is one line)."""
     setup_process(cfg, denv.device)
@@ -179,8 +210,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: b
         init=not resuming,
         sync_bn=qdist.use_sync_bn(bool(cfg.trainer.get("sync_bn", False)), denv),
     )
-    model, method, optimizer, scheduler = comp.model, comp.method, comp.optimizer, comp.scheduler
-    loss_fn, ema = comp.loss_fn, comp.ema
+    model, method, optimizer, loss_fn = comp.model, comp.method, comp.optimizer, comp.loss_fn
     amp, cl = amp_mode(cfg.trainer.get("amp")), bool(cfg.trainer.get("channels_last", False))
     check_amp(amp, optimizer)
     if cl:
@@ -201,42 +231,17 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: b
     if world > 1:
         seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
     config = _plain(cfg)
-    ident = identity(config, init, NON_SEMANTIC_KEYS)
     record_base = make_record_base(cfg, experiment, overrides, init, world)
     logger = build_logger("none")
     if denv.is_main:
         logger = open_logger(cfg, run_dir, config, resuming)
-        print(
-            f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
-            f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
-            + (f" amp={amp}" if amp != "off" else "")
-            + (f" ranks={world} ({denv.backend})" if world > 1 else ""),
-            flush=True,
-        )
-    f = Fit(
-        model=model,
-        data=data,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        epochs=int(cfg.trainer.epochs),
-        run_dir=run_dir,
-        hooks=hooks,
-        regularizer=method.regularizer,
-        ema=ema,
-        logger=logger,
-        record_base=record_base,
-        log_every=int(cfg.trainer.log_every),
-        progress=bool(cfg.trainer.progress),
-        resume=resuming,
-        device=device,
-        forward_loss=forward_loss,
-        eval_compile=mode,
-        train_model=train_model,
-        is_main=denv.is_main,
-        identity=ident,
-        scaler=scaler,
-    )
+        ranks = f" ranks={world} ({denv.backend})" if world > 1 else ""
+        print(_run_line(cfg, run_dir, device, mode, amp) + ranks, flush=True)
+    f = _fit(
+        cfg, run_dir, comp, data, config, init, hooks=hooks, logger=logger, record_base=record_base,
+        resuming=resuming, device=device, scaler=scaler, progress=bool(cfg.trainer.progress),
+        forward_loss=forward_loss, eval_compile=mode, train_model=train_model, is_main=denv.is_main,
+    )  # fmt: skip
     try:
         result = fit(f)
     finally:
@@ -345,37 +350,17 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
         record_base = make_record_base(c, experiment, ovr, init, 1)
         record_base["members"] = {**batch, "index": m.index}
         logger = open_logger(c, m.run_dir, config, resuming, concurrent=True)
-        scaler = make_scaler(amp, device)
-        f = Fit(
-            model=comp.model,
-            data=data_m,
-            optimizer=comp.optimizer,
-            scheduler=comp.scheduler,
-            loss_fn=comp.loss_fn,
-            epochs=int(c.trainer.epochs),
-            run_dir=m.run_dir,
-            hooks=hooks,
-            regularizer=comp.method.regularizer,
-            ema=comp.ema,
-            logger=logger,
-            record_base=record_base,
-            log_every=int(c.trainer.log_every),
-            progress=False,
-            resume=resuming,
-            device=device,
-            identity=identity(config, init, NON_SEMANTIC_KEYS),
-            scaler=scaler,
-        )
+        f = _fit(
+            c, m.run_dir, comp, data_m, config, init, hooks=hooks, logger=logger, record_base=record_base,
+            resuming=resuming, device=device, scaler=make_scaler(amp, device), progress=False,
+        )  # fmt: skip
         f.callbacks = [MemberConsole(m.label) if isinstance(cb, Console) else cb for cb in default_callbacks(f)]
         m.trainer = Trainer(f)
         m.rng = RngState(device)
         m.rng.capture()
         m.method = comp.method
         print(
-            f"run: {m.run_dir}  model={c.model.name} quantizer={c.quantizer.name} precision={c.precision.name} "
-            f"device={device} epochs={c.trainer.epochs} compile={mode or 'off'}"
-            + (f" amp={amp}" if amp != "off" else "")
-            + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
+            _run_line(c, m.run_dir, device, mode, amp) + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
             flush=True,
         )
     members = [m for m, _ in todo]

@@ -1,7 +1,9 @@
-"""Write configs/table/symreg_*.yaml and configs/experiment/symreg_*.yaml (SymReg/SatNL supplement).
+"""Write configs/table/symreg_*.yaml, configs/recipe/symreg_*.yaml and configs/experiment/symreg_*.yaml
+(SymReg/SatNL supplement): one recipe per row (FP pre-training, and QAT where the supplement fine-tunes), each
+experiment the recipe plus its method's quantizer.
 
 Run from the repository root: ``python scripts/gen_symreg_configs.py``. The rows below are copied verbatim
-from papers/symreg-satnl-supplement.md (Table 2A: top-1 on ImageNet; columns FP, W4/FP, W3/FP, W2/FP, W6A6,
+from the SymReg/SatNL supplement (Table 2A: top-1 on ImageNet; columns FP, W4/FP, W3/FP, W2/FP, W6A6,
 W5A5, W4A4, W3A3; "-" = "PTQ fails to converge, < 1 % top-1"). Keeping the numbers as text here and
 generating the YAML avoids transcription slips across ~230 cells.
 """
@@ -246,19 +248,9 @@ def _same_recipe(key: str) -> str | None:
     return None
 
 
-def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
-    model, dataset, epochs, lr, wd, warm, eta_min, rho, batch, ema, lr_note, source = RECIPES[key]
-    label, quantizer, qover = TRAIN_METHODS[method]
-    name = f"symreg_{'qat_' if qat else ''}{key}_{method}"
-    if qat:  # supplement §3: 90 epochs of fine-tuning at 1/10 of the pre-training LR, rest identical
-        epochs, lr, eta_min = 90, lr / 10, eta_min / 10
-        qover = {"satnl": quantizer == "satnl", **qover}
-        quantizer = "robust_qat"
-        what = f"QAT fine-tuning (90 epochs, lr/10) of the {label} FP model, W4A4 by default"
-        run = f"python -m qrepro.train +experiment={name}"
-    else:
-        what = f"{label} FP pre-training for PTQ"
-        run = f"python -m qrepro.train +experiment={name}"
+def _notes(key: str) -> str:
+    _, dataset, *_rest = RECIPES[key]
+    lr_note = RECIPES[key][10]
     notes = []
     if lr_note == "ASSUMED":
         notes.append("lr ASSUMED (Table 1A prints none for MobileNet-V2)")
@@ -266,19 +258,36 @@ def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
         notes.append("recipe is our choice (not in the supplement)")
     if dataset == "imagenet" or key == "mbv2c100":
         notes.append("batch size and EMA decay ASSUMED (not in the supplement)")
-    note = f" [{'; '.join(notes)}]" if notes else ""
-    header = ["# @package _global_", f"# SymReg/SatNL supplement ({source}), {model} {dataset}: {what}{note} — {run}"]
-    source_line = [f"init_from_experiment: symreg_{key}_{method}"] if qat else []
-    same = _same_recipe(key)
-    if same is not None:  # the recipe of an earlier row with another model: a thin delta over that experiment
+    return f" [{'; '.join(notes)}]" if notes else ""
+
+
+def recipe(key: str, qat: bool = False) -> tuple[str, str]:
+    """``configs/recipe/symreg_[qat_]<key>.yaml``: the training recipe every method of the row shares (the
+    experiments add their quantizer). FP pre-training: Table 1A; QAT (supplement §3): 90 epochs at 1/10 of the
+    pre-training LR, otherwise the same, W4A4 by default."""
+    model, dataset, epochs, lr, wd, warm, eta_min, rho, batch, ema, _, source = RECIPES[key]
+    name = f"symreg_{'qat_' if qat else ''}{key}"
+    cells = [f"symreg_{'qat_' if qat else ''}{key}_{m}" for m in (("baseline", "ours") if qat else TRAIN_METHODS)]
+    what = "QAT fine-tuning (90 epochs, lr/10, W4A4 by default)" if qat else "FP pre-training for PTQ"
+    header = [
+        "# @package _global_",
+        f"# SymReg/SatNL supplement ({source}), {model} {dataset}: {what}{_notes(key)}.",
+        f"# Recipe shared by the cells {', '.join(cells)}: each adds its quantizer in configs/experiment/<cell>.yaml",
+    ]
+    if qat:
         lines = [
             *header,
             "defaults:",
-            f"  - /experiment/{name.replace(f'_{key}_', f'_{same}_')}",
-            f"  - override /model: {model}",
-            f"name: {name}",
-            *source_line,
+            f"  - /recipe/symreg_{key}",
+            "  - override /quantizer: robust_qat",
+            "  - override /precision: w4a4",
+            "trainer: {epochs: 90}",
+            f"optimizer: {{lr: {lr / 10:g}}}",
         ]
+        return name, "\n".join(lines) + "\n"
+    same = _same_recipe(key)
+    if same is not None:  # the recipe of an earlier row with another model
+        lines = [*header, "defaults:", f"  - /recipe/symreg_{same}", f"  - override /model: {model}"]
         return name, "\n".join(lines) + "\n"
     sched = {"warmup_epochs": warm, "warmup_start_factor": 0.0, "min_factor": round(eta_min / lr, 6)}
     lines = [
@@ -286,13 +295,9 @@ def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
         "defaults:",
         f"  - override /dataset: {dataset}",
         f"  - override /model: {model}",
-        f"  - override /quantizer: {quantizer}",
-        f"  - override /precision: {'w4a4' if qat else 'w32a32'}",
+        "  - override /precision: w32a32",
         "  - override /optimizer: asam_sgd",
         "  - override /scheduler: cosine",
-        "",
-        f"name: {name}",
-        *source_line,
         f"trainer: {_yaml_map({'epochs': epochs, 'batch_size': batch, 'ema': ema if ema else 'null'})}",
         "optimizer:",
         f"  lr: {lr:g}",
@@ -303,6 +308,28 @@ def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
         "    - {tags: [quant], weight_decay: 0.0}",
         f"scheduler: {_yaml_map(sched)}",
     ]
+    return name, "\n".join(lines) + "\n"
+
+
+def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
+    """``configs/experiment/symreg_[qat_]<key>_<method>.yaml``: the row's recipe plus the method's quantizer."""
+    model, dataset, *_ = RECIPES[key]
+    label, quantizer, qover = TRAIN_METHODS[method]
+    name = f"symreg_{'qat_' if qat else ''}{key}_{method}"
+    if qat:
+        qover = {"satnl": quantizer == "satnl", **qover}
+        what = f"QAT fine-tuning of the {label} FP model"
+    else:
+        what = f"{label} FP pre-training for PTQ"
+    lines = [
+        "# @package _global_",
+        f"# SymReg/SatNL supplement, {model} {dataset}: {what} — python -m qrepro.train +experiment={name}",
+        "defaults:",
+        f"  - /recipe/symreg_{'qat_' if qat else ''}{key}",
+        *([] if qat else [f"  - override /quantizer: {quantizer}"]),
+        f"name: {name}",
+        *([f"init_from_experiment: symreg_{key}_{method}"] if qat else []),
+    ]
     if qover:
         lines.append(
             f"quantizer: {_yaml_map({k: str(v).lower() if isinstance(v, bool) else v for k, v in qover.items()})}"
@@ -310,14 +337,21 @@ def experiment(key: str, method: str, qat: bool = False) -> tuple[str, str]:
     return name, "\n".join(lines) + "\n"
 
 
+QAT_KEYS = ("r18", "mbv2", "mbv3", "r20", "digits")
+
+
 def write_experiments() -> None:
-    out = Path("configs/experiment")
+    out, rec = Path("configs/experiment"), Path("configs/recipe")
     out.mkdir(parents=True, exist_ok=True)
+    rec.mkdir(parents=True, exist_ok=True)
     for key in RECIPES:
+        for qat in (False, True) if key in QAT_KEYS else (False,):
+            name, text = recipe(key, qat)
+            (rec / f"{name}.yaml").write_text(text)
         for method in TRAIN_METHODS:
             name, text = experiment(key, method)
             (out / f"{name}.yaml").write_text(text)
-        if key in ("r18", "mbv2", "mbv3", "r20", "digits"):
+        if key in QAT_KEYS:
             for method in ("baseline", "ours"):
                 name, text = experiment(key, method, qat=True)
                 (out / f"{name}.yaml").write_text(text)

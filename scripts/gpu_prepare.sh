@@ -14,7 +14,7 @@ PYEOF
 # pure-Python packages: wheels work on any Python 3 (antlr4's 4.9.3 is an sdist, so pip builds its wheel here)
 # shellcheck disable=SC2086
 "$PY" -m pip wheel -q --no-deps -w .whl $pins
-src=${1:-../shared/data/cifar10-jpeg.tar.gz}
+src=${1:-${QREPRO_CIFAR10:?pass the CIFAR-10 archive (.tar.gz) as the first argument or set QREPRO_CIFAR10}}
 [ -e .cache/data/cifar10-jpeg.tar.gz ] || cp "$src" .cache/data/
 ls -la .whl .cache/data
 du -sh .whl .cache/data

@@ -25,7 +25,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import hydra, ome
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 cifar=${QREPRO_CIFAR10:-.cache/data/cifar10-jpeg.tar.gz}
-[ -e "$cifar" ] || cifar=../shared/data/cifar10-jpeg.tar.gz
+[ -e "$cifar" ] || { echo "error: no CIFAR-10 archive at $cifar; set QREPRO_CIFAR10" >&2; exit 2; }
 slug=$("$PY" - "$DEVICE" <<'EOF'
 import sys, torch
 from qrepro.bench import device_slug

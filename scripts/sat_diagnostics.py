@@ -1,4 +1,4 @@
-"""SAT weight-statistics diagnostics (papers/sat.md Fig. 2a and supplement Fig. S3), CPU, a few seconds.
+"""SAT weight-statistics diagnostics (SAT paper Fig. 2a and supplement Fig. S3), CPU, a few seconds.
 
 - Fig. 2a: VAR[W^] / VAR[W] of the clamped weight W^ = tanh(W)/max|tanh(W)| against the number of neurons n,
   for an n x n weight matrix W ~ N(0, 1/n) (variance proportional to 1/n as in the paper).

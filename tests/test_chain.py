@@ -129,7 +129,7 @@ def test_table_chains_agree_with_the_experiments_sources():
                 explicit += 1
             else:
                 derived += 1
-    assert derived > 90 and explicit < 50
+    assert derived > 90 and explicit < derived / 2  # most cells derive their source; own chains are the exception
 
 
 def test_tables_derive_the_source_cell_from_the_experiment(tmp_path):

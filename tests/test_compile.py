@@ -16,12 +16,13 @@ from torch import nn
 
 from qrepro.bench import method_options
 from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss
-from qrepro.hooks import Context
 from qrepro.errors import QreproError
+from qrepro.hooks import Context
 from qrepro.quant import build_method, prepare
 from qrepro.quant.methods import method_names
 
-BITS_TRIED = (4, 2, 8, 3, 32)  # first precision (W=A) the method supports; 32 for FP-only methods (KURE...)
+# first precision (W=A) the method supports; 1 for binary-only methods (reactnet), 32 for FP-only ones (KURE...)
+BITS_TRIED = (4, 2, 8, 3, 1, 32)
 
 
 class TinyNet(nn.Module):
@@ -52,9 +53,9 @@ def _prepared(name: str, device: str = "cpu"):
     torch.manual_seed(0)
     opts = method_options(name)
     errors = []
-    for b in BITS_TRIED:
+    for b, a in [(w, a) for w in BITS_TRIED for a in (w, 32)]:  # W=A, else weight-only (k-means: w{b}a32)
         try:
-            method = build_method(name, b, b, **opts)
+            method = build_method(name, b, a, **opts)
             break
         except QreproError as e:
             errors.append(str(e))

@@ -24,6 +24,7 @@ SCRIPTS = {
     "qrepro-eval": "qrepro.evaluate:main",
     "qrepro-ptq": "qrepro.ptq.__main__:main",
     "qrepro-table": "qrepro.table:main",
+    "qrepro-runs": "qrepro.tables.runs:main",
 }
 
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 def test_apot_parity_passes_at_2_bits():
     from qrepro.parity import run_suite
 
-    reports = run_suite("apot", REFERENCE, quick=True, steps=20, batch=8, data=CIFAR)
+    reports = run_suite("apot", REFERENCE, quick=True, steps=20, batch=8, data=CIFAR, release=RELEASE)
     text = "\n\n".join(r.render() for r in reports)
     assert len(reports) == 1 and "W2A2" in reports[0].title and "10 steps" in reports[0].title, text
     rep = reports[0]

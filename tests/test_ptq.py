@@ -450,7 +450,9 @@ def test_adaquant_matches_calibtip_reference_maths(f64):
     BatchNorm and the ReLU the network applies. Inputs from the quantized prefix, targets from the FP model."""
     fp, bits, iters, n = _chain_model(bn=True), 3, 6, 64
     calib = torch.randn(n, 2, 5, 5, generator=torch.Generator().manual_seed(4))
-    cfg = PTQConfig(algorithm="adaquant", w_bits=bits, a_bits=bits, first_last_bits=None, iters=iters, seed=5)
+    cfg = PTQConfig(
+        algorithm="adaquant", w_bits=bits, a_bits=bits, first_last_bits=None, iters=iters, seed=5, keep_best=False
+    )
     q = quantize_model(fp, calib, cfg)
 
     # ---- oracle

@@ -80,3 +80,42 @@ def test_tr_cifar_experiments_default_to_the_authors_talr_and_keep_eq11_as_a_swi
     assert (t.rule, t.scope, t.running_eps) == ("additive", "global", 0.0)
     t = compose(["+experiment=tr_resnet18_imagenet_w2a2_sgdt", "init_from=null"]).optimizer.tr
     assert (t.rule, t.scope) == ("additive", "global")  # ImageNet: no authors' code, the paper's Eq. 11
+
+
+MAX_SHARED = 5  # lines two experiment files may have in common (a source line, a one-line delta, ...)
+
+
+def shared_lines(a: str, b: str) -> set[str]:
+    """The non-trivial lines two config files have in common (comments, blank lines and ``defaults:`` aside)."""
+
+    def lines(text: str) -> set[str]:
+        out = set()
+        for line in text.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#") and line != "defaults:":
+                out.add(line)
+        return out
+
+    return lines(a) & lines(b)
+
+
+def test_no_two_experiments_share_more_than_a_few_lines():
+    texts = {p.stem: p.read_text() for p in sorted(EXPERIMENTS.glob("*.yaml"))}
+    names = sorted(texts)
+    worst = [
+        (len(common), a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if len(common := shared_lines(texts[a], texts[b])) > MAX_SHARED
+    ]
+    assert not worst, f"experiment pairs sharing more than {MAX_SHARED} lines (move them into a recipe): {worst[:10]}"
+
+
+def test_shared_lines_sees_a_copied_recipe():
+    body = "defaults:\n  - override /dataset: digits\nname: a\ntrainer: {epochs: 3}  # x\noptimizer:\n  lr: 0.1\n"
+    assert shared_lines(body, body.replace("name: a", "name: b")) == {
+        "- override /dataset: digits",
+        "trainer: {epochs: 3}",
+        "optimizer:",
+        "lr: 0.1",
+    }

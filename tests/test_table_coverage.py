@@ -193,9 +193,10 @@ def test_plan_prints_the_coverage_line_and_skips_paper_only_rows(tmp_path, capsy
     assert main(["plan", "sat_table1", "--cells", "pact_mbv1_w4*,mbv1_fp", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    runnable = load_table(REPO / "configs" / "table" / "sat_table1.yaml").cell("pact_mbv1_w4a4").runnable
+    cell = load_table(REPO / "configs" / "table" / "sat_table1.yaml").cell("pact_mbv1_w4a4")
+    runnable = cell.runnable
     assert any("+experiment=sat_mbv1_fp" in x for x in lines)
-    assert any("pact_mobilenet_v1_imagenet_w4a4" in x for x in lines if "qrepro.train" in x) == runnable
+    assert any(f"+experiment={cell.experiment}" in x for x in lines if "qrepro.train" in x) == runnable
     assert ("paper-only row(s) not runnable here, skipped: pact_mbv1_w4a4" in out) != runnable
     assert lines[-1].startswith("# Coverage: ") and lines[-1].endswith("(breakdown: qrepro-table coverage)")
     assert main(["coverage"]) == 0

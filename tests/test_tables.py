@@ -452,17 +452,23 @@ def test_dry_run_prints_commands_in_order(tmp_path, capsys):
             "trainer.device=cpu",
         ]
     )
-    lines = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out.splitlines()
+    lines = [x for x in printed if not x.startswith("#   ")]  # the expected run directories, checked below
+    expected = [x[len("#   -> ") :] for x in printed if x.startswith("#   -> ")]
     assert code == 0
     assert lines[0].startswith("# demo/fp: complete, skipped")
     assert lines[1] == (
         f"py -m qrepro.train +experiment=demo_q precision=w4a4 trainer.device=cpu "
         f"++logger.group=demo 'init_from=\"{(fp_root / 'fp0').as_posix()}/checkpoints/last.pt\"'"
     )
+    # plan names the directory each pending run will write, and chains use it (no placeholders)
+    assert expected[:2] == ["runs/demo_q/precision=w4a4", "runs/demo_q/precision=w3a3"]
     assert lines[2].endswith(
-        "precision=w3a3 trainer.device=cpu ++logger.group=demo 'init_from=\"<run dir of w4>/checkpoints/last.pt\"'"
+        "precision=w3a3 trainer.device=cpu ++logger.group=demo "
+        "'init_from=\"runs/demo_q/precision=w4a4/checkpoints/last.pt\"'"
     )
-    assert "precision=w2a2" in lines[3] and "<run dir of w3>" in lines[3]
+    assert "precision=w2a2" in lines[3] and "runs/demo_q/precision=w3a3/checkpoints" in lines[3]
+    assert "<run dir" not in "\n".join(printed)
     assert "optimizer=sgdt" in lines[4] and "init_from" not in lines[4]
     assert lines[5].startswith("py -m qrepro.ptq +experiment=demo_ptq") and "fp0/checkpoints/last.pt" in lines[5]
     assert len(lines) == 6
@@ -470,7 +476,7 @@ def test_dry_run_prints_commands_in_order(tmp_path, capsys):
     (fp_root / "fp0" / "checkpoints" / "last.pt").unlink()
     run_table_main(["demo", "--dry-run", "--configs", str(CONFIGS), "--runs", str(fp_root), "--cells", "w4"])
     lines = capsys.readouterr().out.splitlines()
-    assert "warning: no" in lines[1] and "--cells fp" in lines[1] and len(lines) == 3
+    assert "warning: no" in lines[1] and "--cells fp" in lines[1] and len(lines) == 4 and lines[3].startswith("#   -> ")
 
 
 def test_runner_chains_run_dirs_and_stops_dependents_on_failure(table, tmp_path, capsys):

@@ -153,7 +153,7 @@ def load_cifar_tensors(root: str | None, classes: int = 10, download: bool = Fal
     if not root:
         raise QreproError(
             f"dataset.root is not set for cifar{classes}; pass dataset.root=<torchvision folder, ImageFolder tree "
-            "or .tar.gz> (offline copy: ../shared/data/cifar10-jpeg.tar.gz)"
+            "or .tar.gz>"
         )
     p = Path(os.path.expanduser(str(root)))
     if p.is_file():

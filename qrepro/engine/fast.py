@@ -26,6 +26,14 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 ForwardLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def with_input(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The training loss as ``(logits, y, x) -> loss``: a loss marked ``takes_input = True`` (``Method.loss``, e.g.
+    distillation from a teacher on the same batch) as it is, a plain ``(logits, y)`` criterion ignoring ``x``."""
+    if getattr(loss_fn, "takes_input", False):
+        return loss_fn
+    return lambda logits, y, x: loss_fn(logits, y)
+
+
 def make_forward_loss(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -37,14 +45,16 @@ def make_forward_loss(
     """``(x, y) -> (loss, correct)``: forward, loss (+ the method's regularizer) and the number of correct
     top-1 predictions (a 0-d tensor, so accuracy needs no host read). The unit that ``torch.compile`` captures.
     ``autocast``: a factory of the mixed-precision context (``qrepro.engine.precision``, ``trainer.amp``);
-    ``input_transform``: applied to ``x`` first (channels-last layout)."""
+    ``input_transform``: applied to ``x`` first (channels-last layout). ``loss_fn(logits, y)``, or
+    ``loss_fn(logits, y, x)`` when it is marked ``takes_input`` (:func:`with_input`)."""
+    criterion = with_input(loss_fn)
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if input_transform is not None:
             x = input_transform(x)
         with autocast() if autocast is not None else contextlib.nullcontext():
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = criterion(logits, y, x)
             if regularizer is not None:
                 r = regularizer(model)
                 if r is not None:

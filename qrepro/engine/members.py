@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from qrepro.engine.fast import compile_forward_loss
+from qrepro.engine.fast import compile_forward_loss, with_input
 from qrepro.errors import QreproError
 
 __all__ = [
@@ -335,11 +335,12 @@ class MemberSlot:
 
 def _forward_loss_fn(loss_fn: Callable, regularizer: Callable | None, autocast: Any = None) -> Callable:
     """``(model, x, y) -> (loss, correct)``: ``make_forward_loss``'s unit, for the template module."""
+    criterion = with_input(loss_fn)
 
     def fl(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast() if autocast is not None else _null():
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = criterion(logits, y, x)
             if regularizer is not None:
                 r = regularizer(model)
                 if r is not None:

@@ -4,7 +4,7 @@ A 3x3 conv stem with 16 channels, three stages of ``n`` basic blocks with 16/32/
 first block of stages 2 and 3 has stride 2), global average pooling (an 8x8 map at 32x32 input, the
 "average pool 8" of the reference code) and a Linear(64, num_classes) classifier; depth = 6n + 2.
 
-Options, after what the papers' authors used (docs/REFERENCE.md):
+Options, after what the papers' authors used (the authors' code; docs/):
 - ``shortcut="A"``: parameter-free shortcut when the shape changes (stride-2 subsampling + zero
   channel padding), the paper's option A, used by the TR authors.
 - ``shortcut="B"``: 1x1 conv (stride 2) + BN projection when the shape changes, identity otherwise

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -31,9 +32,40 @@ from qrepro.registry import Registry, import_submodules
 
 SUITES = Registry("parity suite")
 
-# the offline CIFAR-10 copy next to the project checkout (see ../shared/data/README.md)
-DEFAULT_CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-DEFAULT_REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+# Where the authors' code and the CIFAR-10 images are when --reference / --data are not given.
+REFERENCE_ENV = "QREPRO_REFERENCE"  # a folder holding one checkout per suite (REFERENCE_REPOS)
+CIFAR_ENV = "QREPRO_CIFAR10"  # a CIFAR-10 root (torchvision folder, ImageFolder tree or .tar.gz of one)
+#: the authors' repository each suite compares against, and its folder name under $QREPRO_REFERENCE
+REFERENCE_REPOS = {
+    "apot": ("yhhhli/APoT_Quantization", "apot"),
+    "sat": ("deJQK/AdaBits", "sat"),
+    "tr": ("cvlab-yonsei/TRS", "trs"),
+    "reactnet": ("liuzechun/ReActNet", "reactnet"),
+    "haq": ("mit-han-lab/haq", "haq"),
+    "ewgs": ("cvlab-yonsei/EWGS", "ewgs"),
+    "nagel": ("Qualcomm-AI-research/oscillations-qat", "oscillations-qat"),
+}
+
+
+def default_reference(suite: str) -> Path:
+    """``$QREPRO_REFERENCE/<suite folder>``; a one-line error naming what is missing otherwise."""
+    repo, folder = REFERENCE_REPOS.get(suite, (suite, suite))
+    root = os.environ.get(REFERENCE_ENV)
+    if not root:
+        raise QreproError(
+            f"parity {suite} compares against the authors' code: pass --reference <checkout of {repo}> "
+            f"or set {REFERENCE_ENV}=<folder holding {folder}/>"
+        )
+    path = Path(root) / folder
+    if not path.is_dir():
+        raise QreproError(f"parity {suite}: {path} not found ({REFERENCE_ENV}={root}); add a checkout of {repo} there")
+    return path
+
+
+def default_cifar() -> Path | None:
+    """``$QREPRO_CIFAR10`` when set."""
+    root = os.environ.get(CIFAR_ENV)
+    return Path(root) if root else None
 
 
 @dataclass
@@ -162,7 +194,9 @@ def cifar_batches(
     root: Path | str | None, n: int, batch: int, seed: int = 0, split: str = "train"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches of ``batch`` real CIFAR-10 images (uint8 NCHW, labels), drawn at random with ``seed``."""
-    root = Path(root) if root else DEFAULT_CIFAR
+    root = Path(root) if root else default_cifar()
+    if root is None:
+        raise QreproError(f"parity needs CIFAR-10 images: pass --data <CIFAR-10 root> or set {CIFAR_ENV}")
     if not root.exists():
         raise QreproError(f"parity needs CIFAR-10 images: {root} does not exist; pass --data <CIFAR-10 root>")
     x, y = load_cifar_tensors(str(root), 10)[split]
@@ -181,5 +215,5 @@ def normalize(x: torch.Tensor, mean: Any, std: Any, dtype: torch.dtype = torch.f
 def run_suite(name: str, reference: Path | str | None, **kw: Any) -> list[Report]:
     import_submodules(__name__, __path__)
     suite = SUITES.get(name)
-    ref = Path(reference) if reference else DEFAULT_REFERENCE / {"tr": "trs"}.get(name, name)
+    ref = Path(reference) if reference else default_reference(name)
     return suite(ref, **kw)

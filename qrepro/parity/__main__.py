@@ -1,4 +1,4 @@
-"""``python -m qrepro.parity <apot|sat|tr> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
+"""``python -m qrepro.parity <suite> --reference DIR [--steps N] [--data CIFAR]``: see qrepro/parity."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ import time
 import torch
 
 from qrepro.cli import one_line_errors
-from qrepro.parity import DEFAULT_CIFAR, run_suite
+from qrepro.parity import CIFAR_ENV, REFERENCE_ENV, REFERENCE_REPOS, run_suite
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qrepro.parity", description=__doc__)
-    p.add_argument("suite", choices=["apot", "sat", "tr"])
+    p.add_argument("suite", choices=sorted(REFERENCE_REPOS))
     p.add_argument(
-        "--reference", default=None, help="checkout of the authors' repository (default ../shared/reference/<suite>)"
+        "--reference",
+        default=None,
+        help=f"checkout of the authors' repository (default: ${REFERENCE_ENV}/<folder of the suite>)",
     )
     p.add_argument("--steps", type=int, default=20, help="optimizer steps compared after the first forward/backward")
     p.add_argument(
-        "--data", default=str(DEFAULT_CIFAR), help="CIFAR-10 root (torchvision folder, ImageFolder or .tar.gz)"
+        "--data",
+        default=None,
+        help=f"CIFAR-10 root: torchvision folder, ImageFolder or .tar.gz (default: ${CIFAR_ENV})",
     )
     p.add_argument("--batch", type=int, default=None, help="images per step (default: the suite's)")
     p.add_argument("--quick", action="store_true", help="a reduced grid (the test suite's)")

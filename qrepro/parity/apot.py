@@ -31,6 +31,7 @@ measured are rounding (~1e-13 or less).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from qrepro.data import Normalizer
 from qrepro.errors import QreproError
 from qrepro.parity import SUITES, Report, cifar_batches, reference_import
 
-RELEASE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "apot-cifar10-release"
+RELEASE_ENV = "QREPRO_APOT_RELEASE"  # the folder of the authors' released res20_{2,3,4}bit.pth.tar
 BITS = (2, 3, 4)
 QUICK_BITS = (2,)
 DEFAULT_BATCH = 16
@@ -220,7 +221,7 @@ def compare_bits(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     steps: int,
-    release: Path = RELEASE,
+    release: Path,
     overrides: list[str] | None = None,
 ) -> Report:
     """One bit-width: first forward/backward, then ``steps`` optimizer steps, both sides from the released file."""
@@ -349,7 +350,13 @@ def suite(
         raise QreproError(
             f"parity apot: {reference}/CIFAR10/models not found; pass a checkout of yhhhli/APoT_Quantization"
         )
-    release = Path(release) if release else RELEASE
+    release = release or os.environ.get(RELEASE_ENV)
+    if not release:
+        raise QreproError(
+            f"parity apot starts from the authors' released checkpoints: set {RELEASE_ENV}=<folder holding "
+            "res20_{2,3,4}bit.pth.tar> (from yhhhli/APoT_Quantization)"
+        )
+    release = Path(release)
     if not release.is_dir():
         raise QreproError(f"parity apot: {release} not found (the authors' released res20_*bit.pth.tar files)")
     bits = tuple(bits) if bits else (QUICK_BITS if quick else BITS)

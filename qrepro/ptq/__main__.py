@@ -37,7 +37,7 @@ from qrepro.validation import validate_config
 PTQ_KEYS = (
     "first_last_bits quantize_first_input weight_grid weight_granularity asymmetric act_grid distribution init "
     "lp_norm act_calib_size iters batch_size lr_weight lr_bias lr_weight_qparams lr_act_qparams relu_before_mse "
-    "loss_through_bn lr_round lr_act_step act_lr_schedule act_grad_scale drop_prob round_weight round_warmup "
+    "loss_through_bn keep_best lr_round lr_act_step act_lr_schedule act_grad_scale drop_prob round_weight round_warmup "
     "round_beta kmeans_iters weight_step_scale"
 ).split()
 

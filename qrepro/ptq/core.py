@@ -34,7 +34,7 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.quant.aciq import DISTRIBUTIONS
-from qrepro.quant.calibrate import _AFFINE, capture, init_quantizers, layer_bits, weight_quantizer_for
+from qrepro.quant.calibrate import _AFFINE, _batches, capture, init_quantizers, layer_bits, weight_quantizer_for
 from qrepro.quant.layers import QUANT_LAYERS, quantized_layers
 from qrepro.quant.levels import best_pot_levels, kmeans_levels
 from qrepro.quant.methods import FP_BITS, LayerInfo, Method
@@ -91,6 +91,7 @@ class PTQConfig:
     lr_bias: float = 1e-3  # AdaQuant: biases
     lr_weight_qparams: float = 1e-3  # AdaQuant: weight range and zero point (step when symmetric)
     lr_act_qparams: float = 1e-1  # AdaQuant: input range and zero point (step when symmetric)
+    keep_best: bool = True  # AdaQuant: each layer keeps its iterate with the lowest MSE on all calibration images
     relu_before_mse: bool = True  # AdaQuant: ReLU on both outputs before the MSE where the network applies one
     loss_through_bn: bool = True  # AdaQuant / QDrop layers: the MSE after the layer's BatchNorm (reference: folded)
     lr_round: float = 1e-3  # QDrop: AdaRound V
@@ -287,6 +288,18 @@ def _qparams(qq: nn.Module | None) -> list[nn.Parameter]:
     return []
 
 
+@torch.no_grad()
+def _calib_mse(layer: nn.Module, post: Callable | None, x_in: torch.Tensor, target: torch.Tensor, chunk: int) -> float:
+    """MSE(post(layer(x_in)), target) over every calibration image (chunked; the same value as one batch)."""
+    total = 0.0
+    for sl in _batches(len(x_in), chunk):
+        out = layer(x_in[sl])
+        if post is not None:
+            out = post(out)
+        total += float(F.mse_loss(out, target[sl], reduction="sum"))
+    return total / target.numel()
+
+
 @PTQ_ALGORITHMS.register("adaquant")
 def ptq_adaquant(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
     """AdaQuant (Hubara et al., ICML 2021), sequential, as its reference implementation (CalibTIP
@@ -319,7 +332,13 @@ def ptq_adaquant(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfi
         params = [p for g in groups for p in g["params"]]
         flags = _require_grad(params)
         opt = torch.optim.Adam(groups)
-        for _ in range(cfg.iters):
+        every = max(1, cfg.iters // 10)
+        best = (
+            (_calib_mse(layer, post, x_in, target, cfg.chunk), [p.detach().clone() for p in params])
+            if cfg.keep_best
+            else None
+        )
+        for i in range(cfg.iters):
             idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(x_in.device)
             out = layer(x_in[idx])
             if post is not None:
@@ -328,6 +347,14 @@ def ptq_adaquant(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfi
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if cfg.keep_best and ((i + 1) % every == 0 or i + 1 == cfg.iters):
+                mse = _calib_mse(layer, post, x_in, target, cfg.chunk)
+                if mse < best[0]:  # type: ignore[index]
+                    best = (mse, [p.detach().clone() for p in params])
+        if best is not None:
+            with torch.no_grad():
+                for p, v in zip(params, best[1]):
+                    p.copy_(v)
         for p, f in zip(params, flags):
             p.requires_grad_(f)
             p.grad = None

@@ -14,11 +14,11 @@ from qrepro.quant.prepare import prepare
 
 # public name -> module that defines it (modules are imported on first access)
 _LAZY = {
-    # SAT (papers/sat.md)
+    # SAT (Towards Efficient Training for Neural Network Quantization)
     "dorefa_weight": "qrepro.quant.sat",
     "sat_rescale": "qrepro.quant.sat",
     "pact": "qrepro.quant.sat",
-    # APoT (papers/apot.md)
+    # APoT (Additive Powers-of-Two Quantization)
     "apot_levels": "qrepro.quant.apot",
     "project": "qrepro.quant.apot",
     "lloyd_max_levels": "qrepro.quant.apot",

@@ -1,4 +1,5 @@
-"""APoT (Li, Dong & Wang, ICLR 2020; papers/apot.md): level sets, projection, RCF and weight normalisation.
+"""APoT (Additive Powers-of-Two Quantization, Li, Dong & Wang, ICLR 2020): level sets, projection, RCF and
+weight normalisation.
 
 Everything here is a pure function of tensors; the nn.Module quantizers that use them live in
 ``qrepro/quant/methods/apot.py``. Equation numbers refer to the paper.

@@ -1,7 +1,7 @@
 """Robust-quantization training terms: SatNL, SymReg (Park et al., ECCV 2022), KURE (Shkolnik et al., 2020).
 
-Sources: papers/symreg-satnl-supplement.md (§2, §5, §9) and REFERENCE.md ("SymReg / SatNL"). The main
-SymReg/SatNL paper is not available here, so SymReg follows the REFERENCE formalisation: the squared 1-D
+Sources: the supplement of Symmetry Regularization and Saturating Nonlinearity for Robust Quantization (§2, §5, §9).
+The main paper's text was not among our sources, so SymReg is formalised as the squared 1-D
 Wasserstein-2 distance between the empirical distributions of W and -W.
 """
 

@@ -1,4 +1,5 @@
-"""SAT: scale-adjusted training and calibrated-gradient PACT (papers/sat.md, sat-supplement-bmvc.md).
+"""SAT: scale-adjusted training and calibrated-gradient PACT (Towards Efficient Training for Neural Network
+Quantization, and its BMVC supplement).
 
 Functional maths only; the quantizer modules and the per-layer policy live in ``qrepro.quant.methods.sat``.
 

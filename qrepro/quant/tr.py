@@ -93,10 +93,10 @@ def quantize_activation(x: torch.Tensor, scale: torch.Tensor, bits: int, eps: fl
 
 
 def init_weight_scale(w: torch.Tensor) -> torch.Tensor:
-    """Initial weight scale s = 3·std(w) (authors' initialisation, REFERENCE.md)."""
+    """Initial weight scale s = 3·std(w) (the authors' initialisation)."""
     return 3.0 * w.detach().double().std().to(w.dtype)
 
 
 def init_activation_scale(x: torch.Tensor) -> torch.Tensor:
-    """Initial activation scale s_a = 3·std(x)/sqrt(1 − 2/π) on the first batch (REFERENCE.md)."""
+    """Initial activation scale s_a = 3·std(x)/sqrt(1 − 2/π) on the first batch (the authors' code)."""
     return (3.0 * x.detach().double().std() / HALF_NORMAL_STD).to(x.dtype)

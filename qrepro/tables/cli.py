@@ -19,7 +19,7 @@ from qrepro.tables import figures as figs
 from qrepro.tables.compare import Row, compare, failures, summary
 from qrepro.tables.coverage import coverage, update_readme_coverage
 from qrepro.tables.records import DEFAULT_RUN_ROOTS, Record, collect, load_records
-from qrepro.tables.render import LEGEND, fmt, to_csv, to_latex, to_markdown
+from qrepro.tables.render import LEGEND, fmt, other_runs_lines, to_csv, to_latex, to_markdown
 from qrepro.tables.schema import SELECTIONS, Table, default_configs, load_table, resolve_table, table_paths
 
 FORMATS = ("md", "csv", "tex")
@@ -27,11 +27,17 @@ FORMATS = ("md", "csv", "tex")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m qrepro.tables",
+        prog="qrepro-table render",
         description="Regenerate paper tables (paper vs ours, differences, verdicts) and figures "
-        "from local run records.",
+        "from local run records. Overrides (key=value) count the runs made with them as the cells "
+        "(e.g. the runs of `qrepro-table run <table> trainer.batch_size=256`).",
     )
-    p.add_argument("names", nargs="*", help="table names (configs/table/<name>.yaml) or paths to table YAMLs")
+    p.add_argument(
+        "names",
+        nargs="*",
+        help="table names (configs/table/<name>.yaml) or paths to table YAMLs, then optional key=value overrides",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="every per-table line and figure note")
     p.add_argument("--all", action="store_true", help="every configs/table/*.yaml, plus results/README.md")
     p.add_argument(
         "--select",
@@ -77,10 +83,11 @@ def write_table(
     formats: Sequence[str],
     out: Path,
     configs: str | Path,
+    extra: Sequence[str] = (),
 ) -> tuple[list[Row], list[Path]]:
     """Compare, render and write one table; returns the rows and the written files."""
     sel = select or table.reported
-    rows = compare(table, records, sel)
+    rows = compare(table, records, sel, extra_overrides=extra)
     out.mkdir(parents=True, exist_ok=True)
     texts = {
         "md": lambda: to_markdown(table, rows, sel, configs=configs, link_base=out),
@@ -127,10 +134,11 @@ def readme_text(
         "## Reproduce",
         "",
         "```bash",
-        "python -m qrepro.run_table <name> --dry-run   # the training commands in order (progressive chains)",
-        "python -m qrepro.run_table <name>             # run them (complete cells are skipped)",
-        "python -m qrepro.tables <name> --verify       # regenerate this table; exit 1 if a cell misses",
-        "python -m qrepro.tables --all                 # every table, the figures and this file",
+        "qrepro-table plan <name>              # the training commands in order (progressive chains)",
+        "qrepro-table run <name>               # run them (complete cells are skipped)",
+        "qrepro-table render <name> --verify   # regenerate this table; exit 1 if a cell misses",
+        "qrepro-table render --all             # every table, the figures and this file",
+        "qrepro-runs --table <name>            # the runs behind it: status, epochs, best/last top-1, wall time",
         "```",
         "",
         "## Tables",
@@ -200,34 +208,57 @@ def _fail_line(table: Table, row: Row) -> str:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     formats = _formats(args.format)
     if args.all and args.names:
         raise QreproError("give table names or --all, not both")
     if not args.all and not args.names:
         raise QreproError(
-            "name a table (python -m qrepro.tables <name>) or use --all; tables: "
+            "name a table (qrepro-table render <name>) or use --all; tables: "
             + (", ".join(p.stem for p in table_paths(args.configs)) or "none yet")
         )
-    paths = table_paths(args.configs) if args.all else [resolve_table(n, args.configs) for n in args.names]
+    names = [n for n in args.names if "=" not in n]
+    extra = [n for n in args.names if "=" in n]
+    if args.all and extra:
+        raise QreproError("overrides apply to named tables, not --all: qrepro-table render <table> key=value ...")
+    paths = table_paths(args.configs) if args.all else [resolve_table(n, args.configs) for n in names]
     tables = [load_table(p) for p in paths]  # validate all before writing anything
     records = load_records(args.runs or DEFAULT_RUN_ROOTS, complete_only=False)
     out, fig_out = Path(args.out), Path(args.figures)
     entries, failed = [], []
+    quiet = args.all and not args.verbose
+    skipped_figures, elsewhere = 0, 0
     for table in tables:
-        rows, written = write_table(table, records, select=args.select, formats=formats, out=out, configs=args.configs)
+        rows, written = write_table(
+            table, records, select=args.select, formats=formats, out=out, configs=args.configs, extra=extra
+        )
         fig_paths: list[Path] = []
         if not args.no_figures:
             fig_paths, notes = figs.make_figures(table, rows, fig_out)
             written += fig_paths
-            for note in notes:
+            skipped_figures += len(notes)
+            for note in [] if quiet else notes:
                 print(f"note: {note}")
-        print(f"{table.name}: {summary(rows)} -> {', '.join(p.as_posix() for p in written)}")
+        others = other_runs_lines(table, rows, markdown=False)
+        elsewhere += len(others)
+        if not quiet or any(r.records or r.diverged for r in rows):
+            print(f"{table.name}: {summary(rows)} -> {', '.join(p.as_posix() for p in written)}")
+        for line in [] if quiet else others:
+            print(f"note: {table.name}/{line}")
         entries.append((table, rows, fig_paths))
         if args.collect:
             copied = collect([rec for r in rows for rec in r.records], args.collect)
             print(f"{table.name}: copied {len(copied)} record(s) under {args.collect}")
         failed += [(table, r) for r in failures(rows)]
+    if quiet:
+        with_runs = sum(any(r.records for r in rows) for _, rows, _ in entries)
+        print(
+            f"{len(entries)} tables written to {out.as_posix()}: {with_runs} with run records, "
+            f"{len(entries) - with_runs} without any yet"
+            + (f"; {skipped_figures} figures skipped for lack of data" if skipped_figures else "")
+            + (f"; {elsewhere} cell(s) have runs under other overrides" if elsewhere else "")
+            + " (--verbose lists them)"
+        )
     if args.all:
         readme = Path(args.readme) if args.readme else out.parent / "README.md"
         readme.parent.mkdir(parents=True, exist_ok=True)
@@ -240,8 +271,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         if not args.readme and update_project_readme(
             project, entries, select=args.select, out=out, configs=args.configs
         ):
-            print(f"results section: {project.as_posix()}")
-        if not args.readme and update_readme_coverage(project, coverage(tables)):
+            if not quiet:
+                print(f"results section: {project.as_posix()}")
+        if not args.readme and update_readme_coverage(project, coverage(tables)) and not quiet:
             print(f"coverage section: {project.as_posix()}")
     if args.verify:
         for table, row in failed:

@@ -18,15 +18,17 @@ Verdict rule (also printed in every generated table):
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qrepro.errors import QreproError
-from qrepro.tables.records import Record, match_cell
+from qrepro.tables.records import Record, canonical_overrides, match_cell
 from qrepro.tables.schema import SELECTIONS, Cell, Table
 
 EPS = 1e-9
+CHANCE_MARGIN = 2.0  # points above chance (100·k/num_classes for top-k) still counted as chance level
 PASS, FAIL, MISSING, NA, DIVERGED, PAPER_ONLY = "pass", "fail", "missing", "n/a", "diverged", "paper only"
 
 
@@ -60,8 +62,25 @@ class Row:
     basis: str | None  # "dFP" | "abs" | None
     verdict: str
     diverged: tuple[Record, ...] = ()  # diverged runs of the cell (no values)
+    select: str | None = None  # best | last: which value of each record the row shows
     other: Stats = Stats(None, None, 0)  # ours on the other metric (top-5 for a top-1 table), no verdict
     metric: str = "top1"  # the table's metric
+    elsewhere: tuple[Record, ...] = ()  # complete runs of the cell's experiment under other overrides (not counted)
+
+    @property
+    def chance(self) -> float | None:
+        """The accuracy of guessing (100·k/num_classes for top-k) when the records name their class count."""
+        counts = {r.num_classes for r in self.records} - {None}
+        if len(counts) != 1:
+            return None
+        k = 5 if self.metric == "top5" else 1
+        return min(100.0, 100.0 * k / counts.pop())
+
+    @property
+    def at_chance(self) -> bool:
+        """Every seed of the cell sits at chance level (within ``CHANCE_MARGIN`` points): never a plain number."""
+        values = cell_values(self.records, self.select, self.metric) if self.select else []
+        return self.chance is not None and bool(values) and max(values) <= self.chance + CHANCE_MARGIN
 
     @property
     def paper_other(self) -> float | None:
@@ -87,12 +106,15 @@ def cell_values(records: Sequence[Record], select: str, metric: str) -> list[flo
     return [v for v in (r.metric(select, metric) for r in records) if v is not None]
 
 
-def compare(table: Table, records: Sequence[Record], select: str | None = None) -> list[Row]:
-    """One :class:`Row` per cell, in the table's order. ``select`` defaults to what the paper reports."""
+def compare(
+    table: Table, records: Sequence[Record], select: str | None = None, *, extra_overrides: Sequence[str] = ()
+) -> list[Row]:
+    """One :class:`Row` per cell, in the table's order. ``select`` defaults to what the paper reports;
+    ``extra_overrides`` are added to every cell's overrides (runs made with them count as the cell)."""
     select = select or table.reported
     if select not in SELECTIONS:
         raise QreproError(f"--select must be one of {', '.join(SELECTIONS)}, got {select!r}")
-    hits = {c.id: match_cell(c, records) for c in table.cells}
+    hits = {c.id: match_cell(c, records, extra_overrides=extra_overrides) for c in table.cells}
     matched = {cid: tuple(r for r in recs if r.complete) for cid, recs in hits.items()}
     stats = {cid: Stats.of(cell_values(recs, select, table.metric)) for cid, recs in matched.items()}
     other = other_metric(table.metric)
@@ -131,11 +153,46 @@ def compare(table: Table, records: Sequence[Record], select: str | None = None) 
                 basis,
                 verdict,
                 diverged,
+                select,
                 Stats.of(cell_values(matched[c.id], select, other)),
                 table.metric,
+                elsewhere(c, records, extra_overrides, table) if ours.n == 0 else (),
             )
         )
     return rows
+
+
+def elsewhere(
+    cell: Cell, records: Sequence[Record], extra_overrides: Sequence[str] = (), table: Table | None = None
+) -> tuple[Record, ...]:
+    """Complete records of the cell's experiment whose overrides differ from the cell's (e.g. a smaller batch)
+    and that are no other cell's of ``table``: they do not count as the cell, but a reader should hear that
+    they exist."""
+    want = canonical_overrides(list(cell.overrides) + list(extra_overrides))
+    cells = table.cells if table is not None else ()
+    claimed = {
+        canonical_overrides(list(c.overrides) + list(extra_overrides)) for c in cells if c.experiment == cell.experiment
+    }
+    return tuple(
+        r
+        for r in records
+        if r.complete and r.experiment == cell.experiment and r.canonical() != want and r.canonical() not in claimed
+    )
+
+
+def override_diff(cell: Cell, record: Record) -> tuple[list[str], list[str]]:
+    """(assignments the record has beyond the cell's, the cell's assignments the record lacks), as overrides."""
+    have, want = record.canonical(), canonical_overrides(cell.overrides)
+
+    def text(items: frozenset) -> list[str]:
+        return sorted(f"~{k}" if kind == "del" else f"{k}={_value_text(v)}" for kind, k, v in items)
+
+    return text(have - want), text(want - have)
+
+
+def _value_text(value_json: str) -> str:
+    value = json.loads(value_json)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def failures(rows: Sequence[Row]) -> list[Row]:
@@ -154,4 +211,7 @@ def summary(rows: Sequence[Row]) -> str:
         parts.append(f"{count[NA]} without a paper number")
     if count[PAPER_ONLY]:
         parts.append(f"{count[PAPER_ONLY]} paper only (not runnable here)")
+    chance = sum(r.at_chance for r in rows)
+    if chance:
+        parts.append(f"{chance} at chance level")
     return f"{present}/{len(rows)} cells present: " + ", ".join(parts)

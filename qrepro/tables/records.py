@@ -105,6 +105,12 @@ class Record:
         return self.data.get("experiment")
 
     @property
+    def num_classes(self) -> int | None:
+        """``config.dataset.num_classes`` (None when the record does not say)."""
+        n = ((self.data.get("config") or {}).get("dataset") or {}).get("num_classes")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    @property
     def seed(self) -> Any:
         return self.data.get("seed")
 
@@ -188,18 +194,57 @@ def _seed_order(seed: Any) -> tuple:
     return (1, 0, json.dumps(seed))
 
 
+OUT_ROOT, LOCAL = "<out_root>", "<local>"
+_OUTSIDE = ("/", "../")  # absolute paths and paths that leave the project: specific to one machine
+
+
+def portable(data: dict[str, Any]) -> dict[str, Any]:
+    """A record without the machine's absolute paths, for committing: a path under the run's output root
+    (``run_dir`` minus ``<name>/...``) becomes ``<out_root>/<rest>`` and any other absolute path or path
+    leaving the project (``../``) ``<local>/<file name>``, wherever it appears (also in ``key=path`` strings).
+    Everything else, hashes included (``init_from_sha256`` names the checkpoint's content), is kept."""
+    run_dir, name = str(data.get("run_dir") or ""), str(data.get("name") or "")
+    base = run_dir[: run_dir.rindex(f"/{name}/")] if run_dir.startswith("/") and f"/{name}/" in run_dir else None
+
+    def path(p: str) -> str:
+        if base and (p == base or p.startswith(base + "/")):
+            return OUT_ROOT + p[len(base) :]
+        return f"{LOCAL}/{Path(p).name}" if Path(p).name else LOCAL
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, str) and v.startswith(_OUTSIDE):
+            return path(v)
+        if isinstance(v, str) and "=" in v and v.partition("=")[2].lstrip("\"'").startswith(_OUTSIDE):
+            key, _, value = v.partition("=")
+            return f"{key}={path(value.strip(chr(34) + chr(39)))}"
+        return v
+
+    return fix(data)
+
+
+def portable_text(data: dict[str, Any]) -> str:
+    """The JSON text of :func:`portable` (the layout the trainer writes: indent 1, a final newline)."""
+    return json.dumps(portable(data), indent=1) + "\n"
+
+
 def collect(records: Iterable[Record], dest: str | Path) -> list[Path]:
     """Copy records (``record.json`` only, no checkpoints) under ``dest``, keeping their path below their
-    search root, so the runs behind a table can be committed (``results/records``). Returns the new files."""
+    search root, so the runs behind a table can be committed (``results/records``); the copies hold no
+    absolute path of this machine (:func:`portable`). Returns the new files."""
     dest = Path(dest)
     written = []
     for rec in records:
         if rec.root is None or rec.path.resolve().is_relative_to(dest.resolve()):
             continue  # already there
         target = dest / rec.path.relative_to(rec.root)
-        if target.is_file() and target.read_bytes() == rec.path.read_bytes():
+        text = portable_text(rec.data)
+        if target.is_file() and target.read_text(encoding="utf-8") == text:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(rec.path.read_bytes())
+        target.write_text(text, encoding="utf-8")
         written.append(target)
     return written

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from qrepro.tables.compare import Row, other_metric, summary
+from qrepro.tables.compare import CHANCE_MARGIN, Row, other_metric, override_diff, summary
 from qrepro.tables.schema import Table
 
 METRIC_LABEL = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "ap": "COCO average precision AP (%)"}
@@ -90,9 +90,49 @@ def ours_text(row: Row, digits: int = 2, *, other: bool = False) -> str:
     stats = row.other if other else row.ours
     if stats.n == 0:
         return "—"
-    if stats.std is None:
-        return fmt(stats.mean, digits)
-    return f"{fmt(stats.mean, digits)} ± {fmt(stats.std, digits)}"
+    text = fmt(stats.mean, digits) if stats.std is None else f"{fmt(stats.mean, digits)} ± {fmt(stats.std, digits)}"
+    return f"{text} (chance)" if row.at_chance and not other else text
+
+
+def chance_note(row: Row) -> str:
+    """The footnote of a cell whose runs sit at chance level."""
+    n = round(100.0 / row.chance) if row.chance else 0
+    return (
+        f"At chance level: every run of this cell is within {CHANCE_MARGIN:.0f} points of guessing "
+        f"({fmt(row.chance)} % with {n} classes); the quantized model does not work, the number is not a result."
+    )
+
+
+def cell_notes(row: Row) -> list[str]:
+    """The cell's own note (table file) and, when its runs sit at chance level, the chance note."""
+    note = row.cell.extra.get("note")
+    return ([note] if isinstance(note, str) else []) + ([chance_note(row)] if row.at_chance else [])
+
+
+def other_runs_lines(table: Table, rows: Sequence[Row], *, markdown: bool = True) -> list[str]:
+    """For each cell without runs: the runs of its experiment under other overrides, and how to count them."""
+    out = []
+    for r in rows:
+        if not r.elsewhere:
+            continue
+        diffs = {}
+        for rec in r.elsewhere:
+            extra, lacking = override_diff(r.cell, rec)
+            diffs.setdefault((tuple(extra), tuple(lacking)), []).append(rec)
+        for (extra, lacking), recs in diffs.items():
+            q = (lambda x: f"`{x}`") if markdown else (lambda x: x)
+            what = []
+            if extra:
+                what.append("with " + " ".join(q(o) for o in extra))
+            if lacking:
+                what.append("without " + " ".join(q(o) for o in lacking))
+            line = f"{q(r.cell.id)}: {len(recs)} run(s) of {r.cell.experiment} {' and '.join(what)}"
+            if extra and not lacking:
+                line += f"; to count them: {q('qrepro-table render ' + table.name + ' ' + ' '.join(extra))}"
+            else:
+                line += "; they are another experiment: rerun the cell (qrepro-table plan " + table.name + ")"
+            out.append(line)
+    return out
 
 
 def verdict_text(row: Row) -> str:
@@ -142,13 +182,13 @@ def to_markdown(
         out += ["", f"Note: {table.extra['note']}"]
     notes: dict[str, int] = {}  # cell notes as numbered footnotes; equal texts share a number
     for r in rows:
-        note = r.cell.extra.get("note")
-        if isinstance(note, str) and note not in notes:
-            notes[note] = len(notes) + 1
+        for note in cell_notes(r):
+            if note not in notes:
+                notes[note] = len(notes) + 1
     out += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         c = r.cell
-        mark = f" [{notes[c.extra['note']]}]" if isinstance(c.extra.get("note"), str) else ""
+        mark = "".join(f" [{notes[n]}]" for n in cell_notes(r))
         links = [f"[{_seed_label(rec.seed)}]({_rel(rec.path, link_base)})" for rec in r.records]
         links += [f"[{_seed_label(rec.seed)} diverged]({_rel(rec.path, link_base)})" for rec in r.diverged]
         cfg = f"[{c.experiment}]({_rel(experiment_path(table, c.experiment, configs), link_base)})"
@@ -161,7 +201,7 @@ def to_markdown(
         cells += [
             c.precision,
             fmt(c.paper),
-            ours_text(r),
+            f"**{ours_text(r)}**" if r.at_chance else ours_text(r),
             str(r.ours.n),
             fmt(r.diff, signed=True),
             fmt(r.paper_dfp, signed=True),
@@ -173,6 +213,9 @@ def to_markdown(
         cells += [" ".join(links) or "—", cfg]
         out.append("| " + " | ".join(_md_escape(x) if "](" not in x else x for x in cells) + " |")
     out += ["", summary(rows) + "."]
+    others = other_runs_lines(table, rows)
+    if others:
+        out += ["", "Runs under other overrides (not counted as the cell):", ""] + [f"- {x}" for x in others]
     if notes:
         out += [""] + [f"[{i}] {_md_escape(text)}  " for text, i in notes.items()]
     out.append("")
@@ -220,7 +263,7 @@ def to_csv(table: Table, rows: Sequence[Row], select: str, *, configs: str | Pat
                 r.verdict,
                 f(r.paper_other),
                 f(r.other.mean),
-                c.extra.get("note", "") if isinstance(c.extra.get("note"), str) else "",
+                " ".join(cell_notes(r)),
                 " ".join(json.dumps(rec.seed) for rec in r.records),
                 " ".join(rec.path.as_posix() for rec in r.records),
                 experiment_path(table, c.experiment, configs).as_posix()
@@ -276,6 +319,7 @@ def to_latex(table: Table, rows: Sequence[Row], select: str) -> str:
         ours = (
             "--" if r.ours.n == 0 else f(r.ours.mean) + (f" $\\pm$ {f(r.ours.std)}" if r.ours.std is not None else "")
         )
+        ours += " (chance)" if r.at_chance else ""
         lines.append(
             " & ".join(
                 [

@@ -42,6 +42,9 @@ class Method:
     name: str
     quantize_layer: Callable[[LayerInfo], tuple[nn.Module | None, nn.Module | None] | None]
     regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None
+    # training loss replacing the trainer's cross-entropy, called as loss(logits, y, x) with the step's input
+    # batch (e.g. distillation against a teacher on the same images); mark it with ``takes_input = True``
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     hooks: list[Any] = field(default_factory=list)
     w_bits: int = FP_BITS
     a_bits: int = FP_BITS

@@ -1,6 +1,6 @@
-"""APoT (papers/apot.md): weight and activation fake-quantizers and the per-layer policy.
+"""APoT (Additive Powers-of-Two Quantization): weight and activation fake-quantizers and the per-layer policy.
 
-Policy (paper Sec. 4.1 and the authors' code, see REFERENCE.md):
+Policy (paper Sec. 4.1 and the authors' code):
 - middle conv/linear layers: weights normalised per tensor (Eq. 9), then signed APoT with RCF (Eq. 7):
   sign x the (b-1)-bit magnitude set, 2-bit weights ternary {-alpha, 0, alpha}; the layer input is
   quantized unsigned on the b-bit set with its own RCF threshold.
@@ -173,7 +173,7 @@ def build_apot(
     first_last_bits: int = 8,
     lloyd_iters: int = 30,
 ) -> Method:
-    """APoT method (papers/apot.md).
+    """APoT method (Additive Powers-of-Two Quantization).
 
     levels: weight level family apot | pot | uniform | lloyd; act_levels: activation family (default: the
     weight family, ``apot`` when weights use lloyd). w_clip: rcf | pact | max; a_clip: rcf | pact.

@@ -69,7 +69,7 @@ def robust_regularizer(
 ) -> torch.Tensor | None:
     """symreg_coef · Σ_l SymReg(W'_l)  +  λ_K · mean_{l ∈ KURE layers} (Kurt[W'_l] − K_T)².
 
-    SymReg covers every conv/linear layer (summed, REFERENCE.md); KURE covers every conv except the first
+    SymReg covers every conv/linear layer (summed); KURE covers every conv except the first
     (averaged over layers, KURE Eq. 5), added once with coefficient λ_K = ``kure_coef`` (as the KURE paper and
     its reference code do). Both act on the effective weight W' (what PTQ will quantize).
     """

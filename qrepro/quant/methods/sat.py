@@ -1,12 +1,13 @@
 """SAT (scale-adjusted training) + CG-PACT, and the ablation baselines ``pact`` and ``dorefa``.
 
-Papers: papers/sat.md (Eq. 5-13), papers/sat-supplement-bmvc.md (S2/S3 rescaling variants, S5 first/last
-bit-widths, S6 rescaling every conv not followed by BN). Maths: ``qrepro.quant.sat``.
+Papers: Towards Efficient Training for Neural Network Quantization (Eq. 5-13), its BMVC supplement (S2/S3
+rescaling variants, S5 first/last bit-widths, S6 rescaling every conv not followed by BN). Maths: ``qrepro.quant.sat``.
 
 Policy (paper §3.1, §4):
 - every conv/linear weight: tanh clamping + DoReFa rounding (``scheme``); ``w_bits=32`` keeps the clamped
   weight without rounding (the paper's "FP" model, which initialises the quantized ones);
-- first conv and last FC: 8-bit weights (``first_last: 8bit``) or the network bit-width (``same``, S5);
+- first conv and last FC: 8-bit weights (``first_last: 8bit``), the network bit-width (``same``, S5), or
+  left full precision, weights and input (``fp``: PACT as its paper trains, ``configs/recipe/pact_*.yaml``);
 - first conv input (uint8 image) not quantized; every other layer input, including the last FC's, quantized
   with PACT at ``a_bits`` (``a_bits=32``: weight-only quantization, no activation quantizer at all);
 - constant rescaling (Eq. 10) on the last FC (``rescale: last``), on every layer whose output does not go
@@ -56,7 +57,7 @@ from qrepro.quant.methods import METHODS, LayerInfo, Method, check_bits
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 RESCALE_MODES = ("last", "no_bn", "all", "none")
 RESCALE_METHODS = ("const", "std")
-FIRST_LAST = ("8bit", "same")
+FIRST_LAST = ("8bit", "same", "fp")
 
 
 class SATWeightQuantizer(nn.Module):
@@ -215,8 +216,10 @@ def _build(
         )
     _signed_policy(signed_act, "")  # validate early
 
-    def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None]:
+    def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         first, last = info.role == "first", info.role == "last"
+        if (first or last) and first_last == "fp":  # a plain FP layer: no clamping, no input quantizer
+            return None
         wb = info.w_bits
         if wb != satf.FP_BITS and (first or last) and first_last == "8bit":
             wb = 8

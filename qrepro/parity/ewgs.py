@@ -1,0 +1,309 @@
+"""EWGS parity: qrepro's ``ewgs`` CIFAR-10 ResNet-20 against the authors' own code (cvlab-yonsei/EWGS).
+
+``python -m qrepro.parity ewgs --reference <checkout>`` (the checkout holds ``CIFAR10/custom_models.py``,
+``custom_modules.py`` and ``utils.py``). For W1A1 and W2A2 (``--quick``: W1A1), in float64:
+
+- the oracle: their ``resnet20_quant`` (``QConv`` layers, ``--baseline False``, δ initially 0), initialised by their
+  ``init_quant_model`` on the first batch, trained as ``train_quant.py`` does: ``Adam`` (lr 1e-3, weight decay
+  1e-4) for the network and ``Adam`` (lr 1e-5) for the quantizer parameters (intervals and output scales), each with
+  ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch; their ``update_grad_scales`` (δ from the Hessian
+  trace on 3 batches) before epoch ``UPDATE_EVERY`` (their ``--update_every``).
+- qrepro: ``qrepro.api.build(["+experiment=ewgs_resnet20_cifar10_w1a1", "precision=w{b}a{b}", ...],
+  dtype=torch.float64)`` stepped with ``Run.step`` (its first call runs the initialisation hook) and
+  ``Run.end_epoch`` (the Hessian hook, as the trainer runs it at every epoch end), with ``quantizer.seed=null``
+  so that its Hutchinson probes come from the global RNG as theirs do (both sides are seeded alike before).
+
+Both sides start from the same weights (the oracle's random initialisation) and see the same real CIFAR-10 images
+(no augmentation). Compared: the normalised input; the intervals and output scales after initialisation; at the
+first step the train-mode output, the loss and every gradient; the loss of every step; δ of every discretiser
+after the Hessian update; after the last step every parameter, the Adam moments and the last gradients.
+BatchNorm running statistics are not compared: their initialisation forward also updates them, qrepro's restores
+them (train-mode forwards, hence everything compared, do not read them).
+
+Two changes to their code that do not touch its maths: their Hutchinson ``trace`` is called with ``maxIter``
+= ``MAX_ITER`` (its own keyword; the default 50 makes a CPU run long) and qrepro with ``quantizer.hessian_max_iter``
+equal to it; and ``update_grad_scales`` prints progress, which is silenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import transforms
+
+from qrepro.api import build
+from qrepro.data import Normalizer
+from qrepro.errors import QreproError
+from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+
+CELLS = ("w1a1", "w2a2")
+QUICK_CELLS = ("w1a1",)
+DEFAULT_BATCH = 8
+TOL = 1e-9  # float64, absolute
+EPOCHS, STEPS_PER_EPOCH = 4, 5  # the comparison's schedule: cosine over 4 epochs of 5 steps
+UPDATE_EVERY = 2  # δ is re-estimated before epoch 2 (theirs) = after epoch 1 (qrepro's hook)
+MAX_ITER = 2  # Hutchinson probes per trace by default (theirs: the keyword maxIter of utils.trace)
+HESSIAN_SEED = 1234
+
+THEIR_MEAN, THEIR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # train_quant.py transforms.Normalize
+THEIR_LR_M, THEIR_LR_Q, THEIR_WD = 1e-3, 1e-5, 1e-4  # train_quant.py defaults (Adam / Adam)
+HESSIAN_BATCHES = 3  # update_grad_scales: "estimate trace using 3 batches"
+
+RENAME = {".lW": ".wq.lower", ".uW": ".wq.upper", ".lA": ".aq.lower", ".uA": ".aq.upper"}
+RENAME |= {".output_scale": ".wq.output_scale", ".bkwd_scaling_factorW": ".wq.delta"}
+RENAME |= {".bkwd_scaling_factorA": ".aq.delta"}
+
+
+def their_name_to_ours(name: str) -> str:
+    if name.startswith("bn2."):  # the BatchNorm1d before the classifier
+        return "bn_fc." + name[4:]
+    if name.startswith("linear."):
+        return "fc." + name[7:]
+    for a, b in RENAME.items():
+        if name.endswith(a):
+            return name[: -len(a)] + b
+    return name
+
+
+def _kind(name: str) -> str:
+    if ".wq." in name or ".aq." in name:
+        return "quantizer params"
+    if ".bn" in name or name.startswith("bn"):
+        return "bn"
+    return "conv/fc"
+
+
+def _add_grouped(rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
+    if set(ours) != set(ref):
+        raise QreproError(f"parity ewgs: {prefix}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
+    kinds: dict[str, list[str]] = {}
+    for k in ref:
+        kinds.setdefault(_kind(k), []).append(k)
+    for kind, keys in kinds.items():
+        rep.add_many(f"{prefix} {kind}", {k: ours[k] for k in keys}, {k: ref[k] for k in keys})
+
+
+def _their_inputs(x: torch.Tensor) -> torch.Tensor:
+    """train_quant.py's test-time pipeline on uint8 NCHW images: ToTensor + Normalize (float32), then float64."""
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(THEIR_MEAN, THEIR_STD)])
+    return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
+
+
+def _our_run(bits: str, overrides: list[str], max_iter: int, steps_per_epoch: int) -> Any:
+    return build(
+        [
+            "+experiment=ewgs_resnet20_cifar10_w1a1",
+            f"precision={bits}",
+            "trainer.device=cpu",
+            f"trainer.epochs={EPOCHS}",
+            f"quantizer.update_every={UPDATE_EVERY}",
+            f"quantizer.hessian_max_iter={max_iter}",
+            "quantizer.seed=null",
+            "init_from=null",
+            *overrides,
+        ],
+        dtype=torch.float64,
+        load_data=False,
+        num_classes=10,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def _our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
+    d = run.cfg.dataset
+    return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
+
+
+def _deltas(model: nn.Module, rename: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, b in model.named_buffers():
+        n2 = their_name_to_ours(n) if rename else n
+        if n2.endswith(".delta"):
+            out[n2] = b.detach().clone()
+    return out
+
+
+def compare_cell(
+    reference: Path,
+    bits: str,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    overrides: list[str] | None = None,
+    tol: float = TOL,
+    seed: int = 0,
+    max_iter: int = MAX_ITER,
+    steps_per_epoch: int = STEPS_PER_EPOCH,
+) -> Report:
+    overrides = list(overrides or [])
+    spe = steps_per_epoch
+    b = int(bits[1 : bits.index("a")])
+    batch = len(batches[0][1])
+    extra = f", qrepro overrides {' '.join(overrides)}" if overrides else ""
+    title = (
+        f"EWGS ResNet-20 CIFAR-10 {bits.upper()}, float64, batch {batch}, {steps} steps (cosine over {EPOCHS} "
+        f"epochs of {spe} steps, Hessian δ before epoch {UPDATE_EVERY}){extra}"
+    )
+    rep = Report(title, tol)
+    with reference_import(Path(reference) / "CIFAR10") as imp:
+        cm, ut = imp("custom_models"), imp("utils")
+        ut.trace = functools.partial(ut.trace, maxIter=max_iter)
+        torch.manual_seed(seed)
+        args = SimpleNamespace(
+            QWeightFlag=True,
+            QActFlag=True,
+            weight_levels=2**b,
+            act_levels=2**b,
+            baseline=False,
+            bkwd_scaling_factorW=0.0,
+            bkwd_scaling_factorA=0.0,
+            use_hessian=True,
+            num_classes=10,
+        )
+        theirs = cm.resnet20_quant(args).double()
+
+        run = _our_run(bits, overrides, max_iter, spe)
+        ours = run.model
+        t_sd = {their_name_to_ours(k): v for k, v in theirs.state_dict().items()}
+        o_sd = ours.state_dict()
+        quantizer_state = (".wq.", ".aq.")
+        copied = {k: t_sd[k] for k in o_sd if k in t_sd and not any(q in k for q in quantizer_state)}
+        missing = [k for k in o_sd if k not in copied and not any(q in k for q in quantizer_state)]
+        if missing:
+            raise QreproError(f"parity ewgs: qrepro tensors without a counterpart in the authors' model: {missing[:8]}")
+        with torch.no_grad():
+            for k, v in copied.items():
+                o_sd[k].copy_(v)
+
+        # their optimizers: train_quant.py's parameter split
+        model_params, quant_params = [], []
+        for m in theirs.modules():
+            if isinstance(m, cm.QConv):
+                model_params.append(m.weight)
+                quant_params += [m.lW, m.uW, m.lA, m.uA, m.output_scale]
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                model_params += [m.weight] + ([m.bias] if m.bias is not None else [])
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                model_params += [m.weight, m.bias]
+        opt_m = torch.optim.Adam(model_params, lr=THEIR_LR_M, weight_decay=THEIR_WD, foreach=False)
+        opt_q = torch.optim.Adam(quant_params, lr=THEIR_LR_Q, foreach=False)
+        sch_m = torch.optim.lr_scheduler.CosineAnnealingLR(opt_m, T_max=EPOCHS, eta_min=0)
+        sch_q = torch.optim.lr_scheduler.CosineAnnealingLR(opt_q, T_max=EPOCHS, eta_min=0)
+
+        t_params = {their_name_to_ours(n): p for n, p in theirs.named_parameters()}
+        o_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+        if set(t_params) != set(o_params):
+            raise QreproError(f"parity ewgs: trainable parameters differ: {sorted(set(t_params) ^ set(o_params))[:8]}")
+
+        logits: list[torch.Tensor] = []
+        handle = ours.register_forward_hook(lambda m, a, out: logits.append(out.detach()))
+        losses_t, losses_o = [], []
+        t0 = time.perf_counter()
+        for i in range(steps):
+            x8, y = batches[i % len(batches)]
+            xt, xo = _their_inputs(x8), _our_inputs(run, x8)
+            epoch = i // spe
+            if i == 0:
+                rep.add("normalised input batch", xo, xt)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    ut.init_quant_model(theirs, [(xt, y)], "cpu")
+                run.start(xo, y)
+                t_q = {their_name_to_ours(n): p.detach().clone() for n, p in theirs.named_parameters()}
+                t_q = {k: v for k, v in t_q.items() if ".wq." in k or ".aq." in k}
+                o_q = {k: o_params[k].detach().clone() for k in t_q}
+                _add_grouped(rep, "1st batch: initialised", o_q, t_q)
+                start = {k: v.detach().clone() for k, v in o_params.items()}
+            elif i % spe == 0 and epoch % UPDATE_EVERY == 0:
+                # the Hessian update: theirs before epoch `epoch`, ours at the end of epoch `epoch - 1`
+                h_batches = [batches[(i + k) % len(batches)] for k in range(HESSIAN_BATCHES + 1)]
+                t_loader = [(_their_inputs(xb), yb) for xb, yb in h_batches]
+                torch.manual_seed(HESSIAN_SEED)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    ut.update_grad_scales(theirs, t_loader, nn.CrossEntropyLoss(), "cpu", args)
+                run.data = SimpleNamespace(train=[(_our_inputs(run, xb), yb) for xb, yb in h_batches])
+                run.ctx.data = run.data
+                torch.manual_seed(HESSIAN_SEED)
+                run.ctx.epoch = epoch - 1
+                run.end_epoch()
+                d_o, d_t = _deltas(ours, False), _deltas(theirs, True)
+                _add_grouped(rep, f"δ after the Hessian update before epoch {epoch}", d_o, d_t)
+                delta_range = (min(float(v) for v in d_t.values()), max(float(v) for v in d_t.values()))
+
+            theirs.train()
+            opt_m.zero_grad()
+            opt_q.zero_grad()
+            out_t = theirs(xt)
+            loss_t = nn.CrossEntropyLoss()(out_t, y)
+            loss_t.backward()
+            t_grads = {k: p.grad.detach().clone() for k, p in t_params.items()}
+            opt_m.step()
+            opt_q.step()
+            if (i + 1) % spe == 0:
+                sch_m.step()
+                sch_q.step()
+            losses_t.append(loss_t.detach())
+
+            losses_o.append(run.step(xo, y))
+            o_grads = {k: p.grad.detach().clone() for k, p in o_params.items()}
+            if i == 0:
+                rep.add("1st step: train-mode forward output (logits)", logits[-1], out_t)
+                rep.add("1st step: loss", losses_o[0], losses_t[0])
+                _add_grouped(rep, "1st step: grad", o_grads, t_grads)
+        handle.remove()
+        wall = time.perf_counter() - t0
+
+        rep.add(f"loss of each of the {steps} steps", torch.stack(losses_o), torch.stack(losses_t))
+        _add_grouped(rep, f"step {steps}: grad", o_grads, t_grads)
+        _add_grouped(rep, f"after {steps} steps: param", dict(o_params), dict(t_params))
+        st_o = run.optimizer.state
+        st_t = {**opt_m.state, **opt_q.state}
+        for key in ("exp_avg", "exp_avg_sq"):
+            o_v = {n: st_o[p][key] for n, p in o_params.items()}
+            t_v = {n: st_t[p][key] for n, p in t_params.items()}
+            _add_grouped(rep, f"after {steps} steps: Adam {key}", o_v, t_v)
+    moved = max(float((o_params[k].detach() - start[k]).abs().max()) for k in o_params)
+    note = f"largest parameter change over the steps {moved:.3e}; both sides stepped in {wall:.1f} s"
+    if steps > UPDATE_EVERY * spe:
+        note += f"; their δ after the update in [{delta_range[0]:.3e}, {delta_range[1]:.3e}]"
+    rep.notes.append(note)
+    return rep
+
+
+@SUITES.register("ewgs")
+def suite(
+    reference: Path,
+    *,
+    steps: int = 20,
+    data: Any = None,
+    quick: bool = False,
+    batch: int = DEFAULT_BATCH,
+    cells: tuple[str, ...] | None = None,
+    overrides: list[str] | None = None,
+    max_iter: int = MAX_ITER,
+    steps_per_epoch: int = STEPS_PER_EPOCH,
+) -> list[Report]:
+    """Reports for W1A1 and W2A2 (``quick``: W1A1); ``max_iter``: Hutchinson probes per trace on both sides;
+    ``steps_per_epoch``: the comparison's epoch length (δ is re-estimated after ``UPDATE_EVERY`` epochs)."""
+    reference = Path(reference)
+    need = ("custom_models.py", "custom_modules.py", "utils.py")
+    if not all((reference / "CIFAR10" / f).is_file() for f in need):
+        raise QreproError(
+            f"parity ewgs: {reference}/CIFAR10 lacks {', '.join(need)}; pass a checkout of cvlab-yonsei/EWGS"
+        )
+    cells = tuple(cells) if cells else (QUICK_CELLS if quick else CELLS)
+    batches = cifar_batches(data, steps + HESSIAN_BATCHES + 1, batch, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kw = {"steps": steps, "overrides": overrides, "max_iter": max_iter, "steps_per_epoch": steps_per_epoch}
+        return [compare_cell(reference, bits, batches, **kw) for bits in cells]
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,62 @@
+"""Binarization of ReActNet / Bi-Real Net (Liu et al., "ReActNet", ECCV 2020; Liu et al., "Bi-Real Net", ECCV 2018).
+
+Activations (Bi-Real Net Eq. 5–6, used by ReActNet's RSign): forward ``sign(x)``; backward the derivative of the
+piecewise polynomial approximation
+
+    F(x) = −1 (x < −1),   x² + 2x (−1 ≤ x < 0),   −x² + 2x (0 ≤ x < 1),   1 (x ≥ 1)
+    ∂F/∂x = 2 + 2x on [−1, 0),   2 − 2x on [0, 1),   0 elsewhere.
+
+Weights (ReActNet's ``HardBinaryConv``): forward ``α_o · sign(W_o)`` with the per-output-channel scale
+``α_o = mean |W_o|`` (a constant: no gradient flows through it); backward the clipped straight-through estimator
+``∂/∂W = 1[−1 < W < 1]`` (the gradient of ``torch.clamp(W, −1, 1)``, 0 on the bounds; it is not multiplied by α).
+
+``sign`` is torch's (sign(0) = 0), as in the authors' code. Both are written as ``f + (sign-value − f).detach()``,
+so they compile and need no custom autograd function. The wrong readings used as controls and ablations:
+``act_grad="ste"`` (the clipped identity of BNNs, ∂/∂x = 1[|x| < 1]) and ``weight_scale="tensor"`` (one mean |W|
+for the whole tensor) or ``"none"`` (plain ±1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qrepro.errors import QreproError
+
+ACT_GRADS = ("approx", "ste")
+WEIGHT_SCALES = ("channel", "tensor", "none")
+
+
+def approx_sign_surrogate(x: torch.Tensor) -> torch.Tensor:
+    """F(x): the piecewise polynomial whose derivative is the backward pass of the binary activation."""
+    one = torch.ones_like(x)
+    return torch.where(x < -1, -one, torch.where(x < 0, x * x + 2 * x, torch.where(x < 1, -x * x + 2 * x, one)))
+
+
+def binary_activation(x: torch.Tensor, grad: str = "approx") -> torch.Tensor:
+    """sign(x) forward; backward ∂F/∂x (``approx``, Bi-Real/ReActNet) or 1[|x| < 1] (``ste``)."""
+    if grad == "approx":
+        f = approx_sign_surrogate(x)
+    elif grad == "ste":
+        f = torch.clamp(x, -1.0, 1.0)
+    else:
+        raise QreproError(f"binary activation gradient {grad!r} is not valid; choose one of {', '.join(ACT_GRADS)}")
+    return f + (torch.sign(x) - f).detach()
+
+
+def weight_scale(w: torch.Tensor, mode: str = "channel") -> torch.Tensor:
+    """α: mean |W| per output channel (``channel``, shape (C_out, 1, ...)), over the whole tensor (``tensor``)
+    or 1 (``none``); detached."""
+    with torch.no_grad():
+        if mode == "channel":
+            return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+        if mode == "tensor":
+            return w.abs().mean()
+        if mode == "none":
+            return torch.ones((), dtype=w.dtype, device=w.device)
+    raise QreproError(f"binary weight scale {mode!r} is not valid; choose one of {', '.join(WEIGHT_SCALES)}")
+
+
+def binarize_weight(w: torch.Tensor, scale: str = "channel") -> torch.Tensor:
+    """α·sign(W) forward, gradient of clamp(W, −1, 1) backward (ReActNet's ``HardBinaryConv``)."""
+    c = torch.clamp(w, -1.0, 1.0)
+    return c + (weight_scale(w, scale) * torch.sign(w) - c).detach()
