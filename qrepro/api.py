@@ -33,7 +33,7 @@ from torch import nn
 from qrepro.builders import Components, build_components, build_data_from_cfg, compose, seed_everything, select_device
 from qrepro.config import key_of
 from qrepro.engine.fast import make_forward_loss
-from qrepro.engine.loop import evaluate, train_step
+from qrepro.engine.loop import evaluate, start_training, train_step
 from qrepro.engine.members import BatchedStep, MemberSlot, RngState, check_python_state
 from qrepro.hooks import Context
 
@@ -78,10 +78,7 @@ class Run:
             epoch=0,
             step=0,
         )
-        for h in self.hooks:
-            h.on_train_start(self.ctx)
-        if self.ema is not None:
-            self.ema.load_state_dict(self.model.state_dict())
+        start_training(self.ctx, self.hooks, self.ema)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One training step on the batch ``(x, y)``; returns the step's loss (detached)."""

@@ -17,19 +17,30 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from qrepro import logging as qlogging
 from qrepro.config import compose, hydra_context, plain, semantic_overrides, without  # noqa: F401  (re-exported)
 from qrepro.data import build_data
 from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
 from qrepro.engine.dist import per_rank_batch, select_device  # noqa: F401  (re-exported)
 from qrepro.engine.ema import EMA
+from qrepro.engine.fast import setup_device
 from qrepro.errors import QreproError
-from qrepro.logging import build_logger
 from qrepro.models import build_model
 from qrepro.optim import build_optimizer, build_scheduler
 from qrepro.quant import build_method, prepare
 from qrepro.quant.methods import VALID_BITS
 
-_plain, _without = plain, without  # older names, still imported by scripts
+_plain, _without = plain, without  # older names, still imported by scripts and tests
+
+
+def setup_process(cfg: DictConfig, device: torch.device) -> None:
+    """This process's settings for a training run: thread count, deterministic algorithms, device flags."""
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    deterministic = bool(cfg.trainer.get("deterministic"))
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    setup_device(device, deterministic=deterministic)
 
 
 def seed_everything(seed: int) -> None:
@@ -44,12 +55,23 @@ def check_precision(w_bits: int, a_bits: int) -> None:
             raise QreproError(f"{what}={b} is out of range; use 1..8 or 32 (full precision), e.g. precision=w4a4")
 
 
+def build_model_from_cfg(cfg: DictConfig, num_classes: int) -> nn.Module:
+    """The full-precision network of ``cfg.model`` (before the method swaps its layers)."""
+    mcfg = plain(cfg.model)
+    return build_model(mcfg["name"], num_classes=num_classes, **without(mcfg, "name"))
+
+
+def build_method_from_cfg(cfg: DictConfig, w_bits: int, a_bits: int) -> Any:
+    """The method of ``cfg.quantizer`` at ``w_bits``/``a_bits``."""
+    qcfg = plain(cfg.quantizer)
+    return build_method(qcfg["name"], int(w_bits), int(a_bits), **without(qcfg, "name"))
+
+
 def build_model_and_method(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Any]:
+    """The model of ``cfg`` with its layers swapped by the method at ``cfg.precision``."""
     check_precision(cfg.precision.w_bits, cfg.precision.a_bits)
-    mcfg = _plain(cfg.model)
-    model = build_model(mcfg["name"], num_classes=num_classes, **_without(mcfg, "name"))
-    qcfg = _plain(cfg.quantizer)
-    method = build_method(qcfg["name"], int(cfg.precision.w_bits), int(cfg.precision.a_bits), **_without(qcfg, "name"))
+    model = build_model_from_cfg(cfg, num_classes)
+    method = build_method_from_cfg(cfg, cfg.precision.w_bits, cfg.precision.a_bits)
     bind = getattr(method.loss, "bind_models", None)
     if callable(bind):  # a method's loss that builds a model by name (a distillation teacher) gets the factory
         bind(build_model)
@@ -59,10 +81,10 @@ def build_model_and_method(cfg: DictConfig, num_classes: int) -> tuple[nn.Module
 
 def build_data_from_cfg(cfg: DictConfig, device: torch.device, rank: int = 0, world_size: int = 1):
     """The dataset of ``cfg``; under DDP rank ``rank``'s shard with ``trainer.batch_size / world_size`` per step."""
-    dcfg = _plain(cfg.dataset)
+    dcfg = plain(cfg.dataset)
     data = build_data(
         dcfg["name"],
-        **_without(dcfg, "name", "num_classes"),
+        **without(dcfg, "name", "num_classes"),
         batch_size=per_rank_batch(int(cfg.trainer.batch_size), world_size),
         device=device,
         seed=int(cfg.seed),
@@ -91,16 +113,16 @@ def make_logger(
 ):
     """The run's logger; ``resume_id``: the W&B run id of the run being resumed (the same W&B run continues);
     ``concurrent``: several runs log from this process at once (batched members)."""
-    lcfg = _plain(cfg.logger)
+    lcfg = plain(cfg.logger)
     name = lcfg.pop("name")
     if name != "wandb":
-        return build_logger(name)
+        return qlogging.build_logger(name)
     tags = list(lcfg.pop("tags", None) or []) + [
         f"model:{cfg.model.name}",
         f"method:{cfg.quantizer.name}",
         f"bits:{cfg.precision.name}",
     ]
-    return build_logger(
+    return qlogging.build_logger(
         "wandb",
         run_dir=str(run_dir),
         name=f"{cfg.name}/{run_dir.name}",
@@ -114,9 +136,9 @@ def make_logger(
 
 def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int):
     """(optimizer, scheduler) of ``cfg`` over ``model``, the schedule spanning ``trainer.epochs`` epochs."""
-    ocfg = _plain(cfg.optimizer)
+    ocfg = plain(cfg.optimizer)
     optimizer = build_optimizer(model, ocfg.pop("name"), ocfg.pop("groups", None), **ocfg)
-    scfg = _plain(cfg.scheduler)
+    scfg = plain(cfg.scheduler)
     scheduler = build_scheduler(
         optimizer,
         scfg.pop("name"),

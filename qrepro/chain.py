@@ -23,6 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import DictConfig
+
+from qrepro.cli import split_argv
 from qrepro.config import compose, run_subdir
 from qrepro.engine.record import read_record
 from qrepro.engine.rundir import file_sha256
@@ -58,8 +61,10 @@ def experiment_of(argv: Sequence[str]) -> str | None:
 
 
 def carried(overrides: Sequence[str]) -> list[str]:
-    """The overrides a source run inherits from the cell's command line."""
-    return [o for o in overrides if not any(_key(o) == k or _key(o).startswith(k + ".") for k in CELL_KEYS)]
+    """The overrides a source run inherits from the cell's command line: not those that define the cell, nor
+    Hydra's settings (``hydra.run.dir=X`` names the directory of the run asked for; its sources keep theirs)."""
+    own = (*CELL_KEYS, "hydra")
+    return [o for o in overrides if not any(_key(o) == k or _key(o).startswith((k + ".", k + "/")) for k in own)]
 
 
 def explicit_init(overrides: Sequence[str]) -> bool:
@@ -81,18 +86,21 @@ class Step:
         return [python, "-m", "qrepro.train", f"+experiment={self.experiment}", *self.overrides, f"init_from={init}"]
 
 
-def _step(experiment: str, overrides: list[str]) -> tuple[Step, object]:
-    cfg = compose([f"+experiment={experiment}", *overrides])
-    run_dir = Path(str(cfg.out_root)) / str(cfg.name) / run_subdir(overrides)
+def _step(experiment: str, overrides: list[str], cfg: DictConfig | None = None) -> tuple[Step, DictConfig]:
+    """The run of ``experiment`` with ``overrides`` (``cfg``: its config, when the caller composed it already)."""
+    cfg = cfg if cfg is not None else compose([f"+experiment={experiment}", *overrides])
+    asked = [o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"]  # the user's directory
+    run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / run_subdir(overrides)
     rec = read_record(run_dir / "record.json")
     return Step(experiment, list(overrides), run_dir, bool(rec and rec.get("complete") is True), rec), cfg
 
 
-def resolve(experiment: str, overrides: Sequence[str]) -> list[Step]:
+def resolve(experiment: str, overrides: Sequence[str], cfg: DictConfig | None = None) -> list[Step]:
     """The runs a cell needs, sources first, the cell itself last (one step when it starts from nothing, or
-    when ``init_from`` is given). Raises when the cell needs an external checkpoint that was not given."""
+    when ``init_from`` is given). Raises when the cell needs an external checkpoint that was not given.
+    ``cfg``: the cell's composed config, when the caller has it (the launch composes once)."""
     overrides = [o for o in overrides if _key(o) != "experiment"]
-    step, cfg = _step(experiment, overrides)
+    step, cfg = _step(experiment, overrides, cfg)
     chain = [step]
     if explicit_init(overrides) or cfg.get("init_from"):
         return chain
@@ -179,17 +187,24 @@ def run_sources(
 
 
 def prepare(
-    argv: Sequence[str], *, out: Callable[[str], None] = print, runner: Runner | None = None
+    argv: Sequence[str],
+    *,
+    out: Callable[[str], None] = print,
+    runner: Runner | None = None,
+    cfg: DictConfig | None = None,
+    plan: bool = False,
 ) -> list[str] | None:
     """For the trainer's entry point: ``argv`` with the resolved ``init_from`` added (sources trained first), or
-    None after a plan preview (nothing to train)."""
-    argv, plan = pop_plan(argv)
+    None after a plan preview (nothing to train). ``cfg``: the command line's config, composed by the launch's
+    check (``qrepro.validation.precheck``), reused for the cell itself; ``plan``: preview only (as ``+plan=true``)."""
+    argv, asked = pop_plan(argv)
+    plan = plan or asked
     experiment = experiment_of(argv)
     if experiment is None:
         if plan:
             raise QreproError("+plan=true previews a cell: give +experiment=<name>")
         return argv
-    overrides = [a for a in argv if not a.startswith("-")]
+    overrides = split_argv(argv)[1]
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     if multirun or explicit_init(overrides):
         if multirun and not explicit_init(overrides):
@@ -203,14 +218,14 @@ def prepare(
             out("\n".join(describe(resolve(experiment, overrides))))
             return None
         return argv
-    chain = resolve(experiment, overrides)
+    chain = resolve(experiment, overrides, cfg)
     if plan:
         out("\n".join(describe(chain)))
         return None
     if len(chain) == 1:
         return argv
 
-    if int(compose(argv).trainer.get("members") or 1) > 1:
+    if int((cfg if cfg is not None else compose(split_argv(argv)[1])).trainer.get("members") or 1) > 1:
         raise QreproError(
             f"{experiment} starts from {chain[-2].experiment}: trainer.members>1 needs init_from=<path> (or "
             "init_from=null); `qrepro-table sweep` runs whole chains"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -9,9 +10,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,42 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from qrepro.config import CONFIG_DIR, check_group_choices, register_resolvers
+from qrepro.config import CONFIG_DIR, add_group_plus, check_group_choices, register_resolvers
+from qrepro.engine.fsio import atomic_write
 from qrepro.engine.record import write_json_atomic
 from qrepro.errors import QreproError
 from qrepro.validation import precheck
+
+# Hydra's own command-line flags: those that take a value, and those after which Hydra prints and runs nothing
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+_VALUE_FLAGS |= {"--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [choice]
+NO_RUN_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides) of a command line, e.g. ``--cfg job`` is one flag."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("-"):
+            overrides.append(a)
+            i += 1
+            continue
+        name, has_value = a.split("=", 1)[0], "=" in a
+        takes = not has_value and name in _VALUE_FLAGS
+        takes |= not has_value and name in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES
+        n = 2 if takes else 1
+        flags += argv[i : i + n]
+        i += n
+    return flags, overrides
+
+
+def runs_nothing(argv: Sequence[str]) -> bool:
+    """The command line only asks Hydra to print something (config, help, info, shell completion)."""
+    return any(f.split("=", 1)[0] in NO_RUN_FLAGS for f in split_argv(argv)[0])
 
 
 def check_launcher(argv: list[str]) -> None:
@@ -40,6 +74,30 @@ def check_launcher(argv: list[str]) -> None:
             ) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``): unwinds like Ctrl-C, so every open run keeps its last
+    checkpoint and releases its lock."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """End the process on SIGTERM the way Ctrl-C ends it (main thread only; a no-op elsewhere)."""
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+
+
+def interrupted(e: KeyboardInterrupt) -> SystemExit:
+    """The one line for an interrupted launch and its exit code (130 Ctrl-C, 143 SIGTERM)."""
+    what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+    print(f"{what}: the last finished epoch is checkpointed; resume with resume=true", file=sys.stderr, flush=True)
+    return SystemExit(code)
+
+
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a QreproError (or a config error) as one line and exit 2, without a traceback."""
 
@@ -50,11 +108,26 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except QreproError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted: the last finished epoch is checkpointed; resume with resume=true", file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as e:
+            raise interrupted(e) from None
 
     return wrapper
+
+
+def save_hydra_files(run_dir: Path, cfg: Any) -> None:
+    """``<run dir>/.hydra/{config,hydra,overrides}.yaml`` as Hydra would write them, but only once the launch
+    owns the directory and goes on to train (``hydra.output_subdir: null`` in configs/train.yaml): a launch that
+    is refused or skipped leaves a finished run's files as they were."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    files = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})),
+        "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
+    }
+    for name, text in files.items():
+        atomic_write(run_dir / ".hydra" / name, lambda tmp, text=text: tmp.write_text(text))
 
 
 # ------------------------------------------------------------------------------------------------ multirun
@@ -70,7 +143,7 @@ def _job_info() -> tuple[str, Path, Path, int]:
     return hc.job.override_dirname or f"job{num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir), num
 
 
-def _clean_unused_dir(run_dir: Path) -> None:
+def _clean_unused_dir(run_dir: Path, out_root: Any = None) -> None:
     """A job that failed before it took the run directory (a bad value) leaves only Hydra's own files there:
     remove those and the directory if it is then empty. A directory with a lock file (another launch owns or
     owned it), a record or checkpoints is never touched."""
@@ -81,10 +154,14 @@ def _clean_unused_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
     for p in run_dir.glob("*.log"):
         p.unlink(missing_ok=True)
-    try:
-        run_dir.rmdir()  # only when empty
-    except OSError:
-        pass
+    stop = Path(str(out_root)).absolute() if out_root else None
+    for d in (run_dir, *run_dir.parents):  # the run directory, then parents Hydra created, below out_root
+        if stop is None and d != run_dir or stop is not None and (d == stop or stop not in d.absolute().parents):
+            break
+        try:
+            d.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -101,7 +178,9 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
             try:
                 return single(cfg)
             except SystemExit:
-                _clean_unused_dir(run_dir)  # failed before it started: leave no empty run directory
+                _clean_unused_dir(
+                    run_dir, cfg.get("out_root")
+                )  # failed before it started: leave no empty run directory
                 raise
         out: dict[str, Any] = {"id": job, "num": num, "run_dir": str(run_dir), "sweep_dir": str(sweep_dir)}
         try:
@@ -109,7 +188,7 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
         except QreproError as e:
             print(f"error: {job}: {e}", file=sys.stderr, flush=True)
             out.update(status="diverged" if str(e).startswith("training diverged") else "failed", error=str(e))
-            _clean_unused_dir(run_dir)
+            _clean_unused_dir(run_dir, cfg.get("out_root"))
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - a crash of one job must not end the sweep
@@ -155,31 +234,76 @@ def summarize_multirun(outcomes_dir: Path) -> int:
     sweep_dirs = {j.get("sweep_dir") for j in jobs if j.get("sweep_dir")}
     for sd in sweep_dirs:
         try:
-            write_json_atomic({"jobs": jobs, "failed": [j["id"] for j in bad]}, Path(sd) / "multirun.json")
-        except QreproError:
+            _merge_multirun_json(Path(sd), [j for j in jobs if j.get("sweep_dir") == sd])
+        except (QreproError, OSError):
             pass
     return 1 if bad else 0
 
 
-def hydra_entry(task: Callable[[Any], Any], config_name: str) -> None:
-    """Run ``task`` under ``hydra.main`` with our resolvers, argv checks (the whole config is validated before
-    Hydra writes anything), one-line errors, and multirun outcomes with a summary line."""
+def _merge_multirun_json(sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:
+    """Write this sweep's jobs into ``<sweep dir>/multirun.json`` under an exclusive lock: sweeps of the same
+    directory at the same time (or one after the other) each add their jobs; a job refused because another
+    launch owned its directory does not replace that launch's entry."""
+    path = sweep_dir / "multirun.json"
+    fd = os.open(sweep_dir / ".multirun.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            old = json.loads(path.read_text()).get("jobs", [])
+        except (OSError, ValueError, AttributeError):
+            old = []
+        merged = {j.get("id"): j for j in old if isinstance(j, dict)}
+        for j in jobs:
+            prev = merged.get(j.get("id"))
+            refused = "in use by another process" in str(j.get("error", ""))
+            if prev is None or not refused:
+                merged[j.get("id")] = j
+        out = sorted(merged.values(), key=lambda j: (j.get("num") is None, j.get("num") or 0, str(j.get("id"))))
+        failed = [j["id"] for j in out if j.get("status") not in ("finished", "skipped")]
+        write_json_atomic({"jobs": out, "failed": failed}, path)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def hydra_entry(
+    task: Callable[[Any], Any],
+    config_name: str,
+    prepare: Callable[[list[str], Any], list[str] | None] | None = None,
+) -> None:
+    """Run ``task`` under ``hydra.main`` with our resolvers, argv checks (the whole config is composed and
+    validated once, before Hydra writes anything), one-line errors, and multirun outcomes with a summary line.
+
+    ``prepare(argv, cfg)``: the launch's own step between the check and Hydra (the trainer resolves a cell's
+    chain there); it returns the command line to run, or None when nothing is to run. It is skipped when the
+    command line only prints (``--cfg``, ``--info``, ``--help``, ``-sc``)."""
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    handle_sigterm()
+    sys.argv[1:] = add_group_plus(sys.argv[1:])  # experiment=x works with or without the '+'
     one_line_errors(check_group_choices)(sys.argv[1:])
     one_line_errors(check_launcher)(sys.argv[1:])
     # Hydra's shell completion (-sc install=bash | query=bash): no run overrides to check; COMP_LINE may be partial
-    if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
-        argv, cfg, multirun = sys.argv[1:], None, False
+    if sc := {"-sc", "--shell-completion"} & set(sys.argv[1:]):
+        at = sys.argv.index(sc.pop())  # `-sc install=bash`: the words after the flag are its own
+        argv, cfg, multirun = sys.argv[at : at + 2], None, False
     else:
         argv, cfg, multirun = one_line_errors(precheck)(sys.argv[1:], config_name)
+        if prepare is not None and not runs_nothing(argv):
+            argv = one_line_errors(prepare)(argv, cfg)
+            if argv is None:
+                return
+        flags, overrides = split_argv(argv)
+        argv = overrides + flags  # Hydra's parser takes the overrides as one run of words, before its flags
     sys.argv[1:] = argv
     outcomes = None
     if multirun:  # its jobs report their outcomes here
         outcomes = Path(str(cfg.out_root)).resolve() / ".multirun" / secrets.token_hex(6)
         os.environ[_OUTCOMES_ENV] = str(outcomes)
     main = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(multirun_job(task))
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # a multirun interrupted mid-job (a single run exits in one_line_errors)
+        raise interrupted(e) from None
     if outcomes is not None:
         code = summarize_multirun(outcomes)
         os.environ.pop(_OUTCOMES_ENV, None)

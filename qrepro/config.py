@@ -15,6 +15,7 @@ logging, run control). Three things derive from it:
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 from collections.abc import Sequence
@@ -57,7 +58,6 @@ NON_SEMANTIC_KEYS = (
     "trainer.log_every",
     "trainer.find_unused_parameters",
     "trainer.members",
-    "trainer.channels_last",
     "ptq.eval_fp",
     "hydra.verbose",
     "table",
@@ -90,10 +90,12 @@ def run_subdir_name(s: str | None) -> str:
 
 def run_subdir(overrides: Sequence[str]) -> str:
     """The run directory name Hydra gives these overrides (``hydra.job.override_dirname``: sorted ``key=value``
-    items without the non-semantic keys, joined by commas; made path-safe by :func:`run_subdir_name`)."""
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    excluded = set(NON_SEMANTIC_KEYS)
-    return run_subdir_name(",".join(sorted(o.input_line for o in parsed if o.key_or_group not in excluded)))
+    items without the non-semantic keys and Hydra's own settings, joined by commas; made path-safe by
+    :func:`run_subdir_name`)."""
+    excluded = set(NON_SEMANTIC_KEYS)  # dropped before parsing: paths may hold '=' or ','
+    keep = [o for o in overrides if key_of(o) not in excluded and not key_of(o).startswith("hydra")]
+    parsed = OverridesParser.create().parse_overrides(keep)
+    return run_subdir_name(",".join(sorted(o.input_line for o in parsed)))
 
 
 def semantic_overrides(overrides: Sequence[str]) -> list[str]:
@@ -149,9 +151,24 @@ def check_group_choices(argv: Sequence[str]) -> None:
         for v in values.split(","):
             v = v.strip()
             if v and v != "null" and not (Path(CONFIG_DIR) / group / f"{v}.yaml").exists():
-                known = sorted(p.stem for p in (Path(CONFIG_DIR) / group).rglob("*.yaml"))
-                show = ", ".join(known[:30]) + (" ..." if len(known) > 30 else "")
+                known = sorted(
+                    p.relative_to(Path(CONFIG_DIR) / group).with_suffix("").as_posix()
+                    for p in (Path(CONFIG_DIR) / group).rglob("*.yaml")
+                )
+                close = difflib.get_close_matches(v, known, n=3, cutoff=0.6)
+                if close:
+                    raise QreproError(f"unknown {group} {v!r}; did you mean {' or '.join(close)}?")
+                show = ", ".join(known[:30]) + (f" ... ({len(known)} in all)" if len(known) > 30 else "")
                 raise QreproError(f"unknown {group} {v!r}; choose one of: {show}")
+
+
+# config groups that are not in the primary config's defaults list: ``experiment=x`` means ``+experiment=x``
+ADDED_GROUPS = ("experiment",)
+
+
+def add_group_plus(argv: Sequence[str]) -> list[str]:
+    """``experiment=x`` as ``+experiment=x`` (the experiment group is added, not overridden, in Hydra's terms)."""
+    return [f"+{a}" if a.split("=", 1)[0] in ADDED_GROUPS and "=" in a else a for a in argv]
 
 
 def _needs_quotes(value: str, multirun: bool) -> bool:
@@ -178,7 +195,9 @@ def quote_path_overrides(argv: Sequence[str], multirun: bool) -> list[str]:
 def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     """Compose a config in-process (tests, scripts, the launch's checks) exactly as the command line would."""
     register_resolvers()
-    overrides = quote_path_overrides(overrides, multirun=False)  # run directories in paths hold '=' and ','
+    overrides = quote_path_overrides(
+        add_group_plus(overrides), multirun=False
+    )  # run directories in paths hold '=' and ','
     check_group_choices(overrides)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)

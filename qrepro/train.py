@@ -6,12 +6,15 @@ takes plain arguments.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests import them from here)
@@ -29,13 +32,16 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     seed_everything,
     select_device,
     semantic_overrides,
+    setup_process,
 )
-from qrepro.chain import prepare
-from qrepro.cli import hydra_entry, one_line_errors
+from qrepro.chain import pop_plan, prepare
+from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors, save_hydra_files
 from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
 from qrepro.engine import dist as qdist
+from qrepro.engine import fast
 from qrepro.engine.callbacks import Console, default_callbacks
-from qrepro.engine.fast import compile_forward_loss, compile_mode, make_forward_loss, setup_device
+from qrepro.engine.console_log import tee_console
+from qrepro.engine.fast import compile_mode, make_forward_loss
 from qrepro.engine.fsio import atomic_write
 from qrepro.engine.members import MemberSlot, RngState, batch_id, member_overrides, member_seeds
 from qrepro.engine.members_train import MemberConsole, _Member, member_data, run_members
@@ -52,7 +58,7 @@ from qrepro.engine.trainer import Fit, FitResult, Trainer, fit
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
 from qrepro.run_table import from_train_argv
-from qrepro.validation import precheck, validate_config
+from qrepro.validation import check_init_path, check_training_bits, validate_config
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
@@ -84,10 +90,18 @@ def _decide(cfg: DictConfig, run_dir: Path, init: dict | None, denv, lock) -> tu
 
 
 def train(
-    cfg: DictConfig, run_dir: Path | None = None, experiment: str | None = None, overrides: list[str] | None = None
+    cfg: DictConfig,
+    run_dir: Path | None = None,
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    validate: bool = True,
 ):
-    """Train one run described by ``cfg``; returns the FitResult (record and its path)."""
-    validate_config(cfg)
+    """Train the run described by ``cfg`` (``trainer.members=K``: K seeds as one batched job); returns the
+    FitResult (record and its path), a list of them for members. ``validate=False``: ``cfg`` was validated."""
+    if validate:
+        validate_config(cfg)
+        check_training_bits(cfg)
     if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
         return train_members(cfg, run_dir, experiment, overrides)
     h_dir, h_exp, h_over = hydra_context()
@@ -96,7 +110,10 @@ def train(
     overrides = semantic_overrides(overrides if overrides is not None else h_over)
     record_path = run_dir / "record.json"
     init = init_source(cfg.init_from)
+    if init:
+        check_init_path(init["path"])  # a corrupt checkpoint is one line before the run directory is touched
     denv = qdist.setup(cfg.trainer.device)  # torchrun / submitit tasks -> process group; else one process
+    data = _setup(cfg, denv)  # a missing dataset.root is one line before the run directory is touched
     lock = RunLock(run_dir)
     try:
         action, rec = _decide(cfg, run_dir, init, denv, lock)
@@ -106,7 +123,11 @@ def train(
                 hint = "force=true to re-run" if rec.get("complete") else "retry=true or force=true to run it again"
                 print(f"skip: {run_dir} already has {what} ({hint})", flush=True)
             return FitResult(rec, record_path, diverged=rec.get("status") == "diverged", skipped=True)
-        return _train(cfg, run_dir, experiment, overrides, init, denv, resuming=action == "resume")
+        if not denv.is_main:
+            return _train(cfg, run_dir, experiment, overrides, init, denv, data, resuming=action == "resume")
+        save_hydra_files(run_dir, cfg)
+        with tee_console(run_dir / "train.log"):  # the console output, kept beside the record
+            return _train(cfg, run_dir, experiment, overrides, init, denv, data, resuming=action == "resume")
     finally:
         lock.release()
 
@@ -142,15 +163,46 @@ def open_logger(cfg: DictConfig, run_dir: Path, config: dict, resuming: bool, **
     return logger
 
 
-def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(int(cfg.trainer.num_threads))
-    device, world = denv.device, denv.world_size
+def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, resuming, device, scaler, **kw) -> Fit:
+    """The Fit of one run (a separate run or one member): its components, callbacks' inputs and identity."""
+    return Fit(
+        model=comp.model,
+        data=data,
+        optimizer=comp.optimizer,
+        scheduler=comp.scheduler,
+        loss_fn=comp.loss_fn,
+        epochs=int(cfg.trainer.epochs),
+        run_dir=run_dir,
+        hooks=hooks,
+        regularizer=comp.method.regularizer,
+        ema=comp.ema,
+        logger=logger,
+        record_base=record_base,
+        log_every=int(cfg.trainer.log_every),
+        resume=resuming,
+        device=device,
+        identity=identity(config, init, NON_SEMANTIC_KEYS),
+        scaler=scaler,
+        **kw,
+    )
+
+
+def _run_line(cfg, run_dir, device, mode, amp) -> str:
+    return (
+        f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
+        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}" + (f" amp={amp}" if amp != "off" else "")
+    )
+
+
+def _setup(cfg: DictConfig, denv):
+    """Process settings, seed and the dataset (before the run directory is taken: bad data is one line)."""
+    setup_process(cfg, denv.device)
     seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
-    if cfg.trainer.get("deterministic"):
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    setup_device(device, deterministic=bool(cfg.trainer.get("deterministic")))
-    data = build_data_from_cfg(cfg, device, denv.rank, world)
+    return build_data_from_cfg(cfg, denv.device, denv.rank, denv.world_size)
+
+
+def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: bool):
+    device, world = denv.device, denv.world_size
     comp = build_components(
         cfg,
         device,
@@ -158,8 +210,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
         init=not resuming,
         sync_bn=qdist.use_sync_bn(bool(cfg.trainer.get("sync_bn", False)), denv),
     )
-    model, method, optimizer, scheduler = comp.model, comp.method, comp.optimizer, comp.scheduler
-    loss_fn, ema = comp.loss_fn, comp.ema
+    model, method, optimizer, loss_fn = comp.model, comp.method, comp.optimizer, comp.loss_fn
     amp, cl = amp_mode(cfg.trainer.get("amp")), bool(cfg.trainer.get("channels_last", False))
     check_amp(amp, optimizer)
     if cl:
@@ -176,46 +227,21 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
             train_model, loss_fn, method.regularizer, autocast=autocast, input_transform=input_transform(cl)
         )
     if mode is not None:  # the fast path: forward + loss + regularizer compiled (CUDA graphs on GPU)
-        forward_loss = compile_forward_loss(forward_loss, mode)
+        forward_loss = fast.compile_forward_loss(forward_loss, mode)
     if world > 1:
         seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
     config = _plain(cfg)
-    ident = identity(config, init, NON_SEMANTIC_KEYS)
     record_base = make_record_base(cfg, experiment, overrides, init, world)
     logger = build_logger("none")
     if denv.is_main:
         logger = open_logger(cfg, run_dir, config, resuming)
-        print(
-            f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
-            f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
-            + (f" amp={amp}" if amp != "off" else "")
-            + (f" ranks={world} ({denv.backend})" if world > 1 else ""),
-            flush=True,
-        )
-    f = Fit(
-        model=model,
-        data=data,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        epochs=int(cfg.trainer.epochs),
-        run_dir=run_dir,
-        hooks=hooks,
-        regularizer=method.regularizer,
-        ema=ema,
-        logger=logger,
-        record_base=record_base,
-        log_every=int(cfg.trainer.log_every),
-        progress=bool(cfg.trainer.progress),
-        resume=resuming,
-        device=device,
-        forward_loss=forward_loss,
-        eval_compile=mode,
-        train_model=train_model,
-        is_main=denv.is_main,
-        identity=ident,
-        scaler=scaler,
-    )
+        ranks = f" ranks={world} ({denv.backend})" if world > 1 else ""
+        print(_run_line(cfg, run_dir, device, mode, amp) + ranks, flush=True)
+    f = _fit(
+        cfg, run_dir, comp, data, config, init, hooks=hooks, logger=logger, record_base=record_base,
+        resuming=resuming, device=device, scaler=scaler, progress=bool(cfg.trainer.progress),
+        forward_loss=forward_loss, eval_compile=mode, train_model=train_model, is_main=denv.is_main,
+    )  # fmt: skip
     try:
         result = fit(f)
     finally:
@@ -237,7 +263,6 @@ def _member_cfg(cfg: DictConfig, seed: int) -> DictConfig:
 def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None, overrides: list[str] | None):
     """Train the K members of ``cfg``; returns their FitResults (member order). A diverged member gets a
     diverged record and, after the others finished, the launch fails in one line naming it."""
-    validate_config(cfg)
     k = int(cfg.trainer.members)
     h_dir, h_exp, h_over = hydra_context()
     raw = [o for o in (overrides if overrides is not None else h_over)]
@@ -285,9 +310,13 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
             else:
                 todo.append((m, action == "resume"))
         if todo:
-            _train_members(
-                cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], init, denv, batch
-            )
+            with contextlib.ExitStack() as logs:  # each member's train.log holds the batch's (labelled) output
+                for m, _ in todo:
+                    save_hydra_files(m.run_dir, m.cfg)
+                    logs.enter_context(tee_console(m.run_dir / "train.log"))
+                _train_members(
+                    cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], init, denv, batch
+                )
             for m, _ in todo:
                 results[m.index] = m.result
     finally:
@@ -301,13 +330,8 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
 
 
 def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) -> None:
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(int(cfg.trainer.num_threads))
     device = denv.device
-    deterministic = bool(cfg.trainer.get("deterministic"))
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    setup_device(device, deterministic=deterministic)
+    setup_process(cfg, device)
     amp = amp_mode(cfg.trainer.get("amp"))
     # trainer.compile=auto stays eager with members (the batched step is compiled only when asked for)
     mode = None if str(cfg.trainer.compile).lower() == "auto" else compile_mode(cfg.trainer.compile, device)
@@ -326,37 +350,17 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
         record_base = make_record_base(c, experiment, ovr, init, 1)
         record_base["members"] = {**batch, "index": m.index}
         logger = open_logger(c, m.run_dir, config, resuming, concurrent=True)
-        scaler = make_scaler(amp, device)
-        f = Fit(
-            model=comp.model,
-            data=data_m,
-            optimizer=comp.optimizer,
-            scheduler=comp.scheduler,
-            loss_fn=comp.loss_fn,
-            epochs=int(c.trainer.epochs),
-            run_dir=m.run_dir,
-            hooks=hooks,
-            regularizer=comp.method.regularizer,
-            ema=comp.ema,
-            logger=logger,
-            record_base=record_base,
-            log_every=int(c.trainer.log_every),
-            progress=False,
-            resume=resuming,
-            device=device,
-            identity=identity(config, init, NON_SEMANTIC_KEYS),
-            scaler=scaler,
-        )
+        f = _fit(
+            c, m.run_dir, comp, data_m, config, init, hooks=hooks, logger=logger, record_base=record_base,
+            resuming=resuming, device=device, scaler=make_scaler(amp, device), progress=False,
+        )  # fmt: skip
         f.callbacks = [MemberConsole(m.label) if isinstance(cb, Console) else cb for cb in default_callbacks(f)]
         m.trainer = Trainer(f)
         m.rng = RngState(device)
         m.rng.capture()
         m.method = comp.method
         print(
-            f"run: {m.run_dir}  model={c.model.name} quantizer={c.quantizer.name} precision={c.precision.name} "
-            f"device={device} epochs={c.trainer.epochs} compile={mode or 'off'}"
-            + (f" amp={amp}" if amp != "off" else "")
-            + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
+            _run_line(c, m.run_dir, device, mode, amp) + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
             flush=True,
         )
     members = [m for m, _ in todo]
@@ -386,7 +390,8 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
 
 
 def _task(cfg: DictConfig) -> str:
-    result = train(cfg)
+    # a single run's config was validated by the launch's check; a multirun's jobs are validated one by one
+    result = train(cfg, validate=HydraConfig.get().mode == RunMode.MULTIRUN)
     results = result if isinstance(result, list) else [result]  # batched members: one result per member
     if os.environ.get("RANK", "0") == "0":
         for r in results:
@@ -395,18 +400,14 @@ def _task(cfg: DictConfig) -> str:
 
 
 def main() -> None:
+    handle_sigterm()  # SIGTERM ends a run like Ctrl-C: last checkpoint kept, lock released, one line
     # `python -m qrepro.train +table=<name> [overrides]` runs every cell of a paper table (qrepro.run_table)
     if (code := from_train_argv(sys.argv[1:])) is not None:
         sys.exit(code)
-    args = sys.argv[1:]
-    if not {"-sc", "--shell-completion"} & set(args):  # bad values and misspelt keys: one line before anything runs
-        one_line_errors(precheck)([a for a in args if a.lstrip("+~").split("=", 1)[0] != "plan"], "train")
-    # a cell that starts from another cell: use (or train first) that cell's run, or preview it with +plan=true
-    argv = one_line_errors(prepare)(sys.argv[1:])
-    if argv is None:
-        return
-    sys.argv[1:] = argv
-    hydra_entry(_task, "train")
+    sys.argv[1:], plan = one_line_errors(pop_plan)(sys.argv[1:])
+    # checked once (bad values, misspelt keys: one line before anything runs); then a cell that starts from
+    # another cell uses (or trains first) that cell's run, or previews the chain with +plan=true
+    hydra_entry(_task, "train", prepare=lambda argv, cfg: prepare(argv, cfg=cfg, plan=plan))
 
 
 if __name__ == "__main__":

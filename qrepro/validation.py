@@ -27,7 +27,7 @@ from qrepro.engine.checkpoint import read_checkpoint
 from qrepro.engine.fsio import _blocking_file
 from qrepro.engine.precision import amp_mode
 from qrepro.errors import QreproError
-from qrepro.quant.methods import VALID_BITS
+from qrepro.quant.methods import FP_BITS, VALID_BITS, build_method
 
 SEED_MAX = 2**32 - 1  # numpy's seed range
 
@@ -193,7 +193,7 @@ def _check_dataset(d: dict[str, Any]) -> None:
     _int(d, "subset", p, 1, "1000", nullable=True)
     _int(d, "image_size", p, 1, "32")
     _int(d, "resize", p, 1, "256")
-    _int(d, "workers", p, 0, "8")
+    _int(d, "workers", p, 0, "8", nullable=True)
     for k in ("flip", "raw255", "download"):
         _bool(d, k, p)
     for k in ("mean", "std"):
@@ -247,6 +247,21 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> None:
             check(c[name])
 
 
+def check_training_bits(cfg: DictConfig) -> None:
+    """Training with a method that ignores the bit budget (``quantizer=fp``) at bits other than 32 would record
+    bits that did not run: one line instead. (PTQ quantizes an FP model to ``precision``: not checked there.)"""
+    q, pr = cfg.quantizer, cfg.precision
+    w, a = int(pr.w_bits), int(pr.a_bits)
+    if (w, a) == (FP_BITS, FP_BITS):
+        return
+    opts = {k: v for k, v in OmegaConf.to_container(q, resolve=True).items() if k != "name"}
+    if not build_method(str(q.name), w, a, **opts).uses_bits:
+        raise QreproError(
+            f"quantizer={q.name} trains full precision and ignores precision={pr.name}: the record would claim "
+            f"{w}/{a} bits that did not run; use precision=w32a32, or a quantizer that quantizes (e.g. quantizer=apot)"
+        )
+
+
 # ----------------------------------------------------------------------------------------- the command line
 def _flat_keys(c: Any, prefix: str = "") -> list[str]:
     if not isinstance(c, dict):
@@ -285,6 +300,8 @@ def precheck(argv: Sequence[str], config_name: str) -> tuple[list[str], DictConf
     _check_added_keys(overrides, config_name=config_name)
     if not multirun:
         validate_config(cfg)
+        if config_name == "train":
+            check_training_bits(cfg)
         check_output_root(str(cfg.out_root))
         if cfg.get("init_from"):
             check_init_path(str(cfg.init_from))
@@ -292,10 +309,9 @@ def precheck(argv: Sequence[str], config_name: str) -> tuple[list[str], DictConf
 
 
 def check_init_path(path: str) -> None:
-    """``init_from`` names an existing checkpoint file (a directory or a missing path is one line)."""
-    p = Path(path)
-    if p.is_dir() or not p.is_file():
-        read_checkpoint(p)  # raises the one-line error ("is a directory" with a hint, or "does not exist")
+    """``init_from`` names a readable checkpoint file (a directory, a missing path or a corrupt file is one
+    line, before the run directory is written)."""
+    read_checkpoint(Path(path))  # raises the one-line error ("is a directory" with a hint, "does not exist", "corrupt")
 
 
 def check_output_root(out_root: str) -> None:

@@ -657,4 +657,4 @@ def test_a_launch_refused_by_the_lock_leaves_the_owners_directory_alone(tmp_path
         code, err = _main(argv, monkeypatch, capsys)
         assert code == 2 and "in use by another process" in _one_error_line(err)
         assert json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid()
-        assert (run_dir / ".hydra").is_dir()
+        assert not (run_dir / ".hydra").exists()  # the refused launch wrote nothing there

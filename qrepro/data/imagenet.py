@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -45,6 +46,16 @@ def _pil_to_uint8(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def default_workers(cap: int = 8) -> int:
+    """DataLoader processes when ``dataset.workers`` is null: the machine's CPU cores (those this process may
+    use), at most ``cap``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(0, min(cap, cores))
+
+
 @DATASETS.register("imagenet")
 def build_imagenet(
     *,
@@ -57,7 +68,7 @@ def build_imagenet(
     raw255: bool = False,
     image_size: int = 224,
     resize: int = 256,
-    workers: int = 8,
+    workers: int | None = None,
     num_classes: int = 1000,
     seed: int = 0,
     rank: int = 0,
@@ -68,6 +79,8 @@ def build_imagenet(
         raise QreproError(
             f"dataset.root={root} is not an ImageNet folder; pass dataset.root=<dir with train/ and val/ ImageFolders>"
         )
+    if workers is None:  # what the machine has, at most 8 decoding processes per rank
+        workers = default_workers()
     t_train = transforms.Compose(
         [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), _pil_to_uint8]
     )

@@ -29,6 +29,16 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1,
     return [hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
 
 
+def start_training(ctx: Context, hooks: Sequence[Hook] = (), ema: Any = None, *, fresh: bool = True) -> None:
+    """The start of training on its first batch (``ctx.sample_batch``), as the trainer takes it and the in-process
+    API with it: the hooks' ``on_train_start`` (data-dependent initialisation such as quantizer calibration),
+    then, when training starts from scratch, the EMA copies the (possibly just initialised) model."""
+    for h in hooks:
+        h.on_train_start(ctx)
+    if ema is not None and fresh:
+        ema.load_state_dict(ctx.model.state_dict())
+
+
 def train_step(
     model: nn.Module,
     forward_loss: ForwardLoss,

@@ -154,6 +154,8 @@ def result_config(config: dict[str, Any], non_result_keys: Sequence[str]) -> dic
         _drop(out, k)
     if isinstance(out.get("trainer"), dict) and out["trainer"].get("amp") in ("off", False, None):
         _drop(out, "trainer.amp")  # float32 (the default): the identity of runs from before the key existed
+    if isinstance(out.get("trainer"), dict) and out["trainer"].get("channels_last") is False:
+        _drop(out, "trainer.channels_last")  # NCHW (the default): as before the key was part of the identity
     return out
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from qrepro.engine import dist as qdist
 from qrepro.engine.callbacks import Callback, Checkpointer, NaNGuard, default_callbacks
 from qrepro.engine.fast import compile_eval_forward
-from qrepro.engine.loop import NonFiniteLoss, evaluate, train_one_epoch
+from qrepro.engine.loop import NonFiniteLoss, evaluate, start_training, train_one_epoch
 from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 
@@ -133,10 +133,7 @@ class Trainer:
             epoch=st.epoch,
             step=st.epoch * len(f.data.train),
         )
-        for h in f.hooks:
-            h.on_train_start(ctx)
-        if f.ema is not None and st.epoch == 0:  # hooks may initialise state (e.g. quantizer calibration)
-            f.ema.load_state_dict(f.model.state_dict())
+        start_training(ctx, f.hooks, f.ema, fresh=st.epoch == 0)
         self.eval_model = f.ema.module if f.ema is not None else f.model
         self.eval_forward = None
         if f.eval_compile is not None:

@@ -37,7 +37,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision import transforms
 
+from qrepro.api import build
+from qrepro.data import Normalizer
 from qrepro.errors import QreproError
 from qrepro.parity import SUITES, Report, cifar_batches, reference_import
 
@@ -90,15 +93,11 @@ def _add_grouped(rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, 
 
 def _their_inputs(x: torch.Tensor) -> torch.Tensor:
     """train_quant.py's test-time pipeline on uint8 NCHW images: ToTensor + Normalize (float32), then float64."""
-    from torchvision import transforms
-
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(THEIR_MEAN, THEIR_STD)])
     return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
 
 
 def _our_run(bits: str, overrides: list[str], max_iter: int, steps_per_epoch: int) -> Any:
-    from qrepro.api import build
-
     return build(
         [
             "+experiment=ewgs_resnet20_cifar10_w1a1",
@@ -119,8 +118,6 @@ def _our_run(bits: str, overrides: list[str], max_iter: int, steps_per_epoch: in
 
 
 def _our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
-    from qrepro.data import Normalizer
-
     d = run.cfg.dataset
     return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
 

@@ -45,8 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from qrepro.api import build
 from qrepro.errors import QreproError
+from qrepro.models import build_model
 from qrepro.parity import SUITES, Report, cifar_batches, normalize, reference_import
+from qrepro.quant.layers import quantized_layers
 
 BITS = 2
 MODEL = "resnet20"  # any model: their k-means code works on every nn.Conv2d / nn.Linear of a module
@@ -118,9 +121,6 @@ def suite(
     quick: bool = False,
     overrides: list[str] | None = None,
 ) -> list[Report]:
-    from qrepro.api import build
-    from qrepro.quant.layers import quantized_layers
-
     root = Path(reference)
     if not (root / "lib" / "utils" / "quantize_utils.py").is_file():
         raise QreproError(f"--reference {root} has no lib/utils/quantize_utils.py; pass a checkout of mit-han-lab/haq")
@@ -131,7 +131,6 @@ def suite(
     try:
         with reference_import(root, _stubs()) as imp, _cpu_float64():
             qu = imp("lib.utils.quantize_utils")
-            from qrepro.models import build_model
 
             torch.manual_seed(0)
             theirs = build_model(MODEL, num_classes=10).double().train()
@@ -270,8 +269,6 @@ def _is_weight_of(name: str, model: nn.Module, layers: list[nn.Module]) -> bool:
 
 
 def _is_qweight(name: str, run: Any) -> bool:
-    from qrepro.quant.layers import quantized_layers
-
     return name in {f"{n}.weight" for n, _ in quantized_layers(run.model)}
 
 
@@ -308,10 +305,6 @@ def linear_suite(
     reference: Path | str, *, steps: int, data: Path | str | None, batch: int, overrides: list[str] | None
 ) -> Report:
     """HAQ's linear quantizer (their QConv2d / QLinear, calibration and training step) against ``quantizer=haq``."""
-    from qrepro.api import build
-    from qrepro.models import build_model
-    from qrepro.quant.layers import quantized_layers
-
     root = Path(reference)
     batches = cifar_batches(data, steps + 1, batch, seed=1)
     with reference_import(root, _stubs()) as imp:

@@ -43,8 +43,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrepro.api import build
+from qrepro.data import Normalizer
 from qrepro.errors import QreproError
 from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+from qrepro.quant.layers import quantized_layers
+from qrepro.quant.methods.nagel import NagelQuantizer, NagelSchedule, tracked
 
 CELLS = ("damp", "freeze")
 DEFAULT_BATCH = 8
@@ -120,8 +124,6 @@ def _enum_shim(uu: Any) -> None:
 
 
 def _our_run(kind: str, overrides: list[str]) -> Any:
-    from qrepro.api import build
-
     return build(
         [
             f"+experiment=nagel_{kind}_mobilenet_v2_imagenet_w3a3",
@@ -143,8 +145,6 @@ def _our_run(kind: str, overrides: list[str]) -> Any:
 
 
 def _inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
-    from qrepro.data import Normalizer
-
     d = run.cfg.dataset
     return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
 
@@ -152,9 +152,6 @@ def _inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
 def compare_cell(
     reference: Path, kind: str, batches: list[tuple[torch.Tensor, torch.Tensor]], *, steps: int, overrides: list[str]
 ) -> Report:
-    from qrepro.quant.layers import quantized_layers
-    from qrepro.quant.methods.nagel import NagelQuantizer, NagelSchedule, tracked
-
     batch = len(batches[0][1])
     extra = f", qrepro overrides {' '.join(overrides)}" if overrides else ""
     rep = Report(

@@ -8,25 +8,30 @@ runs ``ptq.algorithm`` for each bit configuration and writes one ``record.json``
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from qrepro.builders import build_data_from_cfg, hydra_context, seed_everything, select_device, semantic_overrides
-from qrepro.builders import without as _without
+from qrepro.builders import (
+    build_data_from_cfg,
+    build_method_from_cfg,
+    build_model_from_cfg,
+    seed_everything,
+    select_device,
+)
 from qrepro.cli import hydra_entry
+from qrepro.config import hydra_context, plain, semantic_overrides
 from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
 from qrepro.engine.loop import evaluate
 from qrepro.engine.record import device_name, git_info, read_record, versions, write_json_atomic
-from qrepro.engine.rundir import RunLock, init_source, mark_superseded
+from qrepro.engine.rundir import RunLock, file_sha256, init_source, mark_superseded
 from qrepro.errors import QreproError
-from qrepro.models import build_model
 from qrepro.ptq.core import PTQ_ALGORITHMS, PTQConfig, quantize_model
-from qrepro.quant import build_method, prepare
+from qrepro.quant import prepare
+from qrepro.quant.methods import FP_BITS
 from qrepro.validation import validate_config
 
 PTQ_KEYS = (
@@ -37,20 +42,8 @@ PTQ_KEYS = (
 ).split()
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:  # read-only
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _plain(x: Any) -> Any:
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
-
-
 def bit_configs(cfg: DictConfig) -> list[tuple[int, int]]:
-    bits = _plain(cfg.ptq.bits)
+    bits = plain(cfg.ptq.bits)
     if bits is None:
         return [(int(cfg.precision.w_bits), int(cfg.precision.a_bits))]
     ok = isinstance(bits, list) and bits and all(isinstance(b, list) and len(b) == 2 for b in bits)
@@ -61,12 +54,11 @@ def bit_configs(cfg: DictConfig) -> list[tuple[int, int]]:
 
 def load_fp_model(cfg: DictConfig, num_classes: int, path: str, use_ema: str | bool) -> tuple[torch.nn.Module, str]:
     """The experiment's FP model with the checkpoint's (EMA) weights; returns (model, which weights)."""
-    mcfg, qcfg = _plain(cfg.model), _plain(cfg.quantizer)
-    model = build_model(mcfg["name"], num_classes=num_classes, **_without(mcfg, "name"))
+    model = build_model_from_cfg(cfg, num_classes)
     try:
-        method = build_method(qcfg["name"], 32, 32, **_without(qcfg, "name"))
+        method = build_method_from_cfg(cfg, FP_BITS, FP_BITS)
     except QreproError as e:
-        raise QreproError(f"PTQ starts from a full-precision model, but quantizer={qcfg['name']}: {e}") from None
+        raise QreproError(f"PTQ starts from a full-precision model, but quantizer={cfg.quantizer.name}: {e}") from None
     prepare(model, method)
     obj = read_checkpoint(path)
     if use_ema not in ("auto", True, False):
@@ -153,13 +145,13 @@ def _run_todo(cfg: DictConfig, todo: list, src: Path, digest: str, experiment: s
     device = select_device(cfg.trainer.device)
     seed_everything(int(cfg.seed))
     data = build_data_from_cfg(cfg, device)
-    fp, which = load_fp_model(cfg, data.num_classes, str(src), _plain(cfg.ptq.use_ema))
+    fp, which = load_fp_model(cfg, data.num_classes, str(src), plain(cfg.ptq.use_ema))
     fp.to(device)
     fp_eval = evaluate(fp, data.test) if cfg.ptq.eval_fp else None
     if fp_eval is not None:
         print(f"FP ({which} weights): top1 {fp_eval['test_top1']:.2f}%", flush=True)
     calib = calibration_images(data.train, int(cfg.ptq.calib_size)).to(device)
-    opts = {k: _plain(cfg.ptq[k]) for k in PTQ_KEYS if k in cfg.ptq}
+    opts = {k: plain(cfg.ptq[k]) for k in PTQ_KEYS if k in cfg.ptq}
     opts["round_beta"] = tuple(opts.get("round_beta", (20.0, 2.0)))
     paths = []
     for w, a, run_dir, ov in todo:
@@ -169,7 +161,7 @@ def _run_todo(cfg: DictConfig, todo: list, src: Path, digest: str, experiment: s
         q = quantize_model(fp, calib, pcfg)
         ptq_s = time.perf_counter() - t0
         ev = evaluate(q, data.test)
-        if sha256(src) != digest:  # cannot happen: the file is only read; guard the promise anyway
+        if file_sha256(src) != digest:  # cannot happen: the file is only read; guard the promise anyway
             raise QreproError(f"checkpoint {src} changed during PTQ; stopping")
         record = {
             "complete": True,
@@ -178,7 +170,7 @@ def _run_todo(cfg: DictConfig, todo: list, src: Path, digest: str, experiment: s
             "experiment": experiment,
             "overrides": ov,
             "run_dir": str(run_dir),
-            "config": _plain(cfg),
+            "config": plain(cfg),
             "model": cfg.model.name,
             "method": f"ptq_{pcfg.algorithm}",
             "dataset": cfg.dataset.name,

@@ -49,6 +49,7 @@ class Method:
     w_bits: int = FP_BITS
     a_bits: int = FP_BITS
     options: dict[str, Any] = field(default_factory=dict)
+    uses_bits: bool = True  # False: the method trains the same model whatever the bit budget (full precision)
 
 
 def _load_all() -> None:

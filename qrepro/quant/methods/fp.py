@@ -7,4 +7,4 @@ from qrepro.quant.methods import METHODS, Method
 
 @METHODS.register("fp")
 def build_fp(w_bits: int = 32, a_bits: int = 32) -> Method:
-    return Method(name="fp", quantize_layer=lambda info: None)
+    return Method(name="fp", quantize_layer=lambda info: None, uses_bits=False)
