@@ -38,6 +38,7 @@ from qrepro.cli import hydra_entry, one_line_errors
 from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
 from qrepro.engine import dist as qdist
 from qrepro.engine import fast
+from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
 from qrepro.engine.callbacks import Console, default_callbacks
 from qrepro.engine.fast import compile_mode, make_forward_loss
 from qrepro.engine.fsio import atomic_write
@@ -52,7 +53,7 @@ from qrepro.engine.precision import (
     make_scaler,
 )
 from qrepro.engine.rundir import WANDB_ID_FILE, RunLock, identity, init_source, prepare_run_dir
-from qrepro.engine.trainer import Fit, FitResult, Trainer, fit
+from qrepro.engine.trainer import Fit, FitResult, Trainer
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
 from qrepro.run_table import from_train_argv
@@ -229,7 +230,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, *, resuming: bool):
         forward_loss=forward_loss, eval_compile=mode, train_model=train_model, is_main=denv.is_main,
     )  # fmt: skip
     try:
-        result = fit(f)
+        result = engine_trainer.fit(f)
     finally:
         logger.finish()  # no-op when the run finished (the logger callback closed it with its summary)
     m = result.record["metrics"]
