@@ -39,6 +39,7 @@ from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors, save_hydra_
 from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
 from qrepro.engine import dist as qdist
 from qrepro.engine import fast
+from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
 from qrepro.engine.callbacks import Console, default_callbacks
 from qrepro.engine.console_log import tee_console
 from qrepro.engine.fast import compile_mode, make_forward_loss
@@ -54,7 +55,7 @@ from qrepro.engine.precision import (
     make_scaler,
 )
 from qrepro.engine.rundir import WANDB_ID_FILE, RunLock, identity, init_source, prepare_run_dir
-from qrepro.engine.trainer import Fit, FitResult, Trainer, fit
+from qrepro.engine.trainer import Fit, FitResult, Trainer
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
 from qrepro.run_table import from_train_argv
@@ -243,7 +244,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: b
         forward_loss=forward_loss, eval_compile=mode, train_model=train_model, is_main=denv.is_main,
     )  # fmt: skip
     try:
-        result = fit(f)
+        result = engine_trainer.fit(f)
     finally:
         logger.finish()  # no-op when the run finished (the logger callback closed it with its summary)
     m = result.record["metrics"]
