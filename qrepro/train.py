@@ -69,7 +69,7 @@ def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple
         force=bool(cfg.force),
         retry=bool(cfg.get("retry")),
         resume=bool(cfg.resume),
-        epochs=int(cfg.trainer.epochs),
+        epochs=0 if cfg.get("evaluate_only") else int(cfg.trainer.epochs),
     )
 
 
@@ -172,7 +172,7 @@ def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, 
         optimizer=comp.optimizer,
         scheduler=comp.scheduler,
         loss_fn=comp.loss_fn,
-        epochs=int(cfg.trainer.epochs),
+        epochs=0 if cfg.get("evaluate_only") else int(cfg.trainer.epochs),
         run_dir=run_dir,
         hooks=hooks,
         regularizer=comp.method.regularizer,

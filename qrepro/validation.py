@@ -225,8 +225,10 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> None:
         raise QreproError(f"config cannot be resolved: {str(e).splitlines()[0]}") from None
     if not _is_int(c.get("seed")) or not 0 <= c["seed"] <= SEED_MAX:
         raise _bad("seed", c.get("seed"), f"an integer in 0..{SEED_MAX}", "0")
-    for k in ("resume", "force", "retry", "init_strict"):
+    for k in ("resume", "force", "retry", "init_strict", "evaluate_only"):
         _bool(c, k, "")
+    if c.get("evaluate_only") and not c.get("init_from"):
+        raise QreproError("evaluate_only=true evaluates a checkpoint without training: add init_from=<path>")
     for k in ("init_from", "out_root"):
         if c.get(k) is not None and not isinstance(c[k], str):
             raise _bad(k, c[k], "a path", "runs" if k == "out_root" else "<run dir>/checkpoints/last.pt")

@@ -36,7 +36,7 @@ class Fit:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loss_fn: Any
-    epochs: int
+    epochs: int  # 0: evaluate the initialised model only (no training step, no checkpoint)
     run_dir: Path
     hooks: list[Hook] = field(default_factory=list)
     regularizer: Any = None
@@ -79,7 +79,7 @@ class FitState:
 
     def metrics(self) -> dict[str, Any]:
         b, c = self.best, self.curves
-        ok = b["epoch"] > 0
+        ok = b["epoch"] >= 0  # epoch 0: an evaluate-only run (the initial model)
         return {
             "best_top1": b["top1"] if ok else None,
             "best_top5": b["top5"] if ok else None,
@@ -211,10 +211,18 @@ class Trainer:
             raise QreproError(f"training diverged: {self.state.error}")
         return FitResult(self.record, record_path)
 
+    def evaluate_only(self) -> None:
+        """``epochs == 0``: the initialised model evaluated as it is (a pretrained FP row); best = last, epoch 0."""
+        ev = evaluate(self.eval_model, self.f.data.test, all_reduce=True, forward=self.eval_forward)
+        self.state.curves = {"epoch": [], "test_top1": [ev["test_top1"]], "test_top5": [ev["test_top5"]]}
+        self.state.best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": 0}
+
     def run(self) -> FitResult:
         f, st = self.f, self.state
         self.setup()
         try:
+            if f.epochs == 0:
+                self.evaluate_only()
             for epoch in range(st.epoch, f.epochs):
                 t0 = self.begin_epoch(epoch)
                 tr = self.train_epoch(epoch)
