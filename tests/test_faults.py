@@ -570,7 +570,10 @@ def _failing_save(monkeypatch, exc, partial=True):
     "exc,needle",
     [
         (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
-        (RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 1600 vs 1494"), "disk full?"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 1600 vs 1494"),
+            "torch's writer failed",
+        ),
         (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
         (OSError(errno.EROFS, "Read-only file system"), "read-only file system"),
     ],
@@ -583,6 +586,26 @@ def test_failed_checkpoint_writes_are_one_line_and_leave_no_partial_file(tmp_pat
     assert msg.startswith(f"cannot write {tmp_path / 'run' / 'checkpoints'}/") and needle in msg and "\n" not in msg
     _no_tmp(tmp_path)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("cause,needle", [("space", "no space left on device"), ("access", "permission denied")])
+def test_torch_writer_errors_name_their_cause(tmp_path, monkeypatch, cause, needle):
+    """torch's zip writer raises a RuntimeError without errno: the cause is read from the filesystem, so a
+    permission problem is not reported as a full disk and a full disk is not a bare writer message."""
+    from qrepro.engine import fsio
+
+    _failing_save(monkeypatch, RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 1600 vs 1494"))
+    if cause == "space":
+        monkeypatch.setattr(fsio, "LOW_SPACE", 2**62)
+    else:
+        real_access = fsio.os.access
+        monkeypatch.setattr(
+            fsio.os, "access", lambda p, m: False if str(p).endswith("checkpoints") else real_access(p, m)
+        )
+    with pytest.raises(QreproError) as e:
+        _run(tmp_path, ["trainer.epochs=1"])
+    assert needle in str(e.value) and "disk full?" not in str(e.value) and "\n" not in str(e.value)
+    _no_tmp(tmp_path)
 
 
 def test_a_file_where_the_checkpoint_directory_should_be(tmp_path):

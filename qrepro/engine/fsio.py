@@ -43,11 +43,32 @@ def _blocking_file(path: Path) -> Path | None:
     return None
 
 
+def _writer_cause(path: Path) -> int | None:
+    """The errno behind a failed torch.save at ``path``, read from the filesystem (its error carries none)."""
+    parent = path.parent
+    if parent.is_dir() and not os.access(parent, os.W_OK):
+        return errno.EACCES
+    try:
+        if shutil.disk_usage(parent).free < LOW_SPACE:
+            return errno.ENOSPC
+    except OSError:
+        pass
+    return None
+
+
+LOW_SPACE = 64 * 2**20  # below this many free bytes a failed write is taken for a full disk
+
+
 def io_error(path: Path, e: BaseException, action: str = "write") -> QreproError:
     """One line for a failed filesystem operation on ``path``."""
     code = getattr(e, "errno", None)
-    if code == errno.ENOSPC or (isinstance(e, RuntimeError) and not isinstance(e, OSError)):
-        detail = "no space left on device" if code == errno.ENOSPC else "torch's writer failed: disk full?"
+    if isinstance(e, RuntimeError) and not isinstance(e, OSError):  # torch's writer: no errno, find the cause
+        code = _writer_cause(path)
+        if code is None:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return QreproError(f"cannot {action} {path}: torch's writer failed ({first}; {_free(path.parent)})")
+    if code == errno.ENOSPC:
+        detail = "no space left on device"
         return QreproError(
             f"cannot {action} {path}: {detail} ({_free(path.parent)}); free space or set out_root=<another disk>"
         )
