@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,16 @@ from qrepro.engine.callbacks import Console, default_callbacks
 from qrepro.engine.console_log import tee_console
 from qrepro.engine.fast import compile_mode, make_forward_loss
 from qrepro.engine.fsio import atomic_write
-from qrepro.engine.members import MemberSlot, RngState, batch_id, member_overrides, member_seeds
-from qrepro.engine.members_train import MemberConsole, _Member, member_data, run_members
+from qrepro.engine.members import (
+    BatchedEpoch,
+    MemberConsole,
+    MemberSlot,
+    RngState,
+    batch_id,
+    member_data,
+    member_overrides,
+    member_seeds,
+)
 from qrepro.engine.precision import (
     amp_mode,
     autocast_factory,
@@ -55,7 +64,7 @@ from qrepro.engine.precision import (
     make_scaler,
 )
 from qrepro.engine.rundir import WANDB_ID_FILE, RunLock, identity, init_source, prepare_run_dir
-from qrepro.engine.trainer import Fit, FitResult, Trainer
+from qrepro.engine.trainer import Fit, FitResult, Trainer, train_trainers
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
 from qrepro.run_table import from_train_argv
@@ -253,6 +262,39 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: b
     return result
 
 
+@dataclass
+class _Member:
+    """One member of a batched launch: its seed, config, run directory and, once trained, its result."""
+
+    index: int
+    seed: int
+    label: str
+    cfg: Any
+    run_dir: Path
+    trainer: Any = None
+    result: Any = None
+    error: str | None = None
+    lock: Any = None
+
+
+def _finish_member(m: _Member) -> None:
+    """The member's record (a diverged member's too: its error is kept, the launch fails after the others)."""
+    try:
+        m.result = m.trainer.finish()
+    except QreproError as e:  # diverged
+        m.error = str(e).removeprefix("training diverged: ")
+        m.result = FitResult(m.trainer.record, Path(m.trainer.f.run_dir) / "record.json", diverged=True)
+    finally:
+        m.trainer.f.logger.finish()
+    if m.error is None:
+        mm = m.result.record["metrics"]
+        print(
+            f"[{m.label}] best top1 {mm['best_top1']:.2f}% (epoch {mm['best_epoch']}), "
+            f"last top1 {mm['last_top1']:.2f}%",
+            flush=True,
+        )
+
+
 def _member_cfg(cfg: DictConfig, seed: int) -> DictConfig:
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(c):
@@ -356,30 +398,42 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
             resuming=resuming, device=device, scaler=make_scaler(amp, device), progress=False,
         )  # fmt: skip
         f.callbacks = [MemberConsole(m.label) if isinstance(cb, Console) else cb for cb in default_callbacks(f)]
-        m.trainer = Trainer(f)
-        m.rng = RngState(device)
-        m.rng.capture()
-        m.method = comp.method
+        rng = RngState(device)
+        rng.capture()
+        m.trainer = Trainer(f, label=m.label, rng=rng)
         print(
             _run_line(c, m.run_dir, device, mode, amp) + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
             flush=True,
         )
     members = [m for m, _ in todo]
-    try:
-        for m in members:
-            with m.rng:
-                m.trainer.setup()
-            t = m.trainer
-            m.slot = MemberSlot(
-                t.f.model, t.f.optimizer, t.f.scheduler, t.f.hooks, t.f.ema, t.ctx, m.rng, t.f.scaler, m.label
-            )
-        run_members(
-            members,
-            epochs=int(cfg.trainer.epochs),
+    by_trainer = {id(m.trainer): m for m in members}
+    slots: dict[int, MemberSlot] = {}
+
+    def batched(trainers: list[Trainer]) -> BatchedEpoch:  # the step strategy of a cohort of members
+        t0 = trainers[0]
+        return BatchedEpoch(
+            [slots[id(t)] for t in trainers],
+            [t.f.data.train for t in trainers],
+            t0.f.loss_fn,
+            t0.f.regularizer,
+            autocast=autocast,
+            compile_mode=mode,
             log_every=int(cfg.trainer.log_every),
             progress=bool(cfg.trainer.progress),
-            autocast=autocast,
-            mode=mode,
+            epochs=int(cfg.trainer.epochs),
+        )
+
+    try:
+        for m in members:
+            t = m.trainer
+            with t.rng:
+                t.setup()
+            f = t.f
+            slots[id(t)] = MemberSlot(
+                f.model, f.optimizer, f.scheduler, f.hooks, f.ema, t.ctx, t.rng, f.scaler, m.label
+            )
+        train_trainers(
+            [m.trainer for m in members], batched, int(cfg.trainer.epochs), lambda t: _finish_member(by_trainer[id(t)])
         )
     finally:
         for m in members:
