@@ -175,14 +175,14 @@ def float64_trainer(monkeypatch):
     """The trainer in float64 (model and inputs), so that batched and separate runs agree to the printed digits
     instead of drifting apart by float32 rounding (as two thread counts of the same run also do)."""
     import qrepro.builders
-    import qrepro.train
+    import qrepro.launch
     from qrepro.data import Normalizer
 
     orig_call = Normalizer.__call__
     monkeypatch.setattr(Normalizer, "__call__", lambda self, x: orig_call(self, x).double())
     bc = functools.partial(qrepro.builders.build_components, dtype=torch.float64)
     monkeypatch.setattr(qrepro.builders, "build_components", bc)
-    monkeypatch.setattr(qrepro.train, "build_components", bc)
+    monkeypatch.setattr(qrepro.launch, "build_components", bc)
 
 
 def _train(overrides, out_root):
