@@ -1,21 +1,17 @@
 """Training entry point: ``python -m qrepro.train +experiment=<name> [overrides]``.
 
 This module (with evaluate/ptq/tables) is the only place that sees Hydra's DictConfig; everything it calls
-takes plain arguments.
+takes plain arguments. The command line: its arguments and the launch call (``qrepro.launch.train``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests import them from here)
     VALID_BITS,
@@ -35,359 +31,24 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     setup_process,
 )
 from qrepro.chain import pop_plan, prepare
-from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors, save_hydra_files
-from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
-from qrepro.engine import dist as qdist
-from qrepro.engine import fast
-from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
-from qrepro.engine.callbacks import Console, default_callbacks
-from qrepro.engine.console_log import tee_console
-from qrepro.engine.fast import compile_mode, make_forward_loss
-from qrepro.engine.fsio import atomic_write
-from qrepro.engine.members import MemberSlot, RngState, batch_id, member_overrides, member_seeds
-from qrepro.engine.members_train import MemberConsole, _Member, member_data, run_members
-from qrepro.engine.precision import (
-    amp_mode,
-    autocast_factory,
-    channels_last,
-    check_amp,
-    input_transform,
-    make_scaler,
+from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors
+from qrepro.launch import (  # noqa: F401  (re-exported: scripts and tests import them from here)
+    _decide,
+    _finish_member,
+    _fit,
+    _Member,
+    _member_cfg,
+    _prepare_run_dir,
+    _run_line,
+    _setup,
+    _train,
+    _train_members,
+    make_record_base,
+    open_logger,
+    train,
+    train_members,
 )
-from qrepro.engine.rundir import WANDB_ID_FILE, RunLock, identity, init_source, prepare_run_dir
-from qrepro.engine.trainer import Fit, FitResult, Trainer
-from qrepro.errors import QreproError
-from qrepro.logging import build_logger
 from qrepro.run_table import from_train_argv
-from qrepro.validation import check_init_path, check_training_bits, validate_config
-
-
-def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
-    return prepare_run_dir(
-        run_dir,
-        init,
-        force=bool(cfg.force),
-        retry=bool(cfg.get("retry")),
-        resume=bool(cfg.resume),
-        epochs=0 if cfg.get("evaluate_only") else int(cfg.trainer.epochs),
-    )
-
-
-def _decide(cfg: DictConfig, run_dir: Path, init: dict | None, denv, lock) -> tuple[str, dict | None]:
-    """Rank 0 takes the lock and decides; under DDP the other ranks follow its decision (or its error)."""
-
-    out: list = [None, None, None]
-    if denv.is_main:
-        try:
-            lock.acquire()
-            out[:2] = _prepare_run_dir(cfg, run_dir, init)
-        except QreproError as e:
-            out[2] = str(e)
-    if denv.world_size > 1:
-        torch.distributed.broadcast_object_list(out, src=0)
-    if out[2]:
-        raise QreproError(out[2] if denv.is_main else f"rank 0 stopped: {out[2]}")
-    return out[0], out[1]
-
-
-def train(
-    cfg: DictConfig,
-    run_dir: Path | None = None,
-    experiment: str | None = None,
-    overrides: list[str] | None = None,
-    *,
-    validate: bool = True,
-):
-    """Train the run described by ``cfg`` (``trainer.members=K``: K seeds as one batched job); returns the
-    FitResult (record and its path), a list of them for members. ``validate=False``: ``cfg`` was validated."""
-    if validate:
-        validate_config(cfg)
-        check_training_bits(cfg)
-    if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
-        return train_members(cfg, run_dir, experiment, overrides)
-    h_dir, h_exp, h_over = hydra_context()
-    run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
-    experiment = experiment or h_exp or cfg.get("experiment")
-    overrides = semantic_overrides(overrides if overrides is not None else h_over)
-    record_path = run_dir / "record.json"
-    init = init_source(cfg.init_from)
-    if init:
-        check_init_path(init["path"])  # a corrupt checkpoint is one line before the run directory is touched
-    denv = qdist.setup(cfg.trainer.device)  # torchrun / submitit tasks -> process group; else one process
-    data = _setup(cfg, denv)  # a missing dataset.root is one line before the run directory is touched
-    lock = RunLock(run_dir)
-    try:
-        action, rec = _decide(cfg, run_dir, init, denv, lock)
-        if action == "skip":
-            if denv.is_main:
-                what = "a complete record" if rec.get("complete") else f"a {rec.get('status')} record"
-                hint = "force=true to re-run" if rec.get("complete") else "retry=true or force=true to run it again"
-                print(f"skip: {run_dir} already has {what} ({hint})", flush=True)
-            return FitResult(rec, record_path, diverged=rec.get("status") == "diverged", skipped=True)
-        if not denv.is_main:
-            return _train(cfg, run_dir, experiment, overrides, init, denv, data, resuming=action == "resume")
-        save_hydra_files(run_dir, cfg)
-        with tee_console(run_dir / "train.log"):  # the console output, kept beside the record
-            return _train(cfg, run_dir, experiment, overrides, init, denv, data, resuming=action == "resume")
-    finally:
-        lock.release()
-
-
-def make_record_base(cfg: DictConfig, experiment: str | None, overrides: list[str], init: dict | None, world: int):
-    """The record fields that describe the run (everything but its results and provenance)."""
-    return {
-        "name": cfg.name,
-        "experiment": experiment,
-        "overrides": overrides,
-        "config": _plain(cfg),
-        "model": cfg.model.name,
-        "method": cfg.quantizer.name,
-        "dataset": cfg.dataset.name,
-        "precision": cfg.precision.name,
-        "w_bits": int(cfg.precision.w_bits),
-        "a_bits": int(cfg.precision.a_bits),
-        "optimizer": cfg.optimizer.name,
-        "seed": int(cfg.seed),
-        "init_from": cfg.init_from,
-        "init_from_sha256": init["sha256"] if init else None,
-        "world_size": world,
-    }
-
-
-def open_logger(cfg: DictConfig, run_dir: Path, config: dict, resuming: bool, **kw):
-    """The run's logger; a resumed run continues its W&B run (id kept in ``<run dir>/wandb_id``)."""
-    id_file = run_dir / WANDB_ID_FILE
-    resume_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
-    logger = make_logger(cfg, run_dir, config, resume_id=resume_id, **kw)
-    if getattr(logger, "id", None) and logger.id != resume_id:
-        atomic_write(id_file, lambda tmp: tmp.write_text(f"{logger.id}\n"))
-    return logger
-
-
-def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, resuming, device, scaler, **kw) -> Fit:
-    """The Fit of one run (a separate run or one member): its components, callbacks' inputs and identity."""
-    return Fit(
-        model=comp.model,
-        data=data,
-        optimizer=comp.optimizer,
-        scheduler=comp.scheduler,
-        loss_fn=comp.loss_fn,
-        epochs=0 if cfg.get("evaluate_only") else int(cfg.trainer.epochs),
-        run_dir=run_dir,
-        hooks=hooks,
-        regularizer=comp.method.regularizer,
-        ema=comp.ema,
-        logger=logger,
-        record_base=record_base,
-        log_every=int(cfg.trainer.log_every),
-        resume=resuming,
-        device=device,
-        identity=identity(config, init, NON_SEMANTIC_KEYS),
-        scaler=scaler,
-        **kw,
-    )
-
-
-def _run_line(cfg, run_dir, device, mode, amp) -> str:
-    return (
-        f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
-        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}" + (f" amp={amp}" if amp != "off" else "")
-    )
-
-
-def _setup(cfg: DictConfig, denv):
-    """Process settings, seed and the dataset (before the run directory is taken: bad data is one line)."""
-    setup_process(cfg, denv.device)
-    seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
-    return build_data_from_cfg(cfg, denv.device, denv.rank, denv.world_size)
-
-
-def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: bool):
-    device, world = denv.device, denv.world_size
-    comp = build_components(
-        cfg,
-        device,
-        data=data,
-        init=not resuming,
-        sync_bn=qdist.use_sync_bn(bool(cfg.trainer.get("sync_bn", False)), denv),
-    )
-    model, method, optimizer, loss_fn = comp.model, comp.method, comp.optimizer, comp.loss_fn
-    amp, cl = amp_mode(cfg.trainer.get("amp")), bool(cfg.trainer.get("channels_last", False))
-    check_amp(amp, optimizer)
-    if cl:
-        channels_last(model)
-    autocast, scaler = autocast_factory(amp, device), make_scaler(amp, device)
-    # under DDP: rank 0's state broadcast after the method's hooks initialise from each rank's own first batch
-    sync = [qdist.DistributedSync()] if world > 1 else []
-    hooks = list(method.hooks) + sync + list(getattr(optimizer, "hooks", []))
-    train_model = qdist.wrap_ddp(model, denv, bool(cfg.trainer.get("find_unused_parameters", False)))
-    mode = compile_mode(cfg.trainer.compile, device)
-    forward_loss = None
-    if mode is not None or autocast is not None or cl:
-        forward_loss = make_forward_loss(
-            train_model, loss_fn, method.regularizer, autocast=autocast, input_transform=input_transform(cl)
-        )
-    if mode is not None:  # the fast path: forward + loss + regularizer compiled (CUDA graphs on GPU)
-        forward_loss = fast.compile_forward_loss(forward_loss, mode)
-    if world > 1:
-        seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
-    config = _plain(cfg)
-    record_base = make_record_base(cfg, experiment, overrides, init, world)
-    logger = build_logger("none")
-    if denv.is_main:
-        logger = open_logger(cfg, run_dir, config, resuming)
-        ranks = f" ranks={world} ({denv.backend})" if world > 1 else ""
-        print(_run_line(cfg, run_dir, device, mode, amp) + ranks, flush=True)
-    f = _fit(
-        cfg, run_dir, comp, data, config, init, hooks=hooks, logger=logger, record_base=record_base,
-        resuming=resuming, device=device, scaler=scaler, progress=bool(cfg.trainer.progress),
-        forward_loss=forward_loss, eval_compile=mode, train_model=train_model, is_main=denv.is_main,
-    )  # fmt: skip
-    try:
-        result = engine_trainer.fit(f)
-    finally:
-        logger.finish()  # no-op when the run finished (the logger callback closed it with its summary)
-    m = result.record["metrics"]
-    if denv.is_main:
-        print(f"best top1 {m['best_top1']:.2f}% (epoch {m['best_epoch']}), last top1 {m['last_top1']:.2f}%", flush=True)
-    return result
-
-
-def _member_cfg(cfg: DictConfig, seed: int) -> DictConfig:
-    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    with open_dict(c):
-        c.seed = int(seed)
-        c.trainer.members = 1
-    return c
-
-
-def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None, overrides: list[str] | None):
-    """Train the K members of ``cfg``; returns their FitResults (member order). A diverged member gets a
-    diverged record and, after the others finished, the launch fails in one line naming it."""
-    k = int(cfg.trainer.members)
-    h_dir, h_exp, h_over = hydra_context()
-    raw = [o for o in (overrides if overrides is not None else h_over)]
-    experiment = experiment or h_exp or cfg.get("experiment")
-    s0 = int(cfg.seed)
-    seed_given = any(key_of(o) == "seed" for o in raw)
-    seeds = member_seeds(s0, k)
-    raws = [member_overrides(raw, s0, i, seed_given) for i in range(k)]
-    base = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default").parent
-    members = [
-        _Member(i, seeds[i], f"seed={seeds[i]}", _member_cfg(cfg, seeds[i]), base / run_subdir(raws[i]))
-        for i in range(k)
-    ]
-    if bool(cfg.trainer.get("channels_last", False)):
-        raise QreproError(
-            "trainer.channels_last with trainer.members: the batched forward runs on stacked [K, ...] tensors "
-            "(no channels-last layout); drop one of the two"
-        )
-    denv = qdist.setup(cfg.trainer.device)
-    if denv.world_size > 1:
-        raise QreproError("trainer.members cannot be combined with several processes (torchrun/DDP); use one")
-    init = init_source(cfg.init_from)
-    results: list[Any] = [None] * k
-    batch = {
-        "id": batch_id(str(cfg.name), seeds, [o for o in raw if key_of(o) not in ("seed", "trainer.members")]),
-        "size": k,
-        "seeds": seeds,
-        "run_dirs": [str(m.run_dir) for m in members],
-    }
-    todo: list[tuple[_Member, bool]] = []
-    try:
-        for m in members:
-            m.lock = RunLock(m.run_dir)
-            m.lock.acquire()
-            try:
-                action, rec = _prepare_run_dir(m.cfg, m.run_dir, init)
-            except QreproError as e:
-                raise QreproError(f"member {m.label}: {e}") from None
-            if action == "skip":
-                what = "a complete record" if rec.get("complete") else f"a {rec.get('status')} record"
-                print(f"skip: {m.run_dir} already has {what} (member {m.label})", flush=True)
-                results[m.index] = FitResult(
-                    rec, m.run_dir / "record.json", diverged=rec.get("status") == "diverged", skipped=True
-                )
-            else:
-                todo.append((m, action == "resume"))
-        if todo:
-            with contextlib.ExitStack() as logs:  # each member's train.log holds the batch's (labelled) output
-                for m, _ in todo:
-                    save_hydra_files(m.run_dir, m.cfg)
-                    logs.enter_context(tee_console(m.run_dir / "train.log"))
-                _train_members(
-                    cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], init, denv, batch
-                )
-            for m, _ in todo:
-                results[m.index] = m.result
-    finally:
-        for m in members:
-            if m.lock is not None:
-                m.lock.release()
-    bad = [m for m, _ in todo if m.error]
-    if bad:
-        raise QreproError("training diverged: " + "; ".join(f"member {m.label}: {m.error}" for m in bad))
-    return results
-
-
-def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) -> None:
-    device = denv.device
-    setup_process(cfg, device)
-    amp = amp_mode(cfg.trainer.get("amp"))
-    # trainer.compile=auto stays eager with members (the batched step is compiled only when asked for)
-    mode = None if str(cfg.trainer.compile).lower() == "auto" else compile_mode(cfg.trainer.compile, device)
-    autocast = autocast_factory(amp, device)
-    seed_everything(int(todo[0][0].seed))
-    data = build_data_from_cfg(cfg, device)
-    k_all = batch["size"]
-    for (m, resuming), ovr in zip(todo, member_overrides_):
-        c = m.cfg
-        seed_everything(int(m.seed))  # as the separate run: the model initialised from its own seed
-        data_m = member_data(data, m.seed)
-        comp = build_components(c, device, data=data_m, init=not resuming)
-        check_amp(amp, comp.optimizer)
-        hooks = list(comp.method.hooks) + list(getattr(comp.optimizer, "hooks", []))
-        config = OmegaConf.to_container(c, resolve=True)
-        record_base = make_record_base(c, experiment, ovr, init, 1)
-        record_base["members"] = {**batch, "index": m.index}
-        logger = open_logger(c, m.run_dir, config, resuming, concurrent=True)
-        f = _fit(
-            c, m.run_dir, comp, data_m, config, init, hooks=hooks, logger=logger, record_base=record_base,
-            resuming=resuming, device=device, scaler=make_scaler(amp, device), progress=False,
-        )  # fmt: skip
-        f.callbacks = [MemberConsole(m.label) if isinstance(cb, Console) else cb for cb in default_callbacks(f)]
-        m.trainer = Trainer(f)
-        m.rng = RngState(device)
-        m.rng.capture()
-        m.method = comp.method
-        print(
-            _run_line(c, m.run_dir, device, mode, amp) + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
-            flush=True,
-        )
-    members = [m for m, _ in todo]
-    try:
-        for m in members:
-            with m.rng:
-                m.trainer.setup()
-            t = m.trainer
-            m.slot = MemberSlot(
-                t.f.model, t.f.optimizer, t.f.scheduler, t.f.hooks, t.f.ema, t.ctx, m.rng, t.f.scaler, m.label
-            )
-        run_members(
-            members,
-            epochs=int(cfg.trainer.epochs),
-            log_every=int(cfg.trainer.log_every),
-            progress=bool(cfg.trainer.progress),
-            autocast=autocast,
-            mode=mode,
-        )
-    finally:
-        for m in members:
-            if m.result is None and m.trainer is not None:  # an exception: close what is open
-                try:
-                    m.trainer.f.logger.finish()
-                except Exception:  # noqa: BLE001
-                    pass
 
 
 def _task(cfg: DictConfig) -> str:

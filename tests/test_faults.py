@@ -434,7 +434,7 @@ class FakeLogger:
 
 
 def test_resume_continues_the_same_wandb_run_and_summary_has_best_and_last(tmp_path, monkeypatch):
-    import qrepro.train as train_mod
+    import qrepro.launch as train_mod
 
     made = []
 

@@ -96,7 +96,7 @@ def test_members_train_exactly_as_separate_runs(method):
     """K = 3 members over 20 float64 steps (two epochs' ends) equal their separate runs (<= 1e-10)."""
     from qrepro.api import build, build_members
     from qrepro.builders import build_data_from_cfg, compose
-    from qrepro.engine.members_train import member_data
+    from qrepro.engine.members import member_data
 
     torch.set_num_threads(1)
     ov = R20 + METHODS[method]
@@ -175,14 +175,14 @@ def float64_trainer(monkeypatch):
     """The trainer in float64 (model and inputs), so that batched and separate runs agree to the printed digits
     instead of drifting apart by float32 rounding (as two thread counts of the same run also do)."""
     import qrepro.builders
-    import qrepro.train
+    import qrepro.launch
     from qrepro.data import Normalizer
 
     orig_call = Normalizer.__call__
     monkeypatch.setattr(Normalizer, "__call__", lambda self, x: orig_call(self, x).double())
     bc = functools.partial(qrepro.builders.build_components, dtype=torch.float64)
     monkeypatch.setattr(qrepro.builders, "build_components", bc)
-    monkeypatch.setattr(qrepro.train, "build_components", bc)
+    monkeypatch.setattr(qrepro.launch, "build_components", bc)
 
 
 def _train(overrides, out_root):
@@ -247,18 +247,18 @@ def test_digits_multirun_batched_equals_separate(tmp_path, float64_trainer, sepa
 def test_batched_job_resumes_every_member(tmp_path, float64_trainer, separate_dir, monkeypatch):
     """A batch stopped after epoch 1 (one member's checkpoint lost, as in a kill between writes) resumes every
     member: the lagging one catches up alone, then the batch finishes; results equal the uninterrupted runs."""
-    import qrepro.engine.members_train as mt
+    import qrepro.engine.trainer as mt
 
-    orig = mt._Batch.epoch
+    orig = mt.Cohort.epoch
 
     def crash_after_first(self, epoch):
         orig(self, epoch)
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(mt._Batch, "epoch", crash_after_first)
+    monkeypatch.setattr(mt.Cohort, "epoch", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         _train(["seed=0", "trainer.members=3"], tmp_path)
-    monkeypatch.setattr(mt._Batch, "epoch", orig)
+    monkeypatch.setattr(mt.Cohort, "epoch", orig)
     runs = tmp_path / "demo_digits_fp"
     lasts = sorted(runs.glob("*/checkpoints/last.pt"))
     assert len(lasts) == 3 and not list(runs.glob("*/record.json"))
@@ -331,7 +331,7 @@ def test_ste_clip_batches_under_vmap():
 def test_members_refuse_in_one_line_before_touching_run_dirs(tmp_path):
     from types import SimpleNamespace
 
-    from qrepro.engine.members_train import member_data
+    from qrepro.engine.members import member_data
 
     with pytest.raises(QreproError, match="channels_last"):
         _train(["seed=0", "trainer.members=2", "trainer.channels_last=true"], tmp_path)

@@ -29,6 +29,8 @@ import hashlib
 import json
 import math
 import random
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from tqdm import tqdm
 
+from qrepro.engine.callbacks import Console
 from qrepro.engine.fast import compile_forward_loss, with_input
+from qrepro.engine.loop import NonFiniteLoss
 from qrepro.errors import QreproError
 
 __all__ = [
@@ -46,6 +51,9 @@ __all__ = [
     "RngState",
     "MemberSlot",
     "BatchedStep",
+    "BatchedEpoch",
+    "MemberConsole",
+    "member_data",
     "member_overrides",
     "member_seeds",
 ]
@@ -425,6 +433,138 @@ class BatchedStep:
 
     def release(self) -> None:
         self.stack.release()
+
+
+class BatchedEpoch:
+    """The step strategy of K members (qrepro.engine.trainer.Cohort): one epoch is, per step, one batch from
+    each member's own loader, stacked and stepped as one :class:`BatchedStep`. The loss is read on the host every
+    ``log_every`` steps, as ``train_one_epoch`` reads it: a member whose loss is non-finite leaves the batch there
+    (its outcome is that ``NonFiniteLoss``) and the others go on, batched among themselves."""
+
+    def __init__(
+        self,
+        slots: Sequence[MemberSlot],
+        loaders: Sequence[Any],
+        loss_fn: Callable,
+        regularizer: Callable | None,
+        *,
+        autocast: Any = None,
+        compile_mode: str | None = None,
+        log_every: int = 50,
+        progress: bool = False,
+        epochs: int = 0,
+    ) -> None:
+        self.slots, self.loaders = list(slots), list(loaders)
+        self.args = (loss_fn, regularizer, autocast, compile_mode)
+        self.log_every, self.progress, self.epochs = log_every, progress, epochs
+        self.step: BatchedStep | None = None
+        self._build(self.slots)
+
+    def _build(self, slots: list[MemberSlot]) -> None:
+        self.release()
+        check_python_state([s.model for s in slots])
+        self.step = BatchedStep(slots, *self.args)
+
+    def release(self) -> None:
+        if self.step is not None:
+            self.step.release()
+            self.step = None
+
+    def epoch(self, epoch: int) -> list[dict[str, float] | NonFiniteLoss]:
+        """One epoch of every member; per member its ``train_one_epoch`` metrics or its ``NonFiniteLoss``."""
+        outs: list[Any] = [None] * len(self.slots)
+        live = list(range(len(self.slots)))  # members still in the batch (positions in self.slots)
+        if self.step is None or self.step.k != len(live):
+            self._build(self.slots)
+        iters = [iter(ld) for ld in self.loaders]
+        n_steps = len(self.loaders[0])
+        bar = None
+        if self.progress:
+            bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.epochs} x{len(live)}", leave=False,
+                       file=sys.stderr, mininterval=1.0, dynamic_ncols=True)  # fmt: skip
+        dev_loss = dev_correct = None
+        n_seen = 0
+        data_s = 0.0
+        t0 = time.perf_counter()
+        try:
+            for s in range(n_steps):
+                td = time.perf_counter()
+                batches = [next(it) for it in iters]
+                data_s += time.perf_counter() - td
+                xs = torch.stack([b[0] for b in batches])
+                ys = torch.stack([b[1] for b in batches])
+                losses, correct = self.step(xs, ys)
+                with torch.no_grad():
+                    bl = losses * ys.shape[1]
+                    dev_loss = bl if dev_loss is None else dev_loss + bl
+                    dev_correct = correct if dev_correct is None else dev_correct + correct
+                n_seen += ys.shape[1]
+                if (s + 1) % self.log_every == 0:  # as train_one_epoch: one host read, each member stops on its NaN
+                    vals = losses.tolist()
+                    bad = [j for j, v in enumerate(vals) if not math.isfinite(v)]
+                    if bad:
+                        self.release()
+                        for j in bad:
+                            sl = self.slots[live[j]]
+                            outs[live[j]] = NonFiniteLoss(
+                                f"loss is {vals[j]} at step {sl.ctx.step} (epoch {epoch + 1})"
+                            )
+                        keep = [j for j in range(len(live)) if j not in bad]
+                        live = [live[j] for j in keep]
+                        if not live:
+                            return outs
+                        self._build([self.slots[i] for i in live])
+                        iters = [iters[j] for j in keep]
+                        dev_loss, dev_correct = dev_loss[keep], dev_correct[keep]
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        dt = time.perf_counter() - t0
+        loss_v = (dev_loss.double() / n_seen).tolist()
+        acc_v = (dev_correct.double() * (100.0 / n_seen)).tolist()
+        for j, i in enumerate(live):
+            if not math.isfinite(loss_v[j]):
+                outs[i] = NonFiniteLoss(f"mean loss of epoch {epoch + 1} is {loss_v[j]}")
+                continue
+            outs[i] = {
+                "train_loss": loss_v[j],
+                "train_top1": acc_v[j],
+                "images": n_seen,
+                "seconds": dt,
+                "data_seconds": data_s,
+                "images_per_s": n_seen / max(dt, 1e-9),
+            }
+        return outs
+
+
+class MemberConsole(Console):
+    """The console line of one member, prefixed with its label (``[seed=3]``)."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(progress=False)
+        self.label = label
+
+    def on_epoch_end(self, t: Any, epoch: int, row: dict[str, Any]) -> None:
+        print(f"[{self.label}] ", end="")
+        super().on_epoch_end(t, epoch, row)
+
+
+def member_data(data: Any, seed: int) -> Any:
+    """``data`` with its training loader drawing the order and augmentation of ``seed`` (the images shared)."""
+    train = data.train
+    if not (hasattr(train, "seed") and hasattr(train, "set_epoch") and hasattr(train, "images")):
+        raise QreproError(
+            "trainer.members needs a dataset held on the device (digits, cifar10, cifar100); this one is streamed "
+            "by a DataLoader; run the seeds separately (trainer.members=1)"
+        )
+    tr = copy.copy(train)
+    tr.seed = int(seed)
+    tr.epoch = 0
+    out = copy.copy(data)
+    out.train = tr
+    return out
 
 
 # -------------------------------------------------------------------------------- run directories, seeds

@@ -1,9 +1,21 @@
 """``fit``: the epoch loop of train / evaluate; everything else a run does is a callback
-(qrepro/engine/callbacks.py: NaN guard, checkpoints, console, logger, record)."""
+(qrepro/engine/callbacks.py: NaN guard, checkpoints, console, logger, record).
+
+One loop trains K >= 1 trainers (``train_trainers``): K = 1 is a single run, whose epoch is
+``train_one_epoch`` (:class:`SingleStep`); K > 1 are batched members (``trainer.members=K``), whose epoch is one
+batched step over all of them (qrepro.engine.members.BatchedEpoch). The step strategy is the only difference:
+each trainer keeps its own ``setup``, ``begin_epoch``, ``end_epoch`` and ``finish`` (hooks, EMA, NaN guard,
+checkpoints, console, logger, record). Trainers that do not share an epoch (a batch killed between two members'
+checkpoint writes, or one member already complete) are trained in cohorts: the trainers at the lowest epoch run
+until they reach the next one, then the cohort grows. A trainer whose loss or weights become non-finite stops
+(a diverged record) and the others go on without it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +111,10 @@ def _main_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 class Trainer:
-    def __init__(self, f: Fit) -> None:
+    def __init__(self, f: Fit, *, label: str = "", rng: Any = None) -> None:
         self.f = f
+        self.label = label  # a member's name in the batch's console lines ("seed=3")
+        self.rng = rng if rng is not None else contextlib.nullcontext()  # a member's own RNG state (entered)
         self.state = FitState()
         self.callbacks = default_callbacks(f) if f.callbacks is None else list(f.callbacks)
         self.ctx: Context | None = None
@@ -218,26 +232,137 @@ class Trainer:
         self.state.best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": 0}
 
     def run(self) -> FitResult:
-        f, st = self.f, self.state
+        """A single run: ``setup``, the epoch loop (``train_trainers`` with K = 1), ``finish``."""
         self.setup()
         try:
-            if f.epochs == 0:
+            if self.f.epochs == 0:
                 self.evaluate_only()
-            for epoch in range(st.epoch, f.epochs):
-                t0 = self.begin_epoch(epoch)
-                tr = self.train_epoch(epoch)
-                self.end_epoch(epoch, tr, t0)
-            st.status = "complete"
-        except NonFiniteLoss as e:
-            self.diverge(e)
+            train_trainers([self], SingleStep, self.f.epochs)
         finally:
             if self.bar is not None:
                 self.bar.close()
         return self.finish()
 
 
+class SingleStep:
+    """The step strategy of one trainer: its epoch is ``train_one_epoch`` (``train_step`` per batch)."""
+
+    def __init__(self, trainers: Sequence[Trainer]) -> None:
+        (self.trainer,) = trainers
+
+    def epoch(self, epoch: int) -> list[dict[str, float] | NonFiniteLoss]:
+        try:
+            return [self.trainer.train_epoch(epoch)]
+        except NonFiniteLoss as e:
+            return [e]
+
+    def release(self) -> None:
+        return None
+
+
+class Cohort:
+    """Trainers at the same epoch and the step strategy that trains them (rebuilt when one leaves).
+
+    ``make_step(trainers)`` builds the strategy: an object whose ``epoch(epoch)`` trains one epoch of every
+    trainer and returns, per trainer, ``train_one_epoch``'s metrics or the ``NonFiniteLoss`` that stopped it, and
+    whose ``release()`` gives the trainers their tensors back. ``done(trainer)`` is called as soon as a trainer
+    stops (diverged here, or complete when the loop ends)."""
+
+    def __init__(self, trainers: Sequence[Trainer], make_step: Callable, done: Callable[[Trainer], None]) -> None:
+        self.trainers = list(trainers)
+        self.make_step, self.done = make_step, done
+        self.step: Any = None
+        self._build()
+
+    def _build(self) -> None:
+        self.release()
+        if self.trainers:
+            self.step = self.make_step(self.trainers)
+
+    def release(self) -> None:
+        if self.step is not None:
+            self.step.release()
+            self.step = None
+
+    def epoch(self, epoch: int) -> None:
+        """Train every trainer of the cohort (all at ``epoch``) for one epoch, then each one's epoch end."""
+        t0s = []
+        for t in self.trainers:
+            with t.rng:
+                t0s.append(t.begin_epoch(epoch))
+        outs = self.step.epoch(epoch)
+        gone = []
+        for i, (t, out) in enumerate(zip(self.trainers, outs)):
+            if not isinstance(out, NonFiniteLoss):
+                try:
+                    with t.rng:
+                        t.end_epoch(epoch, out, t0s[i])
+                    continue
+                except NonFiniteLoss as e:
+                    out = e
+            t.diverge(out)
+            self.done(t)
+            gone.append(i)
+        if gone:
+            self.trainers = [t for i, t in enumerate(self.trainers) if i not in gone]
+            self._build()
+
+
+def train_trainers(
+    trainers: Sequence[Trainer], make_step: Callable, epochs: int, done: Callable[[Trainer], None] | None = None
+) -> None:
+    """Train every trainer (each already ``setup``) to ``epochs``, in cohorts of trainers at the same epoch;
+    each ends ``complete`` or ``diverged``, and ``done(trainer)`` is called when it does."""
+    stopped: set[int] = set()
+
+    def stop(t: Trainer) -> None:
+        stopped.add(id(t))
+        if done is not None:
+            done(t)
+
+    for t in trainers:
+        if t.state.epoch >= epochs:  # resumed after its last epoch: only the record was missing
+            t.state.status = "complete"
+            stop(t)
+    active = [t for t in trainers if t.state.epoch < epochs]
+    while active:
+        low = min(t.state.epoch for t in active)
+        members = [t for t in active if t.state.epoch == low]
+        nxt = min([t.state.epoch for t in active if t.state.epoch > low] + [epochs])
+        if len(members) < len(active):
+            print(
+                f"members: {', '.join(t.label for t in members)} catch up from epoch {low} to {nxt} "
+                f"before the batch of {len(active)} continues",
+                flush=True,
+            )
+        cohort = Cohort(members, make_step, stop)
+        try:
+            for epoch in range(low, nxt):
+                cohort.epoch(epoch)
+                if not cohort.trainers:
+                    break
+        finally:
+            cohort.release()
+        if nxt >= epochs:
+            for t in cohort.trainers:
+                t.state.status = "complete"
+                stop(t)
+        active = [t for t in active if id(t) not in stopped]
+
+
 def fit(f: Fit) -> FitResult:
     return Trainer(f).run()
 
 
-__all__ = ["Fit", "FitResult", "FitState", "Trainer", "fit", "NaNGuard", "Checkpointer"]
+__all__ = [
+    "Cohort",
+    "Fit",
+    "FitResult",
+    "FitState",
+    "SingleStep",
+    "Trainer",
+    "fit",
+    "train_trainers",
+    "NaNGuard",
+    "Checkpointer",
+]
