@@ -76,7 +76,7 @@ def test_sweep_batches_seeds_and_refuses_chains():
     assert len(run) == 1 and "seed=0,3 trainer.members=3" in run[0] and "hydra.launcher.gpus_per_node=1" in run[0]
     tr = commands("sat_table4_cifar_resnet20", "torchrun", only=["resnet20_fp"], seeds=[0, 1], members=2)
     assert tr[-1].startswith("python -m qrepro.train +experiment=sat_cifar_resnet20_fp seed=0 trainer.members=2")
-    with pytest.raises(QreproError, match="run_table"):
+    with pytest.raises(QreproError, match="run qrepro-table run sat_table4_cifar_resnet20 --seeds 0,1,2"):
         commands("sat_table4_cifar_resnet20", seeds=[0, 1, 2], members=3)
     with pytest.raises(QreproError, match="groups of --members"):
         commands("sat_table4_cifar_resnet20", only=["resnet20_fp"], seeds=[0, 1, 2, 3], members=3)

@@ -49,7 +49,9 @@ def test_apot_parity_fails_when_qrepro_deviates():
     the gradients while the forward still matches."""
     from qrepro.parity.apot import suite
 
-    (rep,) = suite(REFERENCE, steps=1, bits=(3,), batch=8, data=CIFAR, overrides=["quantizer.w_grad=clipped"])
+    (rep,) = suite(
+        REFERENCE, steps=1, bits=(3,), batch=8, data=CIFAR, release=RELEASE, overrides=["quantizer.w_grad=clipped"]
+    )
     bad = {r.name.split(" (")[0] for r in rep.rows if not r.ok}
     assert not rep.ok, rep.render()
     assert "step 1: grad conv/fc" in bad, rep.render()
@@ -74,7 +76,7 @@ def test_apot_parity_catches_a_weight_gradient_that_depends_on_the_sign_of_alpha
         return out + (w - w.detach()) * (w.abs() > alpha).detach().to(w.dtype)
 
     monkeypatch.setattr(qa, "rcf_weight", earlier_rcf_weight)
-    (rep,) = suite(REFERENCE, steps=1, bits=(2,), batch=8, data=CIFAR)
+    (rep,) = suite(REFERENCE, steps=1, bits=(2,), batch=8, data=CIFAR, release=RELEASE)
     bad = {r.name.split(" (")[0] for r in rep.rows if not r.ok}
     assert "alpha_w < 0: grad conv/fc" in bad, rep.render()
     assert not any(n.startswith("step 1:") for n in bad), rep.render()

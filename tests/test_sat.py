@@ -412,7 +412,7 @@ def test_policy_switches() -> None:
         {"scheme": "bogus"},
         {"rescale": "some"},
         {"rescale_method": "l2"},
-        {"first_last": "fp"},
+        {"first_last": "none"},  # 8bit | same | fp (PACT as published) are the options
         {"signed_act": "maybe"},
         {"weight_clamp": False},
         {"nonsense": 1},

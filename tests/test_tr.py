@@ -635,6 +635,8 @@ def test_table_cells_match_their_recipe(path):
     ids = [c["id"] for c in table["cells"]]
     assert len(ids) == len(set(ids))
     for cell in table["cells"]:
+        if not cell["experiment"].startswith("tr_") or cell.get("why"):
+            continue  # the compared methods' rows (their own recipes) and paper-only rows (e.g. detection)
         cfg = _experiment_view(cell["experiment"], cell.get("overrides", []))
         assert cfg.name == cell["experiment"]
         assert (cfg.model.name, cfg.dataset.name) == (cell["model"], cell["dataset"])
