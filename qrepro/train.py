@@ -34,7 +34,7 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     semantic_overrides,
     setup_process,
 )
-from qrepro.chain import pop_plan, prepare
+from qrepro.chain import job_init, pop_plan, prepare
 from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors, save_hydra_files
 from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
 from qrepro.engine import dist as qdist
@@ -392,7 +392,11 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
 
 def _task(cfg: DictConfig) -> str:
     # a single run's config was validated by the launch's check; a multirun's jobs are validated one by one
-    result = train(cfg, validate=HydraConfig.get().mode == RunMode.MULTIRUN)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and (init := job_init(*hydra_context()[1:])):  # a chained cell: the source the launch trained
+        with open_dict(cfg):
+            cfg.init_from = init
+    result = train(cfg, validate=multirun)
     results = result if isinstance(result, list) else [result]  # batched members: one result per member
     if os.environ.get("RANK", "0") == "0":
         for r in results:
