@@ -116,7 +116,9 @@ def test_multirun_on_a_plain_experiment(out_root, capsys, monkeypatch):
 
 def test_multirun_on_a_chained_cell(out_root, capsys, monkeypatch):
     code, out = _main([CHAINED, *FAST, "-m", "seed=5"], out_root, capsys, monkeypatch)
-    assert code == 0 and "training it first" in out and "multirun: 1 finished" in out  # the FP source first
+    # the FP source (trained first, or the finished run of the plain sweep above) is where the job starts from
+    assert code == 0 and "chain: demo_digits_apot_w4a4 starts from demo_digits_fp" in out
+    assert "multirun: 1 finished" in out
     rec = _record(out_root / "demo_digits_apot_w4a4" / "model.width=2,seed=5,trainer.epochs=1" / "record.json")
     assert rec["init_from_sha256"] and rec["init_from"].endswith(
         "demo_digits_fp/model.width=2,seed=5,trainer.epochs=1/checkpoints/last.pt"
