@@ -19,11 +19,10 @@ sources its jobs need there, each once, before the first job starts; each job th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from qrepro.cli import split_argv
-from qrepro.config import compose, quote_path_overrides, run_subdir
+from qrepro.config import beside_hydra, compose, quote_path_overrides, run_subdir
 from qrepro.engine.record import read_record
 from qrepro.engine.rundir import file_sha256
 from qrepro.errors import QreproError
@@ -95,7 +94,8 @@ def _step(experiment: str, overrides: list[str], cfg: DictConfig | None = None) 
     """The run of ``experiment`` with ``overrides`` (``cfg``: its config, when the caller composed it already)."""
     cfg = cfg if cfg is not None else compose([f"+experiment={experiment}", *overrides])
     asked = [o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"]  # the user's directory
-    run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / run_subdir(overrides)
+    sub = run_subdir([f"+experiment={experiment}", *overrides])
+    run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / sub
     rec = read_record(run_dir / "record.json")
     return Step(experiment, list(overrides), run_dir, bool(rec and rec.get("complete") is True), rec), cfg
 
@@ -286,27 +286,12 @@ def _refuse(cmd: list[str]) -> object:
     )
 
 
-@contextlib.contextmanager
-def _beside_hydra() -> Iterator[None]:
-    """Compose configs inside a running Hydra job (its GlobalHydra refuses a second initialisation; the job's
-    HydraConfig is not touched by composing)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.singleton import Singleton
-
-    saved = Singleton._instances.pop(GlobalHydra, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            Singleton._instances[GlobalHydra] = saved
-
-
 def job_init(experiment: str | None, overrides: Sequence[str]) -> str | None:
     """The checkpoint a multirun job of a chained cell starts from: its source's finished run, trained by the
     launch (:func:`prepare_sweep`); None when the cell starts from nothing or ``init_from`` is given. A job never
     trains a source (concurrent jobs would race on it): an unfinished one is an error."""
     if experiment is None or explicit_init(overrides):
         return None
-    with _beside_hydra():
+    with beside_hydra():
         chain = resolve(experiment, overrides)
     return run_sources(chain, runner=_refuse) if len(chain) > 1 else None

@@ -15,10 +15,12 @@ logging, run control). Three things derive from it:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +118,58 @@ def canonical_override(o: Any) -> str:
     return f"{key}={canonical_value(o.value())}"
 
 
+@contextlib.contextmanager
+def beside_hydra() -> Iterator[None]:
+    """Compose configs inside a running Hydra job (its GlobalHydra refuses a second initialisation; composing does
+    not touch the job's HydraConfig)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
+
+    saved = Singleton._instances.pop(GlobalHydra, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            Singleton._instances[GlobalHydra] = saved
+
+
+@functools.lru_cache(maxsize=256)
+def _without_defaults(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    def config(ovr: Sequence[str]) -> Any:
+        with beside_hydra():
+            return OmegaConf.to_container(compose(ovr), resolve=False)
+
+    try:
+        want, keep = config(overrides), list(overrides)
+        for o in sorted(o for o in overrides if _names_run(o)):
+            rest = [x for x in keep if x != o]
+            if config(rest) == want:  # the experiment says the same without it
+                keep = rest
+        return tuple(keep)
+    except Exception:  # noqa: BLE001  (a command line that does not compose is refused by the launch's check)
+        return overrides
+
+
+def _names_run(override: str) -> bool:
+    return key_of(override) not in set(NON_SEMANTIC_KEYS) and not key_of(override).startswith("hydra")
+
+
+def without_defaults(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` without those that change nothing: an override whose value is what the experiment (with the
+    other overrides) has anyway, such as ``precision=w4a4`` on a W4A4 cell. Needs the ``+experiment=`` among
+    them (without it, or when they do not compose, they are returned as they are)."""
+    if not any(key_of(o) == "experiment" for o in overrides):
+        return list(overrides)
+    return list(_without_defaults(tuple(overrides)))
+
+
 def run_subdir(overrides: Sequence[str]) -> str:
     """The run directory name of these overrides: sorted ``key=value`` items without the non-semantic keys and
     Hydra's own settings, joined by commas, each value in one spelling (:func:`canonical_value`: a run is named
-    by what it computes, not by how the command line spelt it); made path-safe by :func:`run_subdir_name`.
+    by what it computes, not by how the command line spelt it), without the overrides that repeat the
+    experiment's own values (:func:`without_defaults`); made path-safe by :func:`run_subdir_name`.
     configs/train.yaml names Hydra's run and sweep directories with it (the ``run_subdir`` resolver)."""
-    excluded = set(NON_SEMANTIC_KEYS)  # dropped before parsing: paths may hold '=' or ','
-    keep = [o for o in overrides if key_of(o) not in excluded and not key_of(o).startswith("hydra")]
+    keep = [o for o in without_defaults(overrides) if _names_run(o)]  # before parsing: paths may hold '=' or ','
     parsed = OverridesParser.create().parse_overrides(keep)
     return run_subdir_name(",".join(sorted(canonical_override(o) for o in parsed)))
 

@@ -121,8 +121,9 @@ def test_bit_width_sweep_over_a_chained_cell_runs_end_to_end(tmp_path):
     assert out.count("training it first") == 1 and out.count("record: ") == 3
     assert "multirun: 2 finished, 0 skipped, 0 failed" in out
     sha = file_sha256(fp_dir / "checkpoints" / "last.pt")
-    for bits in ("w2a2", "w4a4"):
-        q = tmp_path / "runs" / "demo_digits_apot_w4a4" / f"model.width=4,precision={bits},{name.split(',', 1)[1]}"
+    w2a2 = f"model.width=4,precision=w2a2,{name.split(',', 1)[1]}"
+    for bits, sub in (("w2a2", w2a2), ("w4a4", name)):  # precision=w4a4 is the cell's own: not in the name
+        q = tmp_path / "runs" / "demo_digits_apot_w4a4" / sub
         rec = json.loads((q / "record.json").read_text())
         assert rec["complete"] and rec["precision"] == bits and rec["init_from_sha256"] == sha
     again = _train(args, tmp_path)  # relaunched: the source is reused, the jobs are skipped

@@ -43,3 +43,16 @@ def test_a_multirun_job_finds_the_single_run_of_the_same_meaning(tmp_path):
     assert "multirun: 0 finished, 1 skipped, 0 failed" in sweep
     assert json.loads(open(record).read())["complete"]
     assert len(list(tmp_path.glob("demo_digits_fp/*/record.json"))) == 1
+
+
+def test_an_explicit_default_is_the_run_without_it():
+    from qrepro.config import without_defaults
+
+    cell = ["+experiment=demo_digits_apot_w4a4"]
+    assert run_subdir([*cell, "precision=w4a4", "quantizer=apot"]) == run_subdir(cell) == "default"
+    assert run_subdir([*cell, "precision=w4a4", "seed=3"]) == run_subdir([*cell, "seed=3"]) == "seed=3"
+    assert run_subdir([*cell, "precision=w2a2"]) == "precision=w2a2"  # not the cell's value: kept
+    # kept when it changes something given the other overrides (w4a4's bits differ from w2a2's)
+    over = [*cell, "precision=w2a2", "precision.w_bits=4"]
+    assert without_defaults(over) == over
+    assert without_defaults(["seed=0"]) == ["seed=0"]  # no experiment: nothing to compare with
