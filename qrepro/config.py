@@ -158,7 +158,7 @@ def without_defaults(overrides: Sequence[str]) -> list[str]:
     """``overrides`` without those that change nothing: an override whose value is what the experiment (with the
     other overrides) has anyway, such as ``precision=w4a4`` on a W4A4 cell. Needs the ``+experiment=`` among
     them (without it, or when they do not compose, they are returned as they are)."""
-    if not any(key_of(o) == "experiment" for o in overrides):
+    if not any(key_of(o) == "experiment" for o in overrides) or not any(_names_run(o) for o in overrides):
         return list(overrides)
     return list(_without_defaults(tuple(overrides)))
 
