@@ -12,6 +12,9 @@ bit-width of a progressive chain); one that starts from an external checkpoint s
 The overrides of the command line carry over to the source runs, except those that define the cell itself
 (``precision``, ``quantizer``, ``name``, ``init_from``): ``seed=1 trainer.epochs=3 dataset.root=...`` apply to
 the whole chain. ``+plan=true`` prints the chain, its run directories and commands without training.
+
+A multirun (``-m ... precision=w2a2,w3a3``) resolves each job's chain in the launching process and trains the
+sources its jobs need there, each once, before the first job starts; each job then starts from its own source.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from qrepro.cli import split_argv
-from qrepro.config import compose, run_subdir
+from qrepro.config import beside_hydra, compose, quote_path_overrides, run_subdir
 from qrepro.engine.record import read_record
 from qrepro.engine.rundir import file_sha256
 from qrepro.errors import QreproError
@@ -90,7 +94,8 @@ def _step(experiment: str, overrides: list[str], cfg: DictConfig | None = None) 
     """The run of ``experiment`` with ``overrides`` (``cfg``: its config, when the caller composed it already)."""
     cfg = cfg if cfg is not None else compose([f"+experiment={experiment}", *overrides])
     asked = [o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"]  # the user's directory
-    run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / run_subdir(overrides)
+    sub = run_subdir([f"+experiment={experiment}", *overrides])
+    run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / sub
     rec = read_record(run_dir / "record.json")
     return Step(experiment, list(overrides), run_dir, bool(rec and rec.get("complete") is True), rec), cfg
 
@@ -206,18 +211,14 @@ def prepare(
         return argv
     overrides = split_argv(argv)[1]
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
-    if multirun or explicit_init(overrides):
-        if multirun and not explicit_init(overrides):
-            chain = resolve(experiment, [])
-            if len(chain) > 1:
-                raise QreproError(
-                    f"{experiment} starts from {chain[-2].experiment}: a multirun needs init_from=<path> (or "
-                    "init_from=null to train from scratch); `qrepro-table sweep` runs whole chains"
-                )
+    if explicit_init(overrides):
         if plan:
-            out("\n".join(describe(resolve(experiment, overrides))))
+            for job in sweep_jobs(overrides) if multirun else [overrides]:
+                out("\n".join(describe(resolve(experiment, job))))
             return None
         return argv
+    if multirun:
+        return prepare_sweep(argv, experiment, overrides, out=out, runner=runner, plan=plan)
     chain = resolve(experiment, overrides, cfg)
     if plan:
         out("\n".join(describe(chain)))
@@ -233,3 +234,64 @@ def prepare(
     init = run_sources(chain, out=out, runner=runner)
     out(f"chain: {experiment} starts from {init}")
     return [*argv, f"init_from={hydra_quote(init)}"]
+
+
+def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
+    """The override lists of a multirun's jobs, in Hydra's order (``seed=0,1 precision=w2a2,w4a4``: four)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the sweeper the multirun uses
+
+    parsed = OverridesParser.create().parse_overrides(quote_path_overrides(list(overrides), multirun=True))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def prepare_sweep(
+    argv: Sequence[str],
+    experiment: str,
+    overrides: Sequence[str],
+    *,
+    out: Callable[[str], None] = print,
+    runner: Runner | None = None,
+    plan: bool = False,
+) -> list[str] | None:
+    """A multirun over a chained cell: every job's chain is resolved here, in the launching process, and the
+    sources the jobs need are trained here, each once and in order, before any job starts (jobs may run
+    concurrently; a source shared by several jobs is never trained twice). Each job then starts from its own
+    source's finished run (:func:`job_init`). Returns ``argv`` unchanged, or None after a plan preview."""
+    jobs = sweep_jobs(overrides)
+    chains = [resolve(experiment, job) for job in jobs]
+    if plan:
+        for chain in chains:
+            out("\n".join(describe(chain)))
+        return None
+    done: set[Path] = set()
+    for job, chain in zip(jobs, chains):
+        if len(chain) == 1:
+            continue
+        if int(compose(job).trainer.get("members") or 1) > 1:
+            raise QreproError(
+                f"{experiment} starts from {chain[-2].experiment}: trainer.members>1 needs init_from=<path> (or "
+                "init_from=null); `qrepro-table sweep` runs whole chains"
+            )
+        if all(s.run_dir in done for s in chain[:-1]):
+            continue
+        chain = resolve(experiment, job)  # again: an earlier job may have trained a source it shares
+        done.update(s.run_dir for s in chain[:-1])
+        run_sources(chain, out=out, runner=runner)
+    return list(argv)
+
+
+def _refuse(cmd: list[str]) -> object:
+    raise QreproError(
+        f"a source run is not finished; the launch trains sources before its jobs start: {shlex.join(cmd)}"
+    )
+
+
+def job_init(experiment: str | None, overrides: Sequence[str]) -> str | None:
+    """The checkpoint a multirun job of a chained cell starts from: its source's finished run, trained by the
+    launch (:func:`prepare_sweep`); None when the cell starts from nothing or ``init_from`` is given. A job never
+    trains a source (concurrent jobs would race on it): an unfinished one is an error."""
+    if experiment is None or explicit_init(overrides):
+        return None
+    with beside_hydra():
+        chain = resolve(experiment, overrides)
+    return run_sources(chain, runner=_refuse) if len(chain) > 1 else None

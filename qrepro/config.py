@@ -7,21 +7,24 @@ blocks below it take plain arguments.
 ``NON_SEMANTIC_KEYS`` is the one list of config keys that never change what a run computes (paths, devices,
 logging, run control). Three things derive from it:
 
-* the run directory's name (``hydra.job.config.override_dirname.exclude_keys`` in configs/train.yaml reads it
-  through the ``qrepro_exclude_keys`` resolver, and :func:`run_subdir` names directories the same way);
+* the run directory's name (:func:`run_subdir`, which configs/train.yaml names Hydra's directories with through
+  the ``run_subdir`` resolver; values in one spelling: ``1e-2`` and ``0.01``, ``True`` and ``true`` are one run);
 * the overrides a record stores (:func:`semantic_overrides`), which table cells are matched against;
 * a run's identity (passed to ``qrepro.engine.rundir.identity``, which drops these keys before hashing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -88,14 +91,95 @@ def run_subdir_name(s: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9=,._+\-]", "_", s.replace("/", "_"))[:200]
 
 
+def canonical_value(v: Any) -> str:
+    """A parsed override value written one way: ``1e-2`` and ``0.01`` as ``0.01``, ``True`` and ``true`` as
+    ``true``, ``'abc'`` and ``abc`` as ``abc`` (a string that would read as another type stays quoted)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{canonical_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(canonical_value(x) for x in v) + "]"
+    s = str(v)
+    plain_str = re.fullmatch(r"[A-Za-z_./@\-][\w./@\-]*", s) and isinstance(yaml.safe_load(s), str)
+    return s if plain_str else "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def canonical_override(o: Any) -> str:
+    """A parsed override as ``key=value`` with its value in :func:`canonical_value`'s spelling (the key keeps
+    its ``+``/``~`` prefix)."""
+    key = o.input_line.split("=", 1)[0]
+    if o.is_sweep_override() or "=" not in o.input_line:
+        return o.input_line
+    return f"{key}={canonical_value(o.value())}"
+
+
+@contextlib.contextmanager
+def beside_hydra() -> Iterator[None]:
+    """Compose configs inside a running Hydra job (its GlobalHydra refuses a second initialisation; composing does
+    not touch the job's HydraConfig)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
+
+    saved = Singleton._instances.pop(GlobalHydra, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            Singleton._instances[GlobalHydra] = saved
+
+
+@functools.lru_cache(maxsize=256)
+def _without_defaults(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    def config(ovr: Sequence[str]) -> Any:
+        with beside_hydra():
+            return OmegaConf.to_container(compose(ovr), resolve=False)
+
+    try:
+        want, keep = config(overrides), list(overrides)
+        for o in sorted(o for o in overrides if _names_run(o)):
+            rest = [x for x in keep if x != o]
+            if config(rest) == want:  # the experiment says the same without it
+                keep = rest
+        return tuple(keep)
+    except Exception:  # noqa: BLE001  (a command line that does not compose is refused by the launch's check)
+        return overrides
+
+
+def _names_run(override: str) -> bool:
+    return key_of(override) not in set(NON_SEMANTIC_KEYS) and not key_of(override).startswith("hydra")
+
+
+def without_defaults(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` without those that change nothing: an override whose value is what the experiment (with the
+    other overrides) has anyway, such as ``precision=w4a4`` on a W4A4 cell. Needs the ``+experiment=`` among
+    them (without it, or when they do not compose, they are returned as they are)."""
+    if not any(key_of(o) == "experiment" for o in overrides) or not any(_names_run(o) for o in overrides):
+        return list(overrides)
+    return list(_without_defaults(tuple(overrides)))
+
+
 def run_subdir(overrides: Sequence[str]) -> str:
-    """The run directory name Hydra gives these overrides (``hydra.job.override_dirname``: sorted ``key=value``
-    items without the non-semantic keys and Hydra's own settings, joined by commas; made path-safe by
-    :func:`run_subdir_name`)."""
-    excluded = set(NON_SEMANTIC_KEYS)  # dropped before parsing: paths may hold '=' or ','
-    keep = [o for o in overrides if key_of(o) not in excluded and not key_of(o).startswith("hydra")]
+    """The run directory name of these overrides: sorted ``key=value`` items without the non-semantic keys and
+    Hydra's own settings, joined by commas, each value in one spelling (:func:`canonical_value`: a run is named
+    by what it computes, not by how the command line spelt it), without the overrides that repeat the
+    experiment's own values (:func:`without_defaults`); made path-safe by :func:`run_subdir_name`.
+    configs/train.yaml names Hydra's run and sweep directories with it (the ``run_subdir`` resolver)."""
+    keep = [o for o in without_defaults(overrides) if _names_run(o)]  # before parsing: paths may hold '=' or ','
     parsed = OverridesParser.create().parse_overrides(keep)
-    return run_subdir_name(",".join(sorted(o.input_line for o in parsed)))
+    return run_subdir_name(",".join(sorted(canonical_override(o) for o in parsed)))
+
+
+def _run_subdir_resolver(overrides: Any) -> str:
+    """``${run_subdir:${hydra:overrides.task}}``: the run directory name of the task's overrides (a string is
+    taken as an ``override_dirname`` already made)."""
+    if isinstance(overrides, str):
+        return run_subdir_name(overrides)
+    return run_subdir([str(o) for o in overrides])
 
 
 def semantic_overrides(overrides: Sequence[str]) -> list[str]:
@@ -120,7 +204,7 @@ def hydra_context() -> tuple[Path | None, str | None, list[str]]:
 # ---------------------------------------------------------------------------------------------- composing
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_subdir"):
-        OmegaConf.register_new_resolver("run_subdir", run_subdir_name)
+        OmegaConf.register_new_resolver("run_subdir", _run_subdir_resolver)
     if not OmegaConf.has_resolver("qrepro_exclude_keys"):
         OmegaConf.register_new_resolver("qrepro_exclude_keys", lambda: list(NON_SEMANTIC_KEYS))
     quiet_launcher_schema_matching()

@@ -168,7 +168,7 @@ def expected_run_dir(job: Job, configs: str | Path) -> Path | None:
     if "$" in out_root or "$" in name:
         return None
     try:
-        sub = run_subdir(job.overrides)
+        sub = run_subdir([f"+experiment={job.cell.experiment}", *job.overrides])  # names it as the trainer does
     except Exception:  # an override Hydra's grammar refuses: the run itself will say so
         return None
     return Path(out_root, name, *(["ptq"] if job.module == "qrepro.ptq" else []), sub)

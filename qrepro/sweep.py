@@ -93,7 +93,8 @@ def init_path(cell: dict, by_id: dict[str, dict]) -> str | None:
     if not src:
         return None
     s = by_id[src]
-    path = f"${{out_root}}/{_experiment_name(s['experiment'])}/{run_subdir(s.get('overrides') or [])}"
+    sub = run_subdir([f"+experiment={s['experiment']}", *(s.get("overrides") or [])])  # named as the trainer does
+    path = f"${{out_root}}/{_experiment_name(s['experiment'])}/{sub}"
     return f'"{path}/checkpoints/last.pt"'  # quoted for Hydra: run directory names contain '=' and ','
 
 

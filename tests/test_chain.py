@@ -92,11 +92,42 @@ def test_external_source_must_be_given():
     assert len(resolve("tr_resnet18_imagenet_w2a2_sgdt", ["init_from=null"])) == 1
 
 
-def test_multirun_of_a_chained_cell_is_refused_without_init_from():
-    with pytest.raises(QreproError, match="multirun needs init_from"):
-        prepare(["-m", "+experiment=demo_digits_sat_w4a4", "seed=0,1"])
+def test_multirun_of_a_chained_cell_trains_each_shared_source_once_before_its_jobs(tmp_path):
+    trained = []
+
+    def runner(cmd):
+        trained.append(next(a for a in cmd if a.startswith("+experiment=")) + " " + " ".join(sorted(cmd[4:])))
+        rec = tmp_path / f"src{len(trained)}" / "record.json"
+        return type("R", (), {"returncode": 0, "record": str(rec)})()
+
+    base = ["-m", "+experiment=demo_digits_sat_w4a4", f"out_root={tmp_path}", *FAST]
+    argv = [*base, "precision=w2a2,w3a3,w4a4"]  # one source (precision is the cell's own) for three jobs
+    assert prepare(argv, runner=runner, out=lambda s: None) == argv
+    assert len(trained) == 1 and trained[0].startswith("+experiment=demo_digits_fp")
+    trained.clear()
+    prepare([*base, "precision=w2a2,w4a4", "seed=0,1"], runner=runner, out=lambda s: None)
+    assert len(trained) == 2 and "seed=0" in trained[0] and "seed=1" in trained[1]  # one source per seed
     argv = ["-m", "+experiment=demo_digits_sat_w4a4", "seed=0,1", "init_from=null"]
-    assert prepare(argv) == argv
+    assert prepare(argv, runner=lambda cmd: pytest.fail("no source run expected")) == argv
+
+
+def test_bit_width_sweep_over_a_chained_cell_runs_end_to_end(tmp_path):
+    from qrepro.engine.rundir import file_sha256
+
+    args = ["-m", "+experiment=demo_digits_apot_w4a4", "precision=w2a2,w4a4", *FAST, f"out_root={tmp_path / 'runs'}"]
+    out = _train(args, tmp_path)
+    name = "model.width=4,trainer.batch_size=256,trainer.epochs=1"
+    fp_dir = tmp_path / "runs" / "demo_digits_fp" / name
+    assert out.count("training it first") == 1 and out.count("record: ") == 3
+    assert "multirun: 2 finished, 0 skipped, 0 failed" in out
+    sha = file_sha256(fp_dir / "checkpoints" / "last.pt")
+    w2a2 = f"model.width=4,precision=w2a2,{name.split(',', 1)[1]}"
+    for bits, sub in (("w2a2", w2a2), ("w4a4", name)):  # precision=w4a4 is the cell's own: not in the name
+        q = tmp_path / "runs" / "demo_digits_apot_w4a4" / sub
+        rec = json.loads((q / "record.json").read_text())
+        assert rec["complete"] and rec["precision"] == bits and rec["init_from_sha256"] == sha
+    again = _train(args, tmp_path)  # relaunched: the source is reused, the jobs are skipped
+    assert "training it first" not in again and "multirun: 0 finished, 2 skipped, 0 failed" in again
 
 
 def test_plan_flag_parsing():

@@ -115,11 +115,18 @@ def test_multirun_on_a_plain_experiment(out_root, capsys, monkeypatch):
 
 
 def test_multirun_on_a_chained_cell(out_root, capsys, monkeypatch):
-    code, _ = _main([CHAINED, *FAST, "-m", "seed=5"], out_root, capsys, monkeypatch)
-    assert code == 2  # a sweep needs init_from: `qrepro-table sweep` runs whole chains
-    code, out = _main([CHAINED, *FAST, "-m", "seed=5", "init_from=null"], out_root, capsys, monkeypatch)
-    assert code == 0 and "multirun: 1 finished" in out
-    assert _record(out_root / "demo_digits_apot_w4a4" / "model.width=2,seed=5,trainer.epochs=1" / "record.json")
+    code, out = _main([CHAINED, *FAST, "-m", "seed=5"], out_root, capsys, monkeypatch)
+    # the FP source (trained first, or the finished run of the plain sweep above) is where the job starts from
+    assert code == 0 and "chain: demo_digits_apot_w4a4 starts from demo_digits_fp" in out
+    assert "multirun: 1 finished" in out
+    rec = _record(out_root / "demo_digits_apot_w4a4" / "model.width=2,seed=5,trainer.epochs=1" / "record.json")
+    assert rec["init_from_sha256"] and rec["init_from"].endswith(
+        "demo_digits_fp/model.width=2,seed=5,trainer.epochs=1/checkpoints/last.pt"
+    )
+    code, out = _main([CHAINED, *FAST, "-m", "seed=6", "init_from=null"], out_root, capsys, monkeypatch)
+    assert code == 0 and "multirun: 1 finished" in out and "training it first" not in out
+    rec = _record(out_root / "demo_digits_apot_w4a4" / "model.width=2,seed=6,trainer.epochs=1" / "record.json")
+    assert rec["init_from_sha256"] is None
 
 
 def test_run_dir_on_a_plain_experiment(out_root, capsys, monkeypatch):

@@ -195,10 +195,12 @@ def _train(overrides, out_root):
     return train(cfg, run_dir=Path(out_root) / cfg.name / override_dirname(ov), overrides=ov)
 
 
+def _name(seed):  # seed=0 is the experiment's own: not part of the run's name
+    return f"model.width=4,seed={seed},trainer.epochs=2" if seed else "model.width=4,trainer.epochs=2"
+
+
 def _rec(out_root, seed):
-    return json.loads(
-        (Path(out_root) / "demo_digits_fp" / f"model.width=4,seed={seed},trainer.epochs=2" / "record.json").read_text()
-    )
+    return json.loads((Path(out_root) / "demo_digits_fp" / _name(seed) / "record.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +213,7 @@ def test_digits_multirun_batched_equals_separate(tmp_path, float64_trainer, sepa
         _train([f"seed={s}"], separate_dir)
     out = capsys.readouterr().out
     results = _train(["seed=0", "trainer.members=3"], tmp_path)
-    assert [r.record_path.parent.name for r in results] == [
-        f"model.width=4,seed={s},trainer.epochs=2" for s in range(3)
-    ]
+    assert [r.record_path.parent.name for r in results] == [_name(s) for s in range(3)]
     for s in range(3):
         a, b = _rec(tmp_path, s), _rec(separate_dir, s)
         assert a["complete"] and a["status"] == "complete"

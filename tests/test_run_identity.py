@@ -1,0 +1,58 @@
+"""A run is named by what it computes, not by how the command line spelt it: values are normalised before they
+name the run directory, the same for single runs and multiruns."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from qrepro.config import run_subdir
+
+FAST = ["trainer.epochs=1", "trainer.batch_size=256", "model.width=2", "logger=none", "trainer.progress=false"]
+
+
+def test_values_are_named_in_one_spelling():
+    assert run_subdir(["optimizer.lr=1e-2"]) == run_subdir(["optimizer.lr=0.01"]) == "optimizer.lr=0.01"
+    assert run_subdir(["trainer.deterministic=True"]) == run_subdir(["trainer.deterministic=true"])
+    assert run_subdir(["trainer.deterministic=True"]) == "trainer.deterministic=true"
+    assert run_subdir(["model=small_cnn"]) == run_subdir(["model='small_cnn'"]) == "model=small_cnn"
+    assert run_subdir(["a=[1e-2, true]"]) == run_subdir(["a=[0.01,True]"])
+    # different meanings stay apart: a string that reads as another type, another number
+    assert run_subdir(["a='true'"]) != run_subdir(["a=true"])
+    assert run_subdir(["a=1"]) != run_subdir(["a=1.0"]) and run_subdir(["a=0.01"]) != run_subdir(["a=0.02"])
+
+
+def _train(args, cwd):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qrepro.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_a_multirun_job_finds_the_single_run_of_the_same_meaning(tmp_path):
+    base = ["+experiment=demo_digits_fp", *FAST, f"out_root={tmp_path}"]
+    single = _train([*base, "optimizer.lr=1e-2", "trainer.deterministic=true"], tmp_path)
+    record = single.strip().splitlines()[-1].split("record: ", 1)[1]
+    assert "optimizer.lr=0.01" in record and "trainer.deterministic=true" in record
+    sweep = _train(["-m", *base, "optimizer.lr=0.01", "trainer.deterministic=True"], tmp_path)
+    assert f"skip: {os.path.dirname(record)} already has a complete record" in sweep
+    assert "multirun: 0 finished, 1 skipped, 0 failed" in sweep
+    assert json.loads(open(record).read())["complete"]
+    assert len(list(tmp_path.glob("demo_digits_fp/*/record.json"))) == 1
+
+
+def test_an_explicit_default_is_the_run_without_it():
+    from qrepro.config import without_defaults
+
+    cell = ["+experiment=demo_digits_apot_w4a4"]
+    assert run_subdir([*cell, "precision=w4a4", "quantizer=apot"]) == run_subdir(cell) == "default"
+    assert run_subdir([*cell, "precision=w4a4", "seed=3"]) == run_subdir([*cell, "seed=3"]) == "seed=3"
+    assert run_subdir([*cell, "precision=w2a2"]) == "precision=w2a2"  # not the cell's value: kept
+    # kept when it changes something given the other overrides (w4a4's bits differ from w2a2's)
+    over = [*cell, "precision=w2a2", "precision.w_bits=4"]
+    assert without_defaults(over) == over
+    assert without_defaults(["seed=0"]) == ["seed=0"]  # no experiment: nothing to compare with
