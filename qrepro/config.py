@@ -197,8 +197,11 @@ def hydra_context() -> tuple[Path | None, str | None, list[str]]:
     if not HydraConfig.initialized():
         return None, None, []
     hc = HydraConfig.get()
+    out = OmegaConf.select(hc, "runtime.output_dir")  # None: Hydra's config set by a compose, not by a running job
+    if out is None:
+        return None, None, []
     exp = hc.runtime.choices.get("experiment")
-    return Path(hc.runtime.output_dir), exp, list(hc.overrides.task)
+    return Path(out), exp, list(hc.overrides.task)
 
 
 # ---------------------------------------------------------------------------------------------- composing
