@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports --no-logo
-	WANDB_MODE=disabled OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest
+	WANDB_MODE=disabled OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -n $${QREPRO_TEST_WORKERS:-2}  # tests are single-threaded: one worker per core
 
 tables: $(STAMP)
 	$(BIN)/python -m qrepro.tables --all
