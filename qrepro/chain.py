@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the sweeper a multirun uses (split_arguments)
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
@@ -238,8 +239,6 @@ def prepare(
 
 def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
     """The override lists of a multirun's jobs, in Hydra's order (``seed=0,1 precision=w2a2,w4a4``: four)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the sweeper the multirun uses
-
     parsed = OverridesParser.create().parse_overrides(quote_path_overrides(list(overrides), multirun=True))
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 

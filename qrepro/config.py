@@ -27,8 +27,10 @@ from typing import Any
 import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.singleton import Singleton
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from qrepro.errors import QreproError
@@ -122,9 +124,6 @@ def canonical_override(o: Any) -> str:
 def beside_hydra() -> Iterator[None]:
     """Compose configs inside a running Hydra job (its GlobalHydra refuses a second initialisation; composing does
     not touch the job's HydraConfig)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.singleton import Singleton
-
     saved = Singleton._instances.pop(GlobalHydra, None)
     try:
         yield
