@@ -6,7 +6,7 @@ The layers keep the FP parameter names (``weight``, ``bias``) so an FP checkpoin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,3 +101,29 @@ def is_quantizer_param(qualified_name: str) -> bool:
     """True for parameters/buffers owned by a quantizer sub-module (``...wq.*`` / ``...aq.*``)."""
     parts = qualified_name.split(".")
     return "wq" in parts[:-1] or "aq" in parts[:-1]
+
+
+@torch.no_grad()
+def calibration_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    layers: Sequence[nn.Module],
+    pre_hook: Callable[[nn.Module, tuple[torch.Tensor, ...]], None],
+    restore: Callable[[str], bool] = lambda name: True,
+) -> None:
+    """One training-mode forward of ``x`` with ``pre_hook`` on each of ``layers`` (data-dependent initialisation
+    of quantizers from the inputs they see, in order), then the model's mode and every buffer whose name passes
+    ``restore`` (e.g. BatchNorm statistics, not the quantizers' own state) are put back."""
+    saved = {k: v.clone() for k, v in model.named_buffers() if restore(k)}
+    was_training = model.training
+    handles = [layer.register_forward_pre_hook(pre_hook) for layer in layers]
+    try:
+        model.train()
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        bufs = dict(model.named_buffers())
+        for k, v in saved.items():
+            bufs[k].copy_(v)

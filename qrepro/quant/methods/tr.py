@@ -21,7 +21,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import tr as F
-from qrepro.quant.layers import quantized_layers
+from qrepro.quant.layers import calibration_forward, quantized_layers
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
 from qrepro.quant.transitions import TRMonitor
 
@@ -120,20 +120,7 @@ def calibrate_scales(model: nn.Module, x: torch.Tensor | None) -> int:
         if not bool(mod.aq.initialized):
             mod.aq.init_scale(args[0])
 
-    saved = {k: v.clone() for k, v in model.named_buffers()}
-    was_training = model.training
-    handles = [layer.register_forward_pre_hook(pre_hook) for layer in todo]
-    try:
-        model.train()
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        bufs = dict(model.named_buffers())
-        for k, v in saved.items():
-            if not k.endswith("initialized"):
-                bufs[k].copy_(v)
+    calibration_forward(model, x, todo, pre_hook, restore=lambda k: not k.endswith("initialized"))
     return n + len(todo)
 
 
