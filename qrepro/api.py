@@ -10,7 +10,8 @@ loss = run.step(x, y)   # one training step exactly as the trainer takes it
 
 ``run.step`` is the trainer's own step (``qrepro.engine.loop.train_step``): forward, loss and the method's
 regularizer, backward, the optimizer step (with the closure of two-pass optimizers such as ASAM), the
-optimizer's and method's hooks (e.g. TR transition counting), the LR schedule and EMA. The first call first
+optimizer's and method's hooks (e.g. TR transition counting), the LR schedule and EMA, over
+``trainer.accumulate`` micro-batches when the config sets it. The first call first
 runs the hooks' ``on_train_start`` on that batch, as the trainer does on its first batch (data-dependent
 initialisation such as TR's scale calibration). The parity harness (``python -m qrepro.parity``) and notebooks
 use this; its shape is stable.
@@ -99,6 +100,7 @@ class Run:
             ctx=self.ctx,
             hooks=self.hooks,
             ema=self.ema,
+            accumulate=int(self.cfg.trainer.get("accumulate") or 1),
         )
         return loss
 

@@ -26,7 +26,7 @@ from qrepro.builders import (
     setup_process,
 )
 from qrepro.cli import save_hydra_files
-from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
+from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS, key_of, run_subdir
 from qrepro.engine import dist as qdist
 from qrepro.engine import fast
 from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
@@ -179,8 +179,9 @@ def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, 
         log_every=int(cfg.trainer.log_every),
         resume=resuming,
         device=device,
-        identity=identity(config, init, NON_SEMANTIC_KEYS),
+        identity=identity(config, init, NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS),
         scaler=scaler,
+        accumulate=int(cfg.trainer.get("accumulate") or 1),
         **kw,
     )
 
