@@ -270,3 +270,93 @@ def test_cli_run_with_accumulation_names_its_directory(tmp_path):
     rec = json.loads(rec_path.read_text())
     assert rec["complete"] is True and "trainer.accumulate=2" in rec["overrides"]
     assert rec["config"]["trainer"]["accumulate"] == 2 and rec["metrics"]["best_top1"] > 10.0
+
+
+def test_compiled_forward_takes_micro_batches_of_one_shape_once():
+    # the compiled step (trainer.compile) over micro-batches: one graph for the micro-batch shape (two more for an
+    # epoch's smaller last batch, whose split is ragged), and the same step as eager
+    from torch._dynamo import lookup_backend
+
+    from qrepro.engine.fast import compile_forward_loss
+
+    graphs = []
+
+    def counting(gm, example_inputs):  # Dynamo's graphs, each then compiled as the aot_eager backend does
+        graphs.append({tuple(t.shape) for t in example_inputs})
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    base = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    data = [(torch.randn(b, 5, dtype=torch.float64), torch.randint(0, 3, (b,))) for b in (8, 8, 8, 6)]
+    out = {}
+    for compiled in (False, True):
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        model.load_state_dict(base.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        fl = make_forward_loss(model, nn.functional.cross_entropy)
+        if compiled:
+            fl = compile_forward_loss(fl, "default", backend=counting)
+        ctx = Context(model=model, optimizer=opt)
+        losses = [float(train_step(model, fl, opt, None, x, y, ctx=ctx, accumulate=2)[0]) for x, y in data]
+        out[compiled] = (losses, model.state_dict())
+    # micro-batches of 4 (the full batches of 8), then of 3 (the last batch of 6)
+    assert len(graphs) == 2 and (4, 5) in graphs[0] and (3, 5) in graphs[1]
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-13)
+    for k, v in out[False][1].items():
+        torch.testing.assert_close(out[True][1][k], v, rtol=1e-13, atol=1e-14)
+    torch._dynamo.reset()
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x, y, model = _ddp_problem()
+        ddp = DistributedDataParallel(model)
+        calls = []
+
+        def counting_allreduce(state, bucket):  # DDP's all-reduce (mean over ranks), counted
+            calls.append(1)
+            t = bucket.buffer().div_(world)
+            return tdist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0])
+
+        ddp.register_comm_hook(None, counting_allreduce)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.3, momentum=0.9)
+        fl = make_forward_loss(ddp, nn.functional.cross_entropy)
+        ctx = Context(model=ddp, optimizer=opt)
+        shard = slice(rank * 8, (rank + 1) * 8)  # each rank: its half of the global batch of 16
+        for _ in range(2):
+            train_step(ddp, fl, opt, None, x[shard], y[shard], ctx=ctx, accumulate=4)
+        torch.save({"state": model.state_dict(), "allreduce_calls": len(calls)}, Path(out) / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def _ddp_problem():
+    torch.manual_seed(3)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    return x, y, nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def test_ddp_accumulation_all_reduces_once_per_step_and_equals_the_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    x, y, model = _ddp_problem()  # one process, the global batch, no accumulation
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    ctx = Context(model=model, optimizer=opt)
+    for _ in range(2):
+        train_step(model, make_forward_loss(model, nn.functional.cross_entropy), opt, None, x, y, ctx=ctx)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["allreduce_calls"] == 2  # one bucket, once per optimizer step (no_sync on 3 of 4 micro-batches)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-12, atol=1e-14)
