@@ -182,7 +182,8 @@ class Members:
         ]
         check_python_state([r.model for r in self.runs])
         r0 = self.runs[0]
-        self.step_fn = BatchedStep(slots, r0.loss_fn, r0.method.regularizer)
+        accumulate = int(r0.cfg.trainer.get("accumulate") or 1)
+        self.step_fn = BatchedStep(slots, r0.loss_fn, r0.method.regularizer, accumulate=accumulate)
 
     def step(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         if len(batches) != len(self.runs):

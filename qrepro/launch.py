@@ -410,6 +410,7 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
             log_every=int(cfg.trainer.log_every),
             progress=bool(cfg.trainer.progress),
             epochs=int(cfg.trainer.epochs),
+            accumulate=int(cfg.trainer.get("accumulate") or 1),
         )
 
     try:

@@ -127,11 +127,6 @@ def _check_trainer(t: dict[str, Any]) -> None:
             f"trainer.batch_size={b} is not divisible by trainer.accumulate={n}: each step's batch is split into "
             f"{n} equal micro-batches; use a batch size that is a multiple of {n} or another trainer.accumulate"
         )
-    if n > 1 and t.get("members", 1) > 1:
-        raise QreproError(
-            f"trainer.accumulate={n} cannot be combined with trainer.members={t['members']} (the batched step does not "
-            "split batches); train the seeds as separate runs or drop trainer.accumulate"
-        )
     if "amp" in t:
         amp_mode(t["amp"])
     for k in ("progress", "deterministic", "sync_bn", "find_unused_parameters", "channels_last"):

@@ -182,8 +182,6 @@ def test_validation_names_batch_and_accumulate():
     validate_config({**base, "trainer": {"batch_size": 99, "accumulate": 3}})
     with pytest.raises(QreproError, match=r"trainer.accumulate=0 is invalid"):
         validate_config({**base, "trainer": {"batch_size": 99, "accumulate": 0}})
-    with pytest.raises(QreproError, match=r"trainer.accumulate=2 cannot be combined with trainer.members=2"):
-        validate_config({**base, "trainer": {"batch_size": 8, "accumulate": 2, "members": 2}})
 
 
 def test_per_process_batch_must_split_too():
@@ -360,3 +358,26 @@ def test_ddp_accumulation_all_reduces_once_per_step_and_equals_the_global_batch(
         assert got["allreduce_calls"] == 2  # one bucket, once per optimizer step (no_sync on 3 of 4 micro-batches)
         for k, v in model.state_dict().items():
             torch.testing.assert_close(got["state"][k], v, rtol=1e-12, atol=1e-14)
+
+
+def test_batched_members_accumulate_as_their_separate_runs():
+    # trainer.members=2 with trainer.accumulate=2 (BatchNorm on: micro-batches of each member's own batch) equals
+    # the two separate runs with trainer.accumulate=2, in float64
+    from qrepro.api import build_members
+
+    ov = ["+experiment=demo_digits_fp", *SMALL, "trainer.accumulate=2"]
+    common = dict(load_data=False, num_classes=10, steps_per_epoch=4)
+    mem = build_members([*ov, "seed=0"], 2, torch.float64, **common)
+    refs = [build([*ov, f"seed={i}"], torch.float64, **common) for i in range(2)]
+    data = [_batches(3, seed=i) for i in range(2)]
+    for s in range(3):
+        mem.step([data[0][s], data[1][s]])
+        for i, r in enumerate(refs):
+            r.step(*data[i][s])
+    assert mem.step_fn.accumulate == 2
+    for i, r in enumerate(refs):
+        got, want = _params(mem.runs[i].model), _params(r.model)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=f"member {i}: {k}")
+        bn = [m for m in mem.runs[i].model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert bn and all(int(m.num_batches_tracked) == 2 * 3 for m in bn)

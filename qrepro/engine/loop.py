@@ -105,14 +105,17 @@ def _after_step(model: nn.Module, scheduler: Any, step_loss: torch.Tensor, *, ct
         h.on_step_end(ctx, ctx.step)
 
 
-def micro_batches(x: torch.Tensor, y: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """``(x_i, y_i, w_i)``: the batch split along its first dimension into ``n`` micro-batches of equal size
+def micro_batches(
+    x: torch.Tensor, y: torch.Tensor, n: int, dim: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """``(x_i, y_i, w_i)``: the batch split along its batch dimension ``dim`` into ``n`` micro-batches of equal size
     (sizes differing by one when ``n`` does not divide it, e.g. an epoch's last, smaller batch; none empty),
     each with the weight ``w_i = |x_i| / |x|``. For a loss that is a mean over the batch (plus a term that does
     not depend on it, such as a weight regularizer), ``sum_i w_i loss(x_i)`` is the loss of the whole batch, so
     the summed gradients of the weighted micro-losses are the whole batch's gradient."""
-    b = int(y.shape[0])
-    return [(xi, yi, yi.shape[0] / b) for xi, yi in zip(x.tensor_split(n), y.tensor_split(n)) if yi.shape[0]]
+    b = int(y.shape[dim])
+    parts = zip(x.tensor_split(n, dim=dim), y.tensor_split(n, dim=dim))
+    return [(xi, yi, yi.shape[dim] / b) for xi, yi in parts if yi.shape[dim]]
 
 
 def _accumulate_grads(
