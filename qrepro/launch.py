@@ -189,7 +189,9 @@ def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, 
 def _run_line(cfg, run_dir, device, mode, amp) -> str:
     return (
         f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
-        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}" + (f" amp={amp}" if amp != "off" else "")
+        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
+        + (f" amp={amp}" if amp != "off" else "")
+        + (f" accumulate={n}" if (n := int(cfg.trainer.get("accumulate") or 1)) > 1 else "")
     )
 
 

@@ -26,7 +26,7 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Context
 from qrepro.quant.distill import Distillation
 from qrepro.tables import compare, load_records, parse_table
-from qrepro.tables.render import to_csv, to_markdown
+from qrepro.tables.render import to_csv, to_latex, to_markdown
 from qrepro.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +233,8 @@ def test_accumulated_run_counts_as_its_cell_and_is_marked(tmp_path):
     note = "BatchNorm saw micro-batches of 2048/4"
     assert "`q` [1]" in md and "[1] s0: run with gradient accumulation over 4 micro-batches" in md and note in md
     assert note in to_csv(table, [row], "best")
+    tex = to_latex(table, [row], "best")
+    assert r"$^\dagger$" in tex and "2048/4" in tex
     # only accumulated runs: the note covers the whole cell; without them: no note
     (row,) = compare(table, [r for r in records if r.path.parent.name == "a"])
     assert "[1] Run with gradient accumulation over 4" in to_markdown(table, [row], "best")

@@ -333,6 +333,7 @@ def to_latex(table: Table, rows: Sequence[Row], select: str) -> str:
             "--" if r.ours.n == 0 else f(r.ours.mean) + (f" $\\pm$ {f(r.ours.std)}" if r.ours.std is not None else "")
         )
         ours += " (chance)" if r.at_chance else ""
+        ours += r"$^\dagger$" if run_notes(r) else ""
         lines.append(
             " & ".join(
                 [
@@ -351,5 +352,9 @@ def to_latex(table: Table, rows: Sequence[Row], select: str) -> str:
             )
             + r" \\"
         )
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    notes = list(dict.fromkeys(f"{r.cell.id}: {n}" for r in rows for n in run_notes(r)))
+    if notes:  # runs that count as their cell but differ from its recipe (e.g. gradient accumulation)
+        lines += [r"\par\footnotesize $^\dagger$ " + tex_escape("; ".join(notes)) + "."]
+    lines += [r"\end{table}", ""]
     return "\n".join(lines)
