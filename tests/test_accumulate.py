@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accumulate_ddp import ddp_problem, ddp_rank
 from torch import nn
 
 from qrepro.api import build
@@ -308,39 +309,6 @@ def test_compiled_forward_takes_micro_batches_of_one_shape_once():
     torch._dynamo.reset()
 
 
-def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as tdist
-    from torch.nn.parallel import DistributedDataParallel
-
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        x, y, model = _ddp_problem()
-        ddp = DistributedDataParallel(model)
-        calls = []
-
-        def counting_allreduce(state, bucket):  # DDP's all-reduce (mean over ranks), counted
-            calls.append(1)
-            t = bucket.buffer().div_(world)
-            return tdist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0])
-
-        ddp.register_comm_hook(None, counting_allreduce)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.3, momentum=0.9)
-        fl = make_forward_loss(ddp, nn.functional.cross_entropy)
-        ctx = Context(model=ddp, optimizer=opt)
-        shard = slice(rank * 8, (rank + 1) * 8)  # each rank: its half of the global batch of 16
-        for _ in range(2):
-            train_step(ddp, fl, opt, None, x[shard], y[shard], ctx=ctx, accumulate=4)
-        torch.save({"state": model.state_dict(), "allreduce_calls": len(calls)}, Path(out) / f"rank{rank}.pt")
-    finally:
-        tdist.destroy_process_group()
-
-
-def _ddp_problem():
-    torch.manual_seed(3)
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return x, y, nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-
 def test_ddp_accumulation_all_reduces_once_per_step_and_equals_the_global_batch(tmp_path):
     import socket
 
@@ -349,8 +317,8 @@ def test_ddp_accumulation_all_reduces_once_per_step_and_equals_the_global_batch(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    x, y, model = _ddp_problem()  # one process, the global batch, no accumulation
+    mp.spawn(ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    x, y, model = ddp_problem()  # one process, the global batch, no accumulation
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     ctx = Context(model=model, optimizer=opt)
     for _ in range(2):
