@@ -85,6 +85,18 @@ def test_without_batchnorm_accumulation_is_the_full_batch_step(case):
     assert any(not torch.equal(init[k], want[k]) for k in want if k in init and init[k].is_floating_point())
 
 
+def test_ewgs_weight_gradient_scaling_is_the_documented_exception():
+    # EWGS scales the weight discretiser's gradient by 1 + δ·sign(g)·(x_n − x_q), where g is summed over the batch:
+    # nonlinear in g, so summing micro-batch gradients is not the full batch's (docs/speed.md §8); δ = 0 is exact
+    ewgs = ["+experiment=demo_digits_fp", "quantizer=ewgs", "precision=w4a4", "quantizer.use_hessian=false"]
+    diffs = {}
+    for delta in (0.0, 0.5):
+        ov = [*ewgs, f"quantizer.delta={delta}"]
+        a, b = _params(_trained(ov, 1, bn=False)[0].model), _params(_trained(ov, 2, bn=False)[0].model)
+        diffs[delta] = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
+    assert diffs[0.0] < 1e-12 and diffs[0.5] > 1e-6
+
+
 def test_with_batchnorm_steps_schedule_and_transitions_count_optimizer_steps():
     tr = ["+experiment=demo_digits_fp", "quantizer=tr", "optimizer=sgdt", "precision=w2a2"]
     ref, _ = _trained(tr, 1, bn=True)
