@@ -241,6 +241,8 @@ def prepare(
         return prepare_sweep(argv, experiment, overrides, out=out, runner=runner, plan=plan)
     cfg = cfg if cfg is not None else compose(overrides)
     if members_of(cfg) > 1:  # batched members: one chain per member, each source step trained as one batch
+        if not plan and not needs_source(cfg):
+            return argv
         chains = member_chains(experiment, overrides, cfg)
         if plan:
             out("\n".join(describe_members(chains)))
@@ -281,7 +283,7 @@ def prepare_sweep(
     jobs = sweep_jobs(overrides)
     # per job, its chains: one, or one per member of a batched job (trainer.members=K)
     cfgs = [compose(job) for job in jobs]
-    batched = [members_of(cfg) > 1 for cfg in cfgs]
+    batched = [members_of(cfg) > 1 and (plan or needs_source(cfg)) for cfg in cfgs]  # one chain per member
     chains = [
         member_chains(experiment, job, cfg) if b else [resolve(experiment, job, cfg)]
         for job, cfg, b in zip(jobs, cfgs, batched)
@@ -324,6 +326,11 @@ def job_init(experiment: str | None, overrides: Sequence[str]) -> str | None:
 # ------------------------------------------------------------------------------------------ batched members
 def members_of(cfg: DictConfig) -> int:
     return int(cfg.trainer.get("members") or 1)
+
+
+def needs_source(cfg: DictConfig) -> bool:
+    """The cell starts from another cell's run or from an external checkpoint, and ``init_from`` is not given."""
+    return not cfg.get("init_from") and bool(cfg.get("init_from_experiment") or cfg.get("init_from_required"))
 
 
 def member_chains(experiment: str, overrides: Sequence[str], cfg: DictConfig | None = None) -> list[list[Step]]:
@@ -434,7 +441,10 @@ def member_inits(experiment: str | None, overrides: Sequence[str]) -> list[str] 
     if experiment is None or explicit_init(overrides):
         return None
     with beside_hydra():
-        chains = member_chains(experiment, overrides)
+        cfg = compose([f"+experiment={experiment}", *[o for o in overrides if _key(o) != "experiment"]])
+        if not needs_source(cfg):
+            return None
+        chains = member_chains(experiment, overrides, cfg)
     if len(chains[0]) == 1:
         return None
     inits = run_member_sources(chains, runner=_refuse, out=lambda s: None)
