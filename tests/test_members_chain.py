@@ -143,13 +143,15 @@ def _fake_runner(calls: list[list[str]]):
 
     def run(cmd: list[str]) -> RunResult:
         calls.append(cmd[3:])
-        chains = member_chains(cmd[3].split("=", 1)[1], cmd[4:])
+        # the members' chains as the batched job resolves them (no init_from: each from its seed's source run)
+        chains = member_chains(cmd[3].split("=", 1)[1], [a for a in cmd[4:] if not a.startswith("init_from=")])
         recs = []
         for c in chains:
             step = c[-1]
-            (step.run_dir / "checkpoints").mkdir(parents=True)
-            (step.run_dir / "checkpoints" / "last.pt").write_bytes(f"seed {step.seed}".encode())
-            rec = {"complete": True, "status": "complete", "init_from_sha256": None}
+            (step.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (step.run_dir / "checkpoints" / "last.pt").write_bytes(f"{step.experiment} seed {step.seed}".encode())
+            init = file_sha256(c[-2].run_dir / "checkpoints" / "last.pt") if len(c) > 1 else None
+            rec = {"complete": True, "status": "complete", "init_from_sha256": init}
             (step.run_dir / "record.json").write_text(json.dumps(rec))
             recs.append(step.run_dir / "record.json")
         return RunResult(0, recs[-1], tuple(recs))
@@ -197,6 +199,18 @@ def test_plan_preview_of_a_members_job_and_its_progressive_chain(tmp_path):
         "+experiment=apot_resnet20_cifar10_w4a4 out_root=" + tmp_path.as_posix() + " seed=2 trainer.members=2"
     )
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    # trained: one batched job per step before the cell (the 5-bit job resolves its members' FP runs itself)
+    calls: list[list[str]] = []
+    assert prepare(argv, out=lambda s: None, runner=_fake_runner(calls)) == argv
+    assert [c[0] for c in calls] == ["+experiment=apot_resnet20_cifar10_fp", "+experiment=apot_resnet20_cifar10_w5a5"]
+    assert calls[0][-1] == "init_from=null" and calls[1][-2:] == ["seed=2", "trainer.members=2"]
+    w5 = tmp_path / "apot_resnet20_cifar10_w5a5"
+    assert member_inits(argv[0][12:], argv) == [(w5 / f"seed={s}/checkpoints/last.pt").as_posix() for s in (2, 3)]
+    # a source run that started from another checkpoint than its source's current one is trained again
+    (tmp_path / "apot_resnet20_cifar10_fp" / "seed=3" / "checkpoints" / "last.pt").write_bytes(b"retrained")
+    calls.clear()
+    assert prepare(argv, out=lambda s: None, runner=_fake_runner(calls)) == argv
+    assert [c[0] for c in calls] == ["+experiment=apot_resnet20_cifar10_w5a5"]
 
 
 def test_batch_command_only_for_consecutive_seeds_of_one_batch():
