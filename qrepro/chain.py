@@ -279,7 +279,8 @@ def prepare_sweep(
     """A multirun over a chained cell: every job's chain is resolved here, in the launching process, and the
     sources the jobs need are trained here, each once and in order, before any job starts (jobs may run
     concurrently; a source shared by several jobs is never trained twice). Each job then starts from its own
-    source's finished run (:func:`job_init`). Returns ``argv`` unchanged, or None after a plan preview."""
+    source's finished run (:func:`job_init`; a batched members job: each member from its seed's run,
+    :func:`member_inits`). Returns ``argv`` unchanged, or None after a plan preview."""
     jobs = sweep_jobs(overrides)
     # per job, its chains: one, or one per member of a batched job (trainer.members=K)
     cfgs = [compose(job) for job in jobs]
