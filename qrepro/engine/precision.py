@@ -91,13 +91,3 @@ def input_transform(channels_last_on: bool) -> Callable[[torch.Tensor], torch.Te
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
     return to_cl
-
-
-def low_precision_input(x: torch.Tensor) -> bool:
-    """True for an input that autocast produced in half precision (a quantizer then computes on x.float())."""
-    return x.dtype in (torch.float16, torch.bfloat16)
-
-
-def quantizer_context(x: torch.Tensor) -> AbstractContextManager:
-    """Autocast switched off around a fake-quantizer (its arithmetic stays float32)."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
