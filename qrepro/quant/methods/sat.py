@@ -186,17 +186,17 @@ def _build(
     w_bits: int,
     a_bits: int,
     *,
-    scheme: str,
-    rescale: str,
-    rescale_method: str,
-    variance: str,
-    cg: bool,
-    first_last: str,
-    signed_act: Any,
-    alpha_init: float,
-    alpha_init_last: float,
-    weight_clamp: bool,
-    diagnostics: bool,
+    scheme: str = "modified",
+    rescale: str = "last",
+    rescale_method: str = "const",
+    variance: str = "sample",
+    cg: bool = True,
+    first_last: str = "8bit",
+    signed_act: Any = False,
+    alpha_init: float = 8.0,
+    alpha_init_last: float = 10.0,
+    weight_clamp: bool = True,
+    diagnostics: bool = False,
 ) -> Method:
     check_bits(name, w_bits, a_bits, SUPPORTED_BITS)
     for opt, val, allowed in (
@@ -266,66 +266,21 @@ def _build(
 
 
 @METHODS.register("sat")
-def build_sat(
-    w_bits: int,
-    a_bits: int,
-    *,
-    scheme: str = "modified",
-    rescale: str = "last",
-    rescale_method: str = "const",
-    variance: str = "sample",
-    cg: bool = True,
-    first_last: str = "8bit",
-    signed_act: Any = False,
-    alpha_init: float = 8.0,
-    alpha_init_last: float = 10.0,
-    weight_clamp: bool = True,
-    diagnostics: bool = False,
-) -> Method:
-    """SAT + CG-PACT (the paper's method). Options: see the module docstring."""
-    return _build("sat", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+def build_sat(w_bits: int, a_bits: int, **options: Any) -> Method:
+    """SAT + CG-PACT (the paper's method). Options: the keywords of ``_build`` (see the module docstring)."""
+    return _build("sat", w_bits, a_bits, **options)
 
 
 @METHODS.register("pact")
-def build_pact(
-    w_bits: int,
-    a_bits: int,
-    *,
-    scheme: str = "modified",
-    rescale: str = "none",
-    rescale_method: str = "const",
-    variance: str = "sample",
-    cg: bool = False,
-    first_last: str = "8bit",
-    signed_act: Any = False,
-    alpha_init: float = 8.0,
-    alpha_init_last: float = 10.0,
-    weight_clamp: bool = True,
-    diagnostics: bool = False,
-) -> Method:
+def build_pact(w_bits: int, a_bits: int, **options: Any) -> Method:
     """PACT baseline of Table 4: DoReFa weights, PACT activations with the original gradient, no rescaling."""
-    return _build("pact", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+    return _build("pact", w_bits, a_bits, **{"rescale": "none", "cg": False, **options})
 
 
 @METHODS.register("dorefa")
-def build_dorefa(
-    w_bits: int,
-    a_bits: int,
-    *,
-    scheme: str = "modified",
-    rescale: str = "none",
-    rescale_method: str = "const",
-    variance: str = "sample",
-    cg: bool = True,
-    first_last: str = "8bit",
-    signed_act: Any = False,
-    alpha_init: float = 8.0,
-    alpha_init_last: float = 10.0,
-    weight_clamp: bool = True,
-    diagnostics: bool = False,
-) -> Method:
+def build_dorefa(w_bits: int, a_bits: int, **options: Any) -> Method:
     """Clamped/DoReFa weights without SAT's rescaling (Fig. 2b 'clamping'); CG-PACT for activations."""
-    return _build("dorefa", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+    return _build("dorefa", w_bits, a_bits, **{"rescale": "none", **options})
 
 
 # ---------------------------------------------------------------------------------------------------------
