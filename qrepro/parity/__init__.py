@@ -1,14 +1,15 @@
 """Parity harness: qrepro against the authors' own code, side by side, in float64.
 
-``python -m qrepro.parity <apot|sat|tr> --reference DIR [--steps N]`` builds the authors' implementation (from a
+``python -m qrepro.parity <suite> --reference DIR [--steps N]`` builds the authors' implementation (from a
 checkout ``DIR`` of their repository) and qrepro's (through ``qrepro.api.build``, i.e. exactly as the trainer
 builds it) from the same weights and the same CIFAR-10 images, runs a train-mode forward, backward and ``N``
 optimizer steps in both, and prints the largest absolute and relative differences of outputs, gradients,
 parameters and optimizer state, then PASS or FAIL against the stated tolerance (exit code 1 on FAIL).
 
-This module holds what the three comparisons share: the comparison table, importing the authors' modules
-without leaking them into ``sys.modules``, and a fixed batch of real CIFAR-10 images. One module per paper
-(``apot.py``, ``sat.py``, ``tr.py``) registers into ``SUITES``. The authors' code is only imported, never copied.
+This module holds what the suites share: the comparison table, importing the authors' modules without leaking
+them into ``sys.modules``, a fixed batch of real CIFAR-10 images, both sides' input pipelines and qrepro's run.
+One module per paper (``REFERENCE_REPOS``) registers into ``SUITES``. The authors' code is only imported, never
+copied.
 """
 
 from __future__ import annotations
