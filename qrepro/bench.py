@@ -3,13 +3,10 @@
     python -m qrepro.bench                                   # full grid on the default device
     python -m qrepro.bench --models resnet20 --batch-sizes 128 --steps 5 --warmup 3   # a short CPU run
 
-Each case builds the model exactly as the trainer does (``configs/quantizer/<method>.yaml`` options,
-``prepare``, SGD with momentum, cosine schedule, the method's hooks and regularizer) and times
-``qrepro.engine.loop.train_one_epoch`` -- the trainer's own loop -- on one synthetic batch held on the device,
-eager and compiled (``qrepro.engine.fast``, the trainer's fast path). A timed sample is ``--window``
-consecutive steps between two device synchronisations; the reported step time is the median sample divided
-by the window, after ``--warmup`` untimed steps (which include compilation). Ratios are to FP measured in
-the same process, same model, batch size, mode, members and amp.
+Each case builds the model exactly as the trainer does and times ``qrepro.engine.loop.train_one_epoch`` -- the
+trainer's own loop -- on one synthetic batch held on the device, eager and compiled (``qrepro.engine.fast``). The
+cases, the timing (warm-up, samples of ``--window`` steps between device synchronisations, median) and the ratios
+to FP measured in the same process: docs/speed.md, section 2.
 
 ``--members 1,2,4`` also times K replicas (seeds 0..K-1) trained as one batched step (``trainer.members``,
 qrepro/engine/members.py: the trainer's ``BatchedStep``); a row reports the batched step time, the images/s of
