@@ -24,12 +24,10 @@ members (``trainer.members``): ``members.step([(x0, y0), ...])`` steps all of th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
-from torch import nn
 
 from qrepro.builders import Components, build_components, build_data_from_cfg, compose, seed_everything, select_device
 from qrepro.config import key_of
@@ -42,21 +40,10 @@ __all__ = ["Members", "Run", "build", "build_members"]
 
 
 @dataclass
-class Run:
+class Run(Components):
     """One run's components (``cfg``, ``model``, ``optimizer``, ``scheduler``, ...) and its training step."""
 
-    cfg: DictConfig
-    model: nn.Module
-    method: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    loss_fn: Any
-    ema: Any
-    hooks: list[Any]
-    device: torch.device
-    dtype: torch.dtype | None
-    data: Any = None
-    steps_per_epoch: int = 0
+    dtype: torch.dtype | None = None
     ctx: Context | None = None
     _forward_loss: Any = field(default=None, repr=False)
 
@@ -140,23 +127,10 @@ def build(
     if seed:
         seed_everything(int(cfg.seed))
     data = build_data_from_cfg(cfg, device) if load_data else None
-    comp: Components = build_components(
+    comp = build_components(
         cfg, device, data=data, num_classes=num_classes, steps_per_epoch=steps_per_epoch, dtype=dtype
     )
-    return Run(
-        cfg=cfg,
-        model=comp.model,
-        method=comp.method,
-        optimizer=comp.optimizer,
-        scheduler=comp.scheduler,
-        loss_fn=comp.loss_fn,
-        ema=comp.ema,
-        hooks=comp.hooks,
-        device=device,
-        dtype=dtype,
-        data=data,
-        steps_per_epoch=comp.steps_per_epoch,
-    )
+    return Run(**{f.name: getattr(comp, f.name) for f in fields(comp)}, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------ batched members
