@@ -15,6 +15,7 @@ from qrepro.quant import build_method, prepare
 from qrepro.quant import lqnet as lq
 from qrepro.quant.layers import QConv2d, QLinear, quantized_layers
 from qrepro.quant.methods.lqnet import LQNetActQuantizer, LQNetQEM, LQNetWeightQuantizer
+from qrepro.train import compose
 
 D = torch.float64
 
@@ -238,3 +239,21 @@ def test_bad_options():
         build_method("lqnet", 2, 2, momentum=1.0)
     with pytest.raises(QreproError, match="a_ridge"):
         build_method("lqnet", 2, 2, a_ridge=0.0)
+
+
+def test_recipes_are_the_released_scripts():
+    """The values of the authors' LQ-Nets release: imagenet.py --data_aug with imagenet_utils.py
+    (ImageNetModel._get_optimizer: Nesterov momentum 0.9), and cifar10-vgg-small.py (plain momentum 0.9)."""
+    cfg = compose(["+experiment=lqnet_resnet18_imagenet_w2a2"])
+    o, s = cfg.optimizer, cfg.scheduler
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.1, 0.9, True, 5e-5)
+    assert (list(s.milestones), s.gamma, cfg.trainer.epochs, cfg.trainer.batch_size) == (
+        [30, 60, 85, 95, 105],
+        0.1,
+        110,
+        256,
+    )
+    cfg = compose(["+experiment=lqnet_resnet20_cifar10_w2a2"])
+    o, s = cfg.optimizer, cfg.scheduler
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.02, 0.9, False, 5e-4)
+    assert (list(s.milestones), s.gamma, cfg.trainer.epochs, cfg.trainer.batch_size) == ([80, 160, 300], 0.1, 400, 100)
