@@ -26,7 +26,7 @@ from qrepro.builders import (
     setup_process,
 )
 from qrepro.cli import save_hydra_files
-from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir
+from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir, trains_from_scratch
 from qrepro.engine import dist as qdist
 from qrepro.engine import fast
 from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
@@ -105,7 +105,7 @@ def train(
     h_dir, h_exp, h_over = hydra_context()
     run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
     experiment = experiment or h_exp or cfg.get("experiment")
-    overrides = semantic_overrides(overrides if overrides is not None else h_over)
+    overrides = semantic_overrides(overrides if overrides is not None else h_over, scratch=trains_from_scratch(cfg))
     record_path = run_dir / "record.json"
     init = init_source(cfg.init_from)
     if init:
@@ -345,9 +345,9 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
                 for m, _ in todo:
                     save_hydra_files(m.run_dir, m.cfg)
                     logs.enter_context(tee_console(m.run_dir / "train.log"))
-                _train_members(
-                    cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], init, denv, batch
-                )
+                scratch = trains_from_scratch(cfg)
+                ovs = [semantic_overrides(raws[m.index], scratch=scratch) for m, _ in todo]
+                _train_members(cfg, todo, experiment, ovs, init, denv, batch)
             for m, _ in todo:
                 results[m.index] = m.result
     finally:

@@ -3,7 +3,7 @@
 A record belongs to a cell when its ``experiment`` equals the cell's experiment and its Hydra overrides equal
 the cell's overrides as a set, after dropping the keys that do not change *what* is trained: the seed (seeds
 are aggregated), paths (``dataset.root``, ``init_from``, ``resume``), the device, logging and
-Hydra's own keys.
+Hydra's own keys. ``init_from=null`` is kept: the trainer records it on a chained cell trained from scratch.
 ``+key=v``, ``++key=v`` and ``key=v`` are the same assignment; values compare as Hydra parses them
 (``1e-4`` == ``0.0001``). Only records with ``complete: true`` count.
 """
@@ -68,8 +68,8 @@ def canonical_overrides(overrides: Iterable[str] | dict[str, Any] | None, *, kee
     out = set()
     for text in overrides:
         kind, key, value = _parse_one(str(text).strip())
-        if not _ignored(key, keep_seed):
-            out.add((kind, key, value))
+        if not _ignored(key, keep_seed) or (key, value) == ("init_from", "null"):
+            out.add((kind, key, value))  # init_from=null: a chained cell trained from scratch, not the chained run
     return frozenset(out)
 
 
