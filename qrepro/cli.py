@@ -114,6 +114,11 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def in_multirun() -> bool:
+    """This process runs a job of a multirun (``-m``): its config is checked by the job, not by the launch."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def save_hydra_files(run_dir: Path, cfg: Any) -> None:
     """``<run dir>/.hydra/{config,hydra,overrides}.yaml`` as Hydra would write them, but only once the launch
     owns the directory and goes on to train (``hydra.output_subdir: null`` in configs/train.yaml): a launch that

@@ -120,14 +120,19 @@ def canonical_override(o: Any) -> str:
     return f"{key}={canonical_value(o.value())}"
 
 
+_NESTED = [0]  # compositions in progress for a run directory's name (see _run_subdir_resolver)
+
+
 @contextlib.contextmanager
 def beside_hydra() -> Iterator[None]:
     """Compose configs inside a running Hydra job (its GlobalHydra refuses a second initialisation; composing does
     not touch the job's HydraConfig)."""
     saved = Singleton._instances.pop(GlobalHydra, None)
+    _NESTED[0] += 1
     try:
         yield
     finally:
+        _NESTED[0] -= 1
         if saved is not None:
             Singleton._instances[GlobalHydra] = saved
 
@@ -225,7 +230,11 @@ def run_subdir(overrides: Sequence[str], config_name: str = "train") -> str:
 
 def _run_subdir_resolver(overrides: Any, config_name: str = "train") -> str:
     """``${run_subdir:${hydra:overrides.task},${hydra:job.config_name}}``: the run directory name of the task's
-    overrides (a string is taken as an ``override_dirname`` already made)."""
+    overrides (a string is taken as an ``override_dirname`` already made). Inside a composition that names a run
+    (:func:`without_defaults`, :func:`from_scratch`) the running job's ``hydra:`` values would name the outer run
+    again, composing without end: there the name is not used (the composed config drops ``hydra``) and is empty."""
+    if _NESTED[0]:
+        return ""
     if isinstance(overrides, str):
         return run_subdir_name(overrides)
     return run_subdir([str(o) for o in overrides], str(config_name))

@@ -24,6 +24,7 @@ from qrepro.builders import (
     seed_everything,
     semantic_overrides,
     setup_process,
+    setup_run,
 )
 from qrepro.cli import save_hydra_files
 from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir, trains_from_scratch
@@ -56,7 +57,7 @@ from qrepro.engine.rundir import WANDB_ID_FILE, RunLock, identity, init_source, 
 from qrepro.engine.trainer import Fit, FitResult, Trainer, train_trainers
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
-from qrepro.validation import check_init_path, check_training_bits, validate_config
+from qrepro.validation import check_init_path, check_launch
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
@@ -98,8 +99,7 @@ def train(
     """Train the run described by ``cfg`` (``trainer.members=K``: K seeds as one batched job); returns the
     FitResult (record and its path), a list of them for members. ``validate=False``: ``cfg`` was validated."""
     if validate:
-        validate_config(cfg)
-        check_training_bits(cfg)
+        check_launch(cfg, "train")
     if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
         return train_members(cfg, run_dir, experiment, overrides)
     h_dir, h_exp, h_over = hydra_context()
@@ -194,9 +194,7 @@ def _run_line(cfg, run_dir, device, mode, amp) -> str:
 
 def _setup(cfg: DictConfig, denv):
     """Process settings, seed and the dataset (before the run directory is taken: bad data is one line)."""
-    setup_process(cfg, denv.device)
-    seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
-    return build_data_from_cfg(cfg, denv.device, denv.rank, denv.world_size)
+    return setup_run(cfg, denv.device, denv.rank, denv.world_size)
 
 
 def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: bool):
