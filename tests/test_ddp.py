@@ -24,8 +24,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from qrepro.engine import dist as qdist
-from qrepro.hooks import Hook
 from qrepro.errors import QreproError
+from qrepro.hooks import Hook
 from qrepro.models import MODELS
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods import METHODS, Method
