@@ -10,7 +10,8 @@ loss = run.step(x, y)   # one training step exactly as the trainer takes it
 
 ``run.step`` is the trainer's own step (``qrepro.engine.loop.train_step``): forward, loss and the method's
 regularizer, backward, the optimizer step (with the closure of two-pass optimizers such as ASAM), the
-optimizer's and method's hooks (e.g. TR transition counting), the LR schedule and EMA. The first call first
+optimizer's and method's hooks (e.g. TR transition counting), the LR schedule and EMA, over
+``trainer.accumulate`` micro-batches when the config sets it. The first call first
 runs the hooks' ``on_train_start`` on that batch, as the trainer does on its first batch (data-dependent
 initialisation such as TR's scale calibration). The parity harness (``python -m qrepro.parity``) and notebooks
 use this; its shape is stable.
@@ -23,12 +24,10 @@ members (``trainer.members``): ``members.step([(x0, y0), ...])`` steps all of th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
-from torch import nn
 
 from qrepro.builders import Components, build_components, build_data_from_cfg, compose, seed_everything, select_device
 from qrepro.config import key_of
@@ -41,21 +40,10 @@ __all__ = ["Members", "Run", "build", "build_members"]
 
 
 @dataclass
-class Run:
+class Run(Components):
     """One run's components (``cfg``, ``model``, ``optimizer``, ``scheduler``, ...) and its training step."""
 
-    cfg: DictConfig
-    model: nn.Module
-    method: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    loss_fn: Any
-    ema: Any
-    hooks: list[Any]
-    device: torch.device
-    dtype: torch.dtype | None
-    data: Any = None
-    steps_per_epoch: int = 0
+    dtype: torch.dtype | None = None
     ctx: Context | None = None
     _forward_loss: Any = field(default=None, repr=False)
 
@@ -99,6 +87,7 @@ class Run:
             ctx=self.ctx,
             hooks=self.hooks,
             ema=self.ema,
+            accumulate=int(self.cfg.trainer.get("accumulate") or 1),
         )
         return loss
 
@@ -138,23 +127,10 @@ def build(
     if seed:
         seed_everything(int(cfg.seed))
     data = build_data_from_cfg(cfg, device) if load_data else None
-    comp: Components = build_components(
+    comp = build_components(
         cfg, device, data=data, num_classes=num_classes, steps_per_epoch=steps_per_epoch, dtype=dtype
     )
-    return Run(
-        cfg=cfg,
-        model=comp.model,
-        method=comp.method,
-        optimizer=comp.optimizer,
-        scheduler=comp.scheduler,
-        loss_fn=comp.loss_fn,
-        ema=comp.ema,
-        hooks=comp.hooks,
-        device=device,
-        dtype=dtype,
-        data=data,
-        steps_per_epoch=comp.steps_per_epoch,
-    )
+    return Run(**{f.name: getattr(comp, f.name) for f in fields(comp)}, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------ batched members
@@ -180,7 +156,8 @@ class Members:
         ]
         check_python_state([r.model for r in self.runs])
         r0 = self.runs[0]
-        self.step_fn = BatchedStep(slots, r0.loss_fn, r0.method.regularizer)
+        accumulate = int(r0.cfg.trainer.get("accumulate") or 1)
+        self.step_fn = BatchedStep(slots, r0.loss_fn, r0.method.regularizer, accumulate=accumulate)
 
     def step(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         if len(batches) != len(self.runs):

@@ -3,13 +3,10 @@
     python -m qrepro.bench                                   # full grid on the default device
     python -m qrepro.bench --models resnet20 --batch-sizes 128 --steps 5 --warmup 3   # a short CPU run
 
-Each case builds the model exactly as the trainer does (``configs/quantizer/<method>.yaml`` options,
-``prepare``, SGD with momentum, cosine schedule, the method's hooks and regularizer) and times
-``qrepro.engine.loop.train_one_epoch`` -- the trainer's own loop -- on one synthetic batch held on the device,
-eager and compiled (``qrepro.engine.fast``, the trainer's fast path). A timed sample is ``--window``
-consecutive steps between two device synchronisations; the reported step time is the median sample divided
-by the window, after ``--warmup`` untimed steps (which include compilation). Ratios are to FP measured in
-the same process, same model, batch size, mode, members and amp.
+Each case builds the model exactly as the trainer does and times ``qrepro.engine.loop.train_one_epoch`` -- the
+trainer's own loop -- on one synthetic batch held on the device, eager and compiled (``qrepro.engine.fast``). The
+cases, the timing (warm-up, samples of ``--window`` steps between device synchronisations, median) and the ratios
+to FP measured in the same process: docs/speed.md, section 2.
 
 ``--members 1,2,4`` also times K replicas (seeds 0..K-1) trained as one batched step (``trainer.members``,
 qrepro/engine/members.py: the trainer's ``BatchedStep``); a row reports the batched step time, the images/s of
@@ -231,6 +228,79 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- one case
+def _loss(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, t)
+
+
+def _fresh(device: torch.device) -> None:
+    """Free the previous case's memory and compiled code (every case compiles the same inner function anew)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def _components(case: Case, device: torch.device, total: int, num_classes: int) -> tuple[Any, nn.Module, Any, Any]:
+    """Method, prepared model on ``device``, SGD and a cosine schedule, as the trainer builds them for the case."""
+    method = build_method(case.method, case.w_bits, case.a_bits, **method_options(case.method))
+    model = build_model(case.model, num_classes=num_classes)
+    prepare(model, method)
+    model.to(device).train()
+    optimizer = build_optimizer(model, "sgd", None, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    scheduler = build_scheduler(optimizer, "cosine", total_steps=10 * total, steps_per_epoch=total)
+    return method, model, optimizer, scheduler
+
+
+def _batch(case: Case, device: torch.device, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, device=device)
+    return x, torch.randint(0, num_classes, (case.batch_size,), device=device)
+
+
+def _start(method, model, optimizer, scheduler, x, y, num_classes: int) -> tuple[Context, list[Any]]:
+    """The training context on the one synthetic batch, and the hooks after their ``on_train_start``."""
+    data = SimpleNamespace(train=[(x, y)], test=[], num_classes=num_classes)
+    ctx = Context(model=model, optimizer=optimizer, scheduler=scheduler, data=data, sample_batch=(x, y))
+    hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
+    for h in hooks:
+        h.on_train_start(ctx)
+    return ctx, hooks
+
+
+def _set_step_stats(row: Row) -> None:
+    """Median / min / max step time and images/s (one member's and all K's) from ``row.samples_ms``."""
+    row.step_ms = statistics.median(row.samples_ms)
+    row.step_ms_min, row.step_ms_max = min(row.samples_ms), max(row.samples_ms)
+    row.member_images_per_s = row.batch_size / (row.step_ms / 1e3)
+    row.images_per_s = row.members * row.member_images_per_s
+
+
+def _timed(
+    row: Row, epoch: Callable[[TimedBatches], None], x, y, device: torch.device, warmup, steps, window, compiled: bool
+) -> Row:
+    """Time ``epoch`` (training steps over the batches it is given) on ``(x, y)``: ``warmup`` untimed steps (the
+    first one's time is ``first_step_s``), then ``steps`` samples of ``window`` steps; fills the row's step time,
+    images/s, peak memory and, compiled, graph breaks / CUDA-graph counters."""
+    sync = _sync(device)
+    # CUDA-graph trees warm up, then record: at least 3 untimed steps before timing a compiled case
+    warm = TimedBatches(x, y, max(3 if compiled else 1, warmup), 1, sync)
+    epoch(warm)
+    row.first_step_s = warm.samples()[0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = TimedBatches(x, y, steps * window, window, sync)
+    epoch(timed)
+    if device.type == "cuda":
+        row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    row.samples_ms = [1e3 * s for s in timed.samples()]
+    _set_step_stats(row)
+    if compiled:
+        counters = torch._dynamo.utils.counters
+        row.graph_breaks = int(sum(counters["graph_break"].values()))
+        row.cudagraph_counters = {k: int(v) for k, v in counters["inductor"].items() if "cudagraph" in k}
+    return row
+
+
 def run_case(
     case: Case,
     device: torch.device,
@@ -246,45 +316,19 @@ def run_case(
     row.members, row.amp = case.members, case.amp
     if case.members > 1:
         return _run_members_case(case, row, device, warmup=warmup, steps=steps, window=window, num_classes=num_classes)
-    image_size = case.image_size
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _fresh(device)
     torch.manual_seed(seed)
-    torch._dynamo.reset()  # fresh caches: every case compiles the same inner function for a different model
-    torch._dynamo.utils.counters.clear()
     try:
-        method = build_method(case.method, case.w_bits, case.a_bits, **method_options(case.method))
+        method, model, optimizer, scheduler = _components(case, device, warmup + steps * window, num_classes)
     except QreproError as e:
         row.status = f"skipped: {e}"
         return row
-    model = build_model(case.model, num_classes=num_classes)
-    prepare(model, method)
-    model.to(device).train()
-    optimizer = build_optimizer(model, "sgd", None, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    total = warmup + steps * window
-    scheduler = build_scheduler(optimizer, "cosine", total_steps=10 * total, steps_per_epoch=total)
-    x = torch.randn(case.batch_size, 3, image_size, image_size, device=device)
-    y = torch.randint(0, num_classes, (case.batch_size,), device=device)
-    ctx = Context(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        data=SimpleNamespace(train=[(x, y)], test=[], num_classes=num_classes),
-        sample_batch=(x, y),
-    )
-    hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
-    for h in hooks:
-        h.on_train_start(ctx)
-
-    def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, t)
-
-    forward_loss = make_forward_loss(model, loss_fn, method.regularizer, autocast=autocast_factory(case.amp, device))
+    x, y = _batch(case, device, num_classes)
+    ctx, hooks = _start(method, model, optimizer, scheduler, x, y, num_classes)
+    forward_loss = make_forward_loss(model, _loss, method.regularizer, autocast=autocast_factory(case.amp, device))
     scaler = make_scaler(case.amp, device)
     if case.mode != "eager":
         forward_loss = compile_forward_loss(forward_loss, case.mode, backend=backend)
-    sync = _sync(device)
 
     def epoch(batches: TimedBatches) -> None:
         train_one_epoch(
@@ -292,7 +336,7 @@ def run_case(
             batches,
             optimizer,
             scheduler,
-            loss_fn,
+            _loss,
             ctx=ctx,
             hooks=hooks,
             regularizer=method.regularizer,
@@ -301,101 +345,41 @@ def run_case(
             scaler=scaler,
         )
 
-    # CUDA-graph trees warm up, then record: at least 3 untimed steps before timing a compiled case
-    warm = TimedBatches(x, y, max(1 if case.mode == "eager" else 3, warmup), 1, sync)
-    epoch(warm)
-    row.first_step_s = warm.samples()[0]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timed = TimedBatches(x, y, steps * window, window, sync)
-    epoch(timed)
-    samples = timed.samples()
-    if device.type == "cuda":
-        row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    row.samples_ms = [1e3 * s for s in samples]
-    row.step_ms = statistics.median(row.samples_ms)
-    row.step_ms_min, row.step_ms_max = min(row.samples_ms), max(row.samples_ms)
-    row.images_per_s = row.member_images_per_s = case.batch_size / (row.step_ms / 1e3)
-    counters = torch._dynamo.utils.counters
-    if case.mode != "eager":
-        row.graph_breaks = int(sum(counters["graph_break"].values()))
-        row.cudagraph_counters = {k: int(v) for k, v in counters["inductor"].items() if "cudagraph" in k}
-    return row
+    return _timed(row, epoch, x, y, device, warmup, steps, window, compiled=case.mode != "eager")
 
 
 def _run_members_case(
     case: Case, row: Row, device: torch.device, *, warmup: int, steps: int, window: int, num_classes: int
 ) -> Row:
     """``case.members`` replicas (seeds 0..K-1) of the case, stepped by the trainer's ``BatchedStep``."""
-    k, image_size = case.members, case.image_size
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    total = warmup + steps * window
+    k = case.members
+    _fresh(device)
     torch.manual_seed(0)
-    x = torch.randn(case.batch_size, 3, image_size, image_size, device=device)
-    y = torch.randint(0, num_classes, (case.batch_size,), device=device)
+    x, y = _batch(case, device, num_classes)
     slots, method = [], None
     for i in range(k):
         torch.manual_seed(i)
         try:
-            method = build_method(case.method, case.w_bits, case.a_bits, **method_options(case.method))
+            method, model, optimizer, scheduler = _components(case, device, warmup + steps * window, num_classes)
         except QreproError as e:
             row.status = f"skipped: {e}"
             return row
-        model = build_model(case.model, num_classes=num_classes)
-        prepare(model, method)
-        model.to(device).train()
-        optimizer = build_optimizer(model, "sgd", None, lr=0.1, momentum=0.9, weight_decay=5e-4)
-        scheduler = build_scheduler(optimizer, "cosine", total_steps=10 * total, steps_per_epoch=total)
-        data = SimpleNamespace(train=[(x, y)], test=[], num_classes=num_classes)
-        ctx = Context(model=model, optimizer=optimizer, scheduler=scheduler, data=data, sample_batch=(x, y))
-        hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
-        for h in hooks:
-            h.on_train_start(ctx)
+        ctx, hooks = _start(method, model, optimizer, scheduler, x, y, num_classes)
         rng = RngState(device)
         rng.capture()
         slots.append(MemberSlot(model, optimizer, scheduler, hooks, None, ctx, rng, make_scaler(case.amp, device)))
 
-    def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, t)
-
     mode = None if case.mode == "eager" else case.mode
-    step = BatchedStep(slots, loss_fn, method.regularizer, autocast_factory(case.amp, device), mode)
+    step = BatchedStep(slots, _loss, method.regularizer, autocast_factory(case.amp, device), mode)
     xs = x.unsqueeze(0).expand(k, *x.shape).contiguous()
     ys = y.unsqueeze(0).expand(k, *y.shape).contiguous()
-    sync = _sync(device)
-    t0 = time.perf_counter()
-    for i in range(max(1 if mode is None else 3, warmup)):
-        step(xs, ys)
-        if i == 0:
-            sync()
-            row.first_step_s = time.perf_counter() - t0
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    samples = []
-    for _ in range(steps):
-        sync()
-        t = time.perf_counter()
-        for _ in range(window):
-            step(xs, ys)
-        sync()
-        samples.append((time.perf_counter() - t) / window)
+
+    def epoch(batches: TimedBatches) -> None:
+        for bx, by in batches:
+            step(bx, by)
+
+    _timed(row, epoch, xs, ys, device, warmup, steps, window, compiled=mode is not None)
     step.release()
-    if device.type == "cuda":
-        row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    row.samples_ms = [1e3 * s for s in samples]
-    row.step_ms = statistics.median(row.samples_ms)
-    row.step_ms_min, row.step_ms_max = min(row.samples_ms), max(row.samples_ms)
-    row.member_images_per_s = case.batch_size / (row.step_ms / 1e3)
-    row.images_per_s = k * row.member_images_per_s
-    if mode is not None:
-        counters = torch._dynamo.utils.counters
-        row.graph_breaks = int(sum(counters["graph_break"].values()))
-        row.cudagraph_counters = {c: int(v) for c, v in counters["inductor"].items() if "cudagraph" in c}
     return row
 
 
@@ -484,10 +468,7 @@ def merge_rounds(first: Row, later: Row) -> None:
         first.status = first.status if first.status != "ok" else later.status
         return
     first.samples_ms += later.samples_ms
-    first.step_ms = statistics.median(first.samples_ms)
-    first.step_ms_min, first.step_ms_max = min(first.samples_ms), max(first.samples_ms)
-    first.member_images_per_s = first.batch_size / (first.step_ms / 1e3)
-    first.images_per_s = first.members * first.member_images_per_s
+    _set_step_stats(first)
     if later.peak_mem_mb is not None:
         first.peak_mem_mb = max(first.peak_mem_mb or 0.0, later.peak_mem_mb)
 

@@ -93,7 +93,7 @@ def build_data_from_cfg(cfg: DictConfig, device: torch.device, rank: int = 0, wo
     data = build_data(
         dcfg["name"],
         **without(dcfg, "name", "num_classes"),
-        batch_size=per_rank_batch(int(cfg.trainer.batch_size), world_size),
+        batch_size=per_rank_batch(int(cfg.trainer.batch_size), world_size, int(cfg.trainer.get("accumulate") or 1)),
         device=device,
         seed=int(cfg.seed),
         rank=rank,

@@ -15,6 +15,12 @@ the whole chain. ``+plan=true`` prints the chain, its run directories and comman
 
 A multirun (``-m ... precision=w2a2,w3a3``) resolves each job's chain in the launching process and trains the
 sources its jobs need there, each once, before the first job starts; each job then starts from its own source.
+
+Batched members (``seed=S trainer.members=K``, qrepro/engine/members.py) resolve as their separate runs do: member i
+is the run ``seed=S+i``, whose chain carries its seed, so member i starts from the seed ``S+i`` run of the source
+cell. The K source runs of each step of the chain are trained as one batched job (``trainer.members=K`` on the
+source cell; runs already finished are reused, and a batch that would not write exactly those runs is trained one
+run at a time), then every member starts from its own source's ``last.pt``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from omegaconf import DictConfig
 
 from qrepro.cli import split_argv
 from qrepro.config import beside_hydra, compose, quote_path_overrides, run_subdir
+from qrepro.engine.members import member_overrides
 from qrepro.engine.record import read_record
 from qrepro.engine.rundir import file_sha256
 from qrepro.errors import QreproError
@@ -85,6 +92,12 @@ class Step:
     run_dir: Path
     complete: bool
     record: dict | None = None
+    seed: int = 0  # the run's composed seed
+
+    def refresh(self) -> None:
+        """Read the run's record again (after it was trained)."""
+        self.record = read_record(self.run_dir / "record.json")
+        self.complete = bool(self.record and self.record.get("complete") is True)
 
     def command(self, init_from: str | None, python: str = "python") -> list[str]:
         init = hydra_quote(init_from) if init_from else "null"
@@ -98,7 +111,8 @@ def _step(experiment: str, overrides: list[str], cfg: DictConfig | None = None) 
     sub = run_subdir([f"+experiment={experiment}", *overrides])
     run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / sub
     rec = read_record(run_dir / "record.json")
-    return Step(experiment, list(overrides), run_dir, bool(rec and rec.get("complete") is True), rec), cfg
+    done = bool(rec and rec.get("complete") is True)
+    return Step(experiment, list(overrides), run_dir, done, rec, int(cfg.seed)), cfg
 
 
 def resolve(experiment: str, overrides: Sequence[str], cfg: DictConfig | None = None) -> list[Step]:
@@ -137,6 +151,13 @@ def last_checkpoint(step: Step) -> Path:
     return step.run_dir / "checkpoints" / "last.pt"
 
 
+def reusable(step: Step, init: str | None) -> bool:
+    """``step``'s finished run can be used: complete, with its ``last.pt``, initialised from ``init``'s content."""
+    want = file_sha256(init) if init else None
+    same_init = step.record is not None and (step.record.get("init_from_sha256") or None) == want
+    return step.complete and same_init and last_checkpoint(step).is_file()
+
+
 def describe(chain: Sequence[Step], python: str = "python") -> list[str]:
     """The plan preview: one block per run, in order."""
     lines = [f"plan: {chain[-1].experiment}: {len(chain)} run(s) in order"]
@@ -166,9 +187,7 @@ def run_sources(
     target = chain[-1].experiment
     for step in chain[:-1]:
         ckpt = last_checkpoint(step)
-        want = file_sha256(init) if init else None
-        same_init = step.record is not None and (step.record.get("init_from_sha256") or None) == want
-        if step.complete and same_init and ckpt.is_file():
+        if reusable(step, init):
             out(f"chain: {target} starts from {step.experiment}: using its finished run {step.run_dir.as_posix()}")
         else:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train it: one process does, first
@@ -220,18 +239,23 @@ def prepare(
         return argv
     if multirun:
         return prepare_sweep(argv, experiment, overrides, out=out, runner=runner, plan=plan)
+    cfg = cfg if cfg is not None else compose(overrides)
+    if members_of(cfg) > 1:  # batched members: one chain per member, each source step trained as one batch
+        if not plan and not needs_source(cfg):
+            return argv
+        chains = member_chains(experiment, overrides, cfg)
+        if plan:
+            out("\n".join(describe_members(chains)))
+            return None
+        if len(chains[0]) > 1:
+            run_member_sources(chains, out=out, runner=runner)
+        return argv  # the job resolves each member's source run (member_inits)
     chain = resolve(experiment, overrides, cfg)
     if plan:
         out("\n".join(describe(chain)))
         return None
     if len(chain) == 1:
         return argv
-
-    if int((cfg if cfg is not None else compose(split_argv(argv)[1])).trainer.get("members") or 1) > 1:
-        raise QreproError(
-            f"{experiment} starts from {chain[-2].experiment}: trainer.members>1 needs init_from=<path> (or "
-            "init_from=null); `qrepro-table sweep` runs whole chains"
-        )
     init = run_sources(chain, out=out, runner=runner)
     out(f"chain: {experiment} starts from {init}")
     return [*argv, f"init_from={hydra_quote(init)}"]
@@ -255,27 +279,31 @@ def prepare_sweep(
     """A multirun over a chained cell: every job's chain is resolved here, in the launching process, and the
     sources the jobs need are trained here, each once and in order, before any job starts (jobs may run
     concurrently; a source shared by several jobs is never trained twice). Each job then starts from its own
-    source's finished run (:func:`job_init`). Returns ``argv`` unchanged, or None after a plan preview."""
+    source's finished run (:func:`job_init`; a batched members job: each member from its seed's run,
+    :func:`member_inits`). Returns ``argv`` unchanged, or None after a plan preview."""
     jobs = sweep_jobs(overrides)
-    chains = [resolve(experiment, job) for job in jobs]
+    # per job, its chains: one, or one per member of a batched job (trainer.members=K)
+    cfgs = [compose(job) for job in jobs]
+    batched = [members_of(cfg) > 1 and (plan or needs_source(cfg)) for cfg in cfgs]  # one chain per member
+    chains = [
+        member_chains(experiment, job, cfg) if b else [resolve(experiment, job, cfg)]
+        for job, cfg, b in zip(jobs, cfgs, batched)
+    ]
     if plan:
-        for chain in chains:
-            out("\n".join(describe(chain)))
+        for b, cs in zip(batched, chains):
+            out("\n".join(describe_members(cs) if b else describe(cs[0])))
         return None
     done: set[Path] = set()
-    for job, chain in zip(jobs, chains):
-        if len(chain) == 1:
+    for job, b, cs in zip(jobs, batched, chains):
+        if len(cs[0]) == 1 or all(s.run_dir in done for c in cs for s in c[:-1]):
             continue
-        if int(compose(job).trainer.get("members") or 1) > 1:
-            raise QreproError(
-                f"{experiment} starts from {chain[-2].experiment}: trainer.members>1 needs init_from=<path> (or "
-                "init_from=null); `qrepro-table sweep` runs whole chains"
-            )
-        if all(s.run_dir in done for s in chain[:-1]):
-            continue
-        chain = resolve(experiment, job)  # again: an earlier job may have trained a source it shares
-        done.update(s.run_dir for s in chain[:-1])
-        run_sources(chain, out=out, runner=runner)
+        # again: an earlier job may have trained a source it shares
+        cs = member_chains(experiment, job) if b else [resolve(experiment, job)]
+        done.update(s.run_dir for c in cs for s in c[:-1])
+        if b:
+            run_member_sources(cs, out=out, runner=runner)
+        else:
+            run_sources(cs[0], out=out, runner=runner)
     return list(argv)
 
 
@@ -294,3 +322,133 @@ def job_init(experiment: str | None, overrides: Sequence[str]) -> str | None:
     with beside_hydra():
         chain = resolve(experiment, overrides)
     return run_sources(chain, runner=_refuse) if len(chain) > 1 else None
+
+
+# ------------------------------------------------------------------------------------------ batched members
+def members_of(cfg: DictConfig) -> int:
+    return int(cfg.trainer.get("members") or 1)
+
+
+def needs_source(cfg: DictConfig) -> bool:
+    """The cell starts from another cell's run or from an external checkpoint, and ``init_from`` is not given."""
+    return not cfg.get("init_from") and bool(cfg.get("init_from_experiment") or cfg.get("init_from_required"))
+
+
+def member_chains(experiment: str, overrides: Sequence[str], cfg: DictConfig | None = None) -> list[list[Step]]:
+    """The chains of a batched job's K members (``seed=S trainer.members=K``): member i's is the chain of its
+    separate run ``seed=S+i`` (the overrides ``qrepro.engine.members.member_overrides`` gives it), so its sources
+    carry its seed. ``cfg``: the job's composed config, when the caller has it."""
+    overrides = [o for o in overrides if _key(o) != "experiment"]
+    cfg = cfg if cfg is not None else compose([f"+experiment={experiment}", *overrides])
+    s0, seed_given = int(cfg.seed), any(_key(o) == "seed" for o in overrides)
+    return [resolve(experiment, member_overrides(overrides, s0, i, seed_given)) for i in range(members_of(cfg))]
+
+
+def batch_command(steps: Sequence[Step], python: str = "python", init_null: bool = False) -> list[str] | None:
+    """One batched job (``trainer.members=K``) whose member i is the run ``steps[i]``, or None when no batch is:
+    the runs are not the seeds S..S+K-1 of one experiment with the same other overrides. Without ``init_null``
+    the job resolves each member's source itself (:func:`member_inits`)."""
+    first = steps[0]
+    seed_given = any(_key(o) == "seed" for o in first.overrides)
+    ovr = [o for o in first.overrides if _key(o) != "seed"] + ([f"seed={first.seed}"] if seed_given else [])
+    ovr.append(f"trainer.members={len(steps)}")
+    for i, step in enumerate(steps):
+        if step.experiment != first.experiment or member_overrides(ovr, first.seed, i, seed_given) != step.overrides:
+            return None
+    return [python, "-m", "qrepro.train", f"+experiment={first.experiment}", *ovr] + (
+        ["init_from=null"] if init_null else []
+    )
+
+
+def _seeds(steps: Sequence[Step]) -> str:
+    return ", ".join(str(s.seed) for s in steps)
+
+
+def describe_members(chains: Sequence[Sequence[Step]], python: str = "python") -> list[str]:
+    """The plan preview of a batched job: one block per step of the chain, its K members' run directories and the
+    batched command that trains them."""
+    k, n = len(chains), len(chains[0])
+    target = chains[0][-1]
+    seeds = _seeds([c[-1] for c in chains])
+    lines = [f"plan: {target.experiment}: {n} run(s) in order, each for {k} batched members (seeds {seeds})"]
+    for j in range(n):
+        steps = [c[j] for c in chains]
+        done = sum(s.complete for s in steps)
+        last = j == n - 1
+        state = "to train" if not done else f"{done} of {k} finished" + (", the others to train" if done < k else "")
+        if done == k:
+            state = "finished" if last else "finished (reused)"
+        origin = f"from {chains[0][j - 1].experiment}, each member from its seed's run" if j else "from scratch"
+        lines.append(f"  {j + 1}. {steps[0].experiment}  [{state}, {origin}]")
+        for s in steps:
+            lines.append(f"     run dir (seed={s.seed}): {s.run_dir.as_posix()}")
+        cmd = batch_command(steps, python, init_null=j == 0)
+        if cmd is not None:
+            lines.append(f"     {shlex.join(cmd)}")
+        else:  # not one batch: the runs one at a time
+            for i, s in enumerate(steps):
+                init = last_checkpoint(chains[i][j - 1]).as_posix() if j else None
+                lines.append(f"     {shlex.join(s.command(init, python))}")
+    return lines
+
+
+def run_member_sources(
+    chains: Sequence[Sequence[Step]], *, out: Callable[[str], None] = print, runner: Runner | None = None
+) -> list[str | None]:
+    """:func:`run_sources` for the K members of a batched job: every step of the chain before the cell is made
+    finished for all members (the unfinished ones trained as one batched job of the source cell, or one run at a
+    time when they do not form one batch); returns the checkpoint each member starts from."""
+    runner = runner or subprocess_runner
+    k, n = len(chains), len(chains[0])
+    target = chains[0][-1].experiment
+    inits: list[str | None] = [None] * k
+    for j in range(n - 1):
+        steps = [c[j] for c in chains]
+        src = steps[0].experiment
+        todo = [i for i, s in enumerate(steps) if not reusable(s, inits[i])]
+        if not todo:
+            dirs = ", ".join(s.run_dir.as_posix() for s in steps)
+            out(f"chain: {target} starts from {src} (seeds {_seeds(steps)}): using its finished runs {dirs}")
+        else:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise QreproError("trainer.members cannot be combined with several processes (torchrun/DDP); use one")
+            out(
+                f"chain: {target} starts from {src} ({len(todo)} of its {k} runs for seeds {_seeds(steps)} not "
+                "finished): training them first"
+            )
+            cmd = batch_command(steps, sys.executable, init_null=j == 0)
+            cmds = [cmd] if cmd is not None else [steps[i].command(inits[i], sys.executable) for i in todo]
+            for c in cmds:
+                out(shlex.join(c))
+                result = runner(c)
+                code = getattr(result, "returncode", 1)
+                if code != 0:
+                    raise QreproError(f"the source run {src} failed (exit code {code}); {target} not started")
+            for i in todo:
+                steps[i].refresh()
+                if not reusable(steps[i], inits[i]):
+                    raise QreproError(
+                        f"the source run {src} (seed {steps[i].seed}) left no finished run in "
+                        f"{steps[i].run_dir.as_posix()}; {target} not started"
+                    )
+        inits = [last_checkpoint(s).as_posix() for s in steps]
+    return inits
+
+
+def member_inits(experiment: str | None, overrides: Sequence[str]) -> list[str] | None:
+    """The checkpoint each member of a batched job starts from (its seed's source run, trained by the launch:
+    :func:`prepare` or :func:`prepare_sweep`); None when the cell starts from nothing or ``init_from`` is given.
+    A job never trains a source: an unfinished one is an error."""
+    if experiment is None or explicit_init(overrides):
+        return None
+    with beside_hydra():
+        cfg = compose([f"+experiment={experiment}", *[o for o in overrides if _key(o) != "experiment"]])
+        if not needs_source(cfg):
+            return None
+        chains = member_chains(experiment, overrides, cfg)
+    if len(chains[0]) == 1:
+        return None
+    inits = run_member_sources(chains, runner=_refuse, out=lambda s: None)
+    for c, init in zip(chains, inits):
+        print(f"chain: {experiment} (seed {c[-1].seed}) starts from {init}", flush=True)
+    return inits

@@ -11,6 +11,9 @@ logging, run control). Three things derive from it:
   the ``run_subdir`` resolver; values in one spelling: ``1e-2`` and ``0.01``, ``True`` and ``true`` are one run);
 * the overrides a record stores (:func:`semantic_overrides`), which table cells are matched against;
 * a run's identity (passed to ``qrepro.engine.rundir.identity``, which drops these keys before hashing).
+
+``SAME_CELL_KEYS`` are keys that do change a run's numbers (so they name the run and enter its identity) but not
+the recipe it reproduces: table matching ignores them and the tables mark such runs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from hydra import compose as hydra_compose
@@ -68,6 +71,29 @@ NON_SEMANTIC_KEYS = (
     "table",
 )
 PATH_KEYS = ("init_from", "dataset.root", "out_root")
+
+
+class SameCellKey(NamedTuple):
+    default: Any  # the recipe as written (a run at the default is no other run than before the key existed)
+    note: str  # the table's note on a run at another value (``{value}``; ``{batch}``: its trainer.batch_size)
+
+
+# keys that keep a run the table cell of its recipe but change its numbers slightly. Unlike NON_SEMANTIC_KEYS they
+# stay part of the run's directory name, its record's overrides and, away from their default, its identity (a run
+# with them is another run than the recipe's: ``qrepro.engine.rundir.identity`` drops them only at the default).
+# But a run that differs from a table cell only in them counts as that cell (qrepro.tables.records), and the
+# rendered table marks its number with the note, so that nobody mistakes it for a run of the recipe as written.
+SAME_CELL_KEYS: dict[str, SameCellKey] = {
+    # the same batch, optimizer steps and LR schedule; only what a training forward updates (BatchNorm) sees the
+    # smaller micro-batches (qrepro.engine.loop.train_step)
+    "trainer.accumulate": SameCellKey(
+        1,
+        "run with gradient accumulation over {value} micro-batches (trainer.accumulate={value}): the recipe's batch "
+        "of {batch} per optimizer step, but BatchNorm saw micro-batches of {batch}/{value}",
+    ),
+}
+SAME_CELL_DEFAULTS = {k: v.default for k, v in SAME_CELL_KEYS.items()}
+assert not set(SAME_CELL_KEYS) & set(NON_SEMANTIC_KEYS), "a same-cell key changes results: never non-semantic"
 
 
 def plain(cfg: Any) -> Any:

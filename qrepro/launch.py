@@ -27,7 +27,7 @@ from qrepro.builders import (
     setup_run,
 )
 from qrepro.cli import save_hydra_files
-from qrepro.config import NON_SEMANTIC_KEYS, key_of, run_subdir, trains_from_scratch
+from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS, key_of, run_subdir, trains_from_scratch
 from qrepro.engine import dist as qdist
 from qrepro.engine import fast
 from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
@@ -95,13 +95,15 @@ def train(
     overrides: list[str] | None = None,
     *,
     validate: bool = True,
+    member_inits: list[str | None] | None = None,
 ):
     """Train the run described by ``cfg`` (``trainer.members=K``: K seeds as one batched job); returns the
-    FitResult (record and its path), a list of them for members. ``validate=False``: ``cfg`` was validated."""
+    FitResult (record and its path), a list of them for members. ``validate=False``: ``cfg`` was validated.
+    ``member_inits``: with members, each member's ``init_from`` (a chained cell: each seed's source run)."""
     if validate:
         check_launch(cfg, "train")
     if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
-        return train_members(cfg, run_dir, experiment, overrides)
+        return train_members(cfg, run_dir, experiment, overrides, member_inits)
     h_dir, h_exp, h_over = hydra_context()
     run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
     experiment = experiment or h_exp or cfg.get("experiment")
@@ -179,8 +181,9 @@ def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, 
         log_every=int(cfg.trainer.log_every),
         resume=resuming,
         device=device,
-        identity=identity(config, init, NON_SEMANTIC_KEYS),
+        identity=identity(config, init, NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS),
         scaler=scaler,
+        accumulate=int(cfg.trainer.get("accumulate") or 1),
         **kw,
     )
 
@@ -188,7 +191,9 @@ def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, 
 def _run_line(cfg, run_dir, device, mode, amp) -> str:
     return (
         f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
-        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}" + (f" amp={amp}" if amp != "off" else "")
+        f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
+        + (f" amp={amp}" if amp != "off" else "")
+        + (f" accumulate={n}" if (n := int(cfg.trainer.get("accumulate") or 1)) > 1 else "")
     )
 
 
@@ -261,6 +266,7 @@ class _Member:
     result: Any = None
     error: str | None = None
     lock: Any = None
+    init: dict | None = None  # its init_from file (path, sha256)
 
 
 def _finish_member(m: _Member) -> None:
@@ -281,18 +287,29 @@ def _finish_member(m: _Member) -> None:
         )
 
 
-def _member_cfg(cfg: DictConfig, seed: int) -> DictConfig:
+def _member_cfg(cfg: DictConfig, seed: int, init_from: Any = None) -> DictConfig:
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(c):
         c.seed = int(seed)
         c.trainer.members = 1
+        if init_from is not None:
+            c.init_from = init_from
     return c
 
 
-def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None, overrides: list[str] | None):
+def train_members(
+    cfg: DictConfig,
+    run_dir: Path | None,
+    experiment: str | None,
+    overrides: list[str] | None,
+    inits: list[str | None] | None = None,
+):
     """Train the K members of ``cfg``; returns their FitResults (member order). A diverged member gets a
-    diverged record and, after the others finished, the launch fails in one line naming it."""
+    diverged record and, after the others finished, the launch fails in one line naming it. ``inits``: each
+    member's ``init_from`` (default: ``cfg.init_from`` for all)."""
     k = int(cfg.trainer.members)
+    if inits is not None and len(inits) != k:
+        raise ValueError(f"{len(inits)} member inits for {k} members")
     h_dir, h_exp, h_over = hydra_context()
     raw = [o for o in (overrides if overrides is not None else h_over)]
     experiment = experiment or h_exp or cfg.get("experiment")
@@ -302,7 +319,9 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
     raws = [member_overrides(raw, s0, i, seed_given) for i in range(k)]
     base = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default").parent
     members = [
-        _Member(i, seeds[i], f"seed={seeds[i]}", _member_cfg(cfg, seeds[i]), base / run_subdir(raws[i]))
+        _Member(
+            i, seeds[i], f"seed={seeds[i]}", _member_cfg(cfg, seeds[i], inits and inits[i]), base / run_subdir(raws[i])
+        )
         for i in range(k)
     ]
     if bool(cfg.trainer.get("channels_last", False)):
@@ -313,7 +332,10 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
     denv = qdist.setup(cfg.trainer.device)
     if denv.world_size > 1:
         raise QreproError("trainer.members cannot be combined with several processes (torchrun/DDP); use one")
-    init = init_source(cfg.init_from)
+    for m in members:  # a corrupt checkpoint is one line before a run directory is touched
+        m.init = init_source(m.cfg.init_from)
+        if m.init:
+            check_init_path(m.init["path"])
     results: list[Any] = [None] * k
     batch = {
         "id": batch_id(str(cfg.name), seeds, [o for o in raw if key_of(o) not in ("seed", "trainer.members")]),
@@ -327,7 +349,7 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
             m.lock = RunLock(m.run_dir)
             m.lock.acquire()
             try:
-                action, rec = _prepare_run_dir(m.cfg, m.run_dir, init)
+                action, rec = _prepare_run_dir(m.cfg, m.run_dir, m.init)
             except QreproError as e:
                 raise QreproError(f"member {m.label}: {e}") from None
             if action == "skip":
@@ -343,9 +365,8 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
                 for m, _ in todo:
                     save_hydra_files(m.run_dir, m.cfg)
                     logs.enter_context(tee_console(m.run_dir / "train.log"))
-                scratch = trains_from_scratch(cfg)
-                ovs = [semantic_overrides(raws[m.index], scratch=scratch) for m, _ in todo]
-                _train_members(cfg, todo, experiment, ovs, init, denv, batch)
+                ovs = [semantic_overrides(raws[m.index], scratch=trains_from_scratch(m.cfg)) for m, _ in todo]
+                _train_members(cfg, todo, experiment, ovs, denv, batch)
             for m, _ in todo:
                 results[m.index] = m.result
     finally:
@@ -358,7 +379,7 @@ def train_members(cfg: DictConfig, run_dir: Path | None, experiment: str | None,
     return results
 
 
-def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) -> None:
+def _train_members(cfg, todo, experiment, member_overrides_, denv, batch) -> None:
     device = denv.device
     setup_process(cfg, device)
     amp = amp_mode(cfg.trainer.get("amp"))
@@ -376,11 +397,11 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
         check_amp(amp, comp.optimizer)
         hooks = list(comp.method.hooks) + list(getattr(comp.optimizer, "hooks", []))
         config = OmegaConf.to_container(c, resolve=True)
-        record_base = make_record_base(c, experiment, ovr, init, 1)
+        record_base = make_record_base(c, experiment, ovr, m.init, 1)
         record_base["members"] = {**batch, "index": m.index}
         logger = open_logger(c, m.run_dir, config, resuming, concurrent=True)
         f = _fit(
-            c, m.run_dir, comp, data_m, config, init, hooks=hooks, logger=logger, record_base=record_base,
+            c, m.run_dir, comp, data_m, config, m.init, hooks=hooks, logger=logger, record_base=record_base,
             resuming=resuming, device=device, scaler=make_scaler(amp, device), progress=False,
         )  # fmt: skip
         f.callbacks = [MemberConsole(m.label) if isinstance(cb, Console) else cb for cb in default_callbacks(f)]
@@ -407,6 +428,7 @@ def _train_members(cfg, todo, experiment, member_overrides_, init, denv, batch) 
             log_every=int(cfg.trainer.log_every),
             progress=bool(cfg.trainer.progress),
             epochs=int(cfg.trainer.epochs),
+            accumulate=int(cfg.trainer.get("accumulate") or 1),
         )
 
     try:

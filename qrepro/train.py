@@ -30,7 +30,7 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     semantic_overrides,
     setup_process,
 )
-from qrepro.chain import job_init, pop_plan, prepare
+from qrepro.chain import job_init, member_inits, pop_plan, prepare
 from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors
 from qrepro.launch import (  # noqa: F401  (re-exported: scripts and tests import them from here)
     _decide,
@@ -54,10 +54,13 @@ from qrepro.run_table import from_train_argv
 def _task(cfg: DictConfig) -> str:
     # a single run's config was validated by the launch's check; a multirun's jobs are validated one by one
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun and (init := job_init(*hydra_context()[1:])):  # a chained cell: the source the launch trained
+    inits = None
+    if int(cfg.trainer.get("members") or 1) > 1:  # a chained cell's members: each from its seed's source run
+        inits = member_inits(*hydra_context()[1:])
+    elif multirun and (init := job_init(*hydra_context()[1:])):  # a chained cell: the source the launch trained
         with open_dict(cfg):
             cfg.init_from = init
-    result = train(cfg, validate=multirun)
+    result = train(cfg, validate=multirun, member_inits=inits)
     results = result if isinstance(result, list) else [result]  # batched members: one result per member
     if os.environ.get("RANK", "0") == "0":
         for r in results:

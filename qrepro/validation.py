@@ -121,6 +121,13 @@ def _check_trainer(t: dict[str, Any]) -> None:
     _int(t, "log_every", "trainer.", 1, "50")
     _int(t, "num_threads", "trainer.", 1, "4", nullable=True)
     _int(t, "members", "trainer.", 1, "4")
+    _int(t, "accumulate", "trainer.", 1, "2")
+    n, b = t.get("accumulate", 1), t.get("batch_size")
+    if n > 1 and _is_int(b) and b % n:
+        raise QreproError(
+            f"trainer.batch_size={b} is not divisible by trainer.accumulate={n}: each step's batch is split into "
+            f"{n} equal micro-batches; use a batch size that is a multiple of {n} or another trainer.accumulate"
+        )
     if "amp" in t:
         amp_mode(t["amp"])
     for k in ("progress", "deterministic", "sync_bn", "find_unused_parameters", "channels_last"):

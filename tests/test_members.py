@@ -174,6 +174,10 @@ DIGITS += ["trainer.progress=false", "trainer.num_threads=1"]
 def float64_trainer(monkeypatch):
     """The trainer in float64 (model and inputs), so that batched and separate runs agree to the printed digits
     instead of drifting apart by float32 rounding (as two thread counts of the same run also do)."""
+    _float64(monkeypatch)
+
+
+def _float64(monkeypatch):
     import qrepro.builders
     import qrepro.launch
     from qrepro.data import Normalizer
@@ -205,14 +209,19 @@ def _rec(out_root, seed):
 
 @pytest.fixture(scope="module")
 def separate_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("separate")
+    """The three separate float64 runs (seeds 0-2) that the batched runs are compared with, trained once per
+    test process (under pytest-xdist each worker that needs them trains its own)."""
+    out = tmp_path_factory.mktemp("separate")
+    with pytest.MonkeyPatch.context() as mp:
+        _float64(mp)
+        for s in range(3):
+            _train([f"seed={s}"], out)
+    return out
 
 
 def test_digits_multirun_batched_equals_separate(tmp_path, float64_trainer, separate_dir, capsys):
-    for s in range(3):
-        _train([f"seed={s}"], separate_dir)
-    out = capsys.readouterr().out
     results = _train(["seed=0", "trainer.members=3"], tmp_path)
+    out = capsys.readouterr().out
     assert [r.record_path.parent.name for r in results] == [_name(s) for s in range(3)]
     for s in range(3):
         a, b = _rec(tmp_path, s), _rec(separate_dir, s)

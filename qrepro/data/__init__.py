@@ -180,8 +180,3 @@ def build_data(name: str, **kwargs: Any) -> DataBundle:
         return factory(**kwargs)
     except TypeError as e:
         raise QreproError(f"bad options for dataset={name}: {e}") from None
-
-
-def dataset_names() -> list[str]:
-    _load_all()
-    return DATASETS.names()

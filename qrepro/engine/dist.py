@@ -138,12 +138,19 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def per_rank_batch(global_batch: int, world: int) -> int:
-    """``trainer.batch_size`` is the global batch; each rank takes an equal share of it."""
+def per_rank_batch(global_batch: int, world: int, accumulate: int = 1) -> int:
+    """``trainer.batch_size`` is the global batch; each rank takes an equal share of it, which
+    ``trainer.accumulate`` = N splits into N equal micro-batches."""
     if global_batch % world:
         raise QreproError(
             f"trainer.batch_size={global_batch} is not divisible by the {world} processes; "
             f"use a multiple of {world} (it is the global batch, split evenly across ranks)"
+        )
+    if (global_batch // world) % accumulate:
+        raise QreproError(
+            f"trainer.batch_size={global_batch} over {world} processes is {global_batch // world} per process, "
+            f"not divisible by trainer.accumulate={accumulate}; use a batch size that is a multiple of "
+            f"{world * accumulate} or another trainer.accumulate"
         )
     return global_batch // world
 

@@ -5,6 +5,7 @@ Metrics are accumulated on the device and read once per ``log_every`` steps (no 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,12 +52,21 @@ def train_step(
     hooks: Sequence[Hook] = (),
     ema: Any = None,
     scaler: Any = None,
+    accumulate: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step exactly as the trainer takes it: forward + loss (+ regularizer), backward, the
     optimizer step (with a closure for two-pass optimizers such as ASAM), the LR schedule, EMA, then the
     hooks' ``on_step_end``. Returns (the step's loss, number of correct top-1 predictions), both detached
     copies (under CUDA graphs the next call overwrites the compiled function's outputs). ``scaler``: a
-    ``torch.amp.GradScaler`` (``trainer.amp=fp16``) scales the loss and steps the optimizer."""
+    ``torch.amp.GradScaler`` (``trainer.amp=fp16``) scales the loss and steps the optimizer.
+
+    ``accumulate`` = N > 1 (``trainer.accumulate``): the batch is split into N micro-batches
+    (:func:`micro_batches`), each forward + backward on its own, and the gradients summed before the one
+    optimizer step (:func:`_accumulated_step`)."""
+    if accumulate > 1:
+        return _accumulated_step(
+            model, forward_loss, optimizer, scheduler, x, y, accumulate, ctx=ctx, hooks=hooks, ema=ema, scaler=scaler
+        )
     optimizer.zero_grad(set_to_none=True)
     loss, correct = forward_loss(x, y)
     with torch.no_grad():
@@ -79,6 +89,12 @@ def train_step(
     else:
         loss.backward()
         optimizer.step()
+    _after_step(model, scheduler, step_loss, ctx=ctx, hooks=hooks, ema=ema)
+    return step_loss, correct
+
+
+def _after_step(model: nn.Module, scheduler: Any, step_loss: torch.Tensor, *, ctx: Context, hooks, ema) -> None:
+    """What follows every optimizer step: the LR schedule, the EMA, the step count and the hooks' ``on_step_end``."""
     if scheduler is not None:
         scheduler.step()
     if ema is not None:
@@ -87,6 +103,75 @@ def train_step(
     ctx.loss = step_loss
     for h in hooks:
         h.on_step_end(ctx, ctx.step)
+
+
+def micro_batches(
+    x: torch.Tensor, y: torch.Tensor, n: int, dim: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """``(x_i, y_i, w_i)``: the batch split along its batch dimension ``dim`` into ``n`` micro-batches of equal size
+    (sizes differing by one when ``n`` does not divide it, e.g. an epoch's last, smaller batch; none empty),
+    each with the weight ``w_i = |x_i| / |x|``. For a loss that is a mean over the batch (plus a term that does
+    not depend on it, such as a weight regularizer), ``sum_i w_i loss(x_i)`` is the loss of the whole batch, so
+    the summed gradients of the weighted micro-losses are the whole batch's gradient."""
+    b = int(y.shape[dim])
+    parts = zip(x.tensor_split(n, dim=dim), y.tensor_split(n, dim=dim))
+    return [(xi, yi, yi.shape[dim] / b) for xi, yi in parts if yi.shape[dim]]
+
+
+def _accumulate_grads(
+    model: nn.Module, forward_loss: ForwardLoss, parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]], scaler: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward + backward of each weighted micro-batch, gradients summed into ``.grad``; returns the whole batch's
+    loss (``sum_i w_i loss_i``) and its number of correct top-1 predictions. Under DDP only the last backward
+    all-reduces the gradients (``no_sync`` for the others); under fp16 each micro-loss is scaled."""
+    loss_sum = correct_sum = None
+    for i, (xi, yi, w) in enumerate(parts):
+        last = i == len(parts) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            loss, correct = forward_loss(xi, yi)
+            loss = loss * w
+            with torch.no_grad():  # before the next call (CUDA graphs overwrite the compiled outputs)
+                lv, cv = loss.detach().clone(), correct.clone()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum = lv if loss_sum is None else loss_sum + lv
+        correct_sum = cv if correct_sum is None else correct_sum + cv
+    return loss_sum, correct_sum
+
+
+def _accumulated_step(
+    model: nn.Module,
+    forward_loss: ForwardLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n: int,
+    *,
+    ctx: Context,
+    hooks: Sequence[Hook],
+    ema: Any,
+    scaler: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`train_step` with gradient accumulation over ``n`` micro-batches: the gradients of the weighted
+    micro-losses (:func:`micro_batches`) summed, then ONE optimizer step (a two-pass optimizer's closure
+    recomputes them over the same micro-batches), ONE scheduler step, EMA update, step count and ``on_step_end``.
+    Only what a training forward updates (BatchNorm's batch statistics and running averages) sees micro-batches."""
+    parts = micro_batches(x, y, n)
+    optimizer.zero_grad(set_to_none=True)
+    step_loss, correct = _accumulate_grads(model, forward_loss, parts, scaler)
+    if scaler is not None:  # fp16: one unscale/inf check over the summed gradients, one step, one scale update
+        scaler.step(optimizer)
+        scaler.update()
+    elif getattr(optimizer, "needs_closure", False):
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            return _accumulate_grads(model, forward_loss, parts, None)[0]
+
+        optimizer.step(closure)
+    else:
+        optimizer.step()
+    _after_step(model, scheduler, step_loss, ctx=ctx, hooks=hooks, ema=ema)
     return step_loss, correct
 
 
@@ -105,9 +190,10 @@ def train_one_epoch(
     progress: Any = None,
     forward_loss: ForwardLoss | None = None,
     scaler: Any = None,
+    accumulate: int = 1,
 ) -> dict[str, float]:
     """One epoch. ``forward_loss`` (e.g. the compiled one of ``qrepro.engine.fast``) replaces
-    ``make_forward_loss(model, loss_fn, regularizer)``."""
+    ``make_forward_loss(model, loss_fn, regularizer)``; ``accumulate``: micro-batches per step (:func:`train_step`)."""
     model.train()
     forward_loss = forward_loss or make_forward_loss(model, loss_fn, regularizer)
     dev_loss = dev_correct = None
@@ -124,8 +210,9 @@ def train_one_epoch(
             break
         data_s += time.perf_counter() - td
         step_loss, correct = train_step(
-            model, forward_loss, optimizer, scheduler, x, y, ctx=ctx, hooks=hooks, ema=ema, scaler=scaler
-        )
+            model, forward_loss, optimizer, scheduler, x, y, ctx=ctx, hooks=hooks, ema=ema, scaler=scaler,
+            accumulate=accumulate,
+        )  # fmt: skip
         with torch.no_grad():
             bl = step_loss * y.shape[0]
             dev_loss = bl if dev_loss is None else dev_loss + bl

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from qrepro.engine.callbacks import Console
 from qrepro.engine.fast import compile_forward_loss, with_input
-from qrepro.engine.loop import NonFiniteLoss
+from qrepro.engine.loop import NonFiniteLoss, micro_batches
 from qrepro.errors import QreproError
 
 __all__ = [
@@ -369,9 +369,10 @@ class _null:
 
 class BatchedStep:
     """One optimizer step of every member, exactly as ``qrepro.engine.loop.train_step`` takes it for one run:
-    forward + loss (+ the method's regularizer) and backward batched over the stack, then per member (in member
-    order, with its own RNG state): the optimizer step (through its gradient scaler under fp16), the LR schedule,
-    the EMA and the hooks' ``on_step_end``."""
+    forward + loss (+ the method's regularizer) and backward batched over the stack (``accumulate`` > 1: over
+    each of that many micro-batches of every member's batch, losses weighted by their share, gradients summed),
+    then per member (in member order, with its own RNG state): the optimizer step (through its gradient scaler
+    under fp16), the LR schedule, the EMA and the hooks' ``on_step_end``."""
 
     def __init__(
         self,
@@ -380,8 +381,10 @@ class BatchedStep:
         regularizer: Callable | None,
         autocast: Any = None,
         compile_mode: str | None = None,
+        accumulate: int = 1,
     ) -> None:
         self.slots = list(slots)
+        self.accumulate = accumulate
         for s in self.slots:
             if getattr(s.optimizer, "needs_closure", False):
                 raise QreproError(
@@ -403,15 +406,14 @@ class BatchedStep:
         for s in self.slots:
             s.model.train()
         stack.zero_grad()
-        losses, correct = self.fn(xs, ys)
-        with torch.no_grad():
-            step_losses = losses.detach().clone()
-            correct = correct.detach().clone()
-        if any(s.scaler is not None for s in self.slots):  # fp16: each member's loss times its own scale
-            scaled = [s.scaler.scale(loss) if s.scaler is not None else loss for s, loss in zip(self.slots, losses)]
-            torch.stack(scaled).sum().backward()
+        if self.accumulate > 1:  # trainer.accumulate: micro-batches of every member's batch, gradients summed
+            step_losses = correct = None
+            for xi, yi, w in micro_batches(xs, ys, self.accumulate, dim=1):
+                li, ci = self._backward(xi, yi, w)
+                step_losses = li if step_losses is None else step_losses + li
+                correct = ci if correct is None else correct + ci
         else:
-            losses.sum().backward()
+            step_losses, correct = self._backward(xs, ys)
         stack.scatter_grads()
         for i, s in enumerate(self.slots):
             with s.rng:
@@ -429,6 +431,22 @@ class BatchedStep:
                 for h in s.hooks:
                     h.on_step_end(s.ctx, s.ctx.step)
         stack.check_tied()
+        return step_losses, correct
+
+    def _backward(self, xs: torch.Tensor, ys: torch.Tensor, w: float | None = None) -> tuple[torch.Tensor, ...]:
+        """Forward + backward of the stacked batch (its losses weighted by ``w``, a micro-batch's share of the
+        batch), gradients added to the stack's; returns detached copies of the (weighted) losses and correct counts."""
+        losses, correct = self.fn(xs, ys)
+        if w is not None:
+            losses = losses * w
+        with torch.no_grad():
+            step_losses = losses.detach().clone()
+            correct = correct.detach().clone()
+        if any(s.scaler is not None for s in self.slots):  # fp16: each member's loss times its own scale
+            scaled = [s.scaler.scale(loss) if s.scaler is not None else loss for s, loss in zip(self.slots, losses)]
+            torch.stack(scaled).sum().backward()
+        else:
+            losses.sum().backward()
         return step_losses, correct
 
     def release(self) -> None:
@@ -453,9 +471,10 @@ class BatchedEpoch:
         log_every: int = 50,
         progress: bool = False,
         epochs: int = 0,
+        accumulate: int = 1,
     ) -> None:
         self.slots, self.loaders = list(slots), list(loaders)
-        self.args = (loss_fn, regularizer, autocast, compile_mode)
+        self.args = (loss_fn, regularizer, autocast, compile_mode, accumulate)
         self.log_every, self.progress, self.epochs = log_every, progress, epochs
         self.step: BatchedStep | None = None
         self._build(self.slots)

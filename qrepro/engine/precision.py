@@ -1,19 +1,10 @@
 """Mixed precision and memory layout of the training step: ``trainer.amp=off|bf16|fp16``, ``trainer.channels_last``.
 
-* ``amp``: the forward pass (model, loss, regularizer) runs under ``torch.autocast`` in bfloat16 or float16, so
-  convolutions and matrix products run in the low precision while autocast keeps reductions, softmax and the
-  loss in float32. The fake-quantizers run outside autocast on float32 copies of their inputs
-  (``qrepro.quant.layers``): a quantizer's scaling, clipping and rounding are float32 arithmetic as in an
-  ``amp=off`` run, and only the quantized values enter the low-precision convolution. Parameters, gradients,
-  optimizer state and BatchNorm statistics stay float32. ``fp16`` adds dynamic loss scaling
-  (``torch.amp.GradScaler``: the loss is multiplied by the scale before the backward pass, the gradients are
-  unscaled before the optimizer step, a step whose gradients overflow is skipped and the scale halved);
-  its state is checkpointed with the run. ``bf16`` has float32's exponent range and needs no scaling.
-* ``channels_last``: the model's 4-d tensors and the input batches in NHWC layout (cuDNN's fast path for
-  convolutions on tensor cores); the values are those of the NCHW layout up to the convolution algorithm.
-
-Both default to off, so the paper cells train in float32 as the papers did; see docs/speed.md for what they
-change (speed and accuracy, measured).
+``amp``: the forward pass runs under ``torch.autocast`` (bfloat16 or float16; ``fp16`` adds dynamic loss scaling
+with a checkpointed ``GradScaler``) while the fake-quantizers run outside it on float32 copies of their inputs
+(``qrepro.quant.layers``). ``channels_last``: the model's 4-d tensors and the input batches in NHWC layout. Both
+default to off, so the paper cells train in float32 as the papers did; what they keep in float32, what they change
+and the measurements: docs/speed.md, section 7.
 """
 
 from __future__ import annotations
@@ -91,13 +82,3 @@ def input_transform(channels_last_on: bool) -> Callable[[torch.Tensor], torch.Te
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
     return to_cl
-
-
-def low_precision_input(x: torch.Tensor) -> bool:
-    """True for an input that autocast produced in half precision (a quantizer then computes on x.float())."""
-    return x.dtype in (torch.float16, torch.bfloat16)
-
-
-def quantizer_context(x: torch.Tensor) -> AbstractContextManager:
-    """Autocast switched off around a fake-quantizer (its arithmetic stays float32)."""
-    return torch.autocast(device_type=x.device.type, enabled=False)

@@ -61,8 +61,3 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def is_complete(path: str | Path) -> bool:
-    rec = read_record(path)
-    return bool(rec and rec.get("complete"))

@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +147,29 @@ def _drop(d: dict[str, Any], dotted: str) -> None:
         _drop(d[head], rest)
 
 
-def result_config(config: dict[str, Any], non_result_keys: Sequence[str]) -> dict[str, Any]:
-    """The part of a resolved config that determines a run's result (``config`` without ``non_result_keys``)."""
+_MISSING = object()
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def result_config(
+    config: dict[str, Any], non_result_keys: Sequence[str], unset_defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The part of a resolved config that determines a run's result (``config`` without ``non_result_keys``, and
+    without the keys of ``unset_defaults`` that hold their default value: keys added later, whose default is what
+    every run did before they existed, e.g. ``qrepro.config.SAME_CELL_DEFAULTS``)."""
     out = json.loads(json.dumps(config, default=str))
     for k in non_result_keys:
         _drop(out, k)
+    for k, default in (unset_defaults or {}).items():
+        if _get(out, k) == default:
+            _drop(out, k)
     if isinstance(out.get("trainer"), dict) and out["trainer"].get("amp") in ("off", False, None):
         _drop(out, "trainer.amp")  # float32 (the default): the identity of runs from before the key existed
     if isinstance(out.get("trainer"), dict) and out["trainer"].get("channels_last") is False:
@@ -159,10 +177,16 @@ def result_config(config: dict[str, Any], non_result_keys: Sequence[str]) -> dic
     return out
 
 
-def identity(config: dict[str, Any], init: dict[str, str] | None, non_result_keys: Sequence[str]) -> dict[str, Any]:
+def identity(
+    config: dict[str, Any],
+    init: dict[str, str] | None,
+    non_result_keys: Sequence[str],
+    unset_defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """What determines a run's result: the hash of ``config`` without ``non_result_keys`` (the configuration's
-    non-semantic keys, ``qrepro.config.NON_SEMANTIC_KEYS``) and the content hash of ``init_from``."""
-    cfg = result_config(config, non_result_keys)
+    non-semantic keys, ``qrepro.config.NON_SEMANTIC_KEYS``) and without ``unset_defaults`` keys at their default
+    (:func:`result_config`), and the content hash of ``init_from``."""
+    cfg = result_config(config, non_result_keys, unset_defaults)
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
     return {"config_sha256": digest, "init_from_sha256": init["sha256"] if init else None, "config": cfg}
 

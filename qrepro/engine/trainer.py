@@ -66,6 +66,7 @@ class Fit:
     identity: dict[str, Any] | None = None  # qrepro.engine.rundir.identity: checked on resume, stored everywhere
     callbacks: list[Callback] | None = None  # None: default_callbacks(fit)
     scaler: Any = None  # torch.amp.GradScaler under trainer.amp=fp16 (checkpointed)
+    accumulate: int = 1  # trainer.accumulate: micro-batches per optimizer step (qrepro.engine.loop.train_step)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Trainer:
             progress=self.bar,
             forward_loss=f.forward_loss,
             scaler=f.scaler,
+            accumulate=f.accumulate,
         )
 
     def end_epoch(self, epoch: int, tr: dict[str, float], t0: float) -> None:

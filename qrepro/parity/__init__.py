@@ -1,14 +1,15 @@
 """Parity harness: qrepro against the authors' own code, side by side, in float64.
 
-``python -m qrepro.parity <apot|sat|tr> --reference DIR [--steps N]`` builds the authors' implementation (from a
+``python -m qrepro.parity <suite> --reference DIR [--steps N]`` builds the authors' implementation (from a
 checkout ``DIR`` of their repository) and qrepro's (through ``qrepro.api.build``, i.e. exactly as the trainer
 builds it) from the same weights and the same CIFAR-10 images, runs a train-mode forward, backward and ``N``
 optimizer steps in both, and prints the largest absolute and relative differences of outputs, gradients,
 parameters and optimizer state, then PASS or FAIL against the stated tolerance (exit code 1 on FAIL).
 
-This module holds what the three comparisons share: the comparison table, importing the authors' modules
-without leaking them into ``sys.modules``, and a fixed batch of real CIFAR-10 images. One module per paper
-(``apot.py``, ``sat.py``, ``tr.py``) registers into ``SUITES``. The authors' code is only imported, never copied.
+This module holds what the suites share: the comparison table, importing the authors' modules without leaking
+them into ``sys.modules``, a fixed batch of real CIFAR-10 images, both sides' input pipelines and qrepro's run.
+One module per paper (``REFERENCE_REPOS``) registers into ``SUITES``. The authors' code is only imported, never
+copied.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torchvision import transforms
 
+from qrepro.api import Run, build
+from qrepro.data import Normalizer
 from qrepro.data.cifar import load_cifar_tensors
 from qrepro.errors import QreproError
 from qrepro.registry import Registry, import_submodules
@@ -210,6 +215,71 @@ def normalize(x: torch.Tensor, mean: Any, std: Any, dtype: torch.dtype = torch.f
     m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1)
     return (x.to(dtype) / 255.0 - m) / s
+
+
+def our_run(overrides: list[str], steps_per_epoch: int, num_classes: int = 10) -> Run:
+    """``qrepro.api.build(overrides)`` in float64 without the dataset (the suite feeds its own batches);
+    ``steps_per_epoch`` sizes the schedule."""
+    return build(
+        overrides, dtype=torch.float64, load_data=False, num_classes=num_classes, steps_per_epoch=steps_per_epoch
+    )
+
+
+def our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float64 through qrepro's ``Normalizer`` with the built run's dataset mean/std."""
+    d = run.cfg.dataset
+    return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
+
+
+def their_inputs(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
+    """uint8 NCHW -> float64 through the authors' torchvision pipeline: ``ToTensor`` + ``Normalize`` (float32)."""
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
+
+
+def require_files(suite: str, folder: Path, files: tuple[str, ...], repo: str) -> None:
+    """A one-line error unless every one of ``files`` is in ``folder`` (a checkout of the authors' ``repo``)."""
+    if not all((folder / f).is_file() for f in files):
+        raise QreproError(f"parity {suite}: {folder} lacks {', '.join(files)}; pass a checkout of {repo}")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one CPU thread, restored afterwards: the same arithmetic on any machine, and no spinning on a
+    shared CPU (two OpenMP threads made a float64 ResNet-20 step up to 10x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def add_grouped(
+    rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any], *, kind: Callable[[str], str], suite: str
+) -> None:
+    """One ``add_many`` row per ``kind(name)`` of the tensors (in the reference's order); same names required."""
+    if set(ours) != set(ref):
+        raise QreproError(f"parity {suite}: {prefix}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
+    kinds: dict[str, list[str]] = {}
+    for k in ref:
+        kinds.setdefault(kind(k), []).append(k)
+    for name, keys in kinds.items():
+        rep.add_many(f"{prefix} {name}", {k: ours[k] for k in keys}, {k: ref[k] for k in keys})
+
+
+def running_stats(model: nn.Module, rename: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the BatchNorm running statistics and batch counts, by name (``rename``: to qrepro's names)."""
+    return {
+        (rename(n) if rename else n): b.detach().clone()
+        for n, b in model.named_buffers()
+        if "running" in n or "num_batches" in n
+    }
+
+
+def largest_change(now: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """max over the tensors of max |now - start| (how far the compared steps moved the parameters)."""
+    return max(float((now[k].detach() - start[k]).abs().max()) for k in now)
 
 
 def run_suite(name: str, reference: Path | str | None, **kw: Any) -> list[Report]:

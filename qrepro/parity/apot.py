@@ -1,31 +1,12 @@
 """APoT parity: qrepro's CIFAR-10 ResNet-20 against the authors' own (``CIFAR10/models`` of their repository).
 
 ``python -m qrepro.parity apot --reference <checkout>/`` (the checkout holds ``CIFAR10/models`` and
-``CIFAR10/main.py``). For each bit-width (2, 3, 4; ``--quick``: 2 only) both models start from the authors'
-released checkpoint ``res20_{b}bit.pth.tar``, in float64:
-
-- the oracle: their ``resnet20_cifar`` with the quantizers re-made for ``b`` bits as their ``main.py`` does, their
-  checkpoint loaded (``module.`` prefix removed, strict), their optimizer (``main.py``: one SGD group per parameter,
-  ``act_alpha`` lr 0.1 / wd 1e-4, ``wgt_alpha`` lr 0.02 / wd 1e-4, the rest the script's lr / wd;
-  ``train_res20.sh``: lr 0.04, wd 1e-4 at 4 and 3 bits, 3e-5 at 2 bits; momentum 0.9), their training step
-  (``train`` in ``main.py``: forward, cross-entropy, zero_grad, backward, step), inputs normalised as their data
-  pipeline does (``ToTensor`` + ``Normalize`` with ``main.py``'s mean/std, in float32);
-- qrepro: ``qrepro.api.build(["+experiment=apot_resnet20_cifar10_w{b}a{b}_script", "init_from=<checkpoint>",
-  "trainer.device=cpu"], dtype=torch.float64)`` (the released file goes through the registered converter), stepped
-  with ``Run.step`` (the trainer's step), inputs normalised by qrepro's data pipeline (``Normalizer`` with the
-  experiment's mean/std, in float32).
-
-Compared, on the same real CIFAR-10 training images (no augmentation): the normalised inputs; one train-mode
-forward/backward with every alpha_w negated on both sides (a learned alpha_w can cross 0: the forward does not change,
-alpha sign(W/alpha) Pi(|W/alpha|) being even in alpha, and the straight-through weight gradient must not either),
-then back to the checkpoint; then ``steps`` optimizer steps, each side its own training step: after the first, its
-train-mode forward output, loss, every gradient and the BatchNorm running statistics; after the last, the loss of
-every step, every parameter, every momentum buffer and BatchNorm statistic, the per-parameter lr / weight decay,
-and per layer the weight clipping threshold alpha_w (a note lists any that reach <= 0 during the steps).
-
-Default: batch 16, 20 steps, 2/3/4 bits. ``quick``: 2 bits, at most 10 steps. Tolerance per row: 1e-9 absolute,
-times the tensor's largest magnitude where that exceeds 1 (float64 rounding is relative); the differences
-measured are rounding (~1e-13 or less).
+``CIFAR10/main.py``): for each bit-width (2, 3, 4; ``--quick``: 2 only, at most 10 steps) both sides start from the
+authors' released checkpoint ``res20_{b}bit.pth.tar`` (ours through ``init_from`` and the registered converter) and
+take their own training steps in float64 on the same CIFAR-10 images. What is compared (including a forward/backward
+with every alpha_w negated), the authors' optimizer groups and the measured differences: docs/apot.md, section
+"Parity with the authors' code". Tolerance per row: 1e-9 absolute, times the tensor's largest magnitude where that
+exceeds 1 (float64 rounding is relative).
 """
 
 from __future__ import annotations
@@ -39,10 +20,18 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from qrepro.api import build
-from qrepro.data import Normalizer
 from qrepro.errors import QreproError
-from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+from qrepro.parity import (
+    SUITES,
+    Report,
+    cifar_batches,
+    largest_change,
+    one_thread,
+    our_inputs,
+    our_run,
+    reference_import,
+    running_stats,
+)
 
 RELEASE_ENV = "QREPRO_APOT_RELEASE"  # the folder of the authors' released res20_{2,3,4}bit.pth.tar
 BITS = (2, 3, 4)
@@ -118,23 +107,9 @@ def _their_inputs(tf: Any, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ qrepro
 def _our_run(bits: int, checkpoint: Path, overrides: list[str]) -> Any:
-    return build(
-        [
-            f"+experiment=apot_resnet20_cifar10_w{bits}a{bits}_script",
-            f"init_from={checkpoint}",
-            "trainer.device=cpu",
-            *overrides,
-        ],
-        dtype=torch.float64,
-        load_data=False,
-        num_classes=10,
-        steps_per_epoch=math.ceil(50_000 / 128),  # sizes the schedule only (milestones at epochs 150/225)
-    )
-
-
-def _our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
-    d = run.cfg.dataset
-    return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
+    experiment = f"+experiment=apot_resnet20_cifar10_w{bits}a{bits}_script"
+    steps_per_epoch = math.ceil(50_000 / 128)  # sizes the schedule only (milestones at epochs 150/225)
+    return our_run([experiment, f"init_from={checkpoint}", "trainer.device=cpu", *overrides], steps_per_epoch)
 
 
 # -------------------------------------------------------------------------------------------- comparison
@@ -195,14 +170,6 @@ def _params(model: nn.Module, rename: bool) -> dict[str, nn.Parameter]:
     return {(their_name_to_ours(n) if rename else n): p for n, p in model.named_parameters()}
 
 
-def _bn_stats(model: nn.Module, rename: bool) -> dict[str, torch.Tensor]:
-    return {
-        (their_name_to_ours(n) if rename else n): b.detach().clone()
-        for n, b in model.named_buffers()
-        if "running" in n or "num_batches" in n
-    }
-
-
 def _per_param(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], what: str) -> dict[str, torch.Tensor]:
     """Per parameter name: the momentum buffer (``what='momentum'``) or the group's ``lr`` / ``weight_decay``."""
     owner = {id(p): g for g in opt.param_groups for p in g["params"]}
@@ -252,7 +219,7 @@ def compare_bits(
         _add_all(rep, "checkpoint loaded: parameters", dict(start), {k: v.detach() for k, v in t_params.items()})
 
         x8, y = batches[0]
-        xt, xo = _their_inputs(tf, x8), _our_inputs(run, x8)
+        xt, xo = _their_inputs(tf, x8), our_inputs(run, x8)
         _add(rep, "normalised input batch", xo, xt)
 
         # ---- every alpha_w negated on both sides (a learned alpha_w can cross 0), one forward/backward, then back
@@ -294,14 +261,14 @@ def compare_bits(
         for i in range(steps):
             x8, y = batches[i % len(batches)]
             losses_t.append(_their_step(theirs, t_opt, _their_inputs(tf, x8), y))
-            losses_o.append(run.step(_our_inputs(run, x8), y))
+            losses_o.append(run.step(our_inputs(run, x8), y))
             if i == 0:
                 for h in hooks:
                     h.remove()
                 _add(rep, "step 1: train-mode forward output (logits)", outs["ours"], outs["theirs"])
                 _add(rep, "step 1: loss", losses_o[0], losses_t[0])
                 _add_grouped(rep, "step 1: grad", _grads(o_params), _grads(t_params))
-                _add_grouped(rep, "step 1: BN stats", _bn_stats(ours, False), _bn_stats(theirs, True))
+                _add_grouped(rep, "step 1: BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours))
                 _add(rep, "alpha_w < 0: forward output = alpha_w > 0 output (ours)", neg_o, outs["ours"])
             for k, p in t_params.items():
                 if k.endswith("wq.alpha") and float(p.detach()) <= 0 and k not in crossed:
@@ -314,7 +281,9 @@ def compare_bits(
             _per_param(run.optimizer, o_params, "momentum"),
             _per_param(t_opt, t_params, "momentum"),
         )
-        _add_grouped(rep, f"after {steps} steps: BN stats", _bn_stats(ours, False), _bn_stats(theirs, True))
+        _add_grouped(
+            rep, f"after {steps} steps: BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours)
+        )
         for what in ("lr", "weight_decay"):
             _add_all(
                 rep,
@@ -324,7 +293,7 @@ def compare_bits(
             )
         for k in (k for k in t_params if k.endswith("wq.alpha")):  # per layer
             _add(rep, f"after {steps} steps: alpha_w {k.removesuffix('.wq.alpha')}", o_params[k], t_params[k])
-    moved = max(float((o_params[k].detach() - start[k]).abs().max()) for k in o_params)
+    moved = largest_change(o_params, start)
     rep.notes.append(f"largest parameter change over the {steps} steps: {moved:.3e} (the comparison is not vacuous)")
     if crossed:
         where = ", ".join(f"{k.removesuffix('.wq.alpha')} (step {s})" for k, s in crossed.items())
@@ -363,9 +332,5 @@ def suite(
     steps = min(steps, QUICK_STEPS) if quick else steps
     batches = cifar_batches(data, steps, batch, seed=DATA_SEED)
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same arithmetic on any machine, and no spinning on a shared CPU
-    try:
+    with one_thread():
         return [compare_bits(reference, b, batches, steps=steps, release=release, overrides=overrides) for b in bits]
-    finally:
-        torch.set_num_threads(threads)

@@ -1,28 +1,11 @@
 """EWGS parity: qrepro's ``ewgs`` CIFAR-10 ResNet-20 against the authors' own code (cvlab-yonsei/EWGS).
 
 ``python -m qrepro.parity ewgs --reference <checkout>`` (the checkout holds ``CIFAR10/custom_models.py``,
-``custom_modules.py`` and ``utils.py``). For W1A1 and W2A2 (``--quick``: W1A1), in float64:
-
-- the oracle: their ``resnet20_quant`` (``QConv`` layers, ``--baseline False``, δ initially 0), initialised by their
-  ``init_quant_model`` on the first batch, trained as ``train_quant.py`` does: ``Adam`` (lr 1e-3, weight decay
-  1e-4) for the network and ``Adam`` (lr 1e-5) for the quantizer parameters (intervals and output scales), each with
-  ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch; their ``update_grad_scales`` (δ from the Hessian
-  trace on 3 batches) before epoch ``UPDATE_EVERY`` (their ``--update_every``).
-- qrepro: ``qrepro.api.build(["+experiment=ewgs_resnet20_cifar10_w1a1", "precision=w{b}a{b}", ...],
-  dtype=torch.float64)`` stepped with ``Run.step`` (its first call runs the initialisation hook) and
-  ``Run.end_epoch`` (the Hessian hook, as the trainer runs it at every epoch end), with ``quantizer.seed=null``
-  so that its Hutchinson probes come from the global RNG as theirs do (both sides are seeded alike before).
-
-Both sides start from the same weights (the oracle's random initialisation) and see the same real CIFAR-10 images
-(no augmentation). Compared: the normalised input; the intervals and output scales after initialisation; at the
-first step the train-mode output, the loss and every gradient; the loss of every step; δ of every discretiser
-after the Hessian update; after the last step every parameter, the Adam moments and the last gradients.
-BatchNorm running statistics are not compared: their initialisation forward also updates them, qrepro's restores
-them (train-mode forwards, hence everything compared, do not read them).
-
-Two changes to their code that do not touch its maths: their Hutchinson ``trace`` is called with ``maxIter``
-= ``MAX_ITER`` (its own keyword; the default 50 makes a CPU run long) and qrepro with ``quantizer.hessian_max_iter``
-equal to it; and ``update_grad_scales`` prints progress, which is silenced.
+``custom_modules.py`` and ``utils.py``). For W1A1 and W2A2 (``--quick``: W1A1), in float64, their
+``resnet20_quant`` trained as ``train_quant.py`` does (``update_grad_scales`` before epoch ``UPDATE_EVERY``) against
+``qrepro.api.build(["+experiment=ewgs_resnet20_cifar10_w1a1", "precision=w{b}a{b}", ...])`` stepped by ``Run.step``
+and ``Run.end_epoch``, from the same weights on the same CIFAR-10 images. What is compared, what is not and why, and
+the measured differences: docs/ewgs.md, section "Parity with the authors' code".
 """
 
 from __future__ import annotations
@@ -37,12 +20,21 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import transforms
 
-from qrepro.api import build
-from qrepro.data import Normalizer
 from qrepro.errors import QreproError
-from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+from qrepro.parity import (
+    SUITES,
+    Report,
+    add_grouped,
+    cifar_batches,
+    largest_change,
+    one_thread,
+    our_inputs,
+    our_run,
+    reference_import,
+    require_files,
+    their_inputs,
+)
 
 CELLS = ("w1a1", "w2a2")
 QUICK_CELLS = ("w1a1",)
@@ -81,24 +73,16 @@ def _kind(name: str) -> str:
     return "conv/fc"
 
 
-def _add_grouped(rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
-    if set(ours) != set(ref):
-        raise QreproError(f"parity ewgs: {prefix}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
-    kinds: dict[str, list[str]] = {}
-    for k in ref:
-        kinds.setdefault(_kind(k), []).append(k)
-    for kind, keys in kinds.items():
-        rep.add_many(f"{prefix} {kind}", {k: ours[k] for k in keys}, {k: ref[k] for k in keys})
+_add_grouped = functools.partial(add_grouped, kind=_kind, suite="ewgs")
 
 
 def _their_inputs(x: torch.Tensor) -> torch.Tensor:
     """train_quant.py's test-time pipeline on uint8 NCHW images: ToTensor + Normalize (float32), then float64."""
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(THEIR_MEAN, THEIR_STD)])
-    return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
+    return their_inputs(x, THEIR_MEAN, THEIR_STD)
 
 
 def _our_run(bits: str, overrides: list[str], max_iter: int, steps_per_epoch: int) -> Any:
-    return build(
+    return our_run(
         [
             "+experiment=ewgs_resnet20_cifar10_w1a1",
             f"precision={bits}",
@@ -110,16 +94,8 @@ def _our_run(bits: str, overrides: list[str], max_iter: int, steps_per_epoch: in
             "init_from=null",
             *overrides,
         ],
-        dtype=torch.float64,
-        load_data=False,
-        num_classes=10,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch,
     )
-
-
-def _our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
-    d = run.cfg.dataset
-    return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
 
 
 def _deltas(model: nn.Module, rename: bool) -> dict[str, torch.Tensor]:
@@ -209,7 +185,7 @@ def compare_cell(
         t0 = time.perf_counter()
         for i in range(steps):
             x8, y = batches[i % len(batches)]
-            xt, xo = _their_inputs(x8), _our_inputs(run, x8)
+            xt, xo = _their_inputs(x8), our_inputs(run, x8)
             epoch = i // spe
             if i == 0:
                 rep.add("normalised input batch", xo, xt)
@@ -228,7 +204,7 @@ def compare_cell(
                 torch.manual_seed(HESSIAN_SEED)
                 with contextlib.redirect_stdout(io.StringIO()):
                     ut.update_grad_scales(theirs, t_loader, nn.CrossEntropyLoss(), "cpu", args)
-                run.data = SimpleNamespace(train=[(_our_inputs(run, xb), yb) for xb, yb in h_batches])
+                run.data = SimpleNamespace(train=[(our_inputs(run, xb), yb) for xb, yb in h_batches])
                 run.ctx.data = run.data
                 torch.manual_seed(HESSIAN_SEED)
                 run.ctx.epoch = epoch - 1
@@ -269,7 +245,7 @@ def compare_cell(
             o_v = {n: st_o[p][key] for n, p in o_params.items()}
             t_v = {n: st_t[p][key] for n, p in t_params.items()}
             _add_grouped(rep, f"after {steps} steps: Adam {key}", o_v, t_v)
-    moved = max(float((o_params[k].detach() - start[k]).abs().max()) for k in o_params)
+    moved = largest_change(o_params, start)
     note = f"largest parameter change over the steps {moved:.3e}; both sides stepped in {wall:.1f} s"
     if steps > UPDATE_EVERY * spe:
         note += f"; their δ after the update in [{delta_range[0]:.3e}, {delta_range[1]:.3e}]"
@@ -293,17 +269,11 @@ def suite(
     """Reports for W1A1 and W2A2 (``quick``: W1A1); ``max_iter``: Hutchinson probes per trace on both sides;
     ``steps_per_epoch``: the comparison's epoch length (δ is re-estimated after ``UPDATE_EVERY`` epochs)."""
     reference = Path(reference)
-    need = ("custom_models.py", "custom_modules.py", "utils.py")
-    if not all((reference / "CIFAR10" / f).is_file() for f in need):
-        raise QreproError(
-            f"parity ewgs: {reference}/CIFAR10 lacks {', '.join(need)}; pass a checkout of cvlab-yonsei/EWGS"
-        )
+    require_files(
+        "ewgs", reference / "CIFAR10", ("custom_models.py", "custom_modules.py", "utils.py"), "cvlab-yonsei/EWGS"
+    )
     cells = tuple(cells) if cells else (QUICK_CELLS if quick else CELLS)
     batches = cifar_batches(data, steps + HESSIAN_BATCHES + 1, batch, seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        kw = {"steps": steps, "overrides": overrides, "max_iter": max_iter, "steps_per_epoch": steps_per_epoch}
+    kw = {"steps": steps, "overrides": overrides, "max_iter": max_iter, "steps_per_epoch": steps_per_epoch}
+    with one_thread():
         return [compare_cell(reference, bits, batches, **kw) for bits in cells]
-    finally:
-        torch.set_num_threads(threads)

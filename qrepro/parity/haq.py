@@ -1,35 +1,15 @@
 """HAQ / Deep Compression k-means parity: qrepro's ``quantizer=dc`` against the HAQ authors' k-means code
-(mit-han-lab/haq: ``lib/utils/quantize_utils.py`` and the training step of ``finetune.py``).
+(mit-han-lab/haq: ``lib/utils/quantize_utils.py`` and the training step of ``finetune.py``), and qrepro's linear
+HAQ quantizer against their ``QConv2d`` / ``QLinear`` (``linear_suite``).
 
-``python -m qrepro.parity haq --reference <checkout>``. In float64, on the same real CIFAR-10 images:
-
-- the oracle: an FP CIFAR ResNet-20 (qrepro's ``resnet20``, 10 classes: their k-means code works on the
-  ``nn.Conv2d`` / ``nn.Linear`` layers of any module, and their MobileNets differ from every model of this zoo in
-  activations or channel rounding), clustered by their ``quantize_model`` (scikit-learn ``KMeans``, ``n_init=1``,
-  ``max_iter=50``) at ``BITS`` bits for every Conv2d/Linear, then trained as ``finetune.py`` trains
-  (cross-entropy, ``zero_grad``, ``backward``, SGD step with lr 0.01, momentum 0.9 and weight decay 1e-5 on every
-  parameter, then their ``kmeans_update_model``, which replaces each cluster's weights by their mean), with their
-  per-epoch cosine lr ``0.5·lr·(1 + cos(pi·epoch/epochs))`` over 100 epochs of 5 steps;
-- qrepro: ``qrepro.api.build(["+experiment=dc_resnet50_imagenet_w2a32", "model=resnet20",
-  "quantizer.centroid_grad=mean", "quantizer.init=linear", ...])`` (the k-means recipe of the Deep
-  Compression cells), stepped with
-  ``Run.step`` (the k-means hook runs at its start).
-
-Both start from the same weights (the oracle's initialisation copied in module order), and the fine-tuning
-comparison from the same clustered state (their centroids copied into ours once the clusterings are compared).
-Their ``quantize_model`` takes the centroid initialisation as an argument that it hands to scikit-learn
-(``centroids_init``); the suite passes evenly spaced centroids over [min, max] (computed here with numpy), i.e.
-Deep Compression's linear initialisation, which qrepro's ``init: linear`` computes itself (their default k-means++
-draws random centroids that no other implementation can reproduce). Their code moves tensors to the GPU
-(``.cuda()``) and stores the clustered weights as float32 (``.float()``); the suite runs it with ``.cuda()`` as the
-identity and ``.float()`` as float64, which changes nothing else. ``progress.bar`` (a progress display) is
-replaced by a silent stand-in.
-
-Compared: the centroids and cluster labels of every layer; the clustered weights; at the first step the
-BatchNorm gradients and each centroid's gradient against the mean of its weights' gradients; the loss
-of every step; after the last step every effective weight, the BatchNorm parameters and statistics, and the
-momentum of every centroid against the mean momentum of its weights (their per-weight SGD followed by cluster
-averaging is SGD on the centroids with the mean gradient: docs/haq.md).
+``python -m qrepro.parity haq --reference <checkout>``: an FP CIFAR ResNet-20 on both sides, clustered by their
+``quantize_model`` (handed Deep Compression's linear centroid initialisation, computed here with numpy, as its
+``centroids_init``: their default k-means++ is random) and fine-tuned by their ``finetune.py`` step with its
+per-epoch cosine lr, against ``qrepro.api.build(["+experiment=dc_resnet50_imagenet_w2a32", "model=resnet20",
+"quantizer.centroid_grad=mean", "quantizer.init=linear", ...])`` stepped with ``Run.step``; float64, the same
+CIFAR-10 images, the same weights (copied in module order) and, for the fine-tuning, the same clustered state. What
+is compared, the stand-ins (``.cuda()``, ``.float()``, ``progress.bar``) and the measured differences: docs/haq.md,
+section "Parity with the authors' code".
 """
 
 from __future__ import annotations
@@ -45,10 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qrepro.api import build
 from qrepro.errors import QreproError
 from qrepro.models import build_model
-from qrepro.parity import SUITES, Report, cifar_batches, normalize, reference_import
+from qrepro.parity import SUITES, Report, cifar_batches, normalize, our_run, reference_import
 from qrepro.quant.layers import quantized_layers
 
 BITS = 2
@@ -134,7 +113,7 @@ def suite(
 
             torch.manual_seed(0)
             theirs = build_model(MODEL, num_classes=10).double().train()
-            run = build(
+            run = our_run(
                 [
                     "+experiment=dc_resnet50_imagenet_w2a32",
                     f"model={MODEL}",
@@ -145,10 +124,7 @@ def suite(
                     "init_from=null",
                     *(overrides or []),
                 ],
-                dtype=torch.float64,
-                load_data=False,
-                num_classes=10,
-                steps_per_epoch=STEPS_PER_EPOCH,
+                STEPS_PER_EPOCH,
             )
             _copy_weights(theirs, run.model)
             rep = Report(f"HAQ k-means (Deep Compression) {MODEL} W{BITS}, {steps} steps, batch {batch}", TOL)
@@ -311,7 +287,7 @@ def linear_suite(
         qu = imp("lib.utils.quantize_utils")
         torch.manual_seed(0)
         fp = build_model(MODEL, num_classes=10).double().train()
-        run = build(
+        run = our_run(
             [
                 "+experiment=haq_mobilenet_v1_imagenet_w8a8",
                 f"model={MODEL}",
@@ -321,10 +297,7 @@ def linear_suite(
                 "init_from=null",
                 *(overrides or []),
             ],
-            dtype=torch.float64,
-            load_data=False,
-            num_classes=10,
-            steps_per_epoch=STEPS_PER_EPOCH,
+            STEPS_PER_EPOCH,
         )
         _copy_weights(fp, run.model)
         theirs, their_layers = _their_linear_model(qu, fp)

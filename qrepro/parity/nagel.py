@@ -1,32 +1,12 @@
 """Nagel et al. parity: qrepro's ``nagel_damp`` / ``nagel_freeze`` against the authors' quantizer code
 (qualcomm-ai-research/oscillations-qat).
 
-``python -m qrepro.parity nagel --reference <checkout>``. The authors' code quantizes ImageNet models through its
-own module framework (BatchNorm folding, "hijacked" layers), so the comparison keeps one network and swaps its
-quantizers: qrepro's ``nagel_{damp,freeze}_mobilenet_v2_imagenet_w3a3`` experiment (recipe: SGD + a separate Adam
-for the scales, per-epoch cosine, the annealing schedules) on a CIFAR-10 ResNet-20 is built with
-``qrepro.api.build`` and stepped with ``Run.step``; a deep copy of it, before any initialisation, gets the authors'
-objects in place of qrepro's quantizers:
-
-- ``SymmetricUniformQuantizer`` per weight and per layer input, ranges from their ``MSE_Estimator`` (grid, 100
-  candidates) on the first batch (inputs as they arrive, as their range-estimation pass), then ``make_range_trainable``;
-- for freezing, their ``TrackOscillation`` wrapped around each ≤ 4-bit weight quantizer's ``to_integer_forward`` (as
-  ``add_oscillation_trackers`` does) with their ``UpdateFreezingThreshold`` and ``CosineTempDecay`` per iteration;
-- for dampening, their ``dampening_loss`` per quantized weight (``kernel_mean``), weighted by their
-  ``UpdateDampeningLossWeighting`` schedule, added to the cross-entropy as their ``CompositeLoss`` does;
-- ``torch.optim.SGD`` for the network with ``CosineAnnealingLR`` stepped per epoch and ``torch.optim.Adam`` (lr 1e-5)
-  for the scales (their ``--sep-quant-optimizer``), in float64 on the same CIFAR-10 images.
-
-Compared: the initial scales (their estimator rounds the ranges to float32, so these rows use a float32
-tolerance and qrepro then starts from their values), the loss, λ and the freezing threshold of every step, and
-after the last step every parameter, the optimizer states, and per tracked layer the oscillation frequency EMA,
-the frozen mask, the frozen integers and the integer EMA (qrepro tracks after each step what the next forward
-uses, and a freezing decision takes effect from the next forward, as in theirs; their tracker runs in the forward,
-so it is called once more on the final weights, and its state is compared with qrepro's decided (``*_next``) one).
-
-Two shims let their modules import on current Python and timm, without touching the maths: their option enums
-(``enum.Flag`` with namedtuple values, rejected by Python >= 3.11) are rebuilt on ``enum.Enum``, and timm's
-activation modules are provided under their old names (``timm.models.layers.activations``).
+``python -m qrepro.parity nagel --reference <checkout>``: qrepro's ``nagel_{damp,freeze}_mobilenet_v2_imagenet_w3a3``
+recipe on a CIFAR-10 ResNet-20 (``qrepro.api.build``, ``Run.step``) against a deep copy of the same network whose
+quantizers are the authors' objects (their quantizer, range estimator, oscillation tracker, dampening loss and
+schedules), float64, the same CIFAR-10 images. What is compared, the float32 tolerances and the two import shims
+(their ``enum.Flag`` options rebuilt on ``enum.Enum``, timm's old activation module names): docs/nagel.md, section
+"Parity with the authors' code".
 """
 
 from __future__ import annotations
@@ -43,10 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrepro.api import build
-from qrepro.data import Normalizer
 from qrepro.errors import QreproError
-from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+from qrepro.parity import (
+    SUITES,
+    Report,
+    cifar_batches,
+    one_thread,
+    our_inputs,
+    our_run,
+    reference_import,
+    require_files,
+)
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods.nagel import NagelQuantizer, NagelSchedule, tracked
 
@@ -124,7 +111,7 @@ def _enum_shim(uu: Any) -> None:
 
 
 def _our_run(kind: str, overrides: list[str]) -> Any:
-    return build(
+    return our_run(
         [
             f"+experiment=nagel_{kind}_mobilenet_v2_imagenet_w3a3",
             "dataset=cifar10",
@@ -137,16 +124,8 @@ def _our_run(kind: str, overrides: list[str]) -> Any:
             *PARITY_OVERRIDES[kind],
             *overrides,
         ],
-        dtype=torch.float64,
-        load_data=False,
-        num_classes=10,
-        steps_per_epoch=STEPS_PER_EPOCH,
+        STEPS_PER_EPOCH,
     )
-
-
-def _inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
-    d = run.cfg.dataset
-    return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
 
 
 def compare_cell(
@@ -185,7 +164,7 @@ def compare_cell(
         total = EPOCHS * STEPS_PER_EPOCH
 
         x0, y0 = batches[0]
-        xo0 = _inputs(run, x0)
+        xo0 = our_inputs(run, x0)
         theirs.train()
         with torch.no_grad():  # their range estimation pass (qrepro: the NagelInit hook in run.start)
             theirs(xo0)
@@ -249,7 +228,7 @@ def compare_cell(
         t0 = time.perf_counter()
         for i in range(steps):
             x8, y = batches[i % len(batches)]
-            xo = _inputs(run, x8)
+            xo = our_inputs(run, x8)
             engine = SimpleNamespace(state=SimpleNamespace(iteration=i + 1))
             if kind == "freeze":
                 upd_freeze(engine)
@@ -364,15 +343,10 @@ def suite(
         "utils/oscillation_tracking_utils.py",
         "utils/qat_utils.py",
     )
-    if not all((reference / f).is_file() for f in need):
-        raise QreproError(f"parity nagel: {reference} lacks {', '.join(need)}; pass a checkout of oscillations-qat")
+    require_files("nagel", reference, need, "oscillations-qat")
     batches = cifar_batches(data, steps, batch, seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return [
             compare_cell(reference, kind, batches, steps=steps, overrides=list(overrides or []))
             for kind in (cells or CELLS)
         ]
-    finally:
-        torch.set_num_threads(threads)

@@ -3,30 +3,11 @@
 
 ``python -m qrepro.parity reactnet --reference <checkout>`` (the checkout holds ``resnet/1_step1/birealnet.py``,
 ``resnet/2_step2/birealnet.py`` and ``utils/KD_loss.py``). Step 2 (binary weights and activations; ``--quick``) and
-step 1 (binary activations, real weights), in float64:
-
-- the oracle: their ``birealnet18`` of that step's folder (``BinaryActivation``, ``HardBinaryConv``, ``LearnableBias``,
-  PReLU, real-valued downsampling) at 10 classes, trained as their ``train.py`` trains it: ``DistributionLoss`` of the
-  student's logits against a real-valued teacher in eval mode (their ``--teacher`` is a torchvision ResNet-34 with
-  ImageNet weights; here a torchvision ResNet-18 with seeded random weights, the same on both sides, which keeps the
-  comparison fast and offline), Adam with their two parameter groups (``p.ndimension() == 4 or 'conv' in name``:
-  ``weight_decay = --weight_decay``; the others: none) at ``run.sh``'s lr 2.5e-3, and their
-  ``LambdaLR(1 − epoch/epochs)`` stepped at the start of every epoch, so the first epoch (the compared steps) runs
-  at lr·(1 − 1/128). Step 2's ``run.sh`` sets ``--weight_decay 0``; step 1's sets 1e-5, which here is set to 0 too
-  because qrepro's tag rules cannot single out conv weights from the classifier and PReLU weights (both
-  ``weight``), and with wd 0 the two groups step identically.
-- qrepro: ``qrepro.api.build(["+experiment=reactnet18_cifar10_{w1a1_adam|fp}", "model.stem=imagenet",
-  "quantizer.distill={model: resnet18, checkpoint: <teacher>}", "optimizer.lr=<their first-epoch lr>",
-  "optimizer.weight_decay=0", "optimizer.groups=[]", "scheduler=constant", ...], dtype=torch.float64)`` stepped
-  with ``Run.step`` (the trainer's step; the method's distillation hook builds and loads the teacher).
-
-Both start from the same weights: the oracle's initialisation, with its binary-conv weights redrawn from a normal
-distribution (std 0.05: their step-2 init ``rand·0.001`` is all positive, so no sign would change) and the
-learnable RSign/RPReLU shifts from N(0, 0.1²) (they start at zero), copied into qrepro's model. Compared on the
-same real CIFAR-10 training images at 32x32 (the ImageNet stem reduces them to 1x1 in the last stage): at the first
-step the train-mode logits, the loss and every gradient; the loss of every step; after the last step the logits,
-every parameter, Adam's moments and step counts, the BatchNorm statistics and the number of binary weights whose
-sign changed (a note). The authors' code is imported, never copied, and run as published.
+step 1 (binary activations, real weights), in float64: their ``birealnet18`` trained as their ``train.py`` trains
+it (``DistributionLoss`` against a teacher, their Adam groups, their first-epoch lr) against
+``qrepro.api.build(["+experiment=reactnet18_cifar10_{w1a1_adam|fp}", ...])`` stepped with ``Run.step``, from the same
+weights on the same CIFAR-10 images. The teacher, the initialisation, what is compared and the measured
+differences: docs/reactnet.md, section "Parity with the authors' code". Their code is run as published.
 """
 
 from __future__ import annotations
@@ -41,9 +22,9 @@ import torch
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
-from qrepro.api import build
 from qrepro.errors import QreproError
-from qrepro.parity import SUITES, Report, cifar_batches, normalize, reference_import
+from qrepro.parity import SUITES, Report, cifar_batches, normalize, one_thread, our_run, reference_import, require_files
+from qrepro.parity import running_stats as _stats
 
 STEPS = {"step2": ("resnet/2_step2", "w1a1_adam"), "step1": ("resnet/1_step1", "fp")}
 CELLS = ("step2", "step1")
@@ -80,10 +61,6 @@ def _init_like_a_trained_step(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1)
 
 
-def _stats(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers() if "running" in n or "num_batches" in n}
-
-
 def compare_step(
     reference: Path,
     step: str,
@@ -117,7 +94,7 @@ def compare_step(
             warnings.simplefilter("ignore", UserWarning)
             t_sched.step()  # train(): scheduler.step() at the start of the epoch
 
-        run = build(
+        run = our_run(
             [
                 f"+experiment=reactnet18_cifar10_{cell}",
                 "trainer.device=cpu",
@@ -130,10 +107,7 @@ def compare_step(
                 "trainer.epochs=1",
                 *overrides,
             ],
-            dtype=torch.float64,
-            load_data=False,
-            num_classes=10,
-            steps_per_epoch=max(1, steps),
+            max(1, steps),
         )
         ours = run.model
         t_sd, o_sd = theirs.state_dict(), ours.state_dict()
@@ -205,15 +179,8 @@ def suite(
     """Reports for ReActNet step 2 (W1A1) and step 1 (W32A1) (``quick``: step 2 only)."""
     reference = Path(reference)
     need = ("resnet/1_step1/birealnet.py", "resnet/2_step2/birealnet.py", "utils/KD_loss.py")
-    if not all((reference / f).is_file() for f in need):
-        raise QreproError(
-            f"parity reactnet: {reference} lacks {', '.join(need)}; pass a checkout of liuzechun/ReActNet"
-        )
+    require_files("reactnet", reference, need, "liuzechun/ReActNet")
     cells = tuple(cells) if cells else (QUICK_CELLS if quick else CELLS)
     batches = cifar_batches(data, steps, batch, seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return [compare_step(reference, c, batches, steps=steps, overrides=overrides) for c in cells]
-    finally:
-        torch.set_num_threads(threads)

@@ -1,32 +1,10 @@
 """SAT parity: qrepro against the SAT authors' code (their AdaBits repository), float64, real CIFAR-10 images.
 
-``python -m qrepro.parity sat --reference <checkout of deJQK/AdaBits>`` imports their ``models/quant_ops.py`` and
-model files with a stand-in ``utils.config`` whose ``FLAGS`` holds the quantizer flags of the recipe compared
-against (their ``apps/*/*.yml``), builds qrepro's side through its own API, copies the authors' randomly
-initialised weights into ours (``qrepro.models.sat_nets.adabits_state_dict``) and runs both on the same batches:
-
-1. quantized conv + linear layers: a small net, first conv (weight-only) - BN - ReLU - conv (PACT input) - BN -
-   ReLU - pool - FC (PACT input), built with ``build_method("sat", ...)`` + ``prepare``; every layer rescaled
-   (their ``rescale`` + ``rescale_conv``), weight levels ``original`` (DoReFa) and ``modified`` at 2, 4 and 8
-   bits: outputs, gradients of the layer inputs, weights and clips alpha, then N SGD steps with the authors'
-   optimizer settings (their ``get_optimizer``: lr 0.1, Nesterov 0.9, weight decay 4e-5 only on conv / linear
-   weights that are not depthwise; qrepro: ``build_optimizer`` with the SAT experiments' group rules);
-2. a MobileNet-V2 inverted residual block (``qrepro.models.sat_nets.InvertedResidual``, t = 6, residual) behind
-   a weight-only first conv + BN (so the block input is signed) and in front of the last FC, with one-sided PACT
-   (their recipe) and with their ``double_side`` switch (ours: ``signed_act`` = the expand conv);
-3. whole SAT experiments built by ``qrepro.api.build`` (model, method, optimizer, schedule exactly as the trainer
-   builds them, stepped by ``run.step``) against the authors' models with their recipes' flags:
-   ``sat_cifar_resnet20_4bit_sat`` and the FP model ``sat_cifar_resnet20_fp`` against ``q_resnet_cifar``,
-   ``sat_mbv2_4bit`` / ``sat_mbv1_4bit`` against ``q_mobilenet_v2`` / ``q_mobilenet_v1`` (32x32 images, 1000
-   classes, a hundredth of the recipe's lr, see ``EXPERIMENTS``); the authors' optimizer takes our schedule's learning
-   rate at every step (the schedules themselves are not compared).
-
-After the N steps: parameters, SGD momentum buffers, BN running statistics and eval-mode logits (their eval mode
-divides the last FC's bias by the rescale factor instead of scaling its weight). The PACT clips are set to 2.0
-(convs) / 1.0 (last FC) on both sides in (1) and (2) so that inputs fall on both sides of the clip (the
-authors' init 8 / 10 leaves nearly all below it there); (3) keeps the authors' init. A row passes when
-max |ours - theirs| <= 1e-9 x max(1, max |theirs|). ``quantizer={...}`` changes qrepro's quantizer options
-(``{"variance": "mean_square"}``, the paper's VAR, must FAIL).
+``python -m qrepro.parity sat --reference <checkout of deJQK/AdaBits>`` runs (1) quantized conv + linear layers,
+(2) a MobileNet-V2 inverted residual block and (3) whole SAT experiments (qrepro's built by ``qrepro.api.build``),
+both sides from the authors' randomly initialised weights, N steps each. ``quantizer={...}`` changes qrepro's
+quantizer options (``{"variance": "mean_square"}``, the paper's VAR, must FAIL). What is compared, the recipes and
+the measured differences: docs/sat.md, section "Parity with the authors' code".
 """
 
 from __future__ import annotations
@@ -42,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrepro.api import build
 from qrepro.models.sat_nets import InvertedResidual, adabits_key, adabits_state_dict
 from qrepro.optim import build_optimizer
-from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+from qrepro.parity import SUITES, Report, cifar_batches, one_thread, our_run, reference_import
 from qrepro.quant import build_method, prepare
 
 D = torch.float64
@@ -317,13 +294,7 @@ def experiment_report(reference: Path, experiment: str, batches, eval_batch, qua
     """(3): a SAT experiment as the trainer builds it against the authors' model with their recipe's flags."""
     module, flags, spe, classes, extra = EXPERIMENTS[experiment]
     overrides = [f"+experiment={experiment}", *extra, *(f"quantizer.{k}={v}" for k, v in quantizer.items())]
-    run = build(
-        [*overrides, "trainer.device=cpu", "logger=none", "trainer.compile=false"],
-        dtype=D,
-        load_data=False,
-        num_classes=classes,
-        steps_per_epoch=spe,
-    )
+    run = our_run([*overrides, "trainer.device=cpu", "logger=none", "trainer.compile=false"], spe, num_classes=classes)
     bits = int(run.cfg.precision.w_bits)
     prec = "FP (clamped, rescaled)" if bits == 32 else f"W{bits}A{bits}"
     rep = Report(f"SAT experiment {experiment} vs the authors' {module}, {prec}", TOL)
@@ -356,12 +327,8 @@ def suite(
     batch: int = 16,
     quantizer: dict[str, Any] | None = None,
 ) -> list[Report]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same arithmetic on any machine, and no spinning on a shared CPU
-    try:
+    with one_thread():
         return _suite(reference, steps, data, quick, batch, dict(quantizer or {}))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _suite(reference: Path, steps: int, data: Any, quick: bool, batch: int, quantizer: dict) -> list[Report]:

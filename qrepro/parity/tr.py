@@ -2,40 +2,12 @@
 
 ``python -m qrepro.parity tr --reference <checkout>`` (the checkout holds ``custom_models.py``,
 ``custom_modules.py``, ``custom_optims.py`` and ``utils.py``). For W2A2 and W1A1, each with SGDT and AdamT
-(``--quick``: W2A2 SGDT and W1A1 AdamT), in float64:
-
-- the oracle: their ``resnet20_quant`` (``QConv`` layers) and their ``quant_SGD`` / ``quant_Adam`` with the
-  parameter groups ``train_quant.py`` builds from ``utils.get_trainable_params`` for ``--baseline False`` (latent
-  weights: ``lr`` = the target TR ``--initial_tr``, ``alpha`` = ``--lr``, ``momentum_tr``; first/last layer
-  weights and biases: the defaults; scales: ``--scale_lr``, momentum 0 and weight decay 0; BatchNorm: momentum 0
-  and weight decay 0), the values of ``run.sh`` (SGD lr 0.1, Adam lr 1e-3, wd 1e-4, initial TR 5e-3, m 0.99;
-  ``--scale_lr`` and ``--momentum`` at their defaults 0.01 and 0.9), ``CosineAnnealingLR(T_max=epochs)`` stepped
-  once per epoch, their training step (zero_grad, forward, cross-entropy, backward, step) and their input
-  pipeline (``ToTensor`` + ``Normalize`` with ``train_quant.py``'s mean/std, float32). Their scales initialise
-  themselves in the first training forward (``QConv.initialize``), on the first batch.
-- qrepro: ``qrepro.api.build(["+experiment=tr_resnet20_cifar10_w{b}a{b}_{sgdt|adamt}", "trainer.device=cpu",
-  ...], dtype=torch.float64)`` stepped with ``Run.step`` (the trainer's step; its first call runs the scale
-  calibration hook on that batch), inputs through qrepro's ``Normalizer`` with the experiment's mean/std. The
-  experiments already follow the authors' code (parameter groups, ``scale_eps`` 1e-6, ``target_init: direct``,
-  per-epoch schedule, CIFAR std, and the authors' TALR update: ``talr: authors``, i.e. ``optimizer.tr.rule=
-  momentum``, ``scope=layer``, ``running_eps=1e-8``); the suite adds only a schedule of ``EPOCHS`` epochs of
-  ``STEPS_PER_EPOCH`` steps, so the per-epoch cosine moves the LR and the target TR within the compared steps.
-
-Both models start from the same weights (the oracle's random initialisation copied into qrepro's model). Compared
-on the same real CIFAR-10 training images (no augmentation): the normalised inputs; at the first step the scales
-after initialisation, the train-mode forward output, the loss and every gradient; over ``steps`` optimizer steps
-the loss of each step, the per-layer transition rate k^t of each step, the target TR and every parameter's LR of
-each step; after the last step every parameter, every optimizer state (momentum buffers or Adam moments and step
-counts; per layer the running TR ``EMA_transition`` vs qrepro's K and the TALR ``alpha·lr_scale`` vs qrepro's U),
-the BatchNorm statistics and the last gradients. The authors' code is imported, never copied, and run as published
-but for two things that do not change its maths: ``custom_optims.sgd`` declares a keyword ``flag`` that its only
-caller (``quant_SGD.step``) never passes and that it never reads, so the suite calls it with ``flag=False``; and
-their layers store the transition mask as float32 (``.float()``), which makes k^t = mask.sum()/numel a float32
-ratio (relative rounding up to 6e-8, which then reaches the running TR, the TALR and the weights), so a forward
-hook converts the 0/1 mask to float64 as the rest of the model.
-
-The suite runs on one CPU thread (restored afterwards): on the shared 2-core machine it was measured, two OpenMP
-threads made a float64 ResNet-20 step up to 10x slower whenever other processes were running.
+(``--quick``: W2A2 SGDT and W1A1 AdamT), in float64: their ``resnet20_quant`` with ``quant_SGD`` / ``quant_Adam``
+and the parameter groups ``train_quant.py`` builds for ``--baseline False`` (the values of ``run.sh``, the constants
+below), against ``qrepro.api.build(["+experiment=tr_resnet20_cifar10_w{b}a{b}_{sgdt|adamt}", ...])`` stepped with
+``Run.step``, over a cosine schedule of ``EPOCHS`` epochs of ``STEPS_PER_EPOCH`` steps, from the same weights on the
+same CIFAR-10 images. What is compared, the two changes on their side (``flag=False`` for ``custom_optims.sgd``, the
+transition mask in float64) and the measured differences: docs/tr.md, section "Parity with the authors' code".
 """
 
 from __future__ import annotations
@@ -50,12 +22,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import transforms
 
-from qrepro.api import build
-from qrepro.data import Normalizer
 from qrepro.errors import QreproError
-from qrepro.parity import SUITES, Report, cifar_batches, reference_import
+from qrepro.parity import (
+    SUITES,
+    Report,
+    add_grouped,
+    cifar_batches,
+    largest_change,
+    one_thread,
+    our_inputs,
+    our_run,
+    reference_import,
+    require_files,
+    running_stats,
+    their_inputs,
+)
 
 CELLS = (("w2a2", "sgdt"), ("w2a2", "adamt"), ("w1a1", "sgdt"), ("w1a1", "adamt"))
 QUICK_CELLS = (("w2a2", "sgdt"), ("w1a1", "adamt"))
@@ -111,30 +93,10 @@ def _their_optimizer(co: Any, ut: Any, model: nn.Module, opt_name: str) -> torch
     return co.quant_Adam(groups, lr=lr, weight_decay=THEIR_WD, baseline=False)
 
 
-def _their_inputs(x: torch.Tensor) -> torch.Tensor:
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(THEIR_MEAN, THEIR_STD)])
-    return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
-
-
 # ------------------------------------------------------------------------------------------------ qrepro
 def _our_run(bits: str, opt_name: str, overrides: list[str]) -> Any:
-    return build(
-        [
-            f"+experiment=tr_resnet20_cifar10_{bits}_{opt_name}",
-            "trainer.device=cpu",
-            f"trainer.epochs={EPOCHS}",
-            *overrides,
-        ],
-        dtype=torch.float64,
-        load_data=False,
-        num_classes=10,
-        steps_per_epoch=STEPS_PER_EPOCH,
-    )
-
-
-def _our_inputs(run: Any, x: torch.Tensor) -> torch.Tensor:
-    d = run.cfg.dataset
-    return Normalizer(list(d.mean), list(d.std), bool(d.get("raw255", False)))(x).double()
+    experiment = f"+experiment=tr_resnet20_cifar10_{bits}_{opt_name}"
+    return our_run([experiment, "trainer.device=cpu", f"trainer.epochs={EPOCHS}", *overrides], STEPS_PER_EPOCH)
 
 
 def _f64(v: Any) -> torch.Tensor:
@@ -159,22 +121,7 @@ def _kind(name: str) -> str:
     return "conv/fc"
 
 
-def _add_grouped(rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
-    if set(ours) != set(ref):
-        raise QreproError(f"parity tr: {prefix}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
-    kinds: dict[str, list[str]] = {}
-    for k in ref:
-        kinds.setdefault(_kind(k), []).append(k)
-    for kind, keys in kinds.items():
-        rep.add_many(f"{prefix} {kind}", {k: ours[k] for k in keys}, {k: ref[k] for k in keys})
-
-
-def _stats(model: nn.Module, rename: bool) -> dict[str, torch.Tensor]:
-    return {
-        (their_name_to_ours(n) if rename else n): b.detach().clone()
-        for n, b in model.named_buffers()
-        if "running" in n or "num_batches" in n
-    }
+_add_grouped = functools.partial(add_grouped, kind=_kind, suite="tr")
 
 
 def _group_values(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], key: str) -> dict[str, torch.Tensor]:
@@ -252,7 +199,7 @@ def compare_cell(
         t0 = time.perf_counter()
         for i in range(steps):
             x8, y = batches[i % len(batches)]
-            xt, xo = _their_inputs(x8), _our_inputs(run, x8)
+            xt, xo = their_inputs(x8, THEIR_MEAN, THEIR_STD), our_inputs(run, x8)
             if i == 0:
                 rep.add("normalised input batch", xo, xt)
                 run.start(xo, y)  # what Run.step does first on its first batch: the scale calibration hook
@@ -295,7 +242,7 @@ def compare_cell(
                 rep.add("1st step: train-mode forward output (logits)", logits[-1], out_t)
                 rep.add("1st step: loss", losses_o[0], losses_t[0])
                 _add_grouped(rep, "1st step: grad", o_grads, t_grads)
-                _add_grouped(rep, "1st step: BN stats", _stats(ours, False), _stats(theirs, True))
+                _add_grouped(rep, "1st step: BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours))
         handle.remove()
         wall = time.perf_counter() - t0
 
@@ -310,7 +257,9 @@ def compare_cell(
         frozen_o = {n + ".wq.scale": ours.get_submodule(n).wq.scale for n in layers}
         frozen_t = {n + ".wq.scale": m.sW for n, m in t_qconv.items()}
         _add_grouped(rep, f"after {steps} steps: frozen", frozen_o, frozen_t)
-        _add_grouped(rep, f"after {steps} steps: BN stats", _stats(ours, False), _stats(theirs, True))
+        _add_grouped(
+            rep, f"after {steps} steps: BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours)
+        )
         st_t, st_o = t_opt.state, run.optimizer.state
         if opt_name == "sgdt":
             have = [n for n, p in t_params.items() if st_t[p].get("momentum_buffer") is not None]
@@ -332,7 +281,7 @@ def compare_cell(
         talr = {n: lr * st_t[t_params[n + ".weight"]]["lr_scale"] for n in layers}
         rep.add_many(f"after {steps} steps: running TR (K vs EMA_transition)", dict(zip(layers, _f64(last["K"]))), ema)
         rep.add_many(f"after {steps} steps: TALR (U vs alpha*lr_scale)", dict(zip(layers, _f64(last["U"]))), talr)
-    moved = max(float((o_params[k].detach() - start[k]).abs().max()) for k in o_params)
+    moved = largest_change(o_params, start)
     k_all = torch.stack(k_t) if k_t else torch.zeros(1)
     u_all = _f64(last["U"])
     rep.notes.append(
@@ -358,15 +307,8 @@ def suite(
     """Reports for W2A2 and W1A1 with SGDT and AdamT (``quick``: W2A2 SGDT and W1A1 AdamT)."""
     reference = Path(reference)
     need = ("custom_models.py", "custom_modules.py", "custom_optims.py", "utils.py")
-    if not all((reference / f).is_file() for f in need):
-        raise QreproError(
-            f"parity tr: {reference} lacks {', '.join(need)}; pass a checkout of hw-ch0/TRS (cvlab-yonsei/TRS)"
-        )
+    require_files("tr", reference, need, "hw-ch0/TRS (cvlab-yonsei/TRS)")
     cells = tuple(cells) if cells else (QUICK_CELLS if quick else CELLS)
     batches = cifar_batches(data, steps, batch, seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return [compare_cell(reference, bits, opt, batches, steps=steps, overrides=overrides) for bits, opt in cells]
-    finally:
-        torch.set_num_threads(threads)

@@ -85,6 +85,19 @@ def set_quantization(model: nn.Module, enabled: bool) -> None:
         q.enabled = enabled
 
 
+def _fp_pass(q: nn.Module, calib: torch.Tensor, batch_size: int, pre_hooks: dict[nn.Module, Callable]) -> None:
+    """Run ``q`` on ``calib`` with every quantizer disabled and ``pre_hooks`` on their modules (removed after)."""
+    hooks = [m.register_forward_pre_hook(fn) for m, fn in pre_hooks.items()]
+    set_quantization(q, False)
+    try:
+        for sl in _batches(len(calib), batch_size):
+            q(calib[sl])
+    finally:
+        for h in hooks:
+            h.remove()
+        set_quantization(q, True)
+
+
 class _Stop(Exception):
     pass
 
@@ -138,7 +151,6 @@ class _ActStats:
 def _collect_act_stats(q: nn.Module, calib: torch.Tensor, batch_size: int) -> dict[str, _ActStats]:
     """Statistics of every quantized layer's input on the calibration set (all quantizers disabled)."""
     stats: dict[str, _ActStats] = {}
-    hooks = []
 
     def make(name: str) -> Callable:
         def pre(_m, args):
@@ -168,17 +180,7 @@ def _collect_act_stats(q: nn.Module, calib: torch.Tensor, batch_size: int) -> di
 
         return pre
 
-    for name, layer in quantized_layers(q):
-        if layer.aq is not None:
-            hooks.append(layer.register_forward_pre_hook(make(name)))
-    set_quantization(q, False)
-    try:
-        for sl in _batches(len(calib), batch_size):
-            q(calib[sl])
-    finally:
-        for h in hooks:
-            h.remove()
-        set_quantization(q, True)
+    _fp_pass(q, calib, batch_size, {layer: make(name) for name, layer in quantized_layers(q) if layer.aq is not None})
     return stats
 
 
@@ -197,7 +199,6 @@ def _mse_act_alphas(q: nn.Module, calib: torch.Tensor, batch_size: int, amax: di
     layers = {n: l for n, l in quantized_layers(q) if isinstance(l.aq, UniformQuantizer)}
     cands = {n: mse_alpha_candidates(amax[n].float()) for n in layers}
     errs = {n: torch.zeros(len(c), dtype=torch.float64, device=c.device) for n, c in cands.items()}
-    hooks = []
 
     def make(name: str, aq: UniformQuantizer) -> Callable:
         def pre(_m, args):
@@ -207,16 +208,7 @@ def _mse_act_alphas(q: nn.Module, calib: torch.Tensor, batch_size: int, amax: di
 
         return pre
 
-    for n, l in layers.items():
-        hooks.append(l.register_forward_pre_hook(make(n, l.aq)))
-    set_quantization(q, False)
-    try:
-        for sl in _batches(len(calib), batch_size):
-            q(calib[sl])
-    finally:
-        for h in hooks:
-            h.remove()
-        set_quantization(q, True)
+    _fp_pass(q, calib, batch_size, {l: make(n, l.aq) for n, l in layers.items()})
     return {n: cands[n][int(torch.argmin(errs[n]))] for n in layers}
 
 
@@ -340,15 +332,7 @@ def _lp_act_bounds(
 
         return pre
 
-    hooks = [layers[n].register_forward_pre_hook(make(n)) for n in names]
-    set_quantization(q, False)
-    try:
-        for sl in _batches(len(calib), cfg.chunk):
-            q(calib[sl])
-    finally:
-        for h in hooks:
-            h.remove()
-        set_quantization(q, True)
+    _fp_pass(q, calib, cfg.chunk, {layers[n]: make(n) for n in names})
     out = {}
     for n in names:
         k = int(torch.argmin(errs[n]))

@@ -7,6 +7,7 @@ The layers keep the FP parameter names (``weight``, ``bias``) so an FP checkpoin
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,17 @@ _HALF = (torch.float16, torch.bfloat16)
 class _QMixin:
     wq: nn.Module | None
     aq: nn.Module | None
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, wq: nn.Module | None, aq: nn.Module | None) -> Self:
+        """The quantized layer sharing ``layer``'s parameters, buffers, hooks and hyper-parameters."""
+        q = cls.__new__(cls)
+        q.__dict__ = layer.__dict__.copy()
+        q._parameters = layer._parameters
+        q._buffers = layer._buffers
+        q._modules = dict(layer._modules)
+        q._set_quantizers(wq, aq)
+        return q
 
     def _set_quantizers(self, wq: nn.Module | None, aq: nn.Module | None) -> None:
         # register as sub-modules (None allowed) so their parameters are part of the model
@@ -59,32 +71,12 @@ class QConv2d(_QMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.effective_bias())
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, wq: nn.Module | None, aq: nn.Module | None) -> QConv2d:
-        q = cls.__new__(cls)
-        q.__dict__ = conv.__dict__.copy()  # shares parameters, buffers, hooks and hyper-parameters
-        q._parameters = conv._parameters
-        q._buffers = conv._buffers
-        q._modules = dict(conv._modules)
-        q._set_quantizers(wq, aq)
-        return q
-
 
 class QLinear(_QMixin, nn.Linear):
     """nn.Linear whose weight and input pass through the method's fake-quantizers."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.effective_weight(), self.effective_bias())
-
-    @classmethod
-    def from_float(cls, lin: nn.Linear, wq: nn.Module | None, aq: nn.Module | None) -> QLinear:
-        q = cls.__new__(cls)
-        q.__dict__ = lin.__dict__.copy()
-        q._parameters = lin._parameters
-        q._buffers = lin._buffers
-        q._modules = dict(lin._modules)
-        q._set_quantizers(wq, aq)
-        return q
 
 
 QUANT_LAYERS = (QConv2d, QLinear)

@@ -258,18 +258,8 @@ class AffineQuantizer(nn.Module):
         v = (round_ste(x / s) + self.zero_point).clamp(self.qmin, self.qmax)
         return (v - self.zero_point) * s
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        q = self.quantize(x)
-        if self.drop_prob > 0.0 and self.training:
-            q = torch.where(torch.rand_like(x) < self.drop_prob, x, q)
-        return q
-
-    @torch.no_grad()
-    def rescale_step(self, factor: float) -> None:
-        """Δ ← factor·Δ, integer zero point kept (Fig. 5A)."""
-        self.step.mul_(factor)
+    forward = UniformQuantizer.forward  # quantize, or x where dropped (QDrop), or x when disabled
+    rescale_step = UniformQuantizer.rescale_step  # Δ ← factor·Δ, integer zero point kept (Fig. 5A)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, asymmetric, per={'channel' if self.step.dim() else 'tensor'}"

@@ -14,11 +14,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def floor_ste(x: torch.Tensor) -> torch.Tensor:
-    """floor(x) in the forward pass, identity gradient."""
-    return x + (torch.floor(x) - x).detach()
-
-
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
     """sign(x) with sign(0) = +1 in the forward pass, identity gradient."""
     s = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))

@@ -3,7 +3,9 @@
 A record belongs to a cell when its ``experiment`` equals the cell's experiment and its Hydra overrides equal
 the cell's overrides as a set, after dropping the keys that do not change *what* is trained: the seed (seeds
 are aggregated), paths (``dataset.root``, ``init_from``, ``resume``), the device, logging and
-Hydra's own keys. ``init_from=null`` is kept: the trainer records it on a chained cell trained from scratch.
+Hydra's own keys, and the keys that keep the recipe but change its numbers slightly (``qrepro.config.SAME_CELL_KEYS``,
+e.g. ``trainer.accumulate``: such a run counts as the cell, and its table marks it, :meth:`Record.same_cell_notes`).
+``init_from=null`` is kept: the trainer records it on a chained cell trained from scratch.
 ``+key=v``, ``++key=v`` and ``key=v`` are the same assignment; values compare as Hydra parses them
 (``1e-4`` == ``0.0001``). Only records with ``complete: true`` count.
 """
@@ -22,7 +24,7 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from qrepro.config import NON_SEMANTIC_KEYS
+from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_KEYS
 from qrepro.tables.schema import Cell
 
 DEFAULT_RUN_ROOTS = ("runs", "results/records")
@@ -34,9 +36,11 @@ IGNORED_PREFIX = ("logger", "hydra")
 _PRUNE = {"checkpoints", "wandb", ".hydra", "__pycache__", ".git"}
 
 
-def _ignored(key: str, keep_seed: bool) -> bool:
+def _ignored(key: str, keep_seed: bool, keep_same_cell: bool = False) -> bool:
     if keep_seed and key == "seed":
         return False
+    if key in SAME_CELL_KEYS:
+        return not keep_same_cell
     return key in IGNORED_EXACT or key.startswith(IGNORED_PREFIX)
 
 
@@ -60,8 +64,11 @@ def _parse_one(text: str) -> tuple[str, str, str]:
         return kind, key.strip(), json.dumps(value.strip())
 
 
-def canonical_overrides(overrides: Iterable[str] | dict[str, Any] | None, *, keep_seed: bool = False) -> frozenset:
-    """The set of assignments that identify *what* a run trains (see module docstring)."""
+def canonical_overrides(
+    overrides: Iterable[str] | dict[str, Any] | None, *, keep_seed: bool = False, keep_same_cell: bool = False
+) -> frozenset:
+    """The set of assignments that identify *what* a run trains (see module docstring); ``keep_same_cell``: with
+    the ``SAME_CELL_KEYS`` (which tell two runs of one cell apart)."""
     if overrides is None:
         return frozenset()
     if isinstance(overrides, dict):
@@ -69,7 +76,7 @@ def canonical_overrides(overrides: Iterable[str] | dict[str, Any] | None, *, kee
     out = set()
     for text in overrides:
         kind, key, value = _parse_one(str(text).strip())
-        if not _ignored(key, keep_seed) or (key, value) == ("init_from", "null"):
+        if not _ignored(key, keep_seed, keep_same_cell) or (key, value) == ("init_from", "null"):
             out.add((kind, key, value))  # init_from=null: a chained cell trained from scratch, not the chained run
     return frozenset(out)
 
@@ -128,8 +135,19 @@ class Record:
                 return d
         return None
 
-    def canonical(self, *, keep_seed: bool = False) -> frozenset:
-        return canonical_overrides(self.data.get("overrides"), keep_seed=keep_seed)
+    def canonical(self, *, keep_seed: bool = False, keep_same_cell: bool = False) -> frozenset:
+        return canonical_overrides(self.data.get("overrides"), keep_seed=keep_seed, keep_same_cell=keep_same_cell)
+
+    def same_cell_notes(self) -> list[str]:
+        """The table notes of this run's ``SAME_CELL_KEYS`` (e.g. gradient accumulation): what sets it apart from a
+        run of the cell's recipe as written (empty for such a run)."""
+        batch = ((self.data.get("config") or {}).get("trainer") or {}).get("batch_size", "B")
+        notes = []
+        for kind, key, value in sorted(self.canonical(keep_same_cell=True) - self.canonical()):
+            v = json.loads(value)
+            if kind == "set" and v != SAME_CELL_KEYS[key].default:
+                notes.append(SAME_CELL_KEYS[key].note.format(value=v, batch=batch))
+        return notes
 
     def metric(self, select: str, metric: str) -> float | None:
         """``metrics[f"{select}_{metric}"]`` (e.g. best_top1), or None when absent."""
@@ -174,7 +192,7 @@ def load_records(roots: Sequence[str | Path] = DEFAULT_RUN_ROOTS, *, complete_on
             rec = Record(path, data, root)
             if complete_only and not rec.complete:
                 continue
-            key = (rec.experiment, rec.canonical(keep_seed=True), json.dumps(rec.seed))
+            key = (rec.experiment, rec.canonical(keep_seed=True, keep_same_cell=True), json.dumps(rec.seed))
             prev = found.get(key)
             if prev is None or str(data.get("finished") or "") > str(prev.data.get("finished") or ""):
                 found[key] = rec

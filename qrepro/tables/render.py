@@ -103,10 +103,23 @@ def chance_note(row: Row) -> str:
     )
 
 
+def run_notes(row: Row) -> list[str]:
+    """What sets the cell's counted runs apart from its recipe as written (``qrepro.config.SAME_CELL_KEYS``, e.g.
+    gradient accumulation), each note once with the seeds it concerns (all the cell's runs: no seeds named)."""
+    seeds: dict[str, list[str]] = {}
+    for rec in row.records:
+        for note in rec.same_cell_notes():
+            seeds.setdefault(note, []).append(_seed_label(rec.seed))
+    n = len(row.records)
+    return [note[0].upper() + note[1:] if len(s) == n else f"{', '.join(s)}: {note}" for note, s in seeds.items()]
+
+
 def cell_notes(row: Row) -> list[str]:
-    """The cell's own note (table file) and, when its runs sit at chance level, the chance note."""
+    """The cell's own note (table file), the notes of its runs (:func:`run_notes`) and, when its runs sit at
+    chance level, the chance note."""
     note = row.cell.extra.get("note")
-    return ([note] if isinstance(note, str) else []) + ([chance_note(row)] if row.at_chance else [])
+    own = [note] if isinstance(note, str) else []
+    return own + run_notes(row) + ([chance_note(row)] if row.at_chance else [])
 
 
 def other_runs_lines(table: Table, rows: Sequence[Row], *, markdown: bool = True) -> list[str]:
@@ -320,6 +333,7 @@ def to_latex(table: Table, rows: Sequence[Row], select: str) -> str:
             "--" if r.ours.n == 0 else f(r.ours.mean) + (f" $\\pm$ {f(r.ours.std)}" if r.ours.std is not None else "")
         )
         ours += " (chance)" if r.at_chance else ""
+        ours += r"$^\dagger$" if run_notes(r) else ""
         lines.append(
             " & ".join(
                 [
@@ -338,5 +352,9 @@ def to_latex(table: Table, rows: Sequence[Row], select: str) -> str:
             )
             + r" \\"
         )
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    notes = list(dict.fromkeys(f"{r.cell.id}: {n}" for r in rows for n in run_notes(r)))
+    if notes:  # runs that count as their cell but differ from its recipe (e.g. gradient accumulation)
+        lines += [r"\par\footnotesize $^\dagger$ " + tex_escape("; ".join(notes)) + "."]
+    lines += [r"\end{table}", ""]
     return "\n".join(lines)

@@ -74,7 +74,8 @@ def build_method(name: str, w_bits: int, a_bits: int, **options: Any) -> Method:
     try:
         method = builder(w_bits, a_bits, **options)
     except TypeError as e:  # unknown option names from the config
-        raise QreproError(f"bad options for quantizer={name}: {e}") from None
+        why = str(e).split(") ", 1)[-1]  # "_build() got an unexpected keyword argument 'x'" -> the reason
+        raise QreproError(f"bad options for quantizer={name}: {why}; see configs/quantizer/{name}.yaml") from None
     method.w_bits, method.a_bits = w_bits, a_bits
     return method
 

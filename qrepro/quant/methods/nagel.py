@@ -358,18 +358,8 @@ def build_nagel_damp(
 ) -> Method:
     """Oscillation dampening: λ from ``damp_weight`` to ``damp_weight_final`` (cosine after the relative
     ``damp_anneal_start``), aggregation ``kernel_mean`` (authors' defaults; run script: 0 -> 0.1)."""
-    return _build(
-        "nagel_damp",
-        w_bits,
-        a_bits,
-        damp=True,
-        freeze=False,
-        edge_bits=edge_bits,
-        damp_weight=damp_weight,
-        damp_weight_final=damp_weight_final,
-        damp_anneal_start=damp_anneal_start,
-        damp_aggregation=damp_aggregation,
-    )
+    options = {k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")}
+    return _build("nagel_damp", w_bits, a_bits, damp=True, freeze=False, **options)
 
 
 @METHODS.register("nagel_freeze")
@@ -387,17 +377,5 @@ def build_nagel_freeze(
 ) -> Method:
     """Iterative weight freezing: threshold from ``freeze_threshold`` to ``freeze_threshold_final`` (cosine after
     ``freeze_anneal_start``, 0 before), frequency EMA momentum ``freeze_momentum``."""
-    return _build(
-        "nagel_freeze",
-        w_bits,
-        a_bits,
-        damp=False,
-        freeze=True,
-        edge_bits=edge_bits,
-        freeze_threshold=freeze_threshold,
-        freeze_threshold_final=freeze_threshold_final,
-        freeze_anneal_start=freeze_anneal_start,
-        freeze_momentum=freeze_momentum,
-        freeze_use_ema=freeze_use_ema,
-        freeze_max_bits=freeze_max_bits,
-    )
+    options = {k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")}
+    return _build("nagel_freeze", w_bits, a_bits, damp=False, freeze=True, **options)

@@ -91,13 +91,13 @@ def _build(
     w_bits: int,
     a_bits: int,
     *,
-    satnl_on: bool,
-    fn: str,
-    d: float,
-    d_mode: str,
-    symreg_coef: float,
-    kure_coef: float,
-    kure_target: float,
+    satnl_on: bool = False,
+    fn: str = "tanh",
+    d: float = 1.0,
+    d_mode: str = "absolute",
+    symreg_coef: float = 0.0,
+    kure_coef: float = 0.0,
+    kure_target: float = 1.8,
 ) -> Method:
     check_bits(name, w_bits, a_bits, (FP_BITS,))
     for what, v in (("symreg_coef", symreg_coef), ("kure_coef", kure_coef)):
@@ -110,12 +110,7 @@ def _build(
         return (SatNLWeight(d, fn, d_mode), None) if satnl_on else None
 
     def regularizer(model: nn.Module) -> torch.Tensor | None:
-        return robust_regularizer(
-            model,
-            symreg_coef=symreg_coef,
-            kure_coef=kure_coef,
-            kure_target=kure_target,
-        )
+        return robust_regularizer(model, symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
 
     has_reg = bool(symreg_coef or kure_coef)
     opts = dict(satnl=satnl_on, fn=fn, d=d, d_mode=d_mode, symreg_coef=symreg_coef, kure_coef=kure_coef)
@@ -142,18 +137,8 @@ def build_satnl(
     kure_target: float = 1.8,
 ) -> Method:
     """SatNL (+ optional SymReg / KURE) full-precision training."""
-    return _build(
-        "satnl",
-        w_bits,
-        a_bits,
-        satnl_on=satnl,
-        fn=fn,
-        d=d,
-        d_mode=d_mode,
-        symreg_coef=symreg_coef,
-        kure_coef=kure_coef,
-        kure_target=kure_target,
-    )
+    reg = dict(symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
+    return _build("satnl", w_bits, a_bits, satnl_on=satnl, fn=fn, d=d, d_mode=d_mode, **reg)
 
 
 @METHODS.register("symreg")
@@ -166,18 +151,7 @@ def build_symreg(
     kure_target: float = 1.8,
 ) -> Method:
     """SymReg alone on plain FP layers (SatNL off)."""
-    return _build(
-        "symreg",
-        w_bits,
-        a_bits,
-        satnl_on=False,
-        fn="tanh",
-        d=1.0,
-        d_mode="absolute",
-        symreg_coef=symreg_coef,
-        kure_coef=kure_coef,
-        kure_target=kure_target,
-    )
+    return _build("symreg", w_bits, a_bits, symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
 
 
 @METHODS.register("kure")
@@ -189,18 +163,7 @@ def build_kure(
     kure_target: float = 1.8,
 ) -> Method:
     """KURE baseline (Shkolnik et al. 2020): plain FP layers + kurtosis regularization to K_T = 1.8."""
-    return _build(
-        "kure",
-        w_bits,
-        a_bits,
-        satnl_on=False,
-        fn="tanh",
-        d=1.0,
-        d_mode="absolute",
-        symreg_coef=0.0,
-        kure_coef=kure_coef,
-        kure_target=kure_target,
-    )
+    return _build("kure", w_bits, a_bits, kure_coef=kure_coef, kure_target=kure_target)
 
 
 class _CalibrateQuantizers(Hook):
@@ -250,18 +213,8 @@ def build_robust_qat(
         raise QreproError(f"quantizer.init={init!r}; choose minmax, mse or aciq")
     if weight_granularity not in ("tensor", "channel"):
         raise QreproError(f"quantizer.weight_granularity={weight_granularity!r}; choose tensor or channel")
-    base = _build(
-        "robust_qat",
-        FP_BITS,
-        FP_BITS,
-        satnl_on=satnl,
-        fn=fn,
-        d=d,
-        d_mode=d_mode,
-        symreg_coef=symreg_coef,
-        kure_coef=kure_coef,
-        kure_target=kure_target,
-    )
+    reg = dict(symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
+    base = _build("robust_qat", FP_BITS, FP_BITS, satnl_on=satnl, fn=fn, d=d, d_mode=d_mode, **reg)
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         wb = layer_bits(w_bits, info.role, first_last_bits)

@@ -3,32 +3,12 @@
 Papers: Towards Efficient Training for Neural Network Quantization (Eq. 5-13), its BMVC supplement (S2/S3
 rescaling variants, S5 first/last bit-widths, S6 rescaling every conv not followed by BN). Maths: ``qrepro.quant.sat``.
 
-Policy (paper §3.1, §4):
-- every conv/linear weight: tanh clamping + DoReFa rounding (``scheme``); ``w_bits=32`` keeps the clamped
-  weight without rounding (the paper's "FP" model, which initialises the quantized ones);
-- first conv and last FC: 8-bit weights (``first_last: 8bit``), the network bit-width (``same``, S5), or
-  left full precision, weights and input (``fp``: PACT as its paper trains, ``configs/recipe/pact_*.yaml``);
-- first conv input (uint8 image) not quantized; every other layer input, including the last FC's, quantized
-  with PACT at ``a_bits`` (``a_bits=32``: weight-only quantization, no activation quantizer at all);
-- constant rescaling (Eq. 10) on the last FC (``rescale: last``), on every layer whose output does not go
-  straight into a BN plus the last FC (``no_bn``, §3.3.1 / S6; read off the data flow of the first batch,
-  because module order misses residual additions), on every layer (``all``, what S6's figure shows; the
-  same training, since a BN after a layer cancels a constant factor) or nowhere (``none``); Eq. (S23) with
-  ``rescale_method: std``; VAR as the authors' code computes it (``variance: sample``, torch.std: mean removed,
-  N - 1) or as the paper's text defines it (``variance: mean_square``);
-- the last FC's factor applies in training only: in eval mode its weight is Q and its bias b / f (the authors'
-  code, and paper §3.3.2: "the scaling factor can be discarded, with the bias term being modified"), so eval
-  logits are the training-mode logits divided by f > 0 (same arg-max);
-- CG-PACT gradient (Eq. 13) with ``cg: true``, original PACT gradient with ``cg: false``;
-- alpha parameterised as |alpha|, initialised to 8 (convs) and 10 (last FC), tagged ``act_clip`` so configs
-  can exempt it from weight decay;
-- signed (two-sided) activation quantization for inputs that take negative values (MobileNet-V2's linear
-  bottleneck outputs): ``signed_act: auto`` detects them on the first training batch (hook), ``true`` /
-  ``false`` force it, or a list of fnmatch patterns of layer names. ``false`` (default) reproduces the authors'
-  code, which clips such inputs at 0 (a ReLU); their ``double_side`` switch is a pattern list (docs/sat.md).
-
-Defaults follow the authors' code (weight levels ``modified``, ``variance: sample``, ``signed_act: false``);
-the paper's readings are the switches ``scheme: original`` and ``variance: mean_square`` (docs/sat.md).
+The per-layer policy (tanh clamping + DoReFa rounding of every weight, the first and last layers, PACT inputs,
+constant rescaling, the last FC's bias in eval mode, CG-PACT, signed inputs) and every option of ``_build``
+(``scheme``, ``variance``, ``rescale``, ``rescale_method``, ``cg``, ``first_last``, ``signed_act``, ``alpha_init``,
+``alpha_init_last``, ``weight_clamp``, ``diagnostics``): docs/sat.md, sections "Equations → code" and "Switches".
+Defaults follow the authors' code; the paper's readings are switches (``scheme: original``,
+``variance: mean_square``).
 
 Registered methods (same builder, different defaults):
 - ``sat``    rescale=last, cg=true        (Table 1-3, Table 4 "PACT+SAT+CG")
@@ -186,17 +166,17 @@ def _build(
     w_bits: int,
     a_bits: int,
     *,
-    scheme: str,
-    rescale: str,
-    rescale_method: str,
-    variance: str,
-    cg: bool,
-    first_last: str,
-    signed_act: Any,
-    alpha_init: float,
-    alpha_init_last: float,
-    weight_clamp: bool,
-    diagnostics: bool,
+    scheme: str = "modified",
+    rescale: str = "last",
+    rescale_method: str = "const",
+    variance: str = "sample",
+    cg: bool = True,
+    first_last: str = "8bit",
+    signed_act: Any = False,
+    alpha_init: float = 8.0,
+    alpha_init_last: float = 10.0,
+    weight_clamp: bool = True,
+    diagnostics: bool = False,
 ) -> Method:
     check_bits(name, w_bits, a_bits, SUPPORTED_BITS)
     for opt, val, allowed in (
@@ -266,66 +246,21 @@ def _build(
 
 
 @METHODS.register("sat")
-def build_sat(
-    w_bits: int,
-    a_bits: int,
-    *,
-    scheme: str = "modified",
-    rescale: str = "last",
-    rescale_method: str = "const",
-    variance: str = "sample",
-    cg: bool = True,
-    first_last: str = "8bit",
-    signed_act: Any = False,
-    alpha_init: float = 8.0,
-    alpha_init_last: float = 10.0,
-    weight_clamp: bool = True,
-    diagnostics: bool = False,
-) -> Method:
-    """SAT + CG-PACT (the paper's method). Options: see the module docstring."""
-    return _build("sat", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+def build_sat(w_bits: int, a_bits: int, **options: Any) -> Method:
+    """SAT + CG-PACT (the paper's method). Options: the keywords of ``_build`` (see the module docstring)."""
+    return _build("sat", w_bits, a_bits, **options)
 
 
 @METHODS.register("pact")
-def build_pact(
-    w_bits: int,
-    a_bits: int,
-    *,
-    scheme: str = "modified",
-    rescale: str = "none",
-    rescale_method: str = "const",
-    variance: str = "sample",
-    cg: bool = False,
-    first_last: str = "8bit",
-    signed_act: Any = False,
-    alpha_init: float = 8.0,
-    alpha_init_last: float = 10.0,
-    weight_clamp: bool = True,
-    diagnostics: bool = False,
-) -> Method:
+def build_pact(w_bits: int, a_bits: int, **options: Any) -> Method:
     """PACT baseline of Table 4: DoReFa weights, PACT activations with the original gradient, no rescaling."""
-    return _build("pact", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+    return _build("pact", w_bits, a_bits, **{"rescale": "none", "cg": False, **options})
 
 
 @METHODS.register("dorefa")
-def build_dorefa(
-    w_bits: int,
-    a_bits: int,
-    *,
-    scheme: str = "modified",
-    rescale: str = "none",
-    rescale_method: str = "const",
-    variance: str = "sample",
-    cg: bool = True,
-    first_last: str = "8bit",
-    signed_act: Any = False,
-    alpha_init: float = 8.0,
-    alpha_init_last: float = 10.0,
-    weight_clamp: bool = True,
-    diagnostics: bool = False,
-) -> Method:
+def build_dorefa(w_bits: int, a_bits: int, **options: Any) -> Method:
     """Clamped/DoReFa weights without SAT's rescaling (Fig. 2b 'clamping'); CG-PACT for activations."""
-    return _build("dorefa", w_bits, a_bits, **{k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")})
+    return _build("dorefa", w_bits, a_bits, **{"rescale": "none", **options})
 
 
 # ---------------------------------------------------------------------------------------------------------
