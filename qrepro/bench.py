@@ -52,6 +52,7 @@ from qrepro.models import build_model
 from qrepro.optim import build_optimizer, build_scheduler
 from qrepro.quant import build_method, prepare
 from qrepro.quant.methods import method_names
+from qrepro.tables.records import portable, portable_str
 
 CONFIG_DIR = Path(cli.CONFIG_DIR)
 DEFAULT_MODELS = ("resnet20", "mobilenet_v2_cifar")
@@ -675,8 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [{k: v for k, v in meta.items() if k not in ("device", "device_slug", "versions")}]
     if args.append:
         rows, runs = append_to(out / f"{slug}.json", rows, runs)
-    write_json_atomic({**meta, "runs": runs, "rows": [asdict(r) for r in rows]}, out / f"{slug}.json")
-    (out / f"{slug}.md").write_text(markdown(meta, rows, runs))
+    payload = portable({**meta, "runs": runs, "rows": [asdict(r) for r in rows]})  # no machine paths (--out ...)
+    write_json_atomic(payload, out / f"{slug}.json")
+    (out / f"{slug}.md").write_text(portable_str(markdown(meta, rows, runs)))
     print(f"wrote {out / f'{slug}.json'} and {out / f'{slug}.md'}", flush=True)
     return 0
 

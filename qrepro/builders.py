@@ -43,6 +43,14 @@ def setup_process(cfg: DictConfig, device: torch.device) -> None:
     setup_device(device, deterministic=deterministic)
 
 
+def setup_run(cfg: DictConfig, device: torch.device, rank: int = 0, world_size: int = 1):
+    """A run's start before it takes its run directory: process settings, seed, the dataset (a missing
+    ``dataset.root`` is one line before anything is written). The seed is the same on every rank."""
+    setup_process(cfg, device)
+    seed_everything(int(cfg.seed))
+    return build_data_from_cfg(cfg, device, rank, world_size)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

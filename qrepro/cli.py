@@ -114,6 +114,11 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def in_multirun() -> bool:
+    """This process runs a job of a multirun (``-m``): its config is checked by the job, not by the launch."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def save_hydra_files(run_dir: Path, cfg: Any) -> None:
     """``<run dir>/.hydra/{config,hydra,overrides}.yaml`` as Hydra would write them, but only once the launch
     owns the directory and goes on to train (``hydra.output_subdir: null`` in configs/train.yaml): a launch that
@@ -143,10 +148,21 @@ def _job_info() -> tuple[str, Path, Path, int]:
     return hc.job.override_dirname or f"job{num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir), num
 
 
+_BEFORE_LAUNCH: list[Path] = []  # the deepest folder of out_root's path that existed before this launch
+
+
+def _existing_part(path: Any) -> Path:
+    p = Path(str(path)).expanduser().absolute()
+    return next(q for q in (p, *p.parents) if q.exists())
+
+
 def _clean_unused_dir(run_dir: Path, out_root: Any = None) -> None:
     """A job that failed before it took the run directory (a bad value) leaves only Hydra's own files there:
-    remove those and the directory if it is then empty. A directory with a lock file (another launch owns or
-    owned it), a record or checkpoints is never touched."""
+    remove those and the directory if it is then empty, and the empty parents Hydra made for it (out_root too,
+    when this launch created it). A directory with a lock file (another launch owns or owned it), a record or
+    checkpoints is never touched."""
+    if out_root and _BEFORE_LAUNCH and _BEFORE_LAUNCH[0] in Path(str(out_root)).absolute().parents:
+        out_root = _BEFORE_LAUNCH[0]
     if not run_dir.is_dir() or any((run_dir / n).exists() for n in (".lock", "record.json", "checkpoints")):
         return
     if any(p.name != ".hydra" and not p.name.endswith(".log") for p in run_dir.iterdir()):
@@ -295,6 +311,7 @@ def hydra_entry(
         flags, overrides = split_argv(argv)
         argv = overrides + flags  # Hydra's parser takes the overrides as one run of words, before its flags
     sys.argv[1:] = argv
+    _BEFORE_LAUNCH[:] = [_existing_part(cfg.out_root)] if cfg is not None else []  # kept by a failed launch
     outcomes = None
     if multirun:  # its jobs report their outcomes here
         outcomes = Path(str(cfg.out_root)).resolve() / ".multirun" / secrets.token_hex(6)

@@ -146,23 +146,28 @@ def canonical_override(o: Any) -> str:
     return f"{key}={canonical_value(o.value())}"
 
 
+_NESTED = [0]  # compositions in progress for a run directory's name (see _run_subdir_resolver)
+
+
 @contextlib.contextmanager
 def beside_hydra() -> Iterator[None]:
     """Compose configs inside a running Hydra job (its GlobalHydra refuses a second initialisation; composing does
     not touch the job's HydraConfig)."""
     saved = Singleton._instances.pop(GlobalHydra, None)
+    _NESTED[0] += 1
     try:
         yield
     finally:
+        _NESTED[0] -= 1
         if saved is not None:
             Singleton._instances[GlobalHydra] = saved
 
 
 @functools.lru_cache(maxsize=256)
-def _without_defaults(overrides: tuple[str, ...]) -> tuple[str, ...]:
+def _without_defaults(overrides: tuple[str, ...], config_name: str) -> tuple[str, ...]:
     def config(ovr: Sequence[str]) -> Any:
         with beside_hydra():
-            return OmegaConf.to_container(compose(ovr), resolve=False)
+            return OmegaConf.to_container(compose(ovr, config_name), resolve=False)
 
     try:
         want, keep = config(overrides), list(overrides)
@@ -179,37 +184,93 @@ def _names_run(override: str) -> bool:
     return key_of(override) not in set(NON_SEMANTIC_KEYS) and not key_of(override).startswith("hydra")
 
 
-def without_defaults(overrides: Sequence[str]) -> list[str]:
+def without_defaults(overrides: Sequence[str], config_name: str = "train") -> list[str]:
     """``overrides`` without those that change nothing: an override whose value is what the experiment (with the
     other overrides) has anyway, such as ``precision=w4a4`` on a W4A4 cell. Needs the ``+experiment=`` among
-    them (without it, or when they do not compose, they are returned as they are)."""
+    them (without it, or when they do not compose, they are returned as they are). ``config_name``: the primary
+    config they compose with."""
     if not any(key_of(o) == "experiment" for o in overrides) or not any(_names_run(o) for o in overrides):
         return list(overrides)
-    return list(_without_defaults(tuple(overrides)))
+    return list(_without_defaults(tuple(overrides), config_name))
 
 
-def run_subdir(overrides: Sequence[str]) -> str:
+# ----------------------------------------------------------------------------------------- from scratch
+FROM_SCRATCH = "init_from=null"  # how a run of a chained cell trained from scratch is named and recorded
+
+
+def starts_from_source(cfg: Any) -> bool:
+    """The cell starts from another run's checkpoint unless told otherwise: it names a source cell
+    (``init_from_experiment``, resolved by the chain) or an external checkpoint (``init_from_required``)."""
+    return bool(cfg.get("init_from_experiment") or cfg.get("init_from_required"))
+
+
+def trains_from_scratch(cfg: Any) -> bool:
+    """A cell that starts from a source, launched without one (``init_from=null``): a different computation
+    from the chained run, so a run of its own (named and recorded with :data:`FROM_SCRATCH`)."""
+    return starts_from_source(cfg) and not cfg.get("init_from")
+
+
+def _null_init(override: str) -> bool:
+    if key_of(override) != "init_from" or override.startswith("~") or "=" not in override:
+        return False
+    try:
+        (o,) = OverridesParser.create().parse_overrides([override])
+    except Exception:  # noqa: BLE001  (not Hydra's grammar: the launch's check says so)
+        return False
+    return not o.is_sweep_override() and o.value() in (None, "")
+
+
+@functools.lru_cache(maxsize=256)
+def _from_scratch(overrides: tuple[str, ...], config_name: str) -> bool:
+    rest = [o for o in overrides if key_of(o) != "init_from"]
+    try:
+        with beside_hydra():
+            return starts_from_source(compose(rest, config_name))
+    except Exception:  # noqa: BLE001  (a command line that does not compose is refused by the launch's check)
+        return False
+
+
+def from_scratch(overrides: Sequence[str], config_name: str = "train") -> bool:
+    """The overrides train a chained cell from scratch: their last ``init_from`` is null and their experiment
+    starts from a source (:func:`starts_from_source`). Needs the ``+experiment=`` among them."""
+    inits = [o for o in overrides if key_of(o) == "init_from"]
+    if not inits or not _null_init(inits[-1]) or not any(key_of(o) == "experiment" for o in overrides):
+        return False
+    return _from_scratch(tuple(overrides), config_name)
+
+
+def run_subdir(overrides: Sequence[str], config_name: str = "train") -> str:
     """The run directory name of these overrides: sorted ``key=value`` items without the non-semantic keys and
     Hydra's own settings, joined by commas, each value in one spelling (:func:`canonical_value`: a run is named
     by what it computes, not by how the command line spelt it), without the overrides that repeat the
-    experiment's own values (:func:`without_defaults`); made path-safe by :func:`run_subdir_name`.
-    configs/train.yaml names Hydra's run and sweep directories with it (the ``run_subdir`` resolver)."""
-    keep = [o for o in without_defaults(overrides) if _names_run(o)]  # before parsing: paths may hold '=' or ','
+    experiment's own values (:func:`without_defaults`); made path-safe by :func:`run_subdir_name`. A chained
+    cell trained from scratch keeps ``init_from=null`` (:func:`from_scratch`): it is not the chained run.
+    ``config_name``: the primary config the overrides compose with (``ptq`` for ``python -m qrepro.ptq``).
+    configs/train.yaml and configs/ptq.yaml name Hydra's run and sweep directories with it (the ``run_subdir``
+    resolver)."""
+    keep = [o for o in without_defaults(overrides, config_name) if _names_run(o)]  # paths may hold '=' or ','
     parsed = OverridesParser.create().parse_overrides(keep)
-    return run_subdir_name(",".join(sorted(canonical_override(o) for o in parsed)))
+    items = [canonical_override(o) for o in parsed] + ([FROM_SCRATCH] if from_scratch(overrides, config_name) else [])
+    return run_subdir_name(",".join(sorted(items)))
 
 
-def _run_subdir_resolver(overrides: Any) -> str:
-    """``${run_subdir:${hydra:overrides.task}}``: the run directory name of the task's overrides (a string is
-    taken as an ``override_dirname`` already made)."""
+def _run_subdir_resolver(overrides: Any, config_name: str = "train") -> str:
+    """``${run_subdir:${hydra:overrides.task},${hydra:job.config_name}}``: the run directory name of the task's
+    overrides (a string is taken as an ``override_dirname`` already made). Inside a composition that names a run
+    (:func:`without_defaults`, :func:`from_scratch`) the running job's ``hydra:`` values would name the outer run
+    again, composing without end: there the name is not used (the composed config drops ``hydra``) and is empty."""
+    if _NESTED[0]:
+        return ""
     if isinstance(overrides, str):
         return run_subdir_name(overrides)
-    return run_subdir([str(o) for o in overrides])
+    return run_subdir([str(o) for o in overrides], str(config_name))
 
 
-def semantic_overrides(overrides: Sequence[str]) -> list[str]:
-    """The overrides that change what a run computes (stored in records; table cells are matched on them)."""
-    out = []
+def semantic_overrides(overrides: Sequence[str], *, scratch: bool = False) -> list[str]:
+    """The overrides that change what a run computes (stored in records; table cells are matched on them);
+    ``scratch``: the run is a chained cell trained from scratch (:func:`trains_from_scratch`), recorded with
+    ``init_from=null``."""
+    out = [FROM_SCRATCH] if scratch else []
     for o in overrides:
         key = key_of(o)
         if key not in NON_SEMANTIC_KEYS and not key.startswith("hydra."):

@@ -24,9 +24,10 @@ from qrepro.builders import (
     seed_everything,
     semantic_overrides,
     setup_process,
+    setup_run,
 )
 from qrepro.cli import save_hydra_files
-from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS, key_of, run_subdir
+from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS, key_of, run_subdir, trains_from_scratch
 from qrepro.engine import dist as qdist
 from qrepro.engine import fast
 from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
@@ -56,7 +57,7 @@ from qrepro.engine.rundir import WANDB_ID_FILE, RunLock, identity, init_source, 
 from qrepro.engine.trainer import Fit, FitResult, Trainer, train_trainers
 from qrepro.errors import QreproError
 from qrepro.logging import build_logger
-from qrepro.validation import check_init_path, check_training_bits, validate_config
+from qrepro.validation import check_init_path, check_launch
 
 
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
@@ -100,14 +101,13 @@ def train(
     FitResult (record and its path), a list of them for members. ``validate=False``: ``cfg`` was validated.
     ``member_inits``: with members, each member's ``init_from`` (a chained cell: each seed's source run)."""
     if validate:
-        validate_config(cfg)
-        check_training_bits(cfg)
+        check_launch(cfg, "train")
     if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
         return train_members(cfg, run_dir, experiment, overrides, member_inits)
     h_dir, h_exp, h_over = hydra_context()
     run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
     experiment = experiment or h_exp or cfg.get("experiment")
-    overrides = semantic_overrides(overrides if overrides is not None else h_over)
+    overrides = semantic_overrides(overrides if overrides is not None else h_over, scratch=trains_from_scratch(cfg))
     record_path = run_dir / "record.json"
     init = init_source(cfg.init_from)
     if init:
@@ -199,9 +199,7 @@ def _run_line(cfg, run_dir, device, mode, amp) -> str:
 
 def _setup(cfg: DictConfig, denv):
     """Process settings, seed and the dataset (before the run directory is taken: bad data is one line)."""
-    setup_process(cfg, denv.device)
-    seed_everything(int(cfg.seed))  # the same on every rank: identical initial model and data order
-    return build_data_from_cfg(cfg, denv.device, denv.rank, denv.world_size)
+    return setup_run(cfg, denv.device, denv.rank, denv.world_size)
 
 
 def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: bool):
@@ -367,7 +365,8 @@ def train_members(
                 for m, _ in todo:
                     save_hydra_files(m.run_dir, m.cfg)
                     logs.enter_context(tee_console(m.run_dir / "train.log"))
-                _train_members(cfg, todo, experiment, [semantic_overrides(raws[m.index]) for m, _ in todo], denv, batch)
+                ovs = [semantic_overrides(raws[m.index], scratch=trains_from_scratch(m.cfg)) for m, _ in todo]
+                _train_members(cfg, todo, experiment, ovs, denv, batch)
             for m, _ in todo:
                 results[m.index] = m.result
     finally:

@@ -168,7 +168,8 @@ def expected_run_dir(job: Job, configs: str | Path) -> Path | None:
     if "$" in out_root or "$" in name:
         return None
     try:
-        sub = run_subdir([f"+experiment={job.cell.experiment}", *job.overrides])  # names it as the trainer does
+        entry = job.module.rsplit(".", 1)[1]  # train or ptq: the config the overrides compose with
+        sub = run_subdir([f"+experiment={job.cell.experiment}", *job.overrides], entry)  # named as that run does
     except Exception:  # an override Hydra's grammar refuses: the run itself will say so
         return None
     return Path(out_root, name, *(["ptq"] if job.module == "qrepro.ptq" else []), sub)

@@ -27,6 +27,7 @@ from qrepro.engine.checkpoint import read_checkpoint
 from qrepro.engine.fsio import _blocking_file
 from qrepro.engine.precision import amp_mode
 from qrepro.errors import QreproError
+from qrepro.ptq.core import ptq_configs
 from qrepro.quant.methods import FP_BITS, VALID_BITS, build_method
 
 SEED_MAX = 2**32 - 1  # numpy's seed range
@@ -222,6 +223,8 @@ def _check_ptq(q: dict[str, Any]) -> None:
     _int(q, "act_calib_size", p, 1, "256")
     _int(q, "iters", p, 0, "200", nullable=True)
     _bool(q, "eval_fp", p)
+    if "use_ema" in q and q["use_ema"] not in ("auto", True, False):
+        raise _bad("ptq.use_ema", q["use_ema"], "auto, true or false", "auto")
 
 
 def validate_config(cfg: DictConfig | dict[str, Any]) -> None:
@@ -271,6 +274,28 @@ def check_training_bits(cfg: DictConfig) -> None:
         )
 
 
+def check_ptq(cfg: DictConfig) -> None:
+    """What ``python -m qrepro.ptq`` needs beyond :func:`validate_config`: the FP checkpoint (``init_from``) and
+    valid options for every bit configuration (``ptq.algorithm``, ``ptq.bits``, grids, ranges ...)."""
+    if not cfg.get("init_from"):
+        raise QreproError("ptq needs the FP checkpoint: add init_from=<run dir>/checkpoints/last.pt")
+    ptq_configs(OmegaConf.to_container(cfg.ptq, resolve=True), cfg.precision.w_bits, cfg.precision.a_bits, cfg.seed)
+
+
+# the checks of one entry point's config beyond validate_config (the primary config's name -> check)
+ENTRY_CHECKS = {"train": check_training_bits, "ptq": check_ptq}
+
+
+def check_launch(cfg: DictConfig, config_name: str) -> None:
+    """Every check of a composed config that needs no file: :func:`validate_config`, then the entry point's own
+    (:data:`ENTRY_CHECKS`). The launch's check (:func:`precheck`) runs it before Hydra writes anything, a
+    multirun job or an in-process caller before it takes its run directory."""
+    validate_config(cfg)
+    check = ENTRY_CHECKS.get(config_name)
+    if check is not None:
+        check(cfg)
+
+
 # ----------------------------------------------------------------------------------------- the command line
 def _flat_keys(c: Any, prefix: str = "") -> list[str]:
     if not isinstance(c, dict):
@@ -308,9 +333,7 @@ def precheck(argv: Sequence[str], config_name: str) -> tuple[list[str], DictConf
         raise _composition_error(e, overrides, config_name=config_name) from None
     _check_added_keys(overrides, config_name=config_name)
     if not multirun:
-        validate_config(cfg)
-        if config_name == "train":
-            check_training_bits(cfg)
+        check_launch(cfg, config_name)
         check_output_root(str(cfg.out_root))
         if cfg.get("init_from"):
             check_init_path(str(cfg.init_from))

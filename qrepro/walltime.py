@@ -33,6 +33,7 @@ from qrepro.cli import one_line_errors
 from qrepro.config import compose
 from qrepro.errors import QreproError
 from qrepro.sweep import load_cells, waves
+from qrepro.tables.records import portable, portable_str
 
 FP_METHOD, FP_PRECISION = "fp", "w32a32"
 # compiled evaluation / training images/s: ResNet-20 at batch 1000 vs 128 on the 2-core CPU (FP, SAT, APoT: 2.3-2.4)
@@ -236,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(a.out)
             out.mkdir(parents=True, exist_ok=True)
             stem = f"{bench.get('device_slug', Path(a.bench).stem)}-{a.gpus}x"
-            (out / f"{stem}.md").write_text(f"# Expected wall time per table\n\n{text}")
-            (out / f"{stem}.json").write_text(json.dumps(summaries, indent=1) + "\n")
+            (out / f"{stem}.md").write_text(portable_str(f"# Expected wall time per table\n\n{text}"))
+            (out / f"{stem}.json").write_text(json.dumps(portable(summaries), indent=1) + "\n")
             print(f"wrote {out / stem}.md / .json", file=sys.stderr)
 
     run()

@@ -15,6 +15,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from qrepro.tables.records import portable, portable_str
+
 
 def summarize(rec: dict, epochs: int) -> dict:
     c = rec.get("curves", {})
@@ -51,11 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     recs = sorted(Path(a.folder).rglob("record.json"))
     if not recs:
         raise SystemExit(f"error: no record.json under {a.folder}")
-    rows = [summarize(json.loads(r.read_text()), a.epochs) for r in recs]
+    rows = [summarize(portable(json.loads(r.read_text())), a.epochs) for r in recs]  # no machine paths
     lines = [
         f"# Epoch times ({rows[0]['device']})",
         "",
-        f"Records under `{a.folder}`; later epochs = median of epochs 2.. (training + evaluation); "
+        f"Records under `{portable_str(a.folder)}`; later epochs = median of epochs 2.. (training + evaluation); "
         f"projected = epoch 1 + {a.epochs - 1} x later epoch.",
         "",
         f"| model | quantizer | bits | compile | epoch 1 s | later epoch s | train img/s | {a.epochs} epochs |",

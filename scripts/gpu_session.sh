@@ -34,6 +34,7 @@ EOF
 )
 mkdir -p results/bench
 save() { if [ -n "${OUT:-}" ]; then cp -r "$@" "$OUT"/ 2>/dev/null || true; fi; }
+portable() { "$PY" -m qrepro.tables.records --text; }  # logs committed under results/ hold no machine paths
 
 if [ "$QUICK" = 1 ]; then
   bench_steps=(--warmup 1 --steps 2 --window 1) epochs=2 subset=(dataset.subset=512) cells_epochs=1
@@ -45,10 +46,10 @@ case "$step" in
 check)  # the CUDA-only tests (CUDA graphs == eager) and the DDP tests; one torchrun rank with NCCL
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
-  "$PY" -m pytest -q -x tests/test_compile.py tests/test_ddp.py 2>&1 | tee results/bench/"$slug"-check.log
+  "$PY" -m pytest -q -x tests/test_compile.py tests/test_ddp.py 2>&1 | portable | tee results/bench/"$slug"-check.log
   "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m qrepro.train +experiment=demo_digits_fp \
     trainer.device="$DEVICE" trainer.epochs=1 logger=none trainer.progress=false out_root=runs/_gpu_check \
-    2>&1 | tee -a results/bench/"$slug"-check.log
+    2>&1 | portable | tee -a results/bench/"$slug"-check.log
   save results/bench/"$slug"-check.log ;;
 bench)
   "$PY" -m qrepro.bench --device "$DEVICE" --models resnet20 --batch-sizes 128 "${bench_steps[@]}" \
@@ -74,7 +75,7 @@ parallel)  # the same 4 cells one at a time, then 4 at once on the one GPU (docs
   for j in 1 4; do
     "$PY" scripts/run_parallel.py --jobs "$j" --device "$DEVICE" --log-dir runs/_gpu_parallel/jobs$j \
       --sweep "$sweep out_root=runs/_gpu_parallel/out$j"
-    cp runs/_gpu_parallel/jobs$j/summary.json results/bench/"$slug"-parallel-jobs$j.json
+    "$PY" -m qrepro.tables.records < runs/_gpu_parallel/jobs$j/summary.json > results/bench/"$slug"-parallel-jobs$j.json
   done
   save results/bench/"$slug"-parallel-jobs1.json results/bench/"$slug"-parallel-jobs4.json ;;
 members)  # docs/speed.md section 6/7: batched members (K = 1, 2, 4, 8) x amp (off, bf16), eager and compiled
@@ -83,7 +84,7 @@ members)  # docs/speed.md section 6/7: batched members (K = 1, 2, 4, 8) x amp (o
     --note "scripts/gpu_session.sh members"
   "$PY" -m qrepro.train +experiment=demo_digits_apot_w4a4 trainer.members=4 trainer.amp=bf16 trainer.epochs=1 \
     trainer.device="$DEVICE" logger=none trainer.progress=false out_root=runs/_gpu_members \
-    2>&1 | tee results/bench/"$slug"-members-run.log
+    2>&1 | portable | tee results/bench/"$slug"-members-run.log
   save results/bench/"$slug"-members.json results/bench/"$slug"-members.md results/bench/"$slug"-members-run.log ;;
 *) echo "error: unknown step '$step'; use check|bench|epochs|parallel|bench-more|members" >&2; exit 2 ;;
 esac

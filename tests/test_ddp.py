@@ -24,8 +24,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from qrepro.engine import dist as qdist
-from qrepro.hooks import Hook
 from qrepro.errors import QreproError
+from qrepro.hooks import Hook
 from qrepro.models import MODELS
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods import METHODS, Method
@@ -473,7 +473,8 @@ def test_submitit_launcher_without_the_plugin_is_a_one_line_error(monkeypatch):
 
 
 def test_imagenet_loaders_shard_train_and_test_sets(tmp_path):
-    """ImageNet path: DistributedSampler for training; unpadded, disjoint test shards covering the val set."""
+    """ImageNet path: DistributedSampler order for training (disjoint shards); unpadded, disjoint test shards
+    covering the val set."""
     import numpy as np
     from PIL import Image
 
@@ -487,8 +488,10 @@ def test_imagenet_loaders_shard_train_and_test_sets(tmp_path):
                 Image.fromarray(np.full((8, 8, 3), i * 20, dtype=np.uint8)).save(d / f"{i}.png")
     kw = dict(root=str(tmp_path), batch_size=2, test_batch_size=3, image_size=8, resize=8, workers=0, world_size=2)
     shards = [build_data("imagenet", rank=r, **kw) for r in range(2)]
-    assert all(isinstance(b.train.loader.sampler, torch.utils.data.DistributedSampler) for b in shards)
+    assert all(isinstance(b.train.loader.sampler.order, torch.utils.data.DistributedSampler) for b in shards)
     assert [len(b.train) for b in shards] == [2, 2]  # 8 images / 2 ranks / 2 per batch
+    train_idx = [[i for i, _ in b.train.loader.sampler] for b in shards]  # (index, augmentation seed) pairs
+    assert sorted(train_idx[0] + train_idx[1]) == list(range(8)) and not set(train_idx[0]) & set(train_idx[1])
     idx = [list(b.test.loader.sampler) for b in shards]
     assert sorted(idx[0] + idx[1]) == list(range(10)) and not set(idx[0]) & set(idx[1])
     assert sum(int(y.shape[0]) for b in shards for _, y in b.test) == 10

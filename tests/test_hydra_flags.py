@@ -125,8 +125,11 @@ def test_multirun_on_a_chained_cell(out_root, capsys, monkeypatch):
     )
     code, out = _main([CHAINED, *FAST, "-m", "seed=6", "init_from=null"], out_root, capsys, monkeypatch)
     assert code == 0 and "multirun: 1 finished" in out and "training it first" not in out
-    rec = _record(out_root / "demo_digits_apot_w4a4" / "model.width=2,seed=6,trainer.epochs=1" / "record.json")
-    assert rec["init_from_sha256"] is None
+    # from scratch: a run of its own, beside the chained runs (init_from=null names it)
+    rec = _record(
+        out_root / "demo_digits_apot_w4a4" / "init_from=null,model.width=2,seed=6,trainer.epochs=1" / "record.json"
+    )
+    assert rec["init_from_sha256"] is None and "init_from=null" in rec["overrides"]
 
 
 def test_run_dir_on_a_plain_experiment(out_root, capsys, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace as dataclasses_replace
 
 import numpy as np
@@ -329,6 +330,69 @@ def test_ptq_cli_prints_record_line_last(tmp_path, digits_ckpt):
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("record: ") and "/ptq/" in last and last.endswith("record.json")
+
+
+def _ptq_main(argv, capsys, monkeypatch):
+    """``python -m qrepro.ptq <argv>`` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from qrepro.ptq.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["qrepro.ptq", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out, out.err
+    return code, out.out, out.err
+
+
+def test_bad_ptq_launch_is_one_line_and_writes_nothing(tmp_path, digits_ckpt, capsys, monkeypatch):
+    """The PTQ launch is checked like the trainer's (validation.check_launch before Hydra runs; checkpoint,
+    dataset and FP model before the run directory is taken): exit 2, one line, nothing under out_root."""
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    out_root = tmp_path / "runs"
+    base = ["+experiment=symreg_digits_ours", *FAST, f"out_root={out_root}", "ptq.calib_size=32"]
+    cases = {
+        "unknown ptq algorithm 'gptq'": [f"init_from={digits_ckpt}", "ptq.algorithm=gptq"],
+        "use a list of [w_bits, a_bits] pairs": [f"init_from={digits_ckpt}", "ptq.bits=[4,4]"],
+        "ptq a_bits=40 out of range": [f"init_from={digits_ckpt}", "ptq.bits=[[4,40]]"],
+        "ptq.use_ema='maybe' is invalid": [f"init_from={digits_ckpt}", "ptq.use_ema=maybe"],
+        "ptq needs the FP checkpoint": [],
+        "is corrupt": [f"init_from={corrupt}"],
+        "does not exist": [f"init_from={tmp_path / 'nope.pt'}"],
+        "holds no CIFAR-10 data": [f"init_from={digits_ckpt}", "dataset=cifar10", f"dataset.root={tmp_path / 'no'}"],
+    }
+    for needle, extra in cases.items():
+        code, _, err = _ptq_main([*base, *extra], capsys, monkeypatch)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (needle, err)
+        assert not out_root.exists(), (needle, sorted(out_root.rglob("*")))  # no run directory, .hydra/ or .lock
+
+
+def test_ptq_runs_are_named_by_value_like_training_runs(tmp_path, digits_ckpt, capsys, monkeypatch):
+    from qrepro.config import run_subdir
+
+    cell = ["+experiment=symreg_digits_ours", "precision=w4a4"]
+    # values in one spelling, explicit defaults (ptq.algorithm=aciq) and non-semantic keys (ptq.eval_fp) left out
+    name = run_subdir([*cell, "ptq.algorithm=aciq", "ptq.calib_size=32", "ptq.eval_fp=false"], "ptq")
+    assert name == run_subdir([*cell, "ptq.calib_size=32"], "ptq") == "precision=w4a4,ptq.calib_size=32"
+    assert run_subdir([*cell, "ptq.lr_round=1e-2"], "ptq") == run_subdir([*cell, "ptq.lr_round=0.01"], "ptq")
+    assert run_subdir([*cell, "ptq.algorithm=minmax"], "ptq") == "precision=w4a4,ptq.algorithm=minmax"
+    # the command line's directory is that name (configs/ptq.yaml's run_subdir resolver)
+    argv = [*cell, *FAST, f"out_root={tmp_path}", f"init_from={digits_ckpt}", "ptq.algorithm=minmax"]
+    code, out, err = _ptq_main([*argv, "ptq.calib_size=32", "ptq.eval_fp=False"], capsys, monkeypatch)
+    assert code == 0, err
+    record = out.strip().splitlines()[-1].removeprefix("record: ")
+    sub = run_subdir([*cell, *FAST, "ptq.algorithm=minmax", "ptq.calib_size=32"], "ptq")
+    assert record == str(tmp_path / "symreg_digits_ours" / "ptq" / sub / "record.json")
+    code, out, err = _ptq_main([*argv, "ptq.calib_size=3.2e1", "ptq.eval_fp=true"], capsys, monkeypatch)
+    assert code == 2 and "ptq.calib_size=32.0 is invalid" in err  # a float is not an image count
+    code, out, err = _ptq_main([*argv, "ptq.calib_size=32", "ptq.eval_fp=true"], capsys, monkeypatch)
+    assert code == 0 and f"skip: {os.path.dirname(record)} already has a complete record" in out
 
 
 # ------------------------------------------------------------------------------------------------ configs

@@ -56,3 +56,45 @@ def test_an_explicit_default_is_the_run_without_it():
     over = [*cell, "precision=w2a2", "precision.w_bits=4"]
     assert without_defaults(over) == over
     assert without_defaults(["seed=0"]) == ["seed=0"]  # no experiment: nothing to compare with
+
+
+# ------------------------------------------------------------------------------------ a chained cell from scratch
+def test_init_from_null_on_a_chained_cell_names_its_own_run():
+    from qrepro.config import semantic_overrides
+    from qrepro.tables.records import canonical_overrides
+
+    cell = ["+experiment=demo_digits_apot_w4a4", "seed=1"]  # starts from demo_digits_fp (init_from_experiment)
+    assert run_subdir(cell) == run_subdir([*cell, "init_from=/x/last.pt"]) == "seed=1"  # the chained run
+    assert run_subdir([*cell, "init_from=null"]) == run_subdir([*cell, "++init_from=null"]) == "init_from=null,seed=1"
+    assert run_subdir([*cell, "init_from=null", "init_from=/x/last.pt"]) == "seed=1"  # the last value counts
+    # a cell without a source starts from scratch anyway: init_from=null changes nothing
+    assert run_subdir(["+experiment=demo_digits_fp", "init_from=null"]) == "default"
+    # recorded with it, and matched apart from the chained run's record by the tables
+    over = semantic_overrides([*cell, "init_from=null"], scratch=True)
+    assert over == ["init_from=null", "seed=1"]
+    assert canonical_overrides(over) != canonical_overrides(["seed=1"])
+    assert canonical_overrides(["init_from=/x/last.pt", "seed=1"]) == canonical_overrides(["seed=1"])
+
+
+def test_init_from_null_trains_beside_the_finished_chained_run(tmp_path):
+    from qrepro.config import compose
+    from qrepro.engine.rundir import file_sha256
+    from qrepro.launch import train
+
+    out = tmp_path / "runs"
+    fp = train(compose(["+experiment=demo_digits_fp", *FAST]), run_dir=tmp_path / "fp", overrides=[])
+    ckpt = tmp_path / "fp" / "checkpoints" / "last.pt"
+    cell = ["+experiment=demo_digits_apot_w4a4", *FAST, f"out_root={out}"]
+    chained_dir = out / "demo_digits_apot_w4a4" / run_subdir(cell)
+    chained = train(compose([*cell, f"init_from={ckpt}"]), run_dir=chained_dir, overrides=cell)
+    assert fp.record["complete"] and chained.record["init_from_sha256"] == file_sha256(ckpt)
+    before = (chained_dir / "record.json").read_text()
+
+    stdout = _train([*cell, "init_from=null"], tmp_path)  # the command line: Hydra names the directory
+    record = stdout.strip().splitlines()[-1].split("record: ", 1)[1]
+    assert os.path.dirname(record) == str(out / "demo_digits_apot_w4a4" / f"init_from=null,{chained_dir.name}")
+    rec = json.loads(open(record).read())
+    assert rec["complete"] and rec["init_from"] is None and rec["identity"]["init_from_sha256"] is None
+    assert rec["identity"]["config_sha256"] == chained.record["identity"]["config_sha256"]  # same recipe...
+    assert "init_from=null" in rec["overrides"] and "init_from=null" not in chained.record["overrides"]
+    assert (chained_dir / "record.json").read_text() == before  # ...the chained run is left as it was

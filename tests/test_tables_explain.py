@@ -124,6 +124,45 @@ def test_committed_records_hold_no_machine_paths():
     bad = re.compile(r'"(/tmp/|/work/|/home/|\.\./)|=(/tmp/|/work/|/home/|\.\./)')
     for path in list((ROOT / "results").rglob("record.json")) + list((ROOT / "results").rglob("*.record.json")):
         assert not bad.search(path.read_text()), f"{path} holds a machine path"
+    # nor any other committed result (tables, benchmarks, wall times, logs, notes)
+    machine = re.compile(r"(?<![\w.<>/:~-])/(tmp|work|home|root|Users|mnt|scratch|data|private|var/folders)/")
+    for path in (ROOT / "results").rglob("*"):
+        if path.suffix in (".md", ".json", ".txt", ".log", ".csv"):
+            assert not machine.search(path.read_text()), f"{path} holds a machine path"
+
+
+def test_writers_into_results_make_paths_portable(tmp_path, capsys, monkeypatch):
+    """Run directories keep absolute paths (resume, chains and tables read them there); what enters results/
+    goes through the portable writer: records (collect), benchmark and wall-time files, epoch tables, logs."""
+    import io
+    import runpy
+
+    from qrepro.tables.records import main as portable_main
+    from qrepro.tables.records import portable_str
+
+    line = "python -m qrepro.bench --out /tmp/a/bench --note 'see https://x.org/y' 12 img/s, ../configs/t.yaml"
+    assert portable_str(line) == (
+        "python -m qrepro.bench --out <local>/bench --note 'see https://x.org/y' 12 img/s, ../configs/t.yaml"
+    )
+    rec = {"name": "n", "run_dir": "/w/runs/n/seed=1", "command": "train out_root=/w/runs init_from=/h/u/a.pt"}
+    assert portable(rec)["command"] == "train out_root=<out_root> init_from=<local>/a.pt"
+    assert portable([{"log": "/tmp/x/0.log"}]) == [{"log": "<local>/0.log"}]  # e.g. run_parallel's summary
+    # the filter gpu_session.sh pipes logs and copies through
+    monkeypatch.setattr("sys.stdin", io.StringIO("run: /tmp/r/x  model=m\nbest top1 1.00%\n"))
+    assert portable_main(["--text"]) == 0 and capsys.readouterr().out == "run: <local>/x  model=m\nbest top1 1.00%\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(rec)))
+    assert portable_main([]) == 0 and json.loads(capsys.readouterr().out)["run_dir"] == "<out_root>/n/seed=1"
+    # scripts/epoch_times.py (results/bench/<device>-epochs.*) on records with absolute run directories
+    runs = tmp_path / "runs"
+    rd = runs / "epochs_fp" / "default"
+    rd.mkdir(parents=True)
+    curves = {"epoch_s": [3.0, 1.0, 1.0], "images_per_s": [10.0, 20.0, 20.0]}
+    (rd / "record.json").write_text(json.dumps({"name": "epochs_fp", "run_dir": str(rd), "curves": curves}))
+    out = tmp_path / "bench" / "dev-epochs"
+    monkeypatch.setattr("sys.argv", ["epoch_times.py", str(runs), "--out", str(out), "--epochs", "3"])
+    runpy.run_path(str(ROOT / "scripts" / "epoch_times.py"), run_name="__main__")
+    assert json.loads(out.with_suffix(".json").read_text())[0]["run_dir"] == "<out_root>/epochs_fp/default"
+    assert str(tmp_path) not in out.with_suffix(".json").read_text() + out.with_suffix(".md").read_text()
 
 
 def test_plan_prints_real_run_directories(tmp_path, capsys):

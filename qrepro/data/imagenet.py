@@ -42,6 +42,45 @@ class DeviceLoader:
             yield x, y.to(self.device, non_blocking=True)
 
 
+class _SeededSampler(torch.utils.data.Sampler):
+    """The training order of one rank, as ``(index, sample seed)`` pairs: a permutation set by (seed, epoch)
+    (DistributedSampler's, one shard per rank) and each image's augmentation seed set by (seed, epoch, index).
+    Both are drawn here, in the main process, so the batches do not depend on how many DataLoader processes
+    decode them (``dataset.workers``) nor on what else drew from torch's random state."""
+
+    def __init__(self, n: int, seed: int, rank: int, world_size: int) -> None:
+        self.order = torch.utils.data.DistributedSampler(range(n), world_size, rank, shuffle=True, seed=seed)
+        self.seed = int(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.order.epoch)
+        seeds = torch.randint(0, 2**62, (len(self.order.dataset),), generator=g).tolist()
+        return ((int(i), seeds[i]) for i in self.order)
+
+
+class _Seeded(torch.utils.data.Dataset):
+    """``dataset[index]`` with torch's random state set to the sample's seed (torchvision's random transforms
+    draw from it), restored afterwards."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 def _pil_to_uint8(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -87,22 +126,16 @@ def build_imagenet(
     t_test = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), _pil_to_uint8])
     tr = datasets.ImageFolder(str(Path(root) / "train"), t_train)
     te = datasets.ImageFolder(str(Path(root) / "val"), t_test)
-    sampler = None
-    if world_size > 1:
-        sampler = torch.utils.data.DistributedSampler(tr, world_size, rank, shuffle=True, seed=seed)
-    g = torch.Generator().manual_seed(seed + 10007 * rank)  # per-rank worker seeds: independent augmentations
     dev = torch.device(device)
     pin = dev.type == "cuda"
     ltr = torch.utils.data.DataLoader(
-        tr,
+        _Seeded(tr),
         batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=_SeededSampler(len(tr), seed, rank, world_size),  # order and augmentation: (seed, epoch, image)
         num_workers=workers,
         pin_memory=pin,
         drop_last=True,
         persistent_workers=workers > 0,
-        generator=g,
     )
     test_shard = range(rank, len(te), world_size) if world_size > 1 else None  # unpadded: metrics are all-reduced
     lte = torch.utils.data.DataLoader(

@@ -15,41 +15,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from qrepro.builders import (
-    build_data_from_cfg,
-    build_method_from_cfg,
-    build_model_from_cfg,
-    seed_everything,
-    select_device,
-)
-from qrepro.cli import hydra_entry
+from qrepro.builders import build_method_from_cfg, build_model_from_cfg, seed_everything, select_device, setup_run
+from qrepro.cli import hydra_entry, in_multirun
 from qrepro.config import hydra_context, plain, semantic_overrides
 from qrepro.engine.checkpoint import check_finite, extract_state_dict, load_model_state, read_checkpoint
 from qrepro.engine.loop import evaluate
 from qrepro.engine.record import device_name, git_info, read_record, versions, write_json_atomic
 from qrepro.engine.rundir import RunLock, file_sha256, init_source, mark_superseded
 from qrepro.errors import QreproError
-from qrepro.ptq.core import PTQ_ALGORITHMS, PTQConfig, quantize_model
+from qrepro.ptq.core import ptq_configs, quantize_model
 from qrepro.quant import prepare
 from qrepro.quant.methods import FP_BITS
-from qrepro.validation import validate_config
-
-PTQ_KEYS = (
-    "first_last_bits quantize_first_input weight_grid weight_granularity asymmetric act_grid distribution init "
-    "lp_norm act_calib_size iters batch_size lr_weight lr_bias lr_weight_qparams lr_act_qparams relu_before_mse "
-    "loss_through_bn keep_best lr_round lr_act_step act_lr_schedule act_grad_scale drop_prob round_weight round_warmup "
-    "round_beta kmeans_iters weight_step_scale"
-).split()
-
-
-def bit_configs(cfg: DictConfig) -> list[tuple[int, int]]:
-    bits = plain(cfg.ptq.bits)
-    if bits is None:
-        return [(int(cfg.precision.w_bits), int(cfg.precision.a_bits))]
-    ok = isinstance(bits, list) and bits and all(isinstance(b, list) and len(b) == 2 for b in bits)
-    if not ok:
-        raise QreproError(f"ptq.bits={bits!r}; use a list of [w_bits, a_bits] pairs, e.g. ptq.bits=[[4,32],[4,4]]")
-    return [(int(w), int(a)) for w, a in bits]
+from qrepro.validation import check_launch
 
 
 def load_fp_model(cfg: DictConfig, num_classes: int, path: str, use_ema: str | bool) -> tuple[torch.nn.Module, str]:
@@ -61,8 +38,6 @@ def load_fp_model(cfg: DictConfig, num_classes: int, path: str, use_ema: str | b
         raise QreproError(f"PTQ starts from a full-precision model, but quantizer={cfg.quantizer.name}: {e}") from None
     prepare(model, method)
     obj = read_checkpoint(path)
-    if use_ema not in ("auto", True, False):
-        raise QreproError(f"ptq.use_ema={use_ema!r}; use auto, true or false")
     if use_ema is True and "ema" not in obj:
         raise QreproError(f"ptq.use_ema=true but {path} has no EMA weights; use ptq.use_ema=auto")
     if use_ema in ("auto", True) and isinstance(obj.get("ema"), dict):
@@ -91,32 +66,42 @@ def calibration_images(loader: Any, n: int) -> torch.Tensor:
 
 
 def run_ptq(
-    cfg: DictConfig, run_dir: Path | None = None, experiment: str | None = None, overrides: list[str] | None = None
+    cfg: DictConfig,
+    run_dir: Path | None = None,
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    validate: bool = True,
 ) -> list[Path]:
     """Run every bit configuration of ``cfg.ptq``; returns the record paths. Under Hydra the run directory,
-    experiment name and overrides come from Hydra; in-process callers may pass them."""
-    validate_config(cfg)
-    if not cfg.init_from:
-        raise QreproError("ptq needs the FP checkpoint: add init_from=<run dir>/checkpoints/last.pt")
+    experiment name and overrides come from Hydra; in-process callers may pass them. The start is the
+    trainer's (``qrepro.launch.train``): the config checked (``validate=False``: the launch's check did it),
+    then the checkpoint, the dataset and the FP model, all before the run directory is taken, so a bad launch
+    is one line that writes nothing."""
+    if validate:
+        check_launch(cfg, "ptq")
+    pcfgs = ptq_configs(plain(cfg.ptq), cfg.precision.w_bits, cfg.precision.a_bits, cfg.seed)
     src = Path(str(cfg.init_from))
-    PTQ_ALGORITHMS.get(str(cfg.ptq.algorithm))  # unknown algorithm: fail before loading anything
     digest = init_source(src)["sha256"]  # a missing path or a directory is a one-line error
-    configs = bit_configs(cfg)
     h_dir, h_exp, h_over = hydra_context()
     base_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "ptq" / "default")
     experiment = experiment or h_exp or cfg.get("experiment")
     overrides = semantic_overrides(overrides if overrides is not None else h_over)
     sweep = cfg.ptq.bits is not None
     targets = []
-    for w, a in configs:
+    for p in pcfgs:
+        w, a = p.w_bits, p.a_bits
         run_dir = base_dir / f"w{w}a{a}" if sweep else base_dir
         ov = sorted([o for o in overrides if not o.startswith(("ptq.bits=", "precision="))] + [f"precision=w{w}a{a}"])
-        targets.append((w, a, run_dir, ov if sweep else overrides))
+        targets.append((p, run_dir, ov if sweep else overrides))
+    device = select_device(cfg.trainer.device)
+    data = setup_run(cfg, device)  # a missing dataset.root is one line before the run directory is touched
+    fp, which = load_fp_model(cfg, data.num_classes, str(src), plain(cfg.ptq.use_ema))  # a bad checkpoint too
     with RunLock(base_dir):  # one PTQ command owns its directory (and its per-bit subdirectories)
         todo = _todo(cfg, targets, digest)
         if not todo:
-            return [t[2] / "record.json" for t in targets]
-        return _run_todo(cfg, todo, src, digest, experiment)
+            return [t[1] / "record.json" for t in targets]
+        return _run_todo(cfg, todo, src, digest, experiment, device, data, fp.to(device), which)
 
 
 def _todo(cfg: DictConfig, targets: list, digest: str) -> list:
@@ -124,7 +109,7 @@ def _todo(cfg: DictConfig, targets: list, digest: str) -> list:
     another checkpoint is refused (force=true replaces it, after marking it superseded)."""
     todo = []
     for t in targets:
-        path = t[2] / "record.json"
+        path = t[1] / "record.json"
         rec = read_record(path)
         if rec is not None and cfg.force:
             mark_superseded(path, rec, "force=true")
@@ -132,31 +117,34 @@ def _todo(cfg: DictConfig, targets: list, digest: str) -> list:
             old = (rec.get("ptq") or {}).get("source_sha256")
             if old is not None and old != digest:
                 raise QreproError(
-                    f"{t[2]} holds a complete PTQ result of another checkpoint (sha256 {old[:12]}; init_from "
+                    f"{t[1]} holds a complete PTQ result of another checkpoint (sha256 {old[:12]}; init_from "
                     f"{cfg.init_from} has {digest[:12]}); pass another out_root=..., or force=true to replace it"
                 )
-            print(f"skip: {t[2]} already has a complete record (force=true to re-run)", flush=True)
+            print(f"skip: {t[1]} already has a complete record (force=true to re-run)", flush=True)
             continue
         todo.append(t)
     return todo
 
 
-def _run_todo(cfg: DictConfig, todo: list, src: Path, digest: str, experiment: str | None) -> list[Path]:
-    device = select_device(cfg.trainer.device)
-    seed_everything(int(cfg.seed))
-    data = build_data_from_cfg(cfg, device)
-    fp, which = load_fp_model(cfg, data.num_classes, str(src), plain(cfg.ptq.use_ema))
-    fp.to(device)
+def _run_todo(
+    cfg: DictConfig,
+    todo: list,
+    src: Path,
+    digest: str,
+    experiment: str | None,
+    device: Any,
+    data: Any,
+    fp: Any,
+    which: str,
+) -> list[Path]:
     fp_eval = evaluate(fp, data.test) if cfg.ptq.eval_fp else None
     if fp_eval is not None:
         print(f"FP ({which} weights): top1 {fp_eval['test_top1']:.2f}%", flush=True)
     calib = calibration_images(data.train, int(cfg.ptq.calib_size)).to(device)
-    opts = {k: plain(cfg.ptq[k]) for k in PTQ_KEYS if k in cfg.ptq}
-    opts["round_beta"] = tuple(opts.get("round_beta", (20.0, 2.0)))
     paths = []
-    for w, a, run_dir, ov in todo:
+    for pcfg, run_dir, ov in todo:
+        w, a = pcfg.w_bits, pcfg.a_bits
         started, t0 = time.time(), time.perf_counter()
-        pcfg = PTQConfig(algorithm=str(cfg.ptq.algorithm), w_bits=w, a_bits=a, seed=int(cfg.seed), **opts).resolved()
         seed_everything(int(cfg.seed))
         q = quantize_model(fp, calib, pcfg)
         ptq_s = time.perf_counter() - t0
@@ -220,7 +208,8 @@ def _run_todo(cfg: DictConfig, todo: list, src: Path, digest: str, experiment: s
 
 
 def _task(cfg: DictConfig) -> None:
-    paths = run_ptq(cfg)
+    # a single run's config was checked by the launch (hydra_entry's precheck); a multirun's jobs one by one
+    paths = run_ptq(cfg, validate=in_multirun())
     for p in paths:
         print(f"record: {p}", flush=True)
 

@@ -152,6 +152,40 @@ class PTQConfig:
             raise QreproError("ptq.weight_step_scale must be > 0")
 
 
+# keys of the ``ptq`` config block that are not PTQConfig options: the bit list and what the entry point does
+RUN_KEYS = ("bits", "calib_size", "use_ema", "eval_fp")
+
+
+def bit_pairs(bits: object, w_bits: int, a_bits: int) -> list[tuple[int, int]]:
+    """The (w_bits, a_bits) configurations of ``ptq.bits``: None -> the run's own ``(w_bits, a_bits)``."""
+    if bits is None:
+        return [(int(w_bits), int(a_bits))]
+    ok = isinstance(bits, (list, tuple)) and bits and all(isinstance(b, (list, tuple)) and len(b) == 2 for b in bits)
+    if not ok or not all(isinstance(x, int) and not isinstance(x, bool) for b in bits for x in b):
+        raise QreproError(f"ptq.bits={bits!r}; use a list of [w_bits, a_bits] pairs, e.g. ptq.bits=[[4,32],[4,4]]")
+    return [(int(w), int(a)) for w, a in bits]
+
+
+def ptq_configs(options: dict, w_bits: int, a_bits: int, seed: int) -> list[PTQConfig]:
+    """The resolved, checked PTQConfig of every bit configuration of a ``ptq`` config block (``options``: its
+    plain keys; ``bits`` null -> ``w_bits``/``a_bits``). Raises the one-line error of the first bad option."""
+    fields = {f.name for f in dataclasses.fields(PTQConfig)} - {"w_bits", "a_bits", "seed"}
+    unknown = sorted(k for k in options if k not in fields and k not in RUN_KEYS)
+    if unknown:
+        raise QreproError(
+            f"unknown config key ptq.{unknown[0]} (ptq keys: {', '.join(sorted(fields | set(RUN_KEYS)))})"
+        )
+    opts = {k: v for k, v in options.items() if k in fields}
+    if "round_beta" in opts:
+        opts["round_beta"] = tuple(opts["round_beta"])
+    out = []
+    for w, a in bit_pairs(options.get("bits"), w_bits, a_bits):
+        cfg = PTQConfig(**{**opts, "w_bits": w, "a_bits": a, "seed": int(seed)}).resolved()
+        cfg.check()
+        out.append(cfg)
+    return out
+
+
 def _weight_quantizer(layer: nn.Module, bits: int, cfg: PTQConfig) -> nn.Module:
     kind = cfg.quantizer_kind()
     if kind == "uniform":

@@ -5,6 +5,7 @@ the cell's overrides as a set, after dropping the keys that do not change *what*
 are aggregated), paths (``dataset.root``, ``init_from``, ``resume``), the device, logging and
 Hydra's own keys, and the keys that keep the recipe but change its numbers slightly (``qrepro.config.SAME_CELL_KEYS``,
 e.g. ``trainer.accumulate``: such a run counts as the cell, and its table marks it, :meth:`Record.same_cell_notes`).
+``init_from=null`` is kept: the trainer records it on a chained cell trained from scratch.
 ``+key=v``, ``++key=v`` and ``key=v`` are the same assignment; values compare as Hydra parses them
 (``1e-4`` == ``0.0001``). Only records with ``complete: true`` count.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -74,8 +76,8 @@ def canonical_overrides(
     out = set()
     for text in overrides:
         kind, key, value = _parse_one(str(text).strip())
-        if not _ignored(key, keep_seed, keep_same_cell):
-            out.add((kind, key, value))
+        if not _ignored(key, keep_seed, keep_same_cell) or (key, value) == ("init_from", "null"):
+            out.add((kind, key, value))  # init_from=null: a chained cell trained from scratch, not the chained run
     return frozenset(out)
 
 
@@ -213,20 +215,38 @@ def _seed_order(seed: Any) -> tuple:
 
 OUT_ROOT, LOCAL = "<out_root>", "<local>"
 _OUTSIDE = ("/", "../")  # absolute paths and paths that leave the project: specific to one machine
+# an absolute path inside free text (a command line, a log line, a markdown cell); not the tail of a word, a
+# relative path (a markdown link's ../), a URL ('https://...') or a placeholder ('<out_root>/...'); it ends at
+# whitespace, a quote or a bracket
+_PATH_IN_TEXT = re.compile(r"(?<![\w.<>/:~-])/[^\s\"'`|;()\[\]{}]+")
 
 
-def portable(data: dict[str, Any]) -> dict[str, Any]:
+def _local(p: str) -> str:
+    name = Path(p.rstrip("/")).name
+    return f"{LOCAL}/{name}" if name and name != ".." else LOCAL
+
+
+def portable_str(text: str) -> str:
+    """``text`` with every absolute path written ``<local>/<file name>`` (the rule of :func:`portable` for free
+    text: command lines, logs, markdown; relative paths, such as a markdown link's ``../``, are kept)."""
+    return _PATH_IN_TEXT.sub(lambda m: _local(m.group(0)), text)
+
+
+def portable(data: Any) -> Any:
     """A record without the machine's absolute paths, for committing: a path under the run's output root
     (``run_dir`` minus ``<name>/...``) becomes ``<out_root>/<rest>`` and any other absolute path or path
-    leaving the project (``../``) ``<local>/<file name>``, wherever it appears (also in ``key=path`` strings).
+    leaving the project (``../``) ``<local>/<file name>``, wherever it appears (also in ``key=path`` strings and
+    inside text such as a command line). Records, benchmark and wall-time files and logs go through it on their
+    way into ``results/``; a run directory keeps its absolute paths (resume, chains and tables read them there).
     Everything else, hashes included (``init_from_sha256`` names the checkpoint's content), is kept."""
-    run_dir, name = str(data.get("run_dir") or ""), str(data.get("name") or "")
+    info = data if isinstance(data, dict) else {}
+    run_dir, name = str(info.get("run_dir") or ""), str(info.get("name") or "")
     base = run_dir[: run_dir.rindex(f"/{name}/")] if run_dir.startswith("/") and f"/{name}/" in run_dir else None
 
     def path(p: str) -> str:
         if base and (p == base or p.startswith(base + "/")):
             return OUT_ROOT + p[len(base) :]
-        return f"{LOCAL}/{Path(p).name}" if Path(p).name else LOCAL
+        return _local(p)
 
     def fix(v: Any) -> Any:
         if isinstance(v, dict):
@@ -235,9 +255,11 @@ def portable(data: dict[str, Any]) -> dict[str, Any]:
             return [fix(x) for x in v]
         if isinstance(v, str) and v.startswith(_OUTSIDE):
             return path(v)
-        if isinstance(v, str) and "=" in v and v.partition("=")[2].lstrip("\"'").startswith(_OUTSIDE):
+        if isinstance(v, str) and "=" in v and " " not in v and v.partition("=")[2].lstrip("\"'").startswith(_OUTSIDE):
             key, _, value = v.partition("=")
             return f"{key}={path(value.strip(chr(34) + chr(39)))}"
+        if isinstance(v, str):
+            return _PATH_IN_TEXT.sub(lambda m: path(m.group(0)), v)  # a path inside text: a command, a note
         return v
 
     return fix(data)
@@ -265,3 +287,30 @@ def collect(records: Iterable[Record], dest: str | Path) -> list[Path]:
         target.write_text(text, encoding="utf-8")
         written.append(target)
     return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qrepro.tables.records [--text] < in > out``: a file made portable on its way into ``results/``:
+    JSON by :func:`portable` (as the trainer lays it out), anything else, such as a log, by :func:`portable_str`;
+    ``--text``: line by line as it streams (a console log piped through ``tee``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--text"]:
+        for line in sys.stdin:
+            sys.stdout.write(portable_str(line))
+            sys.stdout.flush()
+        return 0
+    if argv:
+        print("usage: python -m qrepro.tables.records [--text] < in > out", file=sys.stderr)
+        return 2
+    text = sys.stdin.read()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        sys.stdout.write(portable_str(text))
+        return 0
+    sys.stdout.write(json.dumps(portable(data), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
