@@ -266,12 +266,13 @@ def _run_subdir_resolver(overrides: Any, config_name: str = "train") -> str:
     return run_subdir([str(o) for o in overrides], str(config_name))
 
 
-def semantic_overrides(overrides: Sequence[str], *, scratch: bool = False) -> list[str]:
-    """The overrides that change what a run computes (stored in records; table cells are matched on them);
-    ``scratch``: the run is a chained cell trained from scratch (:func:`trains_from_scratch`), recorded with
-    ``init_from=null``."""
+def semantic_overrides(overrides: Sequence[str], *, scratch: bool = False, config_name: str = "train") -> list[str]:
+    """The overrides that change what a run computes (stored in records; table cells are matched on them), without
+    those that repeat the experiment's own values (:func:`without_defaults`: ``precision=w4a4`` on a W4A4 cell is
+    the cell as written); ``scratch``: the run is a chained cell trained from scratch (:func:`trains_from_scratch`),
+    recorded with ``init_from=null``."""
     out = [FROM_SCRATCH] if scratch else []
-    for o in overrides:
+    for o in without_defaults(list(overrides), config_name):
         key = key_of(o)
         if key not in NON_SEMANTIC_KEYS and not key.startswith("hydra."):
             out.append(o.lstrip("+") if key != "seed" else o)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from qrepro.config import run_subdir
 
@@ -56,6 +57,19 @@ def test_an_explicit_default_is_the_run_without_it():
     over = [*cell, "precision=w2a2", "precision.w_bits=4"]
     assert without_defaults(over) == over
     assert without_defaults(["seed=0"]) == ["seed=0"]  # no experiment: nothing to compare with
+
+
+def test_an_explicit_default_is_recorded_as_the_cell_and_counts_for_it():
+    """The record's overrides (which table cells are matched on) drop an explicit default as the name does."""
+    from qrepro.config import semantic_overrides
+    from qrepro.tables.records import Record, match_cell
+
+    cell = ["+experiment=demo_digits_apot_w4a4"]
+    assert semantic_overrides([*cell, "precision=w4a4", "seed=3"]) == ["seed=3"]
+    assert semantic_overrides([*cell, "precision=w2a2"]) == ["precision=w2a2"]
+    stored = semantic_overrides([*cell, "precision=w4a4", "quantizer=apot"])
+    rec = Record("r.json", {"experiment": "demo_digits_apot_w4a4", "overrides": stored, "complete": True}, ".")
+    assert stored == [] and match_cell(SimpleNamespace(experiment="demo_digits_apot_w4a4", overrides=()), [rec]) == [rec]
 
 
 # ------------------------------------------------------------------------------------ a chained cell from scratch

@@ -86,7 +86,7 @@ def run_ptq(
     h_dir, h_exp, h_over = hydra_context()
     base_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "ptq" / "default")
     experiment = experiment or h_exp or cfg.get("experiment")
-    overrides = semantic_overrides(overrides if overrides is not None else h_over)
+    overrides = semantic_overrides(overrides if overrides is not None else h_over, config_name="ptq")
     sweep = cfg.ptq.bits is not None
     targets = []
     for p in pcfgs:
