@@ -47,11 +47,20 @@ def make_forward_loss(
     ``autocast``: a factory of the mixed-precision context (``qrepro.engine.precision``, ``trainer.amp``);
     ``input_transform``: applied to ``x`` first (channels-last layout). ``loss_fn(logits, y)``, or
     ``loss_fn(logits, y, x)`` when it is marked ``takes_input`` (:func:`with_input`)."""
-    criterion = with_input(loss_fn)
+    unit = forward_loss_unit(loss_fn, regularizer, autocast)
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if input_transform is not None:
-            x = input_transform(x)
+        return unit(model, input_transform(x) if input_transform is not None else x, y)
+
+    return forward_loss
+
+
+def forward_loss_unit(loss_fn: Callable, regularizer: Callable | None, autocast: Any = None) -> Callable:
+    """``(model, x, y) -> (loss, correct)``: :func:`make_forward_loss`'s unit with the model as an argument
+    (batched members vmap it over their stacked parameters)."""
+    criterion = with_input(loss_fn)
+
+    def fl(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast() if autocast is not None else contextlib.nullcontext():
             logits = model(x)
             loss = criterion(logits, y, x)
@@ -62,7 +71,7 @@ def make_forward_loss(
         correct = logits.detach().argmax(1).eq(y).sum()
         return loss, correct
 
-    return forward_loss
+    return fl
 
 
 def compile_mode(setting: Any, device: torch.device) -> str | None:

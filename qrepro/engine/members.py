@@ -42,7 +42,7 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 
 from qrepro.engine.callbacks import Console
-from qrepro.engine.fast import compile_forward_loss, with_input
+from qrepro.engine.fast import compile_forward_loss, forward_loss_unit
 from qrepro.engine.loop import NonFiniteLoss, micro_batches
 from qrepro.errors import QreproError
 
@@ -134,22 +134,15 @@ class MemberStack:
     # -- tying -------------------------------------------------------------------------------------------
     def _tie_all(self) -> None:
         owners = [_owners(m) for m in self.models]
-        for name in self.param_names:
-            ps = [owners[i][0][name][0]._parameters[owners[i][0][name][1]] for i in range(self.k)]
-            st = torch.stack([p.detach() for p in ps]).requires_grad_(ps[0].requires_grad)
-            self.params[name] = st
-            for i, p in enumerate(ps):
-                mod, attr = owners[i][0][name]
-                self._slots.append((i, mod, attr, True, name))
-                self._tie(i, name, p, st)
-        for name in self.buffer_names:
-            bs = [owners[i][1][name][0]._buffers[owners[i][1][name][1]] for i in range(self.k)]
-            st = torch.stack([b.detach() for b in bs])
-            self.buffers[name] = st
-            for i, b in enumerate(bs):
-                mod, attr = owners[i][1][name]
-                self._slots.append((i, mod, attr, False, name))
-                self._tie(i, name, b, st)
+        for is_param, names, store in ((True, self.param_names, self.params), (False, self.buffer_names, self.buffers)):
+            for name in names:
+                slots = [owners[i][0 if is_param else 1][name] for i in range(self.k)]
+                ts = [(mod._parameters if is_param else mod._buffers)[attr] for mod, attr in slots]
+                st = torch.stack([t.detach() for t in ts]).requires_grad_(is_param and ts[0].requires_grad)
+                store[name] = st
+                for i, (t, (mod, attr)) in enumerate(zip(ts, slots)):
+                    self._slots.append((i, mod, attr, is_param, name))
+                    self._tie(i, name, t, st)
         for m in self.models:
             self._hooks.append(m._register_state_dict_hook(_compact_state_dict))
 
@@ -164,9 +157,7 @@ class MemberStack:
         n = 0
         for i, mod, attr, is_param, name in self._slots:
             t = (mod._parameters if is_param else mod._buffers).get(attr)
-            if t is not None and t.numel() and t.data_ptr() == self._ptr[(i, name)]:
-                continue
-            if t is None or not t.numel():
+            if t is None or not t.numel() or t.data_ptr() == self._ptr[(i, name)]:
                 continue
             st = self.params[name] if is_param else self.buffers[name]
             if tuple(t.shape) != tuple(st.shape[1:]) or t.dtype != st.dtype or t.device != st.device:
@@ -259,22 +250,16 @@ class MemberStack:
 def _owners(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str]], dict[str, tuple[nn.Module, str]]]:
     """(param name -> (owning module, attribute), buffer name -> (owning module, attribute)), deduplicated as
     ``named_parameters``/``named_buffers`` are."""
-    ps: dict[str, tuple[nn.Module, str]] = {}
-    bs: dict[str, tuple[nn.Module, str]] = {}
-    seen_p: set[int] = set()
-    seen_b: set[int] = set()
+    found: tuple[dict[str, tuple[nn.Module, str]], ...] = ({}, {})
+    seen: tuple[set[int], ...] = (set(), set())
     for mname, mod in model.named_modules():
-        for attr, p in mod._parameters.items():
-            if p is None or id(p) in seen_p:
-                continue
-            seen_p.add(id(p))
-            ps[f"{mname}.{attr}" if mname else attr] = (mod, attr)
-        for attr, b in mod._buffers.items():
-            if b is None or id(b) in seen_b:
-                continue
-            seen_b.add(id(b))
-            bs[f"{mname}.{attr}" if mname else attr] = (mod, attr)
-    return ps, bs
+        for j, tensors in enumerate((mod._parameters, mod._buffers)):
+            for attr, t in tensors.items():
+                if t is None or id(t) in seen[j]:
+                    continue
+                seen[j].add(id(t))
+                found[j][f"{mname}.{attr}" if mname else attr] = (mod, attr)
+    return found[0], found[1]
 
 
 def _check_same_structure(a: nn.Module, b: nn.Module, i: int) -> None:
@@ -341,32 +326,6 @@ class MemberSlot:
     label: str = ""
 
 
-def _forward_loss_fn(loss_fn: Callable, regularizer: Callable | None, autocast: Any = None) -> Callable:
-    """``(model, x, y) -> (loss, correct)``: ``make_forward_loss``'s unit, for the template module."""
-    criterion = with_input(loss_fn)
-
-    def fl(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast() if autocast is not None else _null():
-            logits = model(x)
-            loss = criterion(logits, y, x)
-            if regularizer is not None:
-                r = regularizer(model)
-                if r is not None:
-                    loss = loss + r
-        correct = logits.detach().argmax(1).eq(y).sum()
-        return loss, correct
-
-    return fl
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 class BatchedStep:
     """One optimizer step of every member, exactly as ``qrepro.engine.loop.train_step`` takes it for one run:
     forward + loss (+ the method's regularizer) and backward batched over the stack (``accumulate`` > 1: over
@@ -392,7 +351,7 @@ class BatchedStep:
                     f"(a closure, e.g. ASAM), which cannot be batched; {_VMAP_HINT}"
                 )
         self.stack = MemberStack([s.model for s in self.slots])
-        self.fn = self.stack.vmapped(_forward_loss_fn(loss_fn, regularizer, autocast), in_dims=(0, 0))
+        self.fn = self.stack.vmapped(forward_loss_unit(loss_fn, regularizer, autocast), in_dims=(0, 0))
         if compile_mode is not None:  # one graph for all members (CUDA graphs in reduce-overhead)
             self.fn = compile_forward_loss(self.fn, compile_mode)
 
