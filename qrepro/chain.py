@@ -37,7 +37,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from qrepro.cli import split_argv
-from qrepro.config import beside_hydra, compose, quote_path_overrides, run_subdir
+from qrepro.config import beside_hydra, compose, key_of, quote_path_overrides, run_subdir
 from qrepro.engine.members import member_overrides
 from qrepro.engine.record import read_record
 from qrepro.engine.rundir import file_sha256
@@ -47,10 +47,6 @@ from qrepro.run_table import hydra_quote, subprocess_runner
 PLAN_KEYS = ("plan", "+plan", "++plan")
 CELL_KEYS = ("precision", "quantizer", "name", "init_from", "experiment")  # not carried to the source runs
 MULTIRUN_FLAGS = ("-m", "--multirun")
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def pop_plan(argv: Sequence[str]) -> tuple[list[str], bool]:
@@ -68,7 +64,7 @@ def pop_plan(argv: Sequence[str]) -> tuple[list[str], bool]:
 
 
 def experiment_of(argv: Sequence[str]) -> str | None:
-    names = [a.split("=", 1)[1] for a in argv if "=" in a and _key(a) == "experiment"]
+    names = [a.split("=", 1)[1] for a in argv if "=" in a and key_of(a) == "experiment"]
     return names[-1] if names else None
 
 
@@ -76,11 +72,11 @@ def carried(overrides: Sequence[str]) -> list[str]:
     """The overrides a source run inherits from the cell's command line: not those that define the cell, nor
     Hydra's settings (``hydra.run.dir=X`` names the directory of the run asked for; its sources keep theirs)."""
     own = (*CELL_KEYS, "hydra")
-    return [o for o in overrides if not any(_key(o) == k or _key(o).startswith((k + ".", k + "/")) for k in own)]
+    return [o for o in overrides if not any(key_of(o) == k or key_of(o).startswith((k + ".", k + "/")) for k in own)]
 
 
 def explicit_init(overrides: Sequence[str]) -> bool:
-    return any(_key(o) == "init_from" for o in overrides)
+    return any(key_of(o) == "init_from" for o in overrides)
 
 
 @dataclass
@@ -107,7 +103,7 @@ class Step:
 def _step(experiment: str, overrides: list[str], cfg: DictConfig | None = None) -> tuple[Step, DictConfig]:
     """The run of ``experiment`` with ``overrides`` (``cfg``: its config, when the caller composed it already)."""
     cfg = cfg if cfg is not None else compose([f"+experiment={experiment}", *overrides])
-    asked = [o.split("=", 1)[1] for o in overrides if _key(o) == "hydra.run.dir"]  # the user's directory
+    asked = [o.split("=", 1)[1] for o in overrides if key_of(o) == "hydra.run.dir"]  # the user's directory
     sub = run_subdir([f"+experiment={experiment}", *overrides])
     run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / sub
     rec = read_record(run_dir / "record.json")
@@ -119,7 +115,7 @@ def resolve(experiment: str, overrides: Sequence[str], cfg: DictConfig | None = 
     """The runs a cell needs, sources first, the cell itself last (one step when it starts from nothing, or
     when ``init_from`` is given). Raises when the cell needs an external checkpoint that was not given.
     ``cfg``: the cell's composed config, when the caller has it (the launch composes once)."""
-    overrides = [o for o in overrides if _key(o) != "experiment"]
+    overrides = [o for o in overrides if key_of(o) != "experiment"]
     step, cfg = _step(experiment, overrides, cfg)
     chain = [step]
     if explicit_init(overrides) or cfg.get("init_from"):
@@ -338,9 +334,9 @@ def member_chains(experiment: str, overrides: Sequence[str], cfg: DictConfig | N
     """The chains of a batched job's K members (``seed=S trainer.members=K``): member i's is the chain of its
     separate run ``seed=S+i`` (the overrides ``qrepro.engine.members.member_overrides`` gives it), so its sources
     carry its seed. ``cfg``: the job's composed config, when the caller has it."""
-    overrides = [o for o in overrides if _key(o) != "experiment"]
+    overrides = [o for o in overrides if key_of(o) != "experiment"]
     cfg = cfg if cfg is not None else compose([f"+experiment={experiment}", *overrides])
-    s0, seed_given = int(cfg.seed), any(_key(o) == "seed" for o in overrides)
+    s0, seed_given = int(cfg.seed), any(key_of(o) == "seed" for o in overrides)
     return [resolve(experiment, member_overrides(overrides, s0, i, seed_given)) for i in range(members_of(cfg))]
 
 
@@ -349,8 +345,8 @@ def batch_command(steps: Sequence[Step], python: str = "python", init_null: bool
     the runs are not the seeds S..S+K-1 of one experiment with the same other overrides. Without ``init_null``
     the job resolves each member's source itself (:func:`member_inits`)."""
     first = steps[0]
-    seed_given = any(_key(o) == "seed" for o in first.overrides)
-    ovr = [o for o in first.overrides if _key(o) != "seed"] + ([f"seed={first.seed}"] if seed_given else [])
+    seed_given = any(key_of(o) == "seed" for o in first.overrides)
+    ovr = [o for o in first.overrides if key_of(o) != "seed"] + ([f"seed={first.seed}"] if seed_given else [])
     ovr.append(f"trainer.members={len(steps)}")
     for i, step in enumerate(steps):
         if step.experiment != first.experiment or member_overrides(ovr, first.seed, i, seed_given) != step.overrides:
@@ -442,7 +438,7 @@ def member_inits(experiment: str | None, overrides: Sequence[str]) -> list[str] 
     if experiment is None or explicit_init(overrides):
         return None
     with beside_hydra():
-        cfg = compose([f"+experiment={experiment}", *[o for o in overrides if _key(o) != "experiment"]])
+        cfg = compose([f"+experiment={experiment}", *[o for o in overrides if key_of(o) != "experiment"]])
         if not needs_source(cfg):
             return None
         chains = member_chains(experiment, overrides, cfg)

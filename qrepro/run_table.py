@@ -239,10 +239,8 @@ def hydra_quote(value: str) -> str:
 
 def parse_record_line(lines: Sequence[str]) -> Path | None:
     """The path on the last ``record: <path>`` line (the trainer prints it last), or None."""
-    for line in reversed(lines):
-        if line.startswith("record: "):
-            return Path(line[len("record: ") :].strip())
-    return None
+    paths = parse_record_lines(lines)
+    return paths[-1] if paths else None
 
 
 def subprocess_runner(cmd: list[str]) -> RunResult:
