@@ -1,25 +1,13 @@
 """Batched members: K runs of one experiment, seeds S..S+K-1, trained in one process as one batched computation.
 
 ``python -m qrepro.train +experiment=<x> seed=S trainer.members=K`` trains member i exactly as the separate run
-``seed=S+i`` (its initialisation, data order and augmentation, its optimizer, schedule, hooks and EMA) and writes
-that run's directory, checkpoints and record (the record carries a ``members`` field naming the batch). What is
-batched is the forward and backward pass: every member's parameters and buffers are slices of stacked
-``[K, ...]`` tensors, and one ``torch.func.vmap`` of ``functional_call`` over the stack computes all K losses and,
-by one backward pass, all K gradients. Everything a member owns beyond its tensors stays its own object, stepped
-in member order with the member's own random-number state: optimizer (incl. TR transition counting and TALR),
-LR schedule, method hooks (calibration, monitors), EMA, gradient scaler, evaluation, callbacks.
-
-How the tensors are shared (:class:`MemberStack`): ``p.data`` of member i's parameter (and buffer) is the view
-``stack[name][i]``, so a member's optimizer updating ``p`` in place updates the stack that the next batched
-forward reads, BatchNorm's in-place running statistics written inside ``vmap`` land in the members' buffers, and
-hooks that write quantizer state (``copy_``/``fill_``) write the stack. After every step the views are checked;
-a tensor that something replaced is copied back into the stack and re-tied. A member model's ``state_dict()``
-returns compact copies (a view would pickle the whole stack), so checkpoints equal a separate run's.
-
-What cannot be batched is refused in one line (``QreproError``), never run separately in silence: a forward pass
-that draws random numbers (dropout, stochastic quantizers), optimizers that re-evaluate the loss in ``step``
-(ASAM's closure), several processes (DDP), datasets streamed by a DataLoader (ImageNet), and any operation
-without a batching rule that raises under ``vmap``.
+``seed=S+i`` and writes that run's directory, checkpoints and record (with a ``members`` field naming the batch).
+Member i's parameters and buffers are the views ``stack[name][i]`` of stacked ``[K, ...]`` tensors
+(:class:`MemberStack`), so one ``torch.func.vmap`` of ``functional_call`` computes all K losses and one backward pass
+all K gradients; everything else a member owns (optimizer, schedule, hooks, EMA, gradient scaler, evaluation,
+callbacks, RNG state) stays its own object, stepped in member order. What cannot be batched (random numbers in the
+forward pass, closure optimizers such as ASAM, DDP, DataLoader-streamed datasets, operations without a ``vmap``
+rule) is refused in one line (``QreproError``). Design and measured exactness: docs/speed.md, section 6.
 """
 
 from __future__ import annotations
