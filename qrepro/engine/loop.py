@@ -62,32 +62,22 @@ def train_step(
 
     ``accumulate`` = N > 1 (``trainer.accumulate``): the batch is split into N micro-batches
     (:func:`micro_batches`), each forward + backward on its own, and the gradients summed before the one
-    optimizer step (:func:`_accumulated_step`)."""
-    if accumulate > 1:
-        return _accumulated_step(
-            model, forward_loss, optimizer, scheduler, x, y, accumulate, ctx=ctx, hooks=hooks, ema=ema, scaler=scaler
-        )
+    optimizer step; a two-pass optimizer's closure recomputes them over the same micro-batches. Only what a
+    training forward updates (BatchNorm's batch statistics and running averages) sees micro-batches."""
+    parts = micro_batches(x, y, accumulate) if accumulate > 1 else [(x, y, 1.0)]
     optimizer.zero_grad(set_to_none=True)
-    loss, correct = forward_loss(x, y)
-    with torch.no_grad():
-        step_loss = loss.detach().clone()
-        correct = correct.clone()
+    step_loss, correct = _accumulate_grads(model, forward_loss, parts, scaler)
     if scaler is not None:  # fp16: scaled loss; the step is skipped (and the scale lowered) on overflow
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     elif getattr(optimizer, "needs_closure", False):  # the closure recomputes loss and gradients
-        loss.backward()
 
         def closure():
             optimizer.zero_grad(set_to_none=True)
-            l2 = forward_loss(x, y)[0]
-            l2.backward()
-            return l2.detach().clone()
+            return _accumulate_grads(model, forward_loss, parts, None)[0]
 
         optimizer.step(closure)
     else:
-        loss.backward()
         optimizer.step()
     _after_step(model, scheduler, step_loss, ctx=ctx, hooks=hooks, ema=ema)
     return step_loss, correct
@@ -136,43 +126,6 @@ def _accumulate_grads(
         loss_sum = lv if loss_sum is None else loss_sum + lv
         correct_sum = cv if correct_sum is None else correct_sum + cv
     return loss_sum, correct_sum
-
-
-def _accumulated_step(
-    model: nn.Module,
-    forward_loss: ForwardLoss,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    n: int,
-    *,
-    ctx: Context,
-    hooks: Sequence[Hook],
-    ema: Any,
-    scaler: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`train_step` with gradient accumulation over ``n`` micro-batches: the gradients of the weighted
-    micro-losses (:func:`micro_batches`) summed, then ONE optimizer step (a two-pass optimizer's closure
-    recomputes them over the same micro-batches), ONE scheduler step, EMA update, step count and ``on_step_end``.
-    Only what a training forward updates (BatchNorm's batch statistics and running averages) sees micro-batches."""
-    parts = micro_batches(x, y, n)
-    optimizer.zero_grad(set_to_none=True)
-    step_loss, correct = _accumulate_grads(model, forward_loss, parts, scaler)
-    if scaler is not None:  # fp16: one unscale/inf check over the summed gradients, one step, one scale update
-        scaler.step(optimizer)
-        scaler.update()
-    elif getattr(optimizer, "needs_closure", False):
-
-        def closure():
-            optimizer.zero_grad(set_to_none=True)
-            return _accumulate_grads(model, forward_loss, parts, None)[0]
-
-        optimizer.step(closure)
-    else:
-        optimizer.step()
-    _after_step(model, scheduler, step_loss, ctx=ctx, hooks=hooks, ema=ema)
-    return step_loss, correct
 
 
 def train_one_epoch(
