@@ -128,11 +128,6 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, name)(self, *args)
 
-    def _diverged(self, e: NonFiniteLoss) -> str:
-        ck = next((cb for cb in self.callbacks if isinstance(cb, Checkpointer)), None)
-        where = ck.last_good() if ck is not None else "no checkpoint callback"
-        return f"{e}; stopped in epoch {self.state.epoch + 1}/{self.f.epochs}; {where}"
-
     def setup(self) -> None:
         """Before the first epoch of this launch: callbacks' ``on_fit_start`` (a resumed run's state), the hooks'
         ``on_train_start`` on the first training batch, the EMA copy and the compiled evaluation forward."""
@@ -215,7 +210,10 @@ class Trainer:
         self._call("on_epoch_end", epoch, row)  # checkpoints, console line, logger
 
     def diverge(self, e: NonFiniteLoss) -> None:
-        self.state.status, self.state.error = "diverged", self._diverged(e)
+        ck = next((cb for cb in self.callbacks if isinstance(cb, Checkpointer)), None)
+        where = ck.last_good() if ck is not None else "no checkpoint callback"
+        self.state.status = "diverged"
+        self.state.error = f"{e}; stopped in epoch {self.state.epoch + 1}/{self.f.epochs}; {where}"
 
     def finish(self) -> FitResult:
         """Callbacks' ``on_fit_end`` (logger summary, record); a diverged run raises the one-line error."""
