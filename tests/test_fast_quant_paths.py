@@ -1,0 +1,90 @@
+"""The compiled-step forms of quantizer pieces equal the plain forms they replace, in value and gradient
+(float64): ``ste.minimum`` == ``where(x <= hi, x, hi)``; LQ-Net's per-tensor quantization and QEM statistics on a
+tensor in its own shape and memory layout == the same on the tensor flattened to one row."""
+
+from __future__ import annotations
+
+import torch
+
+from qrepro.quant import lqnet as lq
+from qrepro.quant.methods.lqnet import LQNetActQuantizer
+from qrepro.quant.ste import minimum
+
+D = torch.float64
+
+
+def test_minimum_equals_where_in_value_and_gradient() -> None:
+    x = torch.linspace(-3, 3, 61, dtype=D)  # hits 2 exactly
+    g = torch.randn(61, dtype=D, generator=torch.Generator().manual_seed(0))
+    for hi0 in (torch.tensor(2.0, dtype=D), torch.full((61,), 2.0, dtype=D)):
+        outs = []
+        for f in ("where", "minimum"):
+            xx = x.clone().requires_grad_()
+            hi = hi0.clone().requires_grad_()
+            y = torch.where(xx <= hi, xx, hi) if f == "where" else minimum(xx, hi)
+            outs.append((y, *torch.autograd.grad(y, (xx, hi), g)))
+        for ref, got in zip(outs[0], outs[1]):
+            assert torch.equal(ref, got)
+    # a buffer bound (no gradient), as LQ-Net's top level
+    xx = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(minimum(xx, torch.tensor(2.0, dtype=D)), xx, g)
+    assert torch.equal(gx, g * (x <= 2).to(D))
+
+
+def test_minimum_batches_under_vmap() -> None:
+    x = torch.randn(3, 7, dtype=D, generator=torch.Generator().manual_seed(1))
+    hi = torch.tensor([0.0, 0.5, -0.2], dtype=D)
+    got = torch.func.vmap(minimum)(x, hi)
+    assert torch.equal(got, torch.minimum(x, hi[:, None]))
+
+
+def test_lqnet_per_tensor_forms_equal_the_row_forms() -> None:
+    g = torch.Generator().manual_seed(2)
+    basis = torch.rand(1, 3, generator=g, dtype=D) + 0.1
+    levels, _ = lq.sorted_levels(basis, lq.codes(3, False, D))
+    x = torch.randn(4, 5, 6, 7, generator=g, dtype=D).abs()
+    x.view(-1)[:7] = lq.thresholds(levels)[0]  # values exactly on the thresholds go to the lower level
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    row = x.reshape(1, -1)
+    q_row = lq.quantize(row, levels).reshape(x.shape)
+    n_row, s_row = lq.level_stats(row, levels)
+    for t in (x, x_cl):
+        assert torch.equal(lq.quantize(t, levels[0]), q_row)
+        n, s = lq.level_stats(t, levels[0])
+        assert torch.equal(n, n_row[0])
+        torch.testing.assert_close(s, s_row[0], rtol=1e-12, atol=1e-12)
+
+
+def _row_reference(aq: LQNetActQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """The activation quantizer as it was written before: the input flattened to one row."""
+    levels, _ = lq.sorted_levels(aq.basis, aq.codes)
+    row = x.detach().reshape(1, -1)
+    n, s = lq.level_stats(row, levels)
+    aq.qem_count.add_(n)
+    aq.qem_sum.add_(s)
+    q = lq.quantize(row, levels).reshape(x.shape)
+    top = aq.basis.clamp(min=0).sum()
+    xc = torch.where(x <= top, x, top)
+    return xc + (q - xc).detach()
+
+
+def test_lqnet_activation_quantizer_over_qem_steps_equals_the_row_form() -> None:
+    """Five training steps (forward, backward, QEM update) of the activation quantizer on channels-last inputs:
+    outputs and input gradients equal those of the row form, statistics and bases to float64 rounding."""
+    g = torch.Generator().manual_seed(3)
+    new, ref = LQNetActQuantizer(2).double().train(), LQNetActQuantizer(2).double().train()
+    for _ in range(5):
+        x = (torch.randn(2, 3, 4, 5, generator=g, dtype=D) * 1.5).contiguous(memory_format=torch.channels_last)
+        gy = torch.randn(x.shape, generator=g, dtype=D)
+        outs = []
+        for f in (new, lambda t: _row_reference(ref, t)):
+            xx = x.clone().requires_grad_()
+            y = f(xx)
+            outs.append((y, *torch.autograd.grad(y, xx, gy)))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(new.qem_count, ref.qem_count, rtol=0, atol=0)
+        torch.testing.assert_close(new.qem_sum, ref.qem_sum, rtol=1e-12, atol=1e-12)
+        new.qem_step(), ref.qem_step()
+        torch.testing.assert_close(new.basis, ref.basis, rtol=1e-12, atol=1e-12)
+        ref.basis.copy_(new.basis)  # the sums differ in the order of additions: compare each step from one basis
