@@ -1,6 +1,7 @@
 """The compiled-step forms of quantizer pieces equal the plain forms they replace, in value and gradient
 (float64): ``ste.minimum`` == ``where(x <= hi, x, hi)``; LQ-Net's per-tensor quantization and QEM statistics on a
-tensor in its own shape and memory layout == the same on the tensor flattened to one row."""
+tensor in its own shape and memory layout == the same on the tensor flattened to one row; ReActNet's binary
+activation == its ``where`` form."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from qrepro.quant import lqnet as lq
 from qrepro.quant.methods.lqnet import LQNetActQuantizer
+from qrepro.quant.reactnet import approx_sign_surrogate, binary_activation
 from qrepro.quant.ste import minimum
 
 D = torch.float64
@@ -88,3 +90,31 @@ def test_lqnet_activation_quantizer_over_qem_steps_equals_the_row_form() -> None
         new.qem_step(), ref.qem_step()
         torch.testing.assert_close(new.basis, ref.basis, rtol=1e-12, atol=1e-12)
         ref.basis.copy_(new.basis)  # the sums differ in the order of additions: compare each step from one basis
+
+
+def test_reactnet_approx_sign_equals_the_where_form() -> None:
+    """ReActNet's binary activation (gradient rebuilt in the backward pass) == ``F + (sign(x) - F).detach()`` with
+    the ``where`` form of the polynomial F, values and gradients, including -1, 0, 1 and values beyond them."""
+    x = torch.cat(
+        [
+            torch.tensor([-2.0, -1.0, -1 + 1e-12, -0.5, -1e-300, 0.0, 1e-300, 0.5, 1 - 1e-12, 1.0, 2.0], dtype=D),
+            torch.randn(200, dtype=D, generator=torch.Generator().manual_seed(4)),
+        ]
+    )
+    g = torch.randn(x.shape, dtype=D, generator=torch.Generator().manual_seed(5))
+    outs = []
+    for f in (
+        binary_activation,
+        lambda t: approx_sign_surrogate(t) + (torch.sign(t) - approx_sign_surrogate(t)).detach(),
+    ):
+        xx = x.clone().requires_grad_()
+        y = f(xx)
+        outs.append((y, *torch.autograd.grad(y, xx, g)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])  # bit for bit: the same roundings
+    assert torch.equal(outs[0][1][[0, 1, 9, 10]], torch.zeros(4, dtype=D))  # 0 at and beyond ±1
+    assert outs[0][1][5] == 2 * g[5]  # the peak at 0
+    xb = x[:12].reshape(3, 4).requires_grad_()
+    yb = torch.func.vmap(binary_activation)(xb)
+    (gb,) = torch.autograd.grad(yb, xb, g[:12].reshape(3, 4))
+    assert torch.equal(yb, torch.sign(xb)) and torch.equal(gb, outs[0][1][:12].reshape(3, 4))
