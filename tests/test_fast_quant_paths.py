@@ -9,7 +9,7 @@ import torch
 
 from qrepro.quant import lqnet as lq
 from qrepro.quant.methods.lqnet import LQNetActQuantizer
-from qrepro.quant.reactnet import approx_sign_surrogate, binary_activation
+from qrepro.quant.reactnet import approx_sign_surrogate, binarize_weight, binary_activation, weight_scale
 from qrepro.quant.ste import minimum
 
 D = torch.float64
@@ -118,3 +118,21 @@ def test_reactnet_approx_sign_equals_the_where_form() -> None:
     yb = torch.func.vmap(binary_activation)(xb)
     (gb,) = torch.autograd.grad(yb, xb, g[:12].reshape(3, 4))
     assert torch.equal(yb, torch.sign(xb)) and torch.equal(gb, outs[0][1][:12].reshape(3, 4))
+
+
+def test_reactnet_weight_and_ste_clamp_equal_torch_clamp() -> None:
+    """ReActNet's weight binarization and the ``ste`` activation gradient use ``ste.clip`` for ``clamp(x, -1, 1)``:
+    values and gradients equal those with ``torch.clamp`` (0 on the bounds ±1)."""
+    w = torch.cat([torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=D), torch.randn(40, dtype=D)]).reshape(5, 9)
+    g = torch.randn(5, 9, dtype=D, generator=torch.Generator().manual_seed(6))
+    for scale in ("channel", "tensor", "none"):
+        ww = w.clone().requires_grad_()
+        y = binarize_weight(ww, scale)
+        (gw,) = torch.autograd.grad(y, ww, g)
+        wc = w.clone().requires_grad_()
+        (gc,) = torch.autograd.grad(torch.clamp(wc, -1.0, 1.0), wc, g)
+        assert torch.equal(gw, gc)
+        assert torch.equal(y, weight_scale(w, scale) * torch.sign(w))
+    xx = w.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(binary_activation(xx, "ste"), xx, g)
+    assert torch.equal(gx, g * (w.abs() < 1).to(D))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from qrepro.errors import QreproError
+from qrepro.quant.ste import clip
 
 ACT_GRADS = ("approx", "ste")
 WEIGHT_SCALES = ("channel", "tensor", "none")
@@ -65,7 +66,7 @@ def binary_activation(x: torch.Tensor, grad: str = "approx") -> torch.Tensor:
     if grad == "approx":
         return _ApproxSign.apply(x)
     if grad == "ste":
-        f = torch.clamp(x, -1.0, 1.0)
+        f = _clamp_unit(x)
     else:
         raise QreproError(f"binary activation gradient {grad!r} is not valid; choose one of {', '.join(ACT_GRADS)}")
     return f + (torch.sign(x) - f).detach()
@@ -86,5 +87,12 @@ def weight_scale(w: torch.Tensor, mode: str = "channel") -> torch.Tensor:
 
 def binarize_weight(w: torch.Tensor, scale: str = "channel") -> torch.Tensor:
     """α·sign(W) forward, gradient of clamp(W, −1, 1) backward (ReActNet's ``HardBinaryConv``)."""
-    c = torch.clamp(w, -1.0, 1.0)
+    c = _clamp_unit(w)
     return c + (weight_scale(w, scale) * torch.sign(w) - c).detach()
+
+
+def _clamp_unit(x: torch.Tensor) -> torch.Tensor:
+    """``torch.clamp(x, -1, 1)`` in value and gradient (1[-1 < x < 1], 0 on the bounds), through ``ste.clip``,
+    which rebuilds the mask in the backward pass instead of a compiled step saving it as a boolean tensor."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return clip(x, -one, one)
