@@ -5,9 +5,15 @@ activation == its ``where`` form."""
 
 from __future__ import annotations
 
-import torch
+import copy
 
+import torch
+from torch import nn
+
+from qrepro.hooks import Context
+from qrepro.quant import build_method, prepare
 from qrepro.quant import lqnet as lq
+from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods.lqnet import LQNetActQuantizer
 from qrepro.quant.reactnet import approx_sign_surrogate, binarize_weight, binary_activation, weight_scale
 from qrepro.quant.ste import minimum
@@ -137,3 +143,27 @@ def test_reactnet_weight_and_ste_clamp_equal_torch_clamp() -> None:
     xx = w.clone().requires_grad_()
     (gx,) = torch.autograd.grad(binary_activation(xx, "ste"), xx, g)
     assert torch.equal(gx, g * (w.abs() < 1).to(D))
+
+
+def test_lqnet_batched_qem_update_equals_one_quantizer_at_a_time() -> None:
+    """``LQNetQEM`` solves the QEM systems of all quantizers of a network in one batch: bases equal the update of
+    each quantizer alone (``qem_step`` on a copy), statistics are cleared, over three steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.LazyLinear(3)
+    )
+    model(torch.randn(1, 3, 9, 9))
+    method = build_method("lqnet", 2, 2, first_last="same")
+    prepare(model, method)
+    model.double().train()
+    hook = method.hooks[0]
+    for _ in range(3):
+        model(torch.randn(5, 3, 9, 9, dtype=D))
+        qs = [q for _, layer in quantized_layers(model) for q in (layer.wq, layer.aq)]
+        alone = [copy.deepcopy(q) for q in qs]
+        for q in alone:
+            q.qem_step()
+        hook.on_step_end(Context(model=model), 0)
+        for q, a in zip(qs, alone):
+            torch.testing.assert_close(q.basis, a.basis, rtol=1e-13, atol=1e-15)
+            assert not q.qem_count.any() and not q.qem_sum.any()

@@ -55,16 +55,9 @@ class _LQNetQuantizer(nn.Module):
             self.qem_sum.add_(s.to(self.qem_sum.dtype).reshape(self.qem_sum.shape))
         return lq.quantize(x, levels)
 
-    @torch.no_grad()
     def qem_step(self) -> None:
         """One QEM basis update from the statistics gathered since the last one (float64 solve)."""
-        basis = self.basis.double()
-        _, order = lq.sorted_levels(basis, self.codes)
-        btb, bx = lq.normal_equations(self.qem_count.double(), self.qem_sum.double(), order, self.codes)
-        new = lq.qem_basis(btb, bx, basis, self.ridge)
-        self.basis.copy_(self.momentum * basis + (1 - self.momentum) * new)
-        self.qem_count.zero_()
-        self.qem_sum.zero_()
+        qem_update([self])
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.basis.shape[0]}, momentum={self.momentum}, ridge={self.ridge}"
@@ -101,14 +94,39 @@ class LQNetActQuantizer(_LQNetQuantizer):
         return xc + (q - xc).detach()
 
 
+@torch.no_grad()
+def qem_update(quantizers: list[_LQNetQuantizer]) -> None:
+    """One QEM update of each quantizer's basis from its statistics, then the statistics are cleared.
+
+    The quantizers must share bits, codes, ridge and momentum (``LQNetQEM`` groups them): their bases [C_i, K] and
+    statistics are stacked into one batch of K x K systems, so a step costs a few tensor operations for the whole
+    network instead of a dozen per quantizer. Each basis row's system is the one it would have alone."""
+    first = quantizers[0]
+    basis = torch.cat([q.basis for q in quantizers]).double()
+    counts = torch.cat([q.qem_count for q in quantizers]).double()
+    sums = torch.cat([q.qem_sum for q in quantizers]).double()
+    _, order = lq.sorted_levels(basis, first.codes)
+    btb, bx = lq.normal_equations(counts, sums, order, first.codes)
+    new = lq.qem_basis(btb, bx, basis, first.ridge)
+    moved = first.momentum * basis + (1 - first.momentum) * new
+    for q, b in zip(quantizers, moved.split([q.basis.shape[0] for q in quantizers])):
+        q.basis.copy_(b)
+    torch._foreach_zero_([t for q in quantizers for t in (q.qem_count, q.qem_sum)])
+
+
 class LQNetQEM(Hook):
-    """After every optimizer step: one QEM update of every LQ-Net basis (weights and activations)."""
+    """After every optimizer step: one QEM update of every LQ-Net basis (weights and activations), batched over
+    the quantizers that share bits, signedness, ridge and momentum."""
 
     def on_step_end(self, ctx, step: int) -> None:
+        groups: dict[tuple, list[_LQNetQuantizer]] = {}
         for _, layer in quantized_layers(ctx.model):
             for q in (layer.wq, layer.aq):
                 if isinstance(q, _LQNetQuantizer):
-                    q.qem_step()
+                    key = (q.bits, q.signed, q.ridge, q.momentum, q.basis.device, q.basis.dtype)
+                    groups.setdefault(key, []).append(q)
+        for qs in groups.values():
+            qem_update(qs)
 
 
 @METHODS.register("lqnet")
