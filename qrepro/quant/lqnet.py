@@ -54,30 +54,41 @@ def thresholds(levels: torch.Tensor) -> torch.Tensor:
     return 0.5 * (levels[..., 1:] + levels[..., :-1])
 
 
-def quantize(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Nearest sorted level of every entry of ``x`` [C, N] for ``levels`` [C, L] (one row per channel; a
-    per-tensor quantizer passes ``x.reshape(1, -1)`` and ``levels[None]``). No gradient: piecewise constant."""
+def _columns(levels: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The sorted levels and thresholds one by one, each shaped to broadcast against ``x``: [C, 1] for per-row
+    ``levels`` [C, L] and ``x`` [C, N]; a 0-d tensor for one set ``levels`` [L] over the whole ``x``."""
     thr = thresholds(levels)
-    y = torch.zeros_like(x) + levels[:, :1]
-    for i in range(levels.shape[-1] - 1):
-        y = y + (x > thr[:, i : i + 1]).to(x.dtype) * (levels[:, i + 1 : i + 2] - levels[:, i : i + 1])
+    if levels.dim() == 1:
+        return list(levels.unbind(-1)), list(thr.unbind(-1))
+    return list(levels[:, :, None].unbind(1)), list(thr[:, :, None].unbind(1))
+
+
+def quantize(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Nearest sorted level of every entry of ``x`` [C, N] for ``levels`` [C, L] (one row per channel), or of
+    ``x`` of any shape for one set ``levels`` [L] (per tensor). No gradient: piecewise constant."""
+    lv, thr = _columns(levels)
+    y = torch.zeros_like(x) + lv[0]
+    for i in range(len(thr)):
+        y = y + (x > thr[i]).to(x.dtype) * (lv[i + 1] - lv[i])
     return y
 
 
 def level_stats(x: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Count and sum of the entries of each row of ``x`` [C, N] that fall on each sorted level of that row's
-    ``levels`` [C, L]: ([C, L], [C, L])."""
-    thr = thresholds(levels)
-    n_ge, s_ge = [torch.full_like(x[:, 0], x.shape[1])], [x.sum(-1)]  # "above t_{-1}": every entry
-    for i in range(thr.shape[-1]):
-        above = (x > thr[:, i : i + 1]).to(x.dtype)
-        n_ge.append(above.sum(-1))
-        s_ge.append((above * x).sum(-1))
+    ``levels`` [C, L]: ([C, L], [C, L]); for one set ``levels`` [L] over all of ``x`` (any shape): ([L], [L])."""
+    _, thr = _columns(levels)
+    dims = tuple(range(x.dim())) if levels.dim() == 1 else (-1,)
+    total = torch.full_like(levels[..., 0], x.numel() // levels[..., 0].numel())
+    n_ge, s_ge = [total], [x.sum(dims)]  # "above t_{-1}": every entry
+    for t in thr:
+        above = (x > t).to(x.dtype)
+        n_ge.append(above.sum(dims))
+        s_ge.append((above * x).sum(dims))
     n_ge.append(torch.zeros_like(n_ge[0]))
     s_ge.append(torch.zeros_like(s_ge[0]))
     n, s = torch.stack(n_ge, -1), torch.stack(s_ge, -1)
     # entries on level j = (above threshold j-1) - (above threshold j)
-    return n[:, :-1] - n[:, 1:], s[:, :-1] - s[:, 1:]
+    return n[..., :-1] - n[..., 1:], s[..., :-1] - s[..., 1:]
 
 
 def normal_equations(

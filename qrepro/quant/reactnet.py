@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from qrepro.errors import QreproError
+from qrepro.quant.ste import clip
 
 ACT_GRADS = ("approx", "ste")
 WEIGHT_SCALES = ("channel", "tensor", "none")
@@ -32,12 +33,40 @@ def approx_sign_surrogate(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -1, -one, torch.where(x < 0, x * x + 2 * x, torch.where(x < 1, -x * x + 2 * x, one)))
 
 
+class _ApproxSign(torch.autograd.Function):
+    """sign(x) forward; backward ∂F/∂x = 1[|x| < 1] (2 − 2|x|) (= 2 + 2x on [−1, 0), 2 − 2x on [0, 1), 0 elsewhere).
+
+    The same values and gradients as ``F + (sign(x) − F).detach()`` with the ``where`` form of F, but the backward
+    pass is rebuilt from the saved float input: the ``where`` form makes a compiled step store three boolean masks
+    of the activation's size for the backward pass, which Inductor's CPU code writes slowly (docs/speed.md)."""
+
+    generate_vmap_rule = True  # batched members (torch.func.vmap)
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.sign(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        a = x.abs()
+        inside = torch.sign(1 - a).clamp(min=0)  # 1[|x| < 1] as a 0/1 float (see qrepro.quant.ste)
+        t = g * a
+        # (2g - g|x|) - g|x|: the where form's autograd sums its terms in this order (g x + (g x + 2 g) on
+        # [-1, 0)), so the gradient is the same to the last bit
+        return inside * ((2 * g - t) - t)
+
+
 def binary_activation(x: torch.Tensor, grad: str = "approx") -> torch.Tensor:
     """sign(x) forward; backward ∂F/∂x (``approx``, Bi-Real/ReActNet) or 1[|x| < 1] (``ste``)."""
     if grad == "approx":
-        f = approx_sign_surrogate(x)
-    elif grad == "ste":
-        f = torch.clamp(x, -1.0, 1.0)
+        return _ApproxSign.apply(x)
+    if grad == "ste":
+        f = _clamp_unit(x)
     else:
         raise QreproError(f"binary activation gradient {grad!r} is not valid; choose one of {', '.join(ACT_GRADS)}")
     return f + (torch.sign(x) - f).detach()
@@ -58,5 +87,12 @@ def weight_scale(w: torch.Tensor, mode: str = "channel") -> torch.Tensor:
 
 def binarize_weight(w: torch.Tensor, scale: str = "channel") -> torch.Tensor:
     """α·sign(W) forward, gradient of clamp(W, −1, 1) backward (ReActNet's ``HardBinaryConv``)."""
-    c = torch.clamp(w, -1.0, 1.0)
+    c = _clamp_unit(w)
     return c + (weight_scale(w, scale) * torch.sign(w) - c).detach()
+
+
+def _clamp_unit(x: torch.Tensor) -> torch.Tensor:
+    """``torch.clamp(x, -1, 1)`` in value and gradient (1[-1 < x < 1], 0 on the bounds), through ``ste.clip``,
+    which rebuilds the mask in the backward pass instead of a compiled step saving it as a boolean tensor."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return clip(x, -one, one)

@@ -55,6 +55,27 @@ class _Clip(torch.autograd.Function):
         return _sum_to(gx, x), g_lo, g_hi
 
 
+class _Minimum(torch.autograd.Function):
+    """min(x, hi) with the gradients of ``where(x <= hi, x, hi)``; masks recomputed in the backward pass."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.minimum(x, hi)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, hi = ctx.saved_tensors
+        above = torch.sign(x - hi).clamp(min=0)  # 1[x > hi], a 0/1 float (see _Clip.backward)
+        g_hi = _sum_to(g * above, hi) if ctx.needs_input_grad[1] else None
+        return _sum_to(g * (1 - above), x), g_hi
+
+
 def _sum_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The gradient of a broadcast input: ``g`` summed over the broadcast dimensions of ``like``."""
     return g if g.shape == like.shape else g.sum_to_size(like.shape)
@@ -68,3 +89,10 @@ def clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     gradient gives non-finite gradients everywhere it reaches (the where() form would zero some of them);
     training stops on a non-finite loss before that matters."""
     return _Clip.apply(x, lo, hi)
+
+
+def minimum(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """min(x, hi) (``hi`` broadcastable with x), exactly as ``where(x <= hi, x, hi)`` in value and gradient:
+    d/dx = 1[x <= hi] (a value on the bound keeps x's gradient), d/dhi = 1[x > hi] (summed over broadcast
+    elements). Like :func:`clip`, the mask is rebuilt in the backward pass from the saved float input."""
+    return _Minimum.apply(x, hi)

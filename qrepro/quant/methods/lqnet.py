@@ -21,6 +21,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant import lqnet as lq
+from qrepro.quant import ste
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
 
@@ -41,26 +42,22 @@ class _LQNetQuantizer(nn.Module):
         self.register_buffer("qem_count", torch.zeros(basis.shape[0], levels), persistent=False)
         self.register_buffer("qem_sum", torch.zeros(basis.shape[0], levels), persistent=False)
 
-    def _quantize_rows(self, x2: torch.Tensor) -> torch.Tensor:
-        """Nearest level of each row of ``x2`` [C, N] (no gradient); in training, QEM statistics accumulate."""
-        levels, _ = lq.sorted_levels(self.basis.to(x2.dtype), self.codes)
-        x2 = x2.detach()
+    def _quantize(self, x: torch.Tensor, per_tensor: bool) -> torch.Tensor:
+        """Nearest level of every entry of ``x`` (no gradient): per row of ``x`` [C, N] (one basis per channel), or
+        over the whole tensor, any shape, with the one basis [1, K]. In training, QEM statistics accumulate."""
+        levels, _ = lq.sorted_levels(self.basis.to(x.dtype), self.codes)
+        if per_tensor:
+            levels = levels[0]  # [L]: the tensor keeps its shape and memory layout (no reshape to a row)
+        x = x.detach()
         if self.training:
-            n, s = lq.level_stats(x2, levels)
-            self.qem_count.add_(n.to(self.qem_count.dtype))
-            self.qem_sum.add_(s.to(self.qem_sum.dtype))
-        return lq.quantize(x2, levels)
+            n, s = lq.level_stats(x, levels)
+            self.qem_count.add_(n.to(self.qem_count.dtype).reshape(self.qem_count.shape))
+            self.qem_sum.add_(s.to(self.qem_sum.dtype).reshape(self.qem_sum.shape))
+        return lq.quantize(x, levels)
 
-    @torch.no_grad()
     def qem_step(self) -> None:
         """One QEM basis update from the statistics gathered since the last one (float64 solve)."""
-        basis = self.basis.double()
-        _, order = lq.sorted_levels(basis, self.codes)
-        btb, bx = lq.normal_equations(self.qem_count.double(), self.qem_sum.double(), order, self.codes)
-        new = lq.qem_basis(btb, bx, basis, self.ridge)
-        self.basis.copy_(self.momentum * basis + (1 - self.momentum) * new)
-        self.qem_count.zero_()
-        self.qem_sum.zero_()
+        qem_update([self])
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.basis.shape[0]}, momentum={self.momentum}, ridge={self.ridge}"
@@ -76,7 +73,7 @@ class LQNetWeightQuantizer(_LQNetQuantizer):
         super().__init__(bits, basis, momentum=momentum, ridge=ridge)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        q = self._quantize_rows(w.reshape(w.shape[0], -1)).reshape(w.shape)
+        q = self._quantize(w.reshape(w.shape[0], -1), per_tensor=False).reshape(w.shape)
         return w + (q - w).detach()
 
 
@@ -89,20 +86,47 @@ class LQNetActQuantizer(_LQNetQuantizer):
         super().__init__(bits, lq.init_basis(bits, False)[None], momentum=momentum, ridge=ridge)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self._quantize_rows(x.reshape(1, -1)).reshape(x.shape)
+        # per tensor on x as it is: a reshape to one row would read a channels-last tensor (the layout Inductor
+        # gives convolution outputs on CPU) element by element in logical order, several times slower
+        q = self._quantize(x, per_tensor=True)
         top = self.basis.clamp(min=0).sum().to(x.dtype)  # the largest level (codes {0, 1}); a buffer: no gradient
-        xc = torch.where(x <= top, x, top)
+        xc = ste.minimum(x, top)  # where(x <= top, x, top) without a boolean mask saved for the backward pass
         return xc + (q - xc).detach()
 
 
+@torch.no_grad()
+def qem_update(quantizers: list[_LQNetQuantizer]) -> None:
+    """One QEM update of each quantizer's basis from its statistics, then the statistics are cleared.
+
+    The quantizers must share bits, codes, ridge and momentum (``LQNetQEM`` groups them): their bases [C_i, K] and
+    statistics are stacked into one batch of K x K systems, so a step costs a few tensor operations for the whole
+    network instead of a dozen per quantizer. Each basis row's system is the one it would have alone."""
+    first = quantizers[0]
+    basis = torch.cat([q.basis for q in quantizers]).double()
+    counts = torch.cat([q.qem_count for q in quantizers]).double()
+    sums = torch.cat([q.qem_sum for q in quantizers]).double()
+    _, order = lq.sorted_levels(basis, first.codes)
+    btb, bx = lq.normal_equations(counts, sums, order, first.codes)
+    new = lq.qem_basis(btb, bx, basis, first.ridge)
+    moved = first.momentum * basis + (1 - first.momentum) * new
+    for q, b in zip(quantizers, moved.split([q.basis.shape[0] for q in quantizers])):
+        q.basis.copy_(b)
+    torch._foreach_zero_([t for q in quantizers for t in (q.qem_count, q.qem_sum)])
+
+
 class LQNetQEM(Hook):
-    """After every optimizer step: one QEM update of every LQ-Net basis (weights and activations)."""
+    """After every optimizer step: one QEM update of every LQ-Net basis (weights and activations), batched over
+    the quantizers that share bits, signedness, ridge and momentum."""
 
     def on_step_end(self, ctx, step: int) -> None:
+        groups: dict[tuple, list[_LQNetQuantizer]] = {}
         for _, layer in quantized_layers(ctx.model):
             for q in (layer.wq, layer.aq):
                 if isinstance(q, _LQNetQuantizer):
-                    q.qem_step()
+                    key = (q.bits, q.signed, q.ridge, q.momentum, q.basis.device, q.basis.dtype)
+                    groups.setdefault(key, []).append(q)
+        for qs in groups.values():
+            qem_update(qs)
 
 
 @METHODS.register("lqnet")
