@@ -34,7 +34,7 @@ EOF
 )
 mkdir -p results/bench
 save() { if [ -n "${OUT:-}" ]; then cp -r "$@" "$OUT"/ 2>/dev/null || true; fi; }
-portable() { "$PY" -m qrepro.tables.records --text; }  # logs committed under results/ hold no machine paths
+portable() { "$PY" -m qrepro.tables.portable --text; }  # logs committed under results/ hold no machine paths
 
 if [ "$QUICK" = 1 ]; then
   bench_steps=(--warmup 1 --steps 2 --window 1) epochs=2 subset=(dataset.subset=512) cells_epochs=1
@@ -75,7 +75,7 @@ parallel)  # the same 4 cells one at a time, then 4 at once on the one GPU (docs
   for j in 1 4; do
     "$PY" scripts/run_parallel.py --jobs "$j" --device "$DEVICE" --log-dir runs/_gpu_parallel/jobs$j \
       --sweep "$sweep out_root=runs/_gpu_parallel/out$j"
-    "$PY" -m qrepro.tables.records < runs/_gpu_parallel/jobs$j/summary.json > results/bench/"$slug"-parallel-jobs$j.json
+    "$PY" -m qrepro.tables.portable < runs/_gpu_parallel/jobs$j/summary.json > results/bench/"$slug"-parallel-jobs$j.json
   done
   save results/bench/"$slug"-parallel-jobs1.json results/bench/"$slug"-parallel-jobs4.json ;;
 members)  # docs/speed.md section 6/7: batched members (K = 1, 2, 4, 8) x amp (off, bf16), eager and compiled

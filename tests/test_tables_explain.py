@@ -137,7 +137,7 @@ def test_writers_into_results_make_paths_portable(tmp_path, capsys, monkeypatch)
     import io
     import runpy
 
-    from qrepro.tables.records import main as portable_main
+    from qrepro.tables.portable import main as portable_main
     from qrepro.tables.records import portable_str
 
     line = "python -m qrepro.bench --out /tmp/a/bench --note 'see https://x.org/y' 12 img/s, ../configs/t.yaml"
