@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -61,7 +62,7 @@ DEFAULT_MODES = ("eager", "compiled")
 DEFAULT_BITS = 4
 # methods benchmarked at other bit-widths than the default (APoT's level sets change with b: Eq. 5/6)
 METHOD_BITS = {"apot": (2, 3, 4), "reactnet": (1,)}  # reactnet: binary only (W1A1)
-FP_METHOD = "fp"
+FP_METHOD, FP_PRECISION = "fp", "w32a32"
 
 
 @dataclass
@@ -123,19 +124,16 @@ def device_slug(device: torch.device) -> str:
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        m = re.search(r"^model name\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        m = None
+    return m[1].strip() if m else platform.processor() or platform.machine()
 
 
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})"
-
     return f"CPU {cpu_model()} ({os.cpu_count()} cores visible, torch threads {torch.get_num_threads()})"
 
 
@@ -181,12 +179,6 @@ def _csv(s: str | None) -> list[str]:
     return [p.strip() for p in (s or "").split(",") if p.strip()]
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
 class TimedBatches:
     """Yields one fixed batch ``n`` times; stamps the clock (after a device sync) every ``window`` batches and
     once after the last step, so consecutive stamps bracket ``window`` complete training steps."""
@@ -210,12 +202,7 @@ class TimedBatches:
 
     def samples(self) -> list[float]:
         """Seconds per step of each complete window."""
-        out = []
-        for k in range(len(self.stamps) - 1):
-            steps = min(self.window, self.n - k * self.window)
-            if steps == self.window:
-                out.append((self.stamps[k + 1] - self.stamps[k]) / steps)
-        return out
+        return [(b - a) / self.window for a, b in zip(self.stamps[: self.n // self.window], self.stamps[1:])]
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -228,8 +215,7 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- one case
-def _loss(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits, t)
+_loss = nn.functional.cross_entropy
 
 
 def _fresh(device: torch.device) -> None:
@@ -241,30 +227,9 @@ def _fresh(device: torch.device) -> None:
     torch._dynamo.utils.counters.clear()
 
 
-def _components(case: Case, device: torch.device, total: int, num_classes: int) -> tuple[Any, nn.Module, Any, Any]:
-    """Method, prepared model on ``device``, SGD and a cosine schedule, as the trainer builds them for the case."""
-    method = build_method(case.method, case.w_bits, case.a_bits, **method_options(case.method))
-    model = build_model(case.model, num_classes=num_classes)
-    prepare(model, method)
-    model.to(device).train()
-    optimizer = build_optimizer(model, "sgd", None, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    scheduler = build_scheduler(optimizer, "cosine", total_steps=10 * total, steps_per_epoch=total)
-    return method, model, optimizer, scheduler
-
-
-def _batch(case: Case, device: torch.device, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, device=device)
-    return x, torch.randint(0, num_classes, (case.batch_size,), device=device)
-
-
-def _start(method, model, optimizer, scheduler, x, y, num_classes: int) -> tuple[Context, list[Any]]:
-    """The training context on the one synthetic batch, and the hooks after their ``on_train_start``."""
-    data = SimpleNamespace(train=[(x, y)], test=[], num_classes=num_classes)
-    ctx = Context(model=model, optimizer=optimizer, scheduler=scheduler, data=data, sample_batch=(x, y))
-    hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
-    for h in hooks:
-        h.on_train_start(ctx)
-    return ctx, hooks
+def _row(case: Case, **fields: Any) -> Row:
+    same = ("model", "method", "batch_size", "mode", "image_size", "members", "amp")
+    return Row(precision=case.precision, **{f: getattr(case, f) for f in same}, **fields)
 
 
 def _set_step_stats(row: Row) -> None:
@@ -281,7 +246,7 @@ def _timed(
     """Time ``epoch`` (training steps over the batches it is given) on ``(x, y)``: ``warmup`` untimed steps (the
     first one's time is ``first_step_s``), then ``steps`` samples of ``window`` steps; fills the row's step time,
     images/s, peak memory and, compiled, graph breaks / CUDA-graph counters."""
-    sync = _sync(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     # CUDA-graph trees warm up, then record: at least 3 untimed steps before timing a compiled case
     warm = TimedBatches(x, y, max(3 if compiled else 1, warmup), 1, sync)
     epoch(warm)
@@ -301,86 +266,77 @@ def _timed(
     return row
 
 
+def _member(case: Case, device: torch.device, x, y, total: int, num_classes: int) -> tuple[Any, MemberSlot]:
+    """The method and one run's prepared model, SGD, cosine schedule and started hooks, as the trainer builds them
+    for the case, on the one synthetic batch ``(x, y)``."""
+    method = build_method(case.method, case.w_bits, case.a_bits, **method_options(case.method))
+    model = build_model(case.model, num_classes=num_classes)
+    prepare(model, method)
+    model.to(device).train()
+    optimizer = build_optimizer(model, "sgd", None, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    scheduler = build_scheduler(optimizer, "cosine", total_steps=10 * total, steps_per_epoch=total)
+    data = SimpleNamespace(train=[(x, y)], test=[], num_classes=num_classes)
+    ctx = Context(model=model, optimizer=optimizer, scheduler=scheduler, data=data, sample_batch=(x, y))
+    hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
+    for h in hooks:
+        h.on_train_start(ctx)
+    rng = RngState(device)
+    rng.capture()
+    return method, MemberSlot(model, optimizer, scheduler, hooks, None, ctx, rng, make_scaler(case.amp, device))
+
+
 def run_case(
-    case: Case,
-    device: torch.device,
-    *,
-    warmup: int,
-    steps: int,
-    window: int,
-    backend: str,
-    num_classes: int = 10,
-    seed: int = 0,
+    case: Case, device: torch.device, *, warmup: int, steps: int, window: int, backend: str, num_classes: int = 10
 ) -> Row:
-    row = Row(case.model, case.method, case.precision, case.batch_size, case.mode, image_size=case.image_size)
-    row.members, row.amp = case.members, case.amp
-    if case.members > 1:
-        return _run_members_case(case, row, device, warmup=warmup, steps=steps, window=window, num_classes=num_classes)
+    """``case.members`` runs (seeds 0..K-1) of the case; one is timed through the trainer's ``train_one_epoch``,
+    K > 1 through its ``BatchedStep``."""
+    row, k, compiled = _row(case), case.members, case.mode != "eager"
     _fresh(device)
-    torch.manual_seed(seed)
-    try:
-        method, model, optimizer, scheduler = _components(case, device, warmup + steps * window, num_classes)
-    except QreproError as e:
-        row.status = f"skipped: {e}"
+    torch.manual_seed(0)
+    x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, device=device)
+    y = torch.randint(0, num_classes, (case.batch_size,), device=device)
+    slots = []
+    for i in range(k):
+        torch.manual_seed(i)
+        try:
+            method, slot = _member(case, device, x, y, warmup + steps * window, num_classes)
+        except QreproError as e:
+            row.status = f"skipped: {e}"
+            return row
+        slots.append(slot)
+    autocast = autocast_factory(case.amp, device)
+    if k > 1:
+        step = BatchedStep(slots, _loss, method.regularizer, autocast, case.mode if compiled else None)
+        xs, ys = (t.unsqueeze(0).expand(k, *t.shape).contiguous() for t in (x, y))
+
+        def batched_epoch(batches: TimedBatches) -> None:
+            for bx, by in batches:
+                step(bx, by)
+
+        _timed(row, batched_epoch, xs, ys, device, warmup, steps, window, compiled)
+        step.release()
         return row
-    x, y = _batch(case, device, num_classes)
-    ctx, hooks = _start(method, model, optimizer, scheduler, x, y, num_classes)
-    forward_loss = make_forward_loss(model, _loss, method.regularizer, autocast=autocast_factory(case.amp, device))
-    scaler = make_scaler(case.amp, device)
-    if case.mode != "eager":
+    (s,) = slots
+    forward_loss = make_forward_loss(s.model, _loss, method.regularizer, autocast=autocast)
+    if compiled:
         forward_loss = compile_forward_loss(forward_loss, case.mode, backend=backend)
 
     def epoch(batches: TimedBatches) -> None:
         train_one_epoch(
-            model,
+            s.model,
             batches,
-            optimizer,
-            scheduler,
+            s.optimizer,
+            s.scheduler,
             _loss,
-            ctx=ctx,
-            hooks=hooks,
+            ctx=s.ctx,
+            hooks=s.hooks,
             regularizer=method.regularizer,
             log_every=10**9,
             forward_loss=forward_loss,
-            scaler=scaler,
+            scaler=s.scaler,
         )
 
-    return _timed(row, epoch, x, y, device, warmup, steps, window, compiled=case.mode != "eager")
-
-
-def _run_members_case(
-    case: Case, row: Row, device: torch.device, *, warmup: int, steps: int, window: int, num_classes: int
-) -> Row:
-    """``case.members`` replicas (seeds 0..K-1) of the case, stepped by the trainer's ``BatchedStep``."""
-    k = case.members
-    _fresh(device)
-    torch.manual_seed(0)
-    x, y = _batch(case, device, num_classes)
-    slots, method = [], None
-    for i in range(k):
-        torch.manual_seed(i)
-        try:
-            method, model, optimizer, scheduler = _components(case, device, warmup + steps * window, num_classes)
-        except QreproError as e:
-            row.status = f"skipped: {e}"
-            return row
-        ctx, hooks = _start(method, model, optimizer, scheduler, x, y, num_classes)
-        rng = RngState(device)
-        rng.capture()
-        slots.append(MemberSlot(model, optimizer, scheduler, hooks, None, ctx, rng, make_scaler(case.amp, device)))
-
-    mode = None if case.mode == "eager" else case.mode
-    step = BatchedStep(slots, _loss, method.regularizer, autocast_factory(case.amp, device), mode)
-    xs = x.unsqueeze(0).expand(k, *x.shape).contiguous()
-    ys = y.unsqueeze(0).expand(k, *y.shape).contiguous()
-
-    def epoch(batches: TimedBatches) -> None:
-        for bx, by in batches:
-            step(bx, by)
-
-    _timed(row, epoch, xs, ys, device, warmup, steps, window, compiled=mode is not None)
-    step.release()
-    return row
+    return _timed(row, epoch, x, y, device, warmup, steps, window, compiled)
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -408,54 +364,44 @@ def plan(
     as KURE or SymReg) runs at W32A32, a weight-only one (k-means weight sharing) at W{b}A32; explicitly requested
     bit-widths are kept (and reported as skipped)."""
     per, default = parse_bits(bits)
-    precisions: dict[str, tuple[int, ...]] = {}
-    a_bits_of: dict[str, int] = {}  # methods that only build weight-only: their activation bits
-    for q in methods:
+    precisions = [(FP_METHOD, 32, 32)]  # (method, w_bits, a_bits)
+    for q in dict.fromkeys(methods):
         if q == FP_METHOD:
             continue
         want = per.get(q, default)
-        ok = tuple(b for b in want if supported(q, b))
-        weight_only = not ok and all(supported(q, b, 32) for b in want)  # e.g. k-means weight sharing: w{b}a32
-        if not ok and not weight_only and q not in per and supported(q, 32):
-            ok = (32,)
-        precisions[q] = ok or want
-        if weight_only:
-            a_bits_of[q] = 32
+        ok = [b for b in want if supported(q, b)]
+        if not ok and all(supported(q, b, 32) for b in want):  # weight-only, e.g. k-means weight sharing: w{b}a32
+            precisions += [(q, b, 32) for b in want]
+            continue
+        if not ok and q not in per and supported(q, 32):
+            ok = [32]
+        precisions += [(q, b, b) for b in ok or want]
     members = sorted(set(members or [1]) | {1})  # one run of each case: the reference of "x K sep"
-    cases = []
-    for m in models:
-        for b in batch_sizes:
-            for mode in modes:
-                for amp in amps or ["off"]:
-                    for k in members:
-                        cases.append(Case(m, FP_METHOD, 32, 32, b, mode, image_size, k, amp))
-                        for q, bl in precisions.items():
-                            for nb in bl:
-                                cases.append(Case(m, q, nb, a_bits_of.get(q, nb), b, mode, image_size, k, amp))
-    return cases
+    grid = itertools.product(models, batch_sizes, modes, amps or ["off"], members)
+    return [Case(m, q, w, a, b, mode, image_size, k, amp) for m, b, mode, amp, k in grid for q, w, a in precisions]
+
+
+_KEY = ("model", "image_size", "batch_size", "mode", "method", "precision", "members", "amp")
+
+
+def _key(r: Row, **other: Any) -> tuple:
+    """The case a row measures (``other``: the same with these fields replaced)."""
+    return tuple(other.get(f, getattr(r, f)) for f in _KEY)
 
 
 def add_ratios(rows: list[Row]) -> None:
-    def grp(r: Row, mode: str | None = None) -> tuple:
-        return (r.model, r.image_size, r.batch_size, mode or r.mode, r.members, r.amp)
-
-    fp = {grp(r): r for r in rows if r.method == FP_METHOD and r.step_ms}
-    single = {
-        (r.model, r.image_size, r.batch_size, r.mode, r.amp, r.method, r.precision): r
-        for r in rows
-        if r.members == 1 and r.step_ms
-    }
+    measured = {_key(r): r for r in rows if r.step_ms}
     for r in rows:
         if r.step_ms is None:
             continue
-        one = single.get((r.model, r.image_size, r.batch_size, r.mode, r.amp, r.method, r.precision))
+        one = measured.get(_key(r, members=1))
         if one is not None:
             r.separate_step_ms = one.step_ms
             r.ratio_separate = r.step_ms / (r.members * one.step_ms)
             if r.step_ms_min and one.step_ms_min:
                 r.ratio_separate_min = r.step_ms_min / (r.members * one.step_ms_min)
-        base = fp.get(grp(r))
-        eager = fp.get(grp(r, "eager"))
+        base = measured.get(_key(r, method=FP_METHOD, precision=FP_PRECISION))
+        eager = measured.get(_key(r, method=FP_METHOD, precision=FP_PRECISION, mode="eager"))
         r.fp_step_ms = base.step_ms if base else None
         r.ratio_fp = r.step_ms / base.step_ms if base else None
         r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base and r.step_ms_min and base.step_ms_min else None
@@ -464,8 +410,9 @@ def add_ratios(rows: list[Row]) -> None:
 
 def merge_rounds(first: Row, later: Row) -> None:
     """Pool the samples of a case measured again in a later round into ``first``."""
-    if later.status != "ok" or first.status != "ok":
-        first.status = first.status if first.status != "ok" else later.status
+    if first.status != "ok" or later.status != "ok":
+        if first.status == "ok":
+            first.status = later.status
         return
     first.samples_ms += later.samples_ms
     _set_step_stats(first)
@@ -480,12 +427,8 @@ def append_to(path: Path, rows: list[Row], runs: list[dict[str, Any]]) -> tuple[
     if not path.exists():
         return rows, runs
     old = json.loads(path.read_text())
-
-    def key(r: Row) -> tuple:
-        return (r.model, r.image_size, r.batch_size, r.mode, r.method, r.precision, r.members, r.amp)
-
-    new = {key(r) for r in rows}
-    kept = [r for r in (Row(**d) for d in old.get("rows", [])) if key(r) not in new]
+    new = {_key(r) for r in rows}
+    kept = [r for r in (Row(**d) for d in old.get("rows", [])) if _key(r) not in new]
     return kept + rows, old.get("runs", []) + runs
 
 
@@ -642,23 +585,14 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     print(f"benchmark on {meta['device']}: {len(cases)} cases x {args.rounds} round(s)", flush=True)
+    timing = {k: getattr(args, k) for k in ("warmup", "steps", "window", "backend", "num_classes")}
     rows: list[Row] = []
-    for i, c in enumerate([c for _ in range(args.rounds) for c in cases], 1):
+    for i, c in enumerate(cases * args.rounds, 1):
         t0 = time.perf_counter()
         try:
-            row = run_case(
-                c,
-                device,
-                warmup=args.warmup,
-                steps=args.steps,
-                window=args.window,
-                backend=args.backend,
-                num_classes=args.num_classes,
-            )
+            row = run_case(c, device, **timing)
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
-            row = Row(c.model, c.method, c.precision, c.batch_size, c.mode, status=f"error: {type(e).__name__}: {e}")
-            row.image_size, row.members, row.amp = c.image_size, c.members, c.amp
-            row.status = row.status.splitlines()[0][:300]
+            row = _row(c, status=f"error: {type(e).__name__}: {e}".splitlines()[0][:300])
         if i <= len(cases):
             rows.append(row)
         else:
