@@ -22,6 +22,8 @@ from qrepro.errors import QreproError
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SETTINGS = ("auto", "true", "false", *COMPILE_MODES)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+_ALIASES = {"none": "false", "null": "false", "0": "false", "off": "false", "no": "false"}
+_ALIASES |= {"1": "true", "on": "true", "yes": "true"}
 
 ForwardLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -81,10 +83,7 @@ def compile_mode(setting: Any, device: torch.device) -> str | None:
     The automatic mode is ``reduce-overhead`` (CUDA graphs) on CUDA and ``default`` elsewhere.
     """
     s = str(setting).lower() if setting is not None else "false"
-    if s in ("none", "null", "0", "off", "no"):
-        s = "false"
-    if s in ("1", "on", "yes"):
-        s = "true"
+    s = _ALIASES.get(s, s)
     if s not in COMPILE_SETTINGS:
         raise QreproError(f"trainer.compile={setting!r} is not valid; use one of: {', '.join(COMPILE_SETTINGS)}")
     if s == "false" or (s == "auto" and device.type != "cuda"):

@@ -20,6 +20,8 @@ from qrepro.errors import QreproError
 
 AMP_MODES = ("off", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_ALIASES = {"none": "off", "false": "off", "no": "off", "fp32": "off", "float32": "off"}
+_ALIASES |= {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 
 
 def amp_mode(setting: Any) -> str:
@@ -27,20 +29,15 @@ def amp_mode(setting: Any) -> str:
     if setting is None or setting is False:
         return "off"
     s = str(setting).strip().lower()
-    s = {"none": "off", "false": "off", "no": "off", "fp32": "off", "float32": "off"}.get(s, s)
-    s = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(s, s)
+    s = _ALIASES.get(s, s)
     if s not in AMP_MODES:
         raise QreproError(f"trainer.amp={setting!r} is not valid; use one of: {', '.join(AMP_MODES)}")
     return s
 
 
-def amp_dtype(mode: str) -> torch.dtype | None:
-    return _DTYPES.get(amp_mode(mode))
-
-
 def autocast_factory(mode: str, device: torch.device) -> Callable[[], AbstractContextManager] | None:
     """A zero-argument factory of the autocast context for ``mode`` on ``device`` (None for ``off``)."""
-    dtype = amp_dtype(mode)
+    dtype = _DTYPES.get(amp_mode(mode))
     if dtype is None:
         return None
     dev = torch.device(device).type
