@@ -98,10 +98,6 @@ def lookup(rows: list[dict], model: str, method: str, precision: str, batch: int
     return best, True
 
 
-def cell_config(cell: dict) -> Any:
-    return compose([f"+experiment={cell['experiment']}", *(cell.get("overrides") or []), "logger=none"])
-
-
 def estimate_cell(
     cell: dict,
     rows: list[dict],
@@ -113,37 +109,23 @@ def estimate_cell(
     if cell.get("ptq"):  # post-training quantization of another cell's checkpoint: no training epochs
         e = cell.get("experiment", "?")
         return CellEstimate(cell["id"], "—", "ptq", "—", 0, 0, "—", 0, source=f"PTQ of {e} (calibration, not timed)")
-    cfg = cell_config(cell)
+    cfg = compose([f"+experiment={cell['experiment']}", *(cell.get("overrides") or []), "logger=none"])
     dataset = str(cfg.dataset.name)
     if dataset not in DATASET_SIZES:
         raise QreproError(f"no image counts for dataset {dataset!r}; add it to qrepro.walltime.DATASET_SIZES")
     image_size = int(cfg.dataset.get("image_size", 224 if dataset == "imagenet" else 32))
+    names = (str(cfg.model.name), str(cfg.quantizer.name), str(cfg.precision.name))
     batch = int(cfg.trainer.batch_size)
-    est = CellEstimate(
-        cell=cell["id"],
-        model=str(cfg.model.name),
-        method=str(cfg.quantizer.name),
-        precision=str(cfg.precision.name),
-        batch_size=batch,
-        epochs=int(cfg.trainer.epochs),
-        dataset=dataset,
-        image_size=image_size,
-    )
-    per_device = max(1, batch // gpus)
-    row, approx = lookup(rows, est.model, est.method, est.precision, per_device, image_size)
+    est = CellEstimate(cell["id"], *names, batch, int(cfg.trainer.epochs), dataset, image_size)
+    row, est.approx = lookup(rows, *names, max(1, batch // gpus), image_size)
     if row is None:
         return est
     est.images_per_s = float(row["images_per_s"])
-    est.approx = approx
     est.source = f"{row['model']} {row['method']} {row['precision']} b{row['batch_size']} {row['mode']}"
     n_train, n_test = DATASET_SIZES[dataset]
     per_epoch_s = (n_train / est.images_per_s + n_test / (eval_factor * est.images_per_s)) / (gpus * efficiency)
     est.hours = est.epochs * per_epoch_s / 3600.0
     return est
-
-
-def waves_hours(cells: list[dict], ests: dict[str, CellEstimate]) -> float:
-    return sum(max((ests[c["id"]].hours or 0.0) for c in wave) for wave in waves(cells))
 
 
 def _h(hours: float | None) -> str:
@@ -186,7 +168,7 @@ def table_markdown(
             f"| {e.cell} | {e.model} | {e.method} | {e.precision} | {e.batch_size} | {e.epochs} | {ips} | "
             f"{e.source or '—'} | {when} |"
         )
-    w = waves_hours(cells, ests)
+    w = sum(max((ests[c["id"]].hours or 0.0) for c in wave) for wave in waves(cells))
     note = f" ({len(missing)} cell(s) not measured, left out: {', '.join(missing)})" if missing else ""
     if ptq:
         note += f" ({len(ptq)} PTQ cell(s), calibration only, not timed)"
@@ -226,11 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         if a.gpus < 1 or not 0 < a.efficiency <= 1 or a.eval_factor <= 0:
             raise QreproError("--gpus must be >= 1, --efficiency in (0, 1], --eval-factor > 0")
         bench = load_bench(a.bench)
-        parts, summaries = [], []
-        for t in a.tables:
-            md, s = table_markdown(t, bench, gpus=a.gpus, efficiency=a.efficiency, eval_factor=a.eval_factor)
-            parts.append(md)
-            summaries.append(s)
+        opts = {"gpus": a.gpus, "efficiency": a.efficiency, "eval_factor": a.eval_factor}
+        parts, summaries = zip(*(table_markdown(t, bench, **opts) for t in a.tables))
         text = "\n".join(parts)
         print(text)
         if a.out:
@@ -238,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             stem = f"{bench.get('device_slug', Path(a.bench).stem)}-{a.gpus}x"
             (out / f"{stem}.md").write_text(portable_str(f"# Expected wall time per table\n\n{text}"))
-            (out / f"{stem}.json").write_text(json.dumps(portable(summaries), indent=1) + "\n")
+            (out / f"{stem}.json").write_text(json.dumps(portable(list(summaries)), indent=1) + "\n")
             print(f"wrote {out / stem}.md / .json", file=sys.stderr)
 
     run()
