@@ -99,12 +99,7 @@ def lookup(rows: list[dict], model: str, method: str, precision: str, batch: int
 
 
 def estimate_cell(
-    cell: dict,
-    rows: list[dict],
-    *,
-    gpus: int = 1,
-    efficiency: float = 1.0,
-    eval_factor: float = EVAL_FACTOR,
+    cell: dict, rows: list[dict], *, gpus: int = 1, efficiency: float = 1.0, eval_factor: float = EVAL_FACTOR
 ) -> CellEstimate:
     if cell.get("ptq"):  # post-training quantization of another cell's checkpoint: no training epochs
         e = cell.get("experiment", "?")
