@@ -389,23 +389,24 @@ def _key(r: Row, **other: Any) -> tuple:
     return tuple(other.get(f, getattr(r, f)) for f in _KEY)
 
 
+def _ratio(a: float | None, b: float | None, k: int = 1) -> float | None:
+    return a / (k * b) if a and b else None
+
+
 def add_ratios(rows: list[Row]) -> None:
     measured = {_key(r): r for r in rows if r.step_ms}
     for r in rows:
         if r.step_ms is None:
             continue
         one = measured.get(_key(r, members=1))
-        if one is not None:
-            r.separate_step_ms = one.step_ms
-            r.ratio_separate = r.step_ms / (r.members * one.step_ms)
-            if r.step_ms_min and one.step_ms_min:
-                r.ratio_separate_min = r.step_ms_min / (r.members * one.step_ms_min)
-        base = measured.get(_key(r, method=FP_METHOD, precision=FP_PRECISION))
+        fp = measured.get(_key(r, method=FP_METHOD, precision=FP_PRECISION))
         eager = measured.get(_key(r, method=FP_METHOD, precision=FP_PRECISION, mode="eager"))
-        r.fp_step_ms = base.step_ms if base else None
-        r.ratio_fp = r.step_ms / base.step_ms if base else None
-        r.ratio_fp_min = r.step_ms_min / base.step_ms_min if base and r.step_ms_min and base.step_ms_min else None
-        r.ratio_fp_eager = r.step_ms / eager.step_ms if eager else None
+        r.separate_step_ms, r.fp_step_ms = one and one.step_ms, fp and fp.step_ms
+        r.ratio_separate = _ratio(r.step_ms, r.separate_step_ms, r.members)
+        r.ratio_separate_min = _ratio(r.step_ms_min, one and one.step_ms_min, r.members)
+        r.ratio_fp = _ratio(r.step_ms, r.fp_step_ms)
+        r.ratio_fp_min = _ratio(r.step_ms_min, fp and fp.step_ms_min)
+        r.ratio_fp_eager = _ratio(r.step_ms, eager and eager.step_ms)
 
 
 def merge_rounds(first: Row, later: Row) -> None:
@@ -436,7 +437,7 @@ def _fmt(v: float | None, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
-def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] | None = None) -> str:
+def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]]) -> str:
     lines = [
         f"# Training-step benchmark — {meta['device']}",
         "",
@@ -462,7 +463,7 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]] |
             f"- machine load (1/5/15-min load average): before {meta.get('load_before')}, after "
             f"{meta.get('load_after')}" + (f"; {meta['load_note']}" if meta.get("load_note") else "")
         )
-    for r in (runs or [])[:-1]:  # earlier invocations merged with --append
+    for r in runs[:-1]:  # earlier invocations merged with --append
         lines.append(f"- also merged: `{r['command']}` ({r.get('finished')}, git {r['git'].get('commit')})")
     lines += [
         "",
