@@ -8,12 +8,9 @@ trainer's own loop -- on one synthetic batch held on the device, eager and compi
 cases, the timing (warm-up, samples of ``--window`` steps between device synchronisations, median) and the ratios
 to FP measured in the same process: docs/speed.md, section 2.
 
-``--members 1,2,4`` also times K replicas (seeds 0..K-1) trained as one batched step (``trainer.members``,
-qrepro/engine/members.py: the trainer's ``BatchedStep``); a row reports the batched step time, the images/s of
-one member (its batch per batched step) and of all K, and ``× K sep`` = batched step time / (K × the step time
-of one run of the same case, measured in the same invocation): below 1, the batch trains K runs faster than K
-separate runs one after another. ``--amp off,bf16`` times the step under ``trainer.amp`` (autocast, fp16 with
-loss scaling).
+``--members 1,2,4`` also times K replicas (seeds 0..K-1) trained as one batched step (``trainer.members``: the
+trainer's ``BatchedStep``), ``--amp off,bf16`` the step under ``trainer.amp``; ``× K sep`` below 1 (defined in
+the Markdown output's header) means the batch trains K runs faster than K separate runs one after another.
 
 Writes ``<out>/<device-slug>.json`` and ``<out>/<device-slug>.md``.
 """

@@ -14,10 +14,10 @@ The estimate is
 
 with X the measured images/s of one device at the per-device batch (global batch / G), E the epochs, N the
 dataset sizes. ``eval_factor`` (forward-only evaluation vs a training step, default 2.4: measured with the compiled
-evaluation on the 2-core CPU, docs/scaling.md) and ``efficiency``
-(multi-GPU scaling, default 1 = linear) are *assumptions*, printed with the result. A cell whose model/method/
-precision is not in the benchmark file is listed as ``not measured`` and left out of the sums (said so in the
-totals). A row measured at another batch size or bit-width of the same method is used with a ``~`` mark.
+evaluation on the 2-core CPU, docs/scaling.md) and ``efficiency`` (multi-GPU scaling, default 1 = linear) are
+*assumptions*, printed with the result. A cell whose model/method/precision is not in the benchmark file is listed
+as ``not measured`` and left out of the sums (said so in the totals). A row measured at another batch size or
+bit-width of the same method is used with a ``~`` mark.
 """
 
 from __future__ import annotations
