@@ -141,10 +141,11 @@ def table_markdown(
         c["id"]: estimate_cell(c, bench["rows"], gpus=gpus, efficiency=efficiency, eval_factor=eval_factor)
         for c in cells
     }
-    measured = [e for e in ests.values() if e.hours is not None]
+    measured = any(e.hours is not None for e in ests.values())
     ptq = [e.cell for e in ests.values() if e.method == "ptq"]
     missing = [e.cell for e in ests.values() if e.hours is None and e.method != "ptq"]
-    total = sum(e.hours for e in measured)  # type: ignore[misc]
+    total = sum(e.hours or 0.0 for e in ests.values()) if measured else None
+    w = sum(max((ests[c["id"]].hours or 0.0) for c in wave) for wave in waves(cells)) if measured else None
     lines = [
         f"### {table}: expected wall time on {gpus} x {bench.get('device', '?')}",
         "",
@@ -163,14 +164,13 @@ def table_markdown(
             f"| {e.cell} | {e.model} | {e.method} | {e.precision} | {e.batch_size} | {e.epochs} | {ips} | "
             f"{e.source or '—'} | {when} |"
         )
-    w = sum(max((ests[c["id"]].hours or 0.0) for c in wave) for wave in waves(cells))
     note = f" ({len(missing)} cell(s) not measured, left out: {', '.join(missing)})" if missing else ""
     if ptq:
         note += f" ({len(ptq)} PTQ cell(s), calibration only, not timed)"
     lines += [
         "",
-        f"- one node, cells one after the other: **{_h(total) if measured else 'not measured'}**{note}",
-        f"- SLURM, one job array per wave: **{_h(w) if measured else 'not measured'}** plus queueing",
+        f"- one node, cells one after the other: **{_h(total)}**{note}",
+        f"- SLURM, one job array per wave: **{_h(w)}** plus queueing",
         "",
     ]
     summary = {
@@ -179,8 +179,8 @@ def table_markdown(
         "gpus": gpus,
         "efficiency": efficiency,
         "eval_factor": eval_factor,
-        "total_hours": total if measured else None,
-        "waves_hours": w if measured else None,
+        "total_hours": total,
+        "waves_hours": w,
         "not_measured": missing,
         "ptq_cells": ptq,
         "cells": [e.__dict__ for e in ests.values()],

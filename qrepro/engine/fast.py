@@ -82,7 +82,7 @@ def compile_mode(setting: Any, device: torch.device) -> str | None:
     ``auto``: compile only on CUDA; ``true``: compile on any device; ``false``: eager; a mode name: that mode.
     The automatic mode is ``reduce-overhead`` (CUDA graphs) on CUDA and ``default`` elsewhere.
     """
-    s = str(setting).lower() if setting is not None else "false"
+    s = str(setting).lower()  # None reads "none"
     s = _ALIASES.get(s, s)
     if s not in COMPILE_SETTINGS:
         raise QreproError(f"trainer.compile={setting!r} is not valid; use one of: {', '.join(COMPILE_SETTINGS)}")

@@ -26,9 +26,7 @@ _ALIASES |= {"bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 
 def amp_mode(setting: Any) -> str:
     """``trainer.amp`` as one of ``off | bf16 | fp16`` (YAML's ``off``/``false``/null read as off)."""
-    if setting is None or setting is False:
-        return "off"
-    s = str(setting).strip().lower()
+    s = str(setting).strip().lower()  # None and False read "none" and "false"
     s = _ALIASES.get(s, s)
     if s not in AMP_MODES:
         raise QreproError(f"trainer.amp={setting!r} is not valid; use one of: {', '.join(AMP_MODES)}")
