@@ -72,9 +72,14 @@ def linear_init(x: np.ndarray, n_clusters: int, random_state: Any = None) -> np.
     return np.linspace(x.min(), x.max(), n_clusters).reshape(-1, 1)
 
 
-def _copy_weights(theirs: nn.Module, ours: nn.Module) -> None:
-    """Their state in module order into ours (same architecture: shapes checked one by one)."""
-    a, b = theirs.state_dict(), ours.state_dict()
+def _fp_and_ours(experiment: str, epochs: int, overrides: list[str] | None, *settings: str) -> tuple[nn.Module, Any]:
+    """The FP ``MODEL`` their code quantizes and our run of ``experiment`` on ``MODEL`` holding its weights (copied
+    in module order: same architecture, shapes checked one by one)."""
+    torch.manual_seed(0)
+    fp = build_model(MODEL, num_classes=10).double().train()
+    base = [f"+experiment={experiment}", f"model={MODEL}", *settings, "trainer.device=cpu", f"trainer.epochs={epochs}"]
+    run = our_run([*base, "init_from=null", *(overrides or [])], STEPS_PER_EPOCH)
+    a, b = fp.state_dict(), run.model.state_dict()
     mine = [k for k in b if ".wq." not in k and ".aq." not in k]
     if len(a) != len(mine):
         raise QreproError(f"parity haq: {len(a)} tensors in their model, {len(mine)} in ours")
@@ -83,6 +88,7 @@ def _copy_weights(theirs: nn.Module, ours: nn.Module) -> None:
             if va.shape != b[kb].shape:
                 raise QreproError(f"parity haq: {ka} {tuple(va.shape)} vs {kb} {tuple(b[kb].shape)}")
             b[kb].copy_(va)
+    return fp, run
 
 
 def _their_lr(step: int, epochs: int) -> float:
@@ -129,22 +135,13 @@ def suite(
     with _isolated(), reference_import(root, _stubs()) as imp, _cpu_float64():
         qu = imp("lib.utils.quantize_utils")
 
-        torch.manual_seed(0)
-        theirs = build_model(MODEL, num_classes=10).double().train()
-        run = our_run(
-            [
-                "+experiment=dc_resnet50_imagenet_w2a32",
-                f"model={MODEL}",
-                "trainer.device=cpu",
-                f"trainer.epochs={EPOCHS}",
-                "quantizer.centroid_grad=mean",  # HAQ's code: the cluster mean after each step
-                "quantizer.init=linear",  # the initialisation the suite hands to their k-means
-                "init_from=null",
-                *(overrides or []),
-            ],
-            STEPS_PER_EPOCH,
+        theirs, run = _fp_and_ours(
+            "dc_resnet50_imagenet_w2a32",
+            EPOCHS,
+            overrides,
+            "quantizer.centroid_grad=mean",  # HAQ's code: the cluster mean after each step
+            "quantizer.init=linear",  # the initialisation the suite hands to their k-means
         )
-        _copy_weights(theirs, run.model)
         rep = Report(f"HAQ k-means (Deep Compression) {MODEL} W{BITS}, {steps} steps, batch {batch}", TOL)
         found = [(i, n, m) for i, (n, m) in enumerate(theirs.named_modules()) if type(m) in (nn.Conv2d, nn.Linear)]
         idx = [i for i, _, _ in found]
@@ -255,21 +252,9 @@ def linear_suite(
     batches = cifar_batches(data, steps + 1, batch, seed=1)
     with reference_import(root, _stubs()) as imp:
         qu = imp("lib.utils.quantize_utils")
-        torch.manual_seed(0)
-        fp = build_model(MODEL, num_classes=10).double().train()
-        run = our_run(
-            [
-                "+experiment=haq_mobilenet_v1_imagenet_w8a8",
-                f"model={MODEL}",
-                f"precision=w{LINEAR_BITS}a{LINEAR_BITS}",
-                "trainer.device=cpu",
-                f"trainer.epochs={LINEAR_EPOCHS}",
-                "init_from=null",
-                *(overrides or []),
-            ],
-            STEPS_PER_EPOCH,
+        fp, run = _fp_and_ours(
+            "haq_mobilenet_v1_imagenet_w8a8", LINEAR_EPOCHS, overrides, f"precision=w{LINEAR_BITS}a{LINEAR_BITS}"
         )
-        _copy_weights(fp, run.model)
         theirs, their_layers = _their_linear_model(qu, fp)
         ours = [layer for _, layer in quantized_layers(run.model)]
         if len(ours) != len(their_layers):
