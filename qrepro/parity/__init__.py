@@ -67,12 +67,6 @@ def default_reference(suite: str) -> Path:
     return path
 
 
-def default_cifar() -> Path | None:
-    """``$QREPRO_CIFAR10`` when set."""
-    root = os.environ.get(CIFAR_ENV)
-    return Path(root) if root else None
-
-
 @dataclass
 class Row:
     name: str
@@ -119,29 +113,22 @@ class Report:
         return row
 
     def add_many(
-        self, prefix: str, ours: dict[str, Any], ref: dict[str, Any], tol: float | None = None, per_item: bool = False
+        self, prefix: str, ours: dict[str, Any], ref: dict[str, Any], tol: float | Callable[[Any], float] | None = None
     ) -> None:
-        """Compare two dicts with the same keys: one row per key (``per_item``) or one row for all of them."""
+        """One row for two dicts with the same keys: the worst item, i.e. the largest difference (relative to each
+        item's tolerance when ``tol`` is a function of the reference tensor), one out of tolerance first."""
         missing = sorted(set(ours) ^ set(ref))
         if missing:
             raise QreproError(f"parity: {prefix}: keys present on one side only: {missing[:8]}")
-        if per_item:
-            for k in ours:
-                self.add(f"{prefix} {k}", ours[k], ref[k], tol)
+        if not ours:
             return
-        worst: Row | None = None
-        for k in ours:
-            r = self.add(f"{prefix} {k}", ours[k], ref[k], tol)
-            self.rows.pop()
-            if worst is None or not r.ok or r.max_abs > worst.max_abs:
-                if worst is None or worst.ok:
-                    worst = r
-        if worst is not None:
-            n = sum(torch.as_tensor(v).numel() for v in ours.values())
-            worst_name = worst.name[len(prefix) + 1 :]
-            self.rows.append(
-                Row(f"{prefix} (all {len(ours)}; worst {worst_name})", worst.max_abs, worst.max_rel, n, worst.tol)
-            )
+        rows = {k: self.add(k, ours[k], ref[k], tol(ref[k]) if callable(tol) else tol) for k in ours}
+        del self.rows[-len(rows) :]
+        size = (lambda r: r.max_abs / r.tol) if callable(tol) else (lambda r: r.max_abs)
+        k = max(rows, key=lambda k: (not rows[k].ok, size(rows[k])))
+        w = rows[k]
+        n = sum(r.numel for r in rows.values())
+        self.rows.append(Row(f"{prefix} (all {len(rows)}; worst {k})", w.max_abs, w.max_rel, n, w.tol))
 
     @property
     def ok(self) -> bool:
@@ -188,21 +175,18 @@ def reference_import(root: Path, stubs: dict[str, types.ModuleType] | None = Non
 
 def _imported_from(module: Any, root: Path) -> bool:
     """True if ``module`` (a module or a namespace package) was loaded from a file or folder under ``root``."""
-    paths = [getattr(module, "__file__", None), *list(getattr(module, "__path__", None) or [])]
-    for p in paths:
-        if p and Path(p).resolve().is_relative_to(root):
-            return True
-    return False
+    paths = [getattr(module, "__file__", None), *(getattr(module, "__path__", None) or [])]
+    return any(p and Path(p).resolve().is_relative_to(root) for p in paths)
 
 
 def cifar_batches(
     root: Path | str | None, n: int, batch: int, seed: int = 0, split: str = "train"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` batches of ``batch`` real CIFAR-10 images (uint8 NCHW, labels), drawn at random with ``seed``."""
-    root = Path(root) if root else default_cifar()
-    if root is None:
+    root = root or os.environ.get(CIFAR_ENV)
+    if not root:
         raise QreproError(f"parity needs CIFAR-10 images: pass --data <CIFAR-10 root> or set {CIFAR_ENV}")
-    if not root.exists():
+    if not Path(root).exists():
         raise QreproError(f"parity needs CIFAR-10 images: {root} does not exist; pass --data <CIFAR-10 root>")
     x, y = load_cifar_tensors(str(root), 10)[split]
     g = torch.Generator().manual_seed(seed)
@@ -255,17 +239,51 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def add_grouped(
-    rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any], *, kind: Callable[[str], str], suite: str
-) -> None:
-    """One ``add_many`` row per ``kind(name)`` of the tensors (in the reference's order); same names required."""
+def relative_tol(ref: Any, tol: float = 1e-9) -> float:
+    """``tol`` absolute, times the reference tensor's largest magnitude where that exceeds 1: float64 round-off
+    grows with the values' scale (BN running variances of raw 0..255 inputs are ~1e4, FP logits ~1e3)."""
+    r = torch.as_tensor(ref).detach()
+    return tol * max(1.0, float(r.abs().max())) if r.numel() else tol
+
+
+def same_names(message: str, ours: Any, ref: Any) -> None:
+    """``QreproError(message: the names on one side only)`` unless the two collections hold the same names."""
     if set(ours) != set(ref):
-        raise QreproError(f"parity {suite}: {prefix}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
+        raise QreproError(f"{message}: {sorted(set(ours) ^ set(ref))[:8]}")
+
+
+def add_grouped(
+    rep: Report,
+    prefix: str,
+    ours: dict[str, Any],
+    ref: dict[str, Any],
+    *,
+    kind: Callable[[str], str],
+    suite: str,
+    order: tuple[str, ...] = (),
+    tol: Callable[[Any], float] | None = None,
+) -> None:
+    """One ``add_many`` row per ``kind(name)`` of the tensors (in the reference's order, or in ``order``)."""
+    same_names(f"parity {suite}: {prefix}: names differ", ours, ref)
     kinds: dict[str, list[str]] = {}
     for k in ref:
         kinds.setdefault(kind(k), []).append(k)
-    for name, keys in kinds.items():
-        rep.add_many(f"{prefix} {name}", {k: ours[k] for k in keys}, {k: ref[k] for k in keys})
+    for name in sorted(kinds, key=order.index) if order else kinds:
+        rep.add_many(f"{prefix} {name}", {k: ours[k] for k in kinds[name]}, {k: ref[k] for k in kinds[name]}, tol)
+
+
+def copy_state(
+    suite: str, ours: nn.Module, theirs: nn.Module, rename: Callable[[str], str], skip: Callable[[str], bool]
+) -> None:
+    """The authors' tensors into ours by (renamed) name; every tensor of ours but the ``skip``ped needs one."""
+    t_sd, o_sd = {rename(k): v for k, v in theirs.state_dict().items()}, ours.state_dict()
+    missing = [k for k in o_sd if k not in t_sd and not skip(k)]
+    if missing:
+        raise QreproError(f"parity {suite}: qrepro tensors without a counterpart in the authors' model: {missing[:8]}")
+    with torch.no_grad():
+        for k in o_sd:
+            if k in t_sd and not skip(k):
+                o_sd[k].copy_(t_sd[k])
 
 
 def running_stats(model: nn.Module, rename: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:

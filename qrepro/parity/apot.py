@@ -1,16 +1,16 @@
 """APoT parity: qrepro's CIFAR-10 ResNet-20 against the authors' own (``CIFAR10/models`` of their repository).
 
-``python -m qrepro.parity apot --reference <checkout>/`` (the checkout holds ``CIFAR10/models`` and
-``CIFAR10/main.py``): for each bit-width (2, 3, 4; ``--quick``: 2 only, at most 10 steps) both sides start from the
-authors' released checkpoint ``res20_{b}bit.pth.tar`` (ours through ``init_from`` and the registered converter) and
-take their own training steps in float64 on the same CIFAR-10 images. What is compared (including a forward/backward
-with every alpha_w negated), the authors' optimizer groups and the measured differences: docs/apot.md, section
-"Parity with the authors' code". Tolerance per row: 1e-9 absolute, times the tensor's largest magnitude where that
-exceeds 1 (float64 rounding is relative).
+``python -m qrepro.parity apot --reference <checkout>/``: for each bit-width (2, 3, 4; ``--quick``: 2 only, at most
+10 steps) both sides start from the authors' released checkpoint ``res20_{b}bit.pth.tar`` (ours through
+``init_from`` and the registered converter) and take their own training steps. What is compared (including a
+forward/backward with every alpha_w negated), the authors' optimizer groups and the measured differences:
+docs/apot.md, section "Parity with the authors' code". Tolerance per row: 1e-9, times the tensor's largest magnitude
+where that exceeds 1 (``relative_tol``: float64 rounding is relative).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -18,19 +18,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import transforms
 
 from qrepro.errors import QreproError
 from qrepro.parity import (
     SUITES,
     Report,
+    add_grouped,
     cifar_batches,
     largest_change,
     one_thread,
     our_inputs,
     our_run,
     reference_import,
+    relative_tol,
     running_stats,
+    same_names,
+    their_inputs,
 )
 
 RELEASE_ENV = "QREPRO_APOT_RELEASE"  # the folder of the authors' released res20_{2,3,4}bit.pth.tar
@@ -76,14 +79,10 @@ def _their_model(models: Any, bits: int, checkpoint: Path) -> nn.Module:
 
 
 def _their_optimizer(model: nn.Module, bits: int) -> torch.optim.Optimizer:
-    groups = []
-    for name, p in model.named_parameters():  # main.py's loop over model.module.named_parameters()
-        if "act_alpha" in name:
-            groups.append({"params": [p], **THEIR_ACT_ALPHA})
-        elif "wgt_alpha" in name:
-            groups.append({"params": [p], **THEIR_WGT_ALPHA})
-        else:
-            groups.append({"params": [p]})
+    def group(name: str) -> dict[str, float]:  # main.py's loop over model.module.named_parameters()
+        return THEIR_ACT_ALPHA if "act_alpha" in name else THEIR_WGT_ALPHA if "wgt_alpha" in name else {}
+
+    groups = [{"params": [p], **group(n)} for n, p in model.named_parameters()]
     return torch.optim.SGD(groups, lr=THEIR_LR[bits], momentum=THEIR_MOMENTUM, weight_decay=THEIR_WD[bits])
 
 
@@ -97,89 +96,33 @@ def _their_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     return loss.detach()
 
 
-def _their_pipeline() -> Any:
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=THEIR_MEAN, std=THEIR_STD)])
-
-
-def _their_inputs(tf: Any, x: torch.Tensor) -> torch.Tensor:
-    return torch.stack([tf(img.permute(1, 2, 0).numpy()) for img in x]).double()
-
-
-# ------------------------------------------------------------------------------------------------ qrepro
-def _our_run(bits: int, checkpoint: Path, overrides: list[str]) -> Any:
-    experiment = f"+experiment=apot_resnet20_cifar10_w{bits}a{bits}_script"
-    steps_per_epoch = math.ceil(50_000 / 128)  # sizes the schedule only (milestones at epochs 150/225)
-    return our_run([experiment, f"init_from={checkpoint}", "trainer.device=cpu", *overrides], steps_per_epoch)
-
-
 # -------------------------------------------------------------------------------------------- comparison
-def _grouped(named: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Split tensors into the rows a reader looks at: clipping thresholds, BN, the rest."""
-    out: dict[str, dict[str, torch.Tensor]] = {"alpha_w": {}, "alpha_a": {}, "bn": {}, "conv/fc": {}}
-    for k, v in named.items():
-        key = (
-            "alpha_w"
-            if k.endswith("wq.alpha")
-            else "alpha_a"
-            if k.endswith("aq.alpha")
-            else "bn"
-            if ".bn" in k or k.startswith("bn") or ".shortcut.1." in k
-            else "conv/fc"
-        )
-        out[key][k] = v
-    return {k: v for k, v in out.items() if v}
+KINDS = ("alpha_w", "alpha_a", "bn", "conv/fc")  # the rows a reader looks at: clipping thresholds, BN, the rest
 
 
-def _tol(ref: Any) -> float:
-    """1e-9 absolute, scaled by the tensor's largest magnitude where that exceeds 1 (float64 rounding is relative)."""
-    r = torch.as_tensor(ref).detach()
-    return TOL * max(1.0, float(r.abs().max())) if r.numel() else TOL
+def _kind(k: str) -> str:
+    if k.endswith(("wq.alpha", "aq.alpha")):
+        return "alpha_w" if k.endswith("wq.alpha") else "alpha_a"
+    return "bn" if ".bn" in k or k.startswith("bn") or ".shortcut.1." in k else "conv/fc"
 
 
 def _add(rep: Report, name: str, ours: Any, ref: Any) -> None:
-    rep.add(name, ours, ref, _tol(ref))
+    rep.add(name, ours, ref, relative_tol(ref, TOL))
 
 
-def _add_all(rep: Report, name: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
-    """One row for a dict of tensors: the worst item (a failing one first, else the largest difference / tolerance),
-    each item against its own tolerance."""
-    if set(ours) != set(ref):
-        raise QreproError(f"parity apot: {name}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
-    rows = []
-    for k in ref:
-        rows.append(rep.add(f"{name} (all {len(ref)}; worst {k})", ours[k], ref[k], _tol(ref[k])))
-        rep.rows.pop()
-    worst = max(rows, key=lambda r: (not r.ok, r.max_abs / r.tol))
-    worst.numel = sum(r.numel for r in rows)
-    rep.rows.append(worst)
-
-
-def _add_grouped(rep: Report, prefix: str, ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    if set(ours) != set(ref):
-        raise QreproError(f"parity apot: {prefix}: names differ: {sorted(set(ours) ^ set(ref))[:8]}")
-    g_ours, g_ref = _grouped(ours), _grouped(ref)
-    for kind in g_ref:
-        _add_all(rep, f"{prefix} {kind}", g_ours[kind], g_ref[kind])
+_add_grouped = functools.partial(add_grouped, kind=_kind, suite="apot", order=KINDS, tol=relative_tol)
 
 
 def _grads(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {k: p.grad for k, p in params.items()}
 
 
-def _params(model: nn.Module, rename: bool) -> dict[str, nn.Parameter]:
-    return {(their_name_to_ours(n) if rename else n): p for n, p in model.named_parameters()}
-
-
 def _per_param(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], what: str) -> dict[str, torch.Tensor]:
     """Per parameter name: the momentum buffer (``what='momentum'``) or the group's ``lr`` / ``weight_decay``."""
+    if what == "momentum":
+        return {n: opt.state[p]["momentum_buffer"] for n, p in params.items()}
     owner = {id(p): g for g in opt.param_groups for p in g["params"]}
-    out = {}
-    for n, p in params.items():
-        if what == "momentum":
-            out[n] = opt.state[p]["momentum_buffer"]
-        else:
-            out[n] = torch.tensor(float(owner[id(p)][what]))
-    return out
+    return {n: torch.tensor(float(owner[id(p)][what])) for n, p in params.items()}
 
 
 def compare_bits(
@@ -205,21 +148,24 @@ def compare_bits(
     )
 
     # qrepro and torchvision first: only the authors' modules are imported inside reference_import
-    run = _our_run(bits, checkpoint, overrides)
+    steps_per_epoch = math.ceil(50_000 / 128)  # sizes the schedule only (milestones at epochs 150/225)
+    experiment = f"+experiment=apot_resnet20_cifar10_w{bits}a{bits}_script"
+    run = our_run([experiment, f"init_from={checkpoint}", "trainer.device=cpu", *overrides], steps_per_epoch)
     ours = run.model
-    tf = _their_pipeline()
     with reference_import(Path(reference) / "CIFAR10") as imp:
         models = imp("models")
         theirs = _their_model(models, bits, checkpoint)
         t_opt = _their_optimizer(theirs, bits)
-        t_params, o_params = _params(theirs, True), _params(ours, False)
-        if set(t_params) != set(o_params):
-            raise QreproError(f"parity apot: parameter names differ: {sorted(set(t_params) ^ set(o_params))[:8]}")
+        t_params = {their_name_to_ours(n): p for n, p in theirs.named_parameters()}
+        o_params = dict(ours.named_parameters())
+        same_names("parity apot: parameter names differ", t_params, o_params)
+        o_params = {k: o_params[k] for k in t_params}  # in their order (the order of the rows' items)
         start = {k: v.detach().clone() for k, v in o_params.items()}
-        _add_all(rep, "checkpoint loaded: parameters", dict(start), {k: v.detach() for k, v in t_params.items()})
+        t_start = {k: v.detach() for k, v in t_params.items()}
+        rep.add_many("checkpoint loaded: parameters", start, t_start, relative_tol)
 
         x8, y = batches[0]
-        xt, xo = _their_inputs(tf, x8), our_inputs(run, x8)
+        xt, xo = their_inputs(x8, THEIR_MEAN, THEIR_STD), our_inputs(run, x8)
         _add(rep, "normalised input batch", xo, xt)
 
         # ---- every alpha_w negated on both sides (a learned alpha_w can cross 0), one forward/backward, then back
@@ -228,13 +174,9 @@ def compare_bits(
         t_state = {k: v.clone() for k, v in theirs.state_dict().items()}
         o_state = {k: v.clone() for k, v in ours.state_dict().items()}
         with torch.no_grad():
-            for k in o_params:
-                if k.endswith("wq.alpha"):
-                    o_params[k].neg_()
-                    t_params[k].neg_()
-        theirs.train()
-        ours.train()
-        neg_t, neg_o = theirs(xt), ours(xo)
+            for k in (k for k in o_params if k.endswith("wq.alpha")):
+                o_params[k].neg_(), t_params[k].neg_()
+        neg_t, neg_o = theirs.train()(xt), ours.train()(xo)
         _add(rep, "alpha_w < 0: train-mode forward output", neg_o, neg_t)
         nn.CrossEntropyLoss()(neg_t, y).backward()
         run.loss_fn(neg_o, y).backward()
@@ -260,7 +202,7 @@ def compare_bits(
         hooks = [m.register_forward_hook(keep(side)) for side, m in (("theirs", theirs), ("ours", ours))]
         for i in range(steps):
             x8, y = batches[i % len(batches)]
-            losses_t.append(_their_step(theirs, t_opt, _their_inputs(tf, x8), y))
+            losses_t.append(_their_step(theirs, t_opt, their_inputs(x8, THEIR_MEAN, THEIR_STD), y))
             losses_o.append(run.step(our_inputs(run, x8), y))
             if i == 0:
                 for h in hooks:
@@ -273,26 +215,17 @@ def compare_bits(
             for k, p in t_params.items():
                 if k.endswith("wq.alpha") and float(p.detach()) <= 0 and k not in crossed:
                     crossed[k] = i + 1
+        after = f"after {steps} steps:"
         _add(rep, f"loss of each of the {steps} steps", torch.stack(losses_o), torch.stack(losses_t))
-        _add_grouped(rep, f"after {steps} steps: param", dict(o_params), dict(t_params))
-        _add_grouped(
-            rep,
-            f"after {steps} steps: momentum",
-            _per_param(run.optimizer, o_params, "momentum"),
-            _per_param(t_opt, t_params, "momentum"),
-        )
-        _add_grouped(
-            rep, f"after {steps} steps: BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours)
-        )
+        _add_grouped(rep, f"{after} param", o_params, t_params)
+        o_v, t_v = _per_param(run.optimizer, o_params, "momentum"), _per_param(t_opt, t_params, "momentum")
+        _add_grouped(rep, f"{after} momentum", o_v, t_v)
+        _add_grouped(rep, f"{after} BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours))
         for what in ("lr", "weight_decay"):
-            _add_all(
-                rep,
-                f"after {steps} steps: {what}",
-                _per_param(run.optimizer, o_params, what),
-                _per_param(t_opt, t_params, what),
-            )
+            o_v, t_v = _per_param(run.optimizer, o_params, what), _per_param(t_opt, t_params, what)
+            rep.add_many(f"{after} {what}", o_v, t_v, relative_tol)
         for k in (k for k in t_params if k.endswith("wq.alpha")):  # per layer
-            _add(rep, f"after {steps} steps: alpha_w {k.removesuffix('.wq.alpha')}", o_params[k], t_params[k])
+            _add(rep, f"{after} alpha_w {k.removesuffix('.wq.alpha')}", o_params[k], t_params[k])
     moved = largest_change(o_params, start)
     rep.notes.append(f"largest parameter change over the {steps} steps: {moved:.3e} (the comparison is not vacuous)")
     if crossed:

@@ -1,11 +1,10 @@
 """EWGS parity: qrepro's ``ewgs`` CIFAR-10 ResNet-20 against the authors' own code (cvlab-yonsei/EWGS).
 
-``python -m qrepro.parity ewgs --reference <checkout>`` (the checkout holds ``CIFAR10/custom_models.py``,
-``custom_modules.py`` and ``utils.py``). For W1A1 and W2A2 (``--quick``: W1A1), in float64, their
+``python -m qrepro.parity ewgs --reference <checkout>``: for W1A1 and W2A2 (``--quick``: W1A1), their
 ``resnet20_quant`` trained as ``train_quant.py`` does (``update_grad_scales`` before epoch ``UPDATE_EVERY``) against
-``qrepro.api.build(["+experiment=ewgs_resnet20_cifar10_w1a1", "precision=w{b}a{b}", ...])`` stepped by ``Run.step``
-and ``Run.end_epoch``, from the same weights on the same CIFAR-10 images. What is compared, what is not and why, and
-the measured differences: docs/ewgs.md, section "Parity with the authors' code".
+the ``ewgs_resnet20_cifar10_w1a1`` experiment at ``precision=w{b}a{b}``, stepped by ``Run.step`` and
+``Run.end_epoch``. What is compared, what is not and why, and the measured differences: docs/ewgs.md, section
+"Parity with the authors' code".
 """
 
 from __future__ import annotations
@@ -21,18 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from qrepro.errors import QreproError
 from qrepro.parity import (
     SUITES,
     Report,
     add_grouped,
     cifar_batches,
+    copy_state,
     largest_change,
     one_thread,
     our_inputs,
     our_run,
     reference_import,
     require_files,
+    same_names,
     their_inputs,
 )
 
@@ -68,43 +68,17 @@ def their_name_to_ours(name: str) -> str:
 def _kind(name: str) -> str:
     if ".wq." in name or ".aq." in name:
         return "quantizer params"
-    if ".bn" in name or name.startswith("bn"):
-        return "bn"
-    return "conv/fc"
+    return "bn" if ".bn" in name or name.startswith("bn") else "conv/fc"
 
 
 _add_grouped = functools.partial(add_grouped, kind=_kind, suite="ewgs")
-
-
-def _their_inputs(x: torch.Tensor) -> torch.Tensor:
-    """train_quant.py's test-time pipeline on uint8 NCHW images: ToTensor + Normalize (float32), then float64."""
-    return their_inputs(x, THEIR_MEAN, THEIR_STD)
-
-
-def _our_run(bits: str, overrides: list[str], max_iter: int, steps_per_epoch: int) -> Any:
-    return our_run(
-        [
-            "+experiment=ewgs_resnet20_cifar10_w1a1",
-            f"precision={bits}",
-            "trainer.device=cpu",
-            f"trainer.epochs={EPOCHS}",
-            f"quantizer.update_every={UPDATE_EVERY}",
-            f"quantizer.hessian_max_iter={max_iter}",
-            "quantizer.seed=null",
-            "init_from=null",
-            *overrides,
-        ],
-        steps_per_epoch,
-    )
+# train_quant.py's test-time pipeline: ToTensor + Normalize (float32), then float64
+_their_inputs = functools.partial(their_inputs, mean=THEIR_MEAN, std=THEIR_STD)
 
 
 def _deltas(model: nn.Module, rename: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for n, b in model.named_buffers():
-        n2 = their_name_to_ours(n) if rename else n
-        if n2.endswith(".delta"):
-            out[n2] = b.detach().clone()
-    return out
+    named = {(their_name_to_ours(n) if rename else n): b for n, b in model.named_buffers()}
+    return {n: b.detach().clone() for n, b in named.items() if n.endswith(".delta")}
 
 
 def compare_cell(
@@ -114,8 +88,6 @@ def compare_cell(
     *,
     steps: int,
     overrides: list[str] | None = None,
-    tol: float = TOL,
-    seed: int = 0,
     max_iter: int = MAX_ITER,
     steps_per_epoch: int = STEPS_PER_EPOCH,
 ) -> Report:
@@ -128,11 +100,11 @@ def compare_cell(
         f"EWGS ResNet-20 CIFAR-10 {bits.upper()}, float64, batch {batch}, {steps} steps (cosine over {EPOCHS} "
         f"epochs of {spe} steps, Hessian δ before epoch {UPDATE_EVERY}){extra}"
     )
-    rep = Report(title, tol)
+    rep = Report(title, TOL)
     with reference_import(Path(reference) / "CIFAR10") as imp:
         cm, ut = imp("custom_models"), imp("utils")
         ut.trace = functools.partial(ut.trace, maxIter=max_iter)
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         args = SimpleNamespace(
             QWeightFlag=True,
             QActFlag=True,
@@ -146,18 +118,22 @@ def compare_cell(
         )
         theirs = cm.resnet20_quant(args).double()
 
-        run = _our_run(bits, overrides, max_iter, spe)
+        run = our_run(
+            [
+                "+experiment=ewgs_resnet20_cifar10_w1a1",
+                f"precision={bits}",
+                "trainer.device=cpu",
+                f"trainer.epochs={EPOCHS}",
+                f"quantizer.update_every={UPDATE_EVERY}",
+                f"quantizer.hessian_max_iter={max_iter}",
+                "quantizer.seed=null",
+                "init_from=null",
+                *overrides,
+            ],
+            spe,
+        )
         ours = run.model
-        t_sd = {their_name_to_ours(k): v for k, v in theirs.state_dict().items()}
-        o_sd = ours.state_dict()
-        quantizer_state = (".wq.", ".aq.")
-        copied = {k: t_sd[k] for k in o_sd if k in t_sd and not any(q in k for q in quantizer_state)}
-        missing = [k for k in o_sd if k not in copied and not any(q in k for q in quantizer_state)]
-        if missing:
-            raise QreproError(f"parity ewgs: qrepro tensors without a counterpart in the authors' model: {missing[:8]}")
-        with torch.no_grad():
-            for k, v in copied.items():
-                o_sd[k].copy_(v)
+        copy_state("ewgs", ours, theirs, their_name_to_ours, lambda k: ".wq." in k or ".aq." in k)
 
         # their optimizers: train_quant.py's parameter split
         model_params, quant_params = [], []
@@ -176,8 +152,7 @@ def compare_cell(
 
         t_params = {their_name_to_ours(n): p for n, p in theirs.named_parameters()}
         o_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-        if set(t_params) != set(o_params):
-            raise QreproError(f"parity ewgs: trainable parameters differ: {sorted(set(t_params) ^ set(o_params))[:8]}")
+        same_names("parity ewgs: trainable parameters differ", t_params, o_params)
 
         logits: list[torch.Tensor] = []
         handle = ours.register_forward_hook(lambda m, a, out: logits.append(out.detach()))
@@ -238,7 +213,7 @@ def compare_cell(
 
         rep.add(f"loss of each of the {steps} steps", torch.stack(losses_o), torch.stack(losses_t))
         _add_grouped(rep, f"step {steps}: grad", o_grads, t_grads)
-        _add_grouped(rep, f"after {steps} steps: param", dict(o_params), dict(t_params))
+        _add_grouped(rep, f"after {steps} steps: param", o_params, t_params)
         st_o = run.optimizer.state
         st_t = {**opt_m.state, **opt_q.state}
         for key in ("exp_avg", "exp_avg_sq"):

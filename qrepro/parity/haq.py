@@ -3,13 +3,12 @@
 HAQ quantizer against their ``QConv2d`` / ``QLinear`` (``linear_suite``).
 
 ``python -m qrepro.parity haq --reference <checkout>``: an FP CIFAR ResNet-20 on both sides, clustered by their
-``quantize_model`` (handed Deep Compression's linear centroid initialisation, computed here with numpy, as its
-``centroids_init``: their default k-means++ is random) and fine-tuned by their ``finetune.py`` step with its
-per-epoch cosine lr, against ``qrepro.api.build(["+experiment=dc_resnet50_imagenet_w2a32", "model=resnet20",
-"quantizer.centroid_grad=mean", "quantizer.init=linear", ...])`` stepped with ``Run.step``; float64, the same
-CIFAR-10 images, the same weights (copied in module order) and, for the fine-tuning, the same clustered state. What
-is compared, the stand-ins (``.cuda()``, ``.float()``, ``progress.bar``) and the measured differences: docs/haq.md,
-section "Parity with the authors' code".
+``quantize_model`` (handed Deep Compression's linear centroid initialisation as its ``centroids_init``: their
+default k-means++ is random) and fine-tuned by their ``finetune.py`` step with its per-epoch cosine lr, against the
+``dc_resnet50_imagenet_w2a32`` experiment on ``model=resnet20`` with ``quantizer.centroid_grad=mean`` and
+``quantizer.init=linear``; the same weights (copied in module order) and, for the fine-tuning, the same clustered
+state. What is compared, the stand-ins (``.cuda()``, ``.float()``, ``progress.bar``) and the measured differences:
+docs/haq.md, section "Parity with the authors' code".
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.models import build_model
-from qrepro.parity import SUITES, Report, cifar_batches, normalize, our_run, reference_import
+from qrepro.parity import SUITES, Report, cifar_batches, normalize, one_thread, our_run, reference_import
 from qrepro.quant.layers import quantized_layers
 
 BITS = 2
@@ -73,9 +72,14 @@ def linear_init(x: np.ndarray, n_clusters: int, random_state: Any = None) -> np.
     return np.linspace(x.min(), x.max(), n_clusters).reshape(-1, 1)
 
 
-def _copy_weights(theirs: nn.Module, ours: nn.Module) -> None:
-    """Their state in module order into ours (same architecture: shapes checked one by one)."""
-    a, b = theirs.state_dict(), ours.state_dict()
+def _fp_and_ours(experiment: str, epochs: int, overrides: list[str] | None, *settings: str) -> tuple[nn.Module, Any]:
+    """The FP ``MODEL`` their code quantizes and our run of ``experiment`` on ``MODEL`` holding its weights (copied
+    in module order: same architecture, shapes checked one by one)."""
+    torch.manual_seed(0)
+    fp = build_model(MODEL, num_classes=10).double().train()
+    base = [f"+experiment={experiment}", f"model={MODEL}", *settings, "trainer.device=cpu", f"trainer.epochs={epochs}"]
+    run = our_run([*base, "init_from=null", *(overrides or [])], STEPS_PER_EPOCH)
+    a, b = fp.state_dict(), run.model.state_dict()
     mine = [k for k in b if ".wq." not in k and ".aq." not in k]
     if len(a) != len(mine):
         raise QreproError(f"parity haq: {len(a)} tensors in their model, {len(mine)} in ours")
@@ -84,11 +88,35 @@ def _copy_weights(theirs: nn.Module, ours: nn.Module) -> None:
             if va.shape != b[kb].shape:
                 raise QreproError(f"parity haq: {ka} {tuple(va.shape)} vs {kb} {tuple(b[kb].shape)}")
             b[kb].copy_(va)
+    return fp, run
 
 
-def _their_lr(step: int) -> float:
-    epoch = step // STEPS_PER_EPOCH
-    return 0.5 * THEIR_LR * (1 + math.cos(math.pi * epoch / EPOCHS))
+def _their_lr(step: int, epochs: int) -> float:
+    """finetune.py's cosine lr, stepped once per epoch."""
+    return 0.5 * THEIR_LR * (1 + math.cos(math.pi * (step // STEPS_PER_EPOCH) / epochs))
+
+
+@contextlib.contextmanager
+def _isolated() -> Any:
+    """One torch thread, and ``sys.path`` restored afterwards (their models/mobilenet.py inserts a path of its own)."""
+    path0 = list(sys.path)
+    try:
+        with one_thread():
+            yield
+    finally:
+        sys.path[:] = path0
+
+
+def _cluster_mean(values: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Per cluster: the mean of ``values`` over its members (0 where a cluster is empty)."""
+    lab = labels.reshape(-1)
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, lab, values.reshape(-1))
+    return total / torch.bincount(lab, minlength=n).clamp_min(1)
+
+
+def _ix(values: Any) -> dict[str, Any]:
+    """Items keyed by their position (layers of the two sides are matched by order)."""
+    return {str(k): v for k, v in enumerate(values)}
 
 
 def suite(
@@ -104,148 +132,87 @@ def suite(
     if not (root / "lib" / "utils" / "quantize_utils.py").is_file():
         raise QreproError(f"--reference {root} has no lib/utils/quantize_utils.py; pass a checkout of mit-han-lab/haq")
     batches = cifar_batches(data, steps + 1, batch, seed=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    path0 = list(sys.path)
-    try:
-        with reference_import(root, _stubs()) as imp, _cpu_float64():
-            qu = imp("lib.utils.quantize_utils")
+    with _isolated(), reference_import(root, _stubs()) as imp, _cpu_float64():
+        qu = imp("lib.utils.quantize_utils")
 
-            torch.manual_seed(0)
-            theirs = build_model(MODEL, num_classes=10).double().train()
-            run = our_run(
-                [
-                    "+experiment=dc_resnet50_imagenet_w2a32",
-                    f"model={MODEL}",
-                    "trainer.device=cpu",
-                    f"trainer.epochs={EPOCHS}",
-                    "quantizer.centroid_grad=mean",  # HAQ's code: the cluster mean after each step
-                    "quantizer.init=linear",  # the initialisation the suite hands to their k-means
-                    "init_from=null",
-                    *(overrides or []),
-                ],
-                STEPS_PER_EPOCH,
-            )
-            _copy_weights(theirs, run.model)
-            rep = Report(f"HAQ k-means (Deep Compression) {MODEL} W{BITS}, {steps} steps, batch {batch}", TOL)
-            idx = [i for i, m in enumerate(theirs.modules()) if type(m) in (nn.Conv2d, nn.Linear)]
-            cl = qu.quantize_model(
-                theirs, idx, [BITS] * len(idx), max_iter=50, mode="cpu", quantize_bias=False, centroids_init=linear_init
-            )
-            opt = torch.optim.SGD(theirs.parameters(), lr=THEIR_LR, momentum=THEIR_MOMENTUM, weight_decay=THEIR_WD)
-            layers = [layer for _, layer in quantized_layers(run.model)]
-            if len(layers) != len(idx):
-                raise QreproError(f"parity haq: {len(idx)} layers clustered by theirs, {len(layers)} by ours")
-            their_layers = [m for i, m in enumerate(theirs.modules()) if i in set(idx)]
-            ce = nn.CrossEntropyLoss()
-            x0, y0 = batches[0]
-            xin = normalize(x0, MEAN, STD)
-            # step 0: our k-means runs in the first step's start hook; compare before stepping
-            run.start(xin, y0)
-            rep.add_many(
-                "k-means centroids",
-                {f"{k}": layers[k].wq.centroids for k in range(len(idx))},
-                {f"{k}": cl[i][0][0].view(-1) for k, i in enumerate(idx)},
-            )
-            rep.add_many(
-                "k-means labels",
-                {f"{k}": layers[k].wq.labels.double() for k in range(len(idx))},
-                {f"{k}": cl[i][0][1].double() for k, i in enumerate(idx)},
-                tol=0.0,
-            )
-            rep.add_many(
-                "clustered weights",
-                {f"{k}": layers[k].effective_weight() for k in range(len(idx))},
-                {f"{k}": their_layers[k].weight for k in range(len(idx))},
-            )
-            with torch.no_grad():  # the training comparison starts from the same clustered state
-                for k, i in enumerate(idx):
-                    layers[k].wq.centroids[: cl[i][0][0].numel()] = cl[i][0][0].view(-1)
-            losses_ours, losses_theirs = [], []
-            w0 = [layer.effective_weight().detach().clone() for layer in layers]
-            for s in range(steps):
-                x, y = batches[s]
-                xin = normalize(x, MEAN, STD)
-                for g in opt.param_groups:
-                    g["lr"] = _their_lr(s)
-                out_t = theirs(xin)
-                loss_t = ce(out_t, y)
-                opt.zero_grad()
-                loss_t.backward()
-                if s == 0:
-                    first_grads = {n: p.grad.clone() for n, p in theirs.named_parameters()}
-                opt.step()
-                qu.kmeans_update_model(theirs, idx, cl, free_high_bit=True)
-                losses_theirs.append(float(loss_t.detach()))
-                losses_ours.append(float(run.step(xin, y)))
-                if s == 0:
-                    mean_grads = {}
-                    for k, tl in enumerate(their_layers):
-                        lab = layers[k].wq.labels
-                        gsum = torch.zeros_like(layers[k].wq.centroids).index_add_(
-                            0, lab.reshape(-1), first_grads[_pname(theirs, tl)].reshape(-1)
-                        )
-                        cnt = torch.bincount(lab.reshape(-1), minlength=gsum.numel()).clamp_min(1)
-                        mean_grads[f"{k}"] = gsum / cnt
-                    rep.add_many(
-                        "1st step: centroid grad vs mean of member grads",
-                        {f"{k}": layers[k].wq.centroids.grad for k in range(len(idx))},
-                        mean_grads,
-                    )
-                    wnames = {_pname(theirs, tl) for tl in their_layers}
-                    bn_t = {n: g for n, g in first_grads.items() if n not in wnames}
-                    ours_named = [
-                        (n, p) for n, p in run.model.named_parameters() if ".wq." not in n and p.grad is not None
-                    ]
-                    rep.add_many(
-                        "1st step: grad of BN params and classifier bias",
-                        {n: p.grad for n, p in ours_named},
-                        dict(zip([n for n, _ in ours_named], bn_t.values())),
-                    )
-            rep.add("loss of each step", losses_ours, losses_theirs)
-            rep.add_many(
-                f"after {steps} steps: effective weights",
-                {f"{k}": layers[k].effective_weight() for k in range(len(idx))},
-                {f"{k}": their_layers[k].weight for k in range(len(idx))},
-            )
-            ours_other = [t for n, t in run.model.state_dict().items() if ".wq." not in n and not _is_qweight(n, run)]
-            theirs_other = [t for n, t in theirs.state_dict().items() if not _is_weight_of(n, theirs, their_layers)]
-            rep.add_many(
-                f"after {steps} steps: BN params/statistics, classifier bias",
-                {f"{k}": v for k, v in enumerate(ours_other)},
-                {f"{k}": v for k, v in enumerate(theirs_other)},
-            )
-            mom_ours, mom_theirs = {}, {}
-            for k, tl in enumerate(their_layers):
-                buf = opt.state[tl.weight]["momentum_buffer"]
-                lab = layers[k].wq.labels
-                gsum = torch.zeros_like(layers[k].wq.centroids).index_add_(0, lab.reshape(-1), buf.reshape(-1))
-                cnt = torch.bincount(lab.reshape(-1), minlength=gsum.numel()).clamp_min(1)
-                present = torch.bincount(lab.reshape(-1), minlength=gsum.numel()) > 0
-                mom_theirs[f"{k}"] = (gsum / cnt)[present]
-                mom_ours[f"{k}"] = run.optimizer.state[layers[k].wq.centroids]["momentum_buffer"][present]
-            rep.add_many(f"after {steps} steps: centroid momentum vs mean weight momentum", mom_ours, mom_theirs)
-            moved = max(float((layers[k].effective_weight().detach() - w0[k]).abs().max()) for k in range(len(idx)))
-            rep.notes.append(f"largest change of a shared weight over the steps: {moved:.3e}")
-    finally:
-        sys.path[:] = path0  # their models/mobilenet.py inserts a path of its own
-        torch.set_num_threads(threads)
+        theirs, run = _fp_and_ours(
+            "dc_resnet50_imagenet_w2a32",
+            EPOCHS,
+            overrides,
+            "quantizer.centroid_grad=mean",  # HAQ's code: the cluster mean after each step
+            "quantizer.init=linear",  # the initialisation the suite hands to their k-means
+        )
+        rep = Report(f"HAQ k-means (Deep Compression) {MODEL} W{BITS}, {steps} steps, batch {batch}", TOL)
+        found = [(i, n, m) for i, (n, m) in enumerate(theirs.named_modules()) if type(m) in (nn.Conv2d, nn.Linear)]
+        idx = [i for i, _, _ in found]
+        cl = qu.quantize_model(
+            theirs, idx, [BITS] * len(idx), max_iter=50, mode="cpu", quantize_bias=False, centroids_init=linear_init
+        )
+        opt = torch.optim.SGD(theirs.parameters(), lr=THEIR_LR, momentum=THEIR_MOMENTUM, weight_decay=THEIR_WD)
+        layers = [layer for _, layer in quantized_layers(run.model)]
+        if len(layers) != len(idx):
+            raise QreproError(f"parity haq: {len(idx)} layers clustered by theirs, {len(layers)} by ours")
+        their_layers = [m for _, _, m in found]
+        weight_names = [f"{n}.weight" for _, n, _ in found]
+        centroids_t = [cl[i][0][0].view(-1) for i in idx]
+        ce = nn.CrossEntropyLoss()
+        x0, y0 = batches[0]
+        xin = normalize(x0, MEAN, STD)
+        # step 0: our k-means runs in the first step's start hook; compare before stepping
+        run.start(xin, y0)
+        rep.add_many("k-means centroids", _ix(q.wq.centroids for q in layers), _ix(centroids_t))
+        labels_t = _ix(cl[i][0][1].double() for i in idx)
+        rep.add_many("k-means labels", _ix(q.wq.labels.double() for q in layers), labels_t, tol=0.0)
+        effective = _ix(q.effective_weight() for q in layers)
+        rep.add_many("clustered weights", effective, _ix(t.weight for t in their_layers))
+        with torch.no_grad():  # the training comparison starts from the same clustered state
+            for q, c in zip(layers, centroids_t):
+                q.wq.centroids[: c.numel()] = c
+        losses_ours, losses_theirs = [], []
+        w0 = [q.effective_weight().detach().clone() for q in layers]
+        for s in range(steps):
+            x, y = batches[s]
+            xin = normalize(x, MEAN, STD)
+            for g in opt.param_groups:
+                g["lr"] = _their_lr(s, EPOCHS)
+            loss_t = ce(theirs(xin), y)
+            opt.zero_grad()
+            loss_t.backward()
+            if s == 0:
+                first_grads = {n: p.grad.clone() for n, p in theirs.named_parameters()}
+            opt.step()
+            qu.kmeans_update_model(theirs, idx, cl, free_high_bit=True)
+            losses_theirs.append(float(loss_t.detach()))
+            losses_ours.append(float(run.step(xin, y)))
+            if s == 0:
+                rep.add_many(
+                    "1st step: centroid grad vs mean of member grads",
+                    _ix(q.wq.centroids.grad for q in layers),
+                    _ix(
+                        _cluster_mean(first_grads[w], q.wq.labels, q.wq.centroids.numel())
+                        for w, q in zip(weight_names, layers)
+                    ),
+                )
+                bn_t = [g for n, g in first_grads.items() if n not in weight_names]
+                o_grads = {n: p.grad for n, p in run.model.named_parameters() if ".wq." not in n and p.grad is not None}
+                rep.add_many("1st step: grad of BN params and classifier bias", o_grads, dict(zip(o_grads, bn_t)))
+        rep.add("loss of each step", losses_ours, losses_theirs)
+        effective = _ix(q.effective_weight() for q in layers)
+        rep.add_many(f"after {steps} steps: effective weights", effective, _ix(t.weight for t in their_layers))
+        q_weights = {f"{n}.weight" for n, _ in quantized_layers(run.model)}
+        ours_other = [t for n, t in run.model.state_dict().items() if ".wq." not in n and n not in q_weights]
+        theirs_other = [t for n, t in theirs.state_dict().items() if n not in weight_names]
+        rep.add_many(f"after {steps} steps: BN params/statistics, classifier bias", _ix(ours_other), _ix(theirs_other))
+        mom_ours, mom_theirs = {}, {}
+        for k, (q, t) in enumerate(zip(layers, their_layers)):
+            n = q.wq.centroids.numel()
+            present = torch.bincount(q.wq.labels.reshape(-1), minlength=n) > 0
+            mom_theirs[f"{k}"] = _cluster_mean(opt.state[t.weight]["momentum_buffer"], q.wq.labels, n)[present]
+            mom_ours[f"{k}"] = run.optimizer.state[q.wq.centroids]["momentum_buffer"][present]
+        rep.add_many(f"after {steps} steps: centroid momentum vs mean weight momentum", mom_ours, mom_theirs)
+        moved = max(float((q.effective_weight().detach() - w).abs().max()) for q, w in zip(layers, w0))
+        rep.notes.append(f"largest change of a shared weight over the steps: {moved:.3e}")
     return [rep]
-
-
-def _pname(model: nn.Module, layer: nn.Module) -> str:
-    for n, p in model.named_parameters():
-        if p is layer.weight:
-            return n
-    raise KeyError("layer weight not found")
-
-
-def _is_weight_of(name: str, model: nn.Module, layers: list[nn.Module]) -> bool:
-    return name in {_pname(model, layer) for layer in layers}
-
-
-def _is_qweight(name: str, run: Any) -> bool:
-    return name in {f"{n}.weight" for n, _ in quantized_layers(run.model)}
 
 
 # --------------------------------------------------------------------------------------------- linear
@@ -285,21 +252,9 @@ def linear_suite(
     batches = cifar_batches(data, steps + 1, batch, seed=1)
     with reference_import(root, _stubs()) as imp:
         qu = imp("lib.utils.quantize_utils")
-        torch.manual_seed(0)
-        fp = build_model(MODEL, num_classes=10).double().train()
-        run = our_run(
-            [
-                "+experiment=haq_mobilenet_v1_imagenet_w8a8",
-                f"model={MODEL}",
-                f"precision=w{LINEAR_BITS}a{LINEAR_BITS}",
-                "trainer.device=cpu",
-                f"trainer.epochs={LINEAR_EPOCHS}",
-                "init_from=null",
-                *(overrides or []),
-            ],
-            STEPS_PER_EPOCH,
+        fp, run = _fp_and_ours(
+            "haq_mobilenet_v1_imagenet_w8a8", LINEAR_EPOCHS, overrides, f"precision=w{LINEAR_BITS}a{LINEAR_BITS}"
         )
-        _copy_weights(fp, run.model)
         theirs, their_layers = _their_linear_model(qu, fp)
         ours = [layer for _, layer in quantized_layers(run.model)]
         if len(ours) != len(their_layers):
@@ -312,9 +267,9 @@ def linear_suite(
         x0, y0 = batches[0]
         xin = normalize(x0, MEAN, STD)
         # their calibrate(): every QModule in calibration mode, one forward of the first batch (train mode)
-        for m in theirs.modules():
-            if isinstance(m, qu.QModule):
-                m.set_calibrate(True)
+        qmodules = [m for m in theirs.modules() if isinstance(m, qu.QModule)]
+        for m in qmodules:
+            m.set_calibrate(True)
         dtype0 = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)  # their calibrate stores the range as torch.tensor([float]): float64
         try:
@@ -322,21 +277,16 @@ def linear_suite(
                 theirs(xin)
         finally:
             torch.set_default_dtype(dtype0)
-        for m in theirs.modules():
-            if isinstance(m, qu.QModule):
-                m.set_calibrate(False)
+        for m in qmodules:
+            m.set_calibrate(False)
         run.start(xin, y0)
         rep.add_many(
-            "calibrated weight ranges t",
-            {f"{k}": q.wq.threshold for k, q in enumerate(ours)},
-            {f"{k}": t.weight_range for k, t in enumerate(their_layers)},
+            "calibrated weight ranges t", _ix(q.wq.threshold for q in ours), _ix(t.weight_range for t in their_layers)
         )
         act = [k for k, t in enumerate(their_layers) if t.a_bit > 0]
-        rep.add_many(
-            "calibrated activation ranges a",
-            {f"{k}": ours[k].aq.alpha for k in act},
-            {f"{k}": their_layers[k].activation_range for k in act},
-        )
+        o_act = {f"{k}": ours[k].aq.alpha for k in act}  # the same tensors, trained in place, throughout
+        t_act = {f"{k}": their_layers[k].activation_range for k in act}
+        rep.add_many("calibrated activation ranges a", o_act, t_act)
         opt = torch.optim.SGD(theirs.parameters(), lr=THEIR_LR, momentum=THEIR_MOMENTUM, weight_decay=LINEAR_WD)
         ce = nn.CrossEntropyLoss()
         losses_ours, losses_theirs = [], []
@@ -345,42 +295,26 @@ def linear_suite(
             x, y = batches[s + 1]
             xin = normalize(x, MEAN, STD)
             for g in opt.param_groups:
-                g["lr"] = 0.5 * THEIR_LR * (1 + math.cos(math.pi * (s // STEPS_PER_EPOCH) / LINEAR_EPOCHS))
-            out = theirs(xin)
-            loss = ce(out, y)
+                g["lr"] = _their_lr(s, LINEAR_EPOCHS)
+            loss = ce(theirs(xin), y)
             opt.zero_grad()
             loss.backward()
-            if s == 0:
-                their_grads = [(t.weight.grad.clone(), t.activation_range.grad) for t in their_layers]
             opt.step()
             losses_theirs.append(float(loss.detach()))
             losses_ours.append(float(run.step(xin, y)))
             if s == 0:
                 rep.add_many(
-                    "1st step: weight grads",
-                    {f"{k}": q.weight.grad for k, q in enumerate(ours)},
-                    {f"{k}": g[0] for k, g in enumerate(their_grads)},
+                    "1st step: weight grads", _ix(q.weight.grad for q in ours), _ix(t.weight.grad for t in their_layers)
                 )
-                rep.add_many(
-                    "1st step: activation range grads",
-                    {f"{k}": ours[k].aq.alpha.grad for k in act},
-                    {f"{k}": their_grads[k][1].clone() for k in act},
-                )
+                o_g, t_g = ({k: a.grad for k, a in d.items()} for d in (o_act, t_act))
+                rep.add_many("1st step: activation range grads", o_g, t_g)
         rep.add("loss of each step", losses_ours, losses_theirs)
-        rep.add_many(
-            f"after {steps} steps: weights",
-            {f"{k}": q.weight for k, q in enumerate(ours)},
-            {f"{k}": t.weight for k, t in enumerate(their_layers)},
-        )
-        rep.add_many(
-            f"after {steps} steps: activation ranges",
-            {f"{k}": ours[k].aq.alpha for k in act},
-            {f"{k}": their_layers[k].activation_range for k in act},
-        )
+        rep.add_many(f"after {steps} steps: weights", _ix(q.weight for q in ours), _ix(t.weight for t in their_layers))
+        rep.add_many(f"after {steps} steps: activation ranges", o_act, t_act)
         rep.add_many(
             f"after {steps} steps: quantized weights",
-            {f"{k}": q.effective_weight() for k, q in enumerate(ours)},
-            {f"{k}": t._quantize_weight(t.weight) for k, t in enumerate(their_layers)},
+            _ix(q.effective_weight() for q in ours),
+            _ix(t._quantize_weight(t.weight) for t in their_layers),
         )
         bn_ours = {n: v for n, v in run.model.state_dict().items() if ".bn" in n or n.startswith("bn")}
         bn_theirs = {n: v for n, v in theirs.state_dict().items() if ".bn" in n or n.startswith("bn")}
@@ -395,14 +329,8 @@ def haq_suite(reference: Path | str, *, steps: int = 20, data: Path | str | None
               ) -> list[Report]:  # fmt: skip
     """Both comparisons: k-means (Deep Compression / HAQ model-size policies) and the linear quantizer."""
     reports = suite(reference, steps=steps, data=data, batch=batch, overrides=overrides)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    path0 = list(sys.path)
-    try:
+    with _isolated():
         reports.append(linear_suite(reference, steps=steps, data=data, batch=batch, overrides=linear_overrides))
-    finally:
-        sys.path[:] = path0
-        torch.set_num_threads(threads)
     return reports
 
 

@@ -2,9 +2,9 @@
 (qualcomm-ai-research/oscillations-qat).
 
 ``python -m qrepro.parity nagel --reference <checkout>``: qrepro's ``nagel_{damp,freeze}_mobilenet_v2_imagenet_w3a3``
-recipe on a CIFAR-10 ResNet-20 (``qrepro.api.build``, ``Run.step``) against a deep copy of the same network whose
-quantizers are the authors' objects (their quantizer, range estimator, oscillation tracker, dampening loss and
-schedules), float64, the same CIFAR-10 images. What is compared, the float32 tolerances and the two import shims
+recipe on a CIFAR-10 ResNet-20 against a deep copy of the same network whose quantizers are the authors' objects
+(their quantizer, range estimator, oscillation tracker, dampening loss and schedules). What is compared, the
+float32 tolerances and the two import shims
 (their ``enum.Flag`` options rebuilt on ``enum.Enum``, timm's old activation module names): docs/nagel.md, section
 "Parity with the authors' code".
 """
@@ -33,6 +33,7 @@ from qrepro.parity import (
     our_run,
     reference_import,
     require_files,
+    same_names,
 )
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods.nagel import NagelQuantizer, NagelSchedule, tracked
@@ -170,51 +171,39 @@ def compare_cell(
             theirs(xo0)
         run.start(xo0, y0)
         theirs.double()
-        init_t = {f"{n}.wq.scale": q.q.scale for n, q in wq_t.items()} | {
-            f"{n}.aq.scale": q.q.scale for n, q in aq_t.items()
-        }
-        init_o = {k: ours.get_submodule(k.rsplit(".", 1)[0]).scale for k in init_t}
+        their_q = {f"{n}.wq.scale": q.q for n, q in wq_t.items()} | {f"{n}.aq.scale": q.q for n, q in aq_t.items()}
+        our_q = {k: ours.get_submodule(k.removesuffix(".scale")) for k in their_q}
+        init_t = {k: q.scale for k, q in their_q.items()}
+        init_o = {k: q.scale for k, q in our_q.items()}
         rep.add_many("initial scales (MSE grid; theirs rounded to float32)", init_o, init_t, tol=INIT_TOL)
-        signed_o = {k: float(ours.get_submodule(k.rsplit(".", 1)[0]).n < 0) for k in init_t}
-        their_q = {f"{n}.wq.scale": q for n, q in wq_t.items()} | {f"{n}.aq.scale": q for n, q in aq_t.items()}
-        signed_t = {k: float(their_q[k].q.signed) for k in init_t}
+        signed_o = {k: float(q.n < 0) for k, q in our_q.items()}
+        signed_t = {k: float(q.signed) for k, q in their_q.items()}
         rep.add_many("grid signed (weights) / unsigned (post-ReLU inputs)", signed_o, signed_t)
         with torch.no_grad():  # start from the same scales
             for k, v in init_t.items():
-                ours.get_submodule(k.rsplit(".", 1)[0]).scale.copy_(v.reshape(()))
+                our_q[k].scale.copy_(v.reshape(()))
             for layer, wq in tracked(ours):  # tracking starts from the integers of these scales
                 wq.reset_tracking(wq.integers(layer.weight.detach()))
+
+        def decay(start: float, final: float, anneal_start: float) -> Any:
+            return uu.CosineTempDecay(t_max=total, temp_range=(start, final), rel_decay_start=anneal_start)
 
         trackers = {}
         if kind == "freeze":
             for n, q in wq_t.items():
                 if q.q.n_bits <= cfg.freeze_max_bits:
-                    w = ot.TrackOscillation(
+                    trackers[n] = q.q.to_integer_forward = ot.TrackOscillation(
                         int_fwd=q.q.to_integer_forward,
                         momentum=cfg.freeze_momentum,
                         freeze_threshold=cfg.freeze_threshold,
                         use_ema_x_int=cfg.freeze_use_ema,
                     )
-                    q.q.to_integer_forward = w
-                    trackers[n] = w
-            upd_freeze = qu.UpdateFreezingThreshold(
-                trackers,
-                uu.CosineTempDecay(
-                    t_max=total,
-                    temp_range=(cfg.freeze_threshold, cfg.freeze_threshold_final),
-                    rel_decay_start=cfg.freeze_anneal_start,
-                ),
-            )
+            thresholds = decay(cfg.freeze_threshold, cfg.freeze_threshold_final, cfg.freeze_anneal_start)
+            update = qu.UpdateFreezingThreshold(trackers, thresholds)
         else:
             damp_w = SimpleNamespace(weighting=cfg.damp_weight)
-            upd_damp = qu.UpdateDampeningLossWeighting(
-                damp_w,
-                uu.CosineTempDecay(
-                    t_max=total,
-                    temp_range=(cfg.damp_weight, cfg.damp_weight_final),
-                    rel_decay_start=cfg.damp_anneal_start,
-                ),
-            )
+            weights = decay(cfg.damp_weight, cfg.damp_weight_final, cfg.damp_anneal_start)
+            update = qu.UpdateDampeningLossWeighting(damp_w, weights)
 
         quant_params = [q.q._delta for q in (*wq_t.values(), *aq_t.values())]
         qids = {id(p) for p in quant_params}
@@ -229,13 +218,11 @@ def compare_cell(
         for i in range(steps):
             x8, y = batches[i % len(batches)]
             xo = our_inputs(run, x8)
-            engine = SimpleNamespace(state=SimpleNamespace(iteration=i + 1))
+            update(SimpleNamespace(state=SimpleNamespace(iteration=i + 1)))  # their engine's iteration count
             if kind == "freeze":
-                upd_freeze(engine)
                 sched_t.append(next(iter(trackers.values())).freeze_threshold)
                 sched_o.append(sched.threshold)
             else:
-                upd_damp(engine)
                 sched_t.append(damp_w.weighting)
                 sched_o.append(float(run.method.regularizer.weight))
             opt_m.zero_grad()
@@ -257,26 +244,19 @@ def compare_cell(
         what = "freezing threshold" if kind == "freeze" else "dampening weight λ"
         rep.add(f"{what} of each step", torch.tensor(sched_o, dtype=torch.float64), torch.tensor(sched_t))
 
-        names_t = {id(p): n for n, p in theirs.named_parameters()}
-        p_t = {}
-        for n, p in theirs.named_parameters():
-            key = n.replace(".wq.q._delta", ".wq.scale").replace(".aq.q._delta", ".aq.scale")
-            p_t[key] = p
+        p_t = {n.replace(".q._delta", ".scale"): p for n, p in theirs.named_parameters()}
         p_o = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-        if set(p_t) != set(p_o):
-            raise QreproError(f"parity nagel: parameters differ: {sorted(set(p_t) ^ set(p_o))[:8]}")
+        same_names("parity nagel: parameters differ", p_t, p_o)
         net = [k for k in p_o if not k.endswith(".scale")]
-        rep.add_many(f"after {steps} steps: network param", {k: p_o[k] for k in net}, {k: p_t[k] for k in net})
         sc = [k for k in p_o if k.endswith(".scale")]
-        rep.add_many(f"after {steps} steps: scale", {k: p_o[k] for k in sc}, {k: p_t[k] for k in sc})
-        st_o = run.optimizer.state
+        after, st_o = f"after {steps} steps:", run.optimizer.state
+        rep.add_many(f"{after} network param", {k: p_o[k] for k in net}, {k: p_t[k] for k in net})
+        rep.add_many(f"{after} scale", {k: p_o[k] for k in sc}, {k: p_t[k] for k in sc})
         mom_o = {k: st_o[p_o[k]]["momentum_buffer"] for k in net}
-        mom_t = {names_t[id(p)]: opt_m.state[p]["momentum_buffer"] for p in model_params}
-        rep.add_many(f"after {steps} steps: SGD momentum", mom_o, {k: mom_t[k] for k in net})
+        rep.add_many(f"{after} SGD momentum", mom_o, {k: opt_m.state[p_t[k]]["momentum_buffer"] for k in net})
         for key in ("exp_avg", "exp_avg_sq"):
             a_o = {k: st_o[p_o[k]][key] for k in sc}
-            a_t = {k: opt_q.state[p_t[k]][key] for k in sc}
-            rep.add_many(f"after {steps} steps: Adam {key} (scales)", a_o, a_t)
+            rep.add_many(f"{after} Adam {key} (scales)", a_o, {k: opt_q.state[p_t[k]][key] for k in sc})
         if kind == "freeze":
             with torch.no_grad():  # their tracker runs in the forward: once more on the final weights
                 for n in trackers:
@@ -298,18 +278,12 @@ def compare_cell(
                 v = getattr(t, attr)  # None until their threshold first exceeds 0
                 return torch.zeros_like(like, dtype=torch.float64) if v is None else v.double()
 
-            rep.add_many(
-                "frozen mask",
-                {n: q.frozen_next.double() for n, q in tr_o.items()},
-                {n: theirs_or_zeros(t, "frozen", tr_o[n].frozen) for n, t in trackers.items()},
-            )
+            frozen_t = {n: theirs_or_zeros(t, "frozen", tr_o[n].frozen) for n, t in trackers.items()}
+            rep.add_many("frozen mask", {n: q.frozen_next.double() for n, q in tr_o.items()}, frozen_t)
             rep.add_many(
                 "frozen integers (where frozen)",
                 {n: q.frozen_int_next * q.frozen_next for n, q in tr_o.items()},
-                {
-                    n: theirs_or_zeros(t, "frozen_x_int", tr_o[n].frozen) * theirs_or_zeros(t, "frozen", tr_o[n].frozen)
-                    for n, t in trackers.items()
-                },
+                {n: theirs_or_zeros(t, "frozen_x_int", tr_o[n].frozen) * frozen_t[n] for n, t in trackers.items()},
             )
             if all(t.ema_x_int is not None for t in trackers.values()):
                 rep.add_many(

@@ -1,18 +1,15 @@
 """ReActNet-18 parity: qrepro's ``reactnet18`` + ``quantizer=reactnet`` against the authors' own code
 (liuzechun/ReActNet, ``resnet/``).
 
-``python -m qrepro.parity reactnet --reference <checkout>`` (the checkout holds ``resnet/1_step1/birealnet.py``,
-``resnet/2_step2/birealnet.py`` and ``utils/KD_loss.py``). Step 2 (binary weights and activations; ``--quick``) and
-step 1 (binary activations, real weights), in float64: their ``birealnet18`` trained as their ``train.py`` trains
-it (``DistributionLoss`` against a teacher, their Adam groups, their first-epoch lr) against
-``qrepro.api.build(["+experiment=reactnet18_cifar10_{w1a1_adam|fp}", ...])`` stepped with ``Run.step``, from the same
-weights on the same CIFAR-10 images. The teacher, the initialisation, what is compared and the measured
+``python -m qrepro.parity reactnet --reference <checkout>``: step 2 (binary weights and activations; ``--quick``) and
+step 1 (binary activations, real weights): their ``birealnet18`` trained as their ``train.py`` trains it
+(``DistributionLoss`` against a teacher, their Adam groups, their first-epoch lr) against the
+``reactnet18_cifar10_{w1a1_adam|fp}`` experiment. The teacher, the initialisation, what is compared and the measured
 differences: docs/reactnet.md, section "Parity with the authors' code". Their code is run as published.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,14 +30,6 @@ DEFAULT_BATCH = 8
 TOL = 1e-9
 THEIR_LR, THEIR_EPOCHS = 2.5e-3, 128  # run.sh (128-epoch setting)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # their train.py Normalize
-
-
-def _load_file(path: Path) -> Any:
-    """A module of the authors' code loaded from its file (their ``utils`` folder is no package)."""
-    spec = importlib.util.spec_from_file_location(f"_reactnet_reference_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _their_optimizer(model: nn.Module, weight_decay: float) -> torch.optim.Optimizer:
@@ -68,8 +57,6 @@ def compare_step(
     *,
     steps: int,
     overrides: list[str] | None = None,
-    tol: float = TOL,
-    seed: int = 0,
 ) -> Report:
     """One ReActNet step (``step2``: W1A1, ``step1``: W32A1) over ``steps`` optimizer steps on both sides."""
     folder, cell = STEPS[step]
@@ -77,17 +64,21 @@ def compare_step(
     batch = len(batches[0][1])
     extra = f", qrepro overrides {' '.join(overrides)}" if overrides else ""
     what = "W1A1 (step 2)" if step == "step2" else "W32A1 (step 1)"
-    rep = Report(f"ReActNet-18 {what}, float64, batch {batch}, {steps} Adam steps, distillation loss{extra}", tol)
+    rep = Report(f"ReActNet-18 {what}, float64, batch {batch}, {steps} Adam steps, distillation loss{extra}", TOL)
     lr = THEIR_LR * (1.0 - 1.0 / THEIR_EPOCHS)  # LambdaLR stepped before the first epoch
-    with reference_import(Path(reference) / folder) as imp, tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(seed)
+    with (
+        reference_import(Path(reference) / folder) as imp,
+        reference_import(Path(reference) / "utils") as imp_utils,  # a folder of modules, no package
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        torch.manual_seed(0)
         theirs = imp("birealnet").birealnet18(num_classes=10).double()
-        _init_like_a_trained_step(theirs, seed)
+        _init_like_a_trained_step(theirs, 0)
         teacher = tv_resnet18(weights=None, num_classes=10).double().eval()
         for p in teacher.parameters():
             p.requires_grad = False
         torch.save(teacher.state_dict(), Path(tmp) / "teacher.pt")
-        kd = _load_file(Path(reference) / "utils" / "KD_loss.py").DistributionLoss()
+        kd = imp_utils("KD_loss").DistributionLoss()
         t_opt = _their_optimizer(theirs, 0.0)
         t_sched = torch.optim.lr_scheduler.LambdaLR(t_opt, lambda e: 1.0 - e / THEIR_EPOCHS, last_epoch=-1)
         with warnings.catch_warnings():  # torch warns about a schedule stepped before the optimizer: their order
@@ -150,8 +141,8 @@ def compare_step(
         rep.add(f"step {steps}: train-mode forward output (logits)", logits[-1], out_t)
         rep.add_many(f"step {steps}: grad", o_grads, t_grads)
         rep.add_many(f"after {steps} steps: param", {k: v.detach() for k, v in o_params.items()}, t_params)
+        st_o, st_t = run.optimizer.state, t_opt.state
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            st_o, st_t = run.optimizer.state, t_opt.state
             o_v = {n: torch.as_tensor(st_o[p][key], dtype=torch.float64) for n, p in o_params.items()}
             t_v = {n: torch.as_tensor(st_t[p][key], dtype=torch.float64) for n, p in t_params.items()}
             rep.add_many(f"after {steps} steps: Adam {key}", o_v, t_v)

@@ -22,7 +22,7 @@ from torch import nn
 
 from qrepro.models.sat_nets import InvertedResidual, adabits_key, adabits_state_dict
 from qrepro.optim import build_optimizer
-from qrepro.parity import SUITES, Report, cifar_batches, one_thread, our_run, reference_import
+from qrepro.parity import SUITES, Report, cifar_batches, one_thread, our_run, reference_import, relative_tol
 from qrepro.quant import build_method, prepare
 
 D = torch.float64
@@ -73,11 +73,6 @@ def authors_sgd(model: nn.Module, lr: float, momentum: float, nesterov: bool, we
     return torch.optim.SGD(groups)
 
 
-def to_ours(ref_name: str) -> str | None:
-    """A parameter / buffer name of the authors' models in ours."""
-    return adabits_key(ref_name)
-
-
 @dataclass
 class Side:
     """One implementation: its model, optimizer, one training step, and what the first step captured."""
@@ -111,25 +106,11 @@ class Side:
 
 
 def add(rep: Report, name: str, ours: Any, ref: Any) -> None:
-    """One row; tolerance TOL x max(1, max|reference|): float64 round-off grows with the values' scale (BN
-    running variances of raw 0..255 inputs are ~1e4, FP logits ~1e3)."""
-    add_group(rep, name, {"": ours}, {"": ref})
+    rep.add(name, ours, ref, relative_tol(ref, TOL))
 
 
 def add_group(rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
-    """One row for a group of tensors (the one furthest out of its own tolerance, see ``add``)."""
-    worst = None
-    for k in ours:
-        b = torch.as_tensor(ref[k]).detach()
-        tol = TOL * max(1.0, float(b.abs().max()) if b.numel() else 0.0)
-        row = rep.add(f"{prefix} {k}".strip(), ours[k], b, tol)
-        rep.rows.pop()
-        if worst is None or row.max_abs / row.tol > worst.max_abs / worst.tol or not row.ok:
-            if worst is None or worst.ok:
-                worst = row
-    if len(ours) > 1:
-        worst.name = f"{prefix} (all {len(ours)}; worst {worst.name[len(prefix) + 1 :]})"
-    rep.rows.append(worst)
+    rep.add_many(prefix, ours, ref, lambda r: relative_tol(r, TOL))
 
 
 def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -159,7 +140,7 @@ def compare_training(
                 m.alpha.fill_(alphas[name])
         ours.model.load_state_dict(adabits_state_dict(ref.model.state_dict(), ours.model.state_dict()))
     o_params = dict(ours.model.named_parameters())
-    r_params = {to_ours(k): p for k, p in ref.model.named_parameters()}
+    r_params = {adabits_key(k): p for k, p in ref.model.named_parameters()}
     r_params = {k: p for k, p in r_params.items() if k in o_params}  # their weight-only first conv's clip
     assert set(r_params) == set(o_params), sorted(set(o_params) ^ set(r_params))
     o_group = {id(p): g for g in ours.optimizer.param_groups for p in g["params"]}
@@ -188,12 +169,22 @@ def compare_training(
     mom_r = {k: ref.optimizer.state[r_params[k]]["momentum_buffer"] for k in o_params}
     add_group(report, "momentum", mom_o, mom_r)
     o_bufs = {k: b for k, b in ours.model.named_buffers() if "running" in k}
-    r_bufs = {to_ours(k): b for k, b in ref.model.named_buffers() if "running" in k}
+    r_bufs = {adabits_key(k): b for k, b in ref.model.named_buffers() if "running" in k}
     add_group(report, "BN running stats", o_bufs, {k: r_bufs[k] for k in o_bufs})
     with torch.no_grad():
         ours.model.eval(), ref.model.eval()
         add(report, "eval logits", ours.model(eval_batch.to(D)), ref.model(eval_batch.to(D)))
         ours.model.train(), ref.model.train()
+
+
+def compare_layers(rep: Report, ours: nn.Module, ref: nn.Module, bits: int, opts: dict, alphas: dict, *data) -> None:
+    """``compare_training`` of ``ours`` quantized by ``build_method('sat', bits, bits, **opts)`` against the
+    authors' layers ``ref``, with the inputs to the layers ``alphas`` (clips set to these values) compared too."""
+    prepare(ours, build_method("sat", bits, bits, **opts)).to(D)  # the quantizers' clips in float64 too
+    o_opt, r_opt = build_optimizer(ours, "sgd", GROUPS, **SGD), authors_sgd(ref, **SGD)
+    o = Side(ours, o_opt, plain_step(ours, o_opt), layers={n: ours.get_submodule(n) for n in alphas})
+    r = Side(ref, r_opt, plain_step(ref, r_opt), layers={n: ref.get_submodule(n) for n in alphas})
+    compare_training(rep, o, r, *data, alphas=alphas)
 
 
 # ------------------------------------------------------------------------------------------------- suites
@@ -227,12 +218,7 @@ def layers_report(reference: Path, scheme: str, bits: int, batches, eval_batch, 
             nn.Linear(16, 10),
         )
         opts = {"scheme": scheme, "rescale": "all", "first_last": "same", **quantizer}
-        prepare(ours, build_method("sat", bits, bits, **opts)).to(D)  # the quantizers' clips in float64 too
-        o_opt = build_optimizer(ours, "sgd", GROUPS, **SGD)
-        r_opt = authors_sgd(ref, **SGD)
-        o = Side(ours, o_opt, plain_step(ours, o_opt), layers={"3": ours[3], "8": ours[8]})
-        r = Side(ref, r_opt, plain_step(ref, r_opt), layers={"3": ref[3], "8": ref[8]})
-        compare_training(rep, o, r, batches, eval_batch, alphas={"3": ALPHA_CONV, "8": ALPHA_FC})
+        compare_layers(rep, ours, ref, bits, opts, {"3": ALPHA_CONV, "8": ALPHA_FC}, batches, eval_batch)
     rep.notes.append(f"qrepro: build_method('sat', {bits}, {bits}, {opts}) + prepare; {len(batches)} SGD steps {SGD}")
     return rep
 
@@ -265,14 +251,8 @@ def block_report(reference: Path, bits: int, double_side: bool, batches, eval_ba
             nn.Linear(C, 10),
         )
         opts = {"signed_act": ["2.body.0"] if double_side else False, **quantizer}
-        prepare(ours, build_method("sat", bits, bits, **opts)).to(D)
-        o_opt = build_optimizer(ours, "sgd", GROUPS, **SGD)
-        r_opt = authors_sgd(ref, **SGD)
-        names = ["2.body.0", "2.body.3", "2.body.6", "5"]
-        o = Side(ours, o_opt, plain_step(ours, o_opt), layers={n: ours.get_submodule(n) for n in names})
-        r = Side(ref, r_opt, plain_step(ref, r_opt), layers={n: ref.get_submodule(n) for n in names})
-        alphas = {n: ALPHA_CONV for n in names[:3]} | {"5": ALPHA_FC}
-        compare_training(rep, o, r, batches, eval_batch, alphas=alphas)
+        alphas = {"2.body.0": ALPHA_CONV, "2.body.3": ALPHA_CONV, "2.body.6": ALPHA_CONV, "5": ALPHA_FC}
+        compare_layers(rep, ours, ref, bits, opts, alphas, batches, eval_batch)
     rep.notes.append(f"qrepro: qrepro.models.sat_nets.InvertedResidual, build_method('sat', {bits}, {bits}, {opts})")
     return rep
 
@@ -327,23 +307,20 @@ def suite(
     batch: int = 16,
     quantizer: dict[str, Any] | None = None,
 ) -> list[Report]:
-    with one_thread():
-        return _suite(reference, steps, data, quick, batch, dict(quantizer or {}))
-
-
-def _suite(reference: Path, steps: int, data: Any, quick: bool, batch: int, quantizer: dict) -> list[Report]:
+    quantizer = dict(quantizer or {})
     batches = cifar_batches(data, steps + 1, batch, seed=0)
     train, (eval_x, _) = batches[:steps], batches[steps]
-    reports = []
     layer_grid = (
         [("modified", 2), ("original", 4)] if quick else [(s, b) for s in ("original", "modified") for b in (2, 4, 8)]
     )
-    for scheme, bits in layer_grid:
-        reports.append(layers_report(reference, scheme, bits, train, eval_x, quantizer))
-    for bits, ds in [(4, False), (4, True)] if quick else [(2, False), (4, False), (4, True)]:
-        reports.append(block_report(reference, bits, ds, train, eval_x, quantizer))
+    block_grid = [(4, False), (4, True)] if quick else [(2, False), (4, False), (4, True)]
     small = [(x[:8], y[:8]) for x, y in train]  # whole networks: 8 images a step
-    experiments = ["sat_cifar_resnet20_4bit_sat"] if quick else list(EXPERIMENTS)
-    for exp in experiments:
-        reports.append(experiment_report(reference, exp, small, eval_x[:8], quantizer))
-    return reports
+    with one_thread():
+        return [
+            *(layers_report(reference, scheme, bits, train, eval_x, quantizer) for scheme, bits in layer_grid),
+            *(block_report(reference, bits, ds, train, eval_x, quantizer) for bits, ds in block_grid),
+            *(
+                experiment_report(reference, exp, small, eval_x[:8], quantizer)
+                for exp in (["sat_cifar_resnet20_4bit_sat"] if quick else EXPERIMENTS)
+            ),
+        ]

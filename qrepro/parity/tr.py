@@ -1,13 +1,12 @@
 """TR-scheduling parity: qrepro's SGDT/AdamT CIFAR-10 ResNet-20 against the authors' own code (hw-ch0/TRS).
 
-``python -m qrepro.parity tr --reference <checkout>`` (the checkout holds ``custom_models.py``,
-``custom_modules.py``, ``custom_optims.py`` and ``utils.py``). For W2A2 and W1A1, each with SGDT and AdamT
-(``--quick``: W2A2 SGDT and W1A1 AdamT), in float64: their ``resnet20_quant`` with ``quant_SGD`` / ``quant_Adam``
-and the parameter groups ``train_quant.py`` builds for ``--baseline False`` (the values of ``run.sh``, the constants
-below), against ``qrepro.api.build(["+experiment=tr_resnet20_cifar10_w{b}a{b}_{sgdt|adamt}", ...])`` stepped with
-``Run.step``, over a cosine schedule of ``EPOCHS`` epochs of ``STEPS_PER_EPOCH`` steps, from the same weights on the
-same CIFAR-10 images. What is compared, the two changes on their side (``flag=False`` for ``custom_optims.sgd``, the
-transition mask in float64) and the measured differences: docs/tr.md, section "Parity with the authors' code".
+``python -m qrepro.parity tr --reference <checkout>``: for W2A2 and W1A1, each with SGDT and AdamT (``--quick``: W2A2
+SGDT and W1A1 AdamT), their ``resnet20_quant`` with ``quant_SGD`` / ``quant_Adam`` and the parameter groups
+``train_quant.py`` builds for ``--baseline False`` (the values of ``run.sh``, the constants below) against the
+``tr_resnet20_cifar10_w{b}a{b}_{sgdt|adamt}`` experiment, over a cosine schedule of ``EPOCHS`` epochs of
+``STEPS_PER_EPOCH`` steps. What is compared, the two changes on their side (``flag=False`` for
+``custom_optims.sgd``, the transition mask in float64) and the measured differences: docs/tr.md, section "Parity
+with the authors' code".
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from qrepro.parity import (
     Report,
     add_grouped,
     cifar_batches,
+    copy_state,
     largest_change,
     one_thread,
     our_inputs,
@@ -36,6 +36,7 @@ from qrepro.parity import (
     reference_import,
     require_files,
     running_stats,
+    same_names,
     their_inputs,
 )
 
@@ -75,28 +76,16 @@ def _their_optimizer(co: Any, ut: Any, model: nn.Module, opt_name: str) -> torch
     with contextlib.redirect_stdout(io.StringIO()):  # get_trainable_params prints parameter counts
         quant_weights, fp_weights, scale_params, other_params = ut.get_trainable_params(model)
     lr = THEIR_LR[opt_name]
-    quant = {"params": quant_weights, "lr": THEIR_INITIAL_TR, "momentum_tr": THEIR_MOMENTUM_TR, "alpha": lr}
-    if opt_name == "sgdt":
-        groups = [
-            quant,
-            {"params": fp_weights},
-            {"params": scale_params, "lr": THEIR_SCALE_LR, "momentum": 0, "weight_decay": 0},
-            {"params": other_params, "momentum": 0, "weight_decay": 0},
-        ]
-        return co.quant_SGD(groups, lr=lr, momentum=THEIR_MOMENTUM, weight_decay=THEIR_WD, baseline=False)
+    no_momentum = {"momentum": 0} if opt_name == "sgdt" else {}
     groups = [
-        quant,
+        {"params": quant_weights, "lr": THEIR_INITIAL_TR, "momentum_tr": THEIR_MOMENTUM_TR, "alpha": lr},
         {"params": fp_weights},
-        {"params": scale_params, "lr": THEIR_SCALE_LR, "weight_decay": 0},
-        {"params": other_params, "weight_decay": 0},
+        {"params": scale_params, "lr": THEIR_SCALE_LR, **no_momentum, "weight_decay": 0},
+        {"params": other_params, **no_momentum, "weight_decay": 0},
     ]
+    if opt_name == "sgdt":
+        return co.quant_SGD(groups, lr=lr, momentum=THEIR_MOMENTUM, weight_decay=THEIR_WD, baseline=False)
     return co.quant_Adam(groups, lr=lr, weight_decay=THEIR_WD, baseline=False)
-
-
-# ------------------------------------------------------------------------------------------------ qrepro
-def _our_run(bits: str, opt_name: str, overrides: list[str]) -> Any:
-    experiment = f"+experiment=tr_resnet20_cifar10_{bits}_{opt_name}"
-    return our_run([experiment, "trainer.device=cpu", f"trainer.epochs={EPOCHS}", *overrides], STEPS_PER_EPOCH)
 
 
 def _f64(v: Any) -> torch.Tensor:
@@ -112,13 +101,9 @@ def _transition_to_float64(module: nn.Module, args: Any, out: Any) -> None:
 
 # -------------------------------------------------------------------------------------------- comparison
 def _kind(name: str) -> str:
-    if name.endswith("aq.scale"):
-        return "act scales"
-    if name.endswith("wq.scale"):
-        return "weight scales"
-    if ".bn" in name or name.startswith("bn"):
-        return "bn"
-    return "conv/fc"
+    if name.endswith(("aq.scale", "wq.scale")):
+        return "act scales" if name.endswith("aq.scale") else "weight scales"
+    return "bn" if ".bn" in name or name.startswith("bn") else "conv/fc"
 
 
 _add_grouped = functools.partial(add_grouped, kind=_kind, suite="tr")
@@ -137,8 +122,6 @@ def compare_cell(
     *,
     steps: int,
     overrides: list[str] | None = None,
-    tol: float = TOL,
-    seed: int = 0,
 ) -> Report:
     """One (bit-width, optimizer) cell: ``steps`` training steps on both sides from the same weights."""
     overrides = list(overrides or [])
@@ -149,11 +132,11 @@ def compare_cell(
         f"TR ResNet-20 CIFAR-10 {bits.upper()} {OPT_TITLE[opt_name]}, float64, batch {batch}, {steps} steps "
         f"(cosine over {EPOCHS} epochs of {STEPS_PER_EPOCH} steps){extra}"
     )
-    rep = Report(title, tol)
+    rep = Report(title, TOL)
     with reference_import(Path(reference)) as imp:
         cm, co, ut = imp("custom_models"), imp("custom_optims"), imp("utils")
         co.sgd = functools.partial(co.sgd, flag=False)  # the unused keyword quant_SGD.step never passes
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         args = SimpleNamespace(bit_weight=b, bit_act=b, symmetric_fxp=False, baseline=False, num_classes=10)
         theirs = cm.resnet20_quant(args).double()
         t_opt = _their_optimizer(co, ut, theirs, opt_name)
@@ -162,28 +145,18 @@ def compare_cell(
         for m in t_qconv.values():  # the 0/1 transition mask in float64 (their .float() makes k^t a float32 ratio)
             m.register_forward_hook(_transition_to_float64)
 
-        run = _our_run(bits, opt_name, overrides)
+        experiment = f"+experiment=tr_resnet20_cifar10_{bits}_{opt_name}"
+        run = our_run([experiment, "trainer.device=cpu", f"trainer.epochs={EPOCHS}", *overrides], STEPS_PER_EPOCH)
         ours = run.model
-        t_sd = {their_name_to_ours(k): v for k, v in theirs.state_dict().items()}
-        o_sd = ours.state_dict()
-        copied = {k: t_sd[k] for k in o_sd if k in t_sd and not k.endswith(("wq.scale", "aq.scale"))}
-        missing = [k for k in o_sd if k not in copied and not k.endswith(("wq.scale", "aq.scale", "initialized"))]
-        if missing:
-            raise QreproError(f"parity tr: qrepro tensors without a counterpart in the authors' model: {missing[:8]}")
-        with torch.no_grad():
-            for k, v in copied.items():
-                o_sd[k].copy_(v)
-
+        skip = ("wq.scale", "aq.scale", "initialized")
+        copy_state("tr", ours, theirs, their_name_to_ours, lambda k: k.endswith(skip))
         t_params = {their_name_to_ours(n): p for n, p in theirs.named_parameters()}
         o_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-        if set(t_params) != set(o_params):
-            raise QreproError(f"parity tr: trainable parameters differ: {sorted(set(t_params) ^ set(o_params))[:8]}")
+        same_names("parity tr: trainable parameters differ", t_params, o_params)
         layers = run.optimizer.tr_layer_names
         if layers != list(t_qconv):
             raise QreproError(f"parity tr: quantized layers differ: {layers[:3]} vs {list(t_qconv)[:3]}")
-        for key in ("weight_decay", "momentum"):
-            if key == "momentum" and opt_name != "sgdt":
-                continue
+        for key in ("weight_decay", "momentum") if opt_name == "sgdt" else ("weight_decay",):
             rep.add_many(
                 f"param groups: {key} of every parameter",
                 _group_values(run.optimizer, o_params, key),
@@ -217,11 +190,9 @@ def compare_cell(
             loss_t = nn.CrossEntropyLoss()(out_t, y)
             loss_t.backward()
             if i == 0:
-                t_scales = {their_name_to_ours(n + ".sA"): m.sA.detach().clone() for n, m in t_qconv.items()}
-                t_scales |= {their_name_to_ours(n + ".sW"): m.sW.detach().clone() for n, m in t_qconv.items()}
-                o_scales = {
-                    n: v.detach().clone() for n, v in ours.state_dict().items() if n.endswith(("aq.scale", "wq.scale"))
-                }
+                t_scales = {f"{n}.aq.scale": m.sA.detach().clone() for n, m in t_qconv.items()}
+                t_scales |= {f"{n}.wq.scale": m.sW.detach().clone() for n, m in t_qconv.items()}
+                o_scales = {n: v.detach().clone() for n, v in ours.state_dict().items() if n.endswith(skip[:2])}
                 _add_grouped(rep, "1st batch: initialised", o_scales, t_scales)
             t_grads = {k: p.grad.detach().clone() for k, p in t_params.items()}
             t_opt.step()
@@ -253,34 +224,32 @@ def compare_cell(
             rep.add(f"transition rate k^t per layer, steps 2..{steps}", torch.stack(k_o), torch.stack(k_t))
         rep.add(f"step {steps}: train-mode forward output (logits)", logits[-1], out_t)
         _add_grouped(rep, f"step {steps}: grad", o_grads, t_grads)
-        _add_grouped(rep, f"after {steps} steps: param", dict(o_params), dict(t_params))
+        after = f"after {steps} steps:"
+        _add_grouped(rep, f"{after} param", o_params, t_params)
         frozen_o = {n + ".wq.scale": ours.get_submodule(n).wq.scale for n in layers}
         frozen_t = {n + ".wq.scale": m.sW for n, m in t_qconv.items()}
-        _add_grouped(rep, f"after {steps} steps: frozen", frozen_o, frozen_t)
-        _add_grouped(
-            rep, f"after {steps} steps: BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours)
-        )
+        _add_grouped(rep, f"{after} frozen", frozen_o, frozen_t)
+        _add_grouped(rep, f"{after} BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours))
         st_t, st_o = t_opt.state, run.optimizer.state
         if opt_name == "sgdt":
             have = [n for n, p in t_params.items() if st_t[p].get("momentum_buffer") is not None]
             if sorted(have) != sorted(n for n, p in o_params.items() if "momentum_buffer" in st_o.get(p, {})):
                 raise QreproError("parity tr: momentum buffers exist for different parameters")
-            bufs = (
-                {n: st_o[o_params[n]]["momentum_buffer"] for n in have},
-                {n: st_t[t_params[n]]["momentum_buffer"] for n in have},
+            bufs_o = {n: st_o[o_params[n]]["momentum_buffer"] for n in have}
+            _add_grouped(
+                rep, f"{after} momentum buffer", bufs_o, {n: st_t[t_params[n]]["momentum_buffer"] for n in have}
             )
-            _add_grouped(rep, f"after {steps} steps: momentum buffer", *bufs)
         else:
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 o_v = {n: _f64(st_o[p][key]) for n, p in o_params.items()}
                 t_v = {n: _f64(st_t[p][key]) for n, p in t_params.items()}
-                _add_grouped(rep, f"after {steps} steps: Adam {key}", o_v, t_v)
+                _add_grouped(rep, f"{after} Adam {key}", o_v, t_v)
         last = run.optimizer.tr_last
         lr = THEIR_LR[opt_name]
         ema = {n: st_t[t_params[n + ".weight"]]["EMA_transition"] for n in layers}
         talr = {n: lr * st_t[t_params[n + ".weight"]]["lr_scale"] for n in layers}
-        rep.add_many(f"after {steps} steps: running TR (K vs EMA_transition)", dict(zip(layers, _f64(last["K"]))), ema)
-        rep.add_many(f"after {steps} steps: TALR (U vs alpha*lr_scale)", dict(zip(layers, _f64(last["U"]))), talr)
+        rep.add_many(f"{after} running TR (K vs EMA_transition)", dict(zip(layers, _f64(last["K"]))), ema)
+        rep.add_many(f"{after} TALR (U vs alpha*lr_scale)", dict(zip(layers, _f64(last["U"]))), talr)
     moved = largest_change(o_params, start)
     k_all = torch.stack(k_t) if k_t else torch.zeros(1)
     u_all = _f64(last["U"])
