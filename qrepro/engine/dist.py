@@ -63,12 +63,10 @@ def _env_from_submitit() -> None:
     try:
         from submitit import JobEnvironment  # optional: only present with the slurm extra
         from submitit.helpers import TorchDistributedEnvironment
-    except ImportError:
-        return
-    try:
+
         if JobEnvironment().num_tasks <= 1:
             return
-    except RuntimeError:  # not inside a submitit job
+    except (ImportError, RuntimeError):  # no slurm extra, or not inside a submitit job
         return
     # keep every GPU visible: the device is picked from LOCAL_RANK below, whatever SLURM's binding
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -85,12 +83,9 @@ def select_device(name: str | None) -> torch.device:
 
 
 def setup(device: str | None) -> DistEnv:
-    """Initialise the process group from the launcher's environment (no-op for a single process).
-
-    ``device`` is ``trainer.device`` (auto | cpu | cuda | cuda:k), resolved by :func:`select_device`
-    for a single process. Under several processes each rank takes ``cuda:<local_rank mod #GPUs>`` with the NCCL
-    backend, or the CPU with gloo (``trainer.device=cpu``).
-    """
+    """Initialise the process group from the launcher's environment (no-op for a single process). ``device`` is
+    ``trainer.device``; under several processes each rank takes ``cuda:<local_rank mod #GPUs>`` with NCCL, or the
+    CPU with gloo (``trainer.device=cpu``)."""
     _env_from_submitit()
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if _initialized():  # a caller (tests, a notebook) made the group already
@@ -238,15 +233,10 @@ def out_of_sync(module: nn.Module, buffers: bool = False) -> list[str]:
 
 
 class DistributedSync(Hook):
-    """Keeps the replicas identical where DDP alone would not, and checks it once per epoch.
-
-    * ``on_train_start`` (placed after the method's hooks): hooks may initialise quantizer parameters from
-      ``ctx.sample_batch``, which is each rank's own batch -> broadcast rank 0's parameters and buffers.
-    * after the first step: quantizers that initialise lazily in their first training forward did so on each
-      rank's own batch -> broadcast parameters, buffers and the optimizer state once more (the gradients were
-      all-reduced, but coupled weight decay puts each rank's own parameter value into its momentum buffer).
-    * ``on_epoch_end``: all-reduce a fingerprint of every parameter; a mismatch is an error naming the tensors
-      (something updates a parameter in place from per-rank data without an all-reduce).
+    """Keeps the replicas identical where DDP alone would not (docs/scaling.md, "Quantizer state across ranks"):
+    rank 0's parameters and buffers broadcast after the method's ``on_train_start`` hooks (calibration on each
+    rank's own first batch), again with the optimizer state after the first step (lazy initialisation in the first
+    forward; coupled weight decay in the momentum), and a fingerprint of every parameter compared at each epoch end.
     """
 
     def __init__(self) -> None:
