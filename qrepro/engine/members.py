@@ -402,8 +402,7 @@ class BatchedEpoch:
                 td = time.perf_counter()
                 batches = [next(it) for it in iters]
                 data_s += time.perf_counter() - td
-                xs = torch.stack([b[0] for b in batches])
-                ys = torch.stack([b[1] for b in batches])
+                xs, ys = (torch.stack(t) for t in zip(*batches))
                 losses, correct = self.step(xs, ys)
                 with torch.no_grad():
                     dev_loss, dev_correct = dev_loss + losses * ys.shape[1], dev_correct + correct
