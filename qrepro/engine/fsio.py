@@ -28,10 +28,7 @@ def _free(path: Path) -> str:
 
 def _blocking_file(path: Path) -> Path | None:
     """The first component of ``path`` that exists but is not a directory."""
-    for p in reversed((path, *path.parents)):
-        if p.exists() and not p.is_dir():
-            return p
-    return None
+    return next((p for p in reversed((path, *path.parents)) if p.exists() and not p.is_dir()), None)
 
 
 def _writer_cause(path: Path) -> int | None:
