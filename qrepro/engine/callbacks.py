@@ -1,16 +1,10 @@
 """The trainer's callbacks: each concern of a run beside the loop itself is one small class.
 
-``Trainer.run`` (qrepro/engine/trainer.py) is the loop; it calls, in list order,
-
-* ``on_fit_start(t)``             — before the first epoch of this launch (restoring a resumed run's state);
-* ``on_epoch_start(t, epoch)``    — before an epoch's training;
-* ``on_train_epoch_end(t, epoch, train_metrics)`` — after training, before evaluation (the NaN guard);
-* ``on_epoch_end(t, epoch, row)`` — after evaluation, the epoch's row already in ``t.state.curves``;
-* ``on_fit_end(t)``               — once, after the last epoch or a divergence (``t.state.status``).
-
-``t`` is the Trainer: ``t.f`` (the Fit: model, data, optimizer, run directory ...), ``t.state`` (FitState:
-epochs done, best, curves, accumulated wall time) and ``t.ctx`` (the hooks' Context). Callbacks that write or
-print act on the main process only (``t.f.is_main``); the NaN guard runs on every rank.
+``Trainer.run`` (qrepro/engine/trainer.py) calls, in list order, ``on_fit_start(t)`` (before the first epoch of
+this launch), ``on_epoch_start(t, epoch)``, ``on_train_epoch_end(t, epoch, train_metrics)`` (after training,
+before evaluation), ``on_epoch_end(t, epoch, row)`` (the row already in ``t.state.curves``) and ``on_fit_end(t)``
+(after the last epoch or a divergence). ``t`` is the Trainer (``t.f`` the Fit, ``t.state`` the FitState, ``t.ctx``
+the hooks' Context). Callbacks that write or print act on the main process only; the NaN guard runs on every rank.
 """
 
 from __future__ import annotations
@@ -30,6 +24,7 @@ from qrepro.engine.rundir import identity_difference
 from qrepro.errors import QreproError
 
 RESUME_KEYS = ("model", "optimizer", "epoch", "best", "curves")
+OPTIONAL = ("scheduler", "ema", "scaler")  # Fit members checkpointed when the run has them
 
 
 class Callback:
@@ -49,6 +44,10 @@ class Callback:
         pass
 
 
+def progress_bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+
+
 def _fmt_s(s: float) -> str:
     s = int(round(s))
     h, rem = divmod(s, 3600)
@@ -57,13 +56,9 @@ def _fmt_s(s: float) -> str:
 
 
 class Checkpointer(Callback):
-    """``checkpoints/last.pt`` every epoch and ``checkpoints/best.pt`` on a new best, kept in agreement.
-
-    A new best is written first to ``best.pt.pending``, then ``last.pt`` (which names the best epoch), then the
-    pending file is renamed over ``best.pt``. A kill between two writes leaves a pending file that the next
-    launch either commits (``last.pt`` names its epoch as the best) or drops, so ``best.pt`` always holds the
-    epoch that ``last.pt`` and the record call best. On resume the state is restored from ``last.pt``.
-    """
+    """``checkpoints/last.pt`` every epoch and ``checkpoints/best.pt`` on a new best, kept in agreement: a new best
+    goes to ``best.pt.pending``, then ``last.pt`` (naming the best epoch), then the rename over ``best.pt``; the next
+    launch commits a pending file that ``last.pt`` names as best and drops any other. Resume restores ``last.pt``."""
 
     def __init__(self, run_dir: Path) -> None:
         self.dir = Path(run_dir) / "checkpoints"
@@ -118,12 +113,9 @@ class Checkpointer(Callback):
                 f"{self.last}: its optimizer state does not fit this run's optimizer ({str(e).splitlines()[0]}); "
                 "start over with force=true"
             ) from None
-        if f.scheduler is not None and "scheduler" in ck:
-            f.scheduler.load_state_dict(ck["scheduler"])
-        if f.ema is not None and "ema" in ck:
-            f.ema.load_state_dict(ck["ema"])
-        if getattr(f, "scaler", None) is not None and "scaler" in ck:
-            f.scaler.load_state_dict(ck["scaler"])
+        for k in OPTIONAL:
+            if getattr(f, k, None) is not None and k in ck:
+                getattr(f, k).load_state_dict(ck[k])
         for h, hs in zip(f.hooks, ck.get("hooks", [])):
             h.load_state_dict(hs)
         st.epoch, st.best, st.curves = ck["epoch"] + 1, ck["best"], ck["curves"]
@@ -132,13 +124,12 @@ class Checkpointer(Callback):
         st.train_seconds = float(ck.get("train_seconds") or 0.0)
         st.started = ck.get("started") or st.started
         st.segments = int(ck.get("segments") or 1) + 1
-        st.resumed_from = st.epoch
         if f.is_main:
             print(f"resumed from {self.last} after epoch {st.epoch}/{f.epochs}", flush=True)
 
     def state(self, t: Any, epoch: int) -> dict[str, Any]:
         f, st = t.f, t.state
-        out = {
+        return {
             "model": f.model.state_dict(),
             "optimizer": f.optimizer.state_dict(),
             "epoch": epoch,
@@ -151,14 +142,8 @@ class Checkpointer(Callback):
             "train_seconds": st.train_seconds,
             "started": st.started,
             "segments": st.segments,
+            **{k: getattr(f, k).state_dict() for k in OPTIONAL if getattr(f, k, None) is not None},
         }
-        if f.scheduler is not None:
-            out["scheduler"] = f.scheduler.state_dict()
-        if f.ema is not None:
-            out["ema"] = f.ema.state_dict()
-        if getattr(f, "scaler", None) is not None:
-            out["scaler"] = f.scaler.state_dict()
-        return out
 
     def on_epoch_end(self, t: Any, epoch: int, row: dict[str, Any]) -> None:
         if not t.f.is_main:
@@ -190,10 +175,8 @@ class NaNGuard(Callback):
     checked inside the epoch (``train_one_epoch``, every ``log_every`` steps and at the end)."""
 
     def on_train_epoch_end(self, t: Any, epoch: int, train_metrics: dict[str, float]) -> None:
-        sd = {"model": t.f.model.state_dict()}
-        if t.f.ema is not None:
-            sd["ema"] = t.f.ema.state_dict()
-        bad = nonfinite_tensors(sd)
+        ema = {} if t.f.ema is None else {"ema": t.f.ema.state_dict()}
+        bad = nonfinite_tensors({"model": t.f.model.state_dict(), **ema})
         if bad:
             raise NonFiniteLoss(f"non-finite weights or statistics after epoch {epoch + 1} ({', '.join(bad[:2])})")
 
@@ -206,16 +189,8 @@ class Console(Callback):
         self.epoch_times: list[float] = []
 
     def on_epoch_start(self, t: Any, epoch: int) -> None:
-        t.bar = None
-        if self.progress and t.f.is_main:
-            t.bar = tqdm(
-                total=len(t.f.data.train),
-                desc=f"epoch {epoch + 1}/{t.f.epochs}",
-                leave=False,
-                file=sys.stderr,
-                mininterval=1.0,
-                dynamic_ncols=True,
-            )
+        show = self.progress and t.f.is_main
+        t.bar = progress_bar(len(t.f.data.train), f"epoch {epoch + 1}/{t.f.epochs}") if show else None
 
     def on_train_epoch_end(self, t: Any, epoch: int, train_metrics: dict[str, float]) -> None:
         if getattr(t, "bar", None) is not None:
@@ -248,12 +223,9 @@ class LoggerCallback(Callback):
             t.f.logger.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=t.ctx.step)
 
     def on_fit_end(self, t: Any) -> None:
-        if not t.f.is_main or t.f.logger is None:
-            return
-        m = t.state.metrics()
-        summary = {k: v for k, v in m.items() if v is not None}
-        summary["status"] = t.state.status
-        t.f.logger.finish(summary)
+        if t.f.is_main and t.f.logger is not None:
+            summary = {k: v for k, v in t.state.metrics().items() if v is not None}
+            t.f.logger.finish({**summary, "status": t.state.status})
 
 
 class RecordWriter(Callback):
@@ -269,9 +241,8 @@ class RecordWriter(Callback):
 
     def on_fit_end(self, t: Any) -> None:
         f, st = t.f, t.state
-        done = st.status == "complete"
         record = {
-            "complete": done,
+            "complete": st.status == "complete",
             "status": st.status,
             **f.record_base,
             "run_dir": str(f.run_dir),

@@ -15,13 +15,11 @@ from qrepro.registry import CONVERTERS
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file unique to this process, then rename: readers see the old or the new
-    file, never a partial one. A full disk, a permission problem or a file blocking the directory is a one-line
-    QreproError naming the path, and the temporary file is removed."""
+    """``torch.save`` through :func:`qrepro.engine.fsio.atomic_write`: readers never see a partial file."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _load_reason(p: Path, e: BaseException) -> str:
+def _load_reason(p: Path) -> str:
     """Why ``torch.load`` failed, in words (torch's own messages are internal: '(101)', 'pop from empty list')."""
     try:
         with open(p, "rb") as f:
@@ -51,11 +49,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except PermissionError:
         raise QreproError(f"checkpoint {path} is not readable (permission denied); fix its permissions") from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on a damaged file
-        msg = str(e)
-        if msg.startswith("Weights only load failed"):
+        if str(e).startswith("Weights only load failed"):
             reason = "a pickle holding non-tensor objects (only tensors and plain containers are loaded)"
         else:
-            reason = _load_reason(p, e)
+            reason = _load_reason(p)
         raise QreproError(f"checkpoint {path} is corrupt: {reason}; re-create it") from None
     if not isinstance(obj, dict):
         raise QreproError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict / state_dict")
@@ -85,11 +82,7 @@ def check_finite(sd: dict[str, Any], what: str) -> None:
 
 def extract_state_dict(obj: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
     """Our checkpoints ({'model': ...}), {'state_dict': ...} files, or a bare state_dict; then converters."""
-    sd = obj
-    for key in ("model", "state_dict"):
-        if key in obj and isinstance(obj[key], dict):
-            sd = obj[key]
-            break
+    sd = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), dict)), obj)
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise QreproError("checkpoint has no state_dict (expected keys 'model' or 'state_dict' or a bare state_dict)")
     for name, conv in CONVERTERS:
@@ -107,16 +100,14 @@ def load_model_state(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool
     unexpected = [k for k in sd if k not in own]
     quant_missing = [k for k in missing if is_quantizer_param(k)]
     hard_missing = [k for k in missing if not is_quantizer_param(k)]
-    if strict and (hard_missing or unexpected):
-        parts = []
-        if hard_missing:
-            parts.append(f"missing {len(hard_missing)} keys (e.g. {hard_missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+    parts = [
+        f"{what} {len(ks)} keys (e.g. {ks[:3]})"
+        for what, ks in (("missing", hard_missing), ("unexpected", unexpected))
+        if ks
+    ]
+    if strict and parts:
         raise QreproError(
-            "checkpoint does not match the model: "
-            + "; ".join(parts)
-            + " — check model/quantizer, or init_strict=false"
+            f"checkpoint does not match the model: {'; '.join(parts)} — check model/quantizer, or init_strict=false"
         )
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:

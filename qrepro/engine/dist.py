@@ -1,20 +1,9 @@
 """Multi-process training with PyTorch DDP: process-group setup from the launcher's environment and the few
 collectives the rest of qrepro needs. Every function is the identity / a no-op in a single process.
 
-Launchers: ``torchrun --nproc_per_node=N -m qrepro.train ...`` (sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), or
-Hydra's submitit launcher with ``tasks_per_node > 1`` (SLURM or local): there the torch variables are derived from
-the job environment with ``submitit.helpers.TorchDistributedEnvironment``.
-
-What stays identical across ranks and why (see docs/scaling.md):
-* parameters: DDP broadcasts them from rank 0 once when wrapping and then every rank applies the same all-reduced
-  (averaged) gradients; :class:`DistributedSync` re-broadcasts them after ``on_train_start`` hooks and after the
-  first step (data-dependent initialisation on each rank's own batch) and checks them at every epoch end;
-* buffers (BN running statistics, quantizer running statistics): DDP broadcasts rank 0's buffers at the start of
-  every training forward (DDP's default ``broadcast_buffers``), so they follow rank 0's shard of each batch (all ranks'
-  with ``trainer.sync_bn`` for BN); :func:`sync_buffers` copies rank 0's before every evaluation;
-* scalars computed from the replicated weights (e.g. TR transition counts, qrepro/optim/tr.py) are identical on
-  every rank without any collective; a scalar computed from per-rank data must go through :func:`all_reduce_mean`
-  (a sum of a replicated quantity would be world_size times too large).
+Launchers: ``torchrun --nproc_per_node=N -m qrepro.train ...``, or Hydra's submitit launcher with
+``tasks_per_node > 1`` (the torch variables derived with ``submitit.helpers.TorchDistributedEnvironment``).
+What stays identical across ranks and why (parameters, buffers, per-rank scalars): docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -32,17 +21,21 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed() -> bool:
     """True inside an initialised process group with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _initialized() else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _initialized() else 0
 
 
 def is_main() -> bool:
@@ -70,12 +63,10 @@ def _env_from_submitit() -> None:
     try:
         from submitit import JobEnvironment  # optional: only present with the slurm extra
         from submitit.helpers import TorchDistributedEnvironment
-    except ImportError:
-        return
-    try:
+
         if JobEnvironment().num_tasks <= 1:
             return
-    except RuntimeError:  # not inside a submitit job
+    except (ImportError, RuntimeError):  # no slurm extra, or not inside a submitit job
         return
     # keep every GPU visible: the device is picked from LOCAL_RANK below, whatever SLURM's binding
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -92,15 +83,12 @@ def select_device(name: str | None) -> torch.device:
 
 
 def setup(device: str | None) -> DistEnv:
-    """Initialise the process group from the launcher's environment (no-op for a single process).
-
-    ``device`` is ``trainer.device`` (auto | cpu | cuda | cuda:k), resolved by :func:`select_device`
-    for a single process. Under several processes each rank takes ``cuda:<local_rank mod #GPUs>`` with the NCCL
-    backend, or the CPU with gloo (``trainer.device=cpu``).
-    """
+    """Initialise the process group from the launcher's environment (no-op for a single process). ``device`` is
+    ``trainer.device``; under several processes each rank takes ``cuda:<local_rank mod #GPUs>`` with NCCL, or the
+    CPU with gloo (``trainer.device=cpu``)."""
     _env_from_submitit()
     ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_available() and dist.is_initialized():  # a caller (tests, a notebook) made the group already
+    if _initialized():  # a caller (tests, a notebook) made the group already
         r, ws = dist.get_rank(), dist.get_world_size()
         lr = int(os.environ.get("LOCAL_RANK", r))
         backend = dist.get_backend()
@@ -125,16 +113,12 @@ def setup(device: str | None) -> DistEnv:
 
 
 def _rank_device(device: str | None, local_rank: int) -> torch.device:
-    if device in (None, "auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    dev = select_device(device)
-    if dev.type == "cuda":  # one GPU per rank, whatever index was asked for
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
+    dev = select_device(device)  # one GPU per rank, whatever index was asked for
+    return torch.device("cuda", local_rank % torch.cuda.device_count()) if dev.type == "cuda" else dev
 
 
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.destroy_process_group()
 
 
@@ -204,11 +188,7 @@ def sync_module_state(module: nn.Module, params: bool = True, buffers: bool = Tr
     """Copy rank ``src``'s parameters and/or buffers into every rank's module (in place, no autograd)."""
     if not is_distributed():
         return
-    tensors = []
-    if params:
-        tensors += [p.data for p in module.parameters()]
-    if buffers:
-        tensors += list(module.buffers())
+    tensors = ([p.data for p in module.parameters()] if params else []) + (list(module.buffers()) if buffers else [])
     with torch.no_grad():
         for t in tensors:
             broadcast_(t, src)
@@ -219,12 +199,10 @@ def sync_optimizer_state(optimizer: torch.optim.Optimizer, src: int = 0) -> None
     if not is_distributed() or optimizer is None:
         return
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                st = optimizer.state.get(p, {})
-                for k in sorted(st):
-                    if isinstance(st[k], torch.Tensor):
-                        broadcast_(st[k], src)
+        for st in (optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"]):
+            for k in sorted(st):
+                if isinstance(st[k], torch.Tensor):
+                    broadcast_(st[k], src)
 
 
 def sync_buffers(module: nn.Module) -> None:
@@ -242,9 +220,7 @@ def out_of_sync(module: nn.Module, buffers: bool = False) -> list[str]:
     """Names of parameters (and buffers) whose values differ between ranks (all ranks get the same list)."""
     if not is_distributed():
         return []
-    named = list(module.named_parameters())
-    if buffers:
-        named += list(module.named_buffers())
+    named = list(module.named_parameters()) + (list(module.named_buffers()) if buffers else [])
     if not named:
         return []
     with torch.no_grad():
@@ -257,15 +233,10 @@ def out_of_sync(module: nn.Module, buffers: bool = False) -> list[str]:
 
 
 class DistributedSync(Hook):
-    """Keeps the replicas identical where DDP alone would not, and checks it once per epoch.
-
-    * ``on_train_start`` (placed after the method's hooks): hooks may initialise quantizer parameters from
-      ``ctx.sample_batch``, which is each rank's own batch -> broadcast rank 0's parameters and buffers.
-    * after the first step: quantizers that initialise lazily in their first training forward did so on each
-      rank's own batch -> broadcast parameters, buffers and the optimizer state once more (the gradients were
-      all-reduced, but coupled weight decay puts each rank's own parameter value into its momentum buffer).
-    * ``on_epoch_end``: all-reduce a fingerprint of every parameter; a mismatch is an error naming the tensors
-      (something updates a parameter in place from per-rank data without an all-reduce).
+    """Keeps the replicas identical where DDP alone would not (docs/scaling.md, "Quantizer state across ranks"):
+    rank 0's parameters and buffers broadcast after the method's ``on_train_start`` hooks (calibration on each
+    rank's own first batch), again with the optimizer state after the first step (lazy initialisation in the first
+    forward; coupled weight decay in the momentum), and a fingerprint of every parameter compared at each epoch end.
     """
 
     def __init__(self) -> None:
@@ -291,14 +262,10 @@ class DistributedSync(Hook):
 
 
 def wrap_ddp(model: nn.Module, env: DistEnv, find_unused_parameters: bool = False) -> nn.Module:
-    """``DistributedDataParallel(model)`` under several processes (the model itself otherwise).
-
-    DDP's default buffer synchronisation (``broadcast_buffers``) copies rank 0's BN and quantizer buffers to every
-    rank at each training forward; gradients of all parameters (weights and quantizer clips/scales) are averaged
-    over ranks.
-    """
+    """``DistributedDataParallel(model)`` under several processes (the model itself otherwise): DDP's default
+    ``broadcast_buffers`` copies rank 0's BN and quantizer buffers to every rank at each training forward, and the
+    gradients of all parameters (weights and quantizer clips/scales) are averaged over ranks."""
     if env.world_size <= 1:
         return model
-
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)

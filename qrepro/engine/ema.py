@@ -18,18 +18,13 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         # multi-tensor kernels: a handful of launches per step instead of one per tensor
-        ef, mf, eo, mo = [], [], [], []
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                ef.append(e)
-                mf.append(m.detach())
-            else:
-                eo.append(e)
-                mo.append(m)
-        if ef:
-            torch._foreach_lerp_(ef, mf, 1.0 - self.decay)
-        if eo:
-            torch._foreach_copy_(eo, mo)
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+        others = [(e, m) for e, m in pairs if not e.dtype.is_floating_point]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1.0 - self.decay)
+        if others:
+            torch._foreach_copy_([e for e, _ in others], [m for _, m in others])
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

@@ -1,11 +1,5 @@
-"""File writes that never leave a partial file behind, and filesystem errors as one line naming the path.
-
-Every file a run writes (checkpoints, records, the lock) goes through :func:`atomic_write`: the content is
-written to ``<name>.<pid>.<random>.tmp`` beside the target (unique per process, so concurrent writers never
-share a temporary name), then renamed over the target. On any failure the temporary file is removed and an
-``OSError`` (disk full, permission denied, a file where a directory should be) or torch's writer error becomes a
-``QreproError`` naming the path.
-"""
+"""File writes that never leave a partial file behind (:func:`atomic_write`: a temporary file unique to this
+process, renamed over the target), and filesystem errors as one ``QreproError`` naming the path."""
 
 from __future__ import annotations
 
@@ -20,10 +14,7 @@ from qrepro.errors import QreproError
 
 # torch.save reports a failed write (e.g. a full disk) as a RuntimeError from its zip writer
 _TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "enforce fail", "unexpected pos", "file write failed")
-
-
-def tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+LOW_SPACE = 64 * 2**20  # below this many free bytes a failed write is taken for a full disk
 
 
 def _free(path: Path) -> str:
@@ -37,10 +28,7 @@ def _free(path: Path) -> str:
 
 def _blocking_file(path: Path) -> Path | None:
     """The first component of ``path`` that exists but is not a directory."""
-    for p in reversed((path, *path.parents)):
-        if p.exists() and not p.is_dir():
-            return p
-    return None
+    return next((p for p in reversed((path, *path.parents)) if p.exists() and not p.is_dir()), None)
 
 
 def _writer_cause(path: Path) -> int | None:
@@ -56,9 +44,6 @@ def _writer_cause(path: Path) -> int | None:
     return None
 
 
-LOW_SPACE = 64 * 2**20  # below this many free bytes a failed write is taken for a full disk
-
-
 def io_error(path: Path, e: BaseException, action: str = "write") -> QreproError:
     """One line for a failed filesystem operation on ``path``."""
     code = getattr(e, "errno", None)
@@ -68,9 +53,9 @@ def io_error(path: Path, e: BaseException, action: str = "write") -> QreproError
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             return QreproError(f"cannot {action} {path}: torch's writer failed ({first}; {_free(path.parent)})")
     if code == errno.ENOSPC:
-        detail = "no space left on device"
         return QreproError(
-            f"cannot {action} {path}: {detail} ({_free(path.parent)}); free space or set out_root=<another disk>"
+            f"cannot {action} {path}: no space left on device ({_free(path.parent)}); free space or set "
+            "out_root=<another disk>"
         )
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return QreproError(
@@ -105,7 +90,7 @@ def atomic_write(path: str | Path, writer: Callable[[Path], object]) -> None:
     """``writer(tmp)`` writes the whole content to ``tmp``; then ``tmp`` replaces ``path`` atomically."""
     path = Path(path)
     ensure_dir(path.parent)
-    tmp = tmp_path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         writer(tmp)
         os.replace(tmp, path)
@@ -123,12 +108,10 @@ def remove_stale_tmp(directory: str | Path) -> list[Path]:
     """Delete ``*.tmp`` files left in ``directory`` (and ``checkpoints/``) by a killed writer. Only the owner of
     the run directory's lock calls this, so no live writer can own them."""
     out = []
-    for d in (Path(directory), Path(directory) / "checkpoints"):
-        if d.is_dir():
-            for p in d.glob("*.tmp"):
-                try:
-                    p.unlink()
-                    out.append(p)
-                except OSError:
-                    pass
+    for p in (*Path(directory).glob("*.tmp"), *Path(directory).glob("checkpoints/*.tmp")):
+        try:
+            p.unlink()
+            out.append(p)
+        except OSError:
+            pass
     return out

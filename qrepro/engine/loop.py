@@ -54,37 +54,38 @@ def train_step(
     scaler: Any = None,
     accumulate: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step exactly as the trainer takes it: forward + loss (+ regularizer), backward, the
-    optimizer step (with a closure for two-pass optimizers such as ASAM), the LR schedule, EMA, then the
-    hooks' ``on_step_end``. Returns (the step's loss, number of correct top-1 predictions), both detached
-    copies (under CUDA graphs the next call overwrites the compiled function's outputs). ``scaler``: a
-    ``torch.amp.GradScaler`` (``trainer.amp=fp16``) scales the loss and steps the optimizer.
+    """One optimizer step exactly as the trainer takes it: forward + loss (+ regularizer) and backward, then
+    :func:`finish_step` (a two-pass optimizer such as ASAM gets a closure). Returns (the step's loss, number of
+    correct top-1 predictions), detached copies (under CUDA graphs the next call overwrites the compiled outputs).
 
-    ``accumulate`` = N > 1 (``trainer.accumulate``): the batch is split into N micro-batches
-    (:func:`micro_batches`), each forward + backward on its own, and the gradients summed before the one
-    optimizer step; a two-pass optimizer's closure recomputes them over the same micro-batches. Only what a
-    training forward updates (BatchNorm's batch statistics and running averages) sees micro-batches."""
+    ``accumulate`` = N > 1 (``trainer.accumulate``): N :func:`micro_batches`, each forward + backward on its own,
+    gradients summed before the one optimizer step (a closure recomputes them over the same micro-batches). Only
+    what a training forward updates (BatchNorm's batch statistics and running averages) sees micro-batches."""
     parts = micro_batches(x, y, accumulate) if accumulate > 1 else [(x, y, 1.0)]
     optimizer.zero_grad(set_to_none=True)
     step_loss, correct = _accumulate_grads(model, forward_loss, parts, scaler)
-    if scaler is not None:  # fp16: scaled loss; the step is skipped (and the scale lowered) on overflow
-        scaler.step(optimizer)
-        scaler.update()
-    elif getattr(optimizer, "needs_closure", False):  # the closure recomputes loss and gradients
+    closure = None
+    if scaler is None and getattr(optimizer, "needs_closure", False):  # the closure recomputes loss and gradients
 
         def closure():
             optimizer.zero_grad(set_to_none=True)
             return _accumulate_grads(model, forward_loss, parts, None)[0]
 
-        optimizer.step(closure)
-    else:
-        optimizer.step()
-    _after_step(model, scheduler, step_loss, ctx=ctx, hooks=hooks, ema=ema)
+    finish_step(model, optimizer, scheduler, scaler, ema, hooks, ctx, step_loss, closure)
     return step_loss, correct
 
 
-def _after_step(model: nn.Module, scheduler: Any, step_loss: torch.Tensor, *, ctx: Context, hooks, ema) -> None:
-    """What follows every optimizer step: the LR schedule, the EMA, the step count and the hooks' ``on_step_end``."""
+def finish_step(model, optimizer, scheduler, scaler, ema, hooks, ctx: Context, step_loss, closure=None) -> None:
+    """What follows the backward pass: the optimizer step (fp16: through ``scaler``, skipped and the scale lowered
+    on overflow; ``closure``: a two-pass optimizer's), the LR schedule, the EMA, the step count and the hooks'
+    ``on_step_end``."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif closure is not None:
+        optimizer.step(closure)
+    else:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     if ema is not None:
@@ -114,7 +115,7 @@ def _accumulate_grads(
     """Forward + backward of each weighted micro-batch, gradients summed into ``.grad``; returns the whole batch's
     loss (``sum_i w_i loss_i``) and its number of correct top-1 predictions. Under DDP only the last backward
     all-reduces the gradients (``no_sync`` for the others); under fp16 each micro-loss is scaled."""
-    loss_sum = correct_sum = None
+    loss_sum = correct_sum = 0
     for i, (xi, yi, w) in enumerate(parts):
         last = i == len(parts) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
@@ -123,8 +124,7 @@ def _accumulate_grads(
             with torch.no_grad():  # before the next call (CUDA graphs overwrite the compiled outputs)
                 lv, cv = loss.detach().clone(), correct.clone()
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum = lv if loss_sum is None else loss_sum + lv
-        correct_sum = cv if correct_sum is None else correct_sum + cv
+        loss_sum, correct_sum = loss_sum + lv, correct_sum + cv
     return loss_sum, correct_sum
 
 
@@ -149,38 +149,32 @@ def train_one_epoch(
     ``make_forward_loss(model, loss_fn, regularizer)``; ``accumulate``: micro-batches per step (:func:`train_step`)."""
     model.train()
     forward_loss = forward_loss or make_forward_loss(model, loss_fn, regularizer)
-    dev_loss = dev_correct = None
-    n_seen = 0
-    t0 = time.perf_counter()
-    steps = 0
+    dev_loss = dev_correct = n_seen = steps = 0
     data_s = 0.0  # time spent waiting for the loader
+    t0 = time.perf_counter()
     it = iter(loader)
     while True:
         td = time.perf_counter()
-        try:
-            x, y = next(it)
-        except StopIteration:
+        if (batch := next(it, None)) is None:
             break
+        x, y = batch
         data_s += time.perf_counter() - td
         step_loss, correct = train_step(
             model, forward_loss, optimizer, scheduler, x, y, ctx=ctx, hooks=hooks, ema=ema, scaler=scaler,
             accumulate=accumulate,
         )  # fmt: skip
         with torch.no_grad():
-            bl = step_loss * y.shape[0]
-            dev_loss = bl if dev_loss is None else dev_loss + bl
-            dev_correct = correct if dev_correct is None else dev_correct + correct
+            dev_loss, dev_correct = dev_loss + step_loss * y.shape[0], dev_correct + correct
         n_seen += y.shape[0]
         steps += 1
         if steps % log_every == 0:
-            lv = float(dev_loss) / n_seen
             loss_v = float(qdist.all_reduce_sum(step_loss))  # every rank stops together on a NaN
             if not math.isfinite(loss_v):
                 raise NonFiniteLoss(f"loss is {loss_v} at step {ctx.step} (epoch {ctx.epoch + 1})")
             if progress is not None:
                 dt = time.perf_counter() - t0
                 progress.set_postfix(
-                    loss=f"{lv:.3f}",
+                    loss=f"{float(dev_loss) / n_seen:.3f}",
                     acc=f"{100 * float(dev_correct) / n_seen:.1f}",
                     img_s=f"{n_seen * qdist.world_size() / max(dt, 1e-9):.0f}",  # all ranks (equal batches)
                     refresh=False,
@@ -197,14 +191,18 @@ def train_one_epoch(
     loss_v = float(dev_loss) / n_seen
     if not math.isfinite(loss_v):
         raise NonFiniteLoss(f"mean loss of epoch {ctx.epoch + 1} is {loss_v}")
-    dt = time.perf_counter() - t0
+    return epoch_metrics(loss_v, 100.0 * float(dev_correct) / n_seen, n_seen, time.perf_counter() - t0, data_s)
+
+
+def epoch_metrics(loss: float, top1: float, images: int, seconds: float, data_s: float) -> dict[str, float]:
+    """``train_one_epoch``'s result (``data_s``: seconds spent waiting for the loader)."""
     return {
-        "train_loss": loss_v,
-        "train_top1": 100.0 * float(dev_correct) / n_seen,
-        "images": n_seen,
-        "seconds": dt,
+        "train_loss": loss,
+        "train_top1": top1,
+        "images": images,
+        "seconds": seconds,
         "data_seconds": data_s,
-        "images_per_s": n_seen / max(dt, 1e-9),
+        "images_per_s": images / max(seconds, 1e-9),
     }
 
 
@@ -212,11 +210,10 @@ def train_one_epoch(
 def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: Callable | None = None,
     all_reduce: bool = False,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean loss over ``loader``.
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy over ``loader``.
 
     ``forward``: ``x -> logits`` to use instead of ``model(x)``, e.g. its compiled form
     (``qrepro.engine.fast.compile_eval_forward``); ``model`` is still the one switched to eval mode.
@@ -226,21 +223,15 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    loss_fn = loss_fn or nn.functional.cross_entropy
-    tot = c1 = c5 = None
-    n = 0
+    tot = c1 = c5 = n = 0
     for x, y in loader:
         logits = forward(x) if forward is not None else model(x)
-        l = loss_fn(logits, y) * y.shape[0]
         a, b = _topk_correct(logits, y)
-        tot = l if tot is None else tot + l
-        c1 = a if c1 is None else c1 + a
-        c5 = b if c5 is None else c5 + b
-        n += y.shape[0]
+        tot, c1, c5, n = tot + nn.functional.cross_entropy(logits, y) * y.shape[0], c1 + a, c5 + b, n + y.shape[0]
     model.train(was_training)
     if all_reduce and qdist.is_distributed():
-        z = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-        local = [z if v is None else v.double() for v in (tot, c1, c5)] + [z.new_tensor(float(n))]
+        dev = next(model.parameters()).device
+        local = [torch.as_tensor(v, dtype=torch.float64, device=dev) for v in (tot, c1, c5, float(n))]
         sums = qdist.all_reduce_sum(torch.stack(local))
         tot, c1, c5, n = sums[0], sums[1], sums[2], int(sums[3])
     if n == 0:

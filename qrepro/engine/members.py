@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,24 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from tqdm import tqdm
 
-from qrepro.engine.callbacks import Console
+from qrepro.engine.callbacks import Console, progress_bar
 from qrepro.engine.fast import compile_forward_loss, forward_loss_unit
-from qrepro.engine.loop import NonFiniteLoss, micro_batches
+from qrepro.engine.loop import NonFiniteLoss, epoch_metrics, finish_step, micro_batches
 from qrepro.errors import QreproError
-
-__all__ = [
-    "MemberStack",
-    "RngState",
-    "MemberSlot",
-    "BatchedStep",
-    "BatchedEpoch",
-    "MemberConsole",
-    "member_data",
-    "member_overrides",
-    "member_seeds",
-]
 
 
 # ----------------------------------------------------------------------------------------------- RNG state
@@ -56,18 +42,17 @@ class RngState:
     numbers its separate run draws (hooks, optimizers, data-independent initialisation)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
         self.device = device
         self.saved: tuple | None = None
         self._outer: tuple | None = None
 
     def _get(self) -> tuple:
-        cuda = torch.cuda.get_rng_state(self.device) if self.cuda else None
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
 
     def _set(self, s: tuple) -> None:
         torch.set_rng_state(s[0])
-        if self.cuda and s[1] is not None:
+        if s[1] is not None:
             torch.cuda.set_rng_state(s[1], self.device)
         np.random.set_state(s[2])
         random.setstate(s[3])
@@ -102,37 +87,28 @@ class MemberStack:
     def __init__(self, models: Sequence[nn.Module]) -> None:
         if len(models) < 1:
             raise ValueError("MemberStack needs at least one model")
-        self.models = list(models)
-        self.k = len(models)
-        first = models[0]
-        self.param_names = [n for n, _ in first.named_parameters()]
-        self.buffer_names = [n for n, _ in first.named_buffers()]
+        self.models, self.k = list(models), len(models)
         for i, m in enumerate(models[1:], 1):
-            _check_same_structure(first, m, i)
-        self.template = copy.deepcopy(first)  # functional_call swaps tensors into this copy, never into a member
+            _check_same_structure(models[0], m, i)
+        self.template = copy.deepcopy(models[0])  # functional_call swaps tensors into this copy, never a member's
         for p in self.template.parameters():
             p.requires_grad_(False)
         self.params: dict[str, torch.Tensor] = {}
         self.buffers: dict[str, torch.Tensor] = {}
-        self._slots: list[tuple[int, nn.Module, str, bool, str]] = []  # (member, owner, attribute, param?, name)
+        # (member, its owner's _parameters or _buffers dict, attribute, param?, name)
+        self._slots: list[tuple[int, dict, str, bool, str]] = []
         self._ptr: dict[tuple[int, str], int] = {}
-        self._hooks: list[Any] = []
-        self._tie_all()
-
-    # -- tying -------------------------------------------------------------------------------------------
-    def _tie_all(self) -> None:
         owners = [_owners(m) for m in self.models]
-        for is_param, names, store in ((True, self.param_names, self.params), (False, self.buffer_names, self.buffers)):
-            for name in names:
-                slots = [owners[i][0 if is_param else 1][name] for i in range(self.k)]
-                ts = [(mod._parameters if is_param else mod._buffers)[attr] for mod, attr in slots]
-                st = torch.stack([t.detach() for t in ts]).requires_grad_(is_param and ts[0].requires_grad)
+        for j, store in enumerate((self.params, self.buffers)):
+            for name in owners[0][j]:
+                slots = [o[j][name] for o in owners]
+                ts = [tensors[attr] for tensors, attr in slots]
+                st = torch.stack([t.detach() for t in ts]).requires_grad_(j == 0 and ts[0].requires_grad)
                 store[name] = st
-                for i, (t, (mod, attr)) in enumerate(zip(ts, slots)):
-                    self._slots.append((i, mod, attr, is_param, name))
+                for i, (t, (tensors, attr)) in enumerate(zip(ts, slots)):
+                    self._slots.append((i, tensors, attr, j == 0, name))
                     self._tie(i, name, t, st)
-        for m in self.models:
-            self._hooks.append(m._register_state_dict_hook(_compact_state_dict))
+        self._hooks = [m._register_state_dict_hook(_compact_state_dict) for m in self.models]
 
     def _tie(self, i: int, name: str, t: torch.Tensor, st: torch.Tensor) -> None:
         view = st.detach()[i]
@@ -143,8 +119,8 @@ class MemberStack:
         """Re-tie every member tensor that was replaced since the last check (its value copied into the stack);
         returns how many. A replacement with another shape or dtype cannot be batched (one-line error)."""
         n = 0
-        for i, mod, attr, is_param, name in self._slots:
-            t = (mod._parameters if is_param else mod._buffers).get(attr)
+        for i, tensors, attr, is_param, name in self._slots:
+            t = tensors.get(attr)
             if t is None or not t.numel() or t.data_ptr() == self._ptr[(i, name)]:
                 continue
             st = self.params[name] if is_param else self.buffers[name]
@@ -164,8 +140,8 @@ class MemberStack:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for _i, mod, attr, is_param, _name in self._slots:
-            t = (mod._parameters if is_param else mod._buffers).get(attr)
+        for _i, tensors, attr, _is_param, _name in self._slots:
+            t = tensors.get(attr)
             if t is not None and t.numel():
                 t.data = t.detach().clone()
         self._slots = []
@@ -174,20 +150,16 @@ class MemberStack:
     def zero_grad(self) -> None:
         for st in self.params.values():
             st.grad = None
-        for _i, mod, attr, is_param, _ in self._slots:
-            if is_param:
-                p = mod._parameters.get(attr)
-                if p is not None:
-                    p.grad = None
+        for _i, tensors, attr, is_param, _name in self._slots:
+            if is_param and tensors.get(attr) is not None:
+                tensors[attr].grad = None
 
     def scatter_grads(self) -> None:
         """Member i's ``p.grad`` = the view ``params[name].grad[i]`` (None where the stack got no gradient)."""
-        for i, mod, attr, is_param, name in self._slots:
-            if not is_param:
-                continue
-            p = mod._parameters.get(attr)
-            g = self.params[name].grad
-            if p is not None and p.requires_grad:
+        for i, tensors, attr, is_param, name in self._slots:
+            p = tensors.get(attr)
+            if is_param and p is not None and p.requires_grad:
+                g = self.params[name].grad
                 p.grad = None if g is None else g[i]
 
     # -- batched call --------------------------------------------------------------------------------------
@@ -205,12 +177,9 @@ class MemberStack:
                 return fn(self.m, *args)
 
         call = _Call()
-        pnames = {n: "m." + n for n in self.param_names}
-        bnames = {n: "m." + n for n in self.buffer_names}
 
         def one(p: dict, b: dict, *args: Any) -> Any:
-            tensors = {pnames[k]: v for k, v in p.items()}
-            tensors.update({bnames[k]: v for k, v in b.items()})
+            tensors = {"m." + k: v for d in (p, b) for k, v in d.items()}
             return functional_call(call, tensors, args, tie_weights=True, strict=False)
 
         batched = vmap(one, in_dims=(0, 0, *in_dims), randomness="error")
@@ -231,14 +200,11 @@ class MemberStack:
 
         return run
 
-    def set_training(self, mode: bool) -> None:
-        self.template.train(mode)
 
-
-def _owners(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str]], dict[str, tuple[nn.Module, str]]]:
-    """(param name -> (owning module, attribute), buffer name -> (owning module, attribute)), deduplicated as
-    ``named_parameters``/``named_buffers`` are."""
-    found: tuple[dict[str, tuple[nn.Module, str]], ...] = ({}, {})
+def _owners(model: nn.Module) -> tuple[dict[str, tuple[dict, str]], ...]:
+    """(param name -> (owner's ``_parameters``, attribute), buffer name -> (owner's ``_buffers``, attribute)),
+    in the order and deduplicated as ``named_parameters``/``named_buffers`` are."""
+    found: tuple[dict[str, tuple[dict, str]], ...] = ({}, {})
     seen: tuple[set[int], ...] = (set(), set())
     for mname, mod in model.named_modules():
         for j, tensors in enumerate((mod._parameters, mod._buffers)):
@@ -246,15 +212,16 @@ def _owners(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, str]], dict[st
                 if t is None or id(t) in seen[j]:
                     continue
                 seen[j].add(id(t))
-                found[j][f"{mname}.{attr}" if mname else attr] = (mod, attr)
-    return found[0], found[1]
+                found[j][f"{mname}.{attr}" if mname else attr] = (tensors, attr)
+    return found
 
 
 def _check_same_structure(a: nn.Module, b: nn.Module, i: int) -> None:
-    ta = {n: (tuple(t.shape), t.dtype, t.requires_grad) for n, t in a.named_parameters()}
-    tb = {n: (tuple(t.shape), t.dtype, t.requires_grad) for n, t in b.named_parameters()}
-    ta.update({n: (tuple(t.shape), t.dtype, False) for n, t in a.named_buffers()})
-    tb.update({n: (tuple(t.shape), t.dtype, False) for n, t in b.named_buffers()})
+    def sig(m: nn.Module) -> dict[str, tuple]:
+        out = {n: (tuple(t.shape), t.dtype, t.requires_grad) for n, t in m.named_parameters()}
+        return out | {n: (tuple(t.shape), t.dtype, False) for n, t in m.named_buffers()}
+
+    ta, tb = sig(a), sig(b)
     if ta != tb:
         diff = sorted(set(ta.items()) ^ set(tb.items()), key=str)[:2]
         raise QreproError(f"batched members: member {i}'s model differs from member 0's ({diff}); {_VMAP_HINT}")
@@ -263,9 +230,7 @@ def _check_same_structure(a: nn.Module, b: nn.Module, i: int) -> None:
 def _compact_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> dict:
     """State-dict hook of a member model: compact copies instead of views into the stack (a saved view would
     carry every member's tensors)."""
-    for k, v in list(state.items()):
-        if isinstance(v, torch.Tensor):
-            state[k] = v.detach().clone()
+    state.update({k: v.detach().clone() for k, v in state.items() if isinstance(v, torch.Tensor)})
     return state
 
 
@@ -275,12 +240,12 @@ def check_python_state(models: Sequence[nn.Module]) -> None:
     kinds = (bool, int, float, str, type(None))
 
     def attrs(m: nn.Module) -> dict[str, Any]:
-        out = {}
-        for mname, mod in m.named_modules():
-            for k, v in vars(mod).items():
-                if not k.startswith("_") and isinstance(v, kinds):
-                    out[f"{mname}.{k}"] = v
-        return out
+        return {
+            f"{mname}.{k}": v
+            for mname, mod in m.named_modules()
+            for k, v in vars(mod).items()
+            if not k.startswith("_") and isinstance(v, kinds)
+        }
 
     ref = attrs(models[0])
     for i, m in enumerate(models[1:], 1):
@@ -348,44 +313,28 @@ class BatchedStep:
         return len(self.slots)
 
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stack = self.stack
-        stack.set_training(True)
+        self.stack.template.train(True)
         for s in self.slots:
             s.model.train()
-        stack.zero_grad()
-        if self.accumulate > 1:  # trainer.accumulate: micro-batches of every member's batch, gradients summed
-            step_losses = correct = None
-            for xi, yi, w in micro_batches(xs, ys, self.accumulate, dim=1):
-                li, ci = self._backward(xi, yi, w)
-                step_losses = li if step_losses is None else step_losses + li
-                correct = ci if correct is None else correct + ci
-        else:
-            step_losses, correct = self._backward(xs, ys)
-        stack.scatter_grads()
+        self.stack.zero_grad()
+        # trainer.accumulate: micro-batches of every member's batch, gradients summed
+        parts = micro_batches(xs, ys, self.accumulate, dim=1) if self.accumulate > 1 else [(xs, ys, 1.0)]
+        step_losses = correct = 0
+        for xi, yi, w in parts:
+            li, ci = self._backward(xi, yi, w)
+            step_losses, correct = step_losses + li, correct + ci
+        self.stack.scatter_grads()
         for i, s in enumerate(self.slots):
             with s.rng:
-                if s.scaler is not None:
-                    s.scaler.step(s.optimizer)
-                    s.scaler.update()
-                else:
-                    s.optimizer.step()
-                if s.scheduler is not None:
-                    s.scheduler.step()
-                if s.ema is not None:
-                    s.ema.update(s.model)
-                s.ctx.step += 1
-                s.ctx.loss = step_losses[i]
-                for h in s.hooks:
-                    h.on_step_end(s.ctx, s.ctx.step)
-        stack.check_tied()
+                finish_step(s.model, s.optimizer, s.scheduler, s.scaler, s.ema, s.hooks, s.ctx, step_losses[i])
+        self.stack.check_tied()
         return step_losses, correct
 
-    def _backward(self, xs: torch.Tensor, ys: torch.Tensor, w: float | None = None) -> tuple[torch.Tensor, ...]:
+    def _backward(self, xs: torch.Tensor, ys: torch.Tensor, w: float) -> tuple[torch.Tensor, ...]:
         """Forward + backward of the stacked batch (its losses weighted by ``w``, a micro-batch's share of the
         batch), gradients added to the stack's; returns detached copies of the (weighted) losses and correct counts."""
         losses, correct = self.fn(xs, ys)
-        if w is not None:
-            losses = losses * w
+        losses = losses * w
         with torch.no_grad():
             step_losses = losses.detach().clone()
             correct = correct.detach().clone()
@@ -444,12 +393,8 @@ class BatchedEpoch:
             self._build(self.slots)
         iters = [iter(ld) for ld in self.loaders]
         n_steps = len(self.loaders[0])
-        bar = None
-        if self.progress:
-            bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.epochs} x{len(live)}", leave=False,
-                       file=sys.stderr, mininterval=1.0, dynamic_ncols=True)  # fmt: skip
-        dev_loss = dev_correct = None
-        n_seen = 0
+        bar = progress_bar(n_steps, f"epoch {epoch + 1}/{self.epochs} x{len(live)}") if self.progress else None
+        dev_loss = dev_correct = n_seen = 0
         data_s = 0.0
         t0 = time.perf_counter()
         try:
@@ -457,13 +402,10 @@ class BatchedEpoch:
                 td = time.perf_counter()
                 batches = [next(it) for it in iters]
                 data_s += time.perf_counter() - td
-                xs = torch.stack([b[0] for b in batches])
-                ys = torch.stack([b[1] for b in batches])
+                xs, ys = (torch.stack(t) for t in zip(*batches))
                 losses, correct = self.step(xs, ys)
                 with torch.no_grad():
-                    bl = losses * ys.shape[1]
-                    dev_loss = bl if dev_loss is None else dev_loss + bl
-                    dev_correct = correct if dev_correct is None else dev_correct + correct
+                    dev_loss, dev_correct = dev_loss + losses * ys.shape[1], dev_correct + correct
                 n_seen += ys.shape[1]
                 if (s + 1) % self.log_every == 0:  # as train_one_epoch: one host read, each member stops on its NaN
                     vals = losses.tolist()
@@ -491,17 +433,10 @@ class BatchedEpoch:
         loss_v = (dev_loss.double() / n_seen).tolist()
         acc_v = (dev_correct.double() * (100.0 / n_seen)).tolist()
         for j, i in enumerate(live):
-            if not math.isfinite(loss_v[j]):
+            if math.isfinite(loss_v[j]):
+                outs[i] = epoch_metrics(loss_v[j], acc_v[j], n_seen, dt, data_s)
+            else:
                 outs[i] = NonFiniteLoss(f"mean loss of epoch {epoch + 1} is {loss_v[j]}")
-                continue
-            outs[i] = {
-                "train_loss": loss_v[j],
-                "train_top1": acc_v[j],
-                "images": n_seen,
-                "seconds": dt,
-                "data_seconds": data_s,
-                "images_per_s": n_seen / max(dt, 1e-9),
-            }
         return outs
 
 
@@ -534,10 +469,6 @@ def member_data(data: Any, seed: int) -> Any:
 
 
 # -------------------------------------------------------------------------------- run directories, seeds
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def member_seeds(seed: int, members: int) -> list[int]:
     return [int(seed) + i for i in range(int(members))]
 
@@ -545,7 +476,7 @@ def member_seeds(seed: int, members: int) -> list[int]:
 def member_overrides(overrides: Sequence[str], seed: int, index: int, seed_given: bool) -> list[str]:
     """Member ``index``'s command-line overrides: the launch's, without ``trainer.members``, with ``seed=S+index``
     (member 0 keeps the launch's own form: no seed override when none was given)."""
-    out = [o for o in overrides if _key(o) not in ("seed", "trainer.members")]
+    out = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("seed", "trainer.members")]
     if index > 0 or seed_given:
         out.append(f"seed={seed + index}")
     return out

@@ -16,15 +16,12 @@ from qrepro.engine.fsio import atomic_write
 
 def git_info(cwd: str | Path | None = None) -> dict[str, Any]:
     cwd = str(cwd or Path(__file__).resolve().parents[2])
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
         if commit.returncode != 0:
             return {"commit": None, "dirty": None}
         return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}

@@ -1,15 +1,6 @@
-"""One run directory, one owner: the lock, what the directory holds, and a run's identity.
-
-* :class:`RunLock` — ``<run dir>/.lock``, an exclusive ``flock`` held for the whole run and released by the
-  kernel when the process dies (even on ``kill -9``). The file names the owner (pid, host, start time, command):
-  a second launch is refused with that owner in one line; a lock file left by a dead process is taken over with a
-  message. On shared filesystems the lock relies on ``flock`` over NFS (Linux emulates it with POSIX locks).
-* :func:`identity` — what determines a run's result besides its directory name: the semantic config (no paths,
-  devices or logging keys) and the content hash of ``init_from``. Stored in every checkpoint and record; a resume
-  or skip whose identity differs is refused instead of continuing or returning another run's result.
-* :func:`prepare_run_dir` — what a launch does with a directory it holds: start fresh, resume, or skip.
-* :func:`mark_superseded` — a rerun (``force=true``/``retry=true``) rewrites the old record as
-  ``status: superseded`` (``complete: false``) before it touches any checkpoint.
+"""One run directory, one owner: the lock (:class:`RunLock`), a run's identity (:func:`identity`), what a launch
+does with a directory it holds (:func:`prepare_run_dir`: fresh, resume or skip) and superseded records
+(:func:`mark_superseded`). The behaviour under relaunch, kill and reruns: docs/runs.md.
 """
 
 from __future__ import annotations
@@ -36,13 +27,13 @@ RESUME_HINT = "add resume=true to continue it, or force=true to start over"
 
 
 class RunLock:
-    """Exclusive ownership of a run directory (see the module docstring). Use as a context manager."""
+    """``<run dir>/.lock``: an exclusive ``flock`` held for the whole run and released by the kernel when the
+    process dies (even on ``kill -9``). The file names the owner; a lock left by a dead process is taken over."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.fd: int | None = None
-        self.previous: dict[str, Any] | None = None  # a dead owner's entry, when one was taken over
 
     @staticmethod
     def _read(fd: int) -> dict[str, Any] | None:
@@ -70,7 +61,7 @@ class RunLock:
         except OSError as e:
             os.close(fd)
             raise io_error(self.path, e, "lock") from None
-        self.previous = self._read(fd)
+        previous = self._read(fd)  # a dead owner's entry
         me = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -84,11 +75,10 @@ class RunLock:
             os.close(fd)
             raise io_error(self.path, e) from None
         self.fd = fd
-        if self.previous:
-            p = self.previous
+        if previous:
             print(
-                f"lock: taking over {self.path} left by pid {p.get('pid')} on {p.get('host')} "
-                f"(since {p.get('started')}; that process is gone)",
+                f"lock: taking over {self.path} left by pid {previous.get('pid')} on {previous.get('host')} "
+                f"(since {previous.get('started')}; that process is gone)",
                 flush=True,
             )
         removed = remove_stale_tmp(self.run_dir)  # partial writes of a killed owner
@@ -194,10 +184,11 @@ def identity(
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return {k.rstrip("."): v for k, v in out.items()}
+    return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def _init_change(old: str | None, new: str | None) -> str:
+    return f"init_from {'sha256 ' + old[:12] if old else 'none'} -> {'sha256 ' + new[:12] if new else 'none'}"
 
 
 def identity_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
@@ -207,8 +198,7 @@ def identity_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str 
         return None
     parts = []
     if old.get("init_from_sha256") != new.get("init_from_sha256"):
-        o, n = old.get("init_from_sha256"), new.get("init_from_sha256")
-        parts.append(f"init_from {'sha256 ' + o[:12] if o else 'none'} -> {'sha256 ' + n[:12] if n else 'none'}")
+        parts.append(_init_change(old.get("init_from_sha256"), new.get("init_from_sha256")))
     if old.get("config_sha256") and old.get("config_sha256") != new.get("config_sha256"):
         fo, fn = _flat(old.get("config") or {}), _flat(new.get("config") or {})
         first = ("quantizer.name", "model.name", "precision.name", "dataset.name", "optimizer.name", "scheduler.name")
@@ -251,11 +241,7 @@ def _init_mismatch(record: dict[str, Any], init: dict[str, str] | None) -> str |
     now_sha = init["sha256"] if init else None
     if isinstance(ident, dict) and "init_from_sha256" in ident:
         old = ident["init_from_sha256"]
-        if old == now_sha:
-            return None
-        return (
-            f"init_from {'sha256 ' + old[:12] if old else 'none'} -> {'sha256 ' + now_sha[:12] if now_sha else 'none'}"
-        )
+        return None if old == now_sha else _init_change(old, now_sha)
     old_path, now_path = record.get("init_from") or None, init["path"] if init else None  # a record without hashes
     return None if old_path == now_path else f"init_from {old_path} -> {now_path}"
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qrepro.engine import dist as qdist
-from qrepro.engine.callbacks import Callback, Checkpointer, NaNGuard, default_callbacks
+from qrepro.engine.callbacks import Callback, Checkpointer, default_callbacks
 from qrepro.engine.fast import compile_eval_forward
 from qrepro.engine.loop import NonFiniteLoss, evaluate, start_training, train_one_epoch
 from qrepro.errors import QreproError
@@ -82,7 +82,6 @@ class FitState:
     train_seconds: float = 0.0
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     segments: int = 1
-    resumed_from: int | None = None
     status: str = "running"  # running | complete | diverged
     error: str | None = None
     segment_t0: float = field(default_factory=time.perf_counter)
@@ -217,13 +216,10 @@ class Trainer:
 
     def finish(self) -> FitResult:
         """Callbacks' ``on_fit_end`` (logger summary, record); a diverged run raises the one-line error."""
-        if self.bar is not None:
-            self.bar.close()
-        self._call("on_fit_end")  # logger summary, record
-        record_path = Path(self.f.run_dir) / "record.json"
+        self._call("on_fit_end")  # progress bar, logger summary, record
         if self.state.status == "diverged":
             raise QreproError(f"training diverged: {self.state.error}")
-        return FitResult(self.record, record_path)
+        return FitResult(self.record, Path(self.f.run_dir) / "record.json")
 
     def evaluate_only(self) -> None:
         """``epochs == 0``: the initialised model evaluated as it is (a pretrained FP row); best = last, epoch 0."""
@@ -290,21 +286,20 @@ class Cohort:
         for t in self.trainers:
             with t.rng:
                 t0s.append(t.begin_epoch(epoch))
-        outs = self.step.epoch(epoch)
         gone = []
-        for i, (t, out) in enumerate(zip(self.trainers, outs)):
+        for t, out, t0 in zip(self.trainers, self.step.epoch(epoch), t0s):
             if not isinstance(out, NonFiniteLoss):
                 try:
                     with t.rng:
-                        t.end_epoch(epoch, out, t0s[i])
+                        t.end_epoch(epoch, out, t0)
                     continue
                 except NonFiniteLoss as e:
                     out = e
             t.diverge(out)
             self.done(t)
-            gone.append(i)
+            gone.append(t)
         if gone:
-            self.trainers = [t for i, t in enumerate(self.trainers) if i not in gone]
+            self.trainers = [t for t in self.trainers if t not in gone]
             self._build()
 
 
@@ -313,17 +308,14 @@ def train_trainers(
 ) -> None:
     """Train every trainer (each already ``setup``) to ``epochs``, in cohorts of trainers at the same epoch;
     each ends ``complete`` or ``diverged``, and ``done(trainer)`` is called when it does."""
-    stopped: set[int] = set()
+    stop = done or (lambda t: None)
 
-    def stop(t: Trainer) -> None:
-        stopped.add(id(t))
-        if done is not None:
-            done(t)
-
-    for t in trainers:
-        if t.state.epoch >= epochs:  # resumed after its last epoch: only the record was missing
+    def complete(ts: Sequence[Trainer]) -> None:
+        for t in ts:
             t.state.status = "complete"
             stop(t)
+
+    complete([t for t in trainers if t.state.epoch >= epochs])  # resumed after its last epoch: no record yet
     active = [t for t in trainers if t.state.epoch < epochs]
     while active:
         low = min(t.state.epoch for t in active)
@@ -344,25 +336,9 @@ def train_trainers(
         finally:
             cohort.release()
         if nxt >= epochs:
-            for t in cohort.trainers:
-                t.state.status = "complete"
-                stop(t)
-        active = [t for t in active if id(t) not in stopped]
+            complete(cohort.trainers)
+        active = [t for t in active if t.state.status == "running"]
 
 
 def fit(f: Fit) -> FitResult:
     return Trainer(f).run()
-
-
-__all__ = [
-    "Cohort",
-    "Fit",
-    "FitResult",
-    "FitState",
-    "SingleStep",
-    "Trainer",
-    "fit",
-    "train_trainers",
-    "NaNGuard",
-    "Checkpointer",
-]

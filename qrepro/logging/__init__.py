@@ -39,7 +39,6 @@ class WandbLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb  # imported here: slow to import, and only logger=wandb needs it
 
-        self._wandb = wandb
         self.run = wandb.init(
             project=project,
             entity=entity,
@@ -64,9 +63,8 @@ class WandbLogger:
         """Write ``summary`` (best and last metrics) and close the run; later calls do nothing."""
         if self.run is None:
             return
-        if summary:
-            for k, v in summary.items():
-                self.run.summary[k] = v
+        for k, v in (summary or {}).items():
+            self.run.summary[k] = v
         self.run.finish()
         self.run = None
 
@@ -76,8 +74,5 @@ def build_logger(kind: str, **kw: Any):
     if kind in ("none", None):
         return NullLogger()
     if kind == "wandb":
-        mode = os.environ.get("WANDB_MODE", kw.pop("mode", "offline"))
-        kw.pop("mode", None)
-        return WandbLogger(mode=mode, **kw)
-
+        return WandbLogger(mode=os.environ.get("WANDB_MODE", kw.pop("mode", "offline")), **kw)
     raise QreproError(f"unknown logger {kind!r}; choose logger=wandb or logger=none")
