@@ -34,7 +34,7 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.quant.aciq import DISTRIBUTIONS
-from qrepro.quant.calibrate import _AFFINE, _batches, capture, init_quantizers, layer_bits, weight_quantizer_for
+from qrepro.quant.calibrate import _AFFINE, capture, init_quantizers, layer_bits, weight_quantizer_for
 from qrepro.quant.layers import QUANT_LAYERS, quantized_layers
 from qrepro.quant.levels import best_pot_levels, kmeans_levels
 from qrepro.quant.methods import FP_BITS, LayerInfo, Method
@@ -302,8 +302,8 @@ def _qparams(qq: nn.Module | None) -> list[nn.Parameter]:
 def _calib_mse(layer: nn.Module, post: Callable, x_in: torch.Tensor, target: torch.Tensor, chunk: int) -> float:
     """MSE(post(layer(x_in)), target) over every calibration image (chunked; the same value as one batch)."""
     total = 0.0
-    for sl in _batches(len(x_in), chunk):
-        total += float(F.mse_loss(post(layer(x_in[sl])), target[sl], reduction="sum"))
+    for x, y in zip(x_in.split(chunk), target.split(chunk)):
+        total += float(F.mse_loss(post(layer(x)), y, reduction="sum"))
     return total / target.numel()
 
 

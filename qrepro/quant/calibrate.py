@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -67,11 +67,6 @@ def weight_quantizer_for(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    for i in range(0, n, batch_size):
-        yield slice(i, min(n, i + batch_size))
-
-
 _SWITCHABLE = (UniformQuantizer, RangeQuantizer, AffineQuantizer)
 _AFFINE = (RangeQuantizer, AffineQuantizer)
 
@@ -88,8 +83,8 @@ def _fp_pass(q: nn.Module, calib: torch.Tensor, batch_size: int, pre_hooks: dict
     hooks = [m.register_forward_pre_hook(fn) for m, fn in pre_hooks.items()]
     set_quantization(q, False)
     try:
-        for sl in _batches(len(calib), batch_size):
-            q(calib[sl])
+        for x in calib.split(batch_size):
+            q(x)
     finally:
         for h in hooks:
             h.remove()
@@ -106,11 +101,10 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
     out: list[torch.Tensor] = []
 
     def pre(_m, args):
-        if what == "input":
-            if len(args) != 1 or not torch.is_tensor(args[0]):
-                raise QreproError(f"PTQ reconstruction needs single-tensor module inputs ({type(_m).__name__})")
-            out.append(args[0].detach())
-            raise _Stop
+        if len(args) != 1 or not torch.is_tensor(args[0]):
+            raise QreproError(f"PTQ reconstruction needs single-tensor module inputs ({type(_m).__name__})")
+        out.append(args[0].detach())
+        raise _Stop
 
     def post(_m, _args, y):
         out.append(y.detach())
@@ -118,9 +112,9 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
 
     h = module.register_forward_pre_hook(pre) if what == "input" else module.register_forward_hook(post)
     try:
-        for sl in _batches(len(calib), batch_size):
+        for x in calib.split(batch_size):
             try:
-                model(calib[sl])
+                model(x)
             except _Stop:
                 pass
     finally:
