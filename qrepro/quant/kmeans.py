@@ -129,8 +129,7 @@ def kmeans_1d(
     n = xs.numel()
     c = centroids.detach().to(device=x.device, dtype=torch.float64).clone()
     tol_abs = float(x.var(unbiased=False)) * tol
-    splits_old = None
-    it = 0
+    prev, it = None, 0
     while it < max_iter:
         it += 1
         order = torch.argsort(c, stable=True)
@@ -149,12 +148,10 @@ def kmeans_1d(
         new[order] = new_sorted
         shift = float((new - c).square().sum())
         c = new
-        key = (order, splits)
-        if splits_old is not None and torch.equal(key[0], splits_old[0]) and torch.equal(key[1], splits_old[1]):
-            break  # the same clusters as in the previous iteration: the labels did not change
-        if shift <= tol_abs:
+        # stop when the clusters are those of the previous iteration (labels unchanged) or the shift is small
+        if (prev is not None and torch.equal(order, prev[0]) and torch.equal(splits, prev[1])) or shift <= tol_abs:
             break
-        splits_old = key
+        prev = (order, splits)
     labels = assign(x, c)
     return c, labels.reshape(w.shape), it
 
