@@ -7,11 +7,8 @@ left untouched) built with the framework's own QConv2d/QLinear layers:
    and an input quantizer at ``a_bits`` (first/last layers at ``first_last_bits``; the network input is not
    quantized unless ``quantize_first_input``);
 2. activation statistics are collected on the calibration set (quantizers disabled);
-3. the registered algorithm (``PTQ_ALGORITHMS``) sets / optimises the quantizers:
-   ``minmax``, ``mse``, ``aciq`` (closed-form clipping), ``adaquant`` (per-layer output-MSE optimisation of
-   weights, biases and quantizer ranges), ``qdrop`` (block reconstruction, AdaRound weights, learned
-   activation steps, activation quantization dropped with probability p), ``pot`` and ``kmeans``
-   (non-uniform weights).
+3. the registered algorithm (``PTQ_ALGORITHMS``: ``minmax``, ``mse``, ``aciq``, ``adaquant``, ``qdrop``, ``pot``,
+   ``kmeans``; each function's docstring says what it does) sets / optimises the quantizers.
 
 AdaQuant and QDrop follow their reference implementations where the SymReg/SatNL supplement is silent
 (CalibTIP ``utils/adaquant.py`` + ``models/modules/quantize.py``; wimh966/QDrop ``solver/recon.py`` +

@@ -1,15 +1,5 @@
 """Fake-quantizers used by post-training quantization (they plug into QConv2d/QLinear as ``wq`` / ``aq``).
 
-- :class:`UniformQuantizer`: per-tensor uniform quantizer with a (optionally learnable) step, STE on the
-  rounding only, so d/dstep is the LSQ gradient; QDrop's random drop of activation quantization built in.
-- :class:`RangeQuantizer`: asymmetric quantizer with a learnable clipping range and lower bound (AdaQuant's
-  reference implementation, CalibTIP ``QuantThUpdate``).
-- :class:`AffineQuantizer`: asymmetric quantizer with a learnable step and a fixed integer zero point (QDrop's
-  reference ``LSQFakeQuantize``, optional LSQ gradient scaling); QDrop's random drop built in.
-- :class:`AdaRoundWeight`: AdaRound (Nagel et al., 2020) rounding of weights on a fixed uniform grid
-  (symmetric, or asymmetric with an integer zero point).
-- :class:`LevelQuantizer`: nearest-level projection onto an arbitrary sorted level set (PoT / k-means).
-
 Grids (``grid``), for step s and b bits, α = clipping value:
 - ``midrise`` (signed): levels (k + ½)s, k = −2^(b−1) … 2^(b−1)−1, s = 2α/2^b: 2^b levels symmetric about 0
   with bins exactly covering [−α, α] (the quantizer of supplement Eq. 1, q_i = −α + (2i+1)Δ/2).
@@ -48,7 +38,8 @@ def _grad_scaled(s: torch.Tensor, g: float) -> torch.Tensor:
 
 class UniformQuantizer(nn.Module):
     """x -> (clamp(round(x/s − o), q_min, q_max) + o) · s with |s| as the step: one step per tensor, or one per
-    output channel (``channels`` = C_out, ``ndim`` = the weight's rank) for weights."""
+    output channel (``channels`` = C_out, ``ndim`` = the weight's rank) for weights. STE on the rounding only, so
+    d/ds is the LSQ gradient; QDrop's random drop of activation quantization built in (``drop_prob``)."""
 
     def __init__(
         self,
