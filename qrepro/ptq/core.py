@@ -31,7 +31,7 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.quant.aciq import DISTRIBUTIONS
-from qrepro.quant.calibrate import _AFFINE, capture, init_quantizers, layer_bits, weight_quantizer_for
+from qrepro.quant.calibrate import _AFFINE, Calibration, capture, init_quantizers, layer_bits, weight_quantizer_for
 from qrepro.quant.layers import QUANT_LAYERS, quantized_layers
 from qrepro.quant.levels import best_pot_levels, kmeans_levels
 from qrepro.quant.methods import FP_BITS, LayerInfo, Method
@@ -109,10 +109,7 @@ class PTQConfig:
         fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **fill)
 
-    @property
-    def chunk(self) -> int:
-        """Mini-batch of calibration forwards (memory only; results do not depend on it)."""
-        return int(self.batch_size or 32)
+    chunk = Calibration.chunk  # mini-batch of calibration forwards (memory only; results do not depend on it)
 
     def quantizer_kind(self) -> str:
         """uniform (symmetric policy quantizers) | range (AdaQuant reference) | affine (QDrop reference)."""
@@ -254,11 +251,9 @@ def layer_post_ops(model: nn.Module) -> dict[str, tuple[str | None, str | None]]
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), (nn.Conv2d, nn.Linear)):
             continue
-        bn, cur = None, node
-        users = list(cur.users)
+        bn, users = None, list(node.users)
         if len(users) == 1 and users[0].op == "call_module" and isinstance(mods.get(users[0].target), _BN):
-            bn, cur = users[0].target, users[0]
-            users = list(cur.users)
+            bn, users = users[0].target, list(users[0].users)
         a = act(users[0]) if len(users) == 1 else None
         out[str(node.target)] = (bn, a)
     return out

@@ -243,12 +243,10 @@ def _lp_candidates(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, one_side: 
         zero = torch.zeros_like(thres)
         return (zero, thres) if one_side == "pos" else (-thres, zero)
     qmax = 2**bits - 1
-    width = (xmax - xmin) / n * i  # (n, ...)
-    delta = (width - 0) / qmax
+    width = ((xmax - xmin) / n * i).unsqueeze(1)  # (n, 1, ...)
     z = torch.arange(0, qmax + 1, dtype=xmin.dtype, device=xmin.device).view(1, -1, *([1] * xmin.dim()))
-    lo = 0 - z * delta.unsqueeze(1)
-    hi = width.unsqueeze(1) - z * delta.unsqueeze(1)
-    return lo.flatten(0, 1), hi.flatten(0, 1)
+    lo = 0 - z * (width / qmax)
+    return lo.flatten(0, 1), (width + lo).flatten(0, 1)
 
 
 def _one_side(xmin: torch.Tensor, xmax: torch.Tensor) -> str:
@@ -260,15 +258,11 @@ def lp_weight_bounds(w: torch.Tensor, bits: int, per_channel: bool, p: float) ->
     """QDrop's ``MSEObserver`` on a weight tensor: the candidate (lo, hi) minimising mean |Q(w) − w|^p, per
     output channel or per tensor (first minimum in search order)."""
     w = w.detach()
-    if per_channel:
-        flat = w.flatten(1)
-        xmin, xmax = flat.amin(1), flat.amax(1)
-        one_side = _one_side(xmin, xmax)
-        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)  # the reference clamps per channel only
-    else:
-        flat = w.reshape(1, -1)
-        xmin, xmax = w.min().reshape(1), w.max().reshape(1)
-        one_side = _one_side(xmin, xmax)
+    flat = w.flatten(1) if per_channel else w.reshape(1, -1)
+    xmin, xmax = flat.amin(1), flat.amax(1)
+    one_side = _one_side(xmin, xmax)
+    if per_channel:  # the reference clamps per channel only
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     lo, hi = _lp_candidates(xmin, xmax, bits, one_side)  # (K, C)
     scores = []
     per = max(1, (1 << 22) // max(1, flat.numel()))
