@@ -281,28 +281,8 @@ def lp_weight_bounds(w: torch.Tensor, bits: int, per_channel: bool, p: float) ->
     return lo_b.reshape(shape), hi_b.reshape(shape)
 
 
-@torch.no_grad()
-def _lp_act_bounds(
-    q: nn.Module, calib: torch.Tensor, cfg: Any, names: list[str], p: float
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """QDrop's ``MSEObserver`` on every listed layer input over ``calib`` (all quantizers off): the candidate
-    (lo, hi) minimising the mean |Q(x) − x|^p (one-sided inputs: 100 candidates; two-sided: 100 × 2^b)."""
-    stats = _collect_act_stats(q, calib, cfg.chunk)
-    cands = {}
-    for n in names:
-        bits = q.get_submodule(n).aq.bits
-        xmin, xmax = stats[n].amin.to(calib.dtype), stats[n].amax.to(calib.dtype)
-        lo, hi = _lp_candidates(xmin, xmax, bits, _one_side(xmin, xmax))
-        cands[n] = (lo, hi, *affine_qparams(lo, hi, bits), bits)
-
-    def errors(x: torch.Tensor, name: str) -> torch.Tensor:
-        _, _, st, zp, bits = cands[name]
-        return torch.stack(
-            [(fake_quant_affine(x, st[k], zp[k], bits) - x).abs().pow(p).double().sum() for k in range(len(st))]
-        )
-
-    best = _act_search(q, calib, cfg.chunk, {n: functools.partial(errors, name=n) for n in names})
-    return {n: (cands[n][0][k], cands[n][1][k]) for n, k in best.items()}
+def _lp_errors(step: torch.Tensor, zero: torch.Tensor, x: torch.Tensor, bits: int, p: float) -> torch.Tensor:
+    return torch.stack([(fake_quant_affine(x, s, z, bits) - x).abs().pow(p).double().sum() for s, z in zip(step, zero)])
 
 
 def _affine_weight_bounds(wq: nn.Module, w: torch.Tensor, how: str, cfg: Any) -> tuple[torch.Tensor, ...]:
@@ -346,9 +326,17 @@ def init_quantizers(q: nn.Module, calib: torch.Tensor, cfg: Any, how: str) -> No
             layer.aq.set_signed(bool(stats[name].amin < 0))
     affine = {n: layer.aq for n, layer in quantized_layers(q) if isinstance(layer.aq, _AFFINE)}
     if affine and how in ("mse", "lp"):
+        # QDrop's MSEObserver on a subset: the candidate (lo, hi) minimising the mean |Q(x) − x|^p (one-sided
+        # inputs: 100 candidates; two-sided: 100 × 2^b)
         sub = calib[: min(len(calib), cfg.act_calib_size)]
-        for name, (lo, hi) in _lp_act_bounds(q, sub, cfg, list(affine), 2.0 if how == "mse" else cfg.lp_norm).items():
-            affine[name].set_bounds(lo, hi)
+        sub_stats, cands, errors = _collect_act_stats(q, sub, cfg.chunk), {}, {}
+        for name, aq in affine.items():
+            xmin, xmax = sub_stats[name].amin.to(sub.dtype), sub_stats[name].amax.to(sub.dtype)
+            cands[name] = _lp_candidates(xmin, xmax, aq.bits, _one_side(xmin, xmax))
+            p = 2.0 if how == "mse" else cfg.lp_norm
+            errors[name] = functools.partial(_lp_errors, *affine_qparams(*cands[name], aq.bits), bits=aq.bits, p=p)
+        for name, k in _act_search(q, sub, cfg.chunk, errors).items():
+            affine[name].set_bounds(cands[name][0][k], cands[name][1][k])
     else:
         for name, aq in affine.items():
             aq.set_bounds(*_affine_act_bounds(stats[name], aq.bits, how, cfg))
