@@ -101,7 +101,73 @@ def run_ptq(
         todo = _todo(cfg, targets, digest)
         if not todo:
             return [t[1] / "record.json" for t in targets]
-        return _run_todo(cfg, todo, src, digest, experiment, device, data, fp.to(device), which)
+        fp = fp.to(device)
+        fp_eval = evaluate(fp, data.test) if cfg.ptq.eval_fp else None
+        if fp_eval is not None:
+            print(f"FP ({which} weights): top1 {fp_eval['test_top1']:.2f}%", flush=True)
+        calib = calibration_images(data.train, int(cfg.ptq.calib_size)).to(device)
+        paths = []
+        for pcfg, run_dir, ov in todo:
+            w, a = pcfg.w_bits, pcfg.a_bits
+            started, t0 = time.time(), time.perf_counter()
+            seed_everything(int(cfg.seed))
+            q = quantize_model(fp, calib, pcfg)
+            ptq_s = time.perf_counter() - t0
+            ev = evaluate(q, data.test)
+            if file_sha256(src) != digest:  # cannot happen: the file is only read; guard the promise anyway
+                raise QreproError(f"checkpoint {src} changed during PTQ; stopping")
+            record = {
+                "complete": True,
+                "status": "complete",
+                "name": cfg.name,
+                "experiment": experiment,
+                "overrides": ov,
+                "run_dir": str(run_dir),
+                "config": plain(cfg),
+                "model": cfg.model.name,
+                "method": f"ptq_{pcfg.algorithm}",
+                "dataset": cfg.dataset.name,
+                "precision": f"w{w}a{a}",
+                "w_bits": w,
+                "a_bits": a,
+                "optimizer": None,
+                "seed": int(cfg.seed),
+                "init_from": str(src),
+                "train_method": cfg.quantizer.name,
+                "ptq": {
+                    "algorithm": pcfg.algorithm,
+                    "source": str(src),
+                    "source_sha256": digest,
+                    "weights": which,
+                    "calib_size": int(cfg.ptq.calib_size),
+                    "options": dict(vars(pcfg)),
+                    "fp_top1": fp_eval["test_top1"] if fp_eval else None,
+                    "fp_top5": fp_eval["test_top5"] if fp_eval else None,
+                    "ptq_seconds": ptq_s,
+                },
+                "metrics": {
+                    "best_top1": ev["test_top1"],
+                    "best_top5": ev["test_top5"],
+                    "best_epoch": None,
+                    "last_top1": ev["test_top1"],
+                    "last_top5": ev["test_top5"],
+                    "test_loss": ev["test_loss"],
+                },
+                "curves": {},
+                "git": git_info(),
+                "versions": versions(),
+                "device": device_name(device),
+                "wall_time_s": time.perf_counter() - t0,
+                "images_per_s": None,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            write_json_atomic(record, run_dir / "record.json")
+            fp_s = f" (FP {fp_eval['test_top1']:.2f}%)" if fp_eval else ""
+            top = f"top1 {ev['test_top1']:.2f}% top5 {ev['test_top5']:.2f}%"
+            print(f"ptq {pcfg.algorithm} w{w}a{a}: {top}{fp_s}", flush=True)
+            paths.append(run_dir / "record.json")
+        return paths
 
 
 def _todo(cfg: DictConfig, targets: list, digest: str) -> list:
@@ -124,87 +190,6 @@ def _todo(cfg: DictConfig, targets: list, digest: str) -> list:
             continue
         todo.append(t)
     return todo
-
-
-def _run_todo(
-    cfg: DictConfig,
-    todo: list,
-    src: Path,
-    digest: str,
-    experiment: str | None,
-    device: Any,
-    data: Any,
-    fp: Any,
-    which: str,
-) -> list[Path]:
-    fp_eval = evaluate(fp, data.test) if cfg.ptq.eval_fp else None
-    if fp_eval is not None:
-        print(f"FP ({which} weights): top1 {fp_eval['test_top1']:.2f}%", flush=True)
-    calib = calibration_images(data.train, int(cfg.ptq.calib_size)).to(device)
-    paths = []
-    for pcfg, run_dir, ov in todo:
-        w, a = pcfg.w_bits, pcfg.a_bits
-        started, t0 = time.time(), time.perf_counter()
-        seed_everything(int(cfg.seed))
-        q = quantize_model(fp, calib, pcfg)
-        ptq_s = time.perf_counter() - t0
-        ev = evaluate(q, data.test)
-        if file_sha256(src) != digest:  # cannot happen: the file is only read; guard the promise anyway
-            raise QreproError(f"checkpoint {src} changed during PTQ; stopping")
-        record = {
-            "complete": True,
-            "status": "complete",
-            "name": cfg.name,
-            "experiment": experiment,
-            "overrides": ov,
-            "run_dir": str(run_dir),
-            "config": plain(cfg),
-            "model": cfg.model.name,
-            "method": f"ptq_{pcfg.algorithm}",
-            "dataset": cfg.dataset.name,
-            "precision": f"w{w}a{a}",
-            "w_bits": w,
-            "a_bits": a,
-            "optimizer": None,
-            "seed": int(cfg.seed),
-            "init_from": str(src),
-            "train_method": cfg.quantizer.name,
-            "ptq": {
-                "algorithm": pcfg.algorithm,
-                "source": str(src),
-                "source_sha256": digest,
-                "weights": which,
-                "calib_size": int(cfg.ptq.calib_size),
-                "options": dict(vars(pcfg)),
-                "fp_top1": fp_eval["test_top1"] if fp_eval else None,
-                "fp_top5": fp_eval["test_top5"] if fp_eval else None,
-                "ptq_seconds": ptq_s,
-            },
-            "metrics": {
-                "best_top1": ev["test_top1"],
-                "best_top5": ev["test_top5"],
-                "best_epoch": None,
-                "last_top1": ev["test_top1"],
-                "last_top5": ev["test_top5"],
-                "test_loss": ev["test_loss"],
-            },
-            "curves": {},
-            "git": git_info(),
-            "versions": versions(),
-            "device": device_name(device),
-            "wall_time_s": time.perf_counter() - t0,
-            "images_per_s": None,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        path = run_dir / "record.json"
-        write_json_atomic(record, path)
-        fp_s = f" (FP {fp_eval['test_top1']:.2f}%)" if fp_eval else ""
-        print(
-            f"ptq {pcfg.algorithm} w{w}a{a}: top1 {ev['test_top1']:.2f}% top5 {ev['test_top5']:.2f}%{fp_s}", flush=True
-        )
-        paths.append(path)
-    return paths
 
 
 def _task(cfg: DictConfig) -> None:

@@ -7,23 +7,20 @@ left untouched) built with the framework's own QConv2d/QLinear layers:
    and an input quantizer at ``a_bits`` (first/last layers at ``first_last_bits``; the network input is not
    quantized unless ``quantize_first_input``);
 2. activation statistics are collected on the calibration set (quantizers disabled);
-3. the registered algorithm (``PTQ_ALGORITHMS``) sets / optimises the quantizers:
-   ``minmax``, ``mse``, ``aciq`` (closed-form clipping), ``adaquant`` (per-layer output-MSE optimisation of
-   weights, biases and quantizer ranges), ``qdrop`` (block reconstruction, AdaRound weights, learned
-   activation steps, activation quantization dropped with probability p), ``pot`` and ``kmeans``
-   (non-uniform weights).
+3. the registered algorithm (``PTQ_ALGORITHMS``: ``minmax``, ``mse``, ``aciq``, ``adaquant``, ``qdrop``, ``pot``,
+   ``kmeans``; each function's docstring says what it does) sets / optimises the quantizers.
 
 AdaQuant and QDrop follow their reference implementations where the SymReg/SatNL supplement is silent
 (CalibTIP ``utils/adaquant.py`` + ``models/modules/quantize.py``; wimh966/QDrop ``solver/recon.py`` +
-``quantization/``): asymmetric quantizers with zero points, per-channel weights, their learning rates, batch
-sizes, initial ranges and losses. Every such choice is a ``PTQConfig`` field (``None`` = the algorithm's
-reference value, see ``ALGORITHM_DEFAULTS``) and is listed in docs/symreg.md.
+``quantization/``): every such choice is a ``PTQConfig`` field (``None`` = the algorithm's reference value,
+see ``ALGORITHM_DEFAULTS``), listed in docs/symreg.md.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +31,7 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.quant.aciq import DISTRIBUTIONS
-from qrepro.quant.calibrate import _AFFINE, _batches, capture, init_quantizers, layer_bits, weight_quantizer_for
+from qrepro.quant.calibrate import _AFFINE, Calibration, capture, init_quantizers, layer_bits, weight_quantizer_for
 from qrepro.quant.layers import QUANT_LAYERS, quantized_layers
 from qrepro.quant.levels import best_pot_levels, kmeans_levels
 from qrepro.quant.methods import FP_BITS, LayerInfo, Method
@@ -112,10 +109,7 @@ class PTQConfig:
         fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return dataclasses.replace(self, **fill)
 
-    @property
-    def chunk(self) -> int:
-        """Mini-batch of calibration forwards (memory only; results do not depend on it)."""
-        return int(self.batch_size or 32)
+    chunk = Calibration.chunk  # mini-batch of calibration forwards (memory only; results do not depend on it)
 
     def quantizer_kind(self) -> str:
         """uniform (symmetric policy quantizers) | range (AdaQuant reference) | affine (QDrop reference)."""
@@ -175,14 +169,13 @@ def ptq_configs(options: dict, w_bits: int, a_bits: int, seed: int) -> list[PTQC
         raise QreproError(
             f"unknown config key ptq.{unknown[0]} (ptq keys: {', '.join(sorted(fields | set(RUN_KEYS)))})"
         )
+    pairs = bit_pairs(options.get("bits"), w_bits, a_bits)
     opts = {k: v for k, v in options.items() if k in fields}
     if "round_beta" in opts:
         opts["round_beta"] = tuple(opts["round_beta"])
-    out = []
-    for w, a in bit_pairs(options.get("bits"), w_bits, a_bits):
-        cfg = PTQConfig(**{**opts, "w_bits": w, "a_bits": a, "seed": int(seed)}).resolved()
+    out = [PTQConfig(**{**opts, "w_bits": w, "a_bits": a, "seed": int(seed)}).resolved() for w, a in pairs]
+    for cfg in out:
         cfg.check()
-        out.append(cfg)
     return out
 
 
@@ -190,11 +183,8 @@ def _weight_quantizer(layer: nn.Module, bits: int, cfg: PTQConfig) -> nn.Module:
     kind = cfg.quantizer_kind()
     if kind == "uniform":
         return weight_quantizer_for(layer, bits, cfg.weight_grid, cfg.weight_granularity)
-    w = layer.weight
-    ch = w.shape[0] if cfg.weight_granularity == "channel" else None
-    if kind == "range":
-        return RangeQuantizer(bits, channels=ch, ndim=w.dim())
-    return AffineQuantizer(bits, channels=ch, ndim=w.dim())
+    ch = layer.weight.shape[0] if cfg.weight_granularity == "channel" else None
+    return (RangeQuantizer if kind == "range" else AffineQuantizer)(bits, channels=ch, ndim=layer.weight.dim())
 
 
 def _act_quantizer(bits: int, cfg: PTQConfig) -> nn.Module:
@@ -222,30 +212,21 @@ def ptq_method(cfg: PTQConfig) -> Method:
 
 
 # ---------------------------------------------------------------------------------------------- algorithms
-@PTQ_ALGORITHMS.register("minmax")
-def ptq_minmax(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
-    """Clipping at the observed extremes (max|W|; activation max over the calibration set)."""
-    init_quantizers(q, calib, cfg, "minmax")
+def _clipping(how: str, q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
+    """``minmax``: clipping at the observed extremes (max|W|; activation max over the calibration set); ``mse``:
+    clipping minimising the quantization MSE of each tensor (grid search); ``aciq``: per-tensor analytic
+    clipping for a Laplace or Gaussian prior (supplement §9.1)."""
+    init_quantizers(q, calib, cfg, how)
 
 
-@PTQ_ALGORITHMS.register("mse")
-def ptq_mse(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
-    """Clipping minimising the quantization MSE of each tensor (grid search)."""
-    init_quantizers(q, calib, cfg, "mse")
-
-
-@PTQ_ALGORITHMS.register("aciq")
-def ptq_aciq(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
-    """ACIQ: per-tensor analytic clipping for a Laplace or Gaussian prior (supplement §9.1)."""
-    init_quantizers(q, calib, cfg, "aciq")
-
-
-def _minibatch(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
+for _how in ("minmax", "mse", "aciq"):
+    PTQ_ALGORITHMS.register(_how)(functools.partial(_clipping, _how))
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _ACTS = {"relu": F.relu, "relu6": F.relu6}
+# call_function / call_method targets of a torch.fx graph that are a ReLU / ReLU6
+_ACT_TARGETS = dict.fromkeys((F.relu, torch.relu, torch.relu_, "relu", "relu_"), "relu") | {F.relu6: "relu6"}
 
 
 def layer_post_ops(model: nn.Module) -> dict[str, tuple[str | None, str | None]]:
@@ -264,40 +245,34 @@ def layer_post_ops(model: nn.Module) -> dict[str, tuple[str | None, str | None]]
         if node.op == "call_module":
             m = mods.get(node.target)
             return "relu" if isinstance(m, nn.ReLU) else "relu6" if isinstance(m, nn.ReLU6) else None
-        if node.op == "call_function":
-            if node.target in (F.relu, torch.relu, torch.relu_):
-                return "relu"
-            return "relu6" if node.target is F.relu6 else None
-        if node.op == "call_method" and node.target in ("relu", "relu_"):
-            return "relu"
-        return None
+        return _ACT_TARGETS.get(node.target) if node.op in ("call_function", "call_method") else None
 
     out: dict[str, tuple[str | None, str | None]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), (nn.Conv2d, nn.Linear)):
             continue
-        bn, cur = None, node
-        users = list(cur.users)
+        bn, users = None, list(node.users)
         if len(users) == 1 and users[0].op == "call_module" and isinstance(mods.get(users[0].target), _BN):
-            bn, cur = users[0].target, users[0]
-            users = list(cur.users)
+            bn, users = users[0].target, list(users[0].users)
         a = act(users[0]) if len(users) == 1 else None
         out[str(node.target)] = (bn, a)
     return out
 
 
+def _identity(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
 def _post_fn(
     q: nn.Module, ops: tuple[str | None, str | None] | None, through_bn: bool, with_act: bool
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """y ↦ act(BN(y)) for a layer's post-ops (BN only when ``through_bn``; the activation only when asked for
-    and the BN before it, if any, is applied); None when nothing applies."""
-    if ops is None:
-        return None
-    bn_name, act = ops
+    and the BN before it, if any, is applied); the identity when nothing applies."""
+    bn_name, act = ops or (None, None)
     bn = q.get_submodule(bn_name) if (bn_name is not None and through_bn) else None
     use_act = with_act and act is not None and (bn_name is None or bn is not None)
     if bn is None and not use_act:
-        return None
+        return _identity
 
     def f(y: torch.Tensor) -> torch.Tensor:
         if bn is not None:
@@ -305,13 +280,6 @@ def _post_fn(
         return _ACTS[act](y) if use_act else y
 
     return f
-
-
-def _require_grad(params: list[torch.Tensor]) -> list[bool]:
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    return flags
 
 
 def _qparams(qq: nn.Module | None) -> list[nn.Parameter]:
@@ -323,14 +291,11 @@ def _qparams(qq: nn.Module | None) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def _calib_mse(layer: nn.Module, post: Callable | None, x_in: torch.Tensor, target: torch.Tensor, chunk: int) -> float:
+def _calib_mse(layer: nn.Module, post: Callable, x_in: torch.Tensor, target: torch.Tensor, chunk: int) -> float:
     """MSE(post(layer(x_in)), target) over every calibration image (chunked; the same value as one batch)."""
     total = 0.0
-    for sl in _batches(len(x_in), chunk):
-        out = layer(x_in[sl])
-        if post is not None:
-            out = post(out)
-        total += float(F.mse_loss(out, target[sl], reduction="sum"))
+    for x, y in zip(x_in.split(chunk), target.split(chunk)):
+        total += float(F.mse_loss(post(layer(x)), y, reduction="sum"))
     return total / target.numel()
 
 
@@ -352,38 +317,29 @@ def ptq_adaquant(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfi
         x_in = capture(q, layer, calib, cfg.chunk, "input")
         target = capture(fp, fp_layers[name], calib, cfg.chunk, "output")
         post = _post_fn(q, post_ops.get(name), cfg.loss_through_bn, cfg.relu_before_mse)
-        if post is not None:
-            with torch.no_grad():
-                target = post(target)
-        groups = [{"params": [layer.weight], "lr": cfg.lr_weight}]
-        if layer.bias is not None:
-            groups.append({"params": [layer.bias], "lr": cfg.lr_bias})
-        wq_params, aq_params = _qparams(layer.wq), _qparams(layer.aq)
-        if wq_params:
-            groups.append({"params": wq_params, "lr": cfg.lr_weight_qparams})
-        if aq_params:
-            groups.append({"params": aq_params, "lr": cfg.lr_act_qparams})
+        with torch.no_grad():
+            target = post(target)
+        bias = [layer.bias] if layer.bias is not None else []
+        groups = [([layer.weight], cfg.lr_weight), (bias, cfg.lr_bias)]
+        groups += [(_qparams(layer.wq), cfg.lr_weight_qparams), (_qparams(layer.aq), cfg.lr_act_qparams)]
+        groups = [{"params": ps, "lr": lr} for ps, lr in groups if ps]
         params = [p for g in groups for p in g["params"]]
-        flags = _require_grad(params)
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
         opt = torch.optim.Adam(groups)
         every = max(1, cfg.iters // 10)
-        best = (
-            (_calib_mse(layer, post, x_in, target, cfg.chunk), [p.detach().clone() for p in params])
-            if cfg.keep_best
-            else None
-        )
-        for i in range(cfg.iters):
-            idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(x_in.device)
-            out = layer(x_in[idx])
-            if post is not None:
-                out = post(out)
-            loss = F.mse_loss(out, target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if cfg.keep_best and ((i + 1) % every == 0 or i + 1 == cfg.iters):
+        best = None  # keep_best: (calibration MSE, parameters) of the best iterate checked (at steps 0, every, ...)
+        for i in range(cfg.iters + 1):
+            if i > 0:
+                idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(x_in.device)
+                loss = F.mse_loss(post(layer(x_in[idx])), target[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if cfg.keep_best and (i % every == 0 or i == cfg.iters):
                 mse = _calib_mse(layer, post, x_in, target, cfg.chunk)
-                if mse < best[0]:  # type: ignore[index]
+                if best is None or mse < best[0]:
                     best = (mse, [p.detach().clone() for p in params])
         if best is not None:
             with torch.no_grad():
@@ -428,11 +384,7 @@ def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> lis
     finally:
         for h in hooks:
             h.remove()
-    seen: list[str] = []
-    for n in order:
-        if n not in seen:
-            seen.append(n)
-    return seen
+    return list(dict.fromkeys(order))
 
 
 def _round_beta(count: int, iters: int, warmup: float, beta: tuple[float, float]) -> float:
@@ -456,7 +408,7 @@ def ptq_qdrop(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) 
     from step warmup·iters on (β from 20 to 2). A stand-alone layer's output includes its BatchNorm and ReLU
     (the reference's QuantizedLayer, BN folded)."""
     init_quantizers(q, calib, cfg, cfg.init)
-    iters = cfg.iters
+    iters, n = cfg.iters, len(calib)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the drop masks
     blocks = _execution_order(q, find_blocks(q), calib[: min(2, len(calib))])
@@ -466,10 +418,9 @@ def ptq_qdrop(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) 
         x_in = capture(q, qb, calib, cfg.chunk, "input")
         target = capture(fp, fb, calib, cfg.chunk, "output")
         standalone = isinstance(qb, QUANT_LAYERS)
-        post = _post_fn(q, post_ops.get(bname), cfg.loss_through_bn, True) if standalone else None
-        if post is not None:
-            with torch.no_grad():
-                target = post(target)
+        post = _post_fn(q, post_ops.get(bname), cfg.loss_through_bn, True) if standalone else _identity
+        with torch.no_grad():
+            target = post(target)
         layers = [qb] if standalone else [m for _, m in quantized_layers(qb)]
         ada, acts = [], []
         for layer in layers:
@@ -481,22 +432,16 @@ def ptq_qdrop(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) 
                 layer.aq.drop_prob = cfg.drop_prob
                 layer.aq.train()
                 acts.append(layer.aq)
-        groups = []
-        if ada:
-            groups.append({"params": [a.v for a in ada], "lr": cfg.lr_round})
-        if acts:
-            groups.append({"params": [a.step for a in acts], "lr": cfg.lr_act_step})
+        groups = [([a.v for a in ada], cfg.lr_round), ([a.step for a in acts], cfg.lr_act_step)]
+        groups = [{"params": ps, "lr": lr} for ps, lr in groups if ps]
         if groups:
             opt = torch.optim.Adam(groups)
             act_group = opt.param_groups[-1] if acts else None
             for it in range(iters):
                 if act_group is not None and cfg.act_lr_schedule == "cosine":  # CosineAnnealingLR(T=iters, 0)
                     act_group["lr"] = cfg.lr_act_step * (1 + math.cos(math.pi * it / iters)) / 2
-                idx = _minibatch(len(calib), cfg.batch_size, gen, x_in.device)
-                out = qb(x_in[idx])
-                if post is not None:
-                    out = post(out)
-                loss = (out - target[idx]).square().sum(1).mean()  # Σ over channels, mean over batch/positions
+                idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen).to(x_in.device)
+                loss = (post(qb(x_in[idx])) - target[idx]).square().sum(1).mean()  # Σ channels, mean batch/positions
                 count = it + 1
                 if ada and count >= cfg.round_warmup * iters:
                     beta = _round_beta(count, iters, cfg.round_warmup, cfg.round_beta)
@@ -517,26 +462,19 @@ def ptq_qdrop(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) 
             a.eval()
 
 
-def _nonuniform(q: nn.Module, calib: torch.Tensor, cfg: PTQConfig, kind: str) -> None:
-    init_quantizers(q, calib, cfg, "aciq")  # activations (if quantized): ACIQ
+def _nonuniform(kind: str, q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
+    """Non-uniform weight levels per tensor (supplement Fig. 4A): ``pot`` logarithmic (power-of-two) levels with
+    the scale by MSE search, ``kmeans`` k-means (2^b clusters) levels; activations (if quantized): ACIQ."""
+    init_quantizers(q, calib, cfg, "aciq")
     for _, layer in quantized_layers(q):
         if isinstance(layer.wq, UniformQuantizer):
-            b = layer.wq.bits
-            w = layer.weight
+            b, w = layer.wq.bits, layer.weight
             lv = best_pot_levels(w, b) if kind == "pot" else kmeans_levels(w, b, cfg.kmeans_iters)
             layer.wq = LevelQuantizer(lv.to(w.device))
 
 
-@PTQ_ALGORITHMS.register("pot")
-def ptq_pot(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
-    """Logarithmic (power-of-two) weight levels per tensor, scale by MSE search (supplement Fig. 4A)."""
-    _nonuniform(q, calib, cfg, "pot")
-
-
-@PTQ_ALGORITHMS.register("kmeans")
-def ptq_kmeans(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> None:
-    """k-means (2^b clusters) weight levels per tensor (supplement Fig. 4A)."""
-    _nonuniform(q, calib, cfg, "kmeans")
+for _kind in ("pot", "kmeans"):
+    PTQ_ALGORITHMS.register(_kind)(functools.partial(_nonuniform, _kind))
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -562,15 +500,10 @@ def fold_weight_transforms(model: nn.Module) -> nn.Module:
 
 def quantize_model(fp_model: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> nn.Module:
     """PTQ of ``fp_model`` (not modified) on calibration inputs ``calib``; returns a quantized copy."""
-    PTQ_ALGORITHMS.get(cfg.algorithm)
     cfg = cfg.resolved()
     cfg.check()
-    fp = fold_weight_transforms(copy.deepcopy(fp_model)).eval()
-    for p in fp.parameters():
-        p.requires_grad_(False)
-    q = prepare(copy.deepcopy(fp), ptq_method(cfg)).eval()
-    for p in q.parameters():
-        p.requires_grad_(False)
+    fp = fold_weight_transforms(copy.deepcopy(fp_model)).eval().requires_grad_(False)
+    q = prepare(copy.deepcopy(fp), ptq_method(cfg)).eval().requires_grad_(False)
     PTQ_ALGORITHMS.get(cfg.algorithm)(q, fp, calib, cfg)
     if cfg.weight_step_scale != 1.0:
         for _, layer in quantized_layers(q):

@@ -67,10 +67,7 @@ def optimal_clip_ratio(bits: int, dist: str = "laplace") -> float:
         hi *= 2.0
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if _dmse(mid, bits, dist) < 0:
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if _dmse(mid, bits, dist) < 0 else (lo, mid)
         if hi - lo < 1e-12:
             break
     return 0.5 * (lo + hi)

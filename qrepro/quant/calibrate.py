@@ -8,15 +8,18 @@ the fields of :class:`Calibration` (``qrepro.ptq.PTQConfig`` has them).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import functools
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from qrepro.errors import QreproError
-from qrepro.quant.aciq import aciq_alpha, fit_scale
+from qrepro.quant.aciq import aciq_alpha
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.levels import mse_alpha_candidates
 from qrepro.quant.methods import FP_BITS
@@ -64,25 +67,15 @@ def weight_quantizer_for(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    for i in range(0, n, batch_size):
-        yield slice(i, min(n, i + batch_size))
-
-
 _SWITCHABLE = (UniformQuantizer, RangeQuantizer, AffineQuantizer)
 _AFFINE = (RangeQuantizer, AffineQuantizer)
 
 
-def _quantizers(model: nn.Module) -> Iterator[nn.Module]:
-    for m in model.modules():
-        if isinstance(m, _SWITCHABLE):
-            yield m
-
-
 def set_quantization(model: nn.Module, enabled: bool) -> None:
     """Enable / disable every uniform / asymmetric quantizer (disabled = full-precision pass-through)."""
-    for q in _quantizers(model):
-        q.enabled = enabled
+    for m in model.modules():
+        if isinstance(m, _SWITCHABLE):
+            m.enabled = enabled
 
 
 def _fp_pass(q: nn.Module, calib: torch.Tensor, batch_size: int, pre_hooks: dict[nn.Module, Callable]) -> None:
@@ -90,8 +83,8 @@ def _fp_pass(q: nn.Module, calib: torch.Tensor, batch_size: int, pre_hooks: dict
     hooks = [m.register_forward_pre_hook(fn) for m, fn in pre_hooks.items()]
     set_quantization(q, False)
     try:
-        for sl in _batches(len(calib), batch_size):
-            q(calib[sl])
+        for x in calib.split(batch_size):
+            q(x)
     finally:
         for h in hooks:
             h.remove()
@@ -108,11 +101,10 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
     out: list[torch.Tensor] = []
 
     def pre(_m, args):
-        if what == "input":
-            if len(args) != 1 or not torch.is_tensor(args[0]):
-                raise QreproError(f"PTQ reconstruction needs single-tensor module inputs ({type(_m).__name__})")
-            out.append(args[0].detach())
-            raise _Stop
+        if len(args) != 1 or not torch.is_tensor(args[0]):
+            raise QreproError(f"PTQ reconstruction needs single-tensor module inputs ({type(_m).__name__})")
+        out.append(args[0].detach())
+        raise _Stop
 
     def post(_m, _args, y):
         out.append(y.detach())
@@ -120,9 +112,9 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
 
     h = module.register_forward_pre_hook(pre) if what == "input" else module.register_forward_hook(post)
     try:
-        for sl in _batches(len(calib), batch_size):
+        for x in calib.split(batch_size):
             try:
-                model(calib[sl])
+                model(x)
             except _Stop:
                 pass
     finally:
@@ -132,51 +124,37 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
     return torch.cat(out)
 
 
-@dataclass
-class _ActStats:
-    amax: torch.Tensor
-    amin: torch.Tensor
-    sum_abs: torch.Tensor
-    sum_sq: torch.Tensor
-    sum_pos: torch.Tensor
-    sum_pos_sq: torch.Tensor
-    n: int
-    n_pos: torch.Tensor
-    sum_sample_min: torch.Tensor  # Σ over images of each image's minimum (CalibTIP's "measure")
-    sum_sample_max: torch.Tensor
-    n_samples: int
+_MERGE = {"amax": torch.maximum, "amin": torch.minimum}  # how batches combine (every other statistic: +)
 
 
 @torch.no_grad()
-def _collect_act_stats(q: nn.Module, calib: torch.Tensor, batch_size: int) -> dict[str, _ActStats]:
-    """Statistics of every quantized layer's input on the calibration set (all quantizers disabled)."""
-    stats: dict[str, _ActStats] = {}
+def _collect_act_stats(q: nn.Module, calib: torch.Tensor, batch_size: int) -> dict[str, SimpleNamespace]:
+    """Statistics of every quantized layer's input on the calibration set (all quantizers disabled), in float64:
+    extremes, sums of |x|, x², x⁺ and x⁺², element counts, and the sums over images of each image's min / max
+    (CalibTIP's "measure")."""
+    stats: dict[str, SimpleNamespace] = {}
 
     def make(name: str) -> Callable:
         def pre(_m, args):
             x = args[0].detach().double()
-            pos = x.clamp_min(0)
-            flat = x.flatten(1)
-            upd = dict(
+            pos, flat = x.clamp_min(0), x.flatten(1)
+            new = dict(
                 amax=x.max(),
                 amin=x.min(),
                 sum_abs=x.abs().sum(),
                 sum_sq=x.square().sum(),
                 sum_pos=pos.sum(),
                 sum_pos_sq=pos.square().sum(),
+                n=x.numel(),
                 n_pos=(x > 0).sum(),
                 sum_sample_min=flat.amin(1).sum(),
                 sum_sample_max=flat.amax(1).sum(),
+                n_samples=x.shape[0],
             )
-            s = stats.get(name)
-            if s is None:
-                stats[name] = _ActStats(n=x.numel(), n_samples=x.shape[0], **upd)
-            else:
-                s.amax, s.amin = torch.maximum(s.amax, upd["amax"]), torch.minimum(s.amin, upd["amin"])
-                for k in ("sum_abs", "sum_sq", "sum_pos", "sum_pos_sq", "n_pos", "sum_sample_min", "sum_sample_max"):
-                    setattr(s, k, getattr(s, k) + upd[k])
-                s.n += x.numel()
-                s.n_samples += x.shape[0]
+            if name in stats:
+                old = vars(stats[name])
+                new = {k: _MERGE.get(k, operator.add)(old[k], v) for k, v in new.items()}
+            stats[name] = SimpleNamespace(**new)
 
         return pre
 
@@ -184,32 +162,42 @@ def _collect_act_stats(q: nn.Module, calib: torch.Tensor, batch_size: int) -> di
     return stats
 
 
-def _aciq_act_alpha(s: _ActStats, bits: int, dist: str, signed: bool) -> torch.Tensor:
+def _aciq_act_alpha(s: SimpleNamespace, bits: int, dist: str, signed: bool) -> torch.Tensor:
     if signed:
-        scale = s.sum_abs / s.n if dist == "laplace" else (s.sum_sq / s.n).sqrt()
-        return torch.minimum(aciq_alpha(scale, bits, dist, True), torch.maximum(s.amax, -s.amin))
-    n = s.n_pos.clamp_min(1)
-    scale = s.sum_pos / n if dist == "laplace" else (s.sum_pos_sq / n).sqrt()
-    return torch.minimum(aciq_alpha(scale, bits, dist, False), s.amax)
+        n, s1, s2, amax = s.n, s.sum_abs, s.sum_sq, torch.maximum(s.amax, -s.amin)
+    else:
+        n, s1, s2, amax = s.n_pos.clamp_min(1), s.sum_pos, s.sum_pos_sq, s.amax
+    scale = s1 / n if dist == "laplace" else (s2 / n).sqrt()
+    return torch.minimum(aciq_alpha(scale, bits, dist, signed), amax)
 
 
 @torch.no_grad()
-def _mse_act_alphas(q: nn.Module, calib: torch.Tensor, batch_size: int, amax: dict[str, torch.Tensor]) -> dict:
-    """Per layer input: α among mse_alpha_candidates(amax) minimising Σ‖Q_α(x) − x‖² on ``calib``."""
-    layers = {n: l for n, l in quantized_layers(q) if isinstance(l.aq, UniformQuantizer)}
-    cands = {n: mse_alpha_candidates(amax[n].float()) for n in layers}
-    errs = {n: torch.zeros(len(c), dtype=torch.float64, device=c.device) for n, c in cands.items()}
+def _act_search(q: nn.Module, calib: torch.Tensor, batch_size: int, errors: dict[str, Callable]) -> dict[str, int]:
+    """Per layer name: the index of the candidate with the least error summed over ``calib`` (the first on ties);
+    ``errors[name](x)`` gives one float64 error per candidate for the layer input x (all quantizers off)."""
+    totals: dict[str, torch.Tensor] = {}
 
-    def make(name: str, aq: UniformQuantizer) -> Callable:
+    def make(name: str, fn: Callable) -> Callable:
         def pre(_m, args):
-            x = args[0].detach()
-            for k, a in enumerate(cands[name]):
-                errs[name][k] += (aq.quantize_with_alpha(x, a) - x).double().square().sum()
+            e = fn(args[0].detach())
+            totals[name] = totals[name] + e if name in totals else e
 
         return pre
 
-    _fp_pass(q, calib, batch_size, {l: make(n, l.aq) for n, l in layers.items()})
-    return {n: cands[n][int(torch.argmin(errs[n]))] for n in layers}
+    _fp_pass(q, calib, batch_size, {q.get_submodule(n): make(n, fn) for n, fn in errors.items()})
+    return {n: int(torch.argmin(t)) for n, t in totals.items()}
+
+
+def _mse_errors(x: torch.Tensor, aq: UniformQuantizer, cands: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(aq.quantize_with_alpha(x, a) - x).double().square().sum() for a in cands])
+
+
+def _aciq_weight_alpha(w: torch.Tensor, bits: int, dist: str, per_channel: bool, dtype: torch.dtype) -> torch.Tensor:
+    """ACIQ clipping of a weight tensor (per tensor, or per output channel), at most max|W|."""
+    dims, keep = tuple(range(1 if per_channel else 0, w.dim())), per_channel
+    x = w.detach().double()
+    scale = x.abs().mean(dims, keep) if dist == "laplace" else x.square().mean(dims, keep).sqrt()
+    return torch.minimum(aciq_alpha(scale, bits, dist, True).to(dtype), w.detach().abs().amax(dims, keep))
 
 
 def weight_alpha(wq: UniformQuantizer, w: torch.Tensor, how: str, dist: str) -> torch.Tensor:
@@ -217,19 +205,12 @@ def weight_alpha(wq: UniformQuantizer, w: torch.Tensor, how: str, dist: str) -> 
     channel): min–max (max|W|), MSE search over α/max ∈ [0.2, 1], or ACIQ."""
     w = w.detach()
     per_channel = wq.step.dim() > 0
-    dims = tuple(range(1, w.dim()))
-    amax = w.abs().amax(dim=dims, keepdim=True) if per_channel else w.abs().max()
+    dims = tuple(range(1 if per_channel else 0, w.dim()))
+    amax = w.abs().amax(dims, keepdim=per_channel)
     if how == "minmax":
         return amax
     if how == "aciq":
-        if per_channel:
-            x = w.double()
-            scale = (
-                x.abs().mean(dims, keepdim=True) if dist == "laplace" else x.square().mean(dims, keepdim=True).sqrt()
-            )
-        else:
-            scale = fit_scale(w, dist, True)
-        return torch.minimum(aciq_alpha(scale, wq.bits, dist, True).float(), amax)
+        return _aciq_weight_alpha(w, wq.bits, dist, per_channel, torch.float32)
     fracs = torch.linspace(0.2, 1.0, 80, device=w.device)
     if not per_channel:
         cands = amax * fracs
@@ -262,12 +243,10 @@ def _lp_candidates(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, one_side: 
         zero = torch.zeros_like(thres)
         return (zero, thres) if one_side == "pos" else (-thres, zero)
     qmax = 2**bits - 1
-    width = (xmax - xmin) / n * i  # (n, ...)
-    delta = (width - 0) / qmax
+    width = ((xmax - xmin) / n * i).unsqueeze(1)  # (n, 1, ...)
     z = torch.arange(0, qmax + 1, dtype=xmin.dtype, device=xmin.device).view(1, -1, *([1] * xmin.dim()))
-    lo = 0 - z * delta.unsqueeze(1)
-    hi = width.unsqueeze(1) - z * delta.unsqueeze(1)
-    return lo.flatten(0, 1), hi.flatten(0, 1)
+    lo = 0 - z * (width / qmax)
+    return lo.flatten(0, 1), (width + lo).flatten(0, 1)
 
 
 def _one_side(xmin: torch.Tensor, xmax: torch.Tensor) -> str:
@@ -279,15 +258,11 @@ def lp_weight_bounds(w: torch.Tensor, bits: int, per_channel: bool, p: float) ->
     """QDrop's ``MSEObserver`` on a weight tensor: the candidate (lo, hi) minimising mean |Q(w) − w|^p, per
     output channel or per tensor (first minimum in search order)."""
     w = w.detach()
-    if per_channel:
-        flat = w.flatten(1)
-        xmin, xmax = flat.amin(1), flat.amax(1)
-        one_side = _one_side(xmin, xmax)
-        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)  # the reference clamps per channel only
-    else:
-        flat = w.reshape(1, -1)
-        xmin, xmax = w.min().reshape(1), w.max().reshape(1)
-        one_side = _one_side(xmin, xmax)
+    flat = w.flatten(1) if per_channel else w.reshape(1, -1)
+    xmin, xmax = flat.amin(1), flat.amax(1)
+    one_side = _one_side(xmin, xmax)
+    if per_channel:  # the reference clamps per channel only
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     lo, hi = _lp_candidates(xmin, xmax, bits, one_side)  # (K, C)
     scores = []
     per = max(1, (1 << 22) // max(1, flat.numel()))
@@ -306,68 +281,23 @@ def lp_weight_bounds(w: torch.Tensor, bits: int, per_channel: bool, p: float) ->
     return lo_b.reshape(shape), hi_b.reshape(shape)
 
 
-@torch.no_grad()
-def _lp_act_bounds(
-    q: nn.Module, calib: torch.Tensor, cfg: Any, names: list[str], p: float
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """QDrop's ``MSEObserver`` on every listed layer input over ``calib`` (all quantizers off): the candidate
-    (lo, hi) minimising the mean |Q(x) − x|^p (one-sided inputs: 100 candidates; two-sided: 100 × 2^b)."""
-    stats = _collect_act_stats(q, calib, cfg.chunk)
-    layers = {n: q.get_submodule(n) for n in names}
-    cands, errs = {}, {}
-    for n in names:
-        st, bits = stats[n], layers[n].aq.bits
-        xmin, xmax = st.amin.to(calib.dtype), st.amax.to(calib.dtype)
-        lo, hi = _lp_candidates(xmin, xmax, bits, _one_side(xmin, xmax))
-        cands[n] = (lo, hi, *affine_qparams(lo, hi, bits))
-        errs[n] = torch.zeros(len(lo), dtype=torch.float64, device=lo.device)
-
-    def make(name: str) -> Callable:
-        def pre(_m, args):
-            x = args[0].detach()
-            _, _, st, zp = cands[name]
-            bits = layers[name].aq.bits
-            for k in range(len(st)):
-                errs[name][k] += (fake_quant_affine(x, st[k], zp[k], bits) - x).abs().pow(p).double().sum()
-
-        return pre
-
-    _fp_pass(q, calib, cfg.chunk, {layers[n]: make(n) for n in names})
-    out = {}
-    for n in names:
-        k = int(torch.argmin(errs[n]))
-        out[n] = (cands[n][0][k], cands[n][1][k])
-    return out
-
-
-def _aciq_weight_alpha(w: torch.Tensor, bits: int, dist: str, per_channel: bool) -> torch.Tensor:
-    w = w.detach()
-    if per_channel:
-        dims = tuple(range(1, w.dim()))
-        x = w.double()
-        scale = x.abs().mean(dims, keepdim=True) if dist == "laplace" else x.square().mean(dims, keepdim=True).sqrt()
-        amax = w.abs().amax(dim=dims, keepdim=True)
-    else:
-        scale, amax = fit_scale(w, dist, True), w.abs().max()
-    return torch.minimum(aciq_alpha(scale, bits, dist, True).to(w.dtype), amax)
+def _lp_errors(step: torch.Tensor, zero: torch.Tensor, x: torch.Tensor, bits: int, p: float) -> torch.Tensor:
+    return torch.stack([(fake_quant_affine(x, s, z, bits) - x).abs().pow(p).double().sum() for s, z in zip(step, zero)])
 
 
 def _affine_weight_bounds(wq: nn.Module, w: torch.Tensor, how: str, cfg: Any) -> tuple[torch.Tensor, ...]:
     per_channel = (wq.range if isinstance(wq, RangeQuantizer) else wq.step).dim() > 0
     w = w.detach()
     if how in ("minmax", "mean_minmax"):  # CalibTIP measures weights by their min / max
-        if per_channel:
-            flat = w.flatten(1)
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            return flat.amin(1).reshape(shape), flat.amax(1).reshape(shape)
-        return w.min(), w.max()
+        dims = tuple(range(1 if per_channel else 0, w.dim()))
+        return w.amin(dims, keepdim=per_channel), w.amax(dims, keepdim=per_channel)
     if how == "aciq":
-        a = _aciq_weight_alpha(w, wq.bits, cfg.distribution, per_channel)
+        a = _aciq_weight_alpha(w, wq.bits, cfg.distribution, per_channel, w.dtype)
         return -a, a
     return lp_weight_bounds(w, wq.bits, per_channel, 2.0 if how == "mse" else cfg.lp_norm)
 
 
-def _affine_act_bounds(s: _ActStats, bits: int, how: str, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_act_bounds(s: SimpleNamespace, bits: int, how: str, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) of an asymmetric input quantizer from the calibration statistics (float64; the quantizer
     casts them to its own dtype)."""
     if how == "minmax":
@@ -384,7 +314,6 @@ def init_quantizers(q: nn.Module, calib: torch.Tensor, cfg: Any, how: str) -> No
     """Set every weight and activation clipping value by ``how``: minmax | mse | aciq for the symmetric
     quantizers; also mean_minmax | lp for the asymmetric ones (mse = the Lp search with p = 2)."""
     stats = _collect_act_stats(q, calib, cfg.chunk)
-    affine_acts: list[str] = []
     for name, layer in quantized_layers(q):
         parts = weight_quantizer(layer)
         if parts is not None:
@@ -394,30 +323,32 @@ def init_quantizers(q: nn.Module, calib: torch.Tensor, cfg: Any, how: str) -> No
             else:
                 wq.set_bounds(*_affine_weight_bounds(wq, w, how, cfg))
         if isinstance(layer.aq, UniformQuantizer):
-            s = stats[name]
-            layer.aq.set_signed(bool(s.amin < 0))
-        elif isinstance(layer.aq, _AFFINE):
-            affine_acts.append(name)
-    if affine_acts:
-        if how in ("mse", "lp"):
-            sub = calib[: min(len(calib), cfg.act_calib_size)]
+            layer.aq.set_signed(bool(stats[name].amin < 0))
+    affine = {n: layer.aq for n, layer in quantized_layers(q) if isinstance(layer.aq, _AFFINE)}
+    if affine and how in ("mse", "lp"):
+        # QDrop's MSEObserver on a subset: the candidate (lo, hi) minimising the mean |Q(x) − x|^p (one-sided
+        # inputs: 100 candidates; two-sided: 100 × 2^b)
+        sub = calib[: min(len(calib), cfg.act_calib_size)]
+        sub_stats, cands, errors = _collect_act_stats(q, sub, cfg.chunk), {}, {}
+        for name, aq in affine.items():
+            xmin, xmax = sub_stats[name].amin.to(sub.dtype), sub_stats[name].amax.to(sub.dtype)
+            cands[name] = _lp_candidates(xmin, xmax, aq.bits, _one_side(xmin, xmax))
             p = 2.0 if how == "mse" else cfg.lp_norm
-            for name, (lo, hi) in _lp_act_bounds(q, sub, cfg, affine_acts, p).items():
-                q.get_submodule(name).aq.set_bounds(lo, hi)
-        else:
-            for name in affine_acts:
-                aq = q.get_submodule(name).aq
-                aq.set_bounds(*_affine_act_bounds(stats[name], aq.bits, how, cfg))
-    uniform_acts = {n: s for n, s in stats.items() if isinstance(q.get_submodule(n).aq, UniformQuantizer)}
-    if not uniform_acts:
+            errors[name] = functools.partial(_lp_errors, *affine_qparams(*cands[name], aq.bits), bits=aq.bits, p=p)
+        for name, k in _act_search(q, sub, cfg.chunk, errors).items():
+            affine[name].set_bounds(cands[name][0][k], cands[name][1][k])
+    else:
+        for name, aq in affine.items():
+            aq.set_bounds(*_affine_act_bounds(stats[name], aq.bits, how, cfg))
+    uniform = {n: q.get_submodule(n).aq for n in stats if isinstance(q.get_submodule(n).aq, UniformQuantizer)}
+    if how == "mse" and uniform:
+        cands = {n: mse_alpha_candidates(torch.maximum(stats[n].amax, -stats[n].amin).float()) for n in uniform}
+        errors = {n: functools.partial(_mse_errors, aq=aq, cands=cands[n]) for n, aq in uniform.items()}
+        for name, k in _act_search(q, calib, cfg.chunk, errors).items():
+            uniform[name].set_alpha(cands[name][k])
         return
-    if how == "mse":
-        amax = {n: torch.maximum(s.amax, -s.amin) for n, s in uniform_acts.items()}
-        for name, alpha in _mse_act_alphas(q, calib, cfg.chunk, amax).items():
-            q.get_submodule(name).aq.set_alpha(alpha)
-        return
-    for name, s in uniform_acts.items():
-        aq = q.get_submodule(name).aq
+    for name, aq in uniform.items():
+        s = stats[name]
         if how == "minmax":
             alpha = torch.maximum(s.amax, -s.amin) if aq.signed else s.amax
         else:

@@ -1,16 +1,13 @@
 """k-means weight sharing (Deep Compression, Han, Mao & Dally, ICLR 2016, Sec. 3) and HAQ's linear quantizer
 (Wang et al., "HAQ: Hardware-Aware Automated Quantization with Mixed Precision", CVPR 2019).
 
-k-means (Deep Compression Sec. 3.1-3.3):
-- the weights of one layer are clustered into k = 2^b shared values (1-D k-means, Lloyd's algorithm);
+k-means (Deep Compression Sec. 3.1-3.3; how it maps to the papers and the authors' code: docs/haq.md):
+- the weights of one layer are clustered into k = 2^b shared values (1-D k-means, Lloyd's algorithm, stopped as
+  scikit-learn's ``KMeans``, the HAQ code's k-means: see :func:`kmeans_1d`). An empty cluster keeps its
+  centroid (scikit-learn moves it to a far point; k-means on real weights rarely empties one);
 - centroid initialisation (Sec. 3.2): ``linear`` (evenly spaced over [min, max], the paper's best), ``density``
   (evenly spaced quantiles of the weight distribution), ``random`` (Forgy: k weights drawn at random) and
-  ``kmeans++`` (what HAQ's code uses through scikit-learn; the greedy variant with 2 + ln k local trials,
-  seeded on a random sample of at most 65,536 weights where scikit-learn seeds on all of them);
-- Lloyd's iterations follow scikit-learn's ``KMeans`` (the HAQ code's k-means): at most ``max_iter`` rounds,
-  stop when the labels no longer change or when the summed squared centroid shift is at most
-  ``tol`` x the weights' variance, then one last assignment to the final centroids. An empty cluster keeps its
-  centroid (scikit-learn moves it to a far point; k-means on real weights rarely empties one);
+  ``kmeans++`` (what HAQ's code uses through scikit-learn, seeded on at most 65,536 sampled weights);
 - fine-tuning (Sec. 3.3, Eq. 3): the assignments stay fixed, and the gradient of a centroid is the sum of the
   gradients of the weights that share it (``centroid_grad: sum``). HAQ's code instead lets every weight take its
   own SGD step and then replaces the weights of each cluster by their mean, which is SGD on the centroids with
@@ -129,8 +126,7 @@ def kmeans_1d(
     n = xs.numel()
     c = centroids.detach().to(device=x.device, dtype=torch.float64).clone()
     tol_abs = float(x.var(unbiased=False)) * tol
-    splits_old = None
-    it = 0
+    prev, it = None, 0
     while it < max_iter:
         it += 1
         order = torch.argsort(c, stable=True)
@@ -149,12 +145,10 @@ def kmeans_1d(
         new[order] = new_sorted
         shift = float((new - c).square().sum())
         c = new
-        key = (order, splits)
-        if splits_old is not None and torch.equal(key[0], splits_old[0]) and torch.equal(key[1], splits_old[1]):
-            break  # the same clusters as in the previous iteration: the labels did not change
-        if shift <= tol_abs:
+        # stop when the clusters are those of the previous iteration (labels unchanged) or the shift is small
+        if (prev is not None and torch.equal(order, prev[0]) and torch.equal(splits, prev[1])) or shift <= tol_abs:
             break
-        splits_old = key
+        prev = (order, splits)
     labels = assign(x, c)
     return c, labels.reshape(w.shape), it
 

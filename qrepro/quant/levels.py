@@ -35,14 +35,8 @@ def project(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 def best_pot_levels(w: torch.Tensor, bits: int, num: int = 100) -> torch.Tensor:
     """PoT levels whose scale α minimises ‖W − Q(W)‖² over α = max|W|·c, c ∈ [0.2, 1]."""
     w = w.detach().reshape(-1).float()
-    best, best_err = None, None
-    for a in mse_alpha_candidates(w.abs().max(), num):
-        lv = pot_levels(bits, a)
-        err = (project(w, lv) - w).square().sum()
-        if best_err is None or err < best_err:
-            best, best_err = lv, err
-    assert best is not None
-    return best
+    cands = [pot_levels(bits, a) for a in mse_alpha_candidates(w.abs().max(), num)]
+    return cands[int(torch.argmin(torch.stack([(project(w, lv) - w).square().sum() for lv in cands])))]
 
 
 def kmeans_levels(w: torch.Tensor, bits: int, iters: int = 50) -> torch.Tensor:

@@ -1,15 +1,5 @@
 """Fake-quantizers used by post-training quantization (they plug into QConv2d/QLinear as ``wq`` / ``aq``).
 
-- :class:`UniformQuantizer`: per-tensor uniform quantizer with a (optionally learnable) step, STE on the
-  rounding only, so d/dstep is the LSQ gradient; QDrop's random drop of activation quantization built in.
-- :class:`RangeQuantizer`: asymmetric quantizer with a learnable clipping range and lower bound (AdaQuant's
-  reference implementation, CalibTIP ``QuantThUpdate``).
-- :class:`AffineQuantizer`: asymmetric quantizer with a learnable step and a fixed integer zero point (QDrop's
-  reference ``LSQFakeQuantize``, optional LSQ gradient scaling); QDrop's random drop built in.
-- :class:`AdaRoundWeight`: AdaRound (Nagel et al., 2020) rounding of weights on a fixed uniform grid
-  (symmetric, or asymmetric with an integer zero point).
-- :class:`LevelQuantizer`: nearest-level projection onto an arbitrary sorted level set (PoT / k-means).
-
 Grids (``grid``), for step s and b bits, α = clipping value:
 - ``midrise`` (signed): levels (k + ½)s, k = −2^(b−1) … 2^(b−1)−1, s = 2α/2^b: 2^b levels symmetric about 0
   with bins exactly covering [−α, α] (the quantizer of supplement Eq. 1, q_i = −α + (2i+1)Δ/2).
@@ -32,9 +22,24 @@ from qrepro.quant.ste import round_ste
 GRIDS = ("midrise", "int")
 
 
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 16:
+        raise QreproError(f"PTQ bit-width must be in 1..16 (or 32 = full precision), got {bits}")
+
+
+def _param_shape(channels: int | None, ndim: int) -> tuple[int, ...]:
+    return () if channels is None else (channels,) + (1,) * (ndim - 1)
+
+
+def _grad_scaled(s: torch.Tensor, g: float) -> torch.Tensor:
+    """Value s, gradient scaled by g (Esser et al., LSQ)."""
+    return s * g + (s - s * g).detach()
+
+
 class UniformQuantizer(nn.Module):
     """x -> (clamp(round(x/s − o), q_min, q_max) + o) · s with |s| as the step: one step per tensor, or one per
-    output channel (``channels`` = C_out, ``ndim`` = the weight's rank) for weights."""
+    output channel (``channels`` = C_out, ``ndim`` = the weight's rank) for weights. STE on the rounding only, so
+    d/ds is the LSQ gradient; QDrop's random drop of activation quantization built in (``drop_prob``)."""
 
     def __init__(
         self,
@@ -46,15 +51,13 @@ class UniformQuantizer(nn.Module):
         ndim: int = 4,
     ) -> None:
         super().__init__()
-        if not 1 <= bits <= 16:
-            raise QreproError(f"PTQ bit-width must be in 1..16 (or 32 = full precision), got {bits}")
+        _check_bits(bits)
         if grid not in GRIDS:
             raise QreproError(f"unknown PTQ grid {grid!r}; choose one of: {', '.join(GRIDS)}")
         if bits == 1 and signed and grid == "int":
             raise QreproError("1-bit signed quantization needs grid=midrise (levels ±s/2)")
         self.bits, self.grid = bits, grid
-        shape = () if channels is None else (channels,) + (1,) * (ndim - 1)
-        self.step = nn.Parameter(torch.ones(shape), requires_grad=learn_step)
+        self.step = nn.Parameter(torch.ones(_param_shape(channels, ndim)), requires_grad=learn_step)
         self.enabled = True
         # signedness and "calibrated" live in bool buffers (saved, copied by EMA) mirrored in Python attributes
         # used by forward (no host sync); _load_from_state_dict refreshes the mirrors
@@ -104,8 +107,7 @@ class UniformQuantizer(nn.Module):
         s = self.step.abs() + 1e-12
         if self.lsq_grad_scale is not None:
             n = x.numel() // self.step.numel() if self.lsq_grad_scale == "weight" else x[0].numel()
-            g = 1.0 / math.sqrt(n * max(1, self.qmax))
-            s = s * g + (s - s * g).detach()  # value s, gradient scaled by g (Esser et al., LSQ)
+            s = _grad_scaled(s, 1.0 / math.sqrt(n * max(1, self.qmax)))
         v = round_ste(x / s - self.offset).clamp(self.qmin, self.qmax)
         return (v + self.offset) * s
 
@@ -130,10 +132,6 @@ class UniformQuantizer(nn.Module):
     def extra_repr(self) -> str:
         per = "channel" if self.step.dim() else "tensor"
         return f"bits={self.bits}, signed={self.signed}, grid={self.grid}, per={per}"
-
-
-def _param_shape(channels: int | None, ndim: int) -> tuple[int, ...]:
-    return () if channels is None else (channels,) + (1,) * (ndim - 1)
 
 
 def affine_qparams(
@@ -166,8 +164,7 @@ class RangeQuantizer(nn.Module):
 
     def __init__(self, bits: int, channels: int | None = None, ndim: int = 4) -> None:
         super().__init__()
-        if not 1 <= bits <= 16:
-            raise QreproError(f"PTQ bit-width must be in 1..16 (or 32 = full precision), got {bits}")
+        _check_bits(bits)
         self.bits, self.qmax = bits, 2**bits - 1
         shape = _param_shape(channels, ndim)
         self.range = nn.Parameter(torch.ones(shape), requires_grad=False)
@@ -206,7 +203,7 @@ class RangeQuantizer(nn.Module):
         self.zero_point.mul_(factor)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, asymmetric, per={'channel' if self.range.dim() else 'tensor'}"
+        return f"bits={self.bits}, asymmetric, per={'channel' if self.step.dim() else 'tensor'}"
 
 
 class AffineQuantizer(nn.Module):
@@ -223,8 +220,7 @@ class AffineQuantizer(nn.Module):
         self, bits: int, channels: int | None = None, ndim: int = 4, learn_step: bool = False, grad_scale: bool = False
     ) -> None:
         super().__init__()
-        if not 1 <= bits <= 16:
-            raise QreproError(f"PTQ bit-width must be in 1..16 (or 32 = full precision), got {bits}")
+        _check_bits(bits)
         self.bits, self.qmin, self.qmax = bits, 0, 2**bits - 1
         shape = _param_shape(channels, ndim)
         self.step = nn.Parameter(torch.ones(shape), requires_grad=learn_step)
@@ -252,17 +248,13 @@ class AffineQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.step
         if self.grad_scale:
-            n = x.numel() // self.step.numel()
-            g = 1.0 / math.sqrt(n * self.qmax)
-            s = s * g + (s - s * g).detach()  # value s, gradient scaled by g
+            s = _grad_scaled(s, 1.0 / math.sqrt(x.numel() // self.step.numel() * self.qmax))
         v = (round_ste(x / s) + self.zero_point).clamp(self.qmin, self.qmax)
         return (v - self.zero_point) * s
 
     forward = UniformQuantizer.forward  # quantize, or x where dropped (QDrop), or x when disabled
     rescale_step = UniformQuantizer.rescale_step  # Δ ← factor·Δ, integer zero point kept (Fig. 5A)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, asymmetric, per={'channel' if self.step.dim() else 'tensor'}"
+    extra_repr = RangeQuantizer.extra_repr
 
 
 class TransformedQuantizer(nn.Module):
@@ -315,10 +307,7 @@ class AdaRoundWeight(nn.Module):
         z = self.zero_point
         return ((base + self.h() + z).clamp(self.qmin, self.qmax) - z + self.offset) * self.step
 
-    @torch.no_grad()
-    def rescale_step(self, factor: float) -> None:
-        """Δ ← factor·Δ (Fig. 5A)."""
-        self.step.mul_(factor)
+    rescale_step = UniformQuantizer.rescale_step  # Δ ← factor·Δ (Fig. 5A)
 
     def round_loss(self, beta: float) -> torch.Tensor:
         """AdaRound regulariser Σ 1 − |2h(V) − 1|^β (Eq. 24)."""

@@ -14,29 +14,13 @@ import torch
 
 from qrepro.errors import QreproError
 
-
-def _softsign(x: torch.Tensor) -> torch.Tensor:
-    # algebraic sigmoid x / sqrt(1 + x^2): odd, bounded by 1, slope 1 at 0 decreasing with |x|
-    return x * torch.rsqrt(1.0 + x * x)
-
-
-def _atan(x: torch.Tensor) -> torch.Tensor:
-    # 2/pi * atan(pi x / 2): slope 1 at 0, bounded by 1
-    return (2.0 / math.pi) * torch.atan((math.pi / 2.0) * x)
-
-
-def _erf(x: torch.Tensor) -> torch.Tensor:
-    # erf(sqrt(pi) x / 2): slope 1 at 0, bounded by 1
-    return torch.erf((math.sqrt(math.pi) / 2.0) * x)
-
-
 #: Saturating non-linearities f with the three properties the supplement (§5) asks for: odd, bounded
 #: (|f| < 1) and decreasing slope for |x| > 0. All are normalised to f'(0) = 1, so d·f(W/d) ≈ W for |W| << d.
 SATNL_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
-    "softsign": _softsign,
-    "atan": _atan,
-    "erf": _erf,
+    "softsign": lambda x: x * torch.rsqrt(1.0 + x * x),  # the algebraic sigmoid x / sqrt(1 + x²)
+    "atan": lambda x: (2.0 / math.pi) * torch.atan((math.pi / 2.0) * x),
+    "erf": lambda x: torch.erf((math.sqrt(math.pi) / 2.0) * x),
 }
 
 
@@ -45,12 +29,9 @@ def satnl(w: torch.Tensor, d: float | torch.Tensor = 1.0, fn: str = "tanh") -> t
 
     ``d`` may be a float or a (detached or learnable) tensor broadcastable to ``w``.
     """
-    try:
-        f = SATNL_FUNCTIONS[fn]
-    except KeyError:
-        known = ", ".join(SATNL_FUNCTIONS)
-        raise QreproError(f"unknown SatNL function {fn!r}; choose one of: {known}") from None
-    return d * f(w / d)
+    if fn not in SATNL_FUNCTIONS:
+        raise QreproError(f"unknown SatNL function {fn!r}; choose one of: {', '.join(SATNL_FUNCTIONS)}")
+    return d * SATNL_FUNCTIONS[fn](w / d)
 
 
 def symreg_loss(w: torch.Tensor) -> torch.Tensor:
