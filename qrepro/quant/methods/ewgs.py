@@ -131,14 +131,13 @@ def estimate_hessian_deltas(
     max_iter: int = 50,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
-    restore_buffers: bool = True,
 ) -> dict[str, list[float]]:
     """Set every EWGS discretiser's δ from the Hessian trace on ``batches`` (training-mode forwards, cross
     entropy). Returns {"act": [...], "weight": [...]} in layer order. Parameter gradients are cleared after."""
     layers = _ewgs_layers(model)
     acts = [layer.aq for layer in layers if isinstance(layer.aq, EWGSActQuantizer)]
     weights = [layer.wq for layer in layers if layer.wq.bits is not None]
-    saved = {k: v.clone() for k, v in model.named_buffers()} if restore_buffers else {}
+    saved = {k: v.clone() for k, v in model.named_buffers()}
     was_training = model.training
     for q in (*acts, *weights):
         q.retain = True
@@ -226,9 +225,7 @@ def build_ewgs(
         raise QreproError("quantizer.update_every, hessian_batches and hessian_max_iter must be >= 1")
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
-        if info.role in ("first", "last") and not quantize_first_last:
-            return None
-        if w_bits == FP_BITS and a_bits == FP_BITS:
+        if (info.role in ("first", "last") and not quantize_first_last) or w_bits == a_bits == FP_BITS:
             return None
         wq = EWGSWeightQuantizer(None if w_bits == FP_BITS else w_bits, delta)
         aq = EWGSActQuantizer(a_bits, delta) if a_bits != FP_BITS else None

@@ -33,13 +33,11 @@ class NagelQuantizer(nn.Module):
 
     param_tags = {"scale": "nagel_scale"}
 
-    def __init__(self, bits: int, signed: bool = True, track: bool = False) -> None:
+    def __init__(self, bits: int, track: bool = False) -> None:
         super().__init__()
-        F.int_range(bits, True)
-        self.bits = bits
-        self.track = track
+        self.bits, self.track = bits, track
         self.scale = nn.Parameter(torch.ones(()))
-        n, p = F.int_range(bits, signed)
+        n, p = F.int_range(bits, True)  # (validates bits)
         # the grid (n, p): buffers (checkpointed; the sign is set from data at initialisation) mirrored as Python
         # floats, which the forward uses: torch.clamp with number bounds, as the authors' code (with tensor bounds
         # PyTorch splits the gradient at x_int = n or p between x and the bound)
