@@ -16,7 +16,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import lsq as F
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, init_from_batch
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, check_choice, init_from_batch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 WEIGHT_INITS = ("lsq", "lsqplus")
@@ -116,10 +116,8 @@ def _build(
     check_bits(name, w_bits, a_bits, SUPPORTED_BITS)
     if first_last_bits is not None and first_last_bits not in SUPPORTED_BITS:
         raise QreproError(f"quantizer.first_last_bits={first_last_bits!r}; use 2..8, 32 or null (network bits)")
-    if w_init not in WEIGHT_INITS or a_init not in ACT_INITS:
-        raise QreproError(
-            f"quantizer.w_init={w_init!r} / a_init={a_init!r}; use w_init in {WEIGHT_INITS}, a_init in {ACT_INITS}"
-        )
+    check_choice("w_init", w_init, WEIGHT_INITS, name)
+    check_choice("a_init", a_init, ACT_INITS, name)
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         edge = info.role in ("first", "last") and first_last_bits is not None

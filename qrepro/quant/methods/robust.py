@@ -22,7 +22,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant.calibrate import Calibration, init_quantizers, layer_bits, weight_quantizer_for
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, check_choice
 from qrepro.quant.quantizers import TransformedQuantizer, UniformQuantizer
 from qrepro.quant.robust import SATNL_FUNCTIONS, kure_loss, satnl, symreg_loss
 
@@ -198,10 +198,8 @@ def build_robust_qat(
     LSQ-learned steps initialised from the first batch (``init``: minmax | mse | aciq), plus the same
     SymReg / KURE terms. (The main paper's QAT algorithm is not in the available sources; this is ours.)"""
     check_bits("robust_qat", w_bits, a_bits, (2, 3, 4, 5, 6, 7, 8, FP_BITS))
-    if init not in ("minmax", "mse", "aciq"):
-        raise QreproError(f"quantizer.init={init!r}; choose minmax, mse or aciq")
-    if weight_granularity not in ("tensor", "channel"):
-        raise QreproError(f"quantizer.weight_granularity={weight_granularity!r}; choose tensor or channel")
+    check_choice("init", init, ("minmax", "mse", "aciq"), "robust_qat")
+    check_choice("weight_granularity", weight_granularity, ("tensor", "channel"), "robust_qat")
     reg = dict(symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
     base = _build("robust_qat", FP_BITS, FP_BITS, satnl_on=satnl, fn=fn, d=d, d_mode=d_mode, **reg)
 
