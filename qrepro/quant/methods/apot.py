@@ -21,18 +21,21 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant import apot as qa
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import (
+    FP_BITS,
+    METHODS,
+    BitsQuantizer,
+    LayerInfo,
+    Method,
+    builder_options,
+    check_bits,
+    check_choice,
+)
 from qrepro.registry import register_converter
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 LEVEL_FAMILIES = ("apot", "pot", "uniform", "lloyd")
 W_GRADS = ("ste", "clipped", "clipped_above_2bit")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise QreproError(f"quantizer.{name}={value!r} is not valid; choose one of: {', '.join(allowed)}")
-    return value
 
 
 class APoTWeightQuantizer(nn.Module):
@@ -63,12 +66,10 @@ class APoTWeightQuantizer(nn.Module):
         self.bits, self.family, self.clip, self.grad = bits, levels, clip, grad
         self.wn, self.wn_detach, self.wn_unbiased, self.wn_eps = wn, wn_detach, wn_unbiased, wn_eps
         self.lloyd_iters = lloyd_iters
-        if levels == "lloyd":
-            # placeholder until LloydRefit fits them; persistent so a trained model keeps its levels
-            init = qa.magnitude_levels("uniform", bits)
-            self.register_buffer("levels", init.float())
-        else:
-            self.register_buffer("levels", qa.magnitude_levels(levels, bits).float(), persistent=False)
+        # lloyd: uniform until LloydRefit fits them, persistent so a trained model keeps its levels
+        lloyd = levels == "lloyd"
+        init = qa.magnitude_levels("uniform" if lloyd else levels, bits)
+        self.register_buffer("levels", init.float(), persistent=lloyd)
         if clip != "max":
             self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
 
@@ -121,18 +122,11 @@ class APoTActQuantizer(nn.Module):
         return f"bits={self.bits}, levels={self.family}, clip={self.clip}"
 
 
-class MaxScaledWeightQuantizer(nn.Module):
+class MaxScaledWeightQuantizer(BitsQuantizer):
     """First conv / last FC: b-bit weights scaled by the largest positive weight, no clamp (authors' code)."""
-
-    def __init__(self, bits: int = 8) -> None:
-        super().__init__()
-        self.bits = bits
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return qa.max_scaled_weight(w, self.bits)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
 
 class LloydRefit(Hook):
@@ -173,29 +167,27 @@ def build_apot(
     first_last_bits: int = 8,
     lloyd_iters: int = 30,
 ) -> Method:
-    """APoT method (Additive Powers-of-Two Quantization).
-
-    levels: weight level family apot | pot | uniform | lloyd; act_levels: activation family (default: the
-    weight family, ``apot`` when weights use lloyd). w_clip: rcf | pact | max; a_clip: rcf | pact.
-    wn: weight normalisation on/off; wn_grad: attached (paper, ImageNet code) | detached (CIFAR code);
-    wn_std: biased (Eq. 9) | unbiased (torch.std, both authors' codes); wn_eps: epsilon of Eq. 9 (the
-    authors' code uses 0). w_grad: ste (paper, CIFAR code: 1 everywhere) | clipped (0 outside +-alpha) |
-    clipped_above_2bit (the ImageNet code: clipped for more than 2 bits, ste at 2 bits).
-    first_last: 8bit (weight-only, max-positive scaling) | fp.
-    """
+    """APoT method. Weight/activation level families (``levels``, ``act_levels``), clipping (``w_clip``, ``a_clip``),
+    weight normalisation (``wn``, ``wn_grad``, ``wn_std``, ``wn_eps``), the weight gradient (``w_grad``) and the
+    first/last layers: docs/apot.md, "Layer policy and options"."""
+    options = builder_options(locals())
+    del options["lloyd_iters"]  # not one of the recorded options
     check_bits("apot", w_bits, a_bits, SUPPORTED_BITS)
-    _choice("levels", levels, LEVEL_FAMILIES)
+    check_choice("levels", levels, LEVEL_FAMILIES, "apot")
     if act_levels is None:
-        act_levels = "apot" if levels == "lloyd" else levels
-    _choice("act_levels", act_levels, ("apot", "pot", "uniform"))
-    _choice("w_clip", w_clip, ("rcf", "pact", "max"))
-    _choice("a_clip", a_clip, ("rcf", "pact"))
-    _choice("wn_grad", wn_grad, ("attached", "detached"))
-    _choice("wn_std", wn_std, ("biased", "unbiased"))
-    _choice("w_grad", w_grad, W_GRADS)
+        options["act_levels"] = act_levels = "apot" if levels == "lloyd" else levels
+    for opt, allowed in (
+        ("act_levels", ("apot", "pot", "uniform")),
+        ("w_clip", ("rcf", "pact", "max")),
+        ("a_clip", ("rcf", "pact")),
+        ("wn_grad", ("attached", "detached")),
+        ("wn_std", ("biased", "unbiased")),
+        ("w_grad", W_GRADS),
+        ("first_last", ("8bit", "fp")),
+    ):
+        check_choice(opt, options[opt], allowed, "apot")
     # the authors' ImageNet code clips the weight gradient only above 2 bits (its 2-bit path passes it unclipped)
     layer_w_grad = "clipped" if w_grad == "clipped" or (w_grad == "clipped_above_2bit" and w_bits > 2) else "ste"
-    _choice("first_last", first_last, ("8bit", "fp"))
     if not 2 <= first_last_bits <= 16:
         raise QreproError(f"quantizer.first_last_bits={first_last_bits} must be in 2..16 (paper: 8)")
 
@@ -221,21 +213,6 @@ def build_apot(
             aq = APoTActQuantizer(a_bits, levels=act_levels, clip=a_clip, init_alpha=init_a_alpha)
         return wq, aq
 
-    options = dict(
-        levels=levels,
-        act_levels=act_levels,
-        w_clip=w_clip,
-        a_clip=a_clip,
-        wn=wn,
-        wn_grad=wn_grad,
-        wn_std=wn_std,
-        wn_eps=wn_eps,
-        w_grad=w_grad,
-        init_w_alpha=init_w_alpha,
-        init_a_alpha=init_a_alpha,
-        first_last=first_last,
-        first_last_bits=first_last_bits,
-    )
     hooks = [LloydRefit()] if levels == "lloyd" and w_bits != FP_BITS else []
     return Method(name="apot", quantize_layer=quantize_layer, hooks=hooks, options=options)
 

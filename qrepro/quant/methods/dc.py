@@ -1,16 +1,12 @@
-"""``quantizer=dc``: Deep Compression's trained quantization (Han, Mao & Dally, ICLR 2016, Sec. 3), weight-only.
+"""``quantizer=dc``: Deep Compression's trained quantization (Han, Mao & Dally, ICLR 2016, Sec. 3), weight-only;
+see docs/haq.md.
 
-Policy: every Conv2d/Linear weight, the first and last layer included (as HAQ's code runs its k-means baseline),
-is replaced by 2^b shared values: ``first_last: fp`` keeps those two in full precision instead. Activations are
-not quantized (precision ``w{b}a32``). Pruning, the first stage of Deep Compression, is not part of it: the
-k-means rows that HAQ and SAT compare against quantize the dense pretrained model.
-
-Each layer's :class:`KMeansWeightQuantizer` holds the centroids (a parameter, tag ``centroids``), the fixed
-cluster index of every weight (``labels``) and the gradient factor of each centroid (1, or 1/|cluster| with
-``centroid_grad: mean``). The k-means runs once, at the start of training (:class:`KMeansInit`, after an FP
-checkpoint has been loaded), on the layer's weights; a checkpoint of a quantized model carries ``initialized``,
-so a resumed run never clusters again. The layer's FP ``weight`` is left unused (and untouched by the optimizer)
-while the quantizer is in place. Maths: ``qrepro.quant.kmeans``; see docs/haq.md.
+Every Conv2d/Linear weight, the first and last layer included (as HAQ's code runs its k-means baseline; ``first_last:
+fp`` keeps those two in full precision), is replaced by 2^b shared values: :class:`KMeansWeightQuantizer` holds the
+centroids (tag ``centroids``), the fixed cluster index of every weight and each centroid's gradient factor. The
+k-means runs once, at the start of training (:class:`KMeansInit`); the ``initialized`` buffer in a checkpoint
+keeps a resumed run from clustering again. The layer's FP ``weight`` is unused while the quantizer is in place.
+Pruning is not part of it. Maths: ``qrepro.quant.kmeans``.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import kmeans as km
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, builder_options, check_choice
 
 SUPPORTED_W_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 FIRST_LAST = ("same", "fp")
@@ -118,12 +114,12 @@ def build_dc(
     seed: int = 0,
 ) -> Method:
     """Deep Compression k-means weight sharing at ``w_bits`` for every layer; weight-only (``a_bits`` = 32)."""
+    options = builder_options(locals())
     if w_bits not in SUPPORTED_W_BITS:
         raise QreproError(f"quantizer=dc supports 1..8 weight bits, got w_bits={w_bits}; e.g. precision=w4a32")
     if a_bits != FP_BITS:
         raise QreproError(f"quantizer=dc quantizes weights only (got a_bits={a_bits}); use precision=w{w_bits}a32")
-    if first_last not in FIRST_LAST:
-        raise QreproError(f"quantizer.first_last={first_last!r} is invalid for quantizer=dc; use one of: same, fp")
+    check_choice("first_last", first_last, FIRST_LAST, "dc")
     KMeansWeightQuantizer(w_bits, init, centroid_grad, max_iter, tol, seed)  # validates the options
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
@@ -131,5 +127,4 @@ def build_dc(
             return None
         return KMeansWeightQuantizer(info.w_bits, init, centroid_grad, max_iter, tol, seed), None
 
-    options = dict(init=init, centroid_grad=centroid_grad, max_iter=max_iter, tol=tol, first_last=first_last, seed=seed)
     return Method(name="dc", quantize_layer=quantize_layer, hooks=[KMeansInit()], options=options)

@@ -16,56 +16,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qrepro.errors import QreproError
 from qrepro.quant import dorefanet as F
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, BitsQuantizer, LayerInfo, Method, check_bits, check_choice
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP_BITS)
 FIRST_LAST = ("fp", "same")
 
 
-class DoReFaWeight(nn.Module):
+class DoReFaWeight(BitsQuantizer):
     """w -> the k-bit DoReFa-Net weight."""
-
-    def __init__(self, bits: int) -> None:
-        super().__init__()
-        self.bits = bits
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return F.weight(w, self.bits)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
-
-class DoReFaActivation(nn.Module):
+class DoReFaActivation(BitsQuantizer):
     """x -> quantize_k(clip(x, 0, 1)) (no parameters)."""
-
-    def __init__(self, bits: int) -> None:
-        super().__init__()
-        self.bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):  # fake-quant arithmetic in float32 (exact rounding)
             return F.activation(x.float(), self.bits).to(x.dtype)
         return F.activation(x, self.bits)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
-
 
 @METHODS.register("dorefanet")
 def build_dorefanet(w_bits: int, a_bits: int, *, first_last: str = "fp") -> Method:
     """DoReFa-Net weights and activations (32-bit gradients); first/last layers full precision by default."""
     check_bits("dorefanet", w_bits, a_bits, SUPPORTED_BITS)
-    if first_last not in FIRST_LAST:
-        raise QreproError(f"quantizer.first_last={first_last!r} is invalid for dorefanet; use one of: fp, same")
+    check_choice("first_last", first_last, FIRST_LAST, "dorefanet")
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         if info.role in ("first", "last") and first_last == "fp":
             return None
         wq = DoReFaWeight(info.w_bits) if info.w_bits != FP_BITS else None
         aq = DoReFaActivation(info.a_bits) if info.a_bits != FP_BITS and info.role != "first" else None
-        return (wq, aq) if (wq is not None or aq is not None) else None
+        return wq, aq
 
     return Method(name="dorefanet", quantize_layer=quantize_layer, options=dict(first_last=first_last))

@@ -1,15 +1,10 @@
 """``quantizer=ewgs``: element-wise gradient scaling ("Network Quantization with Element-wise Gradient Scaling").
 
 Policy (the authors' ResNets): the first and last layers stay full precision; every other Conv2d/Linear gets an
-:class:`EWGSWeightQuantizer` (learnable interval ``[l, u]`` and output scale ``α``) and an :class:`EWGSActQuantizer`
-(learnable interval) on its input. Maths in :mod:`qrepro.quant.ewgs`.
-
-Hooks: :class:`EWGSInit` sets the intervals and output scales on the first batch (``l, u = ∓3·std(w)``;
-``l_a = min(x)``, ``u_a = 3·std(x)/sqrt(1 − 2/π)``; ``α = mean|conv(x, w)| / mean|conv(x_q, w_q)|``), layer by layer
-in one training-mode forward (α = 1 where every quantized output of the batch is 0);
-:class:`EWGSHessianDelta` re-estimates δ from the Hessian trace at the end of every
-``update_every``-th epoch (the authors: before every epoch but the first), unless ``use_hessian`` is false
-(then δ stays at ``delta``; ``delta: 0`` with ``use_hessian: false`` is the straight-through baseline).
+:class:`EWGSWeightQuantizer` (learnable interval and output scale α) and an :class:`EWGSActQuantizer` on its input.
+:class:`EWGSInit` sets intervals and scales on the first batch; :class:`EWGSHessianDelta` re-estimates δ from the
+Hessian trace every ``update_every`` epochs unless ``use_hessian`` is false (``delta: 0`` then is the
+straight-through baseline). Maths: :mod:`qrepro.quant.ewgs`; initialisation formulas and options: docs/ewgs.md.
 """
 
 from __future__ import annotations
@@ -22,39 +17,49 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import ewgs as F
 from qrepro.quant.layers import calibration_forward, quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, BitsQuantizer, LayerInfo, Method, check_bits
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP_BITS)
 
 
-class EWGSWeightQuantizer(nn.Module):
-    """w_q = |α|·2·(EWGS(clip((w − l)/(u − l), 0, 1)) − 1/2); ``bits=None`` keeps w and applies |α| only
-    (a layer whose input alone is quantized still has the authors' output scale)."""
+class _EWGSInterval(BitsQuantizer):
+    """A learnable interval [l, u] and the EWGS discretiser over it, with its gradient scale δ (buffer ``delta``)."""
 
-    param_tags = {"lower": "ewgs_interval", "upper": "ewgs_interval", "output_scale": "ewgs_scale"}
+    param_tags = {"lower": "ewgs_interval", "upper": "ewgs_interval"}
 
     def __init__(self, bits: int | None, delta: float = 0.0) -> None:
-        super().__init__()
         if bits is not None:
             F.levels(bits)
-        self.bits = bits
+        super().__init__(bits)
         self.lower = nn.Parameter(torch.zeros(()))
         self.upper = nn.Parameter(torch.zeros(()))
-        self.output_scale = nn.Parameter(torch.ones(()))
         self.register_buffer("delta", torch.tensor(float(delta)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.retain = False  # EWGSHessianDelta: keep the discretiser's output and its gradient
         self.captured: torch.Tensor | None = None
 
-    def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        """The quantized weight in [−1, 1], without the output scale."""
-        if self.bits is None:
-            return w
-        q = F.discretize(F.normalize(w, self.lower.to(w.dtype), self.upper.to(w.dtype)), 2**self.bits, self.delta)
+    def discretize(self, x: torch.Tensor) -> torch.Tensor:
+        """EWGS(clip((x − l)/(u − l), 0, 1)) in [0, 1]."""
+        q = F.discretize(F.normalize(x, self.lower.to(x.dtype), self.upper.to(x.dtype)), 2**self.bits, self.delta)
         if self.retain:
             q.retain_grad()
             self.captured = q
-        return (q - 0.5) * 2.0
+        return q
+
+
+class EWGSWeightQuantizer(_EWGSInterval):
+    """w_q = |α|·2·(EWGS(clip((w − l)/(u − l), 0, 1)) − 1/2); ``bits=None`` keeps w and applies |α| only
+    (a layer whose input alone is quantized still has the authors' output scale)."""
+
+    param_tags = {**_EWGSInterval.param_tags, "output_scale": "ewgs_scale"}
+
+    def __init__(self, bits: int | None, delta: float = 0.0) -> None:
+        super().__init__(bits, delta)
+        self.output_scale = nn.Parameter(torch.ones(()))
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """The quantized weight in [−1, 1], without the output scale."""
+        return w if self.bits is None else (self.discretize(w) - 0.5) * 2.0
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.quantize(w) * torch.abs(self.output_scale).to(w.dtype)
@@ -63,35 +68,12 @@ class EWGSWeightQuantizer(nn.Module):
         """The output scale multiplies the whole output, bias included."""
         return bias * torch.abs(self.output_scale).to(bias.dtype)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
-
-class EWGSActQuantizer(nn.Module):
+class EWGSActQuantizer(_EWGSInterval):
     """x_q = EWGS(clip((x − l)/(u − l), 0, 1)) in [0, 1]."""
 
-    param_tags = {"lower": "ewgs_interval", "upper": "ewgs_interval"}
-
-    def __init__(self, bits: int, delta: float = 0.0) -> None:
-        super().__init__()
-        F.levels(bits)
-        self.bits = bits
-        self.lower = nn.Parameter(torch.zeros(()))
-        self.upper = nn.Parameter(torch.zeros(()))
-        self.register_buffer("delta", torch.tensor(float(delta)))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.retain = False
-        self.captured: torch.Tensor | None = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = F.discretize(F.normalize(x, self.lower.to(x.dtype), self.upper.to(x.dtype)), 2**self.bits, self.delta)
-        if self.retain:
-            q.retain_grad()
-            self.captured = q
-        return q
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return self.discretize(x)
 
 
 def _raw_output(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -149,14 +131,13 @@ def estimate_hessian_deltas(
     max_iter: int = 50,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
-    restore_buffers: bool = True,
 ) -> dict[str, list[float]]:
     """Set every EWGS discretiser's δ from the Hessian trace on ``batches`` (training-mode forwards, cross
     entropy). Returns {"act": [...], "weight": [...]} in layer order. Parameter gradients are cleared after."""
     layers = _ewgs_layers(model)
     acts = [layer.aq for layer in layers if isinstance(layer.aq, EWGSActQuantizer)]
     weights = [layer.wq for layer in layers if layer.wq.bits is not None]
-    saved = {k: v.clone() for k, v in model.named_buffers()} if restore_buffers else {}
+    saved = {k: v.clone() for k, v in model.named_buffers()}
     was_training = model.training
     for q in (*acts, *weights):
         q.retain = True
@@ -216,11 +197,7 @@ class EWGSHessianDelta(Hook):
         if self.seed is not None:
             g = torch.Generator(device=batches[0][0].device).manual_seed(self.seed + epoch)
         d = estimate_hessian_deltas(ctx.model, batches, max_iter=self.max_iter, tol=self.tol, generator=g)
-        out = {}
-        for k, v in d.items():
-            if v:
-                out[f"ewgs_delta_{k}"] = sum(v) / len(v)
-        return out
+        return {f"ewgs_delta_{k}": sum(v) / len(v) for k, v in d.items() if v}
 
 
 @METHODS.register("ewgs")
@@ -248,9 +225,7 @@ def build_ewgs(
         raise QreproError("quantizer.update_every, hessian_batches and hessian_max_iter must be >= 1")
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
-        if info.role in ("first", "last") and not quantize_first_last:
-            return None
-        if w_bits == FP_BITS and a_bits == FP_BITS:
+        if (info.role in ("first", "last") and not quantize_first_last) or w_bits == a_bits == FP_BITS:
             return None
         wq = EWGSWeightQuantizer(None if w_bits == FP_BITS else w_bits, delta)
         aq = EWGSActQuantizer(a_bits, delta) if a_bits != FP_BITS else None
@@ -259,9 +234,5 @@ def build_ewgs(
     hooks: list[Hook] = [EWGSInit()]
     if use_hessian:
         hooks.append(EWGSHessianDelta(update_every, hessian_batches, hessian_max_iter, hessian_tol, seed))
-    return Method(
-        name="ewgs",
-        quantize_layer=quantize_layer,
-        hooks=hooks,
-        options={"quantize_first_last": quantize_first_last, "delta": float(delta), "use_hessian": use_hessian},
-    )
+    options = {"quantize_first_last": quantize_first_last, "delta": float(delta), "use_hessian": use_hessian}
+    return Method(name="ewgs", quantize_layer=quantize_layer, hooks=hooks, options=options)

@@ -1,23 +1,17 @@
-"""``quantizer=haq``: HAQ (Wang et al., "HAQ: Hardware-Aware Automated Quantization with Mixed Precision",
-CVPR 2019): per-layer bit-widths from a policy, applied with the authors' quantizers. The reinforcement-learning
-search that finds a policy is not part of it: ``policy`` names one of the policies the authors published
-(``qrepro.quant.haq_policies``), or is null for uniform bit-widths.
+"""``quantizer=haq``: HAQ ("HAQ: Hardware-Aware Automated Quantization with Mixed Precision", CVPR 2019): per-layer
+bit-widths from a policy the authors published (``qrepro.quant.haq_policies``; the reinforcement-learning search is
+not part of it), or null for uniform bit-widths, applied with the authors' quantizers; see docs/haq.md.
 
-Policy kinds:
-- ``linear`` (latency/energy-constrained rows): HAQ's linear quantizer (``qrepro.quant.kmeans.linear_weight`` /
-  ``linear_act``) with per-layer [w_bits, a_bits]; a_bits -1 leaves the layer input unquantized (the first
-  layer in the published policy). Weight ranges and activation ranges are calibrated once, at the start of
-  training, from one full-precision forward of the first batch (:class:`HAQCalibration`, as the authors'
-  ``calibrate``; it also moves the BatchNorm running statistics by that batch, as theirs). An input with a
-  negative value in that batch is quantized two-sided (the authors' ``half_wave=False`` layers, which they mark
-  by hand: MobileNet-V2's expansion convs and last 1x1 conv, whose inputs are linear bottleneck outputs).
-- ``kmeans`` (model-size-constrained rows, weight-only): k-means weight sharing with per-layer weight bits
-  (:class:`qrepro.quant.methods.dc.KMeansWeightQuantizer`), k-means++ initialisation and the mean centroid
-  gradient as the authors' code (``kmeans_init``, ``centroid_grad``).
+- ``linear`` policies (latency/energy rows): HAQ's linear quantizer (maths: ``qrepro.quant.kmeans``) with per-layer
+  [w_bits, a_bits] (a_bits -1: input unquantized); ranges calibrated once on one full-precision training-mode
+  forward of the first batch (:class:`HAQCalibration`, as the authors' ``calibrate``, BatchNorm statistics moved
+  too); an input with a negative value in that batch is quantized two-sided (the authors' ``half_wave=False``).
+- ``kmeans`` policies (model-size rows, weight-only): :class:`qrepro.quant.methods.dc.KMeansWeightQuantizer` with
+  per-layer bits, k-means++ and the mean centroid gradient as the authors' code.
+- ``policy: null``: the linear quantizer at the precision's bits, the first layer's weights at ``first_w_bits``
+  and its input unquantized, as in the published policy.
 
-``policy: null``: the linear quantizer at the precision's bits for every layer but the first, whose weights
-take ``first_w_bits`` (8) and whose input stays unquantized, as in the published policy.
-The number of policy entries must equal the model's Conv2d/Linear count (the policy names its model).
+A policy must have one entry per Conv2d/Linear of the model it names.
 """
 
 from __future__ import annotations
@@ -30,20 +24,19 @@ from qrepro.hooks import Context, Hook
 from qrepro.quant import kmeans as km
 from qrepro.quant.haq_policies import POLICIES, policy_names
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, BitsQuantizer, LayerInfo, Method, builder_options, check_bits
 from qrepro.quant.methods.dc import KMeansInit, KMeansWeightQuantizer
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 
 
-class HAQWeightQuantizer(nn.Module):
+class HAQWeightQuantizer(BitsQuantizer):
     """round(clip(w, -t, t)/s)·s, s = t/(2^(b-1) - 1); t (buffer ``threshold``) set once by calibration."""
 
     def __init__(self, bits: int) -> None:
-        super().__init__()
         if not 2 <= bits <= 16:
             raise QreproError(f"HAQ linear weight quantization needs 2..16 bits, got {bits}")
-        self.bits = bits
+        super().__init__(bits)
         self.register_buffer("threshold", torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
@@ -58,21 +51,18 @@ class HAQWeightQuantizer(nn.Module):
         self.threshold.fill_(km.weight_threshold(w, self.bits))
         self.initialized.fill_(True)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
-
-class HAQActQuantizer(nn.Module):
+class HAQActQuantizer(BitsQuantizer):
     """HAQ's activation quantizer with a trainable range ``alpha`` (tag ``act_clip``); ``signed`` and ``levels``
     are buffers set by calibration (so a checkpoint keeps them)."""
 
     param_tags = {"alpha": "act_clip"}
 
     def __init__(self, bits: int, init_range: float = km.ACT_INIT_RANGE) -> None:
-        super().__init__()
         if not 2 <= bits <= 16:
             raise QreproError(f"HAQ activation quantization needs 2..16 bits, got {bits}")
-        self.bits, self.init_range = bits, init_range
+        super().__init__(bits)
+        self.init_range = init_range
         self.alpha = nn.Parameter(torch.tensor(float(init_range)))
         self.register_buffer("signed", torch.zeros(()))
         self.register_buffer("levels", torch.tensor(2.0**bits - 1))
@@ -94,9 +84,6 @@ class HAQActQuantizer(nn.Module):
         self.levels.fill_(2.0**eff - 1)
         self.alpha.fill_(km.act_range(x, eff, self.init_range))
         self.initialized.fill_(True)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
 
 class HAQCalibration(Hook):
@@ -146,21 +133,6 @@ def calibrate_model(model: nn.Module, x: torch.Tensor | None) -> int:
     return n + len(todo)
 
 
-def resolve_policy(policy: str | None) -> dict | None:
-    if policy is None:
-        return None
-    if policy not in POLICIES:
-        raise QreproError(f"unknown HAQ policy {policy!r}; published policies: {', '.join(policy_names())}")
-    return POLICIES[policy]
-
-
-def _layer_bits(entry, kind: str) -> tuple[int, int]:
-    if kind == "kmeans":
-        return int(entry), FP_BITS
-    w, a = (int(b) for b in entry)
-    return (FP_BITS if w < 0 else w), (FP_BITS if a < 0 else a)
-
-
 @METHODS.register("haq")
 def build_haq(
     w_bits: int,
@@ -174,7 +146,10 @@ def build_haq(
     seed: int = 0,
 ) -> Method:
     """HAQ with a published ``policy`` (per-layer bits; the precision's bits are then not used) or uniform bits."""
-    pol = resolve_policy(policy)
+    options = builder_options(locals())
+    if policy is not None and policy not in POLICIES:
+        raise QreproError(f"unknown HAQ policy {policy!r}; published policies: {', '.join(policy_names())}")
+    pol = None if policy is None else POLICIES[policy]
     if pol is None:
         check_bits("haq", w_bits, a_bits, SUPPORTED_BITS)
         if not 2 <= first_w_bits <= 16:
@@ -194,21 +169,13 @@ def build_haq(
                     f"HAQ policy {policy!r} has {n_layers} layers but the model has {n} Conv2d/Linear layers; "
                     f"the policy is published for model={pol['model']}"
                 )
-            wb, ab = _layer_bits(pol["bits"][info.index], kind)
-        if kind == "kmeans":
-            wq = KMeansWeightQuantizer(wb, kmeans_init, centroid_grad, kmeans_max_iter, seed=seed)
-            return wq, None
+            entry = pol["bits"][info.index]  # k-means: the weight bits; linear: [w_bits, a_bits], -1 = unquantized
+            if kind == "kmeans":
+                return KMeansWeightQuantizer(int(entry), kmeans_init, centroid_grad, kmeans_max_iter, seed=seed), None
+            wb, ab = (FP_BITS if int(b) < 0 else int(b) for b in entry)
         wq = None if wb == FP_BITS else HAQWeightQuantizer(wb)
         aq = None if ab == FP_BITS else HAQActQuantizer(ab)
         return wq, aq
 
     hooks: list[Hook] = [KMeansInit()] if kind == "kmeans" else [HAQCalibration()]
-    options = dict(
-        policy=policy,
-        first_w_bits=first_w_bits,
-        kmeans_init=kmeans_init,
-        centroid_grad=centroid_grad,
-        kmeans_max_iter=kmeans_max_iter,
-        seed=seed,
-    )
     return Method(name="haq", quantize_layer=quantize_layer, hooks=hooks, options=options)

@@ -1,16 +1,10 @@
 """LQ-Net (Zhang et al., "LQ-Nets: Learned Quantization for Highly Accurate and Compact Deep Neural Networks",
-ECCV 2018): learned quantizer bases fitted by quantization error minimisation (QEM). See docs/lqnet.md.
+ECCV 2018): learned quantizer bases fitted by quantization error minimisation (QEM). Maths: ``qrepro.quant.lqnet``;
+equations, when QEM runs and the deviations: docs/lqnet.md.
 
-- weights: one K-bit basis per output channel, codes in {-1, 1}^K; activations (layer input): one basis per
-  layer, codes in {0, 1}^K. Forward: nearest level (``qrepro.quant.lqnet``).
-- gradient: straight-through (weights: identity; activations: identity below the largest level, zero above, as
-  the authors' code ``y = clip(x) + stop_gradient(q - clip(x))``).
-- QEM: every training forward pass adds the per-level counts and sums of the values it quantized to the
-  quantizer's statistics (buffers, so the compiled step keeps them); after the optimizer step the ``LQNetQEM``
-  hook solves ``v* = (B B^T + eps I)^{-1} (B x + eps v)`` and moves the basis ``v <- m v + (1 - m) v*``
-  (``momentum`` 0.9 and eps 1e-4 as the authors' code), then clears the statistics. The basis is a buffer: no
-  gradient reaches it, as in the paper.
-- first conv and last FC stay full precision (paper, Sec. 4).
+Weights: one K-bit basis per output channel, codes in {-1, 1}^K; layer inputs: one basis per layer, codes in
+{0, 1}^K; straight-through gradients. Training forwards gather per-level statistics in buffers and the
+:class:`LQNetQEM` hook moves the bases after every optimizer step. First conv and last FC full precision.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ from qrepro.hooks import Hook
 from qrepro.quant import lqnet as lq
 from qrepro.quant import ste
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, builder_options, check_bits, check_choice
 
 SUPPORTED_BITS = (1, 2, 3, 4, FP_BITS)
 
@@ -143,9 +137,9 @@ def build_lqnet(
     then quantized by an activation basis). momentum: moving average of the QEM basis (authors: 0.9).
     w_ridge / a_ridge: the eps of ``(B B^T + eps I)^{-1} (B x + eps v)`` (authors: 1e-4 for weights; their
     activation solve has none and fails when a code goes unused, so ours keeps a small one)."""
+    options = builder_options(locals())
     check_bits("lqnet", w_bits, a_bits, SUPPORTED_BITS)
-    if first_last not in ("fp", "same"):
-        raise QreproError(f"quantizer.first_last={first_last!r} is not valid; choose one of: fp, same")
+    check_choice("first_last", first_last, ("fp", "same"), "lqnet")
     if not 0.0 <= momentum < 1.0:
         raise QreproError(f"quantizer.momentum={momentum} must be in [0, 1) (authors: 0.9)")
     for name, r in (("w_ridge", w_ridge), ("a_ridge", a_ridge)):
@@ -165,5 +159,4 @@ def build_lqnet(
             aq = LQNetActQuantizer(a_bits, momentum=momentum, ridge=a_ridge)
         return wq, aq
 
-    options = dict(first_last=first_last, momentum=momentum, w_ridge=w_ridge, a_ridge=a_ridge)
     return Method(name="lqnet", quantize_layer=quantize_layer, hooks=[LQNetQEM()], options=options)

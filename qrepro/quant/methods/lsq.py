@@ -1,18 +1,11 @@
 """``quantizer=lsq`` (Esser et al., "Learned Step Size Quantization", ICLR 2020) and ``quantizer=lsqplus``
-(Bhalgat et al., "LSQ+", CVPR Workshops 2020). Maths: ``qrepro.quant.lsq``; docs/lsq.md.
+(Bhalgat et al., "LSQ+", CVPR Workshops 2020). Maths: ``qrepro.quant.lsq``; equations, policy and options:
+docs/lsq.md.
 
-Policy (both): every conv/linear weight gets a signed per-tensor quantizer with a learned step size s (tag
-``w_scale``); every layer input but the first conv's (the image) an unsigned one (tag ``a_scale``); the first conv and
-the last FC at ``first_last_bits`` (8, as LSQ trains; null = the network's bit-widths). The step gradient is scaled
-by g = 1/sqrt(N·Q_P) (N = the layer's weight count, or its input's features per example).
-
-- ``lsq``: s initialised to 2<|v|>/sqrt(Q_P) from the (loaded) weights and the first training batch.
-- ``lsqplus``: activations x^ = round(clip((x - beta)/s, 0, 2^b - 1))·s + beta with a learned offset beta (tag
-  ``a_offset``), (s, beta) initialised by ``a_init`` (mse | minmax) on the first batch; weights symmetric as LSQ with
-  s = max(|mu - 3 sigma|, |mu + 3 sigma|)/2^(b-1).
-
-Initialisation happens once, at the start of training (after ``init_from`` loaded the FP model): each quantizer
-has an ``initialized`` buffer, saved in checkpoints, so a resumed run never re-initialises.
+Policy (both): signed per-tensor weight quantizers (tag ``w_scale``), unsigned ones on every layer input but the
+first conv's (tag ``a_scale``; LSQ+ adds a learned offset, tag ``a_offset``), the first conv and the last FC at
+``first_last_bits``. Steps are initialised once, at the start of training (:class:`StepInit`); the ``initialized``
+buffers travel in checkpoints, so a resumed run never re-initialises.
 """
 
 from __future__ import annotations
@@ -23,8 +16,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import lsq as F
-from qrepro.quant.layers import calibration_forward, quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, check_choice, init_from_batch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 WEIGHT_INITS = ("lsq", "lsqplus")
@@ -92,10 +84,9 @@ class LSQActQuantizer(nn.Module):
         x = x.detach().float()
         if self.init == "lsq":
             s, beta = F.lsq_init_step(x, self.qp), torch.zeros(())
-        elif self.init == "minmax":
-            s, beta = F.lsqplus_act_init_minmax(x, self.qn, self.qp)
         else:
-            s, beta = F.lsqplus_act_init_mse(x, self.qn, self.qp)
+            init = F.lsqplus_act_init_minmax if self.init == "minmax" else F.lsqplus_act_init_mse
+            s, beta = init(x, self.qn, self.qp)
         self.step.copy_(s.clamp_min(torch.finfo(s.dtype).tiny))
         if self.beta is not None:
             self.beta.copy_(beta)
@@ -105,29 +96,11 @@ class LSQActQuantizer(nn.Module):
         return f"bits={self.bits}, offset={self.offset}, init={self.init}"
 
 
-@torch.no_grad()
 def init_steps(model: nn.Module, x: torch.Tensor | None) -> int:
     """Initialise every uninitialised LSQ quantizer: weights from the layer's weight, activations from the layer's
-    input in one training-mode forward of ``x`` (each set just before its layer runs, so later layers see quantized
-    earlier ones, as LSQ's first batch does). Buffers (BatchNorm statistics) are restored. Returns the count set."""
-    layers = [layer for _, layer in quantized_layers(model)]
-    n = 0
-    for layer in layers:
-        if isinstance(layer.wq, LSQWeightQuantizer) and not bool(layer.wq.initialized):
-            layer.wq.init_from(layer.weight)
-            n += 1
-    todo = [l for l in layers if isinstance(l.aq, LSQActQuantizer) and not bool(l.aq.initialized)]
-    if not todo:
-        return n
-    if x is None:
-        raise QreproError("LSQ activation steps are initialised from the first training batch; none was given")
-
-    def pre_hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if not bool(mod.aq.initialized):
-            mod.aq.init_from(args[0])
-
-    calibration_forward(model, x, todo, pre_hook, restore=lambda k: not k.endswith("initialized"))
-    return n + len(todo)
+    input in one training-mode forward of ``x``, as LSQ's first batch does (``init_from_batch``)."""
+    missing = "LSQ activation steps are initialised from the first training batch; none was given"
+    return init_from_batch(model, x, (LSQWeightQuantizer, LSQActQuantizer), missing)
 
 
 class StepInit(Hook):
@@ -143,10 +116,8 @@ def _build(
     check_bits(name, w_bits, a_bits, SUPPORTED_BITS)
     if first_last_bits is not None and first_last_bits not in SUPPORTED_BITS:
         raise QreproError(f"quantizer.first_last_bits={first_last_bits!r}; use 2..8, 32 or null (network bits)")
-    if w_init not in WEIGHT_INITS or a_init not in ACT_INITS:
-        raise QreproError(
-            f"quantizer.w_init={w_init!r} / a_init={a_init!r}; use w_init in {WEIGHT_INITS}, a_init in {ACT_INITS}"
-        )
+    check_choice("w_init", w_init, WEIGHT_INITS, name)
+    check_choice("a_init", a_init, ACT_INITS, name)
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         edge = info.role in ("first", "last") and first_last_bits is not None
@@ -154,7 +125,7 @@ def _build(
         ab = first_last_bits if edge and info.a_bits != FP_BITS else info.a_bits
         wq = LSQWeightQuantizer(wb, w_init) if wb != FP_BITS else None
         aq = LSQActQuantizer(ab, offset, a_init) if ab != FP_BITS and info.role != "first" else None
-        return (wq, aq) if (wq is not None or aq is not None) else None
+        return wq, aq
 
     options = dict(first_last_bits=first_last_bits, w_init=w_init, a_init=a_init)
     return Method(name=name, quantize_layer=quantize_layer, hooks=[StepInit()], options=options)

@@ -1,16 +1,10 @@
 """``quantizer=nagel_damp`` / ``quantizer=nagel_freeze``: "Overcoming Oscillations in Quantization-Aware Training".
 
-One LSQ-style quantizer (:mod:`qrepro.quant.nagel`) with two switches, each its own registry name:
-- ``nagel_damp``: the oscillation dampening loss (Method.regularizer), weight λ annealed per step by
-  :class:`NagelSchedule` (cosine from ``damp_weight`` to ``damp_weight_final`` after ``damp_anneal_start``).
-- ``nagel_freeze``: iterative weight freezing: :class:`NagelSchedule` tracks the oscillation frequency of every
-  integer weight after each optimizer step (i.e. on the weights the next forward uses) and freezes those above
-  the threshold (cosine from ``freeze_threshold`` to ``freeze_threshold_final``; 0 before
-  ``freeze_anneal_start``, the authors' warm start). Layers above ``freeze_max_bits`` are neither tracked nor frozen.
-
-Policy: the authors' "LSQ_paper" set-up: first layer 8-bit weights and a full-precision input, last layer 8-bit
-weights and 8-bit input, every other Conv2d/Linear ``w_bits``/``a_bits`` weights/inputs.
-Scales (tag ``nagel_scale``) are initialised on the first batch by an MSE grid search (:class:`NagelInit`).
+One LSQ-style quantizer (maths: :mod:`qrepro.quant.nagel`) with two switches, each its own registry name:
+``nagel_damp`` adds the oscillation dampening loss (Method.regularizer), ``nagel_freeze`` tracks the oscillation
+frequency of every integer weight after each optimizer step and freezes those above a threshold; both schedules are
+per step (:class:`NagelSchedule`). Layer policy (the authors' "LSQ_paper" set-up), options and defaults:
+docs/nagel.md.
 """
 
 from __future__ import annotations
@@ -21,11 +15,13 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import nagel as F
-from qrepro.quant.layers import calibration_forward, quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.layers import quantized_layers
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, init_from_batch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 EDGE_BITS = 8
+_TRACKING = ("prev_int", "prev_dir", "freq", "frozen_int", "frozen_int_next", "ema_int", "frozen", "frozen_next")
+_MASKS = ("frozen", "frozen_next")  # the boolean tracking buffers
 
 
 class NagelQuantizer(nn.Module):
@@ -37,13 +33,11 @@ class NagelQuantizer(nn.Module):
 
     param_tags = {"scale": "nagel_scale"}
 
-    def __init__(self, bits: int, signed: bool = True, track: bool = False) -> None:
+    def __init__(self, bits: int, track: bool = False) -> None:
         super().__init__()
-        F.int_range(bits, True)
-        self.bits = bits
-        self.track = track
+        self.bits, self.track = bits, track
         self.scale = nn.Parameter(torch.ones(()))
-        n, p = F.int_range(bits, signed)
+        n, p = F.int_range(bits, True)  # (validates bits)
         # the grid (n, p): buffers (checkpointed; the sign is set from data at initialisation) mirrored as Python
         # floats, which the forward uses: torch.clamp with number bounds, as the authors' code (with tensor bounds
         # PyTorch splits the gradient at x_int = n or p between x and the bound)
@@ -52,10 +46,8 @@ class NagelQuantizer(nn.Module):
         self.n, self.p = n, p
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         if track:
-            for name in ("prev_int", "prev_dir", "freq", "frozen_int", "frozen_int_next", "ema_int"):
-                self.register_buffer(name, torch.zeros(0))
-            self.register_buffer("frozen", torch.zeros(0, dtype=torch.bool))
-            self.register_buffer("frozen_next", torch.zeros(0, dtype=torch.bool))
+            for name in _TRACKING:
+                self.register_buffer(name, torch.zeros(0, dtype=torch.bool if name in _MASKS else None))
             self.register_buffer("ema_ready", torch.zeros((), dtype=torch.bool))
 
     def grid(self) -> tuple[float, float]:
@@ -86,28 +78,14 @@ class NagelQuantizer(nn.Module):
     @torch.no_grad()
     def reset_tracking(self, x_int: torch.Tensor) -> None:
         """Start tracking at ``x_int``: no direction yet, zero frequency, nothing frozen."""
+        for name in _TRACKING:
+            setattr(self, name, torch.zeros_like(x_int, dtype=torch.bool if name in _MASKS else None))
         self.prev_int = x_int.detach().clone()
-        self.prev_dir = torch.zeros_like(x_int)
-        self.freq = torch.zeros_like(x_int)
-        self.frozen = torch.zeros_like(x_int, dtype=torch.bool)
-        self.frozen_int = torch.zeros_like(x_int)
-        self.frozen_next = torch.zeros_like(x_int, dtype=torch.bool)
-        self.frozen_int_next = torch.zeros_like(x_int)
-        self.ema_int = torch.zeros_like(x_int)
         self.ema_ready.fill_(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # tracking buffers change shape
         if self.track:
-            for name in (
-                "prev_int",
-                "prev_dir",
-                "freq",
-                "frozen_int",
-                "frozen_int_next",
-                "ema_int",
-                "frozen",
-                "frozen_next",
-            ):
+            for name in _TRACKING:
                 if prefix + name in state_dict:
                     setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -125,28 +103,11 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-@torch.no_grad()
 def initialize(model: nn.Module, x: torch.Tensor | None) -> int:
     """MSE-initialise the uninitialised scales: weights from the weights, inputs from one training-mode forward of
-    ``x`` (each layer from its own input as it arrives). Every buffer but the quantizers' is restored after."""
-    layers = _layers(model)
-    n = 0
-    for layer in layers:
-        if isinstance(layer.wq, NagelQuantizer) and not bool(layer.wq.initialized):
-            layer.wq.init_from(layer.weight)
-            n += 1
-    todo = [lay for lay in layers if isinstance(lay.aq, NagelQuantizer) and not bool(lay.aq.initialized)]
-    if not todo:
-        return n
-    if x is None:
-        raise QreproError("the Nagel et al. quantizer needs a sample batch to initialise its activation ranges")
-
-    def pre_hook(layer: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if not bool(layer.aq.initialized):
-            layer.aq.init_from(args[0])
-
-    calibration_forward(model, x, todo, pre_hook, restore=lambda k: not _quantizer_buffer(k))
-    return n + len(todo)
+    ``x`` (``init_from_batch``). Every buffer but the quantizers' is restored after."""
+    missing = "the Nagel et al. quantizer needs a sample batch to initialise its activation ranges"
+    return init_from_batch(model, x, NagelQuantizer, missing, restore=lambda k: not _quantizer_buffer(k))
 
 
 def _quantizer_buffer(name: str) -> bool:
@@ -168,18 +129,15 @@ class DampeningLoss(nn.Module):
         self.register_buffer("weight", torch.tensor(float(weight), dtype=torch.float64))  # λ, cast where used
 
     def forward(self, model: nn.Module) -> torch.Tensor | None:
-        total = None
+        terms = []
         for layer in _layers(model):
-            wq = layer.wq
-            if not isinstance(wq, NagelQuantizer):
-                continue
-            w = layer.weight
-            s = F.effective_scale(wq.scale).to(w.dtype)
-            n, p = wq.grid()
-            t = F.dampening_term(w, s * wq.integers(w), s, n, p, self.aggregation)
-            total = t if total is None else total + t
-        if total is None:
+            wq, w = layer.wq, layer.weight
+            if isinstance(wq, NagelQuantizer):
+                s = F.effective_scale(wq.scale).to(w.dtype)
+                terms.append(F.dampening_term(w, s * wq.integers(w), s, *wq.grid(), self.aggregation))
+        if not terms:
             return None
+        total = sum(terms[1:], terms[0])
         return total * self.weight.to(total.dtype)
 
 
@@ -311,16 +269,12 @@ def _build(
             raise QreproError(f"quantizer.{k} must be in [0, 1), got {v!r}")
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
-        if info.role == "first":
-            wb, ab = (edge_bits if w_bits != FP_BITS else FP_BITS), FP_BITS
-        elif info.role == "last":
-            wb = edge_bits if w_bits != FP_BITS else FP_BITS
-            ab = edge_bits if a_bits != FP_BITS else FP_BITS
-        else:
-            wb, ab = w_bits, a_bits
+        edge = info.role != "middle"  # LSQ_paper: first/last layers at edge_bits where quantized, the image FP
+        wb, ab = (edge_bits if edge and b != FP_BITS else b for b in (w_bits, a_bits))
+        ab = FP_BITS if info.role == "first" else ab
         wq = NagelQuantizer(wb, track=freeze and wb <= freeze_max_bits) if wb != FP_BITS else None
         aq = NagelQuantizer(ab) if ab != FP_BITS else None
-        return None if wq is None and aq is None else (wq, aq)
+        return wq, aq
 
     loss = DampeningLoss(damp_aggregation, damp_weight) if damp and w_bits != FP_BITS else None
     hooks: list[Hook] = [NagelInit()]
@@ -336,13 +290,8 @@ def _build(
                 freeze_use_ema,
             )
         )
-    return Method(
-        name=name,
-        quantize_layer=quantize_layer,
-        regularizer=loss,
-        hooks=hooks,
-        options={"damp": damp, "freeze": freeze, "edge_bits": edge_bits},
-    )
+    options = {"damp": damp, "freeze": freeze, "edge_bits": edge_bits}
+    return Method(name=name, quantize_layer=quantize_layer, regularizer=loss, hooks=hooks, options=options)
 
 
 @METHODS.register("nagel_damp")

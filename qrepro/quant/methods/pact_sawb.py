@@ -17,36 +17,35 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.quant import sawb as F
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, BitsQuantizer, LayerInfo, Method, check_bits
 from qrepro.quant.methods.sat import build_pact
 
 SHORTCUT_PATTERNS = ("*shortcut*", "*downsample*")
 
 
-class SAWBWeight(nn.Module):
+class SAWBWeight(BitsQuantizer):
     """w -> SAWB-quantized w (alpha from the current weights' statistics at every step)."""
 
     def __init__(self, bits: int) -> None:
-        super().__init__()
         F._coeffs(bits)  # validates
-        self.bits = bits
+        super().__init__(bits)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return F.sawb_quantize(w, self.bits)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
-
-def _build(name: str, w_bits: int, a_bits: int, fpsc: bool, shortcut_patterns: Any, **pact: Any) -> Method:
+def _build(
+    name: str, w_bits: int, a_bits: int, first_last: str, alpha_init: float, signed_act: Any, fpsc: bool, shortcut: Any
+) -> Method:
     check_bits(name, w_bits, a_bits, tuple(sorted(F.COEFFS)) + (FP_BITS,))
-    if pact.get("first_last", "fp") == "8bit":
+    if first_last == "8bit":
         raise QreproError(
             f"quantizer.first_last=8bit is not available for {name} (SAWB fits 1..5 bits); use fp or same"
         )
-    base = build_pact(w_bits, a_bits, **pact)
+    pact = dict(scheme="original", rescale="none", cg=False, first_last=first_last, signed_act=signed_act)
+    base = build_pact(w_bits, a_bits, alpha_init=alpha_init, alpha_init_last=alpha_init, **pact)
     pact_layer = base.quantize_layer
-    patterns = [str(p) for p in shortcut_patterns]
+    patterns = [str(p) for p in shortcut]
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         if fpsc and any(fnmatch.fnmatchcase(info.name, p) for p in patterns):
@@ -54,9 +53,8 @@ def _build(name: str, w_bits: int, a_bits: int, fpsc: bool, shortcut_patterns: A
         got = pact_layer(info)
         if got is None:
             return None
-        _, aq = got
-        wb = getattr(got[0], "bits", FP_BITS)
-        return (SAWBWeight(wb) if wb != FP_BITS else None), aq
+        wq, aq = got
+        return (SAWBWeight(wq.bits) if wq.bits != FP_BITS else None), aq
 
     base.name = name
     base.quantize_layer = quantize_layer
@@ -64,16 +62,12 @@ def _build(name: str, w_bits: int, a_bits: int, fpsc: bool, shortcut_patterns: A
     return base
 
 
-_PACT_DEFAULTS = dict(scheme="original", rescale="none", cg=False, first_last="fp", alpha_init=10.0)
-
-
 @METHODS.register("pact_sawb")
 def build_pact_sawb(
     w_bits: int, a_bits: int, *, first_last: str = "fp", alpha_init: float = 10.0, signed_act: Any = False
 ) -> Method:
     """PACT activations + SAWB weights; first/last layers full precision."""
-    opts = dict(_PACT_DEFAULTS, first_last=first_last, alpha_init=alpha_init, alpha_init_last=alpha_init)
-    return _build("pact_sawb", w_bits, a_bits, False, SHORTCUT_PATTERNS, signed_act=signed_act, **opts)
+    return _build("pact_sawb", w_bits, a_bits, first_last, alpha_init, signed_act, False, SHORTCUT_PATTERNS)
 
 
 @METHODS.register("pact_sawb_fpsc")
@@ -87,5 +81,4 @@ def build_pact_sawb_fpsc(
     shortcut_patterns: Any = SHORTCUT_PATTERNS,
 ) -> Method:
     """PACT-SAWB with full-precision shortcut convolutions (FPSC)."""
-    opts = dict(_PACT_DEFAULTS, first_last=first_last, alpha_init=alpha_init, alpha_init_last=alpha_init)
-    return _build("pact_sawb_fpsc", w_bits, a_bits, True, shortcut_patterns, signed_act=signed_act, **opts)
+    return _build("pact_sawb_fpsc", w_bits, a_bits, first_last, alpha_init, signed_act, True, shortcut_patterns)

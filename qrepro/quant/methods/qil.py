@@ -1,13 +1,10 @@
 """QIL (Jung et al., "Learning to Quantize Deep Networks by Optimizing Quantization Intervals with Task Loss",
 CVPR 2019): learned quantization intervals (centre c, half-width d) and, for weights, the transformer exponent
-gamma, trained by the task loss. See docs/qil.md; the maths is in ``qrepro.quant.qil``.
+gamma. Maths: ``qrepro.quant.qil``; policy and initialisation: docs/qil.md.
 
-- every conv/linear except the first conv and the last FC (full precision, paper Sec. 4): weights per layer
-  (Eq. 2 + 3), layer input per layer (Eq. 4 + 3, gamma = 1);
-- weight intervals start at ``c = d = max|w| / 2`` (the interval [0, max|w|]: nothing pruned or clipped),
-  computed from the weights the training starts from (after ``init_from``) by the ``QILInit`` hook, once: a
-  model that already holds trained intervals (``initialized`` = 1) keeps them;
-- activation intervals start at ``c = d = act_init / 2`` (the interval [0, act_init]); gamma starts at 1.
+Every conv/linear but the first conv and the last FC (``first_last: fp``, paper Sec. 4) gets a weight and an
+input quantizer; weight intervals start at ``c = d = max|w| / 2`` (set once by :class:`QILInit`), activation
+intervals at ``c = d = act_init / 2``.
 """
 
 from __future__ import annotations
@@ -19,17 +16,25 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant import qil
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import (
+    FP_BITS,
+    METHODS,
+    BitsQuantizer,
+    LayerInfo,
+    Method,
+    builder_options,
+    check_bits,
+    check_choice,
+)
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 
 
-class QILWeightQuantizer(nn.Module):
+class QILWeightQuantizer(BitsQuantizer):
     param_tags = {"c": "interval", "d": "interval", "gamma": "gamma"}
 
     def __init__(self, bits: int, *, learn_gamma: bool = True) -> None:
-        super().__init__()
-        self.bits = bits
+        super().__init__(bits)
         self.c = nn.Parameter(torch.tensor(0.5))
         self.d = nn.Parameter(torch.tensor(0.5))
         self.gamma = nn.Parameter(torch.tensor(1.0), requires_grad=learn_gamma)
@@ -45,24 +50,17 @@ class QILWeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return qil.quantize_weight(w, self.c, self.d, self.gamma, self.bits)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
-
-class QILActQuantizer(nn.Module):
+class QILActQuantizer(BitsQuantizer):
     param_tags = {"c": "interval", "d": "interval"}
 
     def __init__(self, bits: int, *, act_init: float = 4.0) -> None:
-        super().__init__()
-        self.bits = bits
+        super().__init__(bits)
         self.c = nn.Parameter(torch.tensor(0.5 * act_init))
         self.d = nn.Parameter(torch.tensor(0.5 * act_init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qil.quantize_act(x, self.c, self.d, self.bits)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
 
 
 class QILInit(Hook):
@@ -80,9 +78,9 @@ def build_qil(
 ) -> Method:
     """QIL. first_last: fp (paper) | same. act_init: initial activation interval [0, act_init].
     learn_gamma: train the weight transformer's exponent (paper) or keep gamma = 1."""
+    options = builder_options(locals())
     check_bits("qil", w_bits, a_bits, SUPPORTED_BITS)
-    if first_last not in ("fp", "same"):
-        raise QreproError(f"quantizer.first_last={first_last!r} is not valid; choose one of: fp, same")
+    check_choice("first_last", first_last, ("fp", "same"), "qil")
     if not act_init > 0:
         raise QreproError(f"quantizer.act_init={act_init} must be > 0 (the initial activation interval [0, act_init])")
 
@@ -93,5 +91,4 @@ def build_qil(
         aq = QILActQuantizer(a_bits, act_init=act_init) if a_bits != FP_BITS else None
         return wq, aq
 
-    options = dict(first_last=first_last, act_init=act_init, learn_gamma=learn_gamma)
     return Method(name="qil", quantize_layer=quantize_layer, hooks=[QILInit()], options=options)

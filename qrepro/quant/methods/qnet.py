@@ -1,13 +1,10 @@
 """QNet (Yang et al., "Quantization Networks", CVPR 2019): quantization as a sum of sigmoid steps whose
-temperature rises during training; learned input and output scales. See docs/qnet.md; maths in
-``qrepro.quant.qnet``.
+temperature rises during training, with learned input and output scales. Maths: ``qrepro.quant.qnet``; policy and
+our choices: docs/qnet.md.
 
-- every conv/linear except the first conv and the last FC (full precision): weights (symmetric targets in
-  [-1, 1]) and layer input (targets in [0, 1]), per layer;
-- training: the soft function at the current temperature, its exact gradient; evaluation: the hard steps;
-- temperature ``T_e = t_start + t_step * e`` in epoch e, set by the ``QNetTemperature`` hook (and recorded);
-- scales: weights ``beta = 1 / max|w|``, ``alpha = max|w|`` from the weights training starts from (``QNetInit``
-  hook, once), activations ``beta = 1 / act_init``, ``alpha = act_init``.
+Every conv/linear but the first conv and the last FC gets a weight quantizer (targets in [-1, 1]) and an input
+quantizer (targets in [0, 1]): the soft function in training, the hard steps in evaluation. Temperature
+``T_e = t_start + t_step * e`` (:class:`QNetTemperature`); weight scales from the weights (:class:`QNetInit`, once).
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant import qnet as qn
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, builder_options, check_bits, check_choice
 
 SUPPORTED_BITS = (1, 2, 3, 4, FP_BITS)
 
@@ -78,20 +75,16 @@ class QNetTemperature(Hook):
     def __init__(self, t_start: float, t_step: float) -> None:
         self.t_start, self.t_step = t_start, t_step
 
-    def temperature(self, epoch: int) -> float:
-        return self.t_start + self.t_step * epoch
-
     def _set(self, model: nn.Module, epoch: int) -> None:
         for _, q in _quantizers(model):
-            q.temperature.fill_(self.temperature(epoch))
+            q.temperature.fill_(self.t_start + self.t_step * epoch)
 
     def on_train_start(self, ctx) -> None:
         self._set(ctx.model, ctx.epoch)
 
     def on_epoch_end(self, ctx, epoch: int) -> dict[str, float]:
-        used = self.temperature(epoch)
         self._set(ctx.model, epoch + 1)
-        return {"qnet_temperature": used}
+        return {"qnet_temperature": self.t_start + self.t_step * epoch}
 
 
 @METHODS.register("qnet")
@@ -106,9 +99,9 @@ def build_qnet(
 ) -> Method:
     """QNet. t_start / t_step: temperature schedule T_e = t_start + t_step * e. act_init: activation scale
     (targets [0, act_init] at the start). first_last: fp | same."""
+    options = builder_options(locals())
     check_bits("qnet", w_bits, a_bits, SUPPORTED_BITS)
-    if first_last not in ("fp", "same"):
-        raise QreproError(f"quantizer.first_last={first_last!r} is not valid; choose one of: fp, same")
+    check_choice("first_last", first_last, ("fp", "same"), "qnet")
     if not (t_start > 0 and t_step >= 0):
         raise QreproError(f"quantizer.t_start={t_start} must be > 0 and t_step={t_step} >= 0")
     if not act_init > 0:
@@ -121,6 +114,5 @@ def build_qnet(
         aq = QNetQuantizer(a_bits, False, scale=act_init, temperature=t_start) if a_bits != FP_BITS else None
         return wq, aq
 
-    options = dict(first_last=first_last, t_start=t_start, t_step=t_step, act_init=act_init)
     hooks = [QNetInit(), QNetTemperature(t_start, t_step)]
     return Method(name="qnet", quantize_layer=quantize_layer, hooks=hooks, options=options)

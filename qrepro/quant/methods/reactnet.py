@@ -1,20 +1,12 @@
-"""``quantizer=reactnet``: binarization of ReActNet / Bi-Real Net (:mod:`qrepro.quant.reactnet`).
+"""``quantizer=reactnet``: binarization of ReActNet / Bi-Real Net (maths: :mod:`qrepro.quant.reactnet`); see
+docs/reactnet.md.
 
-Policy (Bi-Real Net / ReActNet): the first and last layers and the shortcut projections (modules under a
-``downsample`` name, ``keep_real``) stay real-valued; every other Conv2d/Linear gets
-
-- ``aq`` = :class:`BinaryActivation` at ``a_bits = 1`` (the sign of RSign; the learnable shift is the model's
-  ``move0`` in front of the layer),
-- ``wq`` = :class:`BinaryWeight` at ``w_bits = 1`` (α·sign(W), α = mean |W| per output channel).
-
-``precision=w32a1`` is ReActNet's step 1 (binary activations, real weights), ``precision=w1a1`` its step 2
-(initialised from step 1). :class:`BinaryWeight` exposes the discrete weights sign(W) (``discrete`` /
-``from_discrete``, ``bits = 1``), so the transition-rate optimizers (``optimizer=sgdt`` / ``adamt``) schedule the
-binary latent weights and the TR monitor counts their sign flips. α is not a parameter (nothing to freeze).
-
-``distill``: ReActNet's distributional loss against a real-valued teacher (:mod:`qrepro.quant.distill`) as the
-training loss (``Method.loss``), e.g. ``{model: resnet34, checkpoint: teacher.pt}``; null = the trainer's
-cross-entropy.
+Policy: the first and last layers and the shortcut projections (module names with a ``keep_real`` part) stay
+real-valued; every other Conv2d/Linear gets :class:`BinaryActivation` on its input at ``a_bits = 1`` (the sign of
+RSign; its learnable shift is the model's ``move0``) and :class:`BinaryWeight` at ``w_bits = 1`` (α·sign(W), α =
+mean |W| per output channel). ``precision=w32a1`` is ReActNet's step 1, ``w1a1`` its step 2. The binary weights
+expose sign(W) (``discrete`` / ``from_discrete``) for the transition-rate optimizers and monitor. ``distill``:
+ReActNet's distributional loss against a real-valued teacher as the training loss (``Method.loss``).
 """
 
 from __future__ import annotations
@@ -107,7 +99,7 @@ def build_reactnet(
             return None
         wq = BinaryWeight(weight_scale) if w_bits == 1 else None
         aq = BinaryActivation(act_grad) if a_bits == 1 else None
-        return (wq, aq) if (wq or aq) else None
+        return wq, aq
 
     hooks: list[Hook] = []
     loss = None
@@ -124,17 +116,6 @@ def build_reactnet(
         hooks.append(loss)  # builds the teacher at the start of training
     if monitor_tr and w_bits == 1:
         hooks.append(TRMonitor(every=monitor_every, momentum=monitor_momentum))
-    return Method(
-        name="reactnet",
-        quantize_layer=quantize_layer,
-        hooks=hooks,
-        loss=loss,
-        options={
-            "act_grad": act_grad,
-            "weight_scale": weight_scale,
-            "keep_real": sorted(keep),
-            "quantize_first_last": quantize_first_last,
-            "monitor_tr": monitor_tr,
-            "distill": distill,
-        },
-    )
+    options = dict(act_grad=act_grad, weight_scale=weight_scale, keep_real=sorted(keep))
+    options.update(quantize_first_last=quantize_first_last, monitor_tr=monitor_tr, distill=distill)
+    return Method(name="reactnet", quantize_layer=quantize_layer, hooks=hooks, loss=loss, options=options)

@@ -14,13 +14,15 @@ These are full-precision training methods (precision=w32a32); quantization happe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant.calibrate import Calibration, init_quantizers, layer_bits, weight_quantizer_for
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, check_choice
 from qrepro.quant.quantizers import TransformedQuantizer, UniformQuantizer
 from qrepro.quant.robust import SATNL_FUNCTIONS, kure_loss, satnl, symreg_loss
 
@@ -50,10 +52,6 @@ class SatNLWeight(nn.Module):
         return f"fn={self.fn}, d={self.d}, d_mode={self.d_mode}"
 
 
-def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 def effective_weight(layer: nn.Module) -> torch.Tensor:
     """The weight the layer really uses (after SatNL or any other ``wq``), else the raw weight."""
     fn = getattr(layer, "effective_weight", None)
@@ -73,13 +71,12 @@ def robust_regularizer(
     (averaged over layers, KURE Eq. 5), added once with coefficient λ_K = ``kure_coef`` (as the KURE paper and
     its reference code do). Both act on the effective weight W' (what PTQ will quantize).
     """
-    layers = _weight_layers(model)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     total: torch.Tensor | None = None
     if symreg_coef:
-        sym = sum(symreg_loss(effective_weight(m)) for _, m in layers)
-        total = symreg_coef * sym
+        total = symreg_coef * sum(symreg_loss(effective_weight(m)) for m in layers)
     if kure_coef:
-        convs = [m for _, m in layers if isinstance(m, nn.Conv2d)][1:]
+        convs = [m for m in layers if isinstance(m, nn.Conv2d)][1:]
         if convs:
             kure = torch.stack([kure_loss(effective_weight(m), kure_target) for m in convs]).mean()
             total = kure_coef * kure if total is None else total + kure_coef * kure
@@ -109,18 +106,10 @@ def _build(
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         return (SatNLWeight(d, fn, d_mode), None) if satnl_on else None
 
-    def regularizer(model: nn.Module) -> torch.Tensor | None:
-        return robust_regularizer(model, symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
-
-    has_reg = bool(symreg_coef or kure_coef)
-    opts = dict(satnl=satnl_on, fn=fn, d=d, d_mode=d_mode, symreg_coef=symreg_coef, kure_coef=kure_coef)
-    opts.update(kure_target=kure_target)
-    return Method(
-        name=name,
-        quantize_layer=quantize_layer,
-        regularizer=regularizer if has_reg else None,
-        options=opts,
-    )
+    reg_opts = dict(symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
+    reg = functools.partial(robust_regularizer, **reg_opts) if symreg_coef or kure_coef else None
+    opts = dict(satnl=satnl_on, fn=fn, d=d, d_mode=d_mode, **reg_opts)
+    return Method(name=name, quantize_layer=quantize_layer, regularizer=reg, options=opts)
 
 
 @METHODS.register("satnl")
@@ -209,10 +198,8 @@ def build_robust_qat(
     LSQ-learned steps initialised from the first batch (``init``: minmax | mse | aciq), plus the same
     SymReg / KURE terms. (The main paper's QAT algorithm is not in the available sources; this is ours.)"""
     check_bits("robust_qat", w_bits, a_bits, (2, 3, 4, 5, 6, 7, 8, FP_BITS))
-    if init not in ("minmax", "mse", "aciq"):
-        raise QreproError(f"quantizer.init={init!r}; choose minmax, mse or aciq")
-    if weight_granularity not in ("tensor", "channel"):
-        raise QreproError(f"quantizer.weight_granularity={weight_granularity!r}; choose tensor or channel")
+    check_choice("init", init, ("minmax", "mse", "aciq"), "robust_qat")
+    check_choice("weight_granularity", weight_granularity, ("tensor", "channel"), "robust_qat")
     reg = dict(symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
     base = _build("robust_qat", FP_BITS, FP_BITS, satnl_on=satnl, fn=fn, d=d, d_mode=d_mode, **reg)
 
@@ -232,6 +219,7 @@ def build_robust_qat(
 
     base.quantize_layer = quantize_layer
     base.hooks = [_CalibrateQuantizers(init, distribution)]
-    base.options.update(first_last_bits=first_last_bits, weight_grid=weight_grid, init=init)
-    base.options.update(weight_granularity=weight_granularity)
+    base.options.update(
+        first_last_bits=first_last_bits, weight_grid=weight_grid, init=init, weight_granularity=weight_granularity
+    )
     return base

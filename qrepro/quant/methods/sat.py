@@ -19,6 +19,7 @@ Registered methods (same builder, different defaults):
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import sat as satf
 from qrepro.quant.layers import QConv2d, QLinear, quantized_layers
-from qrepro.quant.methods import METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import METHODS, LayerInfo, Method, builder_options, check_bits, check_choice
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 RESCALE_MODES = ("last", "no_bn", "all", "none")
@@ -71,14 +72,8 @@ class SATWeightQuantizer(nn.Module):
             raise QreproError("weight_clamp=false is only valid with 32-bit weights (DoReFa rounds the clamped weight)")
         if variance not in satf.VARIANCES:
             raise QreproError(f"unknown SAT variance {variance!r}; choose one of: {', '.join(satf.VARIANCES)}")
-        self.variance = variance
-        self.bits, self.scheme, self.rescale, self.clamp, self.foldable = (
-            bits,
-            scheme,
-            rescale,
-            clamp,
-            foldable,
-        )
+        self.bits, self.scheme, self.rescale, self.variance = bits, scheme, rescale, variance
+        self.clamp, self.foldable = clamp, foldable
         self.gated = gated and rescale is not None
         if self.gated:
             self.register_buffer("rescale_on", torch.tensor(float(rescale_on)))
@@ -150,13 +145,11 @@ class PACTQuantizer(nn.Module):
 
 def _signed_policy(signed_act: Any, name: str) -> tuple[bool, bool]:
     """(signed, auto) for a layer from the ``signed_act`` option."""
-    if isinstance(signed_act, str):
-        if signed_act == "auto":
-            return False, True
-        raise QreproError(f"signed_act={signed_act!r} is invalid; use auto, true, false or a list of layer patterns")
+    if signed_act == "auto":
+        return False, True
     if isinstance(signed_act, bool):
         return signed_act, False
-    if isinstance(signed_act, Sequence):
+    if isinstance(signed_act, Sequence) and not isinstance(signed_act, str):
         return any(fnmatch.fnmatchcase(name, str(p)) for p in signed_act), False
     raise QreproError(f"signed_act={signed_act!r} is invalid; use auto, true, false or a list of layer patterns")
 
@@ -178,18 +171,13 @@ def _build(
     weight_clamp: bool = True,
     diagnostics: bool = False,
 ) -> Method:
+    options = builder_options(locals())
     check_bits(name, w_bits, a_bits, SUPPORTED_BITS)
-    for opt, val, allowed in (
-        ("scheme", scheme, satf.WEIGHT_SCHEMES),
-        ("rescale", rescale, RESCALE_MODES),
-        ("rescale_method", rescale_method, RESCALE_METHODS),
-        ("variance", variance, satf.VARIANCES),
-        ("first_last", first_last, FIRST_LAST),
-    ):
-        if val not in allowed:
-            raise QreproError(
-                f"quantizer.{opt}={val!r} is invalid for quantizer={name}; use one of: {', '.join(allowed)}"
-            )
+    check_choice("scheme", scheme, satf.WEIGHT_SCHEMES, name)
+    check_choice("rescale", rescale, RESCALE_MODES, name)
+    check_choice("rescale_method", rescale_method, RESCALE_METHODS, name)
+    check_choice("variance", variance, satf.VARIANCES, name)
+    check_choice("first_last", first_last, FIRST_LAST, name)
     if not weight_clamp and w_bits != satf.FP_BITS:
         raise QreproError(
             f"quantizer.weight_clamp=false needs 32-bit weights (got w_bits={w_bits}); use precision=w32a32"
@@ -229,19 +217,8 @@ def _build(
         hooks.append(StructureCalibration())
     if diagnostics:
         hooks.append(SATDiagnostics())
-    options = dict(
-        scheme=scheme,
-        rescale=rescale,
-        rescale_method=rescale_method,
-        variance=variance,
-        cg=cg,
-        first_last=first_last,
-        signed_act=signed_act if isinstance(signed_act, (str, bool)) else list(signed_act),
-        alpha_init=alpha_init,
-        alpha_init_last=alpha_init_last,
-        weight_clamp=weight_clamp,
-        diagnostics=diagnostics,
-    )
+    if not isinstance(signed_act, (str, bool)):
+        options["signed_act"] = list(signed_act)
     return Method(name=name, quantize_layer=quantize_layer, hooks=hooks, options=options)
 
 
@@ -281,31 +258,24 @@ def calibrate_structure(model: nn.Module, x: torch.Tensor) -> dict[str, list[str
     out_of: dict[int, str] = {}
     keep: list[torch.Tensor] = []  # keep outputs alive so their ids are not reused during the pass
     into_bn: set[str] = set()
-    handles = []
     layers = dict(quantized_layers(model))
-    for name, layer in layers.items():
-        aq, wq = layer.aq, layer.wq
-        if isinstance(aq, PACTQuantizer) and aq.auto_sign:
+    auto = [n for n, lay in layers.items() if isinstance(lay.aq, PACTQuantizer) and lay.aq.auto_sign]
+    gated = [n for n, lay in layers.items() if isinstance(lay.wq, SATWeightQuantizer) and lay.wq.gated]
 
-            def pre(mod: nn.Module, args: tuple, _n: str = name) -> None:
-                neg[_n] = neg.get(_n, False) or bool((args[0] < 0).any())
+    def pre(mod: nn.Module, args: tuple, name: str) -> None:
+        neg[name] = neg.get(name, False) or bool((args[0] < 0).any())
 
-            handles.append(aq.register_forward_pre_hook(pre))
-        if isinstance(wq, SATWeightQuantizer) and wq.gated:
+    def post(mod: nn.Module, args: tuple, out: torch.Tensor, name: str) -> None:
+        out_of[id(out)] = name
+        keep.append(out)
 
-            def post(mod: nn.Module, args: tuple, out: torch.Tensor, _n: str = name) -> None:
-                out_of[id(out)] = _n
-                keep.append(out)
+    def bn_pre(mod: nn.Module, args: tuple) -> None:
+        if id(args[0]) in out_of:
+            into_bn.add(out_of[id(args[0])])
 
-            handles.append(layer.register_forward_hook(post))
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-
-            def bn_pre(mod: nn.Module, args: tuple) -> None:
-                if id(args[0]) in out_of:
-                    into_bn.add(out_of[id(args[0])])
-
-            handles.append(m.register_forward_pre_hook(bn_pre))
+    handles = [layers[n].aq.register_forward_pre_hook(functools.partial(pre, name=n)) for n in auto]
+    handles += [layers[n].register_forward_hook(functools.partial(post, name=n)) for n in gated]
+    handles += [m.register_forward_pre_hook(bn_pre) for m in model.modules() if isinstance(m, _BatchNorm)]
     was_training = model.training
     model.eval()
     try:
@@ -314,18 +284,11 @@ def calibrate_structure(model: nn.Module, x: torch.Tensor) -> dict[str, list[str
         model.train(was_training)
         for h in handles:
             h.remove()
-    report: dict[str, list[str]] = {"signed": [], "rescaled": []}
-    for name, layer in layers.items():
-        if name in neg:
-            layer.aq.signed.fill_(float(neg[name]))
-            if neg[name]:
-                report["signed"].append(name)
-        if isinstance(layer.wq, SATWeightQuantizer) and layer.wq.gated:
-            on = name not in into_bn
-            layer.wq.rescale_on.fill_(float(on))
-            if on:
-                report["rescaled"].append(name)
-    return report
+    for name, signed in neg.items():
+        layers[name].aq.signed.fill_(float(signed))
+    for name in gated:
+        layers[name].wq.rescale_on.fill_(float(name not in into_bn))
+    return {"signed": [n for n in layers if neg.get(n)], "rescaled": [n for n in gated if n not in into_bn]}
 
 
 class StructureCalibration(Hook):
@@ -368,14 +331,6 @@ def fold_sat_rescale(model: nn.Module) -> list[str]:
     return folded
 
 
-def _fan(w: torch.Tensor) -> tuple[int, int]:
-    """(n, n^) = (input, output) neurons of a layer: c_in/groups*k*k and c_out*k*k (torch's fan-in/-out)."""
-    rf = 1
-    for s in w.shape[2:]:
-        rf *= s
-    return w.shape[1] * rf, w.shape[0] * rf
-
-
 def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Logit scale kappa0 (Eq. S17a) and gradient-flow kappa1 per layer (Eq. S17b) on one batch.
 
@@ -416,11 +371,10 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
             for b, saved in buffers:
                 b.copy_(saved)
     out: dict[str, float] = {}
-    last_name, last = layers[-1]
+    last = layers[-1][1]
     if isinstance(last, nn.Linear) and len(layers) > 1:
         k = math.sqrt(max(out_hw[layers[-2][0]] / last.in_features, 1.0))
         out["sat_kappa0"] = float(last.in_features * satf.mean_square(ws[-1].detach()) / k**2)
-    k1 = []
     for i in range(len(layers) - 1):
         n0 = layers[i][0]
         g0, g1 = grads[i], grads[i + 1]
@@ -428,12 +382,12 @@ def sat_kappas(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
             continue
         nxt = layers[i + 1][1]
         k = math.sqrt(max(out_hw[n0] / nxt.in_features, 1.0)) if isinstance(nxt, nn.Linear) else 1.0
-        n_l, _ = _fan(ws[i])
-        _, nh_l1 = _fan(ws[i + 1])
+        # n_l = input neurons c_in/groups*k*k of layer l, n^_l+1 = output neurons c_out*k*k of layer l+1
+        n_l, nh_l1 = ws[i][0].numel(), ws[i + 1].numel() // ws[i + 1].shape[1]
         v0, v1 = satf.mean_square(ws[i].detach()), satf.mean_square(ws[i + 1].detach())
         val = k**2 * (n_l * v0) / (nh_l1 * v1) * g0.var() / g1.var()
         out[f"sat_kappa1/{n0}"] = float(val)
-        k1.append(float(val))
+    k1 = [v for k, v in out.items() if k.startswith("sat_kappa1/")]
     if k1:
         out["sat_kappa1_median"] = float(torch.tensor(k1).median())
     return out

@@ -1,16 +1,10 @@
-"""``quantizer=tr``: the quantizer of the TR-scheduling paper (Eq. 13; supplement S4–S6, Table S8).
+"""``quantizer=tr``: the quantizer of "Scheduling Weight Transitions for Quantization-Aware Training" (Eq. 13;
+supplement S4–S6, Table S8). Maths: ``qrepro.quant.tr``; policy, switches and the authors' deviations: docs/tr.md.
 
-Policy: the first and last layers stay full precision (Table S8 / Sec. S4.1); every other Conv2d/Linear gets
-a :class:`TRWeightQuantizer` (per-layer scalar scale ``s``) and a :class:`TRActQuantizer` on its input.
-
-Scales are initialised once, at the start of training, by :class:`TRScaleInit` (after an FP checkpoint has
-been loaded): ``s = 3·std(w)``; ``s_a = 3·std(x)/sqrt(1 − 2/π)`` on the layer inputs of the first batch.
-A checkpoint of a quantized model carries the ``initialized`` buffers, so resuming never re-initialises.
-
-Weight scales carry the param tag ``w_scale`` and activation scales ``a_scale`` so the optimizer config can
-give them their own group (paper: a 10× smaller LR, Sec. S4.1; the authors' CIFAR code: lr 0.01, no momentum,
-no weight decay). A T-optimizer (``optimizer=sgdt`` ...) freezes the weight scales (Sec. S5.2); with a plain
-optimizer they are learned. ``scale_eps`` divides by ``|s| + scale_eps`` instead of ``s`` (authors: 1e-6).
+Policy: the first and last layers stay full precision; every other Conv2d/Linear gets a :class:`TRWeightQuantizer`
+(scale tag ``w_scale``) and a :class:`TRActQuantizer` (tag ``a_scale``) on its input, their scales initialised once
+by :class:`TRScaleInit`. A T-optimizer (``optimizer=sgdt`` ...) freezes the weight scales (Sec. S5.2); with a plain
+optimizer they are learned.
 """
 
 from __future__ import annotations
@@ -21,8 +15,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import tr as F
-from qrepro.quant.layers import calibration_forward, quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, init_from_batch
 from qrepro.quant.transitions import TRMonitor
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP_BITS)
@@ -54,7 +47,7 @@ class TRWeightQuantizer(nn.Module):
         return wd.float() / F.weight_constants(self.bits)[2]
 
     @torch.no_grad()
-    def init_scale(self, w: torch.Tensor) -> None:
+    def init_from(self, w: torch.Tensor) -> None:
         self.scale.copy_(F.init_weight_scale(w))
         self.initialized.fill_(True)
 
@@ -71,8 +64,7 @@ class TRActQuantizer(nn.Module):
         super().__init__()
         if not 1 <= bits <= 8:
             F.quantize_activation(torch.zeros(()), torch.ones(()), bits)  # raises the QreproError
-        self.bits = bits
-        self.eps = eps
+        self.bits, self.eps = bits, eps
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
@@ -80,7 +72,7 @@ class TRActQuantizer(nn.Module):
         return F.quantize_activation(x, self.scale.to(x.dtype), self.bits, self.eps)
 
     @torch.no_grad()
-    def init_scale(self, x: torch.Tensor) -> None:
+    def init_from(self, x: torch.Tensor) -> None:
         self.scale.copy_(F.init_activation_scale(x))
         self.initialized.fill_(True)
 
@@ -96,32 +88,11 @@ class TRScaleInit(Hook):
         calibrate_scales(ctx.model, None if ctx.sample_batch is None else ctx.sample_batch[0])
 
 
-@torch.no_grad()
 def calibrate_scales(model: nn.Module, x: torch.Tensor | None) -> int:
-    """Initialise uninitialised TR scales; activation scales from one forward of ``x``.
-
-    The forward runs in training mode, as the authors' first iteration; each activation scale is set from
-    its own input just before the layer uses it (so later layers see quantized earlier layers). BatchNorm
-    running statistics and every other buffer are restored afterwards. Returns the number of scales set.
-    """
-    layers = list(quantized_layers(model))
-    n = 0
-    for _, layer in layers:
-        if isinstance(layer.wq, TRWeightQuantizer) and not bool(layer.wq.initialized):
-            layer.wq.init_scale(layer.weight)
-            n += 1
-    todo = [layer for _, layer in layers if isinstance(layer.aq, TRActQuantizer) and not bool(layer.aq.initialized)]
-    if not todo:
-        return n
-    if x is None:
-        raise RuntimeError("TR activation scales need a sample batch (ctx.sample_batch) to initialise")
-
-    def pre_hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if not bool(mod.aq.initialized):
-            mod.aq.init_scale(args[0])
-
-    calibration_forward(model, x, todo, pre_hook, restore=lambda k: not k.endswith("initialized"))
-    return n + len(todo)
+    """Initialise uninitialised TR scales; activation scales from one training-mode forward of ``x``, as the
+    authors' first iteration (``init_from_batch``). Returns the number of scales set."""
+    missing = "TR activation scales need a sample batch (ctx.sample_batch) to initialise"
+    return init_from_batch(model, x, (TRWeightQuantizer, TRActQuantizer), missing, RuntimeError)
 
 
 @METHODS.register("tr")
@@ -155,14 +126,10 @@ def build_tr(
     hooks: list[Hook] = [TRScaleInit()]
     if monitor_tr and w_bits != FP_BITS:
         hooks.append(TRMonitor(every=monitor_every, momentum=monitor_momentum))
-    return Method(
-        name="tr",
-        quantize_layer=quantize_layer,
-        hooks=hooks,
-        options={
-            "quantize_first_last": quantize_first_last,
-            "learn_weight_scale": learn_weight_scale,
-            "monitor_tr": monitor_tr,
-            "scale_eps": eps,
-        },
+    options = dict(
+        quantize_first_last=quantize_first_last,
+        learn_weight_scale=learn_weight_scale,
+        monitor_tr=monitor_tr,
+        scale_eps=eps,
     )
+    return Method(name="tr", quantize_layer=quantize_layer, hooks=hooks, options=options)
