@@ -15,7 +15,7 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant import abcnet as ab
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, builder_options, check_bits, check_choice
 
 SUPPORTED_BASES = (1, 2, 3, 4, 5, FP_BITS)
 
@@ -83,11 +83,10 @@ def build_abcnet(
 ) -> Method:
     """ABC-Net with M = w_bits weight bases and N = a_bits activation bases. alpha: fit (least squares each
     step, Eq. 3) | learn. act_init: the activation thresholds start evenly spread over [0, act_init]."""
+    options = builder_options(locals())
     check_bits("abcnet", w_bits, a_bits, SUPPORTED_BASES)
-    if first_last not in ("fp", "same"):
-        raise QreproError(f"quantizer.first_last={first_last!r} is not valid; choose one of: fp, same")
-    if alpha not in ("fit", "learn"):
-        raise QreproError(f"quantizer.alpha={alpha!r} is not valid; choose one of: fit, learn")
+    check_choice("first_last", first_last, ("fp", "same"), "abcnet")
+    check_choice("alpha", alpha, ("fit", "learn"), "abcnet")
     if not act_init > 0:
         raise QreproError(f"quantizer.act_init={act_init} must be > 0")
 
@@ -99,5 +98,4 @@ def build_abcnet(
         return wq, aq
 
     hooks = [ABCAlphaInit()] if alpha == "learn" else []
-    options = dict(first_last=first_last, alpha=alpha, act_init=act_init)
     return Method(name="abcnet", quantize_layer=quantize_layer, hooks=hooks, options=options)

@@ -22,7 +22,7 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant import dsq
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, builder_options, check_bits, check_choice
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP_BITS)
 
@@ -104,11 +104,10 @@ def build_dsq(
     """DSQ. first_last: fp | same. alpha_init / alpha_min / alpha_max: the characteristic variable's start and
     bounds (0 < alpha_min <= alpha_init <= alpha_max < 1). act_init: initial activation range [0, act_init].
     train_forward: soft (Q_S in training, paper) | hard (hard values, Q_S gradient)."""
+    options = builder_options(locals())
     check_bits("dsq", w_bits, a_bits, SUPPORTED_BITS)
-    if first_last not in ("fp", "same"):
-        raise QreproError(f"quantizer.first_last={first_last!r} is not valid; choose one of: fp, same")
-    if train_forward not in ("soft", "hard"):
-        raise QreproError(f"quantizer.train_forward={train_forward!r} is not valid; choose one of: soft, hard")
+    check_choice("first_last", first_last, ("fp", "same"), "dsq")
+    check_choice("train_forward", train_forward, ("soft", "hard"), "dsq")
     if not 0 < alpha_min <= alpha_init <= alpha_max < 1:
         raise QreproError(
             f"quantizer alpha bounds must satisfy 0 < alpha_min <= alpha_init <= alpha_max < 1 "
@@ -128,13 +127,5 @@ def build_dsq(
             aq.initialized.fill_(1.0)
         return wq, aq
 
-    options = dict(
-        first_last=first_last,
-        alpha_init=alpha_init,
-        alpha_min=alpha_min,
-        alpha_max=alpha_max,
-        act_init=act_init,
-        train_forward=train_forward,
-    )
     hooks = [DSQInit(), DSQAlpha(alpha_min, alpha_max)]
     return Method(name="dsq", quantize_layer=quantize_layer, hooks=hooks, options=options)
