@@ -79,19 +79,14 @@ class TensorLoader:
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
-        n = self.labels.shape[0]
+        n, ws = self.labels.shape[0], self.world_size
         if not self.train:
             idx = torch.arange(n)
         else:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            idx = torch.randperm(n, generator=g)
-        if self.world_size > 1 and self.train:  # shard, padded so every rank takes the same number of steps
-            per = -(-n // self.world_size)
-            idx = torch.cat([idx, idx[: per * self.world_size - n]])
-            idx = idx[self.rank :: self.world_size]
-        elif self.world_size > 1:  # evaluation shard: no padding (metrics are all-reduced sums)
-            idx = idx[self.rank :: self.world_size]
-        return idx.to(self.images.device)
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+            if ws > 1:  # padded so every rank takes the same number of steps (test shards: metrics are summed)
+                idx = torch.cat([idx, idx[: -(-n // ws) * ws - n]])
+        return idx[self.rank :: ws].to(self.images.device)
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
@@ -143,29 +138,30 @@ class DataBundle:
 def tensor_bundle(
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
+    classes: int,
     *,
-    num_classes: int,
     batch_size: int,
     test_batch_size: int,
-    device: str | torch.device,
-    normalize: Normalizer,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
     crop_padding: int,
     flip: bool,
-    seed: int,
-    rank: int,
-    world_size: int,
+    raw255: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    **_: object,
 ) -> DataBundle:
-    """A DataBundle of device-held uint8 tensors (train augmented on the device, test sharded without padding)."""
-    dev = torch.device(device)
+    """A DataBundle of device-held uint8 tensors (train augmented on the device, test sharded without padding);
+    the dataset config's other keys are ignored."""
+    dev, norm = torch.device(device), Normalizer(mean, std, raw255)
     (xtr, ytr), (xte, yte) = train, test
-    tr = TensorLoader(
-        xtr.to(dev), ytr.to(dev), batch_size, normalize, train=True, crop_padding=crop_padding, flip=flip,
-        seed=seed, rank=rank, world_size=world_size,
-    )  # fmt: skip
-    te = TensorLoader(
-        xte.to(dev), yte.to(dev), test_batch_size, normalize, train=False, rank=rank, world_size=world_size
-    )
-    return DataBundle(tr, te, num_classes, xtr.shape[1], xtr.shape[-1], len(ytr), len(yte))
+    shard = {"rank": rank, "world_size": world_size}
+    aug = {"crop_padding": crop_padding, "flip": flip, "seed": seed}
+    tr = TensorLoader(xtr.to(dev), ytr.to(dev), batch_size, norm, train=True, **aug, **shard)
+    te = TensorLoader(xte.to(dev), yte.to(dev), test_batch_size, norm, train=False, **shard)
+    return DataBundle(tr, te, classes, xtr.shape[1], xtr.shape[-1], len(ytr), len(yte))
 
 
 def _load_all() -> None:
