@@ -1,18 +1,9 @@
 """APoT (Additive Powers-of-Two Quantization, Li, Dong & Wang, ICLR 2020): level sets, projection, RCF and
 weight normalisation.
 
-Everything here is a pure function of tensors; the nn.Module quantizers that use them live in
-``qrepro/quant/methods/apot.py``. Equation numbers refer to the paper.
-
-- ``apot_levels(b, k)``: unsigned level set Q^a(1, b) of Eq. (5) (even b) / Eq. (6) (odd b, k = 2);
-  k = 1 gives the uniform (fixed-point) set, k = b the powers-of-two set (Eq. 3).
-- ``project(x, levels)``: nearest level via one bucketize on the sorted levels (no element x level matrix).
-- ``rcf_weight`` / ``rcf_act``: the reparameterised clipping function (Eq. 7) whose autograd gradient for
-  alpha is Eq. (8) / (13c); ``pact_weight`` / ``pact_act``: plain clipping with the PACT gradient (Eq. 11).
-- ``weight_norm``: Eq. (9), per tensor.
-- ``lloyd_max_levels``: Lloyd-Max fitted non-uniform levels (Table 3 ablation).
-- ``quantization_error``: the clipping/projection decomposition of Eq. (14).
-- ``model_cost``: model size and FixOPs with the paper's bit-operation scheme (Table 1 / Table 3 columns).
+Pure functions of tensors (level sets, projection, clipping functions, Eq. 14's error, Table 1's model cost); the
+nn.Module quantizers live in ``qrepro/quant/methods/apot.py``, the method in docs/apot.md. Equation numbers refer
+to the paper.
 """
 
 from __future__ import annotations

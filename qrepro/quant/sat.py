@@ -1,14 +1,8 @@
 """SAT: scale-adjusted training and calibrated-gradient PACT (Towards Efficient Training for Neural Network
 Quantization, and its BMVC supplement).
 
-Functional maths only; the quantizer modules and the per-layer policy live in ``qrepro.quant.methods.sat``.
-
-- ``dorefa_weight``  Eq. (5, 6, 8, 9): tanh clamping + DoReFa rounding, the effective weight Q in [-1, 1].
-- ``sat_rescale``    Eq. (10): constant rescaling Q* = Q / sqrt(n_out VAR[Q]), VAR detached.
-- ``std_rescale``    Eq. (S23): rescaling with the standard deviation of the original weights.
-- ``weight_var``     VAR[.] of Eq. (10) / (S23): ``mean_square`` (the paper's text, "averaging the square of
-                     elements") or ``sample`` (the authors' code, ``torch.std``: mean removed, N - 1).
-- ``pact``           Eq. (11)-(13): PACT clipping + quantization, calibrated (CG-PACT) or original gradient.
+Functional maths only (weights Eq. 5-10 and S23, activations Eq. 11-13); the quantizer modules and the per-layer
+policy live in ``qrepro.quant.methods.sat``, the method in docs/sat.md.
 
 Every rounding uses the straight-through estimator on the rounding only (``x + (round(x) - x).detach()``),
 so all other operations (tanh, the max normalisation, the divide and multiply by alpha) stay in autograd.
