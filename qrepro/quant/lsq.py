@@ -25,9 +25,7 @@ def bounds(bits: int, signed: bool) -> tuple[int, int]:
         raise QreproError(
             f"LSQ bit-width {bits!r} is invalid; use 2..16 for signed (weights) or 1..16 for unsigned (activations)"
         )
-    if signed:
-        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+    return (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:

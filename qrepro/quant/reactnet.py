@@ -65,10 +65,9 @@ def binary_activation(x: torch.Tensor, grad: str = "approx") -> torch.Tensor:
     """sign(x) forward; backward ∂F/∂x (``approx``, Bi-Real/ReActNet) or 1[|x| < 1] (``ste``)."""
     if grad == "approx":
         return _ApproxSign.apply(x)
-    if grad == "ste":
-        f = _clamp_unit(x)
-    else:
+    if grad != "ste":
         raise QreproError(f"binary activation gradient {grad!r} is not valid; choose one of {', '.join(ACT_GRADS)}")
+    f = _clamp_unit(x)
     return f + (torch.sign(x) - f).detach()
 
 

@@ -10,6 +10,8 @@ so all other operations (tanh, the max normalisation, the divide and multiply by
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qrepro.errors import QreproError
@@ -92,10 +94,7 @@ def weight_var(x: torch.Tensor, variance: str = "mean_square") -> torch.Tensor:
 
 def out_neurons(w: torch.Tensor) -> int:
     """Number of output neurons of a layer: C_out * k_h * k_w for a conv, out_features for a linear."""
-    n = w.shape[0]
-    for s in w.shape[2:]:
-        n *= s
-    return int(n)
+    return math.prod(w.shape[:1] + w.shape[2:])
 
 
 def sat_rescale(q: torch.Tensor, n_out: int, variance: str = "mean_square") -> torch.Tensor:
