@@ -155,9 +155,9 @@ class TransitionRateMixin:
             else sum(r0_layers[i] * numel[i] for i in u) / sum(numel[i] for i in u)
             for u in self._tr_units
         ]
-        self._tr_u0 = [base_lr] * len(self._tr_units)  # initial TALR = initial LR (Sec. S4.1)
-        self._tr_eta = [cfg.eta if cfg.eta is not None else u0 for u0 in self._tr_u0]
-        self._tr_U = list(self._tr_u0)
+        self._tr_u0 = base_lr  # initial TALR = initial LR (Sec. S4.1)
+        self._tr_eta = base_lr if cfg.eta is None else cfg.eta
+        self._tr_U = [base_lr] * len(self._tr_units)
         self._tr_K = list(self._tr_r0) if cfg.running_init == "target" else [0.0] * len(self._tr_units)
         self._tr_t = 0
         self._tr_factor_fn: Callable[[int], float] | None = (
@@ -250,10 +250,11 @@ class TransitionRateMixin:
             m = cfg.momentum
             self._tr_K = [m * K + (1.0 - m) * k for K, k in zip(self._tr_K, k_units)]
             self._tr_U = [self._talr(i, R[i], f) for i in range(len(self._tr_units))]
-            last.update(k_layers=k_layers, step_layers=s_layers, k=sum(changed) / sum(numel))
-            last.update(step_size=sum(steps) / sum(numel))
+            last.update(
+                k_layers=k_layers, step_layers=s_layers, k=sum(changed) / sum(numel), step_size=sum(steps) / sum(numel)
+            )
         elif cfg.rule == "lr":
-            self._tr_U = [u0 * f for u0 in self._tr_u0]
+            self._tr_U = [self._tr_u0 * f] * len(self._tr_units)
         for g in self.param_groups:
             if g.get("talr"):
                 g["lr"] = self._tr_U[g["tr_unit"]]
@@ -264,12 +265,12 @@ class TransitionRateMixin:
     def _talr(self, i: int, r: float, f: float) -> float:
         u, big_k, rule = self._tr_U[i], self._tr_K[i], self.tr_cfg.rule
         if rule == "additive":
-            return talr_additive(u, big_k, r, self._tr_eta[i])
+            return talr_additive(u, big_k, r, self._tr_eta)
         if rule == "multiplicative":
             return talr_multiplicative(u, big_k, r, self.tr_cfg.running_eps)
         if rule == "momentum":
             return talr_momentum(u, big_k, r, self.tr_cfg.momentum, self.tr_cfg.running_eps)
-        return self._tr_u0[i] * f  # "lr": the scheduled LR (plain optimizer with TR bookkeeping)
+        return self._tr_u0 * f  # "lr": the scheduled LR (plain optimizer with TR bookkeeping)
 
     # -- summaries for monitoring --------------------------------------------------------------------------
     def tr_global(self) -> dict[str, float]:
