@@ -8,7 +8,7 @@ with ``x`` float32, normalised by ``mean``/``std`` or left as raw 0..255 pixels 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ class Normalizer:
         return x
 
 
+@dataclass(eq=False, repr=False)
 class TensorLoader:
     """Batches from uint8 images held on the device; random crop (zero padding) + flip on the device.
 
@@ -49,31 +50,18 @@ class TensorLoader:
     is divisible by ``world_size`` the ranks together see exactly the single-process batches.
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        normalize: Normalizer,
-        *,
-        train: bool,
-        crop_padding: int = 0,
-        flip: bool = False,
-        drop_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.images, self.labels = images, labels
-        self.batch_size = batch_size
-        self.normalize = normalize
-        self.train = train
-        self.crop_padding = crop_padding if train else 0
-        self.flip = flip and train
-        self.drop_last = drop_last
-        self.seed = seed
-        self.epoch = 0
-        self.rank, self.world_size = rank, world_size
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int
+    normalize: Normalizer
+    _: KW_ONLY
+    train: bool
+    crop_padding: int = 0  # training only, as the flip
+    flip: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = field(default=0, init=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -92,7 +80,7 @@ class TensorLoader:
         n = self.labels.shape[0]
         if self.world_size > 1:
             n = -(-n // self.world_size) if self.train else len(range(self.rank, n, self.world_size))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return -(-n // self.batch_size)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, _, h, w = x.shape
