@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -144,13 +144,14 @@ def build_optimizer(model: nn.Module, name: str, groups: Sequence[dict[str, Any]
 class Schedule:
     """Per-iteration multiplicative LR factor after a linear warm-up; ``step()`` sets ``lr = initial_lr * factor``
     in every group (groups flagged ``fixed_lr: True`` — e.g. transition-rate-scheduled weights — are left alone).
-    Subclasses give the factor after the warm-up (``main_factor``)."""
+    ``main(step, t)`` gives the factor after the warm-up (``t``: the fraction of those steps done, in [0, 1])."""
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer | None,
         total_steps: int,
         steps_per_epoch: int,
+        main: Callable[[int, float], float],
         warmup_epochs: float = 0.0,
         warmup_start_factor: float = 0.0,
         per_epoch: bool = False,
@@ -163,6 +164,7 @@ class Schedule:
         self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
         self.warmup_start_factor = warmup_start_factor
         self.per_epoch = per_epoch
+        self.main = main
         self.last_step = 0
         if optimizer is not None:
             for g in optimizer.param_groups:
@@ -175,14 +177,7 @@ class Schedule:
         if step < self.warmup_steps:
             a = step / self.warmup_steps
             return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * a
-        return self.main_factor(step)
-
-    def _progress(self, step: int) -> float:
-        """Fraction of the post-warm-up steps done, in [0, 1]."""
-        return min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-
-    def main_factor(self, step: int) -> float:
-        raise NotImplementedError
+        return self.main(step, min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)))
 
     def _apply(self) -> None:
         f = self.factor(self.last_step)
@@ -205,48 +200,33 @@ class Schedule:
 
 
 @SCHEDULERS.register("cosine")
-class Cosine(Schedule):
+def cosine(optimizer, total_steps, steps_per_epoch, min_factor: float = 0.0, **kw) -> Schedule:
     """Cosine decay per iteration (after a linear warm-up) to ``min_factor``."""
 
-    def __init__(self, optimizer, total_steps, steps_per_epoch, min_factor: float = 0.0, **kw) -> None:
-        self.min_factor = min_factor
-        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
+    def main(step: int, t: float) -> float:
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
-    def main_factor(self, step: int) -> float:
-        return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * self._progress(step)))
+    return Schedule(optimizer, total_steps, steps_per_epoch, main, **kw)
 
 
 @SCHEDULERS.register("multistep")
-class MultiStep(Schedule):
+def multistep(
+    optimizer, total_steps, steps_per_epoch, milestones: Sequence[float] = (), gamma: float = 0.1, **kw
+) -> Schedule:
     """×gamma at each milestone (given in epochs)."""
-
-    def __init__(
-        self, optimizer, total_steps, steps_per_epoch, milestones: Sequence[float] = (), gamma: float = 0.1, **kw
-    ) -> None:
-        self.milestones = [int(round(m * steps_per_epoch)) for m in milestones]
-        self.gamma = gamma
-        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
-
-    def main_factor(self, step: int) -> float:
-        return self.gamma ** sum(step >= m for m in self.milestones)
+    at = [int(round(m * steps_per_epoch)) for m in milestones]
+    return Schedule(optimizer, total_steps, steps_per_epoch, lambda step, t: gamma ** sum(step >= m for m in at), **kw)
 
 
 @SCHEDULERS.register("linear")
-class Linear(Schedule):
+def linear(optimizer, total_steps, steps_per_epoch, end_factor: float = 0.0, **kw) -> Schedule:
     """Linear decay per iteration to ``end_factor``."""
-
-    def __init__(self, optimizer, total_steps, steps_per_epoch, end_factor: float = 0.0, **kw) -> None:
-        self.end_factor = end_factor
-        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
-
-    def main_factor(self, step: int) -> float:
-        return 1.0 + (self.end_factor - 1.0) * self._progress(step)
+    return Schedule(optimizer, total_steps, steps_per_epoch, lambda step, t: 1.0 + (end_factor - 1.0) * t, **kw)
 
 
 @SCHEDULERS.register("constant")
-class Constant(Schedule):
-    def main_factor(self, step: int) -> float:
-        return 1.0
+def constant(optimizer, total_steps, steps_per_epoch, **kw) -> Schedule:
+    return Schedule(optimizer, total_steps, steps_per_epoch, lambda step, t: 1.0, **kw)
 
 
 def build_scheduler(optimizer, name: str, *, total_steps: int, steps_per_epoch: int, **cfg: Any) -> Schedule:
