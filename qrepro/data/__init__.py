@@ -8,7 +8,7 @@ with ``x`` float32, normalised by ``mean``/``std`` or left as raw 0..255 pixels 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ class Normalizer:
         return x
 
 
+@dataclass(eq=False, repr=False)
 class TensorLoader:
     """Batches from uint8 images held on the device; random crop (zero padding) + flip on the device.
 
@@ -49,55 +50,37 @@ class TensorLoader:
     is divisible by ``world_size`` the ranks together see exactly the single-process batches.
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        normalize: Normalizer,
-        *,
-        train: bool,
-        crop_padding: int = 0,
-        flip: bool = False,
-        drop_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.images, self.labels = images, labels
-        self.batch_size = batch_size
-        self.normalize = normalize
-        self.train = train
-        self.crop_padding = crop_padding if train else 0
-        self.flip = flip and train
-        self.drop_last = drop_last
-        self.seed = seed
-        self.epoch = 0
-        self.rank, self.world_size = rank, world_size
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int
+    normalize: Normalizer
+    _: KW_ONLY
+    train: bool
+    crop_padding: int = 0  # training only, as the flip
+    flip: bool = False
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = field(default=0, init=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
-        n = self.labels.shape[0]
+        n, ws = self.labels.shape[0], self.world_size
         if not self.train:
             idx = torch.arange(n)
         else:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            idx = torch.randperm(n, generator=g)
-        if self.world_size > 1 and self.train:  # shard, padded so every rank takes the same number of steps
-            per = -(-n // self.world_size)
-            idx = torch.cat([idx, idx[: per * self.world_size - n]])
-            idx = idx[self.rank :: self.world_size]
-        elif self.world_size > 1:  # evaluation shard: no padding (metrics are all-reduced sums)
-            idx = idx[self.rank :: self.world_size]
-        return idx.to(self.images.device)
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+            if ws > 1:  # padded so every rank takes the same number of steps (test shards: metrics are summed)
+                idx = torch.cat([idx, idx[: -(-n // ws) * ws - n]])
+        return idx[self.rank :: ws].to(self.images.device)
 
     def __len__(self) -> int:
         n = self.labels.shape[0]
         if self.world_size > 1:
             n = -(-n // self.world_size) if self.train else len(range(self.rank, n, self.world_size))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return -(-n // self.batch_size)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -143,29 +126,30 @@ class DataBundle:
 def tensor_bundle(
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
+    classes: int,
     *,
-    num_classes: int,
     batch_size: int,
     test_batch_size: int,
-    device: str | torch.device,
-    normalize: Normalizer,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
     crop_padding: int,
     flip: bool,
-    seed: int,
-    rank: int,
-    world_size: int,
+    raw255: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    **_: object,
 ) -> DataBundle:
-    """A DataBundle of device-held uint8 tensors (train augmented on the device, test sharded without padding)."""
-    dev = torch.device(device)
+    """A DataBundle of device-held uint8 tensors (train augmented on the device, test sharded without padding);
+    the dataset config's other keys are ignored."""
+    dev, norm = torch.device(device), Normalizer(mean, std, raw255)
     (xtr, ytr), (xte, yte) = train, test
-    tr = TensorLoader(
-        xtr.to(dev), ytr.to(dev), batch_size, normalize, train=True, crop_padding=crop_padding, flip=flip,
-        seed=seed, rank=rank, world_size=world_size,
-    )  # fmt: skip
-    te = TensorLoader(
-        xte.to(dev), yte.to(dev), test_batch_size, normalize, train=False, rank=rank, world_size=world_size
-    )
-    return DataBundle(tr, te, num_classes, xtr.shape[1], xtr.shape[-1], len(ytr), len(yte))
+    shard = {"rank": rank, "world_size": world_size}
+    aug = {"crop_padding": crop_padding, "flip": flip, "seed": seed}
+    tr = TensorLoader(xtr.to(dev), ytr.to(dev), batch_size, norm, train=True, **aug, **shard)
+    te = TensorLoader(xte.to(dev), yte.to(dev), test_batch_size, norm, train=False, **shard)
+    return DataBundle(tr, te, classes, xtr.shape[1], xtr.shape[-1], len(ytr), len(yte))
 
 
 def _load_all() -> None:

@@ -16,7 +16,6 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from qrepro.data import DATASETS, DataBundle, Normalizer, tensor_bundle
+from qrepro.data import DATASETS, DataBundle, tensor_bundle
 from qrepro.errors import QreproError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -60,16 +59,14 @@ def _split_class(path: str) -> tuple[str, str] | None:
 
 
 def _from_members(members: list[tuple[str, bytes]], root: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    classes = sorted({sc[1] for name, _ in members if (sc := _split_class(name))})
+    found = [sc for name, _ in members if (sc := _split_class(name))]
+    per_split = {s: sorted({c for split, c in found if split == s}) for s in ("train", "test")}
+    classes = sorted({c for _, c in found})
     if not classes:
         raise QreproError(
             f"dataset.root={root} has no train/<class>/ and test/<class>/ images; point dataset.root at a "
             "torchvision CIFAR folder, an ImageFolder tree or a .tar.gz of one"
         )
-    per_split = {
-        s: sorted({sc[1] for name, _ in members if (sc := _split_class(name)) and sc[0] == s})
-        for s in ("train", "test")
-    }
     if per_split["train"] and per_split["test"] and per_split["train"] != per_split["test"]:
         only = sorted(set(per_split["train"]) ^ set(per_split["test"]))
         raise QreproError(
@@ -103,14 +100,11 @@ def _load_archive(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         except Exception:  # noqa: BLE001 - a broken cache is rebuilt
             cached.unlink(missing_ok=True)
     print(f"decoding {path} once (cached at {cached}) ...", flush=True)
-    members: list[tuple[str, bytes]] = []
     try:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if m.isfile() and m.name.lower().endswith(_IMG_EXT):
-                    f = tar.extractfile(m)
-                    if f is not None:
-                        members.append((m.name, f.read()))
+        with tarfile.open(path) as tar:  # a regular file member always has a file object
+            members = [
+                (m.name, tar.extractfile(m).read()) for m in tar if m.isfile() and m.name.lower().endswith(_IMG_EXT)
+            ]
     except (tarfile.TarError, OSError, EOFError) as e:
         why = "not a tar, tar.gz or tar.bz2 archive" if isinstance(e, tarfile.ReadError) else str(e).splitlines()[0]
         raise QreproError(
@@ -125,13 +119,13 @@ def _load_archive(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _load_imagefolder(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    members = []
-    for split in ("train", "test", "val"):
-        d = root / split
-        if d.is_dir():
-            for p in sorted(d.rglob("*")):
-                if p.suffix.lower() in _IMG_EXT:
-                    members.append((str(p.relative_to(root)), p.read_bytes()))
+    dirs = [root / split for split in ("train", "test", "val") if (root / split).is_dir()]
+    members = [
+        (str(p.relative_to(root)), p.read_bytes())
+        for d in dirs
+        for p in sorted(d.rglob("*"))
+        if p.suffix.lower() in _IMG_EXT
+    ]
     return _from_members(members, str(root))
 
 
@@ -172,25 +166,19 @@ def load_cifar_tensors(root: str | None, classes: int = 10, download: bool = Fal
     )
 
 
+# the loader options (overridden by the dataset config; tensor_bundle takes the others)
+DEFAULTS = {
+    "batch_size": 128,
+    "test_batch_size": 1000,
+    "mean": CIFAR10_MEAN,
+    "std": CIFAR10_STD,
+    "crop_padding": 4,
+    "flip": True,
+}
+
+
 def _build(classes: int):
-    def build(
-        *,
-        root: str | None = None,
-        batch_size: int = 128,
-        test_batch_size: int = 1000,
-        device: str | torch.device = "cpu",
-        mean: Sequence[float] | None = CIFAR10_MEAN,
-        std: Sequence[float] | None = CIFAR10_STD,
-        raw255: bool = False,
-        crop_padding: int = 4,
-        flip: bool = True,
-        download: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        subset: int | None = None,
-        **_: object,
-    ) -> DataBundle:
+    def build(*, root: str | None = None, download: bool = False, subset: int | None = None, **options) -> DataBundle:
         data = load_cifar_tensors(root, classes, download)
         (xtr, ytr), (xte, yte) = data["train"], data["test"]
         found = int(torch.cat([ytr, yte]).max()) + 1
@@ -207,20 +195,7 @@ def _build(classes: int):
             itr = torch.randperm(len(ytr), generator=g)[:subset]
             ite = torch.randperm(len(yte), generator=g)[:subset]
             xtr, ytr, xte, yte = xtr[itr], ytr[itr], xte[ite], yte[ite]
-        return tensor_bundle(
-            (xtr, ytr),
-            (xte, yte),
-            num_classes=classes,
-            batch_size=batch_size,
-            test_batch_size=test_batch_size,
-            device=device,
-            normalize=Normalizer(mean, std, raw255),
-            crop_padding=crop_padding,
-            flip=flip,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        return tensor_bundle((xtr, ytr), (xte, yte), classes, **{**DEFAULTS, **options})
 
     return build
 

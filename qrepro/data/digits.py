@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from qrepro.data import DATASETS, DataBundle, Normalizer, tensor_bundle
+from qrepro.data import DATASETS, DataBundle, tensor_bundle
 
 
 def load_digits_tensors(image_size: int = 32, test_fraction: float = 0.2):
@@ -25,37 +23,18 @@ def load_digits_tensors(image_size: int = 32, test_fraction: float = 0.2):
     return x[tr], y[tr], x[te], y[te]
 
 
+# the loader options (overridden by the dataset config; tensor_bundle takes the others)
+DEFAULTS = {
+    "batch_size": 64,
+    "test_batch_size": 512,
+    "mean": (0.5,) * 3,
+    "std": (0.5,) * 3,
+    "crop_padding": 2,
+    "flip": False,
+}
+
+
 @DATASETS.register("digits")
-def build_digits(
-    *,
-    root: str | None = None,
-    batch_size: int = 64,
-    test_batch_size: int = 512,
-    device: str | torch.device = "cpu",
-    image_size: int = 32,
-    mean: Sequence[float] | None = (0.5, 0.5, 0.5),
-    std: Sequence[float] | None = (0.5, 0.5, 0.5),
-    raw255: bool = False,
-    crop_padding: int = 2,
-    flip: bool = False,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    num_classes: int = 10,
-    **_: object,
-) -> DataBundle:
+def build_digits(*, image_size: int = 32, **options: object) -> DataBundle:
     xtr, ytr, xte, yte = load_digits_tensors(image_size)
-    return tensor_bundle(
-        (xtr, ytr),
-        (xte, yte),
-        num_classes=10,
-        batch_size=batch_size,
-        test_batch_size=test_batch_size,
-        device=device,
-        normalize=Normalizer(mean, std, raw255),
-        crop_padding=crop_padding,
-        flip=flip,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-    )
+    return tensor_bundle((xtr, ytr), (xte, yte), 10, **{**DEFAULTS, **options})

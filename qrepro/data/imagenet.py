@@ -141,12 +141,5 @@ def build_imagenet(
     lte = torch.utils.data.DataLoader(
         te, test_batch_size, shuffle=False, sampler=test_shard, num_workers=workers, pin_memory=pin
     )
-    return DataBundle(
-        DeviceLoader(ltr, dev, mean, std, raw255),
-        DeviceLoader(lte, dev, mean, std, raw255),
-        len(tr.classes),
-        3,
-        image_size,
-        len(tr),
-        len(te),
-    )
+    train, test = (DeviceLoader(ld, dev, mean, std, raw255) for ld in (ltr, lte))
+    return DataBundle(train, test, len(tr.classes), 3, image_size, len(tr), len(te))

@@ -13,15 +13,13 @@ Every module in this package is imported here (pkgutil), so a new model is one n
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
 from typing import Any
 
 from torch import nn
 
 from qrepro.errors import QreproError
-from qrepro.registry import Registry
+from qrepro.registry import Registry, import_submodules
 
 MODELS = Registry("model")
 
@@ -49,10 +47,4 @@ def model_names() -> list[str]:
     return MODELS.names()
 
 
-def _import_all() -> None:
-    for mod in pkgutil.iter_modules(__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{mod.name}")
-
-
-_import_all()
+import_submodules(__name__, __path__)

@@ -114,25 +114,15 @@ class CifarResNet(nn.Module):
         return self.fc(self.bn_fc(x))
 
 
-@MODELS.register("resnet20")
-def resnet20(
-    num_classes: int,
-    shortcut: str = "A",
-    bn_before_fc: bool = False,
-    init: str = "kaiming",
-    in_chans: int = 3,
-) -> CifarResNet:
-    """CIFAR ResNet-20 (n=3; 0.27M parameters with option A, 10 classes)."""
-    return CifarResNet(3, num_classes, shortcut, bn_before_fc, init, in_chans, name="resnet20")
+def _register(name: str, n: int, params: str) -> None:
+    def factory(
+        num_classes: int, shortcut: str = "A", bn_before_fc: bool = False, init: str = "kaiming", in_chans: int = 3
+    ) -> CifarResNet:
+        return CifarResNet(n, num_classes, shortcut, bn_before_fc, init, in_chans, name=name)
+
+    factory.__doc__ = f"CIFAR ResNet-{6 * n + 2} (n={n}; {params} parameters with option A, 10 classes)."
+    MODELS.register(name)(factory)
 
 
-@MODELS.register("resnet56")
-def resnet56(
-    num_classes: int,
-    shortcut: str = "A",
-    bn_before_fc: bool = False,
-    init: str = "kaiming",
-    in_chans: int = 3,
-) -> CifarResNet:
-    """CIFAR ResNet-56 (n=9; 0.85M parameters with option A, 10 classes)."""
-    return CifarResNet(9, num_classes, shortcut, bn_before_fc, init, in_chans, name="resnet56")
+_register("resnet20", 3, "0.27M")
+_register("resnet56", 9, "0.85M")

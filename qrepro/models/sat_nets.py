@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -58,15 +58,6 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu
     return [*mods, nn.ReLU()] if relu else mods
 
 
-def _stages(model: nn.Module, blocks: Iterable[tuple[int, int, nn.Module]]) -> list[str]:
-    names = []
-    for i, j, block in blocks:
-        name = f"stage_{i}_layer_{j}"
-        model.add_module(name, block)
-        names.append(name)
-    return names
-
-
 def sat_init(model: nn.Module) -> None:
     """The authors' initialisation: conv N(0, 2/(k_h k_w C_out)), BN (1, 0), linear N(0, 0.01) with zero bias."""
     for m in model.modules():
@@ -84,9 +75,25 @@ def sat_init(model: nn.Module) -> None:
 
 
 class _Net(nn.Module):
-    """head -> stages -> [tail] -> global average pool -> classifier."""
+    """head -> stages -> [tail] -> global average pool -> Linear(width, classes), with the authors' initialisation.
 
-    stage_names: list[str]
+    Block ``j`` of stage ``i`` is the module ``stage_{i}_layer_{j}``."""
+
+    def __init__(
+        self, head: list[nn.Module], stages: list[list[nn.Module]], tail: list[nn.Module], width: int, num_classes: int
+    ) -> None:
+        super().__init__()
+        self.head = nn.Sequential(*head)
+        self.stage_names = []
+        for i, blocks in enumerate(stages):
+            for j, block in enumerate(blocks):
+                self.stage_names.append(f"stage_{i}_layer_{j}")
+                self.add_module(self.stage_names[-1], block)
+        if tail:
+            self.tail = nn.Sequential(*tail)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(width, num_classes))
+        sat_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.head(x)
@@ -95,6 +102,15 @@ class _Net(nn.Module):
         if hasattr(self, "tail"):
             x = self.tail(x)
         return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+def _stages(cin: int, spec: Iterable[tuple[int, ...]], block: Callable[..., nn.Module]) -> list[list[nn.Module]]:
+    """``block(cin, cout, stride, *extra)`` per stage of ``spec`` = (cout, blocks, stride of the first, *extra)."""
+    stages = []
+    for cout, n, stride, *extra in spec:
+        stages.append([block(cin if j == 0 else cout, cout, stride if j == 0 else 1, *extra) for j in range(n)])
+        cin = cout
+    return stages
 
 
 class DepthwiseSeparable(nn.Module):
@@ -110,17 +126,8 @@ class DepthwiseSeparable(nn.Module):
 
 class MobileNetV1SAT(_Net):
     def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.head = nn.Sequential(*_conv_bn(3, 32, 3, 2))
-        blocks, c = [], 32
-        for i, (cout, n, stride) in enumerate(MBV1_STAGES):
-            for j in range(n):
-                blocks.append((i, j, DepthwiseSeparable(c, cout, stride if j == 0 else 1)))
-                c = cout
-        self.stage_names = _stages(self, blocks)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(c, num_classes))
-        sat_init(self)
+        head = _conv_bn(3, 32, 3, 2)
+        super().__init__(head, _stages(32, MBV1_STAGES, DepthwiseSeparable), [], 1024, num_classes)
 
 
 class InvertedResidual(nn.Module):
@@ -142,18 +149,9 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2SAT(_Net):
     def __init__(self, num_classes: int, stages: list[tuple[int, int, int, int]], stem_stride: int) -> None:
-        super().__init__()
-        self.head = nn.Sequential(*_conv_bn(3, 32, 3, stem_stride))
-        blocks, c = [], 32
-        for i, (t, cout, n, stride) in enumerate(stages):
-            for j in range(n):
-                blocks.append((i, j, InvertedResidual(c, cout, stride if j == 0 else 1, t)))
-                c = cout
-        self.stage_names = _stages(self, blocks)
-        self.tail = nn.Sequential(*_conv_bn(c, 1280, 1))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
-        sat_init(self)
+        head = _conv_bn(3, 32, 3, stem_stride)
+        blocks = _stages(32, [(c, n, s, t) for t, c, n, s in stages], InvertedResidual)
+        super().__init__(head, blocks, _conv_bn(stages[-1][1], 1280, 1), 1280, num_classes)
 
 
 class BasicBlockSAT(nn.Module):
@@ -173,18 +171,8 @@ class BasicBlockSAT(nn.Module):
 
 class CifarResNetSAT(_Net):
     def __init__(self, num_classes: int, depth: int) -> None:
-        super().__init__()
-        n = (depth - 2) // 6
-        self.head = nn.Sequential(*_conv_bn(3, 16, 3))
-        blocks, c = [], 16
-        for i, cout in enumerate((16, 32, 64)):
-            for j in range(n):
-                blocks.append((i, j, BasicBlockSAT(c, cout, 2 if (j == 0 and i > 0) else 1)))
-                c = cout
-        self.stage_names = _stages(self, blocks)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(c, num_classes))
-        sat_init(self)
+        n, head = (depth - 2) // 6, _conv_bn(3, 16, 3)
+        super().__init__(head, _stages(16, [(16, n, 1), (32, n, 2), (64, n, 2)], BasicBlockSAT), [], 64, num_classes)
 
 
 @MODELS.register("sat_mobilenet_v1")
@@ -261,15 +249,3 @@ def adabits_state_dict(sd: dict[str, Any], target: dict[str, Any], bits_index: i
     if missing:
         raise KeyError(f"not in the authors' state dict: {missing[:8]}")
     return out
-
-
-__all__ = [
-    "adabits_key",
-    "adabits_state_dict",
-    "sat_init",
-    "sat_mobilenet_v1",
-    "sat_mobilenet_v2",
-    "sat_mobilenet_v2_cifar",
-    "sat_resnet20",
-    "sat_resnet56",
-]

@@ -17,22 +17,13 @@ from qrepro.models._common import check_positive, kaiming_fan_out_init
 class SmallCNN(nn.Module):
     def __init__(self, num_classes: int, in_chans: int = 3, width: int = 16) -> None:
         super().__init__()
-        c1, c2, c3 = width, 2 * width, 4 * width
-        self.features = nn.Sequential(
-            nn.Conv2d(in_chans, c1, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c3),
-            nn.ReLU(),
-        )
+        layers: list[nn.Module] = []
+        for cin, cout in ((in_chans, width), (width, 2 * width), (2 * width, 4 * width)):
+            pool = [nn.MaxPool2d(2)] if cout < 4 * width else []
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), *pool]
+        self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(4)
-        self.fc = nn.Linear(c3 * 16, num_classes)
+        self.fc = nn.Linear(4 * width * 16, num_classes)
         kaiming_fan_out_init(self)
 
     def forward(self, x: Tensor) -> Tensor:

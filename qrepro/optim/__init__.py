@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,25 +33,22 @@ def param_tags(model: nn.Module) -> dict[str, set[str]]:
     tags: dict[str, set[str]] = {}
     for mname, mod in model.named_modules():
         own_tags = getattr(mod, "param_tags", None)
-        is_quantizer = mname.split(".")[-1] in ("wq", "aq") or own_tags is not None
+        in_quantizer = own_tags is not None or any(part in ("wq", "aq") for part in mname.split("."))
+        own_tags = own_tags or {}
         for pname, p in mod.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            full = f"{mname}.{pname}" if mname else pname
-            t: set[str] = set()
-            if is_quantizer or any(part in ("wq", "aq") for part in mname.split(".")):
-                t.add("quant")
-                if own_tags and pname in own_tags:
-                    t.add(own_tags[pname])
+            if in_quantizer:
+                t = {"quant", own_tags[pname]} if pname in own_tags else {"quant"}
             elif isinstance(mod, _NORM):
-                t.add("norm")
+                t = {"norm"}
             elif pname == "bias":
-                t.add("bias")
+                t = {"bias"}
             elif isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels:
-                t.add("depthwise")
+                t = {"depthwise"}
             else:
-                t.add("weight")
-            tags[full] = t
+                t = {"weight"}
+            tags[f"{mname}.{pname}" if mname else pname] = t
     return tags
 
 
@@ -65,53 +62,67 @@ def param_groups(
             raise QreproError(
                 f"optimizer.groups entry {dict(r)} needs 'tags: [...]'; e.g. {{tags: [norm, bias], weight_decay: 0}}"
             )
-    buckets: list[list[nn.Parameter]] = [[] for _ in range(len(rules) + 1)]
-    names: list[list[str]] = [[] for _ in range(len(rules) + 1)]
-    tags = param_tags(model)
+    members: list[list[tuple[str, nn.Parameter]]] = [[] for _ in range(len(rules) + 1)]
     params = dict(model.named_parameters())
-    for name, t in tags.items():
+    for name, t in param_tags(model).items():
         k = next((i for i, r in enumerate(rules) if t & set(r["tags"])), len(rules))
-        buckets[k].append(params[name])
-        names[k].append(name)
+        members[k].append((name, params[name]))
     groups = []
-    for i, ps in enumerate(buckets):
-        if not ps:
-            continue
-        g = dict(defaults)
-        if i < len(rules):
-            g.update({k: v for k, v in rules[i].items() if k != "tags"})
-            g["tags"] = list(rules[i]["tags"])
-        g["params"] = ps
-        g["param_names"] = names[i]
-        groups.append(g)
+    for i, named in enumerate(members):
+        if named:
+            g = dict(defaults)
+            if i < len(rules):
+                g.update(rules[i], tags=list(rules[i]["tags"]))
+            groups.append({**g, "params": [p for _, p in named], "param_names": [n for n, _ in named]})
     return groups
+
+
+# torch optimizers by config name, with the config keys each takes
+TORCH_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], set[str]]] = {
+    "sgd": (torch.optim.SGD, {"lr", "weight_decay", "momentum", "nesterov", "dampening"}),
+    "adam": (torch.optim.Adam, {"lr", "weight_decay", "betas", "eps", "amsgrad"}),
+    "adamw": (torch.optim.AdamW, {"lr", "weight_decay", "betas", "eps", "amsgrad"}),
+    "nadam": (torch.optim.NAdam, {"lr", "weight_decay", "betas", "eps", "momentum_decay", "decoupled_weight_decay"}),
+    "adamax": (torch.optim.Adamax, {"lr", "weight_decay", "betas", "eps"}),
+    "rmsprop": (torch.optim.RMSprop, {"lr", "weight_decay", "alpha", "eps", "momentum", "centered"}),
+    "adagrad": (torch.optim.Adagrad, {"lr", "weight_decay", "lr_decay", "eps", "initial_accumulator_value"}),
+}
+
+
+def torch_kwargs(name: str, cfg: dict[str, Any], base: str | None = None, also: Sequence[str] = ()) -> dict[str, Any]:
+    """``cfg`` of optimizer ``name`` checked against the keys its torch optimizer ``base`` (default ``name``) takes
+    (``also``: a wrapper's own keys, listed in the error), with ``betas`` as a tuple."""
+    keys = TORCH_OPTIMIZERS[base or name][1]
+    bad = sorted(set(cfg) - keys)
+    if bad:
+        raise QreproError(f"optimizer={name} does not take {bad}; allowed: {sorted(keys | set(also))}")
+    return {k: tuple(v) if k == "betas" else v for k, v in cfg.items()}
 
 
 def _strip(groups: list[dict[str, Any]], allowed: set[str]) -> list[dict[str, Any]]:
     """Remove bookkeeping keys a torch optimizer does not take (keeps them available to wrappers)."""
-    out = []
-    for g in groups:
-        out.append({k: v for k, v in g.items() if k in allowed or k == "params"})
-    return out
+    return [{k: v for k, v in g.items() if k in allowed or k == "params"} for g in groups]
 
 
-def _torch_factory(cls: type[torch.optim.Optimizer], keys: set[str]):
+def keep_names(opt: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """``opt`` with the ``param_names`` and ``tags`` of the ``groups`` it was built from (torch drops them)."""
+    for g, src in zip(opt.param_groups, groups):
+        g["param_names"], g["tags"] = src.get("param_names", []), src.get("tags", [])
+    return opt
+
+
+def _torch_factory(name: str):
+    cls, keys = TORCH_OPTIMIZERS[name]
+
     def factory(groups: list[dict[str, Any]], *, model: nn.Module | None = None, **cfg: Any) -> torch.optim.Optimizer:
-        bad = set(cfg) - keys
-        if bad:
-            raise QreproError(f"optimizer {cls.__name__} does not take {sorted(bad)}; allowed: {sorted(keys)}")
-        opt = cls(_strip(groups, keys), **cfg)
-        for g, src in zip(opt.param_groups, groups):
-            g["param_names"] = src.get("param_names", [])
-            g["tags"] = src.get("tags", [])
-        return opt
+        return keep_names(cls(_strip(groups, keys), **torch_kwargs(name, cfg)), groups)
 
+    factory.__doc__ = f"optimizer={name}: plain torch.optim.{cls.__name__}."
     return factory
 
 
-OPTIMIZERS.register("sgd")(_torch_factory(torch.optim.SGD, {"lr", "momentum", "nesterov", "weight_decay", "dampening"}))
-OPTIMIZERS.register("adam")(_torch_factory(torch.optim.Adam, {"lr", "betas", "eps", "weight_decay", "amsgrad"}))
-OPTIMIZERS.register("adamw")(_torch_factory(torch.optim.AdamW, {"lr", "betas", "eps", "weight_decay", "amsgrad"}))
+for _name in TORCH_OPTIMIZERS:
+    OPTIMIZERS.register(_name)(_torch_factory(_name))
 
 
 def _load_all() -> None:
@@ -131,13 +142,29 @@ def build_optimizer(model: nn.Module, name: str, groups: Sequence[dict[str, Any]
 
 # ----------------------------------------------------------------------------------------------- schedules
 class Schedule:
-    """Per-iteration multiplicative LR factor; ``step()`` sets ``lr = initial_lr * factor`` in every group
-    (groups flagged ``fixed_lr: True`` — e.g. transition-rate-scheduled weights — are left alone)."""
+    """Per-iteration multiplicative LR factor after a linear warm-up; ``step()`` sets ``lr = initial_lr * factor``
+    in every group (groups flagged ``fixed_lr: True`` — e.g. transition-rate-scheduled weights — are left alone).
+    ``main(step, t)`` gives the factor after the warm-up (``t``: the fraction of those steps done, in [0, 1])."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer | None, total_steps: int, steps_per_epoch: int) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        total_steps: int,
+        steps_per_epoch: int,
+        main: Callable[[int, float], float],
+        warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 0.0,
+        per_epoch: bool = False,
+    ) -> None:
+        if not isinstance(per_epoch, bool):
+            raise QreproError(f"scheduler.per_epoch must be true or false, got {per_epoch!r}")
         self.optimizer = optimizer
         self.total_steps = max(1, total_steps)
         self.steps_per_epoch = max(1, steps_per_epoch)
+        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+        self.warmup_start_factor = warmup_start_factor
+        self.per_epoch = per_epoch
+        self.main = main
         self.last_step = 0
         if optimizer is not None:
             for g in optimizer.param_groups:
@@ -145,7 +172,12 @@ class Schedule:
             self._apply()
 
     def factor(self, step: int) -> float:
-        raise NotImplementedError
+        if self.per_epoch:  # the factor of the epoch's first step (epoch e: factor(e·steps_per_epoch))
+            step = step // self.steps_per_epoch * self.steps_per_epoch
+        if step < self.warmup_steps:
+            a = step / self.warmup_steps
+            return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * a
+        return self.main(step, min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)))
 
     def _apply(self) -> None:
         f = self.factor(self.last_step)
@@ -167,82 +199,34 @@ class Schedule:
             self._apply()
 
 
-class _Warmup(Schedule):
-    def __init__(
-        self,
-        optimizer,
-        total_steps,
-        steps_per_epoch,
-        warmup_epochs: float = 0.0,
-        warmup_start_factor: float = 0.0,
-        per_epoch: bool = False,
-    ) -> None:
-        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
-        self.warmup_start_factor = warmup_start_factor
-        if not isinstance(per_epoch, bool):
-            raise QreproError(f"scheduler.per_epoch must be true or false, got {per_epoch!r}")
-        self.per_epoch = per_epoch
-        super().__init__(optimizer, total_steps, steps_per_epoch)
-
-    def factor(self, step: int) -> float:
-        if self.per_epoch:  # the factor of the epoch's first step (epoch e: factor(e·steps_per_epoch))
-            step = step // self.steps_per_epoch * self.steps_per_epoch
-        if step < self.warmup_steps:
-            a = step / self.warmup_steps
-            return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * a
-        return self.main_factor(step)
-
-    def main_factor(self, step: int) -> float:
-        raise NotImplementedError
-
-
 @SCHEDULERS.register("cosine")
-class Cosine(_Warmup):
+def cosine(optimizer, total_steps, steps_per_epoch, min_factor: float = 0.0, **kw) -> Schedule:
     """Cosine decay per iteration (after a linear warm-up) to ``min_factor``."""
 
-    def __init__(self, optimizer, total_steps, steps_per_epoch, min_factor: float = 0.0, **kw) -> None:
-        self.min_factor = min_factor
-        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
+    def main(step: int, t: float) -> float:
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
-    def main_factor(self, step: int) -> float:
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+    return Schedule(optimizer, total_steps, steps_per_epoch, main, **kw)
 
 
 @SCHEDULERS.register("multistep")
-class MultiStep(_Warmup):
+def multistep(
+    optimizer, total_steps, steps_per_epoch, milestones: Sequence[float] = (), gamma: float = 0.1, **kw
+) -> Schedule:
     """×gamma at each milestone (given in epochs)."""
-
-    def __init__(
-        self, optimizer, total_steps, steps_per_epoch, milestones: Sequence[float] = (), gamma: float = 0.1, **kw
-    ) -> None:
-        self.milestones = [int(round(m * steps_per_epoch)) for m in milestones]
-        self.gamma = gamma
-        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
-
-    def main_factor(self, step: int) -> float:
-        return self.gamma ** sum(step >= m for m in self.milestones)
+    at = [int(round(m * steps_per_epoch)) for m in milestones]
+    return Schedule(optimizer, total_steps, steps_per_epoch, lambda step, t: gamma ** sum(step >= m for m in at), **kw)
 
 
 @SCHEDULERS.register("linear")
-class Linear(_Warmup):
+def linear(optimizer, total_steps, steps_per_epoch, end_factor: float = 0.0, **kw) -> Schedule:
     """Linear decay per iteration to ``end_factor``."""
-
-    def __init__(self, optimizer, total_steps, steps_per_epoch, end_factor: float = 0.0, **kw) -> None:
-        self.end_factor = end_factor
-        super().__init__(optimizer, total_steps, steps_per_epoch, **kw)
-
-    def main_factor(self, step: int) -> float:
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        return 1.0 + (self.end_factor - 1.0) * t
+    return Schedule(optimizer, total_steps, steps_per_epoch, lambda step, t: 1.0 + (end_factor - 1.0) * t, **kw)
 
 
 @SCHEDULERS.register("constant")
-class Constant(_Warmup):
-    def main_factor(self, step: int) -> float:
-        return 1.0
+def constant(optimizer, total_steps, steps_per_epoch, **kw) -> Schedule:
+    return Schedule(optimizer, total_steps, steps_per_epoch, lambda step, t: 1.0, **kw)
 
 
 def build_scheduler(optimizer, name: str, *, total_steps: int, steps_per_epoch: int, **cfg: Any) -> Schedule:

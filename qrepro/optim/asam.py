@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from qrepro.errors import QreproError
-from qrepro.optim import OPTIMIZERS
+from qrepro.optim import OPTIMIZERS, torch_kwargs
 
 #: ``weights``: adaptive scale on parameters named "*weight*", T = 1 elsewhere (reference); ``all``: everywhere
 SCALE_SCOPES = ("weights", "all")
@@ -133,15 +133,10 @@ class ASAM(torch.optim.Optimizer):
 
 
 def _asam_factory(adaptive: bool):
-    sgd_keys = {"lr", "momentum", "nesterov", "weight_decay", "dampening"}
-
     def factory(
         groups, *, model=None, rho: float = 1.0, eta: float = 0.01, scale_scope: str = "weights", **cfg
     ) -> ASAM:
-        bad = set(cfg) - sgd_keys
-        if bad:
-            allowed = sorted(sgd_keys | {"rho", "eta", "scale_scope"})
-            raise QreproError(f"optimizer asam does not take {sorted(bad)}; allowed: {allowed}")
+        torch_kwargs("asam_sgd" if adaptive else "sam_sgd", cfg, "sgd", also=("rho", "eta", "scale_scope"))
         base = OPTIMIZERS.get("sgd")(groups, model=model, **cfg)
         return ASAM(base, rho=rho, eta=eta, adaptive=adaptive, scale_scope=scale_scope, model=model)
 

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from qrepro.errors import QreproError
-from qrepro.optim import OPTIMIZERS, _strip
+from qrepro.optim import OPTIMIZERS, TORCH_OPTIMIZERS, _strip, keep_names, torch_kwargs
 
-SGD_KEYS = {"lr", "momentum", "nesterov", "weight_decay", "dampening"}
+SGD_KEYS = TORCH_OPTIMIZERS["sgd"][1]
 ADAM_KEYS = {"adam", "betas", "eps", "fixed_lr"}  # fixed_lr: the LR schedule leaves the group alone
 
 
@@ -87,16 +87,10 @@ class SGDAdam(torch.optim.SGD):
 
 @OPTIMIZERS.register("sgd_adam")
 def build_sgd_adam(groups: list[dict[str, Any]], *, model: nn.Module | None = None, **cfg: Any) -> SGDAdam:
-    bad = set(cfg) - SGD_KEYS
-    if bad:
-        raise QreproError(f"optimizer sgd_adam does not take {sorted(bad)}; allowed: {sorted(SGD_KEYS)}")
+    cfg = torch_kwargs("sgd_adam", cfg, "sgd")
     if not any(g.get("adam") for g in groups):
         raise QreproError(
             "optimizer=sgd_adam: no parameter group has adam: true; add one, e.g. "
             "groups: [{tags: [quant], adam: true, lr: 1.0e-5}]"
         )
-    opt = SGDAdam(_strip(groups, SGD_KEYS | ADAM_KEYS), **cfg)
-    for g, src in zip(opt.param_groups, groups):
-        g["param_names"] = src.get("param_names", [])
-        g["tags"] = src.get("tags", [])
-    return opt
+    return keep_names(SGDAdam(_strip(groups, SGD_KEYS | ADAM_KEYS), **cfg), groups)

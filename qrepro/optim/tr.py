@@ -34,7 +34,7 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
-from qrepro.optim import OPTIMIZERS
+from qrepro.optim import OPTIMIZERS, TORCH_OPTIMIZERS, torch_kwargs
 from qrepro.quant.transitions import TransitionCounter, TRMonitor, tr_layers  # noqa: F401  (TRMonitor: re-exported)
 
 TALR_RULES = ("additive", "multiplicative", "momentum", "lr")
@@ -147,10 +147,7 @@ class TransitionRateMixin:
             raise QreproError("transition-rate scheduling needs weight quantizers with a `bits` attribute")
         numel = self._tr_counter.numel
         r0_layers = [cfg.factor * (math.sqrt(b) if cfg.target_init == "sqrt_bits" else 1.0) for b in bits]
-        if cfg.scope == "layer":
-            self._tr_units = [[i] for i in range(len(layers))]
-        else:
-            self._tr_units = [list(range(len(layers)))]
+        self._tr_units = [[i] for i in range(len(layers))] if cfg.scope == "layer" else [list(range(len(layers)))]
         # R^0 of a unit: numel-weighted mean of λ·sqrt(b_l) (= λ·sqrt(b_w) when all layers share b_w); λ (direct)
         self._tr_r0 = [
             r0_layers[u[0]]  # one bit-width: exactly λ·sqrt(b_w) (or λ), not a rounded weighted mean
@@ -158,9 +155,9 @@ class TransitionRateMixin:
             else sum(r0_layers[i] * numel[i] for i in u) / sum(numel[i] for i in u)
             for u in self._tr_units
         ]
-        self._tr_u0 = [base_lr] * len(self._tr_units)  # initial TALR = initial LR (Sec. S4.1)
-        self._tr_eta = [cfg.eta if cfg.eta is not None else u0 for u0 in self._tr_u0]
-        self._tr_U = list(self._tr_u0)
+        self._tr_u0 = base_lr  # initial TALR = initial LR (Sec. S4.1)
+        self._tr_eta = base_lr if cfg.eta is None else cfg.eta
+        self._tr_U = [base_lr] * len(self._tr_units)
         self._tr_K = list(self._tr_r0) if cfg.running_init == "target" else [0.0] * len(self._tr_units)
         self._tr_t = 0
         self._tr_factor_fn: Callable[[int], float] | None = (
@@ -201,17 +198,10 @@ class TransitionRateMixin:
                 continue
             # TALR groups: lr = U^t set before every step; `fixed_lr` keeps the LR scheduler off them
             talr = {**opts, "lr": base_lr, "talr": True, "fixed_lr": True}
-            if cfg.scope == "layer":
-                out += [{**talr, "params": [p], "param_names": [n], "tr_unit": unit_of[id(p)]} for n, p in latent]
-            else:
-                out.append(
-                    {
-                        **talr,
-                        "params": [p for _, p in latent],
-                        "param_names": [n for n, _ in latent],
-                        "tr_unit": 0,
-                    }
-                )
+            units = [[(n, p)] for n, p in latent] if cfg.scope == "layer" else [latent]
+            for u in units:
+                unit = unit_of[id(u[0][1])] if cfg.scope == "layer" else 0
+                out.append({**talr, "params": [p for _, p in u], "param_names": [n for n, _ in u], "tr_unit": unit})
         if not any(g.get("param_names") for g in params):  # plain parameter lists: no names to carry
             for g in out:
                 g.pop("param_names")
@@ -260,10 +250,11 @@ class TransitionRateMixin:
             m = cfg.momentum
             self._tr_K = [m * K + (1.0 - m) * k for K, k in zip(self._tr_K, k_units)]
             self._tr_U = [self._talr(i, R[i], f) for i in range(len(self._tr_units))]
-            last.update(k_layers=k_layers, step_layers=s_layers, k=sum(changed) / sum(numel))
-            last.update(step_size=sum(steps) / sum(numel))
+            last.update(
+                k_layers=k_layers, step_layers=s_layers, k=sum(changed) / sum(numel), step_size=sum(steps) / sum(numel)
+            )
         elif cfg.rule == "lr":
-            self._tr_U = [u0 * f for u0 in self._tr_u0]
+            self._tr_U = [self._tr_u0 * f] * len(self._tr_units)
         for g in self.param_groups:
             if g.get("talr"):
                 g["lr"] = self._tr_U[g["tr_unit"]]
@@ -274,25 +265,20 @@ class TransitionRateMixin:
     def _talr(self, i: int, r: float, f: float) -> float:
         u, big_k, rule = self._tr_U[i], self._tr_K[i], self.tr_cfg.rule
         if rule == "additive":
-            return talr_additive(u, big_k, r, self._tr_eta[i])
+            return talr_additive(u, big_k, r, self._tr_eta)
         if rule == "multiplicative":
             return talr_multiplicative(u, big_k, r, self.tr_cfg.running_eps)
         if rule == "momentum":
             return talr_momentum(u, big_k, r, self.tr_cfg.momentum, self.tr_cfg.running_eps)
-        return self._tr_u0[i] * f  # "lr": the scheduled LR (plain optimizer with TR bookkeeping)
+        return self._tr_u0 * f  # "lr": the scheduled LR (plain optimizer with TR bookkeeping)
 
     # -- summaries for monitoring --------------------------------------------------------------------------
     def tr_global(self) -> dict[str, float]:
         """Global running TR, target TR and TALR of the last step (numel-weighted over units)."""
         numel = self._tr_counter.numel
         w = [sum(numel[i] for i in u) for u in self._tr_units]
-        tot = sum(w)
-        last = self.tr_last
-
-        def avg(v: list[float]) -> float:
-            return sum(a * b for a, b in zip(v, w)) / tot
-
-        return {"tr_running": avg(last["K"]), "tr_target": avg(last["R"]), "talr": avg(last["U"])}
+        avg = {key: sum(a * b for a, b in zip(self.tr_last[key], w)) / sum(w) for key in ("K", "R", "U")}
+        return {"tr_running": avg["K"], "tr_target": avg["R"], "talr": avg["U"]}
 
     @property
     def tr_layer_names(self) -> list[str]:
@@ -323,12 +309,8 @@ class TransitionRateMixin:
 
 def tr_variant(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """The TR-scheduled variant of a torch optimizer class (e.g. SGD -> SGDT)."""
-    cls = type(
-        f"{base.__name__}T",
-        (TransitionRateMixin, base),
-        {"__doc__": f"{base.__name__} with transition-rate scheduling of the quantized latent weights."},
-    )
-    return cls
+    doc = f"{base.__name__} with transition-rate scheduling of the quantized latent weights."
+    return type(f"{base.__name__}T", (TransitionRateMixin, base), {"__doc__": doc})
 
 
 class _TargetFromScheduler(Hook):
@@ -346,59 +328,16 @@ class _TargetFromScheduler(Hook):
 # Registration: the T variants of seven torch optimizers (Table S5)
 
 
-# config keys each torch optimizer takes (besides lr and weight_decay)
-_KEYS = {
-    "sgd": (torch.optim.SGD, {"momentum", "nesterov", "dampening"}),
-    "adam": (torch.optim.Adam, {"betas", "eps", "amsgrad"}),
-    "adamw": (torch.optim.AdamW, {"betas", "eps", "amsgrad"}),
-    "nadam": (torch.optim.NAdam, {"betas", "eps", "momentum_decay", "decoupled_weight_decay"}),
-    "adamax": (torch.optim.Adamax, {"betas", "eps"}),
-    "rmsprop": (torch.optim.RMSprop, {"alpha", "eps", "momentum", "centered"}),
-    "adagrad": (torch.optim.Adagrad, {"lr_decay", "eps", "initial_accumulator_value"}),
-}
-
-
-def _torch_kwargs(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    keys = _KEYS[name][1] | {"lr", "weight_decay"}
-    bad = sorted(set(cfg) - keys)
-    if bad:
-        raise QreproError(f"optimizer={name} does not take {bad}; allowed: {sorted(keys)} and tr")
-    out = dict(cfg)
-    if "betas" in out:
-        out["betas"] = tuple(out["betas"])
-    return out
-
-
 def _register_t(name: str) -> type[torch.optim.Optimizer]:
-    cls = tr_variant(_KEYS[name][0])
+    cls = tr_variant(TORCH_OPTIMIZERS[name][0])
 
     def factory(param_groups: Any, *, model: nn.Module, tr: Any = None, **cfg: Any) -> torch.optim.Optimizer:
-        return cls(param_groups, model=model, tr=tr, **_torch_kwargs(name, cfg))
+        return cls(param_groups, model=model, tr=tr, **torch_kwargs(f"{name}t", cfg, name, also=("tr",)))
 
     factory.__doc__ = f"optimizer={name}t: {cls.__doc__}"
     OPTIMIZERS.register(f"{name}t")(factory)
     return cls
 
-
-def _register_plain(name: str) -> None:
-    """Plain optimizers of Table S5 the foundation does not register (nadam, adamax, rmsprop, adagrad)."""
-    if name in OPTIMIZERS:
-        return
-    base = _KEYS[name][0]
-
-    def factory(param_groups: Any, *, model: nn.Module | None = None, **cfg: Any) -> torch.optim.Optimizer:
-        groups = [{k: v for k, v in g.items() if k not in ("param_names", "tags")} for g in param_groups]
-        opt = base(groups, **_torch_kwargs(name, cfg))
-        for g, src in zip(opt.param_groups, param_groups):
-            g["param_names"], g["tags"] = src.get("param_names", []), src.get("tags", [])
-        return opt
-
-    factory.__doc__ = f"optimizer={name}: plain torch.optim.{base.__name__}."
-    OPTIMIZERS.register(name)(factory)
-
-
-for _name in ("nadam", "adamax", "rmsprop", "adagrad"):
-    _register_plain(_name)
 
 SGDT = _register_t("sgd")
 AdamT = _register_t("adam")

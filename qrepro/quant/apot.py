@@ -1,23 +1,15 @@
 """APoT (Additive Powers-of-Two Quantization, Li, Dong & Wang, ICLR 2020): level sets, projection, RCF and
 weight normalisation.
 
-Everything here is a pure function of tensors; the nn.Module quantizers that use them live in
-``qrepro/quant/methods/apot.py``. Equation numbers refer to the paper.
-
-- ``apot_levels(b, k)``: unsigned level set Q^a(1, b) of Eq. (5) (even b) / Eq. (6) (odd b, k = 2);
-  k = 1 gives the uniform (fixed-point) set, k = b the powers-of-two set (Eq. 3).
-- ``project(x, levels)``: nearest level via one bucketize on the sorted levels (no element x level matrix).
-- ``rcf_weight`` / ``rcf_act``: the reparameterised clipping function (Eq. 7) whose autograd gradient for
-  alpha is Eq. (8) / (13c); ``pact_weight`` / ``pact_act``: plain clipping with the PACT gradient (Eq. 11).
-- ``weight_norm``: Eq. (9), per tensor.
-- ``lloyd_max_levels``: Lloyd-Max fitted non-uniform levels (Table 3 ablation).
-- ``quantization_error``: the clipping/projection decomposition of Eq. (14).
-- ``model_cost``: model size and FixOPs with the paper's bit-operation scheme (Table 1 / Table 3 columns).
+Pure functions of tensors (level sets, projection, clipping functions, Eq. 14's error, Table 1's model cost); the
+nn.Module quantizers live in ``qrepro/quant/methods/apot.py``, the method in docs/apot.md. Equation numbers refer
+to the paper.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from itertools import product
 
 import torch
@@ -76,13 +68,10 @@ def pot_levels(bits: int) -> torch.Tensor:
 
 def level_set(family: str, bits: int) -> torch.Tensor:
     """Unsigned level set of a named family: ``apot`` (k=2), ``pot`` (k=b) or ``uniform`` (k=1)."""
-    if family == "apot":
-        return apot_levels(bits, 2)
-    if family == "pot":
-        return pot_levels(bits)
-    if family == "uniform":
-        return uniform_levels(bits)
-    raise QreproError(f"unknown APoT level family {family!r}; choose apot, pot, uniform or lloyd")
+    k = {"apot": 2, "pot": bits, "uniform": 1}.get(family)
+    if k is None:
+        raise QreproError(f"unknown APoT level family {family!r}; choose apot, pot, uniform or lloyd")
+    return apot_levels(bits, k)
 
 
 def magnitude_levels(family: str, bits: int) -> torch.Tensor:
@@ -313,21 +302,12 @@ class ModelCost:
 def layer_macs(model: nn.Module, input_shape: tuple[int, ...] = (3, 224, 224)) -> dict[str, int]:
     """Multiply-accumulates of every Conv2d / Linear (qualified name -> MACs) for one input of ``input_shape``."""
     macs: dict[str, int] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
 
-            def hook(mod, inp, out, name=name):
-                k = mod.weight[0].numel()  # C_in/groups * kh * kw
-                macs[name] = int(out[0].numel()) * k
+    def hook(name, mod, inp, out):  # MACs per output element: C_in/groups * kh * kw (conv), in_features (linear)
+        macs[name] = int(out[0].numel()) * mod.weight[0].numel()
 
-            handles.append(m.register_forward_hook(hook))
-        elif isinstance(m, nn.Linear):
-
-            def hook(mod, inp, out, name=name):
-                macs[name] = int(out[0].numel()) * mod.in_features
-
-            handles.append(m.register_forward_hook(hook))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(partial(hook, n)) for n, m in layers]
     was_training = model.training
     model.eval()
     try:
@@ -388,33 +368,6 @@ def model_cost(
         else:
             n = 1 if (w_bits == 2 or scheme == "pot") else pot_terms(w_bits - 1, k)
             fixops += macs[name] * n * a_bits / 64
-    size = 0.0
-    for pname, p in [*model.named_parameters(), *model.named_buffers()]:
-        if pname.endswith("num_batches_tracked"):
-            continue
-        size += p.numel() * bits.get(pname, 32) / 8
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    size = sum((p.numel() * bits.get(n, 32) / 8 for n, p in tensors if not n.endswith("num_batches_tracked")), 0.0)
     return ModelCost(size_bytes=size, fixops=fixops, macs=sum(macs.values()))
-
-
-__all__ = [
-    "apot_levels",
-    "uniform_levels",
-    "pot_levels",
-    "level_set",
-    "magnitude_levels",
-    "project",
-    "project_signed",
-    "rcf_weight",
-    "rcf_act",
-    "pact_weight",
-    "pact_act",
-    "max_scaled_weight",
-    "weight_norm",
-    "lloyd_max_levels",
-    "QuantError",
-    "quantization_error",
-    "pot_terms",
-    "ModelCost",
-    "layer_macs",
-    "model_cost",
-]

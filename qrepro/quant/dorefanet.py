@@ -1,15 +1,8 @@
 """DoReFa-Net as published (Zhou et al., "DoReFa-Net: Training low bitwidth convolutional neural networks with low
 bitwidth gradients", 2016), weights and activations (gradients stay 32-bit, as in the tables that quote it).
 
-Functional maths only; the quantizer modules live in ``qrepro.quant.methods.dorefanet``.
-
-- ``quantize_k``   round((2^k - 1)·r)/(2^k - 1) for r in [0, 1], straight-through (dq/dr = 1).
-- ``weight``       k > 1: 2·quantize_k(tanh(w)/(2 max|tanh(w)|) + 1/2) - 1 (the max stays in the graph, as in
-                   the authors' code; this is ``qrepro.quant.sat.dorefa_weight`` with the ``original`` levels);
-                   k = 1: sign(w)·E(|w|), E detached and the sign straight-through (d/dw = 1);
-                   sign(0) = 0, as tf.sign in the authors' code.
-- ``activation``   quantize_k(clip(x, 0, 1)): the fixed [0, 1] clip of the network's bounded activation (no
-                   learned clip, unlike PACT), gradient 1 strictly inside (0, 1) and 0 outside.
+Functional maths only; the quantizer modules live in ``qrepro.quant.methods.dorefanet``, the method in
+docs/dorefanet.md.
 """
 
 from __future__ import annotations
@@ -29,13 +22,17 @@ def _check(bits: int, what: str) -> None:
 
 
 def quantize_k(r: torch.Tensor, k: int) -> torch.Tensor:
-    """round((2^k - 1)·r)/(2^k - 1), identity gradient."""
+    """round((2^k - 1)·r)/(2^k - 1) for r in [0, 1], identity gradient."""
     n = float(2**k - 1)
     return round_ste(r * n) / n
 
 
 def weight(w: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-bit DoReFa-Net weight: sign(w)·E|w| at k = 1, tanh-normalised k-bit at k > 1, w at k = 32."""
+    """The k-bit DoReFa-Net weight, w at k = 32.
+
+    k > 1: 2·quantize_k(tanh(w)/(2 max|tanh(w)|) + 1/2) - 1, the max in the graph as in the authors' code (this is
+    ``qrepro.quant.sat.dorefa_weight`` with the ``original`` levels). k = 1: sign(w)·E(|w|), E detached and the sign
+    straight-through (d/dw = 1), sign(0) = 0 as tf.sign in the authors' code."""
     _check(k, "weight")
     if k == FP_BITS:
         return w
@@ -46,7 +43,8 @@ def weight(w: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def activation(x: torch.Tensor, k: int) -> torch.Tensor:
-    """quantize_k(clip(x, 0, 1)); k = 32 only clips."""
+    """quantize_k(clip(x, 0, 1)), the fixed clip of the network's bounded activation (no learned clip, unlike
+    PACT), gradient 1 strictly inside (0, 1) and 0 outside; k = 32 only clips."""
     _check(k, "activation")
     xc = clip(x, x.new_zeros(()), x.new_ones(()))
     return xc if k == FP_BITS else quantize_k(xc, k)

@@ -28,34 +28,28 @@ class _QMixin:
         q._parameters = layer._parameters
         q._buffers = layer._buffers
         q._modules = dict(layer._modules)
-        q._set_quantizers(wq, aq)
+        q.wq, q.aq = wq, aq  # sub-modules (None allowed), so their parameters are part of the model
+        for quantizer in (wq, aq):
+            bind = getattr(quantizer, "bind", None)
+            if callable(bind):
+                bind(q)
         return q
 
-    def _set_quantizers(self, wq: nn.Module | None, aq: nn.Module | None) -> None:
-        # register as sub-modules (None allowed) so their parameters are part of the model
-        self.wq = wq
-        self.aq = aq
-        for q in (wq, aq):
-            bind = getattr(q, "bind", None)
-            if callable(bind):
-                bind(self)
+    @staticmethod
+    def _fake_quant(q: nn.Module | None, t: torch.Tensor, half_input: bool = False) -> torch.Tensor:
+        """``q(t)``; under trainer.amp (or for a half-precision input) the quantizer's arithmetic stays float32."""
+        if q is None:
+            return t
+        if torch.is_autocast_enabled(t.device.type) or (half_input and t.dtype in _HALF):
+            with torch.autocast(t.device.type, enabled=False):
+                return q(t.float())
+        return q(t)
 
     def effective_weight(self) -> torch.Tensor:
-        w = self.weight  # type: ignore[attr-defined]
-        if self.wq is None:
-            return w
-        if torch.is_autocast_enabled(w.device.type):  # trainer.amp: the quantizer's arithmetic stays float32
-            with torch.autocast(w.device.type, enabled=False):
-                return self.wq(w.float())
-        return self.wq(w)
+        return self._fake_quant(self.wq, self.weight)  # type: ignore[attr-defined]
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.aq is None:
-            return x
-        if torch.is_autocast_enabled(x.device.type) or x.dtype in _HALF:  # trainer.amp: float32 fake-quant
-            with torch.autocast(x.device.type, enabled=False):
-                return self.aq(x.float())
-        return self.aq(x)
+        return self._fake_quant(self.aq, x, half_input=True)
 
     def effective_bias(self) -> torch.Tensor | None:
         """The bias used with ``effective_weight()``: the weight quantizer may adjust it through an optional

@@ -1,16 +1,8 @@
 """LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020) and LSQ+ (Bhalgat et al., "LSQ+: Improving
 low-bit quantization through learnable offsets and better initialization", CVPR Workshops 2020).
 
-Functional maths only; the quantizer modules and the per-layer policy live in ``qrepro.quant.methods.lsq``.
-
-- ``grad_scale``        LSQ: value x, gradient g·dL/dx (the step-size gradient scale).
-- ``lsq_quantize``      LSQ: v^ = round(clip(v/s, -Q_N, Q_P))·s, with the gradients of Eq. (3)
-                        (STE on the rounding only); dv^/dv = 1 strictly inside the range, 0 on or beyond a bound.
-- ``lsqplus_quantize``  LSQ+: x^ = round(clip((x - beta)/s, n, p))·s + beta; d/dbeta = 0 inside, 1 outside.
-- ``lsq_init_step``     LSQ: s = 2<|v|>/sqrt(Q_P).
-- ``lsqplus_weight_init``  LSQ+: s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1).
-- ``lsqplus_act_init_minmax`` / ``lsqplus_act_init_mse``  LSQ+ activation (s, beta): min-max, or the pair that
-                        minimises ||x^ - x||^2 on the calibration batch (a grid search over the clipping range here).
+Functional maths only (quantizers with their gradients, step-size initialisations); the quantizer modules and the
+per-layer policy live in ``qrepro.quant.methods.lsq``, the method in docs/lsq.md.
 
 Q_N, Q_P: signed b-bit (weights) Q_N = 2^(b-1), Q_P = 2^(b-1) - 1; unsigned (activations) Q_N = 0, Q_P = 2^b - 1.
 """
@@ -33,9 +25,7 @@ def bounds(bits: int, signed: bool) -> tuple[int, int]:
         raise QreproError(
             f"LSQ bit-width {bits!r} is invalid; use 2..16 for signed (weights) or 1..16 for unsigned (activations)"
         )
-    if signed:
-        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+    return (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:

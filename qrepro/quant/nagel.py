@@ -33,9 +33,7 @@ def int_range(bits: int, signed: bool) -> tuple[float, float]:
     """(n, p): the integer grid of a ``bits``-bit symmetric quantizer."""
     if not 2 <= bits <= 8:
         raise QreproError(f"the Nagel et al. quantizer supports 2..8 bits, got {bits}; choose e.g. precision=w4a4")
-    if signed:
-        return -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
-    return 0.0, float(2**bits - 1)
+    return (-float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)) if signed else (0.0, float(2**bits - 1))
 
 
 def effective_scale(s: torch.Tensor) -> torch.Tensor:
@@ -64,13 +62,10 @@ def dampening_term(
     """One layer's dampening loss: agg((w_q.detach() − clip(w, s·n, s·p))²) (the clip bounds carry s's gradient)."""
     w_clip = torch.minimum(torch.maximum(w, s * n), s * p)
     loss = (w_q.detach() - w_clip) ** 2
-    if aggregation == "sum":
-        return loss.sum()
-    if aggregation == "mean":
-        return loss.mean()
-    if aggregation == "kernel_mean":
-        return loss.sum(0).mean()
-    raise QreproError(f"dampening aggregation must be sum, mean or kernel_mean, got {aggregation!r}")
+    reduce = {"sum": torch.sum, "mean": torch.mean, "kernel_mean": lambda t: t.sum(0).mean()}.get(aggregation)
+    if reduce is None:
+        raise QreproError(f"dampening aggregation must be sum, mean or kernel_mean, got {aggregation!r}")
+    return reduce(loss)
 
 
 def cosine_anneal(t: float, t_max: float, start: float, end: float, rel_start: float) -> float:
@@ -114,8 +109,7 @@ def track_oscillations(
     direction = torch.sign(delta)
     osc = (prev_dir * direction == -1).to(freq.dtype)
     freq.mul_(1 - momentum).add_(momentum * osc)
-    switched = delta != 0
-    prev_dir.copy_(torch.where(switched, direction, prev_dir))
+    prev_dir.copy_(torch.where(delta != 0, direction, prev_dir))
     prev_int.copy_(x_int)
     return osc
 

@@ -34,10 +34,7 @@ def prepare(model: nn.Module, method: Method) -> nn.Module:
     for info in _layer_infos(model, method.w_bits, method.a_bits):
         if isinstance(info.module, (QConv2d, QLinear)):
             continue  # already prepared
-        out = method.quantize_layer(info)
-        if out is None:
-            continue
-        wq, aq = out
+        wq, aq = method.quantize_layer(info) or (None, None)
         if wq is None and aq is None:
             continue
         cls = QConv2d if isinstance(info.module, nn.Conv2d) else QLinear

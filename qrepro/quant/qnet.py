@@ -41,11 +41,7 @@ def soft_quantize(
     offset: float,
 ) -> torch.Tensor:
     """Eq. 3: ``alpha (sum_i s_i sigmoid(T (beta x - b_i)) - o)``."""
-    z = beta * x
-    y = torch.zeros_like(z) - offset
-    for i in range(heights.shape[0]):
-        y = y + heights[i] * torch.sigmoid(temperature * (z - thresholds[i]))
-    return alpha * y
+    return _staircase(x, alpha, beta, heights, thresholds, offset, lambda d: torch.sigmoid(temperature * d))
 
 
 def hard_quantize(
@@ -57,8 +53,13 @@ def hard_quantize(
     offset: float,
 ) -> torch.Tensor:
     """T -> inf: ``alpha (sum_i s_i 1[beta x > b_i] - o)`` (a value on a threshold takes the lower target)."""
+    return _staircase(x, alpha, beta, heights, thresholds, offset, lambda d: (d > 0).to(d.dtype))
+
+
+def _staircase(x, alpha, beta, heights, thresholds, offset, step) -> torch.Tensor:
+    """``alpha (sum_i s_i step(beta x - b_i) - o)``."""
     z = beta * x
     y = torch.zeros_like(z) - offset
     for i in range(heights.shape[0]):
-        y = y + heights[i] * (z > thresholds[i]).to(z.dtype)
+        y = y + heights[i] * step(z - thresholds[i])
     return alpha * y

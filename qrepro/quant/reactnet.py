@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from qrepro.errors import QreproError
-from qrepro.quant.ste import clip
+from qrepro.quant.ste import SavesInputs, clip
 
 ACT_GRADS = ("approx", "ste")
 WEIGHT_SCALES = ("channel", "tensor", "none")
@@ -33,22 +33,16 @@ def approx_sign_surrogate(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -1, -one, torch.where(x < 0, x * x + 2 * x, torch.where(x < 1, -x * x + 2 * x, one)))
 
 
-class _ApproxSign(torch.autograd.Function):
+class _ApproxSign(SavesInputs):
     """sign(x) forward; backward ∂F/∂x = 1[|x| < 1] (2 − 2|x|) (= 2 + 2x on [−1, 0), 2 − 2x on [0, 1), 0 elsewhere).
 
     The same values and gradients as ``F + (sign(x) − F).detach()`` with the ``where`` form of F, but the backward
     pass is rebuilt from the saved float input: the ``where`` form makes a compiled step store three boolean masks
     of the activation's size for the backward pass, which Inductor's CPU code writes slowly (docs/speed.md)."""
 
-    generate_vmap_rule = True  # batched members (torch.func.vmap)
-
     @staticmethod
     def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return torch.sign(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -65,10 +59,9 @@ def binary_activation(x: torch.Tensor, grad: str = "approx") -> torch.Tensor:
     """sign(x) forward; backward ∂F/∂x (``approx``, Bi-Real/ReActNet) or 1[|x| < 1] (``ste``)."""
     if grad == "approx":
         return _ApproxSign.apply(x)
-    if grad == "ste":
-        f = _clamp_unit(x)
-    else:
+    if grad != "ste":
         raise QreproError(f"binary activation gradient {grad!r} is not valid; choose one of {', '.join(ACT_GRADS)}")
+    f = _clamp_unit(x)
     return f + (torch.sign(x) - f).detach()
 
 

@@ -1,20 +1,16 @@
 """SAT: scale-adjusted training and calibrated-gradient PACT (Towards Efficient Training for Neural Network
 Quantization, and its BMVC supplement).
 
-Functional maths only; the quantizer modules and the per-layer policy live in ``qrepro.quant.methods.sat``.
-
-- ``dorefa_weight``  Eq. (5, 6, 8, 9): tanh clamping + DoReFa rounding, the effective weight Q in [-1, 1].
-- ``sat_rescale``    Eq. (10): constant rescaling Q* = Q / sqrt(n_out VAR[Q]), VAR detached.
-- ``std_rescale``    Eq. (S23): rescaling with the standard deviation of the original weights.
-- ``weight_var``     VAR[.] of Eq. (10) / (S23): ``mean_square`` (the paper's text, "averaging the square of
-                     elements") or ``sample`` (the authors' code, ``torch.std``: mean removed, N - 1).
-- ``pact``           Eq. (11)-(13): PACT clipping + quantization, calibrated (CG-PACT) or original gradient.
+Functional maths only (weights Eq. 5-10 and S23, activations Eq. 11-13); the quantizer modules and the per-layer
+policy live in ``qrepro.quant.methods.sat``, the method in docs/sat.md.
 
 Every rounding uses the straight-through estimator on the rounding only (``x + (round(x) - x).detach()``),
 so all other operations (tanh, the max normalisation, the divide and multiply by alpha) stay in autograd.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -98,10 +94,7 @@ def weight_var(x: torch.Tensor, variance: str = "mean_square") -> torch.Tensor:
 
 def out_neurons(w: torch.Tensor) -> int:
     """Number of output neurons of a layer: C_out * k_h * k_w for a conv, out_features for a linear."""
-    n = w.shape[0]
-    for s in w.shape[2:]:
-        n *= s
-    return int(n)
+    return math.prod(w.shape[:1] + w.shape[2:])
 
 
 def sat_rescale(q: torch.Tensor, n_out: int, variance: str = "mean_square") -> torch.Tensor:

@@ -1,17 +1,12 @@
 """SAWB: statistics-aware weight binning (Choi et al., "Bridging the accuracy gap for 2-bit quantized neural
 networks (QNN)", 2018), PACT's weight quantizer in PACT-SAWB.
 
-Functional maths only; the quantizer module lives in ``qrepro.quant.methods.pact_sawb``.
+Functional maths only; the quantizer module lives in ``qrepro.quant.methods.pact_sawb``, the method in docs/pact.md.
 
-- ``sawb_alpha``     the clipping scale alpha_w = c1·sqrt(E[w^2]) - c2·E[|w|] with coefficients (c1, c2) fitted per
-                     bit-width (``COEFFS``), computed from the layer's current weights (a statistic: no gradient).
-- ``sawb_quantize``  w clipped to [-alpha, alpha] and rounded onto 2^b uniform levels that include +-alpha
-                     ({-alpha, -alpha/3, alpha/3, alpha} at 2 bits: no level at zero), straight-through on the
-                     rounding, so dw_q/dw = 1 strictly inside (-alpha, alpha) and 0 outside.
-
-The coefficients: 2 bits (3.212, 2.178) are the paper's (3.2, 2.1) to more digits; 1 bit (0, -1) gives
-alpha = E|w|, the optimal binary scale; 3-5 bits are the fitted values of the same family. Each pair puts
-alpha within a few percent of the MSE-optimal clip of a Gaussian (tests/test_pact_family.py checks it).
+The coefficients (c1, c2) of ``sawb_alpha``, fitted per bit-width: 2 bits (3.212, 2.178) are the paper's (3.2, 2.1)
+to more digits; 1 bit (0, -1) gives alpha = E|w|, the optimal binary scale; 3-5 bits are the fitted values of the
+same family. Each pair puts alpha within a few percent of the MSE-optimal clip of a Gaussian (tests/test_pact_family.py
+checks it).
 """
 
 from __future__ import annotations
@@ -38,7 +33,8 @@ def _coeffs(bits: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def sawb_alpha(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """alpha_w = c1·sqrt(E[w^2]) - c2·E[|w|] (per tensor, no gradient), floored at a tiny positive value."""
+    """alpha_w = c1·sqrt(E[w^2]) - c2·E[|w|] from the layer's current weights (per tensor, a statistic: no
+    gradient), floored at a tiny positive value."""
     c1, c2 = _coeffs(bits)
     w = w.detach()
     a = c1 * w.square().mean().sqrt() - c2 * w.abs().mean()
@@ -46,7 +42,9 @@ def sawb_alpha(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def sawb_quantize(w: torch.Tensor, bits: int, alpha: torch.Tensor | None = None) -> torch.Tensor:
-    """w_q = alpha·(2·round(n·u)/n - 1), u = (clip(w, -alpha, alpha) + alpha)/(2·alpha), n = 2^b - 1."""
+    """w_q = alpha·(2·round(n·u)/n - 1), u = (clip(w, -alpha, alpha) + alpha)/(2·alpha), n = 2^b - 1: 2^b uniform
+    levels that include +-alpha ({-alpha, -alpha/3, alpha/3, alpha} at 2 bits: no level at zero), straight-through
+    on the rounding, so dw_q/dw = 1 strictly inside (-alpha, alpha) and 0 outside."""
     a = sawb_alpha(w, bits) if alpha is None else alpha.detach()
     n = float(2**bits - 1)
     u = (clip(w, -a, a) + a) / (2 * a)

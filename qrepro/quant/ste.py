@@ -25,22 +25,23 @@ def value_ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return x + (value - x).detach()
 
 
-class _Clip(torch.autograd.Function):
-    """clip(x, lo, hi) with the indicator gradients of ``where(x >= hi, hi, where(x <= lo, lo, x))``.
-
-    Saves the float input and recomputes the masks in the backward pass, so a compiled graph does not store
-    boolean masks between forward and backward (Inductor's C++ backend writes those slowly; docs/speed.md §3).
-    """
+class SavesInputs(torch.autograd.Function):
+    """A function whose backward pass is rebuilt from its saved float inputs, so a compiled graph does not store
+    boolean masks between forward and backward (Inductor's C++ backend writes those slowly; docs/speed.md §3)."""
 
     generate_vmap_rule = True  # batched members (torch.func.vmap, qrepro/engine/members.py)
 
     @staticmethod
-    def forward(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.minimum(torch.maximum(x, lo), hi)
-
-    @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         ctx.save_for_backward(*inputs)
+
+
+class _Clip(SavesInputs):
+    """clip(x, lo, hi) with the indicator gradients of ``where(x >= hi, hi, where(x <= lo, lo, x))``."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.minimum(torch.maximum(x, lo), hi)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
@@ -55,18 +56,12 @@ class _Clip(torch.autograd.Function):
         return _sum_to(gx, x), g_lo, g_hi
 
 
-class _Minimum(torch.autograd.Function):
-    """min(x, hi) with the gradients of ``where(x <= hi, x, hi)``; masks recomputed in the backward pass."""
-
-    generate_vmap_rule = True
+class _Minimum(SavesInputs):
+    """min(x, hi) with the gradients of ``where(x <= hi, x, hi)``."""
 
     @staticmethod
     def forward(x: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return torch.minimum(x, hi)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]

@@ -59,12 +59,10 @@ def normalize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, eps: float
 
 
 def discrete_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, eps: float | None = None) -> torch.Tensor:
-    """Integer discrete weights w_d = round(w_n) (Eq. S5), sign(w_n) for binary; no gradient."""
+    """Integer discrete weights w_d = round(w_n) (Eq. S5), sign(w_n) for binary (sign(0) = +1); no gradient."""
     with torch.no_grad():
         wn = normalize_weight(w, scale, bits, eps)
-        if bits == 1:
-            return torch.where(wn >= 0, torch.ones_like(wn), -torch.ones_like(wn))
-        return torch.round(wn)
+        return torch.where(wn >= 0, 1.0, -1.0).to(wn.dtype) if bits == 1 else torch.round(wn)
 
 
 def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, eps: float | None = None) -> torch.Tensor:

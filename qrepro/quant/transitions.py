@@ -35,11 +35,8 @@ def tr_layers(model: nn.Module, strict: bool = True) -> list[tuple[str, nn.Param
         else:
             missing.append(name)
     if strict and (missing or not out):
-        what = (
-            f"layers {missing[:3]} use {type(model.get_submodule(missing[0]).wq).__name__}"
-            if missing
-            else ("the model has no quantized weights")
-        )
+        wq = type(model.get_submodule(missing[0]).wq).__name__ if missing else ""
+        what = f"layers {missing[:3]} use {wq}" if missing else "the model has no quantized weights"
         raise QreproError(
             f"transition-rate scheduling needs weight quantizers exposing discrete weights, but {what}; "
             "use quantizer=tr (and a precision with quantized weights, e.g. precision=w2a2)"
@@ -166,17 +163,17 @@ class TRMonitor(Hook):
             k, s = changed.sum() / self.numel.sum(), steps.sum() / self.numel.sum()
         self.K_layers = self.momentum * self.K_layers + (1.0 - self.momentum) * k_layers
         for acc in (self.epoch_sums, self.window_sums):
-            acc["n"] += 1
-            acc["k"] = acc["k"] + k
-            acc["step"] = acc["step"] + s
-            acc["k_layers"] = acc["k_layers"] + k_layers
+            for key, v in (("n", 1), ("k", k), ("step", s), ("k_layers", k_layers)):
+                acc[key] = acc[key] + v
         if self.every and step % self.every == 0:
             self._log(ctx, step)
 
-    def _global(self) -> dict[str, float]:
+    def _means(self, acc: dict[str, Any]) -> dict[str, float]:
+        """The global values of a window or an epoch: its mean TR and step size, the running TR and the TALR."""
+        out = {"tr": float(acc["k"]) / acc["n"], "tr_step_size": float(acc["step"]) / acc["n"]}
         if self.opt is not None:
-            return self.opt.tr_global()
-        out = {"tr_running": float((self.K_layers * self.numel).sum() / self.numel.sum())}
+            return {**out, **self.opt.tr_global()}
+        out["tr_running"] = float((self.K_layers * self.numel).sum() / self.numel.sum())
         if self.lr_group is not None:
             out["talr"] = float(self.lr_group["lr"])
         return out
@@ -186,9 +183,8 @@ class TRMonitor(Hook):
         log = getattr(ctx.logger, "log", None)
         if not callable(log) or not acc["n"]:
             return
-        n = acc["n"]
-        vals = {"tr": float(acc["k"]) / n, "tr_step_size": float(acc["step"]) / n, **self._global()}
-        vals.update({f"tr/{a}": v / n for a, v in zip(self.names, acc["k_layers"].tolist())})
+        vals = self._means(acc)
+        vals.update({f"tr/{a}": v / acc["n"] for a, v in zip(self.names, acc["k_layers"].tolist())})
         K = self.K_layers.tolist()
         if self.opt is not None and len(self.opt.tr_last["K"]) == len(self.names):  # per-layer scope
             K = self.opt.tr_last["K"]
@@ -200,5 +196,4 @@ class TRMonitor(Hook):
         if not self.active or not self.epoch_sums["n"]:
             return {}
         acc, self.epoch_sums = self.epoch_sums, self._zeros()
-        n = acc["n"]
-        return {"tr": float(acc["k"]) / n, "tr_step_size": float(acc["step"]) / n, **self._global()}
+        return self._means(acc)
