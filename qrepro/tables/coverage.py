@@ -1,22 +1,8 @@
 """How many of the numbers printed in the papers' tables have a runnable cell, computed from the table files.
 
-Counting rule (one *number* = one accuracy value the paper prints in a table):
-
-* each row's ``paper`` value (the table's metric, e.g. top-1) counts once when it is a number (``null``: the paper
-  prints a dash or "NA" there, not counted);
-* each row's value in every other accuracy column the table prints counts once when transcribed: the keys
-  ``paper_<column>`` other than ``paper_fp`` (``paper_top5`` in a top-1 table, ``paper_ap50`` ... in a detection
-  table);
-* a row's ``paper_fp`` counts only when the row names no ``fp_cell`` carrying that value (an FP value printed in a
-  column header, or beside the rows of a method that has no FP row of its own): once per (model, dataset, method,
-  value) in the table;
-* a table with ``same_numbers_as: <table>`` re-runs another table's rows with another recipe: its numbers are
-  that table's, not counted again; the rows listed in a table's ``copied_rows`` carry numbers the paper prints in
-  another table (e.g. an FP row repeated for reference), counted there only;
-* object-detection numbers (AP columns) are rows of their own table like any other accuracy value.
-
-A number *has a runnable cell* when its row is runnable (its experiment file exists; a ``paper_fp`` number: when
-its FP row is runnable). Every other number is grouped by its row's ``why`` and the row's method.
+The counting rule (one *number* = one accuracy value the paper prints in a table) is in docs/architecture.md,
+"Tables" ("Coverage"). A number *has a runnable cell* when its row is runnable (a ``paper_fp`` number: when its FP
+row is); every other number is grouped by its row's ``why`` and the row's method.
 """
 
 from __future__ import annotations
@@ -70,16 +56,8 @@ class Coverage:
 
     def by_table(self) -> dict[str, tuple[int, int]]:
         """table -> (numbers, numbers with a runnable cell), in table order."""
-        out: dict[str, list[int]] = {}
-        for n in self.numbers:
-            t = out.setdefault(n.table, [0, 0])
-            t[0] += 1
-            t[1] += n.runnable
-        return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        runnable = Counter(n.table for n in self.numbers if n.runnable)
+        return {t: (k, runnable[t]) for t, k in Counter(n.table for n in self.numbers).items()}
 
 
 def _why(cell: Cell) -> str | None:
@@ -99,7 +77,7 @@ def table_numbers(table: Table) -> list[Number]:
         if c.paper is not None:
             out.append(Number(table.name, c.id, table.metric, c.paper, c.runnable, _why(c), c.method))
         for key, value in c.extra.items():
-            if key.startswith("paper_") and _is_number(value):
+            if key.startswith("paper_") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 out.append(Number(table.name, c.id, key[6:], float(value), c.runnable, _why(c), c.method))
         if c.paper_fp is None:
             continue

@@ -1,17 +1,6 @@
-"""Figures regenerated with the tables (matplotlib Agg, PNG), from local records only.
-
-Per table ``<name>``, into the figures folder (each figure is skipped, with a note, when no record has its
-data):
-- ``<name>_curves.png``: test accuracy per epoch, each quantized cell against its FP cell (mean over seeds,
-  min–max band when several seeds).
-- ``<name>_tr.png``: transition-rate diagnostics (curve keys ``tr``, ``tr_running``, ``tr_target``, ``talr``,
-  ``tr_step_size``).
-- ``<name>_kappa.png``: SAT variance diagnostics (curve keys ``kappa0``, ``kappa1*``; log scale).
-- ``<name>_bits.png``: accuracy vs weight bits per method (ours solid, paper dashed) and the robustness view,
-  accuracy minus the FP cell's accuracy vs bits.
-- ``<name>_sweep_<key>.png``: the same two panels against any numeric override that is swept across otherwise
-  identical cells (e.g. ``ptq.weight_step_scale`` for a step-size robustness figure).
-"""
+"""Figures regenerated with the tables (matplotlib Agg, PNG), from local records only: learning curves, the
+transition-rate and SAT variance diagnostics, accuracy vs bits and vs any swept numeric override, each skipped with a
+note when no record has its data (docs/results_section.md, "Figures")."""
 
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
 """Local run records (``record.json``) and how they are matched to table cells.
 
-A record belongs to a cell when its ``experiment`` equals the cell's experiment and its Hydra overrides equal
-the cell's overrides as a set, after dropping the keys that do not change *what* is trained: the seed (seeds
-are aggregated), paths (``dataset.root``, ``init_from``, ``resume``), the device, logging and
-Hydra's own keys, and the keys that keep the recipe but change its numbers slightly (``qrepro.config.SAME_CELL_KEYS``,
-e.g. ``trainer.accumulate``: such a run counts as the cell, and its table marks it, :meth:`Record.same_cell_notes`).
-``init_from=null`` is kept: the trainer records it on a chained cell trained from scratch.
-``+key=v``, ``++key=v`` and ``key=v`` are the same assignment; values compare as Hydra parses them
-(``1e-4`` == ``0.0001``). Only records with ``complete: true`` count.
+The matching rule is in docs/results_section.md ("Where the numbers come from"). Beyond it: the keys that keep the
+recipe but change its numbers slightly (``qrepro.config.SAME_CELL_KEYS``, e.g. ``trainer.accumulate``) are ignored
+too (such a run counts as the cell, and its table marks it: :meth:`Record.same_cell_notes`), and ``init_from=null``
+is kept (the trainer records it on a chained cell trained from scratch).
 """
 
 from __future__ import annotations
@@ -265,7 +261,7 @@ def portable(data: Any) -> Any:
     return fix(data)
 
 
-def portable_text(data: dict[str, Any]) -> str:
+def portable_text(data: Any) -> str:
     """The JSON text of :func:`portable` (the layout the trainer writes: indent 1, a final newline)."""
     return json.dumps(portable(data), indent=1) + "\n"
 

@@ -125,12 +125,9 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
     name = _string(data["name"], "name", where)
     if path is not None and path.stem != name:
         raise QreproError(f"{where}: name {name!r} must equal the file name {path.stem!r}")
-    metric = data["metric"]
-    if metric not in METRICS:
-        raise QreproError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    reported = data["reported"]
-    if reported not in SELECTIONS:
-        raise QreproError(f"{where}: reported must be one of {', '.join(SELECTIONS)}, got {reported!r}")
+    for key, allowed in (("metric", METRICS), ("reported", SELECTIONS)):
+        if data[key] not in allowed:
+            raise QreproError(f"{where}: {key} must be one of {', '.join(allowed)}, got {data[key]!r}")
     tolerance = _number(data["tolerance"], "tolerance", where, allow_none=False)
     if tolerance < 0:
         raise QreproError(f"{where}: tolerance must be >= 0 points, got {tolerance}")
@@ -168,8 +165,8 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
         name,
         _string(data["paper"], "paper", where),
         _string(data["title"], "title", where),
-        metric,
-        reported,
+        data["metric"],
+        data["reported"],
         tolerance,
         tuple(cells),
         path,
