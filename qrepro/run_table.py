@@ -59,16 +59,8 @@ class Job:
     expected_dir: Path | None = None  # where the run will write (the trainer's run-directory rule), for ``plan``
 
     @property
-    def key(self) -> tuple[str, int | None]:
-        return (self.cell.id, self.seed)
-
-    @property
     def module(self) -> str:
         return "qrepro.ptq" if self.cell.extra.get("ptq") else "qrepro.train"
-
-
-def _sources(cell: Cell) -> list[str]:
-    return [p for p in (cell.init_from_cell, cell.ptq_from_cell) if p]
 
 
 def expand_cells(table: Table, patterns: Sequence[str]) -> list[str]:
@@ -92,14 +84,14 @@ def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]
             cid = todo.pop()
             if cid not in keep:
                 keep.add(cid)
-                todo += _sources(table.cell(cid))
+                todo += table.cell(cid).sources
     out: list[Cell] = []
     placed: set[str] = set()
 
     def place(cell: Cell) -> None:  # the schema guarantees the chains are acyclic
         if cell.id in placed:
             return
-        for parent in _sources(cell):
+        for parent in cell.sources:
             place(table.cell(parent))
         placed.add(cell.id)
         out.append(cell)
@@ -255,7 +247,7 @@ def run_table(
 ) -> int:
     """Run (or, with ``dry_run``, print) the jobs in order; returns 0, or 1 when a run failed. ``members``: up to
     that many consecutive seeds of a cell run as one batched job (``group_members``)."""
-    by_key = {j.key: j for j in jobs}
+    by_key = {(j.cell.id, j.seed): j for j in jobs}
     failed: list[str] = []
     for unit in group_members(jobs, members):
         if isinstance(unit, list):
