@@ -26,8 +26,7 @@ def _plt():
 
 def _mean_curve(row: Row, key: str) -> tuple[list[float], list[float], list[float], list[float]] | None:
     """(epochs, mean, min, max) over the row's seeds, truncated to the shortest curve; None without data."""
-    curves = [c for c in (r.curve(key) for r in row.records) if c is not None and len(c) > 0]
-    curves = [[float(v) for v in c if v is not None] for c in curves]
+    curves = [[float(v) for v in c if v is not None] for c in (r.curve(key) for r in row.records) if c]
     curves = [c for c in curves if c]
     if not curves:
         return None

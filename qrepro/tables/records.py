@@ -61,16 +61,12 @@ def _parse_one(text: str) -> tuple[str, str, str]:
 
 
 def canonical_overrides(
-    overrides: Iterable[str] | dict[str, Any] | None, *, keep_seed: bool = False, keep_same_cell: bool = False
+    overrides: Iterable[str] | None, *, keep_seed: bool = False, keep_same_cell: bool = False
 ) -> frozenset:
     """The set of assignments that identify *what* a run trains (see module docstring); ``keep_same_cell``: with
     the ``SAME_CELL_KEYS`` (which tell two runs of one cell apart)."""
-    if overrides is None:
-        return frozenset()
-    if isinstance(overrides, dict):
-        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
     out = set()
-    for text in overrides:
+    for text in overrides or ():
         kind, key, value = _parse_one(str(text).strip())
         if not _ignored(key, keep_seed, keep_same_cell) or (key, value) == ("init_from", "null"):
             out.add((kind, key, value))  # init_from=null: a chained cell trained from scratch, not the chained run

@@ -93,8 +93,10 @@ def cell_other_runs(table: Table, cell: Cell, records: Sequence[Record], *, mark
     """The runs of the cell's experiment under other overrides (``records``), grouped by how their overrides
     differ from the cell's, and how to count them."""
     q = (lambda x: f"`{x}`") if markdown else str
+    # (the overrides the runs add, the cell's they lack) -> how many runs
+    diffs = Counter(tuple(tuple(side) for side in override_diff(cell, rec)) for rec in records)
     out = []
-    for (extra, lacking), n in Counter(tuple(map(tuple, override_diff(cell, rec))) for rec in records).items():
+    for (extra, lacking), n in diffs.items():
         what = [f"{word} " + " ".join(map(q, os)) for word, os in (("with", extra), ("without", lacking)) if os]
         line = f"{q(cell.id)}: {n} run(s) of {cell.experiment} {' and '.join(what)}"
         if extra and not lacking:

@@ -43,9 +43,7 @@ class RunRow:
 
 
 def status_of(rec: Record) -> str:
-    if rec.complete:
-        return "complete"
-    return str(rec.data.get("status") or "incomplete")
+    return "complete" if rec.complete else str(rec.data.get("status") or "incomplete")
 
 
 def _epochs(rec: Record) -> str:
