@@ -72,10 +72,6 @@ complete -o default -F _qrepro_table qrepro-table
 """
 
 
-def _table_names() -> list[str]:
-    return [p.stem for p in table_paths(default_configs())]
-
-
 def candidates(words: Sequence[str], index: int) -> list[str]:
     """What the shell may complete at ``words[index]`` (``words[0]`` is the command name)."""
     words = list(words) + [""] * max(0, index + 1 - len(words))
@@ -85,7 +81,7 @@ def candidates(words: Sequence[str], index: int) -> list[str]:
     else:
         sub = words[1]
         if prev in ("--table", "-t") or (sub in ("plan", "run", "sweep", "render") and index == 2):
-            options = _table_names() + (["--all"] if sub == "render" else [])
+            options = [p.stem for p in table_paths(default_configs())] + (["--all"] if sub == "render" else [])
         elif prev == "--cells" and sub in ("plan", "run", "sweep") and len(words) > 2:
             options = _cell_ids(words[2])
         elif prev in VALUES:
