@@ -1,17 +1,10 @@
 """Run every cell of a paper table: ``qrepro-table run <name> [--cells GLOB] [overrides...]``
 (``python -m qrepro.table``; ``python -m qrepro.run_table`` is the same command under its older name).
 
-Each cell becomes one ``python -m qrepro.train +experiment=<cell.experiment> <cell.overrides...> <extra...>
-++logger.group=<table>`` subprocess (``python -m qrepro.ptq`` for cells with a ``ptq:`` field). Cells run in
-the table's order, except that a cell starting from another cell's checkpoint (``init_from_cell``, or
-``ptq.from_cell``) runs after it, with ``init_from=<that run's dir>/checkpoints/last.pt``; the run directory
-is read from the ``record: <run dir>/record.json`` line the trainer prints last. A cell whose complete record
-already exists is skipped (the trainer would skip it too) and its run directory still feeds the chain.
-``--seeds 0,1,2`` runs each chain once per seed (seed s starts from the parent's seed-s run).
-``--members K`` (or the override ``trainer.members=K``) trains up to K consecutive seeds of a cell as one batched
-job (``seed=S trainer.members=n``, qrepro/engine/members.py): each seed still gets its own run directory and record.
-Cells that start from another cell's checkpoint stay one job per seed (each seed starts from its own parent run).
-Afterwards, ``python -m qrepro.tables <name>`` builds the table.
+How cells become runs, in which order, and how chains get their checkpoint: docs/results_section.md, "Running a
+table". ``--members K`` (or ``trainer.members=K``) trains up to K consecutive seeds of a cell as one batched job
+(``seed=S trainer.members=n``, qrepro/engine/members.py), each seed with its own run directory and record; cells
+that start from another cell's checkpoint stay one job per seed (each seed starts from its own parent run).
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -39,7 +32,7 @@ from qrepro.tables.records import (
     override_key,
     override_value,
 )
-from qrepro.tables.render import other_runs_lines
+from qrepro.tables.render import cell_other_runs
 from qrepro.tables.schema import Cell, Table, default_configs, load_table, resolve_table
 
 
@@ -62,20 +55,12 @@ class Job:
     overrides: list[str]  # the cell's overrides + extra overrides (+ seed), without init_from / logger
     parent: tuple[str, int | None] | None  # (cell id, seed) whose checkpoint initialises this run
     done: Record | None = None  # a complete record of this exact run (then it is skipped)
-    run_dir: Path | None = field(default=None)
+    run_dir: Path | None = None
     expected_dir: Path | None = None  # where the run will write (the trainer's run-directory rule), for ``plan``
-
-    @property
-    def key(self) -> tuple[str, int | None]:
-        return (self.cell.id, self.seed)
 
     @property
     def module(self) -> str:
         return "qrepro.ptq" if self.cell.extra.get("ptq") else "qrepro.train"
-
-
-def _sources(cell: Cell) -> list[str]:
-    return [p for p in (cell.init_from_cell, cell.ptq_from_cell) if p]
 
 
 def expand_cells(table: Table, patterns: Sequence[str]) -> list[str]:
@@ -99,14 +84,14 @@ def ordered_cells(table: Table, only: Sequence[str] | None = None) -> list[Cell]
             cid = todo.pop()
             if cid not in keep:
                 keep.add(cid)
-                todo += _sources(table.cell(cid))
+                todo += table.cell(cid).sources
     out: list[Cell] = []
     placed: set[str] = set()
 
     def place(cell: Cell) -> None:  # the schema guarantees the chains are acyclic
         if cell.id in placed:
             return
-        for parent in _sources(cell):
+        for parent in cell.sources:
             place(table.cell(parent))
         placed.add(cell.id)
         out.append(cell)
@@ -205,22 +190,22 @@ def group_members(jobs: Sequence[Job], members: int) -> list[Job | list[Job]]:
     return [g[0] if isinstance(g, list) and len(g) == 1 else g for g in out]
 
 
-def batch_command(group: Sequence[Job], table: Table, python: str = sys.executable) -> list[str]:
-    """One batched job for ``group`` (one cell, consecutive seeds): ``seed=<first> trainer.members=<n>``."""
-    job = group[0]
-    cmd = [python, "-m", "qrepro.train", f"+experiment={job.cell.experiment}", *job.overrides]
-    cmd.append(f"trainer.members={len(group)}")
-    cmd.append(f"++logger.group={table.name}")
-    return cmd
-
-
 def parse_record_lines(lines: Sequence[str]) -> list[Path]:
     """Every ``record: <path>`` line, in order."""
     return [Path(line[len("record: ") :].strip()) for line in lines if line.startswith("record: ")]
 
 
-def command(job: Job, table: Table, init_from: str | None, python: str = sys.executable) -> list[str]:
+def parse_record_line(lines: Sequence[str]) -> Path | None:
+    """The path on the last ``record: <path>`` line (the trainer prints it last), or None."""
+    return (parse_record_lines(lines) or [None])[-1]
+
+
+def command(
+    job: Job, table: Table, init_from: str | None = None, python: str = sys.executable, members: int = 0
+) -> list[str]:
+    """The run of ``job``; with ``members``, one batched job of that many seeds from ``job.seed`` on."""
     cmd = [python, "-m", job.module, f"+experiment={job.cell.experiment}", *job.overrides]
+    cmd += [f"trainer.members={members}"] if members else []
     cmd.append(f"++logger.group={table.name}")
     if init_from is not None:
         cmd.append(f"init_from={hydra_quote(init_from)}")
@@ -237,12 +222,6 @@ def hydra_quote(value: str) -> str:
     raise QreproError(f"cannot pass the path {value!r} to Hydra: it holds both quote characters; rename it")
 
 
-def parse_record_line(lines: Sequence[str]) -> Path | None:
-    """The path on the last ``record: <path>`` line (the trainer prints it last), or None."""
-    paths = parse_record_lines(lines)
-    return paths[-1] if paths else None
-
-
 def subprocess_runner(cmd: list[str]) -> RunResult:
     """Run ``cmd``, streaming its output, and pick up the ``record: <path>`` line."""
     lines: list[str] = []
@@ -251,7 +230,8 @@ def subprocess_runner(cmd: list[str]) -> RunResult:
         for line in proc.stdout:
             sys.stdout.write(line)
             lines.append(line.rstrip("\n"))
-    return RunResult(proc.returncode, parse_record_line(lines), tuple(parse_record_lines(lines)))
+    records = parse_record_lines(lines)
+    return RunResult(proc.returncode, records[-1] if records else None, tuple(records))
 
 
 def run_table(
@@ -267,7 +247,7 @@ def run_table(
 ) -> int:
     """Run (or, with ``dry_run``, print) the jobs in order; returns 0, or 1 when a run failed. ``members``: up to
     that many consecutive seeds of a cell run as one batched job (``group_members``)."""
-    by_key = {j.key: j for j in jobs}
+    by_key = {(j.cell.id, j.seed): j for j in jobs}
     failed: list[str] = []
     for unit in group_members(jobs, members):
         if isinstance(unit, list):
@@ -328,17 +308,8 @@ def elsewhere_lines(job: Job, table: Table, records: Sequence[Record]) -> list[s
     """For a pending run: the complete runs of its experiment under other overrides (seed aside), and how
     to count them (``qrepro-table render <table> <the extra overrides>``)."""
     extra = [o for o in job.overrides if o not in job.cell.overrides and override_key(o) != "seed"]
-    others = elsewhere(job.cell, records, extra, table)
-    if not others:
-        return []
-    lines = other_runs_lines(table, [_Elsewhere(job.cell, others)], markdown=False)
+    lines = cell_other_runs(table, job.cell, elsewhere(job.cell, records, extra, table), markdown=False)
     return [f"not run with these overrides; {line.split(': ', 1)[1]}" for line in lines]
-
-
-@dataclass(frozen=True)
-class _Elsewhere:  # the two fields other_runs_lines reads from a table row
-    cell: Cell
-    elsewhere: tuple[Record, ...]
 
 
 def _run_group(
@@ -346,7 +317,7 @@ def _run_group(
 ) -> None:
     seeds = [j.seed for j in group]
     label = f"{table.name}/{group[0].cell.id} seeds={seeds[0]}..{seeds[-1]}"
-    cmd = batch_command(group, table, python)
+    cmd = command(group[0], table, python=python, members=len(group))
     out(shlex.join(cmd))
     if dry_run:
         return

@@ -40,38 +40,36 @@ USAGE = (
     "       qrepro-table runs [--experiment GLOB] [--table T] [--status S] [--group]\n"
     "       qrepro-table completion bash"
 )
+_RUN_OPTIONS = "--cells --seeds --members --runs --configs --python --help"
+_RENDER_OPTIONS = (
+    "--all --select --format --verify --runs --out --figures --collect --no-figures --verbose --configs --help"
+)
 # options offered by the shell completion, per subcommand
 OPTIONS = {
-    "plan": ("--cells", "--seeds", "--members", "--runs", "--configs", "--python", "--help"),
-    "run": ("--cells", "--seeds", "--members", "--runs", "--configs", "--python", "--help"),
-    "sweep": ("--cells", "--seeds", "--members", "--launcher", "--help"),
-    "render": (
-        "--all",
-        "--select",
-        "--format",
-        "--verify",
-        "--runs",
-        "--out",
-        "--figures",
-        "--collect",
-        "--no-figures",
-        "--verbose",
-        "--configs",
-        "--help",
-    ),  # fmt: skip
-    "runs": ("--experiment", "--table", "--status", "--group", "--sort", "--json", "--runs", "--configs", "--help"),
-    "coverage": ("--help",),
+    sub: tuple(options.split())
+    for sub, options in {
+        "plan": _RUN_OPTIONS,
+        "run": _RUN_OPTIONS,
+        "sweep": "--cells --seeds --members --launcher --help",
+        "render": _RENDER_OPTIONS,
+        "runs": "--experiment --table --status --group --sort --json --runs --configs --help",
+        "coverage": "--help",
+    }.items()
 }
+# the values the shell completion offers after an option
+VALUES = {
+    "--status": ("complete", "diverged", "running", "interrupted", "incomplete"),
+    "--sort": SORT_KEYS,
+    "--select": ("best", "last"),
+    "--launcher": ("submitit_slurm", "torchrun"),
+}
+VALUES["-s"] = VALUES["--status"]
 BASH_COMPLETION = """_qrepro_table() {
     local IFS=$'\\n'
     COMPREPLY=($(qrepro-table __complete "$COMP_CWORD" "${COMP_WORDS[@]}" 2>/dev/null))
 }
 complete -o default -F _qrepro_table qrepro-table
 """
-
-
-def _table_names() -> list[str]:
-    return [p.stem for p in table_paths(default_configs())]
 
 
 def candidates(words: Sequence[str], index: int) -> list[str]:
@@ -83,17 +81,11 @@ def candidates(words: Sequence[str], index: int) -> list[str]:
     else:
         sub = words[1]
         if prev in ("--table", "-t") or (sub in ("plan", "run", "sweep", "render") and index == 2):
-            options = _table_names() + (["--all"] if sub == "render" else [])
+            options = [p.stem for p in table_paths(default_configs())] + (["--all"] if sub == "render" else [])
         elif prev == "--cells" and sub in ("plan", "run", "sweep") and len(words) > 2:
             options = _cell_ids(words[2])
-        elif prev in ("--status", "-s"):
-            options = ["complete", "diverged", "running", "interrupted", "incomplete"]
-        elif prev == "--sort":
-            options = list(SORT_KEYS)
-        elif prev == "--select":
-            options = ["best", "last"]
-        elif prev == "--launcher":
-            options = ["submitit_slurm", "torchrun"]
+        elif prev in VALUES:
+            options = list(VALUES[prev])
         elif sub == "completion":
             options = ["bash"]
         else:

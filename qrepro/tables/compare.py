@@ -1,19 +1,11 @@
 """Paper vs ours, cell by cell: aggregation over seeds, differences and the tolerance verdict.
 
-Verdict rule (also printed in every generated table):
-
-- ``missing``: no complete record for the cell (never filled in from anywhere else).
-- ``diverged``: no complete record, but a run of the cell stopped on a non-finite loss (``status: diverged``).
-- ``n/a``: the paper prints no number for the cell (``paper: null``).
-- ``paper only``: the row is not runnable here (its ``why`` says why); it shows the paper's number alone.
-- Otherwise the *basis* is the FP-difference when it can be formed, i.e. the cell names an ``fp_cell`` that
-  has records and the paper's FP value is known (``paper_fp``, else the FP cell's ``paper``):
-  ``gap = (ours − our FP) − (paper − paper FP)``; this comparison survives a different copy of the dataset
-  (e.g. the JPEG CIFAR-10) or a different FP recipe. Else the basis is the absolute difference
-  ``ours − paper``.
-- ``pass`` when ``|basis value| <= tolerance`` (exactly at the tolerance passes; a 1e-9 slack absorbs float
-  round-off), ``fail`` otherwise — in either direction: beating the paper by more than the tolerance is also
-  a failure to reproduce it.
+Verdict rule (printed in every generated table; docs/results_section.md, "Verdict rule"): the basis is the
+FP-difference ``gap = (ours − our FP) − (paper − paper FP)`` when the cell names an ``fp_cell`` that has records and
+the paper's FP value is known (``paper_fp``, else the FP cell's ``paper``), else ``ours − paper``; ``pass`` when
+``|basis| <= tolerance`` (a 1e-9 slack absorbs float round-off), ``fail`` otherwise, in either direction.
+``missing`` / ``diverged`` / ``n/a`` / ``paper only``: no complete record / only diverged runs / no paper number /
+a row not runnable here.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
-"""Figures regenerated with the tables (matplotlib Agg, PNG), from local records only.
-
-Per table ``<name>``, into the figures folder (each figure is skipped, with a note, when no record has its
-data):
-- ``<name>_curves.png``: test accuracy per epoch, each quantized cell against its FP cell (mean over seeds,
-  min–max band when several seeds).
-- ``<name>_tr.png``: transition-rate diagnostics (curve keys ``tr``, ``tr_running``, ``tr_target``, ``talr``,
-  ``tr_step_size``).
-- ``<name>_kappa.png``: SAT variance diagnostics (curve keys ``kappa0``, ``kappa1*``; log scale).
-- ``<name>_bits.png``: accuracy vs weight bits per method (ours solid, paper dashed) and the robustness view,
-  accuracy minus the FP cell's accuracy vs bits.
-- ``<name>_sweep_<key>.png``: the same two panels against any numeric override that is swept across otherwise
-  identical cells (e.g. ``ptq.weight_step_scale`` for a step-size robustness figure).
-"""
+"""Figures regenerated with the tables (matplotlib Agg, PNG), from local records only: learning curves, the
+transition-rate and SAT variance diagnostics, accuracy vs bits and vs any swept numeric override, each skipped with a
+note when no record has its data (docs/results_section.md, "Figures")."""
 
 from __future__ import annotations
 
@@ -23,6 +12,7 @@ from qrepro.tables.schema import Table
 
 TR_KEYS = ("tr", "tr_running", "tr_target", "talr", "tr_step_size")
 PNG_META = {"Software": None}  # no library version in the file: identical bytes across environments
+FP_STYLE = {"color": "black", "linestyle": "--"}
 
 
 def _plt():
@@ -36,8 +26,7 @@ def _plt():
 
 def _mean_curve(row: Row, key: str) -> tuple[list[float], list[float], list[float], list[float]] | None:
     """(epochs, mean, min, max) over the row's seeds, truncated to the shortest curve; None without data."""
-    curves = [c for c in (r.curve(key) for r in row.records) if c is not None and len(c) > 0]
-    curves = [[float(v) for v in c if v is not None] for c in curves]
+    curves = [[float(v) for v in c if v is not None] for c in (r.curve(key) for r in row.records) if c]
     curves = [c for c in curves if c]
     if not curves:
         return None
@@ -74,57 +63,51 @@ def _plot_line(ax, data, label: str, **kw) -> None:
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
-def learning_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
-    key = f"test_{table.metric}"
-    groups: dict[str, list[Row]] = {}  # one panel per FP cell: the FP curve and the cells compared with it
-    for r in rows:
-        if _mean_curve(r, key) is not None:
-            groups.setdefault(r.cell.fp_cell or r.cell.id, []).append(r)
-    if not groups:
-        return None, f"{table.name}: no record has a '{key}' curve — skipped the learning-curve figure"
+def _curve_figure(table: Table, panels: dict, path: Path, ylabel: str | None = None, log: bool = False) -> Path:
+    """One panel per ``{title: [(curve data, label, line style), ...]}``, against the epoch."""
     plt = _plt()
-    fig, axes = _grid(plt, len(groups))
-    for ax, (gid, members) in zip(axes, groups.items()):
-        for m in sorted(members, key=lambda m: m.cell.id != gid):  # the FP cell first, dashed black
-            style = {"color": "black", "linestyle": "--"} if m.cell.id == gid and len(members) > 1 else {}
-            label = f"{m.cell.id} ({m.cell.precision}, n={m.ours.n})"
-            _plot_line(ax, _mean_curve(m, key), label, **style)
-        ax.set_title(f"{table.name}: {gid}", fontsize=9)
+    fig, axes = _grid(plt, len(panels))
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for data, label, style in lines:
+            _plot_line(ax, data, label, **style)
+        ax.set_title(f"{table.name}: {title}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_ylabel(f"test {table.metric} (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(plt, fig, out / f"{table.name}_curves.png"), None
-
-
-def _keyed_curves(
-    table: Table,
-    rows: Sequence[Row],
-    keys: Sequence[str],
-    out: Path,
-    suffix: str,
-    what: str,
-    log: bool = False,
-) -> tuple[Path | None, str | None]:
-    present = [k for k in keys if any(_mean_curve(r, k) is not None for r in rows)]
-    if not present:
-        return None, f"{table.name}: no record has {what} curves — skipped the {suffix} figure"
-    plt = _plt()
-    fig, axes = _grid(plt, len(present))
-    for ax, key in zip(axes, present):
-        for r in rows:
-            data = _mean_curve(r, key)
-            if data is not None:
-                _plot_line(ax, data, f"{r.cell.id} ({r.cell.precision})")
-        ax.set_title(f"{table.name}: {key}", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if log and all(v > 0 for r in rows if (d := _mean_curve(r, key)) for v in d[1]):
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        if log and all(v > 0 for data, _, _ in lines for v in data[1]):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(plt, fig, out / f"{table.name}_{suffix}.png"), None
+    return _save(plt, fig, path)
+
+
+def learning_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+    key = f"test_{table.metric}"
+    groups: dict[str, list] = {}  # one panel per FP cell: the FP curve and the cells compared with it
+    for r in rows:
+        if (data := _mean_curve(r, key)) is not None:
+            groups.setdefault(r.cell.fp_cell or r.cell.id, []).append((r, data))
+    if not groups:
+        return None, f"{table.name}: no record has a '{key}' curve — skipped the learning-curve figure"
+    panels = {}
+    for gid, ms in groups.items():  # the FP cell first, dashed black
+        ms.sort(key=lambda p: p[0].cell.id != gid)
+        style = [FP_STYLE if m.cell.id == gid and len(ms) > 1 else {} for m, _ in ms]
+        panels[gid] = [(d, f"{m.cell.id} ({m.cell.precision}, n={m.ours.n})", st) for (m, d), st in zip(ms, style)]
+    return _curve_figure(table, panels, out / f"{table.name}_curves.png", f"test {table.metric} (%)"), None
+
+
+def _keyed_curves(
+    table: Table, rows: Sequence[Row], keys: Sequence[str], out: Path, suffix: str, what: str, log: bool = False
+) -> tuple[Path | None, str | None]:
+    panels = {
+        key: [(d, f"{r.cell.id} ({r.cell.precision})", {}) for r in rows if (d := _mean_curve(r, key))] for key in keys
+    }
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        return None, f"{table.name}: no record has {what} curves — skipped the {suffix} figure"
+    return _curve_figure(table, panels, out / f"{table.name}_{suffix}.png", log=log), None
 
 
 def tr_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
@@ -138,11 +121,7 @@ def kappa_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | N
 
 def _overrides(row: Row) -> dict[str, str]:
     """The cell's overrides as ``{key: value text}`` (Hydra's ``+``/``++`` prefixes dropped)."""
-    out = {}
-    for o in row.cell.overrides:
-        key, _, value = o.lstrip("+").partition("=")
-        out[key] = value
-    return out
+    return dict(o.lstrip("+").partition("=")[::2] for o in row.cell.overrides)
 
 
 def _number(text: str) -> float | None:

@@ -1,5 +1,4 @@
-"""``python -m qrepro.tables.portable [--text] < in > out``: a file on its way into ``results/`` without the
-machine's paths (:func:`qrepro.tables.records.portable`), e.g. a console log piped through ``tee``."""
+"""``python -m qrepro.tables.portable [--text] < in > out``: see :func:`main`."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from qrepro.tables.records import portable, portable_str
+from qrepro.tables.records import portable_str, portable_text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         sys.stdout.write(portable_str(text))
         return 0
-    sys.stdout.write(json.dumps(portable(data), indent=1) + "\n")
+    sys.stdout.write(portable_text(data))
     return 0
 
 

@@ -1,13 +1,9 @@
 """Local run records (``record.json``) and how they are matched to table cells.
 
-A record belongs to a cell when its ``experiment`` equals the cell's experiment and its Hydra overrides equal
-the cell's overrides as a set, after dropping the keys that do not change *what* is trained: the seed (seeds
-are aggregated), paths (``dataset.root``, ``init_from``, ``resume``), the device, logging and
-Hydra's own keys, and the keys that keep the recipe but change its numbers slightly (``qrepro.config.SAME_CELL_KEYS``,
-e.g. ``trainer.accumulate``: such a run counts as the cell, and its table marks it, :meth:`Record.same_cell_notes`).
-``init_from=null`` is kept: the trainer records it on a chained cell trained from scratch.
-``+key=v``, ``++key=v`` and ``key=v`` are the same assignment; values compare as Hydra parses them
-(``1e-4`` == ``0.0001``). Only records with ``complete: true`` count.
+The matching rule is in docs/results_section.md ("Where the numbers come from"). Beyond it: the keys that keep the
+recipe but change its numbers slightly (``qrepro.config.SAME_CELL_KEYS``, e.g. ``trainer.accumulate``) are ignored
+too (such a run counts as the cell, and its table marks it: :meth:`Record.same_cell_notes`), and ``init_from=null``
+is kept (the trainer records it on a chained cell trained from scratch).
 """
 
 from __future__ import annotations
@@ -65,16 +61,12 @@ def _parse_one(text: str) -> tuple[str, str, str]:
 
 
 def canonical_overrides(
-    overrides: Iterable[str] | dict[str, Any] | None, *, keep_seed: bool = False, keep_same_cell: bool = False
+    overrides: Iterable[str] | None, *, keep_seed: bool = False, keep_same_cell: bool = False
 ) -> frozenset:
     """The set of assignments that identify *what* a run trains (see module docstring); ``keep_same_cell``: with
     the ``SAME_CELL_KEYS`` (which tell two runs of one cell apart)."""
-    if overrides is None:
-        return frozenset()
-    if isinstance(overrides, dict):
-        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
     out = set()
-    for text in overrides:
+    for text in overrides or ():
         kind, key, value = _parse_one(str(text).strip())
         if not _ignored(key, keep_seed, keep_same_cell) or (key, value) == ("init_from", "null"):
             out.add((kind, key, value))  # init_from=null: a chained cell trained from scratch, not the chained run
@@ -265,7 +257,7 @@ def portable(data: Any) -> Any:
     return fix(data)
 
 
-def portable_text(data: dict[str, Any]) -> str:
+def portable_text(data: Any) -> str:
     """The JSON text of :func:`portable` (the layout the trainer writes: indent 1, a final newline)."""
     return json.dumps(portable(data), indent=1) + "\n"
 

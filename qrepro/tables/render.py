@@ -6,11 +6,13 @@ import csv
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from qrepro.tables.compare import CHANCE_MARGIN, Row, other_metric, override_diff, summary
-from qrepro.tables.schema import Table
+from qrepro.tables.records import Record
+from qrepro.tables.schema import Cell, Table
 
 METRIC_LABEL = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "ap": "COCO average precision AP (%)"}
 SELECT_LABEL = {"best": "the best test accuracy over epochs", "last": "the last epoch's test accuracy"}
@@ -26,38 +28,10 @@ LEGEND = (
     "number; *paper only* = a row of the paper that is not runnable here (its config column says why)."
 )
 
-CSV_COLUMNS = (
-    "table",
-    "cell",
-    "experiment",
-    "overrides",
-    "model",
-    "dataset",
-    "method",
-    "optimizer",
-    "w_bits",
-    "a_bits",
-    "metric",
-    "select",
-    "paper",
-    "paper_fp",
-    "paper_dfp",
-    "ours_mean",
-    "ours_std",
-    "n",
-    "ours_fp",
-    "ours_dfp",
-    "diff",
-    "gap",
-    "basis",
-    "tolerance",
-    "verdict",
-    "paper_other",
-    "ours_other_mean",
-    "note",
-    "seeds",
-    "records",
-    "config",
+CSV_COLUMNS = tuple(
+    "table cell experiment overrides model dataset method optimizer w_bits a_bits metric select paper paper_fp "
+    "paper_dfp ours_mean ours_std n ours_fp ours_dfp diff gap basis tolerance verdict paper_other ours_other_mean "
+    "note seeds records config".split()
 )
 
 
@@ -71,10 +45,6 @@ def fmt(value: float | None, digits: int = 2, *, signed: bool = False, empty: st
 
 def _rel(path: str | Path, base: str | Path) -> str:
     return Path(os.path.relpath(Path(path), Path(base))).as_posix()
-
-
-def experiment_path(table: Table, experiment: str, configs: str | Path = "configs") -> Path:
-    return Path(configs, "experiment", f"{experiment}.yaml")
 
 
 def _seed_label(seed: object) -> str:
@@ -94,15 +64,6 @@ def ours_text(row: Row, digits: int = 2, *, other: bool = False) -> str:
     return f"{text} (chance)" if row.at_chance and not other else text
 
 
-def chance_note(row: Row) -> str:
-    """The footnote of a cell whose runs sit at chance level."""
-    n = round(100.0 / row.chance) if row.chance else 0
-    return (
-        f"At chance level: every run of this cell is within {CHANCE_MARGIN:.0f} points of guessing "
-        f"({fmt(row.chance)} % with {n} classes); the quantized model does not work, the number is not a result."
-    )
-
-
 def run_notes(row: Row) -> list[str]:
     """What sets the cell's counted runs apart from its recipe as written (``qrepro.config.SAME_CELL_KEYS``, e.g.
     gradient accumulation), each note once with the seeds it concerns (all the cell's runs: no seeds named)."""
@@ -118,55 +79,45 @@ def cell_notes(row: Row) -> list[str]:
     """The cell's own note (table file), the notes of its runs (:func:`run_notes`) and, when its runs sit at
     chance level, the chance note."""
     note = row.cell.extra.get("note")
-    own = [note] if isinstance(note, str) else []
-    return own + run_notes(row) + ([chance_note(row)] if row.at_chance else [])
+    notes = ([note] if isinstance(note, str) else []) + run_notes(row)
+    if row.at_chance:
+        n = round(100.0 / row.chance) if row.chance else 0
+        notes.append(
+            f"At chance level: every run of this cell is within {CHANCE_MARGIN:.0f} points of guessing "
+            f"({fmt(row.chance)} % with {n} classes); the quantized model does not work, the number is not a result."
+        )
+    return notes
+
+
+def cell_other_runs(table: Table, cell: Cell, records: Sequence[Record], *, markdown: bool = True) -> list[str]:
+    """The runs of the cell's experiment under other overrides (``records``), grouped by how their overrides
+    differ from the cell's, and how to count them."""
+    q = (lambda x: f"`{x}`") if markdown else str
+    # (the overrides the runs add, the cell's they lack) -> how many runs
+    diffs = Counter(tuple(tuple(side) for side in override_diff(cell, rec)) for rec in records)
+    out = []
+    for (extra, lacking), n in diffs.items():
+        what = [f"{word} " + " ".join(map(q, os)) for word, os in (("with", extra), ("without", lacking)) if os]
+        line = f"{q(cell.id)}: {n} run(s) of {cell.experiment} {' and '.join(what)}"
+        if extra and not lacking:
+            line += f"; to count them: {q('qrepro-table render ' + table.name + ' ' + ' '.join(extra))}"
+        else:
+            line += "; they are another experiment: rerun the cell (qrepro-table plan " + table.name + ")"
+        out.append(line)
+    return out
 
 
 def other_runs_lines(table: Table, rows: Sequence[Row], *, markdown: bool = True) -> list[str]:
     """For each cell without runs: the runs of its experiment under other overrides, and how to count them."""
-    out = []
-    for r in rows:
-        if not r.elsewhere:
-            continue
-        diffs = {}
-        for rec in r.elsewhere:
-            extra, lacking = override_diff(r.cell, rec)
-            diffs.setdefault((tuple(extra), tuple(lacking)), []).append(rec)
-        for (extra, lacking), recs in diffs.items():
-            q = (lambda x: f"`{x}`") if markdown else (lambda x: x)
-            what = []
-            if extra:
-                what.append("with " + " ".join(q(o) for o in extra))
-            if lacking:
-                what.append("without " + " ".join(q(o) for o in lacking))
-            line = f"{q(r.cell.id)}: {len(recs)} run(s) of {r.cell.experiment} {' and '.join(what)}"
-            if extra and not lacking:
-                line += f"; to count them: {q('qrepro-table render ' + table.name + ' ' + ' '.join(extra))}"
-            else:
-                line += "; they are another experiment: rerun the cell (qrepro-table plan " + table.name + ")"
-            out.append(line)
-    return out
+    return [line for r in rows for line in cell_other_runs(table, r.cell, r.elsewhere, markdown=markdown)]
 
 
 def verdict_text(row: Row) -> str:
     return f"{row.verdict} ({row.basis})" if row.basis else row.verdict
 
 
-def header_lines(table: Table, select: str, configs: str | Path, link_base: str | Path) -> list[str]:
-    src = table.path if table.path is not None else Path(configs, "table", f"{table.name}.yaml")
-    lines = [
-        f"Generated by `python -m qrepro.tables {table.name}` from local run records — do not edit by hand. "
-        f"Table file: [{Path(src).as_posix()}]({_rel(src, link_base)}).",
-        "",
-        f"Metric: {METRIC_LABEL[table.metric]}; ours = {SELECT_LABEL[select]} (`--select {select}`); "
-        f"the paper reports {SELECT_LABEL[table.reported]}. Tolerance: ±{table.tolerance:.2f} points.",
-    ]
-    if select != table.reported:
-        lines += [
-            "",
-            f"**Note:** ours uses `--select {select}` but the paper reports `{table.reported}`: not like for like.",
-        ]
-    return lines
+def _experiment_file(cell: Cell, configs: str | Path) -> Path:
+    return Path(configs, "experiment", f"{cell.experiment}.yaml")
 
 
 def to_markdown(
@@ -181,47 +132,47 @@ def to_markdown(
     """The table as GitHub Markdown; links are relative to ``link_base`` (the folder the file lands in)."""
     show_opt = any(r.cell.optimizer for r in rows)
     show_ds = len({r.cell.dataset for r in rows}) > 1
+    show_other = any(r.paper_other is not None for r in rows)
+    other = other_metric(table.metric)
     cols = ["cell", "model"] + (["dataset"] if show_ds else []) + ["method"] + (["optimizer"] if show_opt else [])
     cols += ["W/A", "paper", "ours", "n", "Δ", "paper ΔFP", "ours ΔFP", "gap", "verdict"]
-    other = other_metric(table.metric)
-    show_other = any(r.paper_other is not None for r in rows)
     cols += [f"paper {other}", f"ours {other}"] if show_other else []
     cols += ["records", "config"]
-    out = [f"{heading} {table.paper} — {table.title}", ""]
-    out += header_lines(table, select, configs, link_base)
+    src = table.path if table.path is not None else Path(configs, "table", f"{table.name}.yaml")
+    out = [
+        f"{heading} {table.paper} — {table.title}",
+        "",
+        f"Generated by `python -m qrepro.tables {table.name}` from local run records — do not edit by hand. "
+        f"Table file: [{Path(src).as_posix()}]({_rel(src, link_base)}).",
+        "",
+        f"Metric: {METRIC_LABEL[table.metric]}; ours = {SELECT_LABEL[select]} (`--select {select}`); "
+        f"the paper reports {SELECT_LABEL[table.reported]}. Tolerance: ±{table.tolerance:.2f} points.",
+    ]
+    if select != table.reported:
+        out += [
+            "",
+            f"**Note:** ours uses `--select {select}` but the paper reports `{table.reported}`: not like for like.",
+        ]
     if not show_ds:
         out[-1] += f" Dataset: {rows[0].cell.dataset}." if rows else ""
     if isinstance(table.extra.get("note"), str):
         out += ["", f"Note: {table.extra['note']}"]
-    notes: dict[str, int] = {}  # cell notes as numbered footnotes; equal texts share a number
-    for r in rows:
-        for note in cell_notes(r):
-            if note not in notes:
-                notes[note] = len(notes) + 1
+    # cell notes as numbered footnotes; equal texts share a number
+    notes = {note: i + 1 for i, note in enumerate(dict.fromkeys(n for r in rows for n in cell_notes(r)))}
     out += ["", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         c = r.cell
         mark = "".join(f" [{notes[n]}]" for n in cell_notes(r))
         links = [f"[{_seed_label(rec.seed)}]({_rel(rec.path, link_base)})" for rec in r.records]
         links += [f"[{_seed_label(rec.seed)} diverged]({_rel(rec.path, link_base)})" for rec in r.diverged]
-        cfg = f"[{c.experiment}]({_rel(experiment_path(table, c.experiment, configs), link_base)})"
-        if not c.runnable:
-            cfg = f"not runnable here: {c.why}"
-        elif c.overrides:
-            cfg += " " + " ".join(f"`{_md_escape(o)}`" for o in c.overrides)
+        cfg = f"[{c.experiment}]({_rel(_experiment_file(c, configs), link_base)})"
+        cfg += "".join(f" `{_md_escape(o)}`" for o in c.overrides)
+        cfg = cfg if c.runnable else f"not runnable here: {c.why}"
         cells = [f"`{c.id}`{mark}", c.model] + ([c.dataset] if show_ds else []) + [c.method]
         cells += [c.optimizer or "—"] if show_opt else []
-        cells += [
-            c.precision,
-            fmt(c.paper),
-            f"**{ours_text(r)}**" if r.at_chance else ours_text(r),
-            str(r.ours.n),
-            fmt(r.diff, signed=True),
-            fmt(r.paper_dfp, signed=True),
-            fmt(r.ours_dfp, signed=True),
-            fmt(r.gap, signed=True),
-            f"**{verdict_text(r)}**" if r.verdict in ("fail", "diverged") else verdict_text(r),
-        ]
+        cells += [c.precision, fmt(c.paper), f"**{ours_text(r)}**" if r.at_chance else ours_text(r), str(r.ours.n)]
+        cells += [fmt(v, signed=True) for v in (r.diff, r.paper_dfp, r.ours_dfp, r.gap)]
+        cells += [f"**{verdict_text(r)}**" if r.verdict in ("fail", "diverged") else verdict_text(r)]
         cells += [fmt(r.paper_other), ours_text(r, other=True)] if show_other else []
         cells += [" ".join(links) or "—", cfg]
         out.append("| " + " | ".join(_md_escape(x) if "](" not in x else x for x in cells) + " |")
@@ -231,8 +182,7 @@ def to_markdown(
         out += ["", "Runs under other overrides (not counted as the cell):", ""] + [f"- {x}" for x in others]
     if notes:
         out += [""] + [f"[{i}] {_md_escape(text)}  " for text, i in notes.items()]
-    out.append("")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n\n"
 
 
 def to_csv(table: Table, rows: Sequence[Row], select: str, *, configs: str | Path = "configs") -> str:
@@ -243,59 +193,22 @@ def to_csv(table: Table, rows: Sequence[Row], select: str, *, configs: str | Pat
     w.writerow([col.replace("other", other) if col.endswith(("_other", "_other_mean")) else col for col in CSV_COLUMNS])
     for r in rows:
         c = r.cell
-
-        def f(v: float | None) -> str:
-            return fmt(v, 4, empty="")
-
         w.writerow(
-            [
-                table.name,
-                c.id,
-                c.experiment,
-                " ".join(c.overrides),
-                c.model,
-                c.dataset,
-                c.method,
-                c.optimizer or "",
-                c.w_bits,
-                c.a_bits,
-                table.metric,
-                select,
-                f(c.paper),
-                f(r.paper_fp),
-                f(r.paper_dfp),
-                f(r.ours.mean),
-                f(r.ours.std),
-                r.ours.n,
-                f(r.ours_fp),
-                f(r.ours_dfp),
-                f(r.diff),
-                f(r.gap),
-                r.basis or "",
-                f(table.tolerance),
-                r.verdict,
-                f(r.paper_other),
-                f(r.other.mean),
-                " ".join(cell_notes(r)),
-                " ".join(json.dumps(rec.seed) for rec in r.records),
-                " ".join(rec.path.as_posix() for rec in r.records),
-                experiment_path(table, c.experiment, configs).as_posix()
-                if c.runnable
-                else f"not runnable here: {c.why}",
-            ]
+            [table.name, c.id, c.experiment, " ".join(c.overrides), c.model, c.dataset, c.method, c.optimizer or ""]
+            + [c.w_bits, c.a_bits, table.metric, select]
+            + [fmt(v, 4, empty="") for v in (c.paper, r.paper_fp, r.paper_dfp, r.ours.mean, r.ours.std)]
+            + [r.ours.n]
+            + [fmt(v, 4, empty="") for v in (r.ours_fp, r.ours_dfp, r.diff, r.gap)]
+            + [r.basis or "", fmt(table.tolerance, 4), r.verdict]
+            + [fmt(r.paper_other, 4, empty=""), fmt(r.other.mean, 4, empty=""), " ".join(cell_notes(r))]
+            + [" ".join(json.dumps(rec.seed) for rec in r.records), " ".join(rec.path.as_posix() for rec in r.records)]
+            + [_experiment_file(c, configs).as_posix() if c.runnable else f"not runnable here: {c.why}"]
         )
     return buf.getvalue()
 
 
-_TEX = {
+_TEX = {ch: "\\" + ch for ch in "&%$#_{}"} | {
     "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
 }
@@ -311,15 +224,12 @@ def to_latex(table: Table, rows: Sequence[Row], select: str) -> str:
     def f(v: float | None, signed: bool = False) -> str:
         return fmt(v, signed=signed, empty="--")
 
+    caption = tex_escape(f"{table.paper} — {table.title}") + f" ({tex_escape(table.metric)}, ours = {select}, "
     lines = [
         "% Generated by python -m qrepro.tables " + table.name + " -- do not edit by hand.",
         r"\begin{table}[t]",
         r"\centering",
-        r"\caption{"
-        + tex_escape(f"{table.paper} — {table.title}")
-        + f" ({tex_escape(table.metric)}, ours = "
-        + f"{select}, paper = {table.reported}, tolerance {table.tolerance:.2f})"
-        + "}",
+        r"\caption{" + caption + f"paper = {table.reported}, tolerance {table.tolerance:.2f})" + "}",
         r"\label{tab:" + tex_escape(table.name) + "}",
         r"\begin{tabular}{llllrrrrrrl}",
         r"\toprule",
@@ -332,26 +242,10 @@ def to_latex(table: Table, rows: Sequence[Row], select: str) -> str:
         ours = (
             "--" if r.ours.n == 0 else f(r.ours.mean) + (f" $\\pm$ {f(r.ours.std)}" if r.ours.std is not None else "")
         )
-        ours += " (chance)" if r.at_chance else ""
-        ours += r"$^\dagger$" if run_notes(r) else ""
-        lines.append(
-            " & ".join(
-                [
-                    tex_escape(c.id),
-                    tex_escape(c.model),
-                    tex_escape(c.method),
-                    c.precision,
-                    f(c.paper),
-                    ours,
-                    str(r.ours.n),
-                    f(r.diff, True),
-                    f(r.paper_dfp, True),
-                    f(r.ours_dfp, True),
-                    tex_escape(verdict_text(r)),
-                ]
-            )
-            + r" \\"
-        )
+        ours += (" (chance)" if r.at_chance else "") + (r"$^\dagger$" if run_notes(r) else "")
+        fields = [tex_escape(c.id), tex_escape(c.model), tex_escape(c.method), c.precision, f(c.paper), ours]
+        fields += [str(r.ours.n), f(r.diff, True), f(r.paper_dfp, True), f(r.ours_dfp, True)]
+        lines.append(" & ".join([*fields, tex_escape(verdict_text(r))]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     notes = list(dict.fromkeys(f"{r.cell.id}: {n}" for r in rows for n in run_notes(r)))
     if notes:  # runs that count as their cell but differ from its recipe (e.g. gradient accumulation)

@@ -16,7 +16,7 @@ import json
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from qrepro.errors import QreproError
@@ -43,9 +43,7 @@ class RunRow:
 
 
 def status_of(rec: Record) -> str:
-    if rec.complete:
-        return "complete"
-    return str(rec.data.get("status") or "incomplete")
+    return "complete" if rec.complete else str(rec.data.get("status") or "incomplete")
 
 
 def _epochs(rec: Record) -> str:
@@ -92,21 +90,17 @@ def group_rows(rows: Sequence[RunRow]) -> list[RunRow]:
     for r in rows:
         groups.setdefault((r.experiment, r.overrides, r.status, r.cell), []).append(r)
     out = []
-    for (experiment, overrides, status, cell), rs in groups.items():
+    for rs in groups.values():
         walls = [r.wall_s for r in rs if r.wall_s is not None]
         out.append(
-            RunRow(
-                experiment=experiment,
-                overrides=overrides,
+            replace(  # experiment, overrides, status, cell and the first record from the group's first row
+                rs[0],
                 seeds=",".join(r.seeds for r in rs),
-                status=status,
                 epochs=rs[0].epochs if len({r.epochs for r in rs}) == 1 else "mixed",
                 best_top1=_mean([r.best_top1 for r in rs]),
                 last_top1=_mean([r.last_top1 for r in rs]),
                 wall_s=sum(walls) if walls else None,
                 finished=max(r.finished for r in rs),
-                cell=cell,
-                record=rs[0].record,
                 n=len(rs),
             )
         )
@@ -128,16 +122,13 @@ def select_runs(
         for c in t.cells:
             for rec in match_cell(c, records):
                 cells.setdefault(rec.path, c.id)
-    rows = []
-    for rec in records:
-        if experiments and not any(fnmatch.fnmatchcase(str(rec.experiment or ""), p) for p in experiments):
-            continue
-        if table is not None and rec.path not in cells:
-            continue
-        if statuses and status_of(rec) not in statuses:
-            continue
-        rows.append(row_of(rec, cells.get(rec.path, "")))
-    return rows
+    return [
+        row_of(rec, cells.get(rec.path, ""))
+        for rec in records
+        if (not experiments or any(fnmatch.fnmatchcase(str(rec.experiment or ""), p) for p in experiments))
+        and (table is None or rec.path in cells)
+        and (not statuses or status_of(rec) in statuses)
+    ]
 
 
 def _num(v: float | None, digits: int = 2) -> str:

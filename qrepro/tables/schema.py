@@ -60,6 +60,11 @@ class Cell:
         return ptq.get("from_cell") if isinstance(ptq, dict) else None
 
     @property
+    def sources(self) -> list[str]:
+        """The cells whose checkpoint this one starts from (``init_from_cell``, ``ptq.from_cell``)."""
+        return [p for p in (self.init_from_cell, self.ptq_from_cell) if p]
+
+    @property
     def precision(self) -> str:
         """``W4A4``-style label (``W4A32``: activations not quantized; ``FP``: nothing quantized)."""
         return "FP" if self.w_bits >= 32 and self.a_bits >= 32 else f"W{self.w_bits}A{self.a_bits}"
@@ -125,12 +130,9 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
     name = _string(data["name"], "name", where)
     if path is not None and path.stem != name:
         raise QreproError(f"{where}: name {name!r} must equal the file name {path.stem!r}")
-    metric = data["metric"]
-    if metric not in METRICS:
-        raise QreproError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    reported = data["reported"]
-    if reported not in SELECTIONS:
-        raise QreproError(f"{where}: reported must be one of {', '.join(SELECTIONS)}, got {reported!r}")
+    for key, allowed in (("metric", METRICS), ("reported", SELECTIONS)):
+        if data[key] not in allowed:
+            raise QreproError(f"{where}: {key} must be one of {', '.join(allowed)}, got {data[key]!r}")
     tolerance = _number(data["tolerance"], "tolerance", where, allow_none=False)
     if tolerance < 0:
         raise QreproError(f"{where}: tolerance must be >= 0 points, got {tolerance}")
@@ -168,8 +170,8 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
         name,
         _string(data["paper"], "paper", where),
         _string(data["title"], "title", where),
-        metric,
-        reported,
+        data["metric"],
+        data["reported"],
         tolerance,
         tuple(cells),
         path,
@@ -241,17 +243,13 @@ def _parse_cell(raw: Any, index: int, where: str, configs: str | Path | None = N
     return Cell(
         id=_string(cid, "id", cw),
         experiment=experiment,
-        model=_string(raw["model"], "model", cw),
-        dataset=_string(raw["dataset"], "dataset", cw),
-        method=_string(raw["method"], "method", cw),
-        w_bits=_bits(raw["w_bits"], "w_bits", cw),
-        a_bits=_bits(raw["a_bits"], "a_bits", cw),
+        **{k: _string(raw[k], k, cw) for k in ("model", "dataset", "method")},
+        **{k: _bits(raw[k], k, cw) for k in ("w_bits", "a_bits")},
         paper=_number(raw["paper"], "paper", cw, allow_none=True),
         overrides=tuple(o.strip() for o in overrides),
         optimizer=_string(raw.get("optimizer"), "optimizer", cw, allow_none=True),
         paper_fp=_number(raw.get("paper_fp"), "paper_fp", cw, allow_none=True),
-        fp_cell=_string(raw.get("fp_cell"), "fp_cell", cw, allow_none=True),
-        init_from_cell=_string(raw.get("init_from_cell"), "init_from_cell", cw, allow_none=True),
+        **{k: _string(raw.get(k), k, cw, allow_none=True) for k in ("fp_cell", "init_from_cell")},
         extra={k: v for k, v in raw.items() if k not in CELL_KEYS_KNOWN},
         why=why.strip() if why else None,
         # a row without a why is taken as runnable (check_experiments reports a missing experiment file)
@@ -261,7 +259,7 @@ def _parse_cell(raw: Any, index: int, where: str, configs: str | Path | None = N
 
 def _check_acyclic(cells: list[Cell], where: str) -> None:
     """init_from_cell / ptq.from_cell chains must end (a cycle could never be run)."""
-    parents = {c.id: [p for p in (c.init_from_cell, c.ptq_from_cell) if p] for c in cells}
+    parents = {c.id: c.sources for c in cells}
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
     def visit(cid: str, path: list[str]) -> None:
@@ -331,8 +329,8 @@ def check_experiments(table: Table, configs: str | Path = "configs") -> None:
                 f"{_where(table.path)}: cell {c.id!r}: experiment {c.experiment!r} has no file {exp}; add it, "
                 "fix the name, or give the row a one-line why: saying why it is not runnable here"
             )
-        for src in (c.init_from_cell, c.ptq_from_cell):
-            if runnable[c.id] and src is not None and not runnable[src]:
+        for src in c.sources:
+            if runnable[c.id] and not runnable[src]:
                 raise QreproError(
                     f"{_where(table.path)}: cell {c.id!r} is runnable but starts from {src!r}, which is not "
                     f"({table.cell(src).why or 'no experiment file'}); add {src}'s experiment or drop the chain"
