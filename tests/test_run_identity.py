@@ -69,7 +69,9 @@ def test_an_explicit_default_is_recorded_as_the_cell_and_counts_for_it():
     assert semantic_overrides([*cell, "precision=w2a2"]) == ["precision=w2a2"]
     stored = semantic_overrides([*cell, "precision=w4a4", "quantizer=apot"])
     rec = Record("r.json", {"experiment": "demo_digits_apot_w4a4", "overrides": stored, "complete": True}, ".")
-    assert stored == [] and match_cell(SimpleNamespace(experiment="demo_digits_apot_w4a4", overrides=()), [rec]) == [rec]
+    assert stored == [] and match_cell(SimpleNamespace(experiment="demo_digits_apot_w4a4", overrides=()), [rec]) == [
+        rec
+    ]
 
 
 # ------------------------------------------------------------------------------------ a chained cell from scratch

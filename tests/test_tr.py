@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from qrepro.hooks import Context
 from qrepro.errors import QreproError
+from qrepro.hooks import Context
 from qrepro.quant import build_method, prepare, quantized_layers
 from qrepro.quant import tr as F
 from qrepro.quant.methods.tr import TRActQuantizer, TRWeightQuantizer, calibrate_scales
