@@ -106,9 +106,9 @@ def _step(experiment: str, overrides: list[str], cfg: DictConfig | None = None) 
     asked = [o.split("=", 1)[1] for o in overrides if key_of(o) == "hydra.run.dir"]  # the user's directory
     sub = run_subdir([f"+experiment={experiment}", *overrides])
     run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / sub
-    rec = read_record(run_dir / "record.json")
-    done = bool(rec and rec.get("complete") is True)
-    return Step(experiment, list(overrides), run_dir, done, rec, int(cfg.seed)), cfg
+    step = Step(experiment, list(overrides), run_dir, False, seed=int(cfg.seed))
+    step.refresh()
+    return step, cfg
 
 
 def resolve(experiment: str, overrides: Sequence[str], cfg: DictConfig | None = None) -> list[Step]:
