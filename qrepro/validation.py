@@ -75,9 +75,9 @@ def _bool(d: Any, key: str, prefix: str) -> None:
         raise _bad(f"{prefix}{key}", d[key], "true or false", "true")
 
 
-def did_you_mean(key: str, known: Sequence[str]) -> str:
+def did_you_mean(key: str, known: Sequence[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _trainer_keys() -> list[str]:
@@ -89,14 +89,11 @@ def _trainer_keys() -> list[str]:
 
 
 def _check_trainer(t: dict[str, Any]) -> None:
-    TRAINER_KEYS = _trainer_keys()  # noqa: N806
+    keys = _trainer_keys()
     for k in t:
-        if k not in TRAINER_KEYS:
-            raise QreproError(
-                f"unknown config key trainer.{k}"
-                + (did_you_mean(k, TRAINER_KEYS).replace("mean ", "mean trainer.") or "")
-                + f" (trainer keys: {', '.join(TRAINER_KEYS)})"
-            )
+        if k not in keys:
+            hint = did_you_mean(k, keys, "trainer.")
+            raise QreproError(f"unknown config key trainer.{k}{hint} (trainer keys: {', '.join(keys)})")
     _int(t, "epochs", "trainer.", 1, "30")
     _int(t, "batch_size", "trainer.", 1, "128")
     _num(t, "label_smoothing", "trainer.", "0.1", (">=", 0.0), ("<", 1.0))
@@ -379,7 +376,7 @@ def _check_added_keys(overrides: list[str], config_name: str) -> None:
         if key.startswith("trainer."):
             sub = key.split(".", 1)[1]
             if sub not in _trainer_keys():
-                hint = did_you_mean(sub, _trainer_keys()).replace("mean ", "mean trainer.")
+                hint = did_you_mean(sub, _trainer_keys(), "trainer.")
                 raise QreproError(f"unknown config key {key}{hint} (the trainer takes no other keys)")
         elif "." not in key and key not in top:
             raise QreproError(f"unknown config key {key}{did_you_mean(key, sorted(top))}")
