@@ -126,11 +126,8 @@ def make_logger(
     name = lcfg.pop("name")
     if name != "wandb":
         return qlogging.build_logger(name)
-    tags = list(lcfg.pop("tags", None) or []) + [
-        f"model:{cfg.model.name}",
-        f"method:{cfg.quantizer.name}",
-        f"bits:{cfg.precision.name}",
-    ]
+    own = [f"model:{cfg.model.name}", f"method:{cfg.quantizer.name}", f"bits:{cfg.precision.name}"]
+    tags = list(lcfg.pop("tags", None) or []) + own
     return qlogging.build_logger(
         "wandb",
         run_dir=str(run_dir),

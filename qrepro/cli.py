@@ -134,12 +134,6 @@ def save_hydra_files(run_dir: Path, cfg: Any) -> None:
 _OUTCOMES_ENV = "QREPRO_MULTIRUN_OUTCOMES"
 
 
-def _job_info() -> tuple[str, Path, Path, int]:
-    hc = HydraConfig.get()
-    num = None if OmegaConf.is_missing(hc.job, "num") else hc.job.num  # set in a multirun only
-    return hc.job.override_dirname or f"job{num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir), num
-
-
 _BEFORE_LAUNCH: list[Path] = []  # the deepest folder of out_root's path that existed before this launch
 
 
@@ -181,8 +175,11 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def wrapper(cfg: Any) -> Any:
         if not HydraConfig.initialized():
             return single(cfg)
-        job, run_dir, sweep_dir, num = _job_info()
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        hc = HydraConfig.get()
+        num = None if OmegaConf.is_missing(hc.job, "num") else hc.job.num  # set in a multirun only
+        job = hc.job.override_dirname or f"job{num}"
+        run_dir, sweep_dir = Path(hc.runtime.output_dir), Path(hc.sweep.dir)
+        if hc.mode != RunMode.MULTIRUN:
             try:
                 return single(cfg)
             except SystemExit:  # failed before it started: leave no empty run directory

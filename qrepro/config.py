@@ -12,8 +12,7 @@ logging, run control). Three things derive from it:
 * the overrides a record stores (:func:`semantic_overrides`), which table cells are matched against;
 * a run's identity (passed to ``qrepro.engine.rundir.identity``, which drops these keys before hashing).
 
-``SAME_CELL_KEYS`` are keys that do change a run's numbers (so they name the run and enter its identity) but not
-the recipe it reproduces: table matching ignores them and the tables mark such runs.
+``SAME_CELL_KEYS``: keys that change a run's numbers but not the recipe it reproduces (see their comment).
 """
 
 from __future__ import annotations
@@ -42,8 +41,7 @@ _PKG = Path(__file__).resolve().parent
 # a checkout uses its top-level configs/; an installed wheel carries a copy as qrepro/configs (setup.py)
 CONFIG_DIR = str(_PKG.parent / "configs" if (_PKG.parent / "pyproject.toml").is_file() else _PKG / "configs")
 
-# keys that never change what a run computes: left out of the run directory name, of the record's overrides and
-# of the run's identity (a key names its whole sub-tree: ``logger`` covers ``logger.project``)
+# a key names its whole sub-tree: ``logger`` covers ``logger.project``
 NON_SEMANTIC_KEYS = (
     "experiment",
     "resume",
