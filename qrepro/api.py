@@ -56,16 +56,8 @@ class Run(Components):
     def start(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """The trainer's start of training on its first batch: hooks' ``on_train_start``, then EMA copies the
         (possibly just initialised) model. ``step`` calls this itself on its first call."""
-        x, y = self._prepare(x, y)
-        self.ctx = Context(
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            data=self.data,
-            sample_batch=(x, y),
-            epoch=0,
-            step=0,
-        )
+        batch = self._prepare(x, y)
+        self.ctx = Context(self.model, self.optimizer, self.scheduler, self.data, sample_batch=batch)
         start_training(self.ctx, self.hooks, self.ema)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,11 +85,9 @@ class Run(Components):
 
     def end_epoch(self) -> dict[str, float]:
         """The hooks' end-of-epoch work (e.g. per-epoch schedules of TR optimizers), as the trainer runs it."""
-        extra: dict[str, float] = {}
-        if self.ctx is not None:
-            for h in self.hooks:
-                extra.update(h.on_epoch_end(self.ctx, self.ctx.epoch) or {})
-        return extra
+        if self.ctx is None:
+            return {}
+        return {k: v for h in self.hooks for k, v in (h.on_epoch_end(self.ctx, self.ctx.epoch) or {}).items()}
 
     @torch.no_grad()
     def evaluate(self, loader: Any = None) -> dict[str, float]:
@@ -167,10 +157,7 @@ class Members:
         prepared = [r._prepare(x, y) for r, (x, y) in zip(self.runs, batches)]
         for r in self.runs:
             r.ctx.epoch = r.ctx.step // max(1, r.steps_per_epoch)
-        xs = torch.stack([x for x, _ in prepared])
-        ys = torch.stack([y for _, y in prepared])
-        losses, _ = self.step_fn(xs, ys)
-        return losses
+        return self.step_fn(torch.stack([x for x, _ in prepared]), torch.stack([y for _, y in prepared]))[0]
 
     def end_epoch(self) -> list[dict[str, float]]:
         out = []

@@ -7,6 +7,7 @@ bridge from Hydra's config to the plain-argument library code below (engine, qua
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from qrepro.optim import build_optimizer, build_scheduler
 from qrepro.quant import build_method, prepare
 from qrepro.quant.methods import VALID_BITS
 
-_plain, _without = plain, without  # older names, still imported by scripts and tests
+_plain = plain  # the older name, still imported by tests
 
 
 def setup_process(cfg: DictConfig, device: torch.device) -> None:
@@ -125,11 +126,8 @@ def make_logger(
     name = lcfg.pop("name")
     if name != "wandb":
         return qlogging.build_logger(name)
-    tags = list(lcfg.pop("tags", None) or []) + [
-        f"model:{cfg.model.name}",
-        f"method:{cfg.quantizer.name}",
-        f"bits:{cfg.precision.name}",
-    ]
+    own = [f"model:{cfg.model.name}", f"method:{cfg.quantizer.name}", f"bits:{cfg.precision.name}"]
+    tags = list(lcfg.pop("tags", None) or []) + own
     return qlogging.build_logger(
         "wandb",
         run_dir=str(run_dir),
@@ -160,12 +158,7 @@ def build_optimization(cfg: DictConfig, model: nn.Module, steps_per_epoch: int):
 
 
 def make_loss_fn(cfg: DictConfig):
-    ls = float(cfg.trainer.label_smoothing)
-
-    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, y, label_smoothing=ls)
-
-    return loss_fn
+    return functools.partial(nn.functional.cross_entropy, label_smoothing=float(cfg.trainer.label_smoothing))
 
 
 @dataclass

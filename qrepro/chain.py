@@ -1,26 +1,15 @@
-"""A cell that starts from another cell: ``python -m qrepro.train +experiment=<cell>`` resolves the chain.
+"""A cell that starts from another cell: ``python -m qrepro.train +experiment=<cell>`` resolves the chain (the
+README's "starts from another cell" paragraph describes it for users).
 
-An experiment names its source with ``init_from_experiment: <experiment>`` (the FP model, or the previous
-bit-width of a progressive chain); one that starts from an external checkpoint says so with
-``init_from_required: "<what>"``. Before training such a cell the trainer
+An experiment names its source with ``init_from_experiment: <experiment>``, or an external checkpoint with
+``init_from_required: "<what>"``. The source run (the command line's overrides carried over, except those that
+define the cell: ``precision``, ``quantizer``, ``name``, ``init_from``) is reused when finished, else trained first;
+``init_from=<path>`` or ``init_from=null`` skips both, ``+plan=true`` prints the chain without training.
 
-* uses the finished run of the source cell (same carried overrides, hence same recipe and seed) when one exists,
-* otherwise trains it first (``python -m qrepro.train +experiment=<source> ...``, itself resolved the same way)
-  and says so,
-* and does neither when the command line gives ``init_from=<path>`` (or ``init_from=null``: from scratch).
-
-The overrides of the command line carry over to the source runs, except those that define the cell itself
-(``precision``, ``quantizer``, ``name``, ``init_from``): ``seed=1 trainer.epochs=3 dataset.root=...`` apply to
-the whole chain. ``+plan=true`` prints the chain, its run directories and commands without training.
-
-A multirun (``-m ... precision=w2a2,w3a3``) resolves each job's chain in the launching process and trains the
-sources its jobs need there, each once, before the first job starts; each job then starts from its own source.
-
-Batched members (``seed=S trainer.members=K``, qrepro/engine/members.py) resolve as their separate runs do: member i
-is the run ``seed=S+i``, whose chain carries its seed, so member i starts from the seed ``S+i`` run of the source
-cell. The K source runs of each step of the chain are trained as one batched job (``trainer.members=K`` on the
-source cell; runs already finished are reused, and a batch that would not write exactly those runs is trained one
-run at a time), then every member starts from its own source's ``last.pt``.
+A multirun resolves every job's chain in the launching process and trains the sources its jobs need there, each
+once, before the first job starts. Batched members (``seed=S trainer.members=K``): member i is the run ``seed=S+i``
+and starts from the seed ``S+i`` run of its source; the K source runs of each step are trained as one batched job
+(those finished are reused; a batch that would not write exactly those runs is trained one run at a time).
 """
 
 from __future__ import annotations
@@ -106,9 +95,9 @@ def _step(experiment: str, overrides: list[str], cfg: DictConfig | None = None) 
     asked = [o.split("=", 1)[1] for o in overrides if key_of(o) == "hydra.run.dir"]  # the user's directory
     sub = run_subdir([f"+experiment={experiment}", *overrides])
     run_dir = Path(asked[-1]) if asked else Path(str(cfg.out_root)) / str(cfg.name) / sub
-    rec = read_record(run_dir / "record.json")
-    done = bool(rec and rec.get("complete") is True)
-    return Step(experiment, list(overrides), run_dir, done, rec, int(cfg.seed)), cfg
+    step = Step(experiment, list(overrides), run_dir, False, seed=int(cfg.seed))
+    step.refresh()
+    return step, cfg
 
 
 def resolve(experiment: str, overrides: Sequence[str], cfg: DictConfig | None = None) -> list[Step]:

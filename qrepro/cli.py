@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -30,7 +31,7 @@ from qrepro.validation import precheck
 
 # Hydra's own command-line flags: those that take a value, and those after which Hydra prints and runs nothing
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
-_VALUE_FLAGS |= {"--experimental-rerun"}
+_VALUE_FLAGS |= {"--experimental-rerun", "--info", "-i"}  # --info takes a value only when one of its choices follows
 _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [choice]
 NO_RUN_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
 
@@ -41,17 +42,10 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     overrides: list[str] = []
     i = 0
     while i < len(argv):
-        a = argv[i]
-        if not a.startswith("-"):
-            overrides.append(a)
-            i += 1
-            continue
-        name, has_value = a.split("=", 1)[0], "=" in a
-        takes = not has_value and name in _VALUE_FLAGS
-        takes |= not has_value and name in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES
-        n = 2 if takes else 1
-        flags += argv[i : i + n]
-        i += n
+        a, nxt = argv[i], argv[i + 1 : i + 2]
+        takes = a in _VALUE_FLAGS and (a not in ("--info", "-i") or bool(nxt) and nxt[0] in _INFO_CHOICES)
+        (flags if a.startswith("-") else overrides).extend([a, *nxt] if takes else [a])
+        i += 2 if takes else 1
     return flags, overrides
 
 
@@ -85,10 +79,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def handle_sigterm() -> None:
     """End the process on SIGTERM the way Ctrl-C ends it (main thread only; a no-op elsewhere)."""
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread
-        pass
 
 
 def interrupted(e: KeyboardInterrupt) -> SystemExit:
@@ -142,12 +134,6 @@ def save_hydra_files(run_dir: Path, cfg: Any) -> None:
 _OUTCOMES_ENV = "QREPRO_MULTIRUN_OUTCOMES"
 
 
-def _job_info() -> tuple[str, Path, Path, int]:
-    hc = HydraConfig.get()
-    num = None if OmegaConf.is_missing(hc.job, "num") else hc.job.num  # set in a multirun only
-    return hc.job.override_dirname or f"job{num}", Path(hc.runtime.output_dir), Path(hc.sweep.dir), num
-
-
 _BEFORE_LAUNCH: list[Path] = []  # the deepest folder of out_root's path that existed before this launch
 
 
@@ -189,14 +175,15 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def wrapper(cfg: Any) -> Any:
         if not HydraConfig.initialized():
             return single(cfg)
-        job, run_dir, sweep_dir, num = _job_info()
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        hc = HydraConfig.get()
+        num = None if OmegaConf.is_missing(hc.job, "num") else hc.job.num  # set in a multirun only
+        job = hc.job.override_dirname or f"job{num}"
+        run_dir, sweep_dir = Path(hc.runtime.output_dir), Path(hc.sweep.dir)
+        if hc.mode != RunMode.MULTIRUN:
             try:
                 return single(cfg)
-            except SystemExit:
-                _clean_unused_dir(
-                    run_dir, cfg.get("out_root")
-                )  # failed before it started: leave no empty run directory
+            except SystemExit:  # failed before it started: leave no empty run directory
+                _clean_unused_dir(run_dir, cfg.get("out_root"))
                 raise
         out: dict[str, Any] = {"id": job, "num": num, "run_dir": str(run_dir), "sweep_dir": str(sweep_dir)}
         try:
@@ -219,40 +206,30 @@ def multirun_job(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _write_outcome(out: dict[str, Any]) -> None:
-    d = os.environ.get(_OUTCOMES_ENV)
-    if not d:
-        return
-    try:
-        write_json_atomic(out, Path(d) / f"{hashlib.sha1(out['run_dir'].encode()).hexdigest()[:16]}.json")
-    except (QreproError, OSError):
-        pass
+    if d := os.environ.get(_OUTCOMES_ENV):
+        with contextlib.suppress(QreproError, OSError):
+            write_json_atomic(out, Path(d) / f"{hashlib.sha1(out['run_dir'].encode()).hexdigest()[:16]}.json")
 
 
 def summarize_multirun(outcomes_dir: Path) -> int:
     """One line ``multirun: N finished, M skipped, K failed: ids`` and <sweep dir>/multirun.json; exit code."""
     jobs = []
     for p in sorted(outcomes_dir.glob("*.json")):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             jobs.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            continue
     jobs.sort(key=lambda j: (j.get("num") is None, j.get("num") or 0))
     shutil.rmtree(outcomes_dir, ignore_errors=True)
-    try:
+    with contextlib.suppress(OSError):
         outcomes_dir.parent.rmdir()  # <out_root>/.multirun when no other sweep is running
-    except OSError:
-        pass
-    fin = [j for j in jobs if j.get("status") == "finished"]
-    skip = [j for j in jobs if j.get("status") == "skipped"]
+    n = {s: sum(j.get("status") == s for j in jobs) for s in ("finished", "skipped")}
     bad = [j for j in jobs if j.get("status") not in ("finished", "skipped")]
     ids = ", ".join(f"{j['id']} ({j.get('status')})" for j in bad)
-    print(f"multirun: {len(fin)} finished, {len(skip)} skipped, {len(bad)} failed" + (f": {ids}" if bad else ""))
-    sweep_dirs = {j.get("sweep_dir") for j in jobs if j.get("sweep_dir")}
-    for sd in sweep_dirs:
-        try:
+    print(
+        f"multirun: {n['finished']} finished, {n['skipped']} skipped, {len(bad)} failed" + (f": {ids}" if bad else "")
+    )
+    for sd in {j.get("sweep_dir") for j in jobs if j.get("sweep_dir")}:
+        with contextlib.suppress(QreproError, OSError):
             _merge_multirun_json(Path(sd), [j for j in jobs if j.get("sweep_dir") == sd])
-        except (QreproError, OSError):
-            pass
     return 1 if bad else 0
 
 

@@ -12,8 +12,7 @@ logging, run control). Three things derive from it:
 * the overrides a record stores (:func:`semantic_overrides`), which table cells are matched against;
 * a run's identity (passed to ``qrepro.engine.rundir.identity``, which drops these keys before hashing).
 
-``SAME_CELL_KEYS`` are keys that do change a run's numbers (so they name the run and enter its identity) but not
-the recipe it reproduces: table matching ignores them and the tables mark such runs.
+``SAME_CELL_KEYS``: keys that change a run's numbers but not the recipe it reproduces (see their comment).
 """
 
 from __future__ import annotations
@@ -42,8 +41,7 @@ _PKG = Path(__file__).resolve().parent
 # a checkout uses its top-level configs/; an installed wheel carries a copy as qrepro/configs (setup.py)
 CONFIG_DIR = str(_PKG.parent / "configs" if (_PKG.parent / "pyproject.toml").is_file() else _PKG / "configs")
 
-# keys that never change what a run computes: left out of the run directory name, of the record's overrides and
-# of the run's identity (a key names its whole sub-tree: ``logger`` covers ``logger.project``)
+# a key names its whole sub-tree: ``logger`` covers ``logger.project``
 NON_SEMANTIC_KEYS = (
     "experiment",
     "resume",
@@ -114,9 +112,7 @@ def key_of(override: str) -> str:
 def run_subdir_name(s: str | None) -> str:
     """A run directory's name from Hydra's ``override_dirname`` (``default`` when empty; path-safe)."""
     s = (s or "").strip()
-    if not s:
-        return "default"
-    return re.sub(r"[^A-Za-z0-9=,._+\-]", "_", s.replace("/", "_"))[:200]
+    return "default" if not s else re.sub(r"[^A-Za-z0-9=,._+\-]", "_", s.replace("/", "_"))[:200]
 
 
 def canonical_value(v: Any) -> str:
@@ -140,10 +136,9 @@ def canonical_value(v: Any) -> str:
 def canonical_override(o: Any) -> str:
     """A parsed override as ``key=value`` with its value in :func:`canonical_value`'s spelling (the key keeps
     its ``+``/``~`` prefix)."""
-    key = o.input_line.split("=", 1)[0]
     if o.is_sweep_override() or "=" not in o.input_line:
         return o.input_line
-    return f"{key}={canonical_value(o.value())}"
+    return f"{o.input_line.split('=', 1)[0]}={canonical_value(o.value())}"
 
 
 _NESTED = [0]  # compositions in progress for a run directory's name (see _run_subdir_resolver)
@@ -369,9 +364,7 @@ def quote_path_overrides(argv: Sequence[str], multirun: bool) -> list[str]:
 def compose(overrides: Sequence[str], config_name: str = "train") -> DictConfig:
     """Compose a config in-process (tests, scripts, the launch's checks) exactly as the command line would."""
     register_resolvers()
-    overrides = quote_path_overrides(
-        add_group_plus(overrides), multirun=False
-    )  # run directories in paths hold '=' and ','
+    overrides = quote_path_overrides(add_group_plus(overrides), multirun=False)  # run directories hold '=' and ','
     check_group_choices(overrides)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)

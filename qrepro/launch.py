@@ -45,14 +45,7 @@ from qrepro.engine.members import (
     member_overrides,
     member_seeds,
 )
-from qrepro.engine.precision import (
-    amp_mode,
-    autocast_factory,
-    channels_last,
-    check_amp,
-    input_transform,
-    make_scaler,
-)
+from qrepro.engine.precision import amp_mode, autocast_factory, channels_last, check_amp, input_transform, make_scaler
 from qrepro.engine.rundir import WANDB_ID_FILE, RunLock, identity, init_source, prepare_run_dir
 from qrepro.engine.trainer import Fit, FitResult, Trainer, train_trainers
 from qrepro.errors import QreproError
@@ -60,20 +53,22 @@ from qrepro.logging import build_logger
 from qrepro.validation import check_init_path, check_launch
 
 
+def _epochs(cfg: DictConfig) -> int:
+    return 0 if cfg.get("evaluate_only") else int(cfg.trainer.epochs)
+
+
+def _accumulate(cfg: DictConfig) -> int:
+    return int(cfg.trainer.get("accumulate") or 1)
+
+
 def _prepare_run_dir(cfg: DictConfig, run_dir: Path, init: dict | None) -> tuple[str, dict | None]:
     return prepare_run_dir(
-        run_dir,
-        init,
-        force=bool(cfg.force),
-        retry=bool(cfg.get("retry")),
-        resume=bool(cfg.resume),
-        epochs=0 if cfg.get("evaluate_only") else int(cfg.trainer.epochs),
+        run_dir, init, force=bool(cfg.force), retry=bool(cfg.get("retry")), resume=bool(cfg.resume), epochs=_epochs(cfg)
     )
 
 
 def _decide(cfg: DictConfig, run_dir: Path, init: dict | None, denv, lock) -> tuple[str, dict | None]:
     """Rank 0 takes the lock and decides; under DDP the other ranks follow its decision (or its error)."""
-
     out: list = [None, None, None]
     if denv.is_main:
         try:
@@ -86,6 +81,34 @@ def _decide(cfg: DictConfig, run_dir: Path, init: dict | None, denv, lock) -> tu
     if out[2]:
         raise QreproError(out[2] if denv.is_main else f"rank 0 stopped: {out[2]}")
     return out[0], out[1]
+
+
+def _where(cfg: DictConfig, run_dir: Path | None, experiment: str | None, overrides: list[str] | None):
+    """(run dir, experiment, overrides): those given, else the running Hydra job's, else the config's."""
+    h_dir, h_exp, h_over = hydra_context()
+    run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
+    return run_dir, experiment or h_exp or cfg.get("experiment"), list(overrides if overrides is not None else h_over)
+
+
+def _init(init_from: Any) -> dict | None:
+    """The ``init_from`` file (path, sha256); a corrupt checkpoint is one line before a run directory is touched."""
+    init = init_source(init_from)
+    if init:
+        check_init_path(init["path"])
+    return init
+
+
+def _skipped(run_dir: Path, rec: dict, note: str | None = None, say: bool = True) -> FitResult:
+    if say:
+        what = "a complete record" if rec.get("complete") else f"a {rec.get('status')} record"
+        hint = "force=true to re-run" if rec.get("complete") else "retry=true or force=true to run it again"
+        print(f"skip: {run_dir} already has {what} ({note or hint})", flush=True)
+    return FitResult(rec, run_dir / "record.json", diverged=rec.get("status") == "diverged", skipped=True)
+
+
+def _best_line(result: FitResult) -> str:
+    m = result.record["metrics"]
+    return f"best top1 {m['best_top1']:.2f}% (epoch {m['best_epoch']}), last top1 {m['last_top1']:.2f}%"
 
 
 def train(
@@ -104,29 +127,21 @@ def train(
         check_launch(cfg, "train")
     if int(cfg.trainer.get("members") or 1) > 1:  # K seeds as one batched job (qrepro/engine/members.py)
         return train_members(cfg, run_dir, experiment, overrides, member_inits)
-    h_dir, h_exp, h_over = hydra_context()
-    run_dir = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default")
-    experiment = experiment or h_exp or cfg.get("experiment")
-    overrides = semantic_overrides(overrides if overrides is not None else h_over, scratch=trains_from_scratch(cfg))
-    record_path = run_dir / "record.json"
-    init = init_source(cfg.init_from)
-    if init:
-        check_init_path(init["path"])  # a corrupt checkpoint is one line before the run directory is touched
+    run_dir, experiment, overrides = _where(cfg, run_dir, experiment, overrides)
+    overrides = semantic_overrides(overrides, scratch=trains_from_scratch(cfg))
+    init = _init(cfg.init_from)
     denv = qdist.setup(cfg.trainer.device)  # torchrun / submitit tasks -> process group; else one process
-    data = _setup(cfg, denv)  # a missing dataset.root is one line before the run directory is touched
+    # process settings, seed and the dataset: a missing dataset.root is one line before the run directory is touched
+    data = setup_run(cfg, denv.device, denv.rank, denv.world_size)
     lock = RunLock(run_dir)
     try:
         action, rec = _decide(cfg, run_dir, init, denv, lock)
         if action == "skip":
-            if denv.is_main:
-                what = "a complete record" if rec.get("complete") else f"a {rec.get('status')} record"
-                hint = "force=true to re-run" if rec.get("complete") else "retry=true or force=true to run it again"
-                print(f"skip: {run_dir} already has {what} ({hint})", flush=True)
-            return FitResult(rec, record_path, diverged=rec.get("status") == "diverged", skipped=True)
-        if not denv.is_main:
-            return _train(cfg, run_dir, experiment, overrides, init, denv, data, resuming=action == "resume")
-        save_hydra_files(run_dir, cfg)
-        with tee_console(run_dir / "train.log"):  # the console output, kept beside the record
+            return _skipped(run_dir, rec, say=denv.is_main)
+        if denv.is_main:
+            save_hydra_files(run_dir, cfg)
+        # the console output, kept beside the record
+        with tee_console(run_dir / "train.log") if denv.is_main else contextlib.nullcontext():
             return _train(cfg, run_dir, experiment, overrides, init, denv, data, resuming=action == "resume")
     finally:
         lock.release()
@@ -171,7 +186,7 @@ def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, 
         optimizer=comp.optimizer,
         scheduler=comp.scheduler,
         loss_fn=comp.loss_fn,
-        epochs=0 if cfg.get("evaluate_only") else int(cfg.trainer.epochs),
+        epochs=_epochs(cfg),
         run_dir=run_dir,
         hooks=hooks,
         regularizer=comp.method.regularizer,
@@ -183,7 +198,7 @@ def _fit(cfg, run_dir, comp, data, config, init, *, hooks, logger, record_base, 
         device=device,
         identity=identity(config, init, NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS),
         scaler=scaler,
-        accumulate=int(cfg.trainer.get("accumulate") or 1),
+        accumulate=_accumulate(cfg),
         **kw,
     )
 
@@ -193,30 +208,20 @@ def _run_line(cfg, run_dir, device, mode, amp) -> str:
         f"run: {run_dir}  model={cfg.model.name} quantizer={cfg.quantizer.name} precision={cfg.precision.name} "
         f"device={device} epochs={cfg.trainer.epochs} compile={mode or 'off'}"
         + (f" amp={amp}" if amp != "off" else "")
-        + (f" accumulate={n}" if (n := int(cfg.trainer.get("accumulate") or 1)) > 1 else "")
+        + (f" accumulate={n}" if (n := _accumulate(cfg)) > 1 else "")
     )
-
-
-def _setup(cfg: DictConfig, denv):
-    """Process settings, seed and the dataset (before the run directory is taken: bad data is one line)."""
-    return setup_run(cfg, denv.device, denv.rank, denv.world_size)
 
 
 def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: bool):
     device, world = denv.device, denv.world_size
-    comp = build_components(
-        cfg,
-        device,
-        data=data,
-        init=not resuming,
-        sync_bn=qdist.use_sync_bn(bool(cfg.trainer.get("sync_bn", False)), denv),
-    )
-    model, method, optimizer, loss_fn = comp.model, comp.method, comp.optimizer, comp.loss_fn
+    sync_bn = qdist.use_sync_bn(bool(cfg.trainer.get("sync_bn", False)), denv)
+    comp = build_components(cfg, device, data=data, init=not resuming, sync_bn=sync_bn)
+    model, method, optimizer = comp.model, comp.method, comp.optimizer
     amp, cl = amp_mode(cfg.trainer.get("amp")), bool(cfg.trainer.get("channels_last", False))
     check_amp(amp, optimizer)
     if cl:
         channels_last(model)
-    autocast, scaler = autocast_factory(amp, device), make_scaler(amp, device)
+    autocast = autocast_factory(amp, device)
     # under DDP: rank 0's state broadcast after the method's hooks initialise from each rank's own first batch
     sync = [qdist.DistributedSync()] if world > 1 else []
     hooks = list(method.hooks) + sync + list(getattr(optimizer, "hooks", []))
@@ -225,7 +230,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: b
     forward_loss = None
     if mode is not None or autocast is not None or cl:
         forward_loss = make_forward_loss(
-            train_model, loss_fn, method.regularizer, autocast=autocast, input_transform=input_transform(cl)
+            train_model, comp.loss_fn, method.regularizer, autocast=autocast, input_transform=input_transform(cl)
         )
     if mode is not None:  # the fast path: forward + loss + regularizer compiled (CUDA graphs on GPU)
         forward_loss = fast.compile_forward_loss(forward_loss, mode)
@@ -240,16 +245,15 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: b
         print(_run_line(cfg, run_dir, device, mode, amp) + ranks, flush=True)
     f = _fit(
         cfg, run_dir, comp, data, config, init, hooks=hooks, logger=logger, record_base=record_base,
-        resuming=resuming, device=device, scaler=scaler, progress=bool(cfg.trainer.progress),
+        resuming=resuming, device=device, scaler=make_scaler(amp, device), progress=bool(cfg.trainer.progress),
         forward_loss=forward_loss, eval_compile=mode, train_model=train_model, is_main=denv.is_main,
     )  # fmt: skip
     try:
         result = engine_trainer.fit(f)
     finally:
         logger.finish()  # no-op when the run finished (the logger callback closed it with its summary)
-    m = result.record["metrics"]
     if denv.is_main:
-        print(f"best top1 {m['best_top1']:.2f}% (epoch {m['best_epoch']}), last top1 {m['last_top1']:.2f}%", flush=True)
+        print(_best_line(result), flush=True)
     return result
 
 
@@ -259,14 +263,18 @@ class _Member:
 
     index: int
     seed: int
-    label: str
     cfg: Any
     run_dir: Path
+    init: dict | None = None  # its init_from file (path, sha256)
+    resuming: bool = False
+    lock: Any = None
     trainer: Any = None
     result: Any = None
     error: str | None = None
-    lock: Any = None
-    init: dict | None = None  # its init_from file (path, sha256)
+
+    @property
+    def label(self) -> str:
+        return f"seed={self.seed}"
 
 
 def _finish_member(m: _Member) -> None:
@@ -279,12 +287,7 @@ def _finish_member(m: _Member) -> None:
     finally:
         m.trainer.f.logger.finish()
     if m.error is None:
-        mm = m.result.record["metrics"]
-        print(
-            f"[{m.label}] best top1 {mm['best_top1']:.2f}% (epoch {mm['best_epoch']}), "
-            f"last top1 {mm['last_top1']:.2f}%",
-            flush=True,
-        )
+        print(f"[{m.label}] {_best_line(m.result)}", flush=True)
 
 
 def _member_cfg(cfg: DictConfig, seed: int, init_from: Any = None) -> DictConfig:
@@ -310,18 +313,12 @@ def train_members(
     k = int(cfg.trainer.members)
     if inits is not None and len(inits) != k:
         raise ValueError(f"{len(inits)} member inits for {k} members")
-    h_dir, h_exp, h_over = hydra_context()
-    raw = [o for o in (overrides if overrides is not None else h_over)]
-    experiment = experiment or h_exp or cfg.get("experiment")
-    s0 = int(cfg.seed)
-    seed_given = any(key_of(o) == "seed" for o in raw)
+    run_dir, experiment, raw = _where(cfg, run_dir, experiment, overrides)
+    s0, seed_given = int(cfg.seed), any(key_of(o) == "seed" for o in raw)
     seeds = member_seeds(s0, k)
     raws = [member_overrides(raw, s0, i, seed_given) for i in range(k)]
-    base = Path(run_dir or h_dir or Path(cfg.out_root) / cfg.name / "default").parent
     members = [
-        _Member(
-            i, seeds[i], f"seed={seeds[i]}", _member_cfg(cfg, seeds[i], inits and inits[i]), base / run_subdir(raws[i])
-        )
+        _Member(i, seeds[i], _member_cfg(cfg, seeds[i], inits and inits[i]), run_dir.parent / run_subdir(raws[i]))
         for i in range(k)
     ]
     if bool(cfg.trainer.get("channels_last", False)):
@@ -332,18 +329,15 @@ def train_members(
     denv = qdist.setup(cfg.trainer.device)
     if denv.world_size > 1:
         raise QreproError("trainer.members cannot be combined with several processes (torchrun/DDP); use one")
-    for m in members:  # a corrupt checkpoint is one line before a run directory is touched
-        m.init = init_source(m.cfg.init_from)
-        if m.init:
-            check_init_path(m.init["path"])
-    results: list[Any] = [None] * k
+    for m in members:
+        m.init = _init(m.cfg.init_from)
     batch = {
         "id": batch_id(str(cfg.name), seeds, [o for o in raw if key_of(o) not in ("seed", "trainer.members")]),
         "size": k,
         "seeds": seeds,
         "run_dirs": [str(m.run_dir) for m in members],
     }
-    todo: list[tuple[_Member, bool]] = []
+    todo: list[_Member] = []
     try:
         for m in members:
             m.lock = RunLock(m.run_dir)
@@ -353,66 +347,54 @@ def train_members(
             except QreproError as e:
                 raise QreproError(f"member {m.label}: {e}") from None
             if action == "skip":
-                what = "a complete record" if rec.get("complete") else f"a {rec.get('status')} record"
-                print(f"skip: {m.run_dir} already has {what} (member {m.label})", flush=True)
-                results[m.index] = FitResult(
-                    rec, m.run_dir / "record.json", diverged=rec.get("status") == "diverged", skipped=True
-                )
+                m.result = _skipped(m.run_dir, rec, f"member {m.label}")
             else:
-                todo.append((m, action == "resume"))
+                m.resuming = action == "resume"
+                todo.append(m)
         if todo:
             with contextlib.ExitStack() as logs:  # each member's train.log holds the batch's (labelled) output
-                for m, _ in todo:
+                for m in todo:
                     save_hydra_files(m.run_dir, m.cfg)
                     logs.enter_context(tee_console(m.run_dir / "train.log"))
-                ovs = [semantic_overrides(raws[m.index], scratch=trains_from_scratch(m.cfg)) for m, _ in todo]
+                ovs = [semantic_overrides(raws[m.index], scratch=trains_from_scratch(m.cfg)) for m in todo]
                 _train_members(cfg, todo, experiment, ovs, denv, batch)
-            for m, _ in todo:
-                results[m.index] = m.result
     finally:
         for m in members:
             if m.lock is not None:
                 m.lock.release()
-    bad = [m for m, _ in todo if m.error]
-    if bad:
+    if bad := [m for m in todo if m.error]:
         raise QreproError("training diverged: " + "; ".join(f"member {m.label}: {m.error}" for m in bad))
-    return results
+    return [m.result for m in members]
 
 
-def _train_members(cfg, todo, experiment, member_overrides_, denv, batch) -> None:
+def _train_members(cfg, members: list[_Member], experiment, member_overrides_, denv, batch) -> None:
     device = denv.device
     setup_process(cfg, device)
     amp = amp_mode(cfg.trainer.get("amp"))
     # trainer.compile=auto stays eager with members (the batched step is compiled only when asked for)
     mode = None if str(cfg.trainer.compile).lower() == "auto" else compile_mode(cfg.trainer.compile, device)
     autocast = autocast_factory(amp, device)
-    seed_everything(int(todo[0][0].seed))
+    seed_everything(members[0].seed)
     data = build_data_from_cfg(cfg, device)
-    k_all = batch["size"]
-    for (m, resuming), ovr in zip(todo, member_overrides_):
+    for m, ovr in zip(members, member_overrides_):
         c = m.cfg
-        seed_everything(int(m.seed))  # as the separate run: the model initialised from its own seed
+        seed_everything(m.seed)  # as the separate run: the model initialised from its own seed
         data_m = member_data(data, m.seed)
-        comp = build_components(c, device, data=data_m, init=not resuming)
+        comp = build_components(c, device, data=data_m, init=not m.resuming)
         check_amp(amp, comp.optimizer)
-        hooks = list(comp.method.hooks) + list(getattr(comp.optimizer, "hooks", []))
-        config = OmegaConf.to_container(c, resolve=True)
-        record_base = make_record_base(c, experiment, ovr, m.init, 1)
-        record_base["members"] = {**batch, "index": m.index}
-        logger = open_logger(c, m.run_dir, config, resuming, concurrent=True)
+        config = _plain(c)
+        record_base = {**make_record_base(c, experiment, ovr, m.init, 1), "members": {**batch, "index": m.index}}
+        logger = open_logger(c, m.run_dir, config, m.resuming, concurrent=True)
         f = _fit(
-            c, m.run_dir, comp, data_m, config, m.init, hooks=hooks, logger=logger, record_base=record_base,
-            resuming=resuming, device=device, scaler=make_scaler(amp, device), progress=False,
+            c, m.run_dir, comp, data_m, config, m.init, hooks=comp.hooks, logger=logger, record_base=record_base,
+            resuming=m.resuming, device=device, scaler=make_scaler(amp, device), progress=False,
         )  # fmt: skip
         f.callbacks = [MemberConsole(m.label) if isinstance(cb, Console) else cb for cb in default_callbacks(f)]
         rng = RngState(device)
         rng.capture()
         m.trainer = Trainer(f, label=m.label, rng=rng)
-        print(
-            _run_line(c, m.run_dir, device, mode, amp) + f" member {m.index + 1}/{k_all} of batch {batch['id']}",
-            flush=True,
-        )
-    members = [m for m, _ in todo]
+        line = _run_line(c, m.run_dir, device, mode, amp)
+        print(f"{line} member {m.index + 1}/{batch['size']} of batch {batch['id']}", flush=True)
     by_trainer = {id(m.trainer): m for m in members}
     slots: dict[int, MemberSlot] = {}
 
@@ -428,15 +410,14 @@ def _train_members(cfg, todo, experiment, member_overrides_, denv, batch) -> Non
             log_every=int(cfg.trainer.log_every),
             progress=bool(cfg.trainer.progress),
             epochs=int(cfg.trainer.epochs),
-            accumulate=int(cfg.trainer.get("accumulate") or 1),
+            accumulate=_accumulate(cfg),
         )
 
     try:
         for m in members:
-            t = m.trainer
+            t, f = m.trainer, m.trainer.f
             with t.rng:
                 t.setup()
-            f = t.f
             slots[id(t)] = MemberSlot(
                 f.model, f.optimizer, f.scheduler, f.hooks, f.ema, t.ctx, t.rng, f.scaler, m.label
             )
@@ -446,7 +427,5 @@ def _train_members(cfg, todo, experiment, member_overrides_, denv, batch) -> Non
     finally:
         for m in members:
             if m.result is None and m.trainer is not None:  # an exception: close what is open
-                try:
+                with contextlib.suppress(Exception):
                     m.trainer.f.logger.finish()
-                except Exception:  # noqa: BLE001
-                    pass

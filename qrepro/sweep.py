@@ -155,27 +155,21 @@ def commands(
     lines = [f"# {table}: {len(cells)} of {len(all_cells)} cells; launcher={launcher}"]
     for w, wave in enumerate(waves(cells)):
         lines.append(f"# wave {w}: {', '.join(c['id'] for c in wave)}")
-        if launcher == "torchrun":
-            for c in wave:
-                ptq = bool(c.get("ptq"))  # PTQ is single-process: plain python, one rank
-                sd = [] if ptq else seeded
-                one = ptq or batched and bool(sd)  # a batched job is one process (no DDP)
-                argv = ["python"] if one else ["torchrun", "--standalone", f"--nproc_per_node={gpus}"]
-                argv += ["-m", "qrepro.ptq" if ptq else "qrepro.train"] + (["-m"] if sd and "," in sd[0] else [])
-                argv += [f"+experiment={c['experiment']}", *(c.get("overrides") or []), *sd]
-                ip = init_path(c, by_id)
-                argv += ([f"init_from={ip}"] if ip else []) + ([] if ptq else ["resume=true"]) + [*extra]
-                lines.append(shlex.join(argv))
-            continue
+        # torchrun: one command per cell; submitit: one multirun per (PTQ or not, overrides, initialising cell)
         groups: dict[tuple, list[str]] = {}
-        for c in wave:
+        for i, c in enumerate(wave):
             key = (bool(c.get("ptq")), tuple(c.get("overrides") or []), init_path(c, by_id))
-            groups.setdefault(key, []).append(c["experiment"])
-        for (ptq, overrides, ip), exps in groups.items():
+            groups.setdefault((*key, i) if launcher == "torchrun" else key, []).append(c["experiment"])
+        for (ptq, overrides, ip, *_), exps in groups.items():
             sd = [] if ptq else seeded
-            argv = ["python", "-m", "qrepro.ptq" if ptq else "qrepro.train", "-m", f"hydra/launcher={launcher}"]
-            # one task: PTQ calibrates on one rank; a batched job trains its members in one process
-            argv += ["hydra.launcher.gpus_per_node=1"] if ptq or (batched and sd) else []
+            one = ptq or batched and bool(sd)  # PTQ calibrates on one rank; a batched job is one process (no DDP)
+            module = ["-m", "qrepro.ptq" if ptq else "qrepro.train"]
+            if launcher == "torchrun":
+                argv = ["python"] if one else ["torchrun", "--standalone", f"--nproc_per_node={gpus}"]
+                argv += module + (["-m"] if sd and "," in sd[0] else [])
+            else:
+                argv = ["python", *module, "-m", f"hydra/launcher={launcher}"]
+                argv += ["hydra.launcher.gpus_per_node=1"] if one else []
             argv += [f"+experiment={','.join(exps)}", *overrides, *sd, *([f"init_from={ip}"] if ip else [])]
             argv += [*([] if ptq else ["resume=true"]), *extra]
             lines.append(shlex.join(argv))

@@ -9,51 +9,24 @@ from __future__ import annotations
 import os
 import sys
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests import them from here)
-    VALID_BITS,
-    _plain,
-    _without,
-    build_components,
     build_data_from_cfg,
     build_model_and_method,
-    check_precision,
     compose,
     hydra_context,
-    init_model,
-    make_logger,
-    seed_everything,
-    select_device,
     semantic_overrides,
-    setup_process,
 )
 from qrepro.chain import job_init, member_inits, pop_plan, prepare
-from qrepro.cli import handle_sigterm, hydra_entry, one_line_errors
-from qrepro.launch import (  # noqa: F401  (re-exported: scripts and tests import them from here)
-    _decide,
-    _finish_member,
-    _fit,
-    _Member,
-    _member_cfg,
-    _prepare_run_dir,
-    _run_line,
-    _setup,
-    _train,
-    _train_members,
-    make_record_base,
-    open_logger,
-    train,
-    train_members,
-)
+from qrepro.cli import handle_sigterm, hydra_entry, in_multirun, one_line_errors
+from qrepro.launch import train
 from qrepro.run_table import from_train_argv
 
 
 def _task(cfg: DictConfig) -> str:
     # a single run's config was validated by the launch's check; a multirun's jobs are validated one by one
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    multirun = in_multirun()
     inits = None
     if int(cfg.trainer.get("members") or 1) > 1:  # a chained cell's members: each from its seed's source run
         inits = member_inits(*hydra_context()[1:])

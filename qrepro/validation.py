@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 import os
 import re
 from collections.abc import Sequence
@@ -55,35 +56,17 @@ def _int(d: Any, key: str, prefix: str, lo: int, example: str, nullable: bool = 
         raise _bad(f"{prefix}{key}", v, f"an integer >= {lo}" + (" or null" if nullable else ""), example)
 
 
-def _num(
-    d: Any,
-    key: str,
-    prefix: str,
-    example: str,
-    *,
-    lo: float | None = None,
-    lo_open: bool = False,
-    hi: float | None = None,
-    hi_open: bool = False,
-    nullable: bool = False,
-) -> None:
-    if key not in d:
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+def _num(d: Any, key: str, prefix: str, example: str, *bounds: tuple[str, float], nullable: bool = False) -> None:
+    """``d[key]``, when present, is a finite number within ``bounds`` (such as ``(">=", 0.0)``), or null if allowed."""
+    if key not in d or d[key] is None and nullable:
         return
     v = d[key]
-    if v is None and nullable:
-        return
-    ok = _is_num(v)
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v < hi if hi_open else v <= hi
-    if not ok:
-        rng = []
-        if lo is not None:
-            rng.append(f"{'>' if lo_open else '>='} {lo:g}")
-        if hi is not None:
-            rng.append(f"{'<' if hi_open else '<='} {hi:g}")
-        want = "a finite number" + (f" {' and '.join(rng)}" if rng else "") + (" or null" if nullable else "")
+    if not (_is_num(v) and all(_OPS[op](v, b) for op, b in bounds)):
+        rng = " and ".join(f"{op} {b:g}" for op, b in bounds)
+        want = "a finite number" + (f" {rng}" if rng else "") + (" or null" if nullable else "")
         raise _bad(f"{prefix}{key}", v, want, example)
 
 
@@ -92,9 +75,9 @@ def _bool(d: Any, key: str, prefix: str) -> None:
         raise _bad(f"{prefix}{key}", d[key], "true or false", "true")
 
 
-def did_you_mean(key: str, known: Sequence[str]) -> str:
+def did_you_mean(key: str, known: Sequence[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _trainer_keys() -> list[str]:
@@ -106,18 +89,15 @@ def _trainer_keys() -> list[str]:
 
 
 def _check_trainer(t: dict[str, Any]) -> None:
-    TRAINER_KEYS = _trainer_keys()  # noqa: N806
+    keys = _trainer_keys()
     for k in t:
-        if k not in TRAINER_KEYS:
-            raise QreproError(
-                f"unknown config key trainer.{k}"
-                + (did_you_mean(k, TRAINER_KEYS).replace("mean ", "mean trainer.") or "")
-                + f" (trainer keys: {', '.join(TRAINER_KEYS)})"
-            )
+        if k not in keys:
+            hint = did_you_mean(k, keys, "trainer.")
+            raise QreproError(f"unknown config key trainer.{k}{hint} (trainer keys: {', '.join(keys)})")
     _int(t, "epochs", "trainer.", 1, "30")
     _int(t, "batch_size", "trainer.", 1, "128")
-    _num(t, "label_smoothing", "trainer.", "0.1", lo=0.0, hi=1.0, hi_open=True)
-    _num(t, "ema", "trainer.", "0.9999", lo=0.0, lo_open=True, hi=1.0, hi_open=True, nullable=True)
+    _num(t, "label_smoothing", "trainer.", "0.1", (">=", 0.0), ("<", 1.0))
+    _num(t, "ema", "trainer.", "0.9999", (">", 0.0), ("<", 1.0), nullable=True)
     _int(t, "log_every", "trainer.", 1, "50")
     _int(t, "num_threads", "trainer.", 1, "4", nullable=True)
     _int(t, "members", "trainer.", 1, "4")
@@ -142,10 +122,10 @@ def _check_optimizer(o: dict[str, Any]) -> None:
     p = "optimizer."
     if not isinstance(o.get("name"), str):
         raise QreproError("optimizer.name is missing; choose e.g. optimizer=sgd")
-    _num(o, "lr", p, "0.1", lo=0.0, lo_open=True)
-    _num(o, "weight_decay", p, "5e-4", lo=0.0)
-    _num(o, "momentum", p, "0.9", lo=0.0, hi=1.0, hi_open=True)
-    _num(o, "eps", p, "1e-8", lo=0.0, lo_open=True)
+    _num(o, "lr", p, "0.1", (">", 0.0))
+    _num(o, "weight_decay", p, "5e-4", (">=", 0.0))
+    _num(o, "momentum", p, "0.9", (">=", 0.0), ("<", 1.0))
+    _num(o, "eps", p, "1e-8", (">", 0.0))
     _bool(o, "nesterov", p)
     if "betas" in o:
         b = o["betas"]
@@ -162,19 +142,19 @@ def _check_optimizer(o: dict[str, Any]) -> None:
             raise QreproError(
                 f"optimizer.groups[{i}]={g!r} needs 'tags: [...]', e.g. {{tags: [norm, bias], weight_decay: 0}}"
             )
-        _num(g, "lr", gp, "0.1", lo=0.0, lo_open=True)
-        _num(g, "weight_decay", gp, "0.0", lo=0.0)
-        _num(g, "momentum", gp, "0.9", lo=0.0, hi=1.0, hi_open=True)
+        _num(g, "lr", gp, "0.1", (">", 0.0))
+        _num(g, "weight_decay", gp, "0.0", (">=", 0.0))
+        _num(g, "momentum", gp, "0.9", (">=", 0.0), ("<", 1.0))
 
 
 def _check_scheduler(s: dict[str, Any]) -> None:
     p = "scheduler."
     if not isinstance(s.get("name"), str):
         raise QreproError("scheduler.name is missing; choose e.g. scheduler=cosine")
-    _num(s, "warmup_epochs", p, "5", lo=0.0)
+    _num(s, "warmup_epochs", p, "5", (">=", 0.0))
     for k in ("warmup_start_factor", "min_factor", "end_factor"):
-        _num(s, k, p, "0.0", lo=0.0)
-    _num(s, "gamma", p, "0.1", lo=0.0, lo_open=True)
+        _num(s, k, p, "0.0", (">=", 0.0))
+    _num(s, "gamma", p, "0.1", (">", 0.0))
     _bool(s, "per_epoch", p)
     if "milestones" in s:
         m = s["milestones"]
@@ -297,9 +277,7 @@ def check_launch(cfg: DictConfig, config_name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- the command line
-def _flat_keys(c: Any, prefix: str = "") -> list[str]:
-    if not isinstance(c, dict):
-        return [prefix.rstrip(".")]
+def _flat_keys(c: dict, prefix: str = "") -> list[str]:
     out = []
     for k, v in c.items():
         out += [f"{prefix}{k}"] + (_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [])
@@ -398,7 +376,7 @@ def _check_added_keys(overrides: list[str], config_name: str) -> None:
         if key.startswith("trainer."):
             sub = key.split(".", 1)[1]
             if sub not in _trainer_keys():
-                hint = did_you_mean(sub, _trainer_keys()).replace("mean ", "mean trainer.")
+                hint = did_you_mean(sub, _trainer_keys(), "trainer.")
                 raise QreproError(f"unknown config key {key}{hint} (the trainer takes no other keys)")
         elif "." not in key and key not in top:
             raise QreproError(f"unknown config key {key}{did_you_mean(key, sorted(top))}")
