@@ -263,15 +263,21 @@ def _timed(
     return row
 
 
-def _member(case: Case, device: torch.device, x, y, total: int, num_classes: int) -> tuple[Any, MemberSlot]:
-    """The method and one run's prepared model, SGD, cosine schedule and started hooks, as the trainer builds them
-    for the case, on the one synthetic batch ``(x, y)``."""
+def _build(case: Case, device: torch.device, total: int, num_classes: int) -> tuple[Any, nn.Module, Any, Any]:
+    """The method, prepared model on ``device``, SGD and a cosine schedule, as the trainer builds them for the case
+    (a QreproError here means the case is not supported: the row is skipped)."""
     method = build_method(case.method, case.w_bits, case.a_bits, **method_options(case.method))
     model = build_model(case.model, num_classes=num_classes)
     prepare(model, method)
     model.to(device).train()
     optimizer = build_optimizer(model, "sgd", None, lr=0.1, momentum=0.9, weight_decay=5e-4)
     scheduler = build_scheduler(optimizer, "cosine", total_steps=10 * total, steps_per_epoch=total)
+    return method, model, optimizer, scheduler
+
+
+def _member(case: Case, device: torch.device, built: tuple, x, y, num_classes: int) -> MemberSlot:
+    """One run's slot on the one synthetic batch ``(x, y)``, its hooks started (an error here is the row's error)."""
+    method, model, optimizer, scheduler = built
     data = SimpleNamespace(train=[(x, y)], test=[], num_classes=num_classes)
     ctx = Context(model=model, optimizer=optimizer, scheduler=scheduler, data=data, sample_batch=(x, y))
     hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
@@ -279,7 +285,7 @@ def _member(case: Case, device: torch.device, x, y, total: int, num_classes: int
         h.on_train_start(ctx)
     rng = RngState(device)
     rng.capture()
-    return method, MemberSlot(model, optimizer, scheduler, hooks, None, ctx, rng, make_scaler(case.amp, device))
+    return MemberSlot(model, optimizer, scheduler, hooks, None, ctx, rng, make_scaler(case.amp, device))
 
 
 def run_case(
@@ -296,11 +302,12 @@ def run_case(
     for i in range(k):
         torch.manual_seed(i)
         try:
-            method, slot = _member(case, device, x, y, warmup + steps * window, num_classes)
+            built = _build(case, device, warmup + steps * window, num_classes)
         except QreproError as e:
             row.status = f"skipped: {e}"
             return row
-        slots.append(slot)
+        method = built[0]
+        slots.append(_member(case, device, built, x, y, num_classes))
     autocast = autocast_factory(case.amp, device)
     if k > 1:
         step = BatchedStep(slots, _loss, method.regularizer, autocast, case.mode if compiled else None)

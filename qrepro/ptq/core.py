@@ -8,7 +8,8 @@ left untouched) built with the framework's own QConv2d/QLinear layers:
    quantized unless ``quantize_first_input``);
 2. activation statistics are collected on the calibration set (quantizers disabled);
 3. the registered algorithm (``PTQ_ALGORITHMS``: ``minmax``, ``mse``, ``aciq``, ``adaquant``, ``qdrop``, ``pot``,
-   ``kmeans``; each function's docstring says what it does) sets / optimises the quantizers.
+   ``kmeans``; the docstrings of ``_clipping`` (minmax, mse, aciq), ``_nonuniform`` (pot, kmeans),
+   ``ptq_adaquant`` and ``ptq_qdrop`` say what each does) sets / optimises the quantizers.
 
 AdaQuant and QDrop follow their reference implementations where the SymReg/SatNL supplement is silent
 (CalibTIP ``utils/adaquant.py`` + ``models/modules/quantize.py``; wimh966/QDrop ``solver/recon.py`` +
