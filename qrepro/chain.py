@@ -26,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from qrepro.cli import split_argv
-from qrepro.config import beside_hydra, compose, key_of, quote_path_overrides, run_subdir
+from qrepro.config import beside_hydra, compose, key_of, member_run_dir, quote_path_overrides, run_subdir
 from qrepro.engine.members import member_overrides
 from qrepro.engine.record import read_record
 from qrepro.engine.rundir import file_sha256
@@ -349,6 +349,14 @@ def _seeds(steps: Sequence[Step]) -> str:
     return ", ".join(str(s.seed) for s in steps)
 
 
+def _member_dir(steps: Sequence[Step], s: Step) -> Path:
+    """Where the batched job trains the member run ``s`` (``qrepro.config.member_run_dir``): the step's own
+    directory, or inside the directory the user chose for the cell (``hydra.run.dir``, the same for every member)."""
+    if len({t.run_dir for t in steps}) > 1:
+        return s.run_dir
+    return member_run_dir(s.run_dir, steps[0].overrides, s.overrides)
+
+
 def describe_members(chains: Sequence[Sequence[Step]], python: str = "python") -> list[str]:
     """The plan preview of a batched job: one block per step of the chain, its K members' run directories and the
     batched command that trains them."""
@@ -366,7 +374,7 @@ def describe_members(chains: Sequence[Sequence[Step]], python: str = "python") -
         origin = f"from {chains[0][j - 1].experiment}, each member from its seed's run" if j else "from scratch"
         lines.append(f"  {j + 1}. {steps[0].experiment}  [{state}, {origin}]")
         for s in steps:
-            lines.append(f"     run dir (seed={s.seed}): {s.run_dir.as_posix()}")
+            lines.append(f"     run dir (seed={s.seed}): {_member_dir(steps, s).as_posix()}")
         cmd = batch_command(steps, python, init_null=j == 0)
         if cmd is not None:
             lines.append(f"     {shlex.join(cmd)}")

@@ -249,6 +249,15 @@ def run_subdir(overrides: Sequence[str], config_name: str = "train") -> str:
     return run_subdir_name(",".join(sorted(items)))
 
 
+def member_run_dir(job_dir: Path, job_overrides: Sequence[str], member_overrides: Sequence[str]) -> Path:
+    """Where one member of a batched job (``trainer.members=K``) runs. A job directory named by the job's own
+    overrides (``<out_root>/<name>/<run_subdir>``, Hydra's default, or a multirun's job directory): the member's
+    directory is its sibling named by the member's overrides, where its separate run would go. A directory the
+    user chose (``hydra.run.dir=X``): the members go inside it, ``X/<the member's run_subdir>``."""
+    name = run_subdir(member_overrides)
+    return job_dir.parent / name if job_dir.name == run_subdir(job_overrides) else job_dir / name
+
+
 def _run_subdir_resolver(overrides: Any, config_name: str = "train") -> str:
     """``${run_subdir:${hydra:overrides.task},${hydra:job.config_name}}``: the run directory name of the task's
     overrides (a string is taken as an ``override_dirname`` already made). Inside a composition that names a run

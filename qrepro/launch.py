@@ -27,7 +27,7 @@ from qrepro.builders import (
     setup_run,
 )
 from qrepro.cli import save_hydra_files
-from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS, key_of, run_subdir, trains_from_scratch
+from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS, key_of, member_run_dir, trains_from_scratch
 from qrepro.engine import dist as qdist
 from qrepro.engine import fast
 from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
@@ -318,7 +318,7 @@ def train_members(
     seeds = member_seeds(s0, k)
     raws = [member_overrides(raw, s0, i, seed_given) for i in range(k)]
     members = [
-        _Member(i, seeds[i], _member_cfg(cfg, seeds[i], inits and inits[i]), run_dir.parent / run_subdir(raws[i]))
+        _Member(i, seeds[i], _member_cfg(cfg, seeds[i], inits and inits[i]), member_run_dir(run_dir, raw, raws[i]))
         for i in range(k)
     ]
     if bool(cfg.trainer.get("channels_last", False)):

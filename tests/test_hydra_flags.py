@@ -147,3 +147,19 @@ def test_run_dir_applies_to_the_cell_and_its_source_keeps_its_own(out_root, caps
     assert src["complete"] and src["experiment"] == "demo_digits_fp"
     assert cell["complete"] and cell["experiment"] == "demo_digits_apot_w4a4"
     assert cell["init_from"] == (source / "checkpoints" / "last.pt").as_posix()
+
+
+def test_run_dir_with_batched_members_holds_each_member(out_root, capsys, monkeypatch):
+    """``hydra.run.dir=X trainer.members=2``: each member runs in ``X/<its run_subdir>`` (not beside X, where
+    they would land in X's parent), and the plan preview names the same directories."""
+    mine = out_root / "mine_members"
+    argv = [PLAIN, *FAST, "seed=9", "trainer.members=2", f"hydra.run.dir={mine}"]
+    code, plan = _main([*argv, "+plan=true"], out_root, capsys, monkeypatch)
+    assert code == 0 and not mine.exists()
+    shown = re.findall(r"run dir \(seed=\d+\): (\S+)", plan)
+    code, out = _main(argv, out_root, capsys, monkeypatch)
+    assert code == 0, out
+    dirs = [mine / "model.width=2,seed=9,trainer.epochs=1", mine / "model.width=2,seed=10,trainer.epochs=1"]
+    assert shown == [d.as_posix() for d in dirs]
+    assert [_record(d / "record.json")["seed"] for d in dirs] == [9, 10]
+    assert sorted(p.name for p in mine.iterdir()) == sorted(d.name for d in dirs)
