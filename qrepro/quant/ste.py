@@ -51,9 +51,9 @@ class _Clip(SavesInputs):
         up = torch.sign(hi - x).clamp(min=0)  # 1[x < hi]
         inside = torch.sign(x - lo).clamp(min=0) * up  # 1[lo < x < hi]
         gx = g * inside
-        g_hi = _sum_to(g * (1 - up), hi) if ctx.needs_input_grad[2] else None  # 1[x >= hi]
-        g_lo = _sum_to(g * (up - inside), lo) if ctx.needs_input_grad[1] else None  # 1[x <= lo and x < hi]
-        return _sum_to(gx, x), g_lo, g_hi
+        g_hi = sum_to(g * (1 - up), hi) if ctx.needs_input_grad[2] else None  # 1[x >= hi]
+        g_lo = sum_to(g * (up - inside), lo) if ctx.needs_input_grad[1] else None  # 1[x <= lo and x < hi]
+        return sum_to(gx, x), g_lo, g_hi
 
 
 class _Minimum(SavesInputs):
@@ -67,11 +67,11 @@ class _Minimum(SavesInputs):
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         x, hi = ctx.saved_tensors
         above = torch.sign(x - hi).clamp(min=0)  # 1[x > hi], a 0/1 float (see _Clip.backward)
-        g_hi = _sum_to(g * above, hi) if ctx.needs_input_grad[1] else None
-        return _sum_to(g * (1 - above), x), g_hi
+        g_hi = sum_to(g * above, hi) if ctx.needs_input_grad[1] else None
+        return sum_to(g * (1 - above), x), g_hi
 
 
-def _sum_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def sum_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The gradient of a broadcast input: ``g`` summed over the broadcast dimensions of ``like``."""
     return g if g.shape == like.shape else g.sum_to_size(like.shape)
 
