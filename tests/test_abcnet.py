@@ -104,3 +104,19 @@ def test_method_policy_and_learned_alpha():
         build_method("abcnet", 6, 6)
     with pytest.raises(QreproError, match="alpha"):
         build_method("abcnet", 3, 3, alpha="mean")
+
+
+def test_quantize_act_gradients_are_the_bases_summed():
+    """quantize_act's written-out gradients (x, shifts, betas) equal autograd through the sum of binary_activation,
+    ends of the linear regions and thresholds included."""
+    x0 = torch.tensor([-0.8, -0.2, 0.0, 0.29, 0.3, 0.5, 0.7, 0.8, 1.2, 1.5], dtype=D)
+    g = torch.linspace(-1.0, 2.0, x0.numel(), dtype=D)
+    grads = []
+    for f in (ab.quantize_act, lambda x, s, b: sum(b[n] * ab.binary_activation(x, s[n]) for n in range(s.numel()))):
+        x = x0.clone().requires_grad_(True)
+        shifts = torch.tensor([0.2, -0.3, 0.5], dtype=D, requires_grad=True)
+        betas = torch.tensor([0.5, 2.0, -1.0], dtype=D, requires_grad=True)
+        (f(x, shifts, betas) * g).sum().backward()
+        grads.append((x.grad, shifts.grad, betas.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
