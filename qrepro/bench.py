@@ -96,6 +96,8 @@ class Row:
     ratio_fp: float | None = None  # step time / FP step time, same model, batch and mode
     ratio_fp_eager: float | None = None  # step time / FP eager step time
     ratio_fp_min: float | None = None  # fastest sample / FP's fastest sample (robust to a loaded machine)
+    ratio_fp_paired: float | None = None  # --interleave: median over i of sample i / FP's sample i
+    interleaved: bool = False  # timed in turns with the other cases (--interleave)
     first_step_s: float | None = None  # first warm-up step of the first round (includes compilation)
     peak_mem_mb: float | None = None
     graph_breaks: int | None = None
@@ -237,30 +239,43 @@ def _set_step_stats(row: Row) -> None:
     row.images_per_s = row.members * row.member_images_per_s
 
 
-def _timed(
-    row: Row, epoch: Callable[[TimedBatches], None], x, y, device: torch.device, warmup, steps, window, compiled: bool
-) -> Row:
-    """Time ``epoch`` (training steps over the batches it is given) on ``(x, y)``: ``warmup`` untimed steps (the
-    first one's time is ``first_step_s``), then ``steps`` samples of ``window`` steps; fills the row's step time,
-    images/s, peak memory and, compiled, graph breaks / CUDA-graph counters."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+@dataclass
+class Prepared:
+    """A case built and warmed up: ``epoch(batches)`` trains on the batches it is given."""
+
+    row: Row
+    epoch: Callable[[TimedBatches], None]
+    x: torch.Tensor
+    y: torch.Tensor
+    sync: Callable[[], None]
+    release: Callable[[], None] = lambda: None
+
+
+def _warm(prep: Prepared, device: torch.device, warmup: int, compiled: bool) -> Prepared:
+    """``warmup`` untimed steps (the first one's time is ``first_step_s``; compilation happens here), and,
+    compiled, the graph breaks and CUDA-graph counters they left."""
     # CUDA-graph trees warm up, then record: at least 3 untimed steps before timing a compiled case
-    warm = TimedBatches(x, y, max(3 if compiled else 1, warmup), 1, sync)
-    epoch(warm)
-    row.first_step_s = warm.samples()[0]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timed = TimedBatches(x, y, steps * window, window, sync)
-    epoch(timed)
-    if device.type == "cuda":
-        row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    row.samples_ms = [1e3 * s for s in timed.samples()]
-    _set_step_stats(row)
+    warm = TimedBatches(prep.x, prep.y, max(3 if compiled else 1, warmup), 1, prep.sync)
+    prep.epoch(warm)
+    prep.row.first_step_s = warm.samples()[0]
     if compiled:
         counters = torch._dynamo.utils.counters
-        row.graph_breaks = int(sum(counters["graph_break"].values()))
-        row.cudagraph_counters = {k: int(v) for k, v in counters["inductor"].items() if "cudagraph" in k}
-    return row
+        prep.row.graph_breaks = int(sum(counters["graph_break"].values()))
+        prep.row.cudagraph_counters = {k: int(v) for k, v in counters["inductor"].items() if "cudagraph" in k}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return prep
+
+
+def _sample(prep: Prepared, device: torch.device, steps: int, window: int) -> None:
+    """``steps`` samples of ``window`` steps added to the row; its step time, images/s and peak memory."""
+    timed = TimedBatches(prep.x, prep.y, steps * window, window, prep.sync)
+    prep.epoch(timed)
+    row = prep.row
+    if device.type == "cuda":
+        row.peak_mem_mb = max(row.peak_mem_mb or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
+    row.samples_ms += [1e3 * s for s in timed.samples()]
+    _set_step_stats(row)
 
 
 def _build(case: Case, device: torch.device, total: int, num_classes: int) -> tuple[Any, nn.Module, Any, Any]:
@@ -288,16 +303,16 @@ def _member(case: Case, device: torch.device, built: tuple, x, y, num_classes: i
     return MemberSlot(model, optimizer, scheduler, hooks, None, ctx, rng, make_scaler(case.amp, device))
 
 
-def run_case(
+def prepare_case(
     case: Case, device: torch.device, *, warmup: int, steps: int, window: int, backend: str, num_classes: int = 10
-) -> Row:
-    """``case.members`` runs (seeds 0..K-1) of the case; one is timed through the trainer's ``train_one_epoch``,
-    K > 1 through its ``BatchedStep``."""
+) -> Prepared | Row:
+    """``case.members`` runs (seeds 0..K-1) of the case, built and warmed up: one through the trainer's
+    ``train_one_epoch``, K > 1 through its ``BatchedStep``. A case that cannot be built is its skipped row."""
     row, k, compiled = _row(case), case.members, case.mode != "eager"
-    _fresh(device)
     torch.manual_seed(0)
     x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, device=device)
     y = torch.randint(0, num_classes, (case.batch_size,), device=device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     slots = []
     for i in range(k):
         torch.manual_seed(i)
@@ -317,9 +332,7 @@ def run_case(
             for bx, by in batches:
                 step(bx, by)
 
-        _timed(row, batched_epoch, xs, ys, device, warmup, steps, window, compiled)
-        step.release()
-        return row
+        return _warm(Prepared(row, batched_epoch, xs, ys, sync, step.release), device, warmup, compiled)
     (s,) = slots
     forward_loss = make_forward_loss(s.model, _loss, method.regularizer, autocast=autocast)
     if compiled:
@@ -340,7 +353,53 @@ def run_case(
             scaler=s.scaler,
         )
 
-    return _timed(row, epoch, x, y, device, warmup, steps, window, compiled)
+    return _warm(Prepared(row, epoch, x, y, sync), device, warmup, compiled)
+
+
+def run_case(
+    case: Case, device: torch.device, *, warmup: int, steps: int, window: int, backend: str, num_classes: int = 10
+) -> Row:
+    """The case built, warmed up and timed on its own (``steps`` samples of ``window`` steps)."""
+    _fresh(device)
+    prep = prepare_case(
+        case, device, warmup=warmup, steps=steps, window=window, backend=backend, num_classes=num_classes
+    )
+    if isinstance(prep, Row):
+        return prep
+    _sample(prep, device, steps, window)
+    prep.release()
+    return prep.row
+
+
+def run_interleaved(
+    cases: list[Case], device: torch.device, *, warmup: int, steps: int, window: int, backend: str, **kw: Any
+) -> list[Row]:
+    """Every case built and warmed up first, then timed in turns: sample ``i`` of every case is taken before
+    sample ``i + 1`` of any (the order rotates by one case per turn), so load that drifts on a shared machine
+    falls on FP and the methods alike, and sample ``i`` of a method pairs with sample ``i`` of FP
+    (``ratio_fp_paired``)."""
+    _fresh(device)
+    preps: list[Prepared | Row] = []
+    # each case compiles the same inner function for another model: allow one cached graph per case
+    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(cases))):
+        for c in cases:
+            torch._dynamo.utils.counters.clear()
+            try:
+                preps.append(prepare_case(c, device, warmup=warmup, steps=steps, window=window, backend=backend, **kw))
+            except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
+                preps.append(_row(c, status=f"error: {type(e).__name__}: {e}".splitlines()[0][:300]))
+        live = [p for p in preps if isinstance(p, Prepared)]
+        for turn in range(steps):
+            for p in live[turn % max(1, len(live)) :] + live[: turn % max(1, len(live))]:
+                if p.row.status == "ok":
+                    try:
+                        _sample(p, device, 1, window)
+                    except Exception as e:  # noqa: BLE001
+                        p.row.status = f"error: {type(e).__name__}: {e}".splitlines()[0][:300]
+    for p in live:
+        p.release()
+        p.row.interleaved = True
+    return [p.row if isinstance(p, Prepared) else p for p in preps]
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -411,6 +470,8 @@ def add_ratios(rows: list[Row]) -> None:
         r.ratio_fp = _ratio(r.step_ms, r.fp_step_ms)
         r.ratio_fp_min = _ratio(r.step_ms_min, fp and fp.step_ms_min)
         r.ratio_fp_eager = _ratio(r.step_ms, eager and eager.step_ms)
+        if r.interleaved and fp and fp.interleaved and len(fp.samples_ms) == len(r.samples_ms):
+            r.ratio_fp_paired = statistics.median(a / b for a, b in zip(r.samples_ms, fp.samples_ms))
 
 
 def merge_rounds(first: Row, later: Row) -> None:
@@ -450,10 +511,16 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]]) 
         f"- git: {meta['git'].get('commit')} (dirty: {meta['git'].get('dirty')})",
         f"- date: {meta['finished']}; command: `{meta['command']}`",
         f"- timing: {meta['warmup']} warm-up steps, then {meta['steps']} samples of {meta['window']} step(s); "
-        f"median per step; {meta['rounds']} round(s) over the whole grid, samples pooled; "
-        f"compile backend {meta['backend']}",
+        f"median per step; "
+        + (
+            "interleaved: every case built and warmed up, then one sample of each case in turn; "
+            if meta.get("interleave")
+            else f"{meta['rounds']} round(s) over the whole grid, samples pooled; "
+        )
+        + f"compile backend {meta['backend']}",
         "- × FP = median step time / FP's, measured in this run (same model, batch size, mode, K, amp); "
-        "× FP (min) = fastest sample / FP's fastest sample; × FP eager = against FP without compilation.",
+        "× FP (min) = fastest sample / FP's fastest sample; × FP (paired) = median over i of sample i / FP's "
+        "sample i (`--interleave` only); × FP eager = against FP without compilation.",
         "- K = runs stepped as one batch (`trainer.members`; step ms is the batched step); img/s = all K members; "
         "img/s/member = one member's; × K sep = batched step / (K × one run's step of the same case, this run); "
         "× K sep (min) = the same with the fastest samples (robust to a loaded machine).",
@@ -472,9 +539,9 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]]) 
     lines += [
         "",
         "| model | input | batch | method | bits | mode | K | amp | step ms (median) | min–max | img/s "
-        "| img/s/member | × K sep | × K sep (min) | × FP | × FP (min) | × FP eager | 1st step s | graph breaks "
-        "| CUDA-graph skips | status |",
-        "|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| img/s/member | × K sep | × K sep (min) | × FP | × FP (min) | × FP (paired) | × FP eager | 1st step s "
+        "| graph breaks | CUDA-graph skips | status |",
+        "|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
@@ -483,7 +550,8 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]]) 
             f"{_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
             f"{_fmt(r.member_images_per_s, '.0f')} | {_fmt(r.ratio_separate, '.2f')} | "
             f"{_fmt(r.ratio_separate_min, '.2f')} | "
-            f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_min, '.2f')} | {_fmt(r.ratio_fp_eager, '.2f')} | "
+            f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_min, '.2f')} | {_fmt(r.ratio_fp_paired, '.2f')} | "
+            f"{_fmt(r.ratio_fp_eager, '.2f')} | "
             f"{_fmt(r.first_step_s, '.1f')} | "
             f"{'—' if r.graph_breaks is None else r.graph_breaks} | "
             f"{r.cudagraph_counters.get('cudagraph_skips', 0) if r.mode != 'eager' else '—'} | "
@@ -527,6 +595,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the whole grid this many times and pool each case's samples (interleaves the cases, so "
         "drifting load on a shared machine hits FP and the methods alike)",
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="build and warm up every case first, then take the samples in turns (one of each case, then the "
+        "next): the fairest comparison on a noisy machine; adds × FP (paired). Holds every case in memory at once",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="results/bench", help="output folder")
     p.add_argument("--tag", default="", help="suffix for the output file names")
@@ -567,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(k < 1 for k in members):
             raise QreproError("--members: every K must be >= 1")
         cases = plan(_csv(args.models), methods, batch_sizes, modes, args.bits, args.image_size, members, amps)
+        if args.interleave and args.rounds != 1:
+            raise QreproError("--interleave takes every sample in turns already; leave --rounds at 1")
     except QreproError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -582,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "window": args.window,
         "rounds": args.rounds,
+        "interleave": args.interleave,
         "backend": args.backend,
         "threads": torch.get_num_threads(),
         "note": args.note,
@@ -592,7 +669,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmark on {meta['device']}: {len(cases)} cases x {args.rounds} round(s)", flush=True)
     timing = {k: getattr(args, k) for k in ("warmup", "steps", "window", "backend", "num_classes")}
     rows: list[Row] = []
-    for i, c in enumerate(cases * args.rounds, 1):
+
+    def report(i: int, c: Case, row: Row, seconds: float) -> None:
+        print(
+            f"[{i}/{len(cases) * args.rounds}] {c.model} b{c.batch_size} {c.method} {c.precision} {c.mode} "
+            f"K={c.members} amp={c.amp}: "
+            f"{_fmt(row.step_ms, '.1f')} ms/step {_fmt(row.images_per_s, '.0f')} img/s  {row.status}  "
+            f"({seconds:.0f} s)",
+            flush=True,
+        )
+
+    if args.interleave:
+        t0 = time.perf_counter()
+        rows = run_interleaved(cases, device, **timing)
+        for i, (c, row) in enumerate(zip(cases, rows), 1):
+            report(i, c, row, time.perf_counter() - t0)
+    for i, c in enumerate([] if args.interleave else cases * args.rounds, 1):
         t0 = time.perf_counter()
         try:
             row = run_case(c, device, **timing)
@@ -602,13 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         else:
             merge_rounds(rows[(i - 1) % len(cases)], row)
-        print(
-            f"[{i}/{len(cases) * args.rounds}] {c.model} b{c.batch_size} {c.method} {c.precision} {c.mode} "
-            f"K={c.members} amp={c.amp}: "
-            f"{_fmt(row.step_ms, '.1f')} ms/step {_fmt(row.images_per_s, '.0f')} img/s  {row.status}  "
-            f"({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
+        report(i, c, row, time.perf_counter() - t0)
     add_ratios(rows)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["load_after"] = _loadavg()

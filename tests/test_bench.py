@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,35 @@ def test_members_and_amp_rows_with_ratio_to_separate_runs(tmp_path: Path) -> Non
         assert one["ratio_separate"] == pytest.approx(1.0)
     assert data["load_before"] and data["load_note"] == "test"
     assert "| small_cnn | 32 | 4 | fp | w32a32 | eager | 2 | bf16 |" in js.with_suffix(".md").read_text()
+
+
+def test_interleave_takes_samples_in_turns_and_pairs_them(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--interleave: every case is built before any is timed, then one sample of each case per turn (the order
+    rotating), compiled cases included; × FP (paired) is the median of the per-turn ratios."""
+    order: list[str] = []
+    sample = bench._sample
+
+    def spy(prep, device, steps, window):
+        order.append(prep.row.method)
+        sample(prep, device, steps, window)
+
+    monkeypatch.setattr(bench, "_sample", spy)
+    methods = "fp,sat" if "sat" in method_names() else "fp,fp"
+    args = ["--models", "small_cnn", "--methods", methods, "--batch-sizes", "4", "--modes", "compiled"]
+    args += ["--backend", "aot_eager", "--warmup", "1", "--steps", "3", "--window", "1", "--interleave"]
+    assert bench.main([*args, "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert {r["status"] for r in rows} == {"ok"} and all(len(r["samples_ms"]) == 3 for r in rows)
+    n = len(rows)
+    turns = [order[i : i + n] for i in range(0, len(order), n)]
+    assert len(turns) == 3 and all(sorted(t) == sorted(r["method"] for r in rows) for t in turns)
+    if n == 2:
+        assert turns[0] != turns[1]  # the order rotates
+        q = rows[1]
+        assert q["ratio_fp_paired"] == pytest.approx(
+            statistics.median(a / b for a, b in zip(q["samples_ms"], rows[0]["samples_ms"]))
+        )
+    assert rows[0]["ratio_fp_paired"] == pytest.approx(1.0)
+    assert "× FP (paired)" in next(tmp_path.glob("*.md")).read_text()
+    assert bench.main([*args, "--rounds", "2", "--out", str(tmp_path)]) == 2
+    assert "--interleave" in capsys.readouterr().err
