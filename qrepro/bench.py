@@ -96,8 +96,8 @@ class Row:
     ratio_fp: float | None = None  # step time / FP step time, same model, batch and mode
     ratio_fp_eager: float | None = None  # step time / FP eager step time
     ratio_fp_min: float | None = None  # fastest sample / FP's fastest sample (robust to a loaded machine)
-    ratio_fp_paired: float | None = None  # --interleave: median over i of sample i / FP's sample i
-    interleaved: bool = False  # timed in turns with the other cases (--interleave)
+    ratio_fp_paired: float | None = None  # --interleave: median over i of sample i / FP's sample i (its pair)
+    interleaved: bool = False  # timed in turns with its FP case (--interleave)
     first_step_s: float | None = None  # first warm-up step of the first round (includes compilation)
     peak_mem_mb: float | None = None
     graph_breaks: int | None = None
@@ -371,35 +371,64 @@ def run_case(
     return prep.row
 
 
+def _error(c: Case, e: Exception) -> Row:
+    return _row(c, status=f"error: {type(e).__name__}: {e}".splitlines()[0][:300])
+
+
 def run_interleaved(
     cases: list[Case], device: torch.device, *, warmup: int, steps: int, window: int, backend: str, **kw: Any
 ) -> list[Row]:
-    """Every case built and warmed up first, then timed in turns: sample ``i`` of every case is taken before
-    sample ``i + 1`` of any (the order rotates by one case per turn), so load that drifts on a shared machine
-    falls on FP and the methods alike, and sample ``i`` of a method pairs with sample ``i`` of FP
-    (``ratio_fp_paired``)."""
-    _fresh(device)
-    preps: list[Prepared | Row] = []
-    # each case compiles the same inner function for another model: allow one cached graph per case
-    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(cases))):
-        for c in cases:
+    """Each case timed in turns with the FP case of its group (same model, batch size, mode, K, amp), one pair
+    at a time: both built and warmed up, then ``steps`` turns of one sample each (the order alternating), so load
+    that drifts on a shared machine falls on both, and sample ``i`` of the case pairs with FP's sample ``i``
+    (``ratio_fp_paired``). Only the two are in memory: many models held at once slowed the quantized ones more
+    than FP on the CPU. FP's row pools its samples of every pair."""
+    timing = dict(warmup=warmup, steps=steps, window=window, backend=backend, **kw)
+    rows: dict[int, Row] = {}
+    fp_of = {_key(_row(c)): i for i, c in enumerate(cases) if c.method == FP_METHOD}
+    for i, c in enumerate(cases):
+        j = fp_of.get(_key(_row(c), method=FP_METHOD, precision=FP_PRECISION))
+        if c.method == FP_METHOD or j is None:
+            if j is None:
+                rows[i] = _row(c, status="skipped: --interleave pairs a case with its FP case, and there is none")
+            continue
+        _fresh(device)
+        pair: list[Prepared] = []
+        for k in (j, i):
             torch._dynamo.utils.counters.clear()
             try:
-                preps.append(prepare_case(c, device, warmup=warmup, steps=steps, window=window, backend=backend, **kw))
+                prep = prepare_case(cases[k], device, **timing)
             except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
-                preps.append(_row(c, status=f"error: {type(e).__name__}: {e}".splitlines()[0][:300]))
-        live = [p for p in preps if isinstance(p, Prepared)]
-        for turn in range(steps):
-            for p in live[turn % max(1, len(live)) :] + live[: turn % max(1, len(live))]:
-                if p.row.status == "ok":
-                    try:
+                prep = _error(cases[k], e)
+            if isinstance(prep, Row):
+                rows.setdefault(k, prep)
+                if k == j:
+                    rows[i] = _row(c, status=f"skipped: its FP case did not run ({prep.status})")
+                break
+            pair.append(prep)
+        if len(pair) == 2:
+            fp, q = pair
+            try:
+                for turn in range(steps):
+                    for p in pair[turn % 2 :] + pair[: turn % 2]:
                         _sample(p, device, 1, window)
-                    except Exception as e:  # noqa: BLE001
-                        p.row.status = f"error: {type(e).__name__}: {e}".splitlines()[0][:300]
-    for p in live:
-        p.release()
-        p.row.interleaved = True
-    return [p.row if isinstance(p, Prepared) else p for p in preps]
+            except Exception as e:  # noqa: BLE001
+                q.row.status = _error(c, e).status
+            n = len(q.row.samples_ms)
+            if n:
+                q.row.ratio_fp_paired = statistics.median(
+                    a / b for a, b in zip(q.row.samples_ms, fp.row.samples_ms[-n:])
+                )
+            fp.row.ratio_fp_paired = 1.0
+            if j in rows:
+                merge_rounds(rows[j], fp.row)
+            else:
+                rows[j] = fp.row
+            rows[i] = q.row
+        for p in pair:
+            p.release()
+            p.row.interleaved = True
+    return [rows[i] for i in range(len(cases))]
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -470,8 +499,6 @@ def add_ratios(rows: list[Row]) -> None:
         r.ratio_fp = _ratio(r.step_ms, r.fp_step_ms)
         r.ratio_fp_min = _ratio(r.step_ms_min, fp and fp.step_ms_min)
         r.ratio_fp_eager = _ratio(r.step_ms, eager and eager.step_ms)
-        if r.interleaved and fp and fp.interleaved and len(fp.samples_ms) == len(r.samples_ms):
-            r.ratio_fp_paired = statistics.median(a / b for a, b in zip(r.samples_ms, fp.samples_ms))
 
 
 def merge_rounds(first: Row, later: Row) -> None:
@@ -513,7 +540,7 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]]) 
         f"- timing: {meta['warmup']} warm-up steps, then {meta['steps']} samples of {meta['window']} step(s); "
         f"median per step; "
         + (
-            "interleaved: every case built and warmed up, then one sample of each case in turn; "
+            "interleaved: each case timed in turns with its FP case, one pair at a time; "
             if meta.get("interleave")
             else f"{meta['rounds']} round(s) over the whole grid, samples pooled; "
         )
@@ -598,8 +625,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--interleave",
         action="store_true",
-        help="build and warm up every case first, then take the samples in turns (one of each case, then the "
-        "next): the fairest comparison on a noisy machine; adds × FP (paired). Holds every case in memory at once",
+        help="time each case in turns with its FP case, one pair at a time (sample i of the case, sample i of FP, "
+        "...): the fairest comparison on a noisy machine; adds × FP (paired)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="results/bench", help="output folder")

@@ -125,9 +125,10 @@ def test_members_and_amp_rows_with_ratio_to_separate_runs(tmp_path: Path) -> Non
     assert "| small_cnn | 32 | 4 | fp | w32a32 | eager | 2 | bf16 |" in js.with_suffix(".md").read_text()
 
 
-def test_interleave_takes_samples_in_turns_and_pairs_them(tmp_path: Path, monkeypatch, capsys) -> None:
-    """--interleave: every case is built before any is timed, then one sample of each case per turn (the order
-    rotating), compiled cases included; × FP (paired) is the median of the per-turn ratios."""
+def test_interleave_pairs_each_case_with_fp_in_turns(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--interleave: each case is timed in turns with its FP case, one pair at a time (the order alternating),
+    compiled cases included; × FP (paired) is the median of the case's per-turn ratios to FP in its pair, and FP's
+    row pools its samples of every pair."""
     order: list[str] = []
     sample = bench._sample
 
@@ -136,22 +137,21 @@ def test_interleave_takes_samples_in_turns_and_pairs_them(tmp_path: Path, monkey
         sample(prep, device, steps, window)
 
     monkeypatch.setattr(bench, "_sample", spy)
-    methods = "fp,sat" if "sat" in method_names() else "fp,fp"
+    known = method_names()
+    methods = ",".join(["fp"] + [m for m in ("sat", "pact") if m in known])
     args = ["--models", "small_cnn", "--methods", methods, "--batch-sizes", "4", "--modes", "compiled"]
     args += ["--backend", "aot_eager", "--warmup", "1", "--steps", "3", "--window", "1", "--interleave"]
     assert bench.main([*args, "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
-    assert {r["status"] for r in rows} == {"ok"} and all(len(r["samples_ms"]) == 3 for r in rows)
-    n = len(rows)
-    turns = [order[i : i + n] for i in range(0, len(order), n)]
-    assert len(turns) == 3 and all(sorted(t) == sorted(r["method"] for r in rows) for t in turns)
-    if n == 2:
-        assert turns[0] != turns[1]  # the order rotates
-        q = rows[1]
-        assert q["ratio_fp_paired"] == pytest.approx(
-            statistics.median(a / b for a, b in zip(q["samples_ms"], rows[0]["samples_ms"]))
-        )
-    assert rows[0]["ratio_fp_paired"] == pytest.approx(1.0)
+    fp, quantized = rows[0], rows[1:]
+    assert {r["status"] for r in rows} == {"ok"} and fp["method"] == "fp"
+    assert len(fp["samples_ms"]) == 3 * len(quantized) and fp["ratio_fp_paired"] == 1.0
+    for n, q in enumerate(quantized):
+        assert order[6 * n : 6 * n + 6] == ["fp", q["method"], q["method"], "fp", "fp", q["method"]]
+        assert len(q["samples_ms"]) == 3 and q["interleaved"]
+        pair_fp = fp["samples_ms"][3 * n : 3 * n + 3]
+        want = statistics.median(a / b for a, b in zip(q["samples_ms"], pair_fp))
+        assert q["ratio_fp_paired"] == pytest.approx(want)
     assert "× FP (paired)" in next(tmp_path.glob("*.md")).read_text()
     assert bench.main([*args, "--rounds", "2", "--out", str(tmp_path)]) == 2
     assert "--interleave" in capsys.readouterr().err
