@@ -376,13 +376,21 @@ def _error(c: Case, e: Exception) -> Row:
 
 
 def run_interleaved(
-    cases: list[Case], device: torch.device, *, warmup: int, steps: int, window: int, backend: str, **kw: Any
+    cases: list[Case],
+    device: torch.device,
+    *,
+    warmup: int,
+    steps: int,
+    window: int,
+    backend: str,
+    progress: Callable[[int, Row], None] = lambda i, row: None,
+    **kw: Any,
 ) -> list[Row]:
     """Each case timed in turns with the FP case of its group (same model, batch size, mode, K, amp), one pair
     at a time: both built and warmed up, then ``steps`` turns of one sample each (the order alternating), so load
     that drifts on a shared machine falls on both, and sample ``i`` of the case pairs with FP's sample ``i``
     (``ratio_fp_paired``). Only the two are in memory: many models held at once slowed the quantized ones more
-    than FP on the CPU. FP's row pools its samples of every pair."""
+    than FP on the CPU. FP's row pools its samples of every pair. ``progress(i, row)`` after each case."""
     timing = dict(warmup=warmup, steps=steps, window=window, backend=backend, **kw)
     rows: dict[int, Row] = {}
     fp_of = {_key(_row(c)): i for i, c in enumerate(cases) if c.method == FP_METHOD}
@@ -428,6 +436,7 @@ def run_interleaved(
         for p in pair:
             p.release()
             p.row.interleaved = True
+        progress(i, rows[i])
     return [rows[i] for i in range(len(cases))]
 
 
@@ -708,9 +717,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.interleave:
         t0 = time.perf_counter()
-        rows = run_interleaved(cases, device, **timing)
-        for i, (c, row) in enumerate(zip(cases, rows), 1):
-            report(i, c, row, time.perf_counter() - t0)
+        rows = run_interleaved(
+            cases, device, progress=lambda i, row: report(i + 1, cases[i], row, time.perf_counter() - t0), **timing
+        )
     for i, c in enumerate([] if args.interleave else cases * args.rounds, 1):
         t0 = time.perf_counter()
         try:
