@@ -392,51 +392,59 @@ def run_interleaved(
     (``ratio_fp_paired``). Only the two are in memory: many models held at once slowed the quantized ones more
     than FP on the CPU. FP's row pools its samples of every pair. ``progress(i, row)`` after each case."""
     timing = dict(warmup=warmup, steps=steps, window=window, backend=backend, **kw)
+
+    def prepared(c: Case) -> Prepared | Row:
+        torch._dynamo.utils.counters.clear()
+        try:
+            return prepare_case(c, device, **timing)
+        except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
+            return _error(c, e)
+
     rows: dict[int, Row] = {}
     fp_of = {_key(_row(c)): i for i, c in enumerate(cases) if c.method == FP_METHOD}
     for i, c in enumerate(cases):
         j = fp_of.get(_key(_row(c), method=FP_METHOD, precision=FP_PRECISION))
-        if c.method == FP_METHOD or j is None:
-            if j is None:
-                rows[i] = _row(c, status="skipped: --interleave pairs a case with its FP case, and there is none")
+        if c.method == FP_METHOD:
+            continue
+        if j is None:
+            rows[i] = _row(c, status="skipped: --interleave pairs a case with its FP case, and there is none")
+            progress(i, rows[i])
             continue
         _fresh(device)
-        pair: list[Prepared] = []
-        for k in (j, i):
-            torch._dynamo.utils.counters.clear()
-            try:
-                prep = prepare_case(cases[k], device, **timing)
-            except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
-                prep = _error(cases[k], e)
-            if isinstance(prep, Row):
-                rows.setdefault(k, prep)
-                if k == j:
-                    rows[i] = _row(c, status=f"skipped: its FP case did not run ({prep.status})")
-                break
-            pair.append(prep)
-        if len(pair) == 2:
-            fp, q = pair
+        q = prepared(c)  # the case first: one that does not build costs no FP build
+        fp = prepared(cases[j]) if isinstance(q, Prepared) else None
+        if isinstance(q, Row):
+            rows[i] = q
+        elif isinstance(fp, Row):
+            rows.setdefault(j, fp)
+            rows[i] = _row(c, status=f"skipped: its FP case did not run ({fp.status})")
+            q.release()
+        else:
+            pair = [fp, q]
             try:
                 for turn in range(steps):
                     for p in pair[turn % 2 :] + pair[: turn % 2]:
                         _sample(p, device, 1, window)
-            except Exception as e:  # noqa: BLE001
-                q.row.status = _error(c, e).status
-            n = len(q.row.samples_ms)
-            if n:
-                q.row.ratio_fp_paired = statistics.median(
-                    a / b for a, b in zip(q.row.samples_ms, fp.row.samples_ms[-n:])
-                )
-            fp.row.ratio_fp_paired = 1.0
-            if j in rows:
-                merge_rounds(rows[j], fp.row)
+            except Exception as e:  # noqa: BLE001 - a pair that fails drops its samples on both sides
+                q.row = _error(c, e)
             else:
-                rows[j] = fp.row
+                q.row.ratio_fp_paired = statistics.median(a / b for a, b in zip(q.row.samples_ms, fp.row.samples_ms))
+                fp.row.ratio_fp_paired, fp.row.interleaved, q.row.interleaved = 1.0, True, True
+                if j in rows:
+                    merge_rounds(rows[j], fp.row)
+                else:
+                    rows[j] = fp.row
             rows[i] = q.row
-        for p in pair:
-            p.release()
-            p.row.interleaved = True
+            for p in pair:
+                p.release()
         progress(i, rows[i])
+    for i, c in enumerate(cases):
+        if i in rows:
+            if c.method == FP_METHOD:
+                progress(i, rows[i])
+        else:  # an FP case with no case that ran beside it: timed alone
+            rows[i] = run_case(c, device, **timing)
+            progress(i, rows[i])
     return [rows[i] for i in range(len(cases))]
 
 

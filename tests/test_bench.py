@@ -155,3 +155,17 @@ def test_interleave_pairs_each_case_with_fp_in_turns(tmp_path: Path, monkeypatch
     assert "× FP (paired)" in next(tmp_path.glob("*.md")).read_text()
     assert bench.main([*args, "--rounds", "2", "--out", str(tmp_path)]) == 2
     assert "--interleave" in capsys.readouterr().err
+
+
+def test_interleave_without_a_pair_times_fp_alone(tmp_path: Path) -> None:
+    """--interleave with no quantized case that runs (none asked, or one that cannot be built): FP is timed alone,
+    the unbuildable case is reported as skipped, and the results are written."""
+    args = ["--models", "small_cnn", "--batch-sizes", "4", "--modes", "eager", "--warmup", "1", "--steps", "2"]
+    args += ["--window", "1", "--interleave"]
+    assert not bench.supported("apot", 1)
+    for n, methods in enumerate((["--methods", "fp"], ["--methods", "fp,apot", "--bits", "apot=1"])):
+        out = tmp_path / str(n)
+        assert bench.main([*args, *methods, "--out", str(out)]) == 0
+        rows = json.loads(next(out.glob("*.json")).read_text())["rows"]
+        assert rows[0]["method"] == "fp" and rows[0]["status"] == "ok" and len(rows[0]["samples_ms"]) == 2
+        assert all(r["status"].startswith("skipped") for r in rows[1:]) and len(rows) == n + 1

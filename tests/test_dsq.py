@@ -70,6 +70,12 @@ def test_gradients_finite_differences():
     x = torch.tensor([-0.5, 0.13, 0.41, 0.77, 1.05], dtype=D, requires_grad=True)
     args = (x, _t(-0.6), _t(1.2), _t(0.3))
     assert torch.autograd.gradcheck(lambda x, l, u, a: dsq.soft_quantize(x, l, u, a, 2), args)
+    # parameters broadcast against x (a range per row, alpha per column): each summed over its broadcast
+    x2 = torch.tensor([[-0.5, 0.13, 0.41], [0.77, 1.05, 2.0]], dtype=D, requires_grad=True)
+    lo, hi = torch.tensor([[-0.6], [0.1]], dtype=D), torch.tensor([[1.2], [1.5]], dtype=D)
+    a2 = torch.tensor([0.3, 0.1, 0.45], dtype=D)
+    args2 = (x2, lo.requires_grad_(), hi.requires_grad_(), a2.requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, l, u, a: dsq.soft_quantize(x, l, u, a, 2), args2)
 
 
 def test_clipped_values_send_gradient_to_bounds():

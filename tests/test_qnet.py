@@ -49,6 +49,11 @@ def test_gradients_finite_differences():
     x = torch.tensor([-0.3, 0.1, 0.45, 0.8, 1.4], dtype=D, requires_grad=True)
     f = lambda x, a, be, t: qn.soft_quantize(x, a, be, t, h, b, o)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, _t(0.9), _t(1.1), _t(4.0)))
+    # parameters broadcast against x (alpha per row, T per column): each summed over its broadcast
+    x2 = torch.tensor([[-0.3, 0.1, 0.45], [0.8, 1.4, 0.2]], dtype=D, requires_grad=True)
+    a2 = torch.tensor([[0.9], [1.3]], dtype=D, requires_grad=True)
+    t2 = torch.tensor([4.0, 2.0, 6.0], dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x2, a2, _t(1.1), t2))
 
 
 def test_large_temperature_is_the_hard_quantizer():

@@ -82,7 +82,7 @@ class _Staircase(torch.autograd.Function):
         g_lower = sum_to(g * (1.0 - gn) + gx * (tn - 1.0), lower)
         g_upper = sum_to(g * gn - gx * tn, upper)
         da = (s * s) * (sig - 0.5) - (4.0 * s / (alpha * (2.0 - alpha))) * ss * r
-        g_alpha = sum_to(g * da, alpha) * ((upper - lower) / n)
+        g_alpha = sum_to(g * da * ((upper - lower) / n), alpha)
         return sum_to(gx, x), g_lower, g_upper, g_alpha, None, None
 
 

@@ -82,8 +82,8 @@ class _SoftSteps(torch.autograd.Function):
         gs = g * slope
         need = ctx.needs_input_grad
         g_alpha = sum_to(g * (total - ctx.offset), alpha) if need[1] else None
-        g_beta = sum_to(gs * x, beta) * (alpha * temperature) if need[2] else None
-        g_t = sum_to(g * slope_t, temperature) * alpha if need[3] else None
+        g_beta = sum_to(gs * x * (alpha * temperature), beta) if need[2] else None
+        g_t = sum_to(g * slope_t * alpha, temperature) if need[3] else None
         g_x = sum_to(gs * (alpha * temperature * beta), x) if need[0] else None
         return g_x, g_alpha, g_beta, g_t, None, None, None
 
