@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qrepro.config import CONFIG_DIR, compose, quote_path_overrides
+from qrepro.data.imagenet import CROPS
 from qrepro.engine.checkpoint import read_checkpoint
 from qrepro.engine.fsio import _blocking_file
 from qrepro.engine.precision import amp_mode
@@ -182,6 +183,8 @@ def _check_dataset(d: dict[str, Any]) -> None:
     _int(d, "image_size", p, 1, "32")
     _int(d, "resize", p, 1, "256")
     _int(d, "workers", p, 0, "8", nullable=True)
+    if d.get("crop", CROPS[0]) not in CROPS:
+        raise _bad("dataset.crop", d["crop"], " or ".join(CROPS), CROPS[1])
     for k in ("flip", "raw255", "download"):
         _bool(d, k, p)
     for k in ("mean", "std"):

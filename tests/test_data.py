@@ -101,3 +101,28 @@ def test_malformed_roots(tmp_path):
 def test_offline_cifar10_copy():
     b = build_data("cifar10", root="../shared/data/cifar10-jpeg.tar.gz", batch_size=256)
     assert (b.num_train, b.num_test, b.num_classes) == (50000, 10000, 10)
+
+
+def test_imagenet_crops(tmp_path):
+    """dataset.crop: random_resized (torchvision's, test short side + centre crop) and resize_square (LSQ: every
+    image to resize x resize, random / centre image_size crop); a bad value or a resize below the crop is one line."""
+    from qrepro.data.imagenet import crop_transforms
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (60, 40), (10, 20, 30)).save(tmp_path / split / cls / "0.png")
+    opts = dict(image_size=16, resize=24, crop="resize_square", workers=0, batch_size=2)
+    data = build_data("imagenet", root=str(tmp_path), **opts)
+    x, _ = next(iter(data.train))
+    xt, _ = next(iter(data.test))
+    assert x.shape[1:] == xt.shape[1:] == (3, 16, 16)
+    train_t, test_t = crop_transforms("resize_square", 16, 24)
+    assert [type(t).__name__ for t in train_t] == ["Resize", "RandomCrop", "RandomHorizontalFlip"]
+    assert [type(t).__name__ for t in test_t] == ["Resize", "CenterCrop"] and tuple(test_t[0].size) == (24, 24)
+    train_t, test_t = crop_transforms("random_resized", 16, 24)
+    assert type(train_t[0]).__name__ == "RandomResizedCrop" and test_t[0].size in (24, [24])
+    with pytest.raises(QreproError, match="dataset.crop"):
+        crop_transforms("square", 16, 24)
+    with pytest.raises(QreproError, match="dataset.resize=8"):
+        crop_transforms("resize_square", 16, 8)

@@ -95,6 +95,31 @@ def default_workers(cap: int = 8) -> int:
     return max(0, min(cap, cores))
 
 
+CROPS = ("random_resized", "resize_square")
+
+
+def crop_transforms(crop: str, image_size: int, resize: int) -> tuple[list, list]:
+    """(training, test) transforms before the uint8 conversion. ``random_resized``: torchvision's random-resized
+    crop (8-100 % of the area, aspect 3/4-4/3) to ``image_size`` and a horizontal flip half the time; test: the
+    short side resized to ``resize``, centre ``image_size`` crop. ``resize_square``: every image resized to
+    ``resize`` x ``resize``, then a random ``image_size`` crop and flip for training, the centre crop for testing
+    (LSQ, Sec. 3: 256 x 256, 224 x 224)."""
+    if crop == "random_resized":
+        return (
+            [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()],
+            [transforms.Resize(resize), transforms.CenterCrop(image_size)],
+        )
+    if crop != "resize_square":
+        raise QreproError(f"dataset.crop={crop!r} is not one of {', '.join(CROPS)}")
+    if resize < image_size:
+        raise QreproError(f"dataset.resize={resize} must be >= dataset.image_size={image_size} to crop from it")
+    square = transforms.Resize((resize, resize))
+    return (
+        [square, transforms.RandomCrop(image_size), transforms.RandomHorizontalFlip()],
+        [square, transforms.CenterCrop(image_size)],
+    )
+
+
 @DATASETS.register("imagenet")
 def build_imagenet(
     *,
@@ -107,6 +132,7 @@ def build_imagenet(
     raw255: bool = False,
     image_size: int = 224,
     resize: int = 256,
+    crop: str = "random_resized",
     workers: int | None = None,
     num_classes: int = 1000,
     seed: int = 0,
@@ -120,10 +146,8 @@ def build_imagenet(
         )
     if workers is None:  # what the machine has, at most 8 decoding processes per rank
         workers = default_workers()
-    t_train = transforms.Compose(
-        [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), _pil_to_uint8]
-    )
-    t_test = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), _pil_to_uint8])
+    train_t, test_t = crop_transforms(crop, image_size, resize)
+    t_train, t_test = (transforms.Compose([*t, _pil_to_uint8]) for t in (train_t, test_t))
     tr = datasets.ImageFolder(str(Path(root) / "train"), t_train)
     te = datasets.ImageFolder(str(Path(root) / "val"), t_test)
     dev = torch.device(device)
