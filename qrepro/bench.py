@@ -733,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = run_case(c, device, **timing)
         except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
-            row = _row(c, status=f"error: {type(e).__name__}: {e}".splitlines()[0][:300])
+            row = _error(c, e)
         if i <= len(cases):
             rows.append(row)
         else:
