@@ -37,8 +37,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from qrepro import cli
 from qrepro.builders import select_device
+from qrepro.config import CONFIG_DIR
 from qrepro.engine.fast import COMPILE_MODES, compile_forward_loss, compile_mode, make_forward_loss, setup_device
 from qrepro.engine.loop import train_one_epoch
 from qrepro.engine.members import BatchedStep, MemberSlot, RngState
@@ -52,7 +52,6 @@ from qrepro.quant import build_method, prepare
 from qrepro.quant.methods import method_names
 from qrepro.tables.records import portable, portable_str
 
-CONFIG_DIR = Path(cli.CONFIG_DIR)
 DEFAULT_MODELS = ("resnet20", "mobilenet_v2_cifar")
 DEFAULT_BATCH_SIZES = (128, 512)
 DEFAULT_MODES = ("eager", "compiled")
@@ -138,7 +137,7 @@ def device_description(device: torch.device) -> str:
 
 def method_options(name: str) -> dict[str, Any]:
     """The options of ``configs/quantizer/<name>.yaml`` (what ``quantizer=<name>`` trains with), else {}."""
-    path = CONFIG_DIR / "quantizer" / f"{name}.yaml"
+    path = Path(CONFIG_DIR, "quantizer", f"{name}.yaml")
     if not path.exists():
         return {}
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -231,8 +230,12 @@ def _row(case: Case, **fields: Any) -> Row:
     return Row(precision=case.precision, **{f: getattr(case, f) for f in same}, **fields)
 
 
-def _set_step_stats(row: Row) -> None:
-    """Median / min / max step time and images/s (one member's and all K's) from ``row.samples_ms``."""
+def _add_samples(row: Row, samples_ms: list[float], peak_mem_mb: float | None) -> None:
+    """``samples_ms`` added to the row; its median / min / max step time, images/s (one member's and all K's) and
+    peak memory."""
+    row.samples_ms += samples_ms
+    if peak_mem_mb is not None:
+        row.peak_mem_mb = max(row.peak_mem_mb or 0.0, peak_mem_mb)
     row.step_ms = statistics.median(row.samples_ms)
     row.step_ms_min, row.step_ms_max = min(row.samples_ms), max(row.samples_ms)
     row.member_images_per_s = row.batch_size / (row.step_ms / 1e3)
@@ -271,11 +274,8 @@ def _sample(prep: Prepared, device: torch.device, steps: int, window: int) -> No
     """``steps`` samples of ``window`` steps added to the row; its step time, images/s and peak memory."""
     timed = TimedBatches(prep.x, prep.y, steps * window, window, prep.sync)
     prep.epoch(timed)
-    row = prep.row
-    if device.type == "cuda":
-        row.peak_mem_mb = max(row.peak_mem_mb or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
-    row.samples_ms += [1e3 * s for s in timed.samples()]
-    _set_step_stats(row)
+    peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    _add_samples(prep.row, [1e3 * s for s in timed.samples()], peak_mem_mb)
 
 
 def _build(case: Case, device: torch.device, total: int, num_classes: int) -> tuple[Any, nn.Module, Any, Any]:
@@ -308,7 +308,7 @@ def prepare_case(
 ) -> Prepared | Row:
     """``case.members`` runs (seeds 0..K-1) of the case, built and warmed up: one through the trainer's
     ``train_one_epoch``, K > 1 through its ``BatchedStep``. A case that cannot be built is its skipped row."""
-    row, k, compiled = _row(case), case.members, case.mode != "eager"
+    k, compiled = case.members, case.mode != "eager"
     torch.manual_seed(0)
     x = torch.randn(case.batch_size, 3, case.image_size, case.image_size, device=device)
     y = torch.randint(0, num_classes, (case.batch_size,), device=device)
@@ -319,8 +319,7 @@ def prepare_case(
         try:
             built = _build(case, device, warmup + steps * window, num_classes)
         except QreproError as e:
-            row.status = f"skipped: {e}"
-            return row
+            return _row(case, status=f"skipped: {e}")
         method = built[0]
         slots.append(_member(case, device, built, x, y, num_classes))
     autocast = autocast_factory(case.amp, device)
@@ -332,7 +331,7 @@ def prepare_case(
             for bx, by in batches:
                 step(bx, by)
 
-        return _warm(Prepared(row, batched_epoch, xs, ys, sync, step.release), device, warmup, compiled)
+        return _warm(Prepared(_row(case), batched_epoch, xs, ys, sync, step.release), device, warmup, compiled)
     (s,) = slots
     forward_loss = make_forward_loss(s.model, _loss, method.regularizer, autocast=autocast)
     if compiled:
@@ -353,17 +352,14 @@ def prepare_case(
             scaler=s.scaler,
         )
 
-    return _warm(Prepared(row, epoch, x, y, sync), device, warmup, compiled)
+    return _warm(Prepared(_row(case), epoch, x, y, sync), device, warmup, compiled)
 
 
-def run_case(
-    case: Case, device: torch.device, *, warmup: int, steps: int, window: int, backend: str, num_classes: int = 10
-) -> Row:
-    """The case built, warmed up and timed on its own (``steps`` samples of ``window`` steps)."""
+def run_case(case: Case, device: torch.device, *, steps: int, window: int, **build: Any) -> Row:
+    """The case built, warmed up and timed on its own (``steps`` samples of ``window`` steps; ``build``: the rest
+    of :func:`prepare_case`'s arguments)."""
     _fresh(device)
-    prep = prepare_case(
-        case, device, warmup=warmup, steps=steps, window=window, backend=backend, num_classes=num_classes
-    )
+    prep = prepare_case(case, device, steps=steps, window=window, **build)
     if isinstance(prep, Row):
         return prep
     _sample(prep, device, steps, window)
@@ -379,19 +375,18 @@ def run_interleaved(
     cases: list[Case],
     device: torch.device,
     *,
-    warmup: int,
     steps: int,
     window: int,
-    backend: str,
     progress: Callable[[int, Row], None] = lambda i, row: None,
-    **kw: Any,
+    **build: Any,
 ) -> list[Row]:
     """Each case timed in turns with the FP case of its group (same model, batch size, mode, K, amp), one pair
     at a time: both built and warmed up, then ``steps`` turns of one sample each (the order alternating), so load
     that drifts on a shared machine falls on both, and sample ``i`` of the case pairs with FP's sample ``i``
     (``ratio_fp_paired``). Only the two are in memory: many models held at once slowed the quantized ones more
-    than FP on the CPU. FP's row pools its samples of every pair. ``progress(i, row)`` after each case."""
-    timing = dict(warmup=warmup, steps=steps, window=window, backend=backend, **kw)
+    than FP on the CPU. FP's row pools its samples of every pair. ``progress(i, row)`` after each case;
+    ``build``: the rest of :func:`prepare_case`'s arguments."""
+    timing = dict(steps=steps, window=window, **build)
 
     def prepared(c: Case) -> Prepared | Row:
         torch._dynamo.utils.counters.clear()
@@ -401,11 +396,11 @@ def run_interleaved(
             return _error(c, e)
 
     rows: dict[int, Row] = {}
-    fp_of = {_key(_row(c)): i for i, c in enumerate(cases) if c.method == FP_METHOD}
+    fp_of = {_key(c): i for i, c in enumerate(cases) if c.method == FP_METHOD}
     for i, c in enumerate(cases):
-        j = fp_of.get(_key(_row(c), method=FP_METHOD, precision=FP_PRECISION))
         if c.method == FP_METHOD:
             continue
+        j = fp_of.get(_key(c, method=FP_METHOD, precision=FP_PRECISION))
         if j is None:
             rows[i] = _row(c, status="skipped: --interleave pairs a case with its FP case, and there is none")
             progress(i, rows[i])
@@ -439,11 +434,9 @@ def run_interleaved(
                 p.release()
         progress(i, rows[i])
     for i, c in enumerate(cases):
-        if i in rows:
-            if c.method == FP_METHOD:
-                progress(i, rows[i])
-        else:  # an FP case with no case that ran beside it: timed alone
+        if i not in rows:  # an FP case with no case that ran beside it: timed alone
             rows[i] = run_case(c, device, **timing)
+        if c.method == FP_METHOD:
             progress(i, rows[i])
     return [rows[i] for i in range(len(cases))]
 
@@ -493,8 +486,8 @@ def plan(
 _KEY = ("model", "image_size", "batch_size", "mode", "method", "precision", "members", "amp")
 
 
-def _key(r: Row, **other: Any) -> tuple:
-    """The case a row measures (``other``: the same with these fields replaced)."""
+def _key(r: Row | Case, **other: Any) -> tuple:
+    """The case a row (or the case itself) measures (``other``: the same with these fields replaced)."""
     return tuple(other.get(f, getattr(r, f)) for f in _KEY)
 
 
@@ -524,10 +517,7 @@ def merge_rounds(first: Row, later: Row) -> None:
         if first.status == "ok":
             first.status = later.status
         return
-    first.samples_ms += later.samples_ms
-    _set_step_stats(first)
-    if later.peak_mem_mb is not None:
-        first.peak_mem_mb = max(first.peak_mem_mb or 0.0, later.peak_mem_mb)
+    _add_samples(first, later.samples_ms, later.peak_mem_mb)
 
 
 def append_to(path: Path, rows: list[Row], runs: list[dict[str, Any]]) -> tuple[list[Row], list[dict[str, Any]]]:
@@ -540,6 +530,10 @@ def append_to(path: Path, rows: list[Row], runs: list[dict[str, Any]]) -> tuple[
     new = {_key(r) for r in rows}
     kept = [r for r in (Row(**d) for d in old.get("rows", [])) if _key(r) not in new]
     return kept + rows, old.get("runs", []) + runs
+
+
+# the Markdown table's ratio columns, in order
+_RATIO_COLUMNS = "ratio_separate ratio_separate_min ratio_fp ratio_fp_min ratio_fp_paired ratio_fp_eager".split()
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -588,18 +582,13 @@ def markdown(meta: dict[str, Any], rows: list[Row], runs: list[dict[str, Any]]) 
         "|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        ratios = " | ".join(_fmt(getattr(r, f), ".2f") for f in _RATIO_COLUMNS)
+        skips = r.cudagraph_counters.get("cudagraph_skips", 0) if r.mode != "eager" else "—"
         lines.append(
-            f"| {r.model} | {r.image_size} | {r.batch_size} | {r.method} | {r.precision} | {r.mode} | "
-            f"{r.members} | {r.amp} | {_fmt(r.step_ms, '.1f')} | "
-            f"{_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
-            f"{_fmt(r.member_images_per_s, '.0f')} | {_fmt(r.ratio_separate, '.2f')} | "
-            f"{_fmt(r.ratio_separate_min, '.2f')} | "
-            f"{_fmt(r.ratio_fp, '.2f')} | {_fmt(r.ratio_fp_min, '.2f')} | {_fmt(r.ratio_fp_paired, '.2f')} | "
-            f"{_fmt(r.ratio_fp_eager, '.2f')} | "
-            f"{_fmt(r.first_step_s, '.1f')} | "
-            f"{'—' if r.graph_breaks is None else r.graph_breaks} | "
-            f"{r.cudagraph_counters.get('cudagraph_skips', 0) if r.mode != 'eager' else '—'} | "
-            f"{r.status.replace('|', '/')} |"
+            f"| {r.model} | {r.image_size} | {r.batch_size} | {r.method} | {r.precision} | {r.mode} | {r.members} | "
+            f"{r.amp} | {_fmt(r.step_ms, '.1f')} | {_fmt(r.step_ms_min, '.1f')}–{_fmt(r.step_ms_max, '.1f')} | "
+            f"{_fmt(r.images_per_s, '.0f')} | {_fmt(r.member_images_per_s, '.0f')} | {ratios} | "
+            f"{_fmt(r.first_step_s, '.1f')} | {_fmt(r.graph_breaks, 'd')} | {skips} | {r.status.replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -698,12 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "git": git_info(),
         "command": "python -m qrepro.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "window": args.window,
-        "rounds": args.rounds,
-        "interleave": args.interleave,
-        "backend": args.backend,
+        **{k: getattr(args, k) for k in ("warmup", "steps", "window", "rounds", "interleave", "backend")},
         "threads": torch.get_num_threads(),
         "note": args.note,
         "load_before": _loadavg(),
@@ -714,19 +698,18 @@ def main(argv: list[str] | None = None) -> int:
     timing = {k: getattr(args, k) for k in ("warmup", "steps", "window", "backend", "num_classes")}
     rows: list[Row] = []
 
-    def report(i: int, c: Case, row: Row, seconds: float) -> None:
+    def report(i: int, r: Row, seconds: float) -> None:
         print(
-            f"[{i}/{len(cases) * args.rounds}] {c.model} b{c.batch_size} {c.method} {c.precision} {c.mode} "
-            f"K={c.members} amp={c.amp}: "
-            f"{_fmt(row.step_ms, '.1f')} ms/step {_fmt(row.images_per_s, '.0f')} img/s  {row.status}  "
-            f"({seconds:.0f} s)",
+            f"[{i}/{len(cases) * args.rounds}] {r.model} b{r.batch_size} {r.method} {r.precision} {r.mode} "
+            f"K={r.members} amp={r.amp}: {_fmt(r.step_ms, '.1f')} ms/step {_fmt(r.images_per_s, '.0f')} img/s  "
+            f"{r.status}  ({seconds:.0f} s)",
             flush=True,
         )
 
     if args.interleave:
         t0 = time.perf_counter()
         rows = run_interleaved(
-            cases, device, progress=lambda i, row: report(i + 1, cases[i], row, time.perf_counter() - t0), **timing
+            cases, device, progress=lambda i, r: report(i + 1, r, time.perf_counter() - t0), **timing
         )
     for i, c in enumerate([] if args.interleave else cases * args.rounds, 1):
         t0 = time.perf_counter()
@@ -738,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         else:
             merge_rounds(rows[(i - 1) % len(cases)], row)
-        report(i, c, row, time.perf_counter() - t0)
+        report(i, row, time.perf_counter() - t0)
     add_ratios(rows)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["load_after"] = _loadavg()
