@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qrepro.bench import FP_METHOD, FP_PRECISION
 from qrepro.cli import one_line_errors
 from qrepro.config import compose
 from qrepro.errors import QreproError
 from qrepro.sweep import load_cells, waves
-from qrepro.tables.records import portable, portable_str
+from qrepro.tables.records import portable_str, portable_text
 
-FP_METHOD, FP_PRECISION = "fp", "w32a32"
 # compiled evaluation / training images/s: ResNet-20 at batch 1000 vs 128 on the 2-core CPU (FP, SAT, APoT: 2.3-2.4)
 EVAL_FACTOR = 2.4
 DATASET_SIZES = {  # (train images, test images)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             stem = f"{bench.get('device_slug', Path(a.bench).stem)}-{a.gpus}x"
             (out / f"{stem}.md").write_text(portable_str(f"# Expected wall time per table\n\n{text}"))
-            (out / f"{stem}.json").write_text(json.dumps(portable(list(summaries)), indent=1) + "\n")
+            (out / f"{stem}.json").write_text(portable_text(list(summaries)))
             print(f"wrote {out / stem}.md / .json", file=sys.stderr)
 
     run()
