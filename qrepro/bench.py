@@ -225,9 +225,16 @@ def _fresh(device: torch.device) -> None:
     torch._dynamo.utils.counters.clear()
 
 
+_KEY = ("model", "image_size", "batch_size", "mode", "method", "precision", "members", "amp")  # a case's fields
+
+
+def _key(r: Row | Case, **other: Any) -> tuple:
+    """The case a row (or the case itself) measures (``other``: the same with these fields replaced)."""
+    return tuple(other.get(f, getattr(r, f)) for f in _KEY)
+
+
 def _row(case: Case, **fields: Any) -> Row:
-    same = ("model", "method", "batch_size", "mode", "image_size", "members", "amp")
-    return Row(precision=case.precision, **{f: getattr(case, f) for f in same}, **fields)
+    return Row(**{f: getattr(case, f) for f in _KEY}, **fields)
 
 
 def _add_samples(row: Row, samples_ms: list[float], peak_mem_mb: float | None) -> None:
@@ -481,14 +488,6 @@ def plan(
     members = sorted(set(members or [1]) | {1})  # one run of each case: the reference of "x K sep"
     grid = itertools.product(models, batch_sizes, modes, amps or ["off"], members)
     return [Case(m, q, w, a, b, mode, image_size, k, amp) for m, b, mode, amp, k in grid for q, w, a in precisions]
-
-
-_KEY = ("model", "image_size", "batch_size", "mode", "method", "precision", "members", "amp")
-
-
-def _key(r: Row | Case, **other: Any) -> tuple:
-    """The case a row (or the case itself) measures (``other``: the same with these fields replaced)."""
-    return tuple(other.get(f, getattr(r, f)) for f in _KEY)
 
 
 def _ratio(a: float | None, b: float | None, k: int = 1) -> float | None:
