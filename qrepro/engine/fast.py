@@ -93,9 +93,7 @@ def compile_mode(setting: Any, device: torch.device) -> str | None:
     return s
 
 
-def compile_eval_forward(
-    model: nn.Module, mode: str, backend: str = "inductor"
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def compile_eval_forward(model: nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> model(x)`` compiled for evaluation (static shapes), so the fake-quantizers are fused at test time
     too. CUDA-graph modes are replaced by ``default`` here: evaluation runs once per epoch over large batches,
     where CUDA graphs gain little, and their output buffers would be overwritten by the next batch."""
@@ -103,8 +101,6 @@ def compile_eval_forward(
     def forward(x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
-    if backend != "inductor":
-        return torch.compile(forward, backend=backend, dynamic=False)
     return torch.compile(forward, mode="default" if mode in CUDA_GRAPH_MODES else mode, dynamic=False)
 
 
