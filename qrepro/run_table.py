@@ -230,8 +230,7 @@ def subprocess_runner(cmd: list[str]) -> RunResult:
         for line in proc.stdout:
             sys.stdout.write(line)
             lines.append(line.rstrip("\n"))
-    records = parse_record_lines(lines)
-    return RunResult(proc.returncode, records[-1] if records else None, tuple(records))
+    return RunResult(proc.returncode, parse_record_line(lines), tuple(parse_record_lines(lines)))
 
 
 def run_table(
