@@ -82,39 +82,39 @@ def _curve_figure(table: Table, panels: dict, path: Path, ylabel: str | None = N
     return _save(plt, fig, path)
 
 
-def learning_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+def learning_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[list[Path], str | None]:
     key = f"test_{table.metric}"
     groups: dict[str, list] = {}  # one panel per FP cell: the FP curve and the cells compared with it
     for r in rows:
         if (data := _mean_curve(r, key)) is not None:
             groups.setdefault(r.cell.fp_cell or r.cell.id, []).append((r, data))
     if not groups:
-        return None, f"{table.name}: no record has a '{key}' curve — skipped the learning-curve figure"
+        return [], f"{table.name}: no record has a '{key}' curve — skipped the learning-curve figure"
     panels = {}
     for gid, ms in groups.items():  # the FP cell first, dashed black
         ms.sort(key=lambda p: p[0].cell.id != gid)
         style = [FP_STYLE if m.cell.id == gid and len(ms) > 1 else {} for m, _ in ms]
         panels[gid] = [(d, f"{m.cell.id} ({m.cell.precision}, n={m.ours.n})", st) for (m, d), st in zip(ms, style)]
-    return _curve_figure(table, panels, out / f"{table.name}_curves.png", f"test {table.metric} (%)"), None
+    return [_curve_figure(table, panels, out / f"{table.name}_curves.png", f"test {table.metric} (%)")], None
 
 
 def _keyed_curves(
     table: Table, rows: Sequence[Row], keys: Sequence[str], out: Path, suffix: str, what: str, log: bool = False
-) -> tuple[Path | None, str | None]:
+) -> tuple[list[Path], str | None]:
     panels = {
         key: [(d, f"{r.cell.id} ({r.cell.precision})", {}) for r in rows if (d := _mean_curve(r, key))] for key in keys
     }
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
-        return None, f"{table.name}: no record has {what} curves — skipped the {suffix} figure"
-    return _curve_figure(table, panels, out / f"{table.name}_{suffix}.png", log=log), None
+        return [], f"{table.name}: no record has {what} curves — skipped the {suffix} figure"
+    return [_curve_figure(table, panels, out / f"{table.name}_{suffix}.png", log=log)], None
 
 
-def tr_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+def tr_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[list[Path], str | None]:
     return _keyed_curves(table, rows, TR_KEYS, out, "tr", "transition-rate (" + ", ".join(TR_KEYS) + ")")
 
 
-def kappa_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+def kappa_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[list[Path], str | None]:
     keys = sorted({k for r in rows for rec in r.records for k in rec.curve_keys() if k.startswith("kappa")})
     return _keyed_curves(table, rows, keys, out, "kappa", "SAT variance (kappa0, kappa1*)", log=True)
 
@@ -207,7 +207,7 @@ def _keep(series: dict) -> dict:
     }
 
 
-def bits_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+def bits_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[list[Path], str | None]:
     """Accuracy vs weight bits per method (left) and the robustness view, accuracy − FP vs bits (right)."""
     series: dict[tuple[str, ...], list[tuple[float, Row]]] = {}
     for r in rows:
@@ -215,11 +215,11 @@ def bits_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | No
             series.setdefault(_label(r, ("precision", "ptq.algorithm")), []).append((r.cell.w_bits, r))
     series = _keep(series)
     if not series:
-        return None, f"{table.name}: no method has records at two or more bit-widths — skipped the bits figure"
-    return _series_figure(table, series, "weight bits", "bits", out / f"{table.name}_bits.png", True), None
+        return [], f"{table.name}: no method has records at two or more bit-widths — skipped the bits figure"
+    return [_series_figure(table, series, "weight bits", "bits", out / f"{table.name}_bits.png", True)], None
 
 
-def sweep_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | None, str | None]:
+def sweep_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[list[Path], str | None]:
     """Accuracy vs any numeric override swept across otherwise identical cells (e.g. ``ptq.weight_step_scale``
     for the SymReg step-size robustness figure); one figure per swept key, ``<name>_sweep_<key>.png``."""
     by_key: dict[str, dict[tuple[str, ...], list[tuple[float, Row]]]] = {}
@@ -235,7 +235,7 @@ def sweep_curves(table: Table, rows: Sequence[Row], out: Path) -> tuple[Path | N
         if kept:
             written.append(_series_figure(table, kept, key, key, out / f"{table.name}_sweep_{key}.png", False))
     if not written:
-        return None, f"{table.name}: no swept numeric override has records — skipped the sweep figure"
+        return [], f"{table.name}: no swept numeric override has records — skipped the sweep figure"
     return written, None
 
 
@@ -256,7 +256,6 @@ def make_figures(table: Table, rows: Sequence[Row], out: str | Path) -> tuple[li
     written, notes = [], []
     for suffix, fn in FIGURES.items():
         paths, note = fn(table, rows, Path(out))
-        paths = [] if paths is None else paths if isinstance(paths, list) else [paths]
         # remove this figure's files from an earlier run that this run did not rewrite (no stale data)
         pattern = f"{table.name}_{suffix}_*.png" if suffix == "sweep" else f"{table.name}_{suffix}.png"
         for old in sorted(Path(out).glob(pattern)):
