@@ -155,21 +155,16 @@ def compare(
 
 
 def elsewhere(
-    cell: Cell, records: Sequence[Record], extra_overrides: Sequence[str] = (), table: Table | None = None
+    cell: Cell, records: Sequence[Record], extra_overrides: Sequence[str], table: Table
 ) -> tuple[Record, ...]:
-    """Complete records of the cell's experiment whose overrides differ from the cell's (e.g. a smaller batch)
-    and that are no other cell's of ``table``: they do not count as the cell, but a reader should hear that
-    they exist."""
-    want = canonical_overrides(list(cell.overrides) + list(extra_overrides))
-    cells = table.cells if table is not None else ()
+    """Complete records of the cell's experiment (a cell of ``table``) whose overrides are no cell's of ``table``
+    (e.g. a smaller batch): they do not count as the cell, but a reader should hear that they exist."""
     claimed = {
-        canonical_overrides(list(c.overrides) + list(extra_overrides)) for c in cells if c.experiment == cell.experiment
+        canonical_overrides(list(c.overrides) + list(extra_overrides))
+        for c in table.cells
+        if c.experiment == cell.experiment
     }
-    return tuple(
-        r
-        for r in records
-        if r.complete and r.experiment == cell.experiment and r.canonical() != want and r.canonical() not in claimed
-    )
+    return tuple(r for r in records if r.complete and r.experiment == cell.experiment and r.canonical() not in claimed)
 
 
 def override_diff(cell: Cell, record: Record) -> tuple[list[str], list[str]]:
