@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qrepro.errors import QreproError
 from qrepro.tables.records import DEFAULT_RUN_ROOTS, Record, load_records, match_cell, override_key
+from qrepro.tables.render import fmt
 from qrepro.tables.schema import default_configs, load_table, resolve_table
 
 SORT_KEYS = ("experiment", "best", "last", "finished", "wall")
@@ -131,10 +132,6 @@ def select_runs(
     ]
 
 
-def _num(v: float | None, digits: int = 2) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
 def _wall(v: float | None) -> str:
     if v is None:
         return "—"
@@ -149,7 +146,7 @@ def format_rows(rows: Sequence[RunRow], *, show_cell: bool) -> str:
     lines = [head]
     for r in rows:
         line = ([r.cell] if show_cell else []) + [r.experiment, r.overrides or "—", r.seeds, r.status, r.epochs]
-        line += [_num(r.best_top1), _num(r.last_top1), _wall(r.wall_s), r.record]
+        line += [fmt(r.best_top1), fmt(r.last_top1), _wall(r.wall_s), r.record]
         lines.append(line)
     widths = [max(len(x[i]) for x in lines) for i in range(len(head) - 1)]
     return "\n".join(

@@ -181,9 +181,8 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
 
 def experiment_source(experiment: str, configs: str | Path | None = None) -> str | None:
     """The ``init_from_experiment`` an experiment file names (the cell it starts from), or None."""
-    path = Path(configs or default_configs()) / "experiment" / f"{experiment}.yaml"
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(experiment_file(experiment, configs).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     src = data.get("init_from_experiment") if isinstance(data, dict) else None
@@ -217,9 +216,9 @@ def _configs_of(path: Path | None) -> Path | None:
     return None
 
 
-def experiment_exists(experiment: str, configs: str | Path | None = None) -> bool:
-    """Whether ``<configs>/experiment/<experiment>.yaml`` exists (``configs``: default config root when None)."""
-    return Path(configs or default_configs(), "experiment", f"{experiment}.yaml").is_file()
+def experiment_file(experiment: str, configs: str | Path | None = None) -> Path:
+    """``<configs>/experiment/<experiment>.yaml`` (``configs``: the default config root when None)."""
+    return Path(configs or default_configs(), "experiment", f"{experiment}.yaml")
 
 
 def _parse_cell(raw: Any, index: int, where: str, configs: str | Path | None = None) -> Cell:
@@ -253,7 +252,7 @@ def _parse_cell(raw: Any, index: int, where: str, configs: str | Path | None = N
         extra={k: v for k, v in raw.items() if k not in CELL_KEYS_KNOWN},
         why=why.strip() if why else None,
         # a row without a why is taken as runnable (check_experiments reports a missing experiment file)
-        runnable=why is None or experiment_exists(experiment, configs),
+        runnable=why is None or experiment_file(experiment, configs).is_file(),
     )
 
 
@@ -321,9 +320,9 @@ def resolve_table(name_or_path: str, configs: str | Path = "configs") -> Path:
 def check_experiments(table: Table, configs: str | Path = "configs") -> None:
     """Every row is runnable (its experiment exists as ``configs/experiment/<experiment>.yaml``) or says ``why`` it
     is not; a runnable row never starts from a row that is not runnable."""
-    runnable = {c.id: experiment_exists(c.experiment, configs) for c in table.cells}
+    runnable = {c.id: experiment_file(c.experiment, configs).is_file() for c in table.cells}
     for c in table.cells:
-        exp = Path(configs, "experiment", f"{c.experiment}.yaml")
+        exp = experiment_file(c.experiment, configs)
         if not runnable[c.id] and c.why is None:
             raise QreproError(
                 f"{_where(table.path)}: cell {c.id!r}: experiment {c.experiment!r} has no file {exp}; add it, "
