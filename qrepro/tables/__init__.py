@@ -6,15 +6,7 @@ and figures. Entry point: ``python -m qrepro.tables``.
 
 from qrepro.tables.compare import Row, Stats, compare, failures, summary
 from qrepro.tables.records import Record, canonical_overrides, load_records, match_cell
-from qrepro.tables.schema import (
-    Cell,
-    Table,
-    check_experiments,
-    load_table,
-    parse_table,
-    resolve_table,
-    table_paths,
-)
+from qrepro.tables.schema import Cell, Table, check_experiments, load_table, parse_table, resolve_table, table_paths
 
 __all__ = [
     "Cell",
