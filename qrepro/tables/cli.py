@@ -247,19 +247,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.all:
         readme = Path(args.readme) if args.readme else out.parent / "README.md"
         readme.parent.mkdir(parents=True, exist_ok=True)
-        readme.write_text(
-            readme_text(entries, select=args.select, readme=readme, out=out, configs=args.configs),
-            encoding="utf-8",
-        )
+        text = readme_text(entries, select=args.select, readme=readme, out=out, configs=args.configs)
+        readme.write_text(text, encoding="utf-8")
         print(f"index: {readme.as_posix()}")
         project = out.parent.parent / "README.md"
-        if not args.readme and update_project_readme(
-            project, entries, select=args.select, out=out, configs=args.configs
-        ):
-            if not quiet:
+        if not args.readme:
+            wrote = update_project_readme(project, entries, select=args.select, out=out, configs=args.configs)
+            if wrote and not quiet:
                 print(f"results section: {project.as_posix()}")
-        if not args.readme and update_readme_coverage(project, coverage(tables)) and not quiet:
-            print(f"coverage section: {project.as_posix()}")
+            if update_readme_coverage(project, coverage(tables)) and not quiet:
+                print(f"coverage section: {project.as_posix()}")
     if args.verify:
         for table, row in failed:
             print(_fail_line(table, row))
