@@ -192,13 +192,11 @@ def summary(rows: Sequence[Row]) -> str:
     count = {v: sum(r.verdict == v for r in rows) for v in (PASS, FAIL, MISSING, NA, DIVERGED, PAPER_ONLY)}
     present = len(rows) - count[MISSING] - count[PAPER_ONLY]
     parts = [f"{count[PASS]} pass", f"{count[FAIL]} fail", f"{count[MISSING]} missing"]
-    if count[DIVERGED]:
-        parts.append(f"{count[DIVERGED]} diverged")
-    if count[NA]:
-        parts.append(f"{count[NA]} without a paper number")
-    if count[PAPER_ONLY]:
-        parts.append(f"{count[PAPER_ONLY]} paper only (not runnable here)")
-    chance = sum(r.at_chance for r in rows)
-    if chance:
-        parts.append(f"{chance} at chance level")
+    when_present = {
+        "diverged": count[DIVERGED],
+        "without a paper number": count[NA],
+        "paper only (not runnable here)": count[PAPER_ONLY],
+        "at chance level": sum(r.at_chance for r in rows),
+    }
+    parts += [f"{n} {what}" for what, n in when_present.items() if n]
     return f"{present}/{len(rows)} cells present: " + ", ".join(parts)
