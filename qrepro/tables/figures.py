@@ -37,16 +37,6 @@ def _mean_curve(row: Row, key: str) -> tuple[list[float], list[float], list[floa
     return xs, [sum(v) / len(v) for v in cols], [min(v) for v in cols], [max(v) for v in cols]
 
 
-def _grid(plt, n: int, width: float = 4.2, height: float = 3.2):
-    ncols = min(3, n)
-    nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
-    flat = [ax for line in axes for ax in line]
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
-
-
 def _save(plt, fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if fig.get_layout_engine() is None:
@@ -56,20 +46,21 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def _plot_line(ax, data, label: str, **kw) -> None:
-    xs, mean, lo, hi = data
-    (line,) = ax.plot(xs, mean, label=label, **kw)
-    if lo != hi:
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-
-
 def _curve_figure(table: Table, panels: dict, path: Path, ylabel: str | None = None, log: bool = False) -> Path:
-    """One panel per ``{title: [(curve data, label, line style), ...]}``, against the epoch."""
+    """One panel per ``{title: [(curve data, label, line style), ...]}``, against the epoch: the mean over seeds,
+    their min-max as a band; up to three panels a row."""
     plt = _plt()
-    fig, axes = _grid(plt, len(panels))
+    ncols = min(3, len(panels))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    axes = [ax for grid_row in grid for ax in grid_row]
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     for ax, (title, lines) in zip(axes, panels.items()):
-        for data, label, style in lines:
-            _plot_line(ax, data, label, **style)
+        for (xs, mean, lo, hi), label, style in lines:
+            (drawn,) = ax.plot(xs, mean, label=label, **style)
+            if lo != hi:
+                ax.fill_between(xs, lo, hi, color=drawn.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(f"{table.name}: {title}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
