@@ -294,10 +294,7 @@ def load_table(path: str | Path) -> Table:
 def default_configs() -> str:
     """The config root the table commands default to: ``configs`` in the working directory when it holds tables (a
     checkout; links in rendered tables stay relative), else the configs qrepro runs with (an installed package)."""
-    if Path("configs", "table").is_dir():
-        return "configs"
-
-    return CONFIG_DIR
+    return "configs" if Path("configs", "table").is_dir() else CONFIG_DIR
 
 
 def table_paths(configs: str | Path = "configs") -> list[Path]:
