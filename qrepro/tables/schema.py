@@ -151,11 +151,8 @@ def parse_table(data: Any, path: Path | None = None) -> Table:
 
     for c in cells:
         cw = f"{where}: cell {c.id!r}"
-        for key, ref in (
-            ("fp_cell", c.fp_cell),
-            ("init_from_cell", c.init_from_cell),
-            ("ptq.from_cell", c.ptq_from_cell),
-        ):
+        refs = {"fp_cell": c.fp_cell, "init_from_cell": c.init_from_cell, "ptq.from_cell": c.ptq_from_cell}
+        for key, ref in refs.items():
             if ref is None:
                 continue
             if ref not in seen:
