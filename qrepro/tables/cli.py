@@ -93,11 +93,9 @@ def write_table(
         "csv": lambda: to_csv(table, rows, sel, configs=configs),
         "tex": lambda: to_latex(table, rows, sel),
     }
-    written = []
-    for f in formats:
-        path = out / f"{table.name}.{f}"
+    written = [out / f"{table.name}.{f}" for f in formats]
+    for path, f in zip(written, formats):
         path.write_text(texts[f](), encoding="utf-8")
-        written.append(path)
     return rows, written
 
 
