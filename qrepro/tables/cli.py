@@ -41,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--select",
         choices=SELECTIONS,
-        default=None,
         help="best-over-epochs or last-epoch accuracy (default: what each paper reports)",
     )
     p.add_argument("--format", default="md,csv", help="comma-separated subset of md,csv,tex (default md,csv)")
@@ -61,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also copy the matched record.json files under DIR (e.g. results/records) to commit them",
     )
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
-    p.add_argument("--readme", default=None, help="index written with --all (default: <out>/../README.md)")
+    p.add_argument("--readme", help="index written with --all (default: <out>/../README.md)")
     p.add_argument("--configs", default=default_configs(), help="config root holding table/ and experiment/")
     return p
 

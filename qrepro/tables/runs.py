@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "wall time. Also `qrepro-table runs`.",
     )
     p.add_argument("--experiment", "-e", action="append", default=[], metavar="GLOB", help="experiment name(s)")
-    p.add_argument("--table", "-t", default=None, help="only runs of this table's cells (labelled with the cell)")
+    p.add_argument("--table", "-t", help="only runs of this table's cells (labelled with the cell)")
     p.add_argument(
         "--status",
         "-s",
