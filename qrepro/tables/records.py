@@ -171,9 +171,7 @@ def load_records(roots: Sequence[str | Path] = DEFAULT_RUN_ROOTS, *, complete_on
     found: dict[tuple, Record] = {}
     for root in roots:
         root = Path(root)
-        if not root.is_dir():
-            continue
-        for path in _walk(root):
+        for path in _walk(root):  # nothing under a missing root
             try:
                 data = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
