@@ -58,9 +58,8 @@ def _epochs(rec: Record) -> str:
 
 
 def _overrides(rec: Record) -> str:
-    keep = [str(o) for o in rec.data.get("overrides") or [] if override_key(str(o)) != "seed"]
-    ident = {key for _, key, _ in rec.canonical(keep_same_cell=True)}
-    return " ".join(o for o in keep if override_key(o) in ident)
+    ident = {key for _, key, _ in rec.canonical(keep_same_cell=True)}  # the seed is never among them
+    return " ".join(str(o) for o in rec.data.get("overrides") or [] if override_key(str(o)) in ident)
 
 
 def row_of(rec: Record, cell: str = "") -> RunRow:
