@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from qrepro.cli import split_argv
 from qrepro.config import beside_hydra, compose, key_of, member_run_dir, quote_path_overrides, run_subdir
+from qrepro.config import trains_from_scratch as needs_source  # a source cell or checkpoint, init_from not given
 from qrepro.engine.members import member_overrides
 from qrepro.engine.record import read_record
 from qrepro.engine.rundir import file_sha256
@@ -148,9 +149,7 @@ def describe(chain: Sequence[Step], python: str = "python") -> list[str]:
     lines = [f"plan: {chain[-1].experiment}: {len(chain)} run(s) in order"]
     init: str | None = None
     for i, step in enumerate(chain, 1):
-        state = (
-            "finished (reused)" if step.complete and i < len(chain) else ("finished" if step.complete else "to train")
-        )
+        state = "to train" if not step.complete else ("finished" if i == len(chain) else "finished (reused)")
         origin = f"from {chain[i - 2].experiment}" if i > 1 else "from scratch"
         lines.append(f"  {i}. {step.experiment}  [{state}, {origin}]")
         lines.append(f"     run dir: {step.run_dir.as_posix()}")
@@ -314,11 +313,6 @@ def members_of(cfg: DictConfig) -> int:
     return int(cfg.trainer.get("members") or 1)
 
 
-def needs_source(cfg: DictConfig) -> bool:
-    """The cell starts from another cell's run or from an external checkpoint, and ``init_from`` is not given."""
-    return not cfg.get("init_from") and bool(cfg.get("init_from_experiment") or cfg.get("init_from_required"))
-
-
 def member_chains(experiment: str, overrides: Sequence[str], cfg: DictConfig | None = None) -> list[list[Step]]:
     """The chains of a batched job's K members (``seed=S trainer.members=K``): member i's is the chain of its
     separate run ``seed=S+i`` (the overrides ``qrepro.engine.members.member_overrides`` gives it), so its sources
@@ -367,10 +361,9 @@ def describe_members(chains: Sequence[Sequence[Step]], python: str = "python") -
     for j in range(n):
         steps = [c[j] for c in chains]
         done = sum(s.complete for s in steps)
-        last = j == n - 1
         state = "to train" if not done else f"{done} of {k} finished" + (", the others to train" if done < k else "")
         if done == k:
-            state = "finished" if last else "finished (reused)"
+            state = "finished" if j == n - 1 else "finished (reused)"
         origin = f"from {chains[0][j - 1].experiment}, each member from its seed's run" if j else "from scratch"
         lines.append(f"  {j + 1}. {steps[0].experiment}  [{state}, {origin}]")
         for s in steps:
@@ -413,8 +406,7 @@ def run_member_sources(
             cmds = [cmd] if cmd is not None else [steps[i].command(inits[i], sys.executable) for i in todo]
             for c in cmds:
                 out(shlex.join(c))
-                result = runner(c)
-                code = getattr(result, "returncode", 1)
+                code = getattr(runner(c), "returncode", 1)
                 if code != 0:
                     raise QreproError(f"the source run {src} failed (exit code {code}); {target} not started")
             for i in todo:

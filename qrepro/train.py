@@ -18,7 +18,7 @@ from qrepro.builders import (  # noqa: F401  (re-exported: scripts and tests imp
     hydra_context,
     semantic_overrides,
 )
-from qrepro.chain import job_init, member_inits, pop_plan, prepare
+from qrepro.chain import job_init, member_inits, members_of, pop_plan, prepare
 from qrepro.cli import handle_sigterm, hydra_entry, in_multirun, one_line_errors
 from qrepro.launch import train
 from qrepro.run_table import from_train_argv
@@ -28,7 +28,7 @@ def _task(cfg: DictConfig) -> str:
     # a single run's config was validated by the launch's check; a multirun's jobs are validated one by one
     multirun = in_multirun()
     inits = None
-    if int(cfg.trainer.get("members") or 1) > 1:  # a chained cell's members: each from its seed's source run
+    if members_of(cfg) > 1:  # a chained cell's members: each from its seed's source run
         inits = member_inits(*hydra_context()[1:])
     elif multirun and (init := job_init(*hydra_context()[1:])):  # a chained cell: the source the launch trained
         with open_dict(cfg):
