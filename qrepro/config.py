@@ -301,16 +301,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_subdir", _run_subdir_resolver)
     if not OmegaConf.has_resolver("qrepro_exclude_keys"):
         OmegaConf.register_new_resolver("qrepro_exclude_keys", lambda: list(NON_SEMANTIC_KEYS))
-    quiet_launcher_schema_matching()
-
-
-def quiet_launcher_schema_matching() -> None:
-    """Silence Hydra's deprecation notice for ``configs/hydra/launcher/submitit_{slurm,local}.yaml``.
-
-    Those files carry the plugin's own names on purpose (``hydra/launcher=submitit_slurm``), so Hydra validates
-    them against the plugin's schema of the same name, an intended use it reports as deprecated in 1.1 but still
-    performs in 1.3 (pinned ``<1.4`` in pyproject.toml; ``tests/test_ddp.py`` checks the validation happens).
-    """
+    # Hydra's deprecation notice for configs/hydra/launcher/submitit_{slurm,local}.yaml, silenced: those files carry
+    # the plugin's own names on purpose (hydra/launcher=submitit_slurm), so Hydra validates them against the
+    # plugin's schema of the same name, an intended use it reports as deprecated in 1.1 but still performs in 1.3
+    # (pinned <1.4 in pyproject.toml; tests/test_ddp.py checks the validation happens).
     warnings.filterwarnings(
         "ignore", message=r"\s*'hydra/launcher/submitit_(slurm|local)' is validated against ConfigStore schema"
     )
@@ -321,18 +315,14 @@ def check_group_choices(argv: Sequence[str]) -> None:
     groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
     for arg in argv:
         m = re.match(r"^[+~]{0,2}([A-Za-z_][\w/]*)=(.*)$", arg)
-        if not m or m.group(1) not in groups:
+        if not m or m.group(1) not in groups or m.group(2).startswith(("choice(", "range(", "glob(")):
             continue
-        group, values = m.group(1), m.group(2)
-        if values.startswith(("choice(", "range(", "glob(")):
-            continue
+        group, values = m.groups()
+        group_dir = Path(CONFIG_DIR) / group
         for v in values.split(","):
             v = v.strip()
-            if v and v != "null" and not (Path(CONFIG_DIR) / group / f"{v}.yaml").exists():
-                known = sorted(
-                    p.relative_to(Path(CONFIG_DIR) / group).with_suffix("").as_posix()
-                    for p in (Path(CONFIG_DIR) / group).rglob("*.yaml")
-                )
+            if v and v != "null" and not (group_dir / f"{v}.yaml").exists():
+                known = sorted(p.relative_to(group_dir).with_suffix("").as_posix() for p in group_dir.rglob("*.yaml"))
                 close = difflib.get_close_matches(v, known, n=3, cutoff=0.6)
                 if close:
                     raise QreproError(f"unknown {group} {v!r}; did you mean {' or '.join(close)}?")
