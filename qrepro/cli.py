@@ -247,9 +247,7 @@ def _merge_multirun_json(sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:
             old = []
         merged = {j.get("id"): j for j in old if isinstance(j, dict)}
         for j in jobs:
-            prev = merged.get(j.get("id"))
-            refused = "in use by another process" in str(j.get("error", ""))
-            if prev is None or not refused:
+            if j.get("id") not in merged or "in use by another process" not in str(j.get("error", "")):
                 merged[j.get("id")] = j
         out = sorted(merged.values(), key=lambda j: (j.get("num") is None, j.get("num") or 0, str(j.get("id"))))
         failed = [j["id"] for j in out if j.get("status") not in ("finished", "skipped")]

@@ -16,7 +16,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qrepro.builders import (
-    _plain,
     build_components,
     build_data_from_cfg,
     hydra_context,
@@ -27,7 +26,7 @@ from qrepro.builders import (
     setup_run,
 )
 from qrepro.cli import save_hydra_files
-from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS, key_of, member_run_dir, trains_from_scratch
+from qrepro.config import NON_SEMANTIC_KEYS, SAME_CELL_DEFAULTS, key_of, member_run_dir, plain, trains_from_scratch
 from qrepro.engine import dist as qdist
 from qrepro.engine import fast
 from qrepro.engine import trainer as engine_trainer  # engine_trainer.fit: tests wrap it
@@ -153,7 +152,7 @@ def make_record_base(cfg: DictConfig, experiment: str | None, overrides: list[st
         "name": cfg.name,
         "experiment": experiment,
         "overrides": overrides,
-        "config": _plain(cfg),
+        "config": plain(cfg),
         "model": cfg.model.name,
         "method": cfg.quantizer.name,
         "dataset": cfg.dataset.name,
@@ -236,7 +235,7 @@ def _train(cfg, run_dir, experiment, overrides, init, denv, data, *, resuming: b
         forward_loss = fast.compile_forward_loss(forward_loss, mode)
     if world > 1:
         seed_everything(int(cfg.seed) + denv.rank)  # per-rank streams (dropout, stochastic quantizers)
-    config = _plain(cfg)
+    config = plain(cfg)
     record_base = make_record_base(cfg, experiment, overrides, init, world)
     logger = build_logger("none")
     if denv.is_main:
@@ -382,7 +381,7 @@ def _train_members(cfg, members: list[_Member], experiment, member_overrides_, d
         data_m = member_data(data, m.seed)
         comp = build_components(c, device, data=data_m, init=not m.resuming)
         check_amp(amp, comp.optimizer)
-        config = _plain(c)
+        config = plain(c)
         record_base = {**make_record_base(c, experiment, ovr, m.init, 1), "members": {**batch, "index": m.index}}
         logger = open_logger(c, m.run_dir, config, m.resuming, concurrent=True)
         f = _fit(

@@ -345,8 +345,7 @@ def check_output_root(out_root: str) -> None:
 
 def _composition_error(e: Exception, overrides: list[str], config_name: str) -> QreproError:
     msg = str(e)
-    m = re.search(r"Could not override '([^']+)'", msg)
-    if m:
+    if m := re.search(r"Could not override '([^']+)'", msg):
         key = m.group(1)
         base = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
         try:
@@ -356,8 +355,7 @@ def _composition_error(e: Exception, overrides: list[str], config_name: str) -> 
         except Exception:  # noqa: BLE001 - the hint is optional
             known = []
         return QreproError(f"unknown config key {key}{did_you_mean(key, known)}")
-    m = re.search(r"Could not append to config. An item is already at '([^']+)'", msg)
-    if m:
+    if m := re.search(r"Could not append to config. An item is already at '([^']+)'", msg):
         return QreproError(f"{m.group(1)} already exists: set it without the leading '+' ({m.group(1)}=...)")
     first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), type(e).__name__)
     if "mismatched input" in msg or "token recognition error" in msg or "no viable alternative" in msg:
