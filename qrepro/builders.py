@@ -208,8 +208,6 @@ def build_components(
     if init and cfg.init_from:
         init_model(model, cfg.init_from, strict=bool(cfg.init_strict))
     optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
-    ema = EMA(model, float(cfg.trainer.ema)) if cfg.trainer.ema else None
-    hooks = list(method.hooks) + list(getattr(optimizer, "hooks", []))
     return Components(
         cfg=cfg,
         model=model,
@@ -217,9 +215,9 @@ def build_components(
         optimizer=optimizer,
         scheduler=scheduler,
         loss_fn=method.loss if method.loss is not None else make_loss_fn(cfg),  # a method may bring its own
-        ema=ema,
+        ema=EMA(model, float(cfg.trainer.ema)) if cfg.trainer.ema else None,
         device=device,
         steps_per_epoch=steps_per_epoch,
         data=data,
-        hooks=hooks,
+        hooks=list(method.hooks) + list(getattr(optimizer, "hooks", [])),
     )
