@@ -167,21 +167,14 @@ class Members:
         return out
 
 
-def build_members(
-    overrides: Sequence[str],
-    members: int,
-    dtype: torch.dtype | None = None,
-    *,
-    load_data: bool = True,
-    num_classes: int | None = None,
-    steps_per_epoch: int | None = None,
-) -> Members:
-    """``qrepro.api.build(overrides + [f"seed={S + i}"])`` for i < ``members`` (S: the composed seed), as one batch."""
+def build_members(overrides: Sequence[str], members: int, dtype: torch.dtype | None = None, **kw: Any) -> Members:
+    """``qrepro.api.build(overrides + [f"seed={S + i}"], dtype, **kw)`` for i < ``members`` (S: the composed seed), as
+    one batch."""
     base = int(compose([o for o in overrides if not o.startswith("trainer.members=")]).seed)
     runs, rngs = [], []
     for i in range(members):
         ov = [o for o in overrides if key_of(o) not in ("seed", "trainer.members")] + [f"seed={base + i}"]
-        r = build(ov, dtype, load_data=load_data, num_classes=num_classes, steps_per_epoch=steps_per_epoch)
+        r = build(ov, dtype, **kw)
         rng = RngState(r.device)
         rng.capture()
         runs.append(r)
