@@ -62,14 +62,15 @@ def train_step(
     gradients summed before the one optimizer step (a closure recomputes them over the same micro-batches). Only
     what a training forward updates (BatchNorm's batch statistics and running averages) sees micro-batches."""
     parts = micro_batches(x, y, accumulate) if accumulate > 1 else [(x, y, 1.0)]
+    no_sync = getattr(model, "no_sync", None)  # DDP
     optimizer.zero_grad(set_to_none=True)
-    step_loss, correct = _accumulate_grads(model, forward_loss, parts, scaler)
+    step_loss, correct = accumulate_grads(forward_loss, parts, scaler.scale if scaler is not None else None, no_sync)
     closure = None
     if scaler is None and getattr(optimizer, "needs_closure", False):  # the closure recomputes loss and gradients
 
         def closure():
             optimizer.zero_grad(set_to_none=True)
-            return _accumulate_grads(model, forward_loss, parts, None)[0]
+            return accumulate_grads(forward_loss, parts, None, no_sync)[0]
 
     finish_step(model, optimizer, scheduler, scaler, ema, hooks, ctx, step_loss, closure)
     return step_loss, correct
@@ -109,21 +110,24 @@ def micro_batches(
     return [(xi, yi, yi.shape[dim] / b) for xi, yi in parts if yi.shape[dim]]
 
 
-def _accumulate_grads(
-    model: nn.Module, forward_loss: ForwardLoss, parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]], scaler: Any
+def accumulate_grads(
+    forward_loss: ForwardLoss,
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    no_sync: Callable[[], Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward + backward of each weighted micro-batch, gradients summed into ``.grad``; returns the whole batch's
-    loss (``sum_i w_i loss_i``) and its number of correct top-1 predictions. Under DDP only the last backward
-    all-reduces the gradients (``no_sync`` for the others); under fp16 each micro-loss is scaled."""
+    loss (``sum_i w_i loss_i``) and its number of correct top-1 predictions. ``scale``: the weighted loss -> what is
+    backpropagated (fp16: the scaled loss; batched members: their summed losses), the loss itself when None.
+    ``no_sync`` (DDP's): only the last backward all-reduces the gradients."""
     loss_sum = correct_sum = 0
     for i, (xi, yi, w) in enumerate(parts):
-        last = i == len(parts) - 1
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        with no_sync() if no_sync is not None and i < len(parts) - 1 else contextlib.nullcontext():
             loss, correct = forward_loss(xi, yi)
             loss = loss * w
             with torch.no_grad():  # before the next call (CUDA graphs overwrite the compiled outputs)
                 lv, cv = loss.detach().clone(), correct.clone()
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            (scale(loss) if scale is not None else loss).backward()
         loss_sum, correct_sum = loss_sum + lv, correct_sum + cv
     return loss_sum, correct_sum
 

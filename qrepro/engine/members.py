@@ -29,7 +29,7 @@ from torch.func import functional_call, vmap
 
 from qrepro.engine.callbacks import Console, progress_bar
 from qrepro.engine.fast import compile_forward_loss, forward_loss_unit
-from qrepro.engine.loop import NonFiniteLoss, epoch_metrics, finish_step, micro_batches
+from qrepro.engine.loop import NonFiniteLoss, accumulate_grads, epoch_metrics, finish_step, micro_batches
 from qrepro.errors import QreproError
 
 
@@ -308,10 +308,6 @@ class BatchedStep:
         if compile_mode is not None:  # one graph for all members (CUDA graphs in reduce-overhead)
             self.fn = compile_forward_loss(self.fn, compile_mode)
 
-    @property
-    def k(self) -> int:
-        return len(self.slots)
-
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.stack.template.train(True)
         for s in self.slots:
@@ -319,10 +315,7 @@ class BatchedStep:
         self.stack.zero_grad()
         # trainer.accumulate: micro-batches of every member's batch, gradients summed
         parts = micro_batches(xs, ys, self.accumulate, dim=1) if self.accumulate > 1 else [(xs, ys, 1.0)]
-        step_losses = correct = 0
-        for xi, yi, w in parts:
-            li, ci = self._backward(xi, yi, w)
-            step_losses, correct = step_losses + li, correct + ci
+        step_losses, correct = accumulate_grads(self.fn, parts, self._summed_losses)
         self.stack.scatter_grads()
         for i, s in enumerate(self.slots):
             with s.rng:
@@ -330,20 +323,12 @@ class BatchedStep:
         self.stack.check_tied()
         return step_losses, correct
 
-    def _backward(self, xs: torch.Tensor, ys: torch.Tensor, w: float) -> tuple[torch.Tensor, ...]:
-        """Forward + backward of the stacked batch (its losses weighted by ``w``, a micro-batch's share of the
-        batch), gradients added to the stack's; returns detached copies of the (weighted) losses and correct counts."""
-        losses, correct = self.fn(xs, ys)
-        losses = losses * w
-        with torch.no_grad():
-            step_losses = losses.detach().clone()
-            correct = correct.detach().clone()
-        if any(s.scaler is not None for s in self.slots):  # fp16: each member's loss times its own scale
-            scaled = [s.scaler.scale(loss) if s.scaler is not None else loss for s, loss in zip(self.slots, losses)]
-            torch.stack(scaled).sum().backward()
-        else:
-            losses.sum().backward()
-        return step_losses, correct
+    def _summed_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        """The members' (weighted) losses summed for one backward pass; fp16: each times its own scale."""
+        if all(s.scaler is None for s in self.slots):
+            return losses.sum()
+        scaled = [s.scaler.scale(loss) if s.scaler is not None else loss for s, loss in zip(self.slots, losses)]
+        return torch.stack(scaled).sum()
 
     def release(self) -> None:
         self.stack.release()
@@ -389,8 +374,6 @@ class BatchedEpoch:
         """One epoch of every member; per member its ``train_one_epoch`` metrics or its ``NonFiniteLoss``."""
         outs: list[Any] = [None] * len(self.slots)
         live = list(range(len(self.slots)))  # members still in the batch (positions in self.slots)
-        if self.step is None or self.step.k != len(live):
-            self._build(self.slots)
         iters = [iter(ld) for ld in self.loaders]
         n_steps = len(self.loaders[0])
         bar = progress_bar(n_steps, f"epoch {epoch + 1}/{self.epochs} x{len(live)}") if self.progress else None
