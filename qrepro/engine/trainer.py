@@ -144,9 +144,7 @@ class Trainer:
         )
         start_training(ctx, f.hooks, f.ema, fresh=st.epoch == 0)
         self.eval_model = f.ema.module if f.ema is not None else f.model
-        self.eval_forward = None
-        if f.eval_compile is not None:
-            self.eval_forward = compile_eval_forward(self.eval_model, f.eval_compile)
+        self.eval_forward = None if f.eval_compile is None else compile_eval_forward(self.eval_model, f.eval_compile)
 
     def begin_epoch(self, epoch: int) -> float:
         """Start ``epoch`` (0-based): the loader's epoch, callbacks' ``on_epoch_start``; returns its start time."""
@@ -184,9 +182,7 @@ class Trainer:
         self._call("on_train_epoch_end", epoch, tr)  # the NaN guard stops here
         lr = _main_lr(f.optimizer)
         ev = evaluate(self.eval_model, f.data.test, all_reduce=True, forward=self.eval_forward)
-        extra: dict[str, float] = {}
-        for h in f.hooks:
-            extra.update(h.on_epoch_end(ctx, epoch) or {})
+        extra = {k: v for h in f.hooks for k, v in (h.on_epoch_end(ctx, epoch) or {}).items()}
         row = {
             "epoch": epoch + 1,
             "train_loss": tr["train_loss"],
