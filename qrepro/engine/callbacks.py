@@ -96,13 +96,11 @@ class Checkpointer(Callback):
                 f"{self.last} is not a resumable training checkpoint (no {', '.join(missing)}; a best.pt or a plain "
                 "state_dict?); restore the run's own last.pt, or start over with force=true"
             )
-        if f.identity is not None:
-            diff = identity_difference(ck.get("identity"), f.identity)
-            if diff:
-                raise QreproError(
-                    f"{self.last} was written by a different run ({diff}); resume it with its own config, "
-                    "or start over with force=true"
-                )
+        if f.identity is not None and (diff := identity_difference(ck.get("identity"), f.identity)):
+            raise QreproError(
+                f"{self.last} was written by a different run ({diff}); resume it with its own config, "
+                "or start over with force=true"
+            )
         check_finite(ck["model"], f"checkpoint {self.last}")
 
         load_model_state(f.model, ck["model"], strict=True)
