@@ -103,9 +103,7 @@ def setup(device: str | None) -> DistEnv:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        dist.init_process_group(backend, device_id=dev)
-    else:
-        dist.init_process_group(backend)
+    dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
     # one group for the life of the process: a Hydra multirun under torchrun runs its jobs one after the other
     # in the same processes and reuses it (re-creating a group under torchrun's store hangs)
     atexit.register(_destroy)
@@ -161,9 +159,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Element-wise mean over ranks (floating ``t``); a new tensor, ``t`` itself in a single process."""
-    if not is_distributed():
-        return t
-    return all_reduce_sum(t) / dist.get_world_size()
+    return all_reduce_sum(t) / dist.get_world_size() if is_distributed() else t
 
 
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
