@@ -3,6 +3,7 @@ process, renamed over the target), and filesystem errors as one ``QreproError`` 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -36,11 +37,9 @@ def _writer_cause(path: Path) -> int | None:
     parent = path.parent
     if parent.is_dir() and not os.access(parent, os.W_OK):
         return errno.EACCES
-    try:
+    with contextlib.suppress(OSError):
         if shutil.disk_usage(parent).free < LOW_SPACE:
             return errno.ENOSPC
-    except OSError:
-        pass
     return None
 
 
@@ -95,10 +94,8 @@ def atomic_write(path: str | Path, writer: Callable[[Path], object]) -> None:
         writer(tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(t in str(e) for t in _TORCH_WRITE_ERRORS)):
             raise io_error(path, e) from None
         raise
@@ -109,9 +106,7 @@ def remove_stale_tmp(directory: str | Path) -> list[Path]:
     the run directory's lock calls this, so no live writer can own them."""
     out = []
     for p in (*Path(directory).glob("*.tmp"), *Path(directory).glob("checkpoints/*.tmp")):
-        try:
+        with contextlib.suppress(OSError):
             p.unlink()
             out.append(p)
-        except OSError:
-            pass
     return out

@@ -5,6 +5,7 @@ does with a directory it holds (:func:`prepare_run_dir`: fresh, resume or skip) 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -89,10 +90,8 @@ class RunLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)  # an empty lock file: nobody owns the directory
-        except OSError:
-            pass
         try:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
@@ -119,10 +118,8 @@ def init_source(init_from: Any) -> dict[str, str] | None:
     if not init_from:
         return None
     p = Path(str(init_from))
-    if p.is_dir():
-        read_checkpoint(p)  # raises the one-line "is a directory" error with a hint
     if not p.is_file():
-        raise QreproError(f"checkpoint {p} does not exist; check init_from=<path to a .pt/.pth file>")
+        read_checkpoint(p)  # raises the one-line error: "is a directory" (with a hint) or "does not exist"
     try:
         return {"path": str(p), "sha256": file_sha256(p)}
     except OSError as e:
@@ -259,9 +256,9 @@ def prepare_run_dir(
     """
     record_path = run_dir / "record.json"
     rec = read_record(record_path)
-    status = (rec or {}).get("status") or ("complete" if (rec or {}).get("complete") else None)
+    diverged = rec is not None and rec.get("status") == "diverged"
     last = run_dir / "checkpoints" / "last.pt"
-    if force or (retry and status == "diverged"):
+    if force or (retry and diverged):
         why = "force=true" if force else "retry=true"
         if rec is not None:
             mark_superseded(record_path, rec, why)
@@ -278,7 +275,7 @@ def prepare_run_dir(
                 "different run: pass another out_root=..., or force=true to replace it"
             )
         return "skip", rec
-    if status == "diverged":
+    if diverged:
         return "skip", rec
     if last.exists():
         if not resume:
