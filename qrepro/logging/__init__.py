@@ -9,8 +9,6 @@ from qrepro.errors import QreproError
 
 
 class NullLogger:
-    run_dir: str | None = None
-
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         pass
 
@@ -53,7 +51,6 @@ class WandbLogger:
             resume="allow" if resume_id else None,
             reinit="create_new" if concurrent else True,  # batched members: K runs open at once
         )
-        self.run_dir = getattr(self.run, "dir", None)
         self.id = getattr(self.run, "id", None)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
