@@ -85,15 +85,17 @@ class Report:
     """Rows of (quantity, max |ours - ref|, max relative difference); PASS iff every row is within its tolerance.
 
     The relative difference of a tensor is ``max|a - b| / max(max|b|, tiny)``: the difference measured against
-    the tensor's own scale (elementwise relative errors are meaningless where the reference is ~0).
+    the tensor's own scale (elementwise relative errors are meaningless where the reference is ~0). A tolerance
+    (``tol`` of the report or of a row) is a number or a function of the reference tensor (``relative_tol``).
     """
 
     title: str
-    tol: float = 1e-9
+    tol: float | Callable[[Any], float] = 1e-9
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def add(self, name: str, ours: Any, ref: Any, tol: float | None = None) -> Row:
+    def add(self, name: str, ours: Any, ref: Any, tol: float | Callable[[Any], float] | None = None) -> Row:
+        tol = self.tol if tol is None else tol
         # dtype given here: torch.as_tensor(python float) alone would round to float32 first
         a = torch.as_tensor(ours, dtype=torch.float64).detach().to("cpu")
         b = torch.as_tensor(ref, dtype=torch.float64).detach().to("cpu")
@@ -108,7 +110,7 @@ class Report:
             diff = (a - b).abs()
             d = float(diff.max()) if not torch.isnan(diff).any() else math.inf
             scale = float(b.abs().max())
-        row = Row(name, d, d / max(scale, 1e-300) if d else 0.0, a.numel(), self.tol if tol is None else tol)
+        row = Row(name, d, d / max(scale, 1e-300) if d else 0.0, a.numel(), tol(ref) if callable(tol) else tol)
         self.rows.append(row)
         return row
 
@@ -117,12 +119,11 @@ class Report:
     ) -> None:
         """One row for two dicts with the same keys: the worst item, i.e. the largest difference (relative to each
         item's tolerance when ``tol`` is a function of the reference tensor), one out of tolerance first."""
-        missing = sorted(set(ours) ^ set(ref))
-        if missing:
-            raise QreproError(f"parity: {prefix}: keys present on one side only: {missing[:8]}")
+        same_names(f"parity: {prefix}: keys present on one side only", ours, ref)
         if not ours:
             return
-        rows = {k: self.add(k, ours[k], ref[k], tol(ref[k]) if callable(tol) else tol) for k in ours}
+        tol = self.tol if tol is None else tol
+        rows = {k: self.add(k, ours[k], ref[k], tol) for k in ours}
         del self.rows[-len(rows) :]
         size = (lambda r: r.max_abs / r.tol) if callable(tol) else (lambda r: r.max_abs)
         k = max(rows, key=lambda k: (not rows[k].ok, size(rows[k])))
@@ -261,7 +262,6 @@ def add_grouped(
     kind: Callable[[str], str],
     suite: str,
     order: tuple[str, ...] = (),
-    tol: Callable[[Any], float] | None = None,
 ) -> None:
     """One ``add_many`` row per ``kind(name)`` of the tensors (in the reference's order, or in ``order``)."""
     same_names(f"parity {suite}: {prefix}: names differ", ours, ref)
@@ -269,7 +269,7 @@ def add_grouped(
     for k in ref:
         kinds.setdefault(kind(k), []).append(k)
     for name in sorted(kinds, key=order.index) if order else kinds:
-        rep.add_many(f"{prefix} {name}", {k: ours[k] for k in kinds[name]}, {k: ref[k] for k in kinds[name]}, tol)
+        rep.add_many(f"{prefix} {name}", {k: ours[k] for k in kinds[name]}, {k: ref[k] for k in kinds[name]})
 
 
 def copy_state(

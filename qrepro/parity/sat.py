@@ -26,7 +26,6 @@ from qrepro.parity import SUITES, Report, cifar_batches, one_thread, our_run, re
 from qrepro.quant import build_method, prepare
 
 D = torch.float64
-TOL = 1e-9
 ALPHA_CONV, ALPHA_FC = 2.0, 1.0
 SGD = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 4.0e-5}  # apps/cifar10/*.yml
 GROUPS = [{"tags": ["norm", "bias", "depthwise", "act_clip"], "weight_decay": 0.0}]  # the SAT experiments' rule
@@ -105,14 +104,6 @@ class Side:
         self._handles.clear()
 
 
-def add(rep: Report, name: str, ours: Any, ref: Any) -> None:
-    rep.add(name, ours, ref, relative_tol(ref, TOL))
-
-
-def add_group(rep: Report, prefix: str, ours: dict[str, Any], ref: dict[str, Any]) -> None:
-    rep.add_many(prefix, ours, ref, lambda r: relative_tol(r, TOL))
-
-
 def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         model.train()
@@ -156,24 +147,24 @@ def compare_training(
         losses_r.append(ref.step(x, y))
         if i == 0:
             ours.release(), ref.release()
-            add(report, "train logits (step 1)", ours.logits, ref.logits)
+            report.add("train logits (step 1)", ours.logits, ref.logits)
             for n in ours.layers:
-                add(report, f"grad input {n}", ours.inputs[n].grad, ref.inputs[n].grad)
-            add_group(report, "grad", {k: p.grad for k, p in o_params.items()}, {k: r_params[k].grad for k in o_params})
+                report.add(f"grad input {n}", ours.inputs[n].grad, ref.inputs[n].grad)
+            report.add_many("grad", {k: p.grad for k, p in o_params.items()}, {k: r_params[k].grad for k in o_params})
             al = [k for k in o_params if k.endswith("aq.alpha")]
             if al:
-                add_group(report, "grad alpha", {k: o_params[k].grad for k in al}, {k: r_params[k].grad for k in al})
-    add(report, f"loss, steps 1..{len(batches)}", torch.stack(losses_o), torch.stack(losses_r))
-    add_group(report, f"params after {len(batches)} steps", o_params, r_params)
+                report.add_many("grad alpha", {k: o_params[k].grad for k in al}, {k: r_params[k].grad for k in al})
+    report.add(f"loss, steps 1..{len(batches)}", torch.stack(losses_o), torch.stack(losses_r))
+    report.add_many(f"params after {len(batches)} steps", o_params, r_params)
     mom_o = {k: ours.optimizer.state[p]["momentum_buffer"] for k, p in o_params.items()}
     mom_r = {k: ref.optimizer.state[r_params[k]]["momentum_buffer"] for k in o_params}
-    add_group(report, "momentum", mom_o, mom_r)
+    report.add_many("momentum", mom_o, mom_r)
     o_bufs = {k: b for k, b in ours.model.named_buffers() if "running" in k}
     r_bufs = {adabits_key(k): b for k, b in ref.model.named_buffers() if "running" in k}
-    add_group(report, "BN running stats", o_bufs, {k: r_bufs[k] for k in o_bufs})
+    report.add_many("BN running stats", o_bufs, {k: r_bufs[k] for k in o_bufs})
     with torch.no_grad():
         ours.model.eval(), ref.model.eval()
-        add(report, "eval logits", ours.model(eval_batch.to(D)), ref.model(eval_batch.to(D)))
+        report.add("eval logits", ours.model(eval_batch.to(D)), ref.model(eval_batch.to(D)))
         ours.model.train(), ref.model.train()
 
 
@@ -191,7 +182,7 @@ def compare_layers(rep: Report, ours: nn.Module, ref: nn.Module, bits: int, opts
 def layers_report(reference: Path, scheme: str, bits: int, batches, eval_batch, quantizer: dict) -> Report:
     """(1): first conv (3 -> 8, stride 2, weight-only) - BN - ReLU - conv (8 -> 16) - BN - ReLU - pool - FC,
     every layer rescaled."""
-    rep = Report(f"SAT layers, weight levels {scheme}, W{bits}A{bits}, rescaled (Eq. 10), CG-PACT", TOL)
+    rep = Report(f"SAT layers, weight levels {scheme}, W{bits}A{bits}, rescaled (Eq. 10), CG-PACT", relative_tol)
     with authors(reference, bits, **{**FLAGS_CIFAR, "weight_quant_scheme": scheme}) as imp:
         q = imp("models.quant_ops")
         torch.manual_seed(bits)
@@ -229,7 +220,7 @@ def block_report(reference: Path, bits: int, double_side: bool, batches, eval_ba
     C = 24
 
     side = "two-sided PACT on the expand conv (double_side)" if double_side else "one-sided PACT"
-    rep = Report(f"SAT MobileNet-V2 block, W{bits}A{bits}, {side}, last FC rescaled", TOL)
+    rep = Report(f"SAT MobileNet-V2 block, W{bits}A{bits}, {side}, last FC rescaled", relative_tol)
     with authors(reference, bits, **{**FLAGS_MBV2, "double_side": double_side}) as imp:
         q = imp("models.quant_ops")
         mb = imp("models.q_mobilenet_v2")
@@ -277,7 +268,7 @@ def experiment_report(reference: Path, experiment: str, batches, eval_batch, qua
     run = our_run([*overrides, "trainer.device=cpu", "logger=none", "trainer.compile=false"], spe, num_classes=classes)
     bits = int(run.cfg.precision.w_bits)
     prec = "FP (clamped, rescaled)" if bits == 32 else f"W{bits}A{bits}"
-    rep = Report(f"SAT experiment {experiment} vs the authors' {module}, {prec}", TOL)
+    rep = Report(f"SAT experiment {experiment} vs the authors' {module}, {prec}", relative_tol)
     with authors(reference, bits, **flags) as imp:
         torch.manual_seed(7)
         ref = imp(module).Model(classes).to(D)
