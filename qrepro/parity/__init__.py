@@ -295,6 +295,17 @@ def running_stats(model: nn.Module, rename: Callable[[str], str] | None = None) 
     }
 
 
+def param_state(state: Any, params: dict[str, Any], key: str) -> dict[str, Any]:
+    """``state[p][key]`` of each named parameter ``p`` (an optimizer's state: momentum buffers, Adam's moments)."""
+    return {n: state[p][key] for n, p in params.items()}
+
+
+def group_values(opt: torch.optim.Optimizer, params: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
+    """``key`` (``lr``, ``weight_decay``, ...; 0 where unset) of the group holding each named parameter, float64."""
+    owner = {id(p): g for g in opt.param_groups for p in g["params"]}
+    return {n: torch.tensor(float(owner[id(p)].get(key, 0.0)), dtype=torch.float64) for n, p in params.items()}
+
+
 def largest_change(now: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
     """max over the tensors of max |now - start| (how far the compared steps moved the parameters)."""
     return max(float((now[k].detach() - start[k]).abs().max()) for k in now)

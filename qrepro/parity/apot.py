@@ -25,10 +25,12 @@ from qrepro.parity import (
     Report,
     add_grouped,
     cifar_batches,
+    group_values,
     largest_change,
     one_thread,
     our_inputs,
     our_run,
+    param_state,
     reference_import,
     relative_tol,
     running_stats,
@@ -110,14 +112,6 @@ _add_grouped = functools.partial(add_grouped, kind=_kind, suite="apot", order=KI
 
 def _grads(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {k: p.grad for k, p in params.items()}
-
-
-def _per_param(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], what: str) -> dict[str, torch.Tensor]:
-    """Per parameter name: the momentum buffer (``what='momentum'``) or the group's ``lr`` / ``weight_decay``."""
-    if what == "momentum":
-        return {n: opt.state[p]["momentum_buffer"] for n, p in params.items()}
-    owner = {id(p): g for g in opt.param_groups for p in g["params"]}
-    return {n: torch.tensor(float(owner[id(p)][what])) for n, p in params.items()}
 
 
 def compare_bits(
@@ -213,12 +207,13 @@ def compare_bits(
         after = f"after {steps} steps:"
         rep.add(f"loss of each of the {steps} steps", torch.stack(losses_o), torch.stack(losses_t))
         _add_grouped(rep, f"{after} param", o_params, t_params)
-        o_v, t_v = _per_param(run.optimizer, o_params, "momentum"), _per_param(t_opt, t_params, "momentum")
+        mom = "momentum_buffer"
+        o_v, t_v = param_state(run.optimizer.state, o_params, mom), param_state(t_opt.state, t_params, mom)
         _add_grouped(rep, f"{after} momentum", o_v, t_v)
         _add_grouped(rep, f"{after} BN stats", running_stats(ours), running_stats(theirs, their_name_to_ours))
         for what in ("lr", "weight_decay"):
-            o_v, t_v = _per_param(run.optimizer, o_params, what), _per_param(t_opt, t_params, what)
-            rep.add_many(f"{after} {what}", o_v, t_v, relative_tol)
+            o_v, t_v = group_values(run.optimizer, o_params, what), group_values(t_opt, t_params, what)
+            rep.add_many(f"{after} {what}", o_v, t_v)
         for k in (k for k in t_params if k.endswith("wq.alpha")):  # per layer
             rep.add(f"{after} alpha_w {k.removesuffix('.wq.alpha')}", o_params[k], t_params[k])
     moved = largest_change(o_params, start)

@@ -30,6 +30,7 @@ from qrepro.parity import (
     one_thread,
     our_inputs,
     our_run,
+    param_state,
     reference_import,
     require_files,
     same_names,
@@ -214,11 +215,9 @@ def compare_cell(
         rep.add(f"loss of each of the {steps} steps", torch.stack(losses_o), torch.stack(losses_t))
         _add_grouped(rep, f"step {steps}: grad", o_grads, t_grads)
         _add_grouped(rep, f"after {steps} steps: param", o_params, t_params)
-        st_o = run.optimizer.state
-        st_t = {**opt_m.state, **opt_q.state}
+        st_o, st_t = run.optimizer.state, {**opt_m.state, **opt_q.state}
         for key in ("exp_avg", "exp_avg_sq"):
-            o_v = {n: st_o[p][key] for n, p in o_params.items()}
-            t_v = {n: st_t[p][key] for n, p in t_params.items()}
+            o_v, t_v = param_state(st_o, o_params, key), param_state(st_t, t_params, key)
             _add_grouped(rep, f"after {steps} steps: Adam {key}", o_v, t_v)
     moved = largest_change(o_params, start)
     note = f"largest parameter change over the steps {moved:.3e}; both sides stepped in {wall:.1f} s"

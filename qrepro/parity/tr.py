@@ -29,10 +29,12 @@ from qrepro.parity import (
     add_grouped,
     cifar_batches,
     copy_state,
+    group_values,
     largest_change,
     one_thread,
     our_inputs,
     our_run,
+    param_state,
     reference_import,
     require_files,
     running_stats,
@@ -109,11 +111,6 @@ def _kind(name: str) -> str:
 _add_grouped = functools.partial(add_grouped, kind=_kind, suite="tr")
 
 
-def _group_values(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], key: str) -> dict[str, torch.Tensor]:
-    owner = {id(p): g for g in opt.param_groups for p in g["params"]}
-    return {n: _f64(float(owner[id(p)].get(key, 0.0))) for n, p in params.items()}
-
-
 def compare_cell(
     reference: Path,
     bits: str,
@@ -159,8 +156,8 @@ def compare_cell(
         for key in ("weight_decay", "momentum") if opt_name == "sgdt" else ("weight_decay",):
             rep.add_many(
                 f"param groups: {key} of every parameter",
-                _group_values(run.optimizer, o_params, key),
-                _group_values(t_opt, t_params, key),
+                group_values(run.optimizer, o_params, key),
+                group_values(t_opt, t_params, key),
             )
 
         logits: list[torch.Tensor] = []
@@ -241,8 +238,7 @@ def compare_cell(
             )
         else:
             for key in ("exp_avg", "exp_avg_sq", "step"):
-                o_v = {n: _f64(st_o[p][key]) for n, p in o_params.items()}
-                t_v = {n: _f64(st_t[p][key]) for n, p in t_params.items()}
+                o_v, t_v = param_state(st_o, o_params, key), param_state(st_t, t_params, key)
                 _add_grouped(rep, f"{after} Adam {key}", o_v, t_v)
         last = run.optimizer.tr_last
         lr = THEIR_LR[opt_name]
