@@ -311,6 +311,44 @@ def largest_change(now: dict[str, torch.Tensor], start: dict[str, torch.Tensor])
     return max(float((now[k].detach() - start[k]).abs().max()) for k in now)
 
 
+def cell_suite(
+    name: str,
+    compare: Callable[..., Report],
+    *,
+    need: tuple[str, ...],
+    need_in: str = "",
+    repo: str,
+    grid: tuple[Any, ...],
+    quick_grid: tuple[Any, ...],
+    default_batch: int,
+    extra_batches: int = 0,
+) -> Callable[..., list[Report]]:
+    """Register suite ``name``: one report ``compare(reference, cell, batches, steps=, overrides=, **kw)`` per cell
+    (``grid``; ``quick``: ``quick_grid``; or the ``cells`` asked for) on ``steps + extra_batches`` batches of
+    CIFAR-10 (seed 0), once the checkout's folder ``need_in`` is found to hold the files ``need`` (of the authors'
+    ``repo``)."""
+
+    def suite(
+        reference: Path | str,
+        *,
+        steps: int = 20,
+        data: Any = None,
+        quick: bool = False,
+        batch: int = default_batch,
+        cells: tuple[Any, ...] | None = None,
+        overrides: list[str] | None = None,
+        **kw: Any,
+    ) -> list[Report]:
+        reference = Path(reference)
+        require_files(name, reference / need_in, need, repo)
+        chosen = tuple(cells) if cells else (quick_grid if quick else grid)
+        batches = cifar_batches(data, steps + extra_batches, batch, seed=0)
+        with one_thread():
+            return [compare(reference, c, batches, steps=steps, overrides=list(overrides or []), **kw) for c in chosen]
+
+    return SUITES.register(name)(suite)
+
+
 def run_suite(name: str, reference: Path | str | None, **kw: Any) -> list[Report]:
     import_submodules(__name__, __path__)
     suite = SUITES.get(name)

@@ -15,24 +15,20 @@ import io
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from torch import nn
 
 from qrepro.parity import (
-    SUITES,
     Report,
     add_grouped,
-    cifar_batches,
+    cell_suite,
     copy_state,
     largest_change,
-    one_thread,
     our_inputs,
     our_run,
     param_state,
     reference_import,
-    require_files,
     same_names,
     their_inputs,
 )
@@ -88,11 +84,12 @@ def compare_cell(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     steps: int,
-    overrides: list[str] | None = None,
+    overrides: list[str],
     max_iter: int = MAX_ITER,
     steps_per_epoch: int = STEPS_PER_EPOCH,
 ) -> Report:
-    overrides = list(overrides or [])
+    """One cell (``bits``: ``w1a1`` / ``w2a2``); ``max_iter``: Hutchinson probes per trace on both sides;
+    ``steps_per_epoch``: the comparison's epoch length (δ is re-estimated after ``UPDATE_EVERY`` epochs)."""
     spe = steps_per_epoch
     b = int(bits[1 : bits.index("a")])
     batch = len(batches[0][1])
@@ -227,27 +224,14 @@ def compare_cell(
     return rep
 
 
-@SUITES.register("ewgs")
-def suite(
-    reference: Path,
-    *,
-    steps: int = 20,
-    data: Any = None,
-    quick: bool = False,
-    batch: int = DEFAULT_BATCH,
-    cells: tuple[str, ...] | None = None,
-    overrides: list[str] | None = None,
-    max_iter: int = MAX_ITER,
-    steps_per_epoch: int = STEPS_PER_EPOCH,
-) -> list[Report]:
-    """Reports for W1A1 and W2A2 (``quick``: W1A1); ``max_iter``: Hutchinson probes per trace on both sides;
-    ``steps_per_epoch``: the comparison's epoch length (δ is re-estimated after ``UPDATE_EVERY`` epochs)."""
-    reference = Path(reference)
-    require_files(
-        "ewgs", reference / "CIFAR10", ("custom_models.py", "custom_modules.py", "utils.py"), "cvlab-yonsei/EWGS"
-    )
-    cells = tuple(cells) if cells else (QUICK_CELLS if quick else CELLS)
-    batches = cifar_batches(data, steps + HESSIAN_BATCHES + 1, batch, seed=0)
-    kw = {"steps": steps, "overrides": overrides, "max_iter": max_iter, "steps_per_epoch": steps_per_epoch}
-    with one_thread():
-        return [compare_cell(reference, bits, batches, **kw) for bits in cells]
+suite = cell_suite(
+    "ewgs",
+    compare_cell,
+    need=("custom_models.py", "custom_modules.py", "utils.py"),
+    need_in="CIFAR10",
+    repo="cvlab-yonsei/EWGS",
+    grid=CELLS,
+    quick_grid=QUICK_CELLS,
+    default_batch=DEFAULT_BATCH,
+    extra_batches=HESSIAN_BATCHES + 1,  # the Hessian update's batches
+)

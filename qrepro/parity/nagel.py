@@ -24,17 +24,7 @@ import torch
 from torch import nn
 
 from qrepro.errors import QreproError
-from qrepro.parity import (
-    SUITES,
-    Report,
-    cifar_batches,
-    one_thread,
-    our_inputs,
-    our_run,
-    reference_import,
-    require_files,
-    same_names,
-)
+from qrepro.parity import Report, cell_suite, our_inputs, our_run, reference_import, same_names
 from qrepro.quant.layers import quantized_layers
 from qrepro.quant.methods.nagel import NagelQuantizer, NagelSchedule, tracked
 
@@ -299,28 +289,16 @@ def compare_cell(
     return rep
 
 
-@SUITES.register("nagel")
-def suite(
-    reference: Path,
-    *,
-    steps: int = 20,
-    data: Any = None,
-    quick: bool = False,
-    batch: int = DEFAULT_BATCH,
-    cells: tuple[str, ...] | None = None,
-    overrides: list[str] | None = None,
-) -> list[Report]:
-    """Reports for dampening and freezing (``quick``: the same two; the suite is small)."""
-    reference = Path(reference)
-    need = (
+suite = cell_suite(
+    "nagel",
+    compare_cell,
+    need=(
         "quantization/quantizers/uniform_quantizers.py",
         "utils/oscillation_tracking_utils.py",
         "utils/qat_utils.py",
-    )
-    require_files("nagel", reference, need, "oscillations-qat")
-    batches = cifar_batches(data, steps, batch, seed=0)
-    with one_thread():
-        return [
-            compare_cell(reference, kind, batches, steps=steps, overrides=list(overrides or []))
-            for kind in (cells or CELLS)
-        ]
+    ),
+    repo="oscillations-qat",
+    grid=CELLS,
+    quick_grid=CELLS,  # the suite is small
+    default_batch=DEFAULT_BATCH,
+)

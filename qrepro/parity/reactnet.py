@@ -13,15 +13,13 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
 from qrepro.errors import QreproError
-from qrepro.parity import SUITES, Report, cifar_batches, normalize, one_thread, our_run, reference_import, require_files
-from qrepro.parity import running_stats as _stats
+from qrepro.parity import Report, cell_suite, normalize, our_run, param_state, reference_import, running_stats
 
 STEPS = {"step2": ("resnet/2_step2", "w1a1_adam"), "step1": ("resnet/1_step1", "fp")}
 CELLS = ("step2", "step1")
@@ -56,11 +54,10 @@ def compare_step(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     steps: int,
-    overrides: list[str] | None = None,
+    overrides: list[str],
 ) -> Report:
     """One ReActNet step (``step2``: W1A1, ``step1``: W32A1) over ``steps`` optimizer steps on both sides."""
     folder, cell = STEPS[step]
-    overrides = list(overrides or [])
     batch = len(batches[0][1])
     extra = f", qrepro overrides {' '.join(overrides)}" if overrides else ""
     what = "W1A1 (step 2)" if step == "step2" else "W32A1 (step 1)"
@@ -143,10 +140,9 @@ def compare_step(
         rep.add_many(f"after {steps} steps: param", {k: v.detach() for k, v in o_params.items()}, t_params)
         st_o, st_t = run.optimizer.state, t_opt.state
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            o_v = {n: torch.as_tensor(st_o[p][key], dtype=torch.float64) for n, p in o_params.items()}
-            t_v = {n: torch.as_tensor(st_t[p][key], dtype=torch.float64) for n, p in t_params.items()}
+            o_v, t_v = param_state(st_o, o_params, key), param_state(st_t, t_params, key)
             rep.add_many(f"after {steps} steps: Adam {key}", o_v, t_v)
-        rep.add_many(f"after {steps} steps: BN stats", _stats(ours), _stats(theirs))
+        rep.add_many(f"after {steps} steps: BN stats", running_stats(ours), running_stats(theirs))
     flips = sum(int((torch.sign(o_params[n].detach()) != torch.sign(start[n])).sum()) for n in binary)
     moved = max(float((o_params[n].detach() - start[n]).abs().max()) for n in binary)
     rep.notes.append(
@@ -156,22 +152,12 @@ def compare_step(
     return rep
 
 
-@SUITES.register("reactnet")
-def suite(
-    reference: Path,
-    *,
-    steps: int = 20,
-    data: Any = None,
-    quick: bool = False,
-    batch: int = DEFAULT_BATCH,
-    cells: tuple[str, ...] | None = None,
-    overrides: list[str] | None = None,
-) -> list[Report]:
-    """Reports for ReActNet step 2 (W1A1) and step 1 (W32A1) (``quick``: step 2 only)."""
-    reference = Path(reference)
-    need = ("resnet/1_step1/birealnet.py", "resnet/2_step2/birealnet.py", "utils/KD_loss.py")
-    require_files("reactnet", reference, need, "liuzechun/ReActNet")
-    cells = tuple(cells) if cells else (QUICK_CELLS if quick else CELLS)
-    batches = cifar_batches(data, steps, batch, seed=0)
-    with one_thread():
-        return [compare_step(reference, c, batches, steps=steps, overrides=overrides) for c in cells]
+suite = cell_suite(
+    "reactnet",
+    compare_step,
+    need=("resnet/1_step1/birealnet.py", "resnet/2_step2/birealnet.py", "utils/KD_loss.py"),
+    repo="liuzechun/ReActNet",
+    grid=CELLS,
+    quick_grid=QUICK_CELLS,
+    default_batch=DEFAULT_BATCH,
+)

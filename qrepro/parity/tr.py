@@ -24,19 +24,16 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.parity import (
-    SUITES,
     Report,
     add_grouped,
-    cifar_batches,
+    cell_suite,
     copy_state,
     group_values,
     largest_change,
-    one_thread,
     our_inputs,
     our_run,
     param_state,
     reference_import,
-    require_files,
     running_stats,
     same_names,
     their_inputs,
@@ -113,15 +110,14 @@ _add_grouped = functools.partial(add_grouped, kind=_kind, suite="tr")
 
 def compare_cell(
     reference: Path,
-    bits: str,
-    opt_name: str,
+    cell: tuple[str, str],
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     steps: int,
-    overrides: list[str] | None = None,
+    overrides: list[str],
 ) -> Report:
     """One (bit-width, optimizer) cell: ``steps`` training steps on both sides from the same weights."""
-    overrides = list(overrides or [])
+    bits, opt_name = cell
     b = int(bits[1 : bits.index("a")])
     batch = len(batches[0][1])
     extra = f", qrepro overrides {' '.join(overrides)}" if overrides else ""
@@ -258,22 +254,12 @@ def compare_cell(
     return rep
 
 
-@SUITES.register("tr")
-def suite(
-    reference: Path,
-    *,
-    steps: int = 20,
-    data: Any = None,
-    quick: bool = False,
-    batch: int = DEFAULT_BATCH,
-    cells: tuple[tuple[str, str], ...] | None = None,
-    overrides: list[str] | None = None,
-) -> list[Report]:
-    """Reports for W2A2 and W1A1 with SGDT and AdamT (``quick``: W2A2 SGDT and W1A1 AdamT)."""
-    reference = Path(reference)
-    need = ("custom_models.py", "custom_modules.py", "custom_optims.py", "utils.py")
-    require_files("tr", reference, need, "hw-ch0/TRS (cvlab-yonsei/TRS)")
-    cells = tuple(cells) if cells else (QUICK_CELLS if quick else CELLS)
-    batches = cifar_batches(data, steps, batch, seed=0)
-    with one_thread():
-        return [compare_cell(reference, bits, opt, batches, steps=steps, overrides=overrides) for bits, opt in cells]
+suite = cell_suite(
+    "tr",
+    compare_cell,
+    need=("custom_models.py", "custom_modules.py", "custom_optims.py", "utils.py"),
+    repo="hw-ch0/TRS (cvlab-yonsei/TRS)",
+    grid=CELLS,
+    quick_grid=QUICK_CELLS,
+    default_batch=DEFAULT_BATCH,
+)
