@@ -179,6 +179,21 @@ def compare_layers(rep: Report, ours: nn.Module, ref: nn.Module, bits: int, opts
 
 
 # ------------------------------------------------------------------------------------------------- suites
+def _layers_net(conv: Any, bn: Any, linear: Any, **first_conv: Any) -> nn.Sequential:
+    """The network of (1) made of ``conv`` / ``bn`` / ``linear`` layers (the authors' quantized ones or torch's)."""
+    return nn.Sequential(
+        conv(3, 8, 3, 2, 1, bias=False, **first_conv),
+        bn(8),
+        nn.ReLU(),
+        conv(8, 16, 3, 1, 1, bias=False),
+        bn(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        linear(16, 10),
+    )
+
+
 def layers_report(reference: Path, scheme: str, bits: int, batches, eval_batch, quantizer: dict) -> Report:
     """(1): first conv (3 -> 8, stride 2, weight-only) - BN - ReLU - conv (8 -> 16) - BN - ReLU - pool - FC,
     every layer rescaled."""
@@ -186,28 +201,8 @@ def layers_report(reference: Path, scheme: str, bits: int, batches, eval_batch, 
     with authors(reference, bits, **{**FLAGS_CIFAR, "weight_quant_scheme": scheme}) as imp:
         q = imp("models.quant_ops")
         torch.manual_seed(bits)
-        ref = nn.Sequential(
-            q.QConv2d(3, 8, 3, 2, 1, bias=False, weight_only=True),
-            q.SwitchBN2d(8),
-            nn.ReLU(),
-            q.QConv2d(8, 16, 3, 1, 1, bias=False),
-            q.SwitchBN2d(16),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            q.QLinear(16, 10),
-        ).to(D)
-        ours = nn.Sequential(
-            nn.Conv2d(3, 8, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.Conv2d(8, 16, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(16, 10),
-        )
+        ref = _layers_net(q.QConv2d, q.SwitchBN2d, q.QLinear, weight_only=True).to(D)
+        ours = _layers_net(nn.Conv2d, nn.BatchNorm2d, nn.Linear)
         opts = {"scheme": scheme, "rescale": "all", "first_last": "same", **quantizer}
         compare_layers(rep, ours, ref, bits, opts, {"3": ALPHA_CONV, "8": ALPHA_FC}, batches, eval_batch)
     rep.notes.append(f"qrepro: build_method('sat', {bits}, {bits}, {opts}) + prepare; {len(batches)} SGD steps {SGD}")
