@@ -96,6 +96,17 @@ def _their_lr(step: int, epochs: int) -> float:
     return 0.5 * THEIR_LR * (1 + math.cos(math.pi * (step // STEPS_PER_EPOCH) / epochs))
 
 
+def _their_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+    """finetune.py's training step at learning rate ``lr``; returns the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = nn.CrossEntropyLoss()(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 @contextlib.contextmanager
 def _isolated() -> Any:
     """One torch thread, and ``sys.path`` restored afterwards (their models/mobilenet.py inserts a path of its own)."""
@@ -155,7 +166,6 @@ def suite(
         their_layers = [m for _, _, m in found]
         weight_names = [f"{n}.weight" for _, n, _ in found]
         centroids_t = [cl[i][0][0].view(-1) for i in idx]
-        ce = nn.CrossEntropyLoss()
         x0, y0 = batches[0]
         xin = normalize(x0, MEAN, STD)
         # step 0: our k-means runs in the first step's start hook; compare before stepping
@@ -173,16 +183,10 @@ def suite(
         for s in range(steps):
             x, y = batches[s]
             xin = normalize(x, MEAN, STD)
-            for g in opt.param_groups:
-                g["lr"] = _their_lr(s, EPOCHS)
-            loss_t = ce(theirs(xin), y)
-            opt.zero_grad()
-            loss_t.backward()
-            if s == 0:
+            losses_theirs.append(_their_step(theirs, opt, xin, y, _their_lr(s, EPOCHS)))
+            if s == 0:  # SGD's step leaves the gradients as they are
                 first_grads = {n: p.grad.clone() for n, p in theirs.named_parameters()}
-            opt.step()
             qu.kmeans_update_model(theirs, idx, cl, free_high_bit=True)
-            losses_theirs.append(float(loss_t.detach()))
             losses_ours.append(float(run.step(xin, y)))
             if s == 0:
                 rep.add_many(
@@ -288,19 +292,12 @@ def linear_suite(
         t_act = {f"{k}": their_layers[k].activation_range for k in act}
         rep.add_many("calibrated activation ranges a", o_act, t_act)
         opt = torch.optim.SGD(theirs.parameters(), lr=THEIR_LR, momentum=THEIR_MOMENTUM, weight_decay=LINEAR_WD)
-        ce = nn.CrossEntropyLoss()
         losses_ours, losses_theirs = [], []
         w0 = [q.weight.detach().clone() for q in ours]
         for s in range(steps):
             x, y = batches[s + 1]
             xin = normalize(x, MEAN, STD)
-            for g in opt.param_groups:
-                g["lr"] = _their_lr(s, LINEAR_EPOCHS)
-            loss = ce(theirs(xin), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses_theirs.append(float(loss.detach()))
+            losses_theirs.append(_their_step(theirs, opt, xin, y, _their_lr(s, LINEAR_EPOCHS)))
             losses_ours.append(float(run.step(xin, y)))
             if s == 0:
                 rep.add_many(
