@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -78,9 +78,12 @@ def set_quantization(model: nn.Module, enabled: bool) -> None:
             m.enabled = enabled
 
 
-def _fp_pass(q: nn.Module, calib: torch.Tensor, batch_size: int, pre_hooks: dict[nn.Module, Callable]) -> None:
-    """Run ``q`` on ``calib`` with every quantizer disabled and ``pre_hooks`` on their modules (removed after)."""
-    hooks = [m.register_forward_pre_hook(fn) for m, fn in pre_hooks.items()]
+def _fp_pass(q: nn.Module, calib: torch.Tensor, batch_size: int, names: Iterable[str], on_input: Callable) -> None:
+    """Run ``q`` on ``calib`` with every quantizer disabled; ``on_input(name, x)`` sees each input x (detached) of
+    the submodules ``names``."""
+    hooks = [
+        q.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: on_input(n, args[0].detach())) for n in names
+    ]
     set_quantization(q, False)
     try:
         for x in calib.split(batch_size):
@@ -134,39 +137,40 @@ def _collect_act_stats(q: nn.Module, calib: torch.Tensor, batch_size: int) -> di
     (CalibTIP's "measure")."""
     stats: dict[str, SimpleNamespace] = {}
 
-    def make(name: str) -> Callable:
-        def pre(_m, args):
-            x = args[0].detach().double()
-            pos, flat = x.clamp_min(0), x.flatten(1)
-            new = dict(
-                amax=x.max(),
-                amin=x.min(),
-                sum_abs=x.abs().sum(),
-                sum_sq=x.square().sum(),
-                sum_pos=pos.sum(),
-                sum_pos_sq=pos.square().sum(),
-                n=x.numel(),
-                n_pos=(x > 0).sum(),
-                sum_sample_min=flat.amin(1).sum(),
-                sum_sample_max=flat.amax(1).sum(),
-                n_samples=x.shape[0],
-            )
-            if name in stats:
-                old = vars(stats[name])
-                new = {k: _MERGE.get(k, operator.add)(old[k], v) for k, v in new.items()}
-            stats[name] = SimpleNamespace(**new)
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.double()
+        pos, flat = x.clamp_min(0), x.flatten(1)
+        new = dict(
+            amax=x.max(),
+            amin=x.min(),
+            sum_abs=x.abs().sum(),
+            sum_sq=x.square().sum(),
+            sum_pos=pos.sum(),
+            sum_pos_sq=pos.square().sum(),
+            n=x.numel(),
+            n_pos=(x > 0).sum(),
+            sum_sample_min=flat.amin(1).sum(),
+            sum_sample_max=flat.amax(1).sum(),
+            n_samples=x.shape[0],
+        )
+        if name in stats:
+            old = vars(stats[name])
+            new = {k: _MERGE.get(k, operator.add)(old[k], v) for k, v in new.items()}
+        stats[name] = SimpleNamespace(**new)
 
-        return pre
-
-    _fp_pass(q, calib, batch_size, {layer: make(name) for name, layer in quantized_layers(q) if layer.aq is not None})
+    _fp_pass(q, calib, batch_size, [name for name, layer in quantized_layers(q) if layer.aq is not None], add)
     return stats
 
 
-def _aciq_act_alpha(s: SimpleNamespace, bits: int, dist: str, signed: bool) -> torch.Tensor:
+def _act_alpha(s: SimpleNamespace, how: str, bits: int, dist: str, signed: bool) -> torch.Tensor:
+    """Clipping value of a layer input from its statistics: the largest magnitude (of the positive values when
+    unsigned) for ``minmax``, else ACIQ's, at most that."""
     if signed:
         n, s1, s2, amax = s.n, s.sum_abs, s.sum_sq, torch.maximum(s.amax, -s.amin)
     else:
         n, s1, s2, amax = s.n_pos.clamp_min(1), s.sum_pos, s.sum_pos_sq, s.amax
+    if how == "minmax":
+        return amax
     scale = s1 / n if dist == "laplace" else (s2 / n).sqrt()
     return torch.minimum(aciq_alpha(scale, bits, dist, signed), amax)
 
@@ -177,14 +181,11 @@ def _act_search(q: nn.Module, calib: torch.Tensor, batch_size: int, errors: dict
     ``errors[name](x)`` gives one float64 error per candidate for the layer input x (all quantizers off)."""
     totals: dict[str, torch.Tensor] = {}
 
-    def make(name: str, fn: Callable) -> Callable:
-        def pre(_m, args):
-            e = fn(args[0].detach())
-            totals[name] = totals[name] + e if name in totals else e
+    def add(name: str, x: torch.Tensor) -> None:
+        e = errors[name](x)
+        totals[name] = totals[name] + e if name in totals else e
 
-        return pre
-
-    _fp_pass(q, calib, batch_size, {q.get_submodule(n): make(n, fn) for n, fn in errors.items()})
+    _fp_pass(q, calib, batch_size, errors, add)
     return {n: int(torch.argmin(t)) for n, t in totals.items()}
 
 
@@ -305,7 +306,7 @@ def _affine_act_bounds(s: SimpleNamespace, bits: int, how: str, cfg: Any) -> tup
     if how == "mean_minmax":  # CalibTIP's measure: mean over images of each image's min / max
         return s.sum_sample_min / s.n_samples, s.sum_sample_max / s.n_samples
     signed = bool(s.amin < 0)  # aciq
-    a = _aciq_act_alpha(s, bits, cfg.distribution, signed)
+    a = _act_alpha(s, "aciq", bits, cfg.distribution, signed)
     return (-a if signed else torch.zeros_like(a)), a
 
 
@@ -340,7 +341,7 @@ def init_quantizers(q: nn.Module, calib: torch.Tensor, cfg: Any, how: str) -> No
     else:
         for name, aq in affine.items():
             aq.set_bounds(*_affine_act_bounds(stats[name], aq.bits, how, cfg))
-    uniform = {n: q.get_submodule(n).aq for n in stats if isinstance(q.get_submodule(n).aq, UniformQuantizer)}
+    uniform = {n: layer.aq for n, layer in quantized_layers(q) if isinstance(layer.aq, UniformQuantizer)}
     if how == "mse" and uniform:
         cands = {n: mse_alpha_candidates(torch.maximum(stats[n].amax, -stats[n].amin).float()) for n in uniform}
         errors = {n: functools.partial(_mse_errors, aq=aq, cands=cands[n]) for n, aq in uniform.items()}
@@ -348,9 +349,4 @@ def init_quantizers(q: nn.Module, calib: torch.Tensor, cfg: Any, how: str) -> No
             uniform[name].set_alpha(cands[name][k])
         return
     for name, aq in uniform.items():
-        s = stats[name]
-        if how == "minmax":
-            alpha = torch.maximum(s.amax, -s.amin) if aq.signed else s.amax
-        else:
-            alpha = _aciq_act_alpha(s, aq.bits, cfg.distribution, aq.signed)
-        aq.set_alpha(alpha.float())
+        aq.set_alpha(_act_alpha(stats[name], how, aq.bits, cfg.distribution, aq.signed).float())
