@@ -50,8 +50,7 @@ def load_fp_model(cfg: DictConfig, num_classes: int, path: str, use_ema: str | b
 
 
 def calibration_images(loader: Any, n: int) -> torch.Tensor:
-    if n < 1:
-        raise QreproError(f"ptq.calib_size must be >= 1, got {n}")
+    """The first ``n`` training images (``ptq.calib_size``, at least 1 after the launch's check)."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(0)
     xs, have = [], 0

@@ -311,12 +311,11 @@ def ptq_adaquant(q: nn.Module, fp: nn.Module, calib: torch.Tensor, cfg: PTQConfi
     then ReLU where the network applies one (``relu_before_mse``)."""
     init_quantizers(q, calib, cfg, cfg.init)
     gen = torch.Generator().manual_seed(cfg.seed)
-    fp_layers = dict(fp.named_modules())
     post_ops = layer_post_ops(fp) if (cfg.loss_through_bn or cfg.relu_before_mse) else {}
     n = len(calib)
     for name, layer in quantized_layers(q):
         x_in = capture(q, layer, calib, cfg.chunk, "input")
-        target = capture(fp, fp_layers[name], calib, cfg.chunk, "output")
+        target = capture(fp, fp.get_submodule(name), calib, cfg.chunk, "output")
         post = _post_fn(q, post_ops.get(name), cfg.loss_through_bn, cfg.relu_before_mse)
         with torch.no_grad():
             target = post(target)
@@ -493,9 +492,8 @@ def fold_weight_transforms(model: nn.Module) -> nn.Module:
         plain._modules = {k: v for k, v in layer._modules.items() if k not in ("wq", "aq")}
         plain._parameters = dict(layer._parameters)
         plain._parameters["weight"] = nn.Parameter(w, requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, plain)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)  # get_submodule("") is the model
     return model
 
 
@@ -508,7 +506,6 @@ def quantize_model(fp_model: nn.Module, calib: torch.Tensor, cfg: PTQConfig) -> 
     PTQ_ALGORITHMS.get(cfg.algorithm)(q, fp, calib, cfg)
     if cfg.weight_step_scale != 1.0:
         for _, layer in quantized_layers(q):
-            rescale = getattr(layer.wq, "rescale_step", None)
-            if callable(rescale):
-                rescale(cfg.weight_step_scale)
+            if hasattr(layer.wq, "rescale_step"):
+                layer.wq.rescale_step(cfg.weight_step_scale)
     return q.eval()
