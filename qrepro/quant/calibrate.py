@@ -71,27 +71,23 @@ _SWITCHABLE = (UniformQuantizer, RangeQuantizer, AffineQuantizer)
 _AFFINE = (RangeQuantizer, AffineQuantizer)
 
 
-def set_quantization(model: nn.Module, enabled: bool) -> None:
-    """Enable / disable every uniform / asymmetric quantizer (disabled = full-precision pass-through)."""
-    for m in model.modules():
-        if isinstance(m, _SWITCHABLE):
-            m.enabled = enabled
-
-
 def _fp_pass(q: nn.Module, calib: torch.Tensor, batch_size: int, names: Iterable[str], on_input: Callable) -> None:
     """Run ``q`` on ``calib`` with every quantizer disabled; ``on_input(name, x)`` sees each input x (detached) of
     the submodules ``names``."""
     hooks = [
         q.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: on_input(n, args[0].detach())) for n in names
     ]
-    set_quantization(q, False)
+    switches = [m for m in q.modules() if isinstance(m, _SWITCHABLE)]  # disabled: full-precision pass-through
+    for m in switches:
+        m.enabled = False
     try:
         for x in calib.split(batch_size):
             q(x)
     finally:
         for h in hooks:
             h.remove()
-        set_quantization(q, True)
+        for m in switches:
+            m.enabled = True
 
 
 class _Stop(Exception):
@@ -221,17 +217,6 @@ def weight_alpha(wq: UniformQuantizer, w: torch.Tensor, how: str, dist: str) -> 
     return amax * fracs[torch.argmin(errs, dim=0)].view_as(amax)
 
 
-def weight_quantizer(layer: nn.Module) -> tuple[nn.Module, torch.Tensor] | None:
-    """The layer's uniform / asymmetric weight quantizer and the tensor it quantizes (after a weight
-    transform)."""
-    wq = layer.wq
-    if isinstance(wq, _SWITCHABLE):
-        return wq, layer.weight
-    if isinstance(wq, TransformedQuantizer):
-        return wq.quant, wq.transform(layer.weight)
-    return None
-
-
 def _lp_candidates(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, one_side: str) -> tuple[torch.Tensor, ...]:
     """Clipping candidates (lo, hi) of QDrop's ``MSEObserver`` in its search order, shape (K, *xmin.shape):
     one-sided data: [0, range·i/100] (or [−range·i/100, 0]), range = max(|min|, max), i = 1..100; two-sided:
@@ -316,13 +301,13 @@ def init_quantizers(q: nn.Module, calib: torch.Tensor, cfg: Any, how: str) -> No
     quantizers; also mean_minmax | lp for the asymmetric ones (mse = the Lp search with p = 2)."""
     stats = _collect_act_stats(q, calib, cfg.chunk)
     for name, layer in quantized_layers(q):
-        parts = weight_quantizer(layer)
-        if parts is not None:
-            wq, w = parts
-            if isinstance(wq, UniformQuantizer):
-                wq.set_alpha(weight_alpha(wq, w, how, cfg.distribution))
-            else:
-                wq.set_bounds(*_affine_weight_bounds(wq, w, how, cfg))
+        wq, w = layer.wq, layer.weight
+        if isinstance(wq, TransformedQuantizer):  # the quantizer sees the transformed weight
+            wq, w = wq.quant, wq.transform(w)
+        if isinstance(wq, UniformQuantizer):
+            wq.set_alpha(weight_alpha(wq, w, how, cfg.distribution))
+        elif isinstance(wq, _AFFINE):
+            wq.set_bounds(*_affine_weight_bounds(wq, w, how, cfg))
         if isinstance(layer.aq, UniformQuantizer):
             layer.aq.set_signed(bool(stats[name].amin < 0))
     affine = {n: layer.aq for n, layer in quantized_layers(q) if isinstance(layer.aq, _AFFINE)}
