@@ -388,15 +388,11 @@ def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> lis
 
 
 def _round_beta(count: int, iters: int, warmup: float, beta: tuple[float, float]) -> float:
-    """QDrop's ``LinearTempDecay`` at step ``count`` (1-based): β₀ until warmup·iters, then linear to β₁."""
+    """QDrop's ``LinearTempDecay`` at a regularised step ``count`` (1-based, warmup·iters <= count <= iters, where
+    the reference's clamps to β₀ / β₁ never act): linear from β₀ at warmup·iters to β₁ at iters."""
     start = warmup * iters
     b0, b1 = beta
-    if count < start:
-        return b0
-    if count > iters:
-        return b1
-    rel = (count - start) / (iters - start)
-    return b1 + (b0 - b1) * max(0.0, 1.0 - rel)
+    return b1 + (b0 - b1) * (1.0 - (count - start) / (iters - start))
 
 
 @PTQ_ALGORITHMS.register("qdrop")
