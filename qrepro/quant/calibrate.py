@@ -8,6 +8,7 @@ the fields of :class:`Calibration` (``qrepro.ptq.PTQConfig`` has them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from collections.abc import Callable, Iterable
@@ -112,10 +113,8 @@ def capture(model: nn.Module, module: nn.Module, calib: torch.Tensor, batch_size
     h = module.register_forward_pre_hook(pre) if what == "input" else module.register_forward_hook(post)
     try:
         for x in calib.split(batch_size):
-            try:
+            with contextlib.suppress(_Stop):
                 model(x)
-            except _Stop:
-                pass
     finally:
         h.remove()
     if len(out) != -(-len(calib) // batch_size):
