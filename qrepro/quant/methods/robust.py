@@ -22,7 +22,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Hook
 from qrepro.quant.calibrate import Calibration, init_quantizers, layer_bits, weight_quantizer_for
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, check_choice
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, builder_options, check_bits, check_choice
 from qrepro.quant.quantizers import TransformedQuantizer, UniformQuantizer
 from qrepro.quant.robust import SATNL_FUNCTIONS, kure_loss, satnl, symreg_loss
 
@@ -88,7 +88,7 @@ def _build(
     w_bits: int,
     a_bits: int,
     *,
-    satnl_on: bool = False,
+    satnl: bool = False,
     fn: str = "tanh",
     d: float = 1.0,
     d_mode: str = "absolute",
@@ -100,15 +100,15 @@ def _build(
     for what, v in (("symreg_coef", symreg_coef), ("kure_coef", kure_coef)):
         if v < 0:
             raise QreproError(f"quantizer.{what} must be >= 0, got {v}")
-    if satnl_on:
+    if satnl:
         SatNLWeight(d, fn, d_mode)  # validate options early
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
-        return (SatNLWeight(d, fn, d_mode), None) if satnl_on else None
+        return (SatNLWeight(d, fn, d_mode), None) if satnl else None
 
     reg_opts = dict(symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
     reg = functools.partial(robust_regularizer, **reg_opts) if symreg_coef or kure_coef else None
-    opts = dict(satnl=satnl_on, fn=fn, d=d, d_mode=d_mode, **reg_opts)
+    opts = dict(satnl=satnl, fn=fn, d=d, d_mode=d_mode, **reg_opts)
     return Method(name=name, quantize_layer=quantize_layer, regularizer=reg, options=opts)
 
 
@@ -126,8 +126,7 @@ def build_satnl(
     kure_target: float = 1.8,
 ) -> Method:
     """SatNL (+ optional SymReg / KURE) full-precision training."""
-    reg = dict(symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
-    return _build("satnl", w_bits, a_bits, satnl_on=satnl, fn=fn, d=d, d_mode=d_mode, **reg)
+    return _build("satnl", w_bits, a_bits, **builder_options(locals()))
 
 
 @METHODS.register("symreg")
@@ -140,7 +139,7 @@ def build_symreg(
     kure_target: float = 1.8,
 ) -> Method:
     """SymReg alone on plain FP layers (SatNL off)."""
-    return _build("symreg", w_bits, a_bits, symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
+    return _build("symreg", w_bits, a_bits, **builder_options(locals()))
 
 
 @METHODS.register("kure")
@@ -152,7 +151,7 @@ def build_kure(
     kure_target: float = 1.8,
 ) -> Method:
     """KURE baseline (Shkolnik et al. 2020): plain FP layers + kurtosis regularization to K_T = 1.8."""
-    return _build("kure", w_bits, a_bits, kure_coef=kure_coef, kure_target=kure_target)
+    return _build("kure", w_bits, a_bits, **builder_options(locals()))
 
 
 class _CalibrateQuantizers(Hook):
@@ -201,7 +200,7 @@ def build_robust_qat(
     check_choice("init", init, ("minmax", "mse", "aciq"), "robust_qat")
     check_choice("weight_granularity", weight_granularity, ("tensor", "channel"), "robust_qat")
     reg = dict(symreg_coef=symreg_coef, kure_coef=kure_coef, kure_target=kure_target)
-    base = _build("robust_qat", FP_BITS, FP_BITS, satnl_on=satnl, fn=fn, d=d, d_mode=d_mode, **reg)
+    base = _build("robust_qat", FP_BITS, FP_BITS, satnl=satnl, fn=fn, d=d, d_mode=d_mode, **reg)
 
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         wb = layer_bits(w_bits, info.role, first_last_bits)
