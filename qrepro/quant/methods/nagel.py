@@ -16,7 +16,7 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import nagel as F
 from qrepro.quant.layers import quantized_layers
-from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, check_bits, init_from_batch
+from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, builder_options, check_bits, init_from_batch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
 EDGE_BITS = 8
@@ -95,12 +95,8 @@ class NagelQuantizer(nn.Module):
         return f"bits={self.bits}, track={self.track}"
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
-    return [
-        layer
-        for _, layer in quantized_layers(model)
-        if isinstance(layer.wq, NagelQuantizer) or isinstance(layer.aq, NagelQuantizer)
-    ]
+def _weight_quantizers(model: nn.Module) -> list[tuple[nn.Module, NagelQuantizer]]:
+    return [(layer, layer.wq) for _, layer in quantized_layers(model) if isinstance(layer.wq, NagelQuantizer)]
 
 
 def initialize(model: nn.Module, x: torch.Tensor | None) -> int:
@@ -116,7 +112,7 @@ def _quantizer_buffer(name: str) -> bool:
 
 
 def tracked(model: nn.Module) -> list[tuple[nn.Module, NagelQuantizer]]:
-    return [(lay, lay.wq) for lay in _layers(model) if isinstance(lay.wq, NagelQuantizer) and lay.wq.track]
+    return [(layer, wq) for layer, wq in _weight_quantizers(model) if wq.track]
 
 
 class DampeningLoss(nn.Module):
@@ -130,11 +126,10 @@ class DampeningLoss(nn.Module):
 
     def forward(self, model: nn.Module) -> torch.Tensor | None:
         terms = []
-        for layer in _layers(model):
-            wq, w = layer.wq, layer.weight
-            if isinstance(wq, NagelQuantizer):
-                s = F.effective_scale(wq.scale).to(w.dtype)
-                terms.append(F.dampening_term(w, s * wq.integers(w), s, *wq.grid(), self.aggregation))
+        for layer, wq in _weight_quantizers(model):
+            w = layer.weight
+            s = F.effective_scale(wq.scale).to(w.dtype)
+            terms.append(F.dampening_term(w, s * wq.integers(w), s, *wq.grid(), self.aggregation))
         if not terms:
             return None
         total = sum(terms[1:], terms[0])
@@ -307,8 +302,7 @@ def build_nagel_damp(
 ) -> Method:
     """Oscillation dampening: λ from ``damp_weight`` to ``damp_weight_final`` (cosine after the relative
     ``damp_anneal_start``), aggregation ``kernel_mean`` (authors' defaults; run script: 0 -> 0.1)."""
-    options = {k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")}
-    return _build("nagel_damp", w_bits, a_bits, damp=True, freeze=False, **options)
+    return _build("nagel_damp", w_bits, a_bits, damp=True, freeze=False, **builder_options(locals()))
 
 
 @METHODS.register("nagel_freeze")
@@ -326,5 +320,4 @@ def build_nagel_freeze(
 ) -> Method:
     """Iterative weight freezing: threshold from ``freeze_threshold`` to ``freeze_threshold_final`` (cosine after
     ``freeze_anneal_start``, 0 before), frequency EMA momentum ``freeze_momentum``."""
-    options = {k: v for k, v in locals().items() if k not in ("w_bits", "a_bits")}
-    return _build("nagel_freeze", w_bits, a_bits, damp=False, freeze=True, **options)
+    return _build("nagel_freeze", w_bits, a_bits, damp=False, freeze=True, **builder_options(locals()))
