@@ -161,9 +161,7 @@ def estimate_hessian_deltas(
         for k, v in saved.items():
             bufs[k].copy_(v)
     with torch.no_grad():
-        for q, d in zip(acts, da):
-            q.delta.fill_(d)
-        for q, d in zip(weights, dw):
+        for q, d in zip((*acts, *weights), (*da, *dw)):
             q.delta.fill_(d)
     return {"act": da, "weight": dw}
 
