@@ -99,14 +99,12 @@ def calibrate_model(model: nn.Module, x: torch.Tensor | None) -> int:
     the model switched off (a full-precision forward in training mode, as the authors'; it updates the BatchNorm
     running statistics as theirs does). Returns the number of quantizers calibrated."""
     layers = [layer for _, layer in quantized_layers(model)]
-    n = 0
-    for layer in layers:
-        if isinstance(layer.wq, HAQWeightQuantizer) and not bool(layer.wq.initialized):
-            layer.wq.calibrate(layer.weight)
-            n += 1
+    weights = [lay for lay in layers if isinstance(lay.wq, HAQWeightQuantizer) and not bool(lay.wq.initialized)]
+    for layer in weights:
+        layer.wq.calibrate(layer.weight)
     todo = [layer for layer in layers if isinstance(layer.aq, HAQActQuantizer) and not bool(layer.aq.initialized)]
     if not todo:
-        return n
+        return len(weights)
     if x is None:
         raise QreproError("HAQ activation calibration needs a sample batch (the first training batch)")
     saved = [(layer, layer.wq, layer.aq) for layer in layers]
@@ -130,7 +128,7 @@ def calibrate_model(model: nn.Module, x: torch.Tensor | None) -> int:
             layer.wq, layer.aq = wq, aq
     for layer in todo:
         layer.aq.calibrate(inputs[layer])
-    return n + len(todo)
+    return len(weights) + len(todo)
 
 
 @METHODS.register("haq")
