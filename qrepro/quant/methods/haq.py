@@ -23,7 +23,7 @@ from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import kmeans as km
 from qrepro.quant.haq_policies import POLICIES, policy_names
-from qrepro.quant.layers import quantized_layers
+from qrepro.quant.layers import calibration_forward, quantized_layers
 from qrepro.quant.methods import FP_BITS, METHODS, BitsQuantizer, LayerInfo, Method, builder_options, check_bits
 from qrepro.quant.methods.dc import KMeansInit, KMeansWeightQuantizer
 
@@ -113,17 +113,12 @@ def calibrate_model(model: nn.Module, x: torch.Tensor | None) -> int:
     def pre_hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         inputs[mod] = args[0].detach()
 
-    handles = [layer.register_forward_pre_hook(pre_hook) for layer in todo]
-    was_training = model.training
     try:
         for layer, _, _ in saved:
             layer.wq, layer.aq = None, None
-        model.train()  # the authors calibrate a model in training mode (BatchNorm batch statistics)
-        model(x)
+        # training mode as the authors' (BatchNorm batch statistics), whose moved running statistics are kept
+        calibration_forward(model, x, todo, pre_hook, restore=lambda k: False)
     finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
         for layer, wq, aq in saved:
             layer.wq, layer.aq = wq, aq
     for layer in todo:
