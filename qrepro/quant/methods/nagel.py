@@ -15,7 +15,7 @@ from torch import nn
 from qrepro.errors import QreproError
 from qrepro.hooks import Context, Hook
 from qrepro.quant import nagel as F
-from qrepro.quant.layers import quantized_layers
+from qrepro.quant.layers import is_quantizer_param, quantized_layers
 from qrepro.quant.methods import FP_BITS, METHODS, LayerInfo, Method, builder_options, check_bits, init_from_batch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, FP_BITS)
@@ -103,12 +103,7 @@ def initialize(model: nn.Module, x: torch.Tensor | None) -> int:
     """MSE-initialise the uninitialised scales: weights from the weights, inputs from one training-mode forward of
     ``x`` (``init_from_batch``). Every buffer but the quantizers' is restored after."""
     missing = "the Nagel et al. quantizer needs a sample batch to initialise its activation ranges"
-    return init_from_batch(model, x, NagelQuantizer, missing, restore=lambda k: not _quantizer_buffer(k))
-
-
-def _quantizer_buffer(name: str) -> bool:
-    parts = name.split(".")
-    return "wq" in parts[:-1] or "aq" in parts[:-1]
+    return init_from_batch(model, x, NagelQuantizer, missing, restore=lambda k: not is_quantizer_param(k))
 
 
 def tracked(model: nn.Module) -> list[tuple[nn.Module, NagelQuantizer]]:
