@@ -99,13 +99,6 @@ def _weight_quantizers(model: nn.Module) -> list[tuple[nn.Module, NagelQuantizer
     return [(layer, layer.wq) for _, layer in quantized_layers(model) if isinstance(layer.wq, NagelQuantizer)]
 
 
-def initialize(model: nn.Module, x: torch.Tensor | None) -> int:
-    """MSE-initialise the uninitialised scales: weights from the weights, inputs from one training-mode forward of
-    ``x`` (``init_from_batch``). Every buffer but the quantizers' is restored after."""
-    missing = "the Nagel et al. quantizer needs a sample batch to initialise its activation ranges"
-    return init_from_batch(model, x, NagelQuantizer, missing, restore=lambda k: not is_quantizer_param(k))
-
-
 def tracked(model: nn.Module) -> list[tuple[nn.Module, NagelQuantizer]]:
     return [(layer, wq) for layer, wq in _weight_quantizers(model) if wq.track]
 
@@ -132,10 +125,14 @@ class DampeningLoss(nn.Module):
 
 
 class NagelInit(Hook):
-    """MSE range initialisation on ``ctx.sample_batch`` (skipped on resume), then the tracking state."""
+    """MSE initialisation of the uninitialised scales (none on resume): weights from the weights, inputs from one
+    training-mode forward of ``ctx.sample_batch`` (``init_from_batch``; every buffer but the quantizers' is restored
+    after). Then the tracking state."""
 
     def on_train_start(self, ctx: Context) -> None:
-        initialize(ctx.model, None if ctx.sample_batch is None else ctx.sample_batch[0])
+        x = None if ctx.sample_batch is None else ctx.sample_batch[0]
+        missing = "the Nagel et al. quantizer needs a sample batch to initialise its activation ranges"
+        init_from_batch(ctx.model, x, NagelQuantizer, missing, restore=lambda k: not is_quantizer_param(k))
         for layer, wq in tracked(ctx.model):
             if wq.prev_int.shape != layer.weight.shape:
                 wq.reset_tracking(wq.integers(layer.weight.detach()))
