@@ -194,7 +194,7 @@ def build_apot(
     def quantize_layer(info: LayerInfo) -> tuple[nn.Module | None, nn.Module | None] | None:
         if info.role in ("first", "last"):
             return (MaxScaledWeightQuantizer(first_last_bits), None) if first_last == "8bit" else None
-        wq = None
+        wq = aq = None
         if w_bits != FP_BITS:
             wq = APoTWeightQuantizer(
                 w_bits,
@@ -208,7 +208,6 @@ def build_apot(
                 init_alpha=init_w_alpha,
                 lloyd_iters=lloyd_iters,
             )
-        aq = None
         if a_bits != FP_BITS:
             aq = APoTActQuantizer(a_bits, levels=act_levels, clip=a_clip, init_alpha=init_a_alpha)
         return wq, aq
