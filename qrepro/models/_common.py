@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from torch import nn
 
 from qrepro.errors import QreproError
@@ -41,3 +43,21 @@ def check_dropout(model: str, value: object) -> None:
     """Raise a one-line QreproError if ``value`` is not a probability in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise QreproError(f"model={model}: dropout must be in [0, 1), got {value!r}")
+
+
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list[nn.Module]:
+    """[k x k conv (padding k // 2, no bias), BatchNorm2d, ReLU]; ``relu=False`` leaves out the ReLU."""
+    mods: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    return [*mods, nn.ReLU()] if relu else mods
+
+
+def block_stages(cin: int, spec: Iterable[tuple], block: Callable[..., nn.Module]) -> list[list[nn.Module]]:
+    """``block(cin, cout, stride, *extra)`` per stage of ``spec`` = (cout, blocks, stride of the first, *extra)."""
+    stages = []
+    for cout, n, stride, *extra in spec:
+        stages.append([block(cin if j == 0 else cout, cout, stride if j == 0 else 1, *extra) for j in range(n)])
+        cin = cout
+    return stages

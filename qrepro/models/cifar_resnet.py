@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qrepro.models import MODELS
-from qrepro.models._common import check_choice, check_positive, kaiming_fan_out_init
+from qrepro.models._common import block_stages, check_choice, check_positive, conv_bn, kaiming_fan_out_init
 
 
 class ZeroPadShortcut(nn.Module):
@@ -60,9 +60,7 @@ class BasicBlock(nn.Module):
             if shortcut == "A":
                 self.shortcut = ZeroPadShortcut(in_planes, planes, stride)
             else:
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-                )
+                self.shortcut = nn.Sequential(*conv_bn(in_planes, planes, 1, stride, relu=False))
         self.relu2 = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -92,15 +90,8 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU()
-        in_planes = 16
-        stages = []
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut))
-                in_planes = planes
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        spec = [(16, n, 1, shortcut), (32, n, 2, shortcut), (64, n, 2, shortcut)]
+        self.layer1, self.layer2, self.layer3 = (nn.Sequential(*b) for b in block_stages(16, spec, BasicBlock))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.bn_fc = nn.BatchNorm1d(64) if bn_before_fc else nn.Identity()
         self.fc = nn.Linear(64, num_classes)

@@ -14,18 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from qrepro.models import MODELS
-from qrepro.models._common import check_positive, kaiming_fan_out_init
+from qrepro.models._common import check_positive, conv_bn, kaiming_fan_out_init
 
 # (pointwise output channels, depthwise stride) for the 13 depthwise-separable blocks.
 _BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2), (1024, 1)]
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(),
-    )
+    return nn.Sequential(*conv_bn(cin, cout, kernel, stride, groups))
 
 
 class MobileNetV1(nn.Module):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from qrepro.models import MODELS
-from qrepro.models._common import check_choice, check_positive
+from qrepro.models._common import block_stages, check_choice, check_positive, conv_bn
 from qrepro.registry import register_converter
 
 
@@ -59,9 +59,7 @@ class ReActBlock(nn.Module):
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(
-                nn.AvgPool2d(kernel_size=2, stride=stride),
-                nn.Conv2d(inplanes, planes, 1, bias=False),
-                nn.BatchNorm2d(planes),
+                nn.AvgPool2d(kernel_size=2, stride=stride), *conv_bn(inplanes, planes, 1, relu=False)
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -91,14 +89,8 @@ class ReActNet(nn.Module):
             self.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(64)
-        inplanes = 64
-        stages = []
-        for planes, stride, n in zip((64, 128, 256, 512), (1, 2, 2, 2), blocks):
-            layers = []
-            for i in range(n):
-                layers.append(ReActBlock(inplanes, planes, stride if i == 0 else 1))
-                inplanes = planes
-            stages.append(nn.Sequential(*layers))
+        spec = [(planes, n, stride) for planes, stride, n in zip((64, 128, 256, 512), (1, 2, 2, 2), blocks)]
+        stages = (nn.Sequential(*b) for b in block_stages(64, spec, ReActBlock))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)

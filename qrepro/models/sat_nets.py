@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from qrepro.models import MODELS
+from qrepro.models._common import block_stages, conv_bn
 
 MBV1_STAGES = [(64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2)]  # (channels, blocks, stride)
 MBV2_STAGES = [
@@ -47,15 +47,6 @@ MBV2_STAGES = [
 ]
 # 32x32 inputs: stem and the 24-/32-channel stages at stride 1 (overall stride 4 instead of 32)
 MBV2_CIFAR_STAGES = [(t, c, n, 1 if i in (1, 2) else s) for i, (t, c, n, s) in enumerate(MBV2_STAGES)]
-
-
-def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False)
-
-
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list[nn.Module]:
-    mods: list[nn.Module] = [_conv(cin, cout, k, stride, groups), nn.BatchNorm2d(cout)]
-    return [*mods, nn.ReLU()] if relu else mods
 
 
 def sat_init(model: nn.Module) -> None:
@@ -104,21 +95,12 @@ class _Net(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
-def _stages(cin: int, spec: Iterable[tuple[int, ...]], block: Callable[..., nn.Module]) -> list[list[nn.Module]]:
-    """``block(cin, cout, stride, *extra)`` per stage of ``spec`` = (cout, blocks, stride of the first, *extra)."""
-    stages = []
-    for cout, n, stride, *extra in spec:
-        stages.append([block(cin if j == 0 else cout, cout, stride if j == 0 else 1, *extra) for j in range(n)])
-        cin = cout
-    return stages
-
-
 class DepthwiseSeparable(nn.Module):
     """3x3 depthwise conv - BN - ReLU - 1x1 conv - BN - ReLU."""
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(*_conv_bn(cin, cin, 3, stride, groups=cin), *_conv_bn(cin, cout, 1))
+        self.body = nn.Sequential(*conv_bn(cin, cin, 3, stride, groups=cin), *conv_bn(cin, cout, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
@@ -126,8 +108,8 @@ class DepthwiseSeparable(nn.Module):
 
 class MobileNetV1SAT(_Net):
     def __init__(self, num_classes: int) -> None:
-        head = _conv_bn(3, 32, 3, 2)
-        super().__init__(head, _stages(32, MBV1_STAGES, DepthwiseSeparable), [], 1024, num_classes)
+        head = conv_bn(3, 32, 3, 2)
+        super().__init__(head, block_stages(32, MBV1_STAGES, DepthwiseSeparable), [], 1024, num_classes)
 
 
 class InvertedResidual(nn.Module):
@@ -137,8 +119,8 @@ class InvertedResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
         super().__init__()
         hidden = cin * expand
-        layers = _conv_bn(cin, hidden, 1) if expand != 1 else []
-        layers += _conv_bn(hidden, hidden, 3, stride, groups=hidden) + _conv_bn(hidden, cout, 1, relu=False)
+        layers = conv_bn(cin, hidden, 1) if expand != 1 else []
+        layers += conv_bn(hidden, hidden, 3, stride, groups=hidden) + conv_bn(hidden, cout, 1, relu=False)
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
 
@@ -149,9 +131,9 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2SAT(_Net):
     def __init__(self, num_classes: int, stages: list[tuple[int, int, int, int]], stem_stride: int) -> None:
-        head = _conv_bn(3, 32, 3, stem_stride)
-        blocks = _stages(32, [(c, n, s, t) for t, c, n, s in stages], InvertedResidual)
-        super().__init__(head, blocks, _conv_bn(stages[-1][1], 1280, 1), 1280, num_classes)
+        head = conv_bn(3, 32, 3, stem_stride)
+        blocks = block_stages(32, [(c, n, s, t) for t, c, n, s in stages], InvertedResidual)
+        super().__init__(head, blocks, conv_bn(stages[-1][1], 1280, 1), 1280, num_classes)
 
 
 class BasicBlockSAT(nn.Module):
@@ -159,10 +141,10 @@ class BasicBlockSAT(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(*_conv_bn(cin, cout, 3, stride), *_conv_bn(cout, cout, 3, relu=False))
+        self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride), *conv_bn(cout, cout, 3, relu=False))
         self.projection = stride != 1 or cin != cout
         if self.projection:
-            self.shortcut = nn.Sequential(*_conv_bn(cin, cout, 1, stride, relu=False))
+            self.shortcut = nn.Sequential(*conv_bn(cin, cout, 1, stride, relu=False))
         self.post_relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,8 +153,9 @@ class BasicBlockSAT(nn.Module):
 
 class CifarResNetSAT(_Net):
     def __init__(self, num_classes: int, depth: int) -> None:
-        n, head = (depth - 2) // 6, _conv_bn(3, 16, 3)
-        super().__init__(head, _stages(16, [(16, n, 1), (32, n, 2), (64, n, 2)], BasicBlockSAT), [], 64, num_classes)
+        n, head = (depth - 2) // 6, conv_bn(3, 16, 3)
+        blocks = block_stages(16, [(16, n, 1), (32, n, 2), (64, n, 2)], BasicBlockSAT)
+        super().__init__(head, blocks, [], 64, num_classes)
 
 
 @MODELS.register("sat_mobilenet_v1")
