@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from qrepro.quant.ste import SavesInputs, sign_ste
+
 
 def weight_shifts(m: int) -> list[float]:
     """``u_i = -1 + (i - 1) 2 / (M - 1)``, i = 1..M (0 for M = 1)."""
@@ -26,12 +28,7 @@ def weight_bases(w: torch.Tensor, m: int) -> torch.Tensor:
     mean and std (population) are statistics of the bases' thresholds: no gradient flows through them (Eq. 4
     differentiates the bases only)."""
     mean, std = w.detach().mean(), w.detach().std(unbiased=False)
-    out = []
-    for u in weight_shifts(m):
-        x = w - mean + u * std
-        s = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-        out.append(x + (s - x).detach())
-    return torch.stack(out)
+    return torch.stack([sign_ste(w - mean + u * std) for u in weight_shifts(m)])
 
 
 def fit_alpha(w: torch.Tensor, bases: torch.Tensor, ridge: float = 1e-8) -> torch.Tensor:
@@ -62,12 +59,10 @@ def quantize_act(x: torch.Tensor, shifts: torch.Tensor, betas: torch.Tensor) -> 
     return _ActBases.apply(x, shifts, betas)
 
 
-class _ActBases(torch.autograd.Function):
+class _ActBases(SavesInputs):
     """:func:`quantize_act` with its gradients written out, so the compiled backward is one pass over the saved
     input: ``dy/dx = sum_n beta_n 1[0 <= x + v_n <= 1]``, ``dy/dv_n = beta_n 1[0 <= x + v_n <= 1]``,
     ``dy/dbeta_n = H_{v_n}(x)`` (autograd's graph of the same sum ran slower under Inductor on the CPU)."""
-
-    generate_vmap_rule = True  # batched members (torch.func.vmap)
 
     @staticmethod
     def forward(x, shifts, betas):  # type: ignore[override]
@@ -76,10 +71,6 @@ class _ActBases(torch.autograd.Function):
             h = betas[n] * (2.0 * (x + shifts[n] >= 0.5).to(x.dtype) - 1.0)
             out = h if out is None else out + h
         return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
