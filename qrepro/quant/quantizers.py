@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qrepro.errors import QreproError
+from qrepro.quant.lsq import grad_scale
 from qrepro.quant.ste import round_ste
 
 GRIDS = ("midrise", "int")
@@ -29,11 +30,6 @@ def _check_bits(bits: int) -> None:
 
 def _param_shape(channels: int | None, ndim: int) -> tuple[int, ...]:
     return () if channels is None else (channels,) + (1,) * (ndim - 1)
-
-
-def _grad_scaled(s: torch.Tensor, g: float) -> torch.Tensor:
-    """Value s, gradient scaled by g (Esser et al., LSQ)."""
-    return s * g + (s - s * g).detach()
 
 
 class UniformQuantizer(nn.Module):
@@ -107,7 +103,7 @@ class UniformQuantizer(nn.Module):
         s = self.step.abs() + 1e-12
         if self.lsq_grad_scale is not None:
             n = x.numel() // self.step.numel() if self.lsq_grad_scale == "weight" else x[0].numel()
-            s = _grad_scaled(s, 1.0 / math.sqrt(n * max(1, self.qmax)))
+            s = grad_scale(s, 1.0 / math.sqrt(n * max(1, self.qmax)))
         v = round_ste(x / s - self.offset).clamp(self.qmin, self.qmax)
         return (v + self.offset) * s
 
@@ -248,7 +244,7 @@ class AffineQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.step
         if self.grad_scale:
-            s = _grad_scaled(s, 1.0 / math.sqrt(x.numel() // self.step.numel() * self.qmax))
+            s = grad_scale(s, 1.0 / math.sqrt(x.numel() // self.step.numel() * self.qmax))
         v = (round_ste(x / s) + self.zero_point).clamp(self.qmin, self.qmax)
         return (v - self.zero_point) * s
 
