@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from qrepro.errors import QreproError
-from qrepro.quant.sat import dorefa_weight
-from qrepro.quant.ste import clip, round_ste, value_ste
+from qrepro.quant.sat import dorefa_weight, quantize_k
+from qrepro.quant.ste import clip, value_ste
 
 FP_BITS = 32
 
@@ -19,12 +19,6 @@ FP_BITS = 32
 def _check(bits: int, what: str) -> None:
     if bits != FP_BITS and not (isinstance(bits, int) and 1 <= bits <= 16):
         raise QreproError(f"DoReFa-Net {what} bit-width {bits!r} is invalid; use 1..16 or 32 (= not quantized)")
-
-
-def quantize_k(r: torch.Tensor, k: int) -> torch.Tensor:
-    """round((2^k - 1)·r)/(2^k - 1) for r in [0, 1], identity gradient."""
-    n = float(2**k - 1)
-    return round_ste(r * n) / n
 
 
 def weight(w: torch.Tensor, k: int) -> torch.Tensor:

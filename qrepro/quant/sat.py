@@ -15,7 +15,7 @@ import math
 import torch
 
 from qrepro.errors import QreproError
-from qrepro.quant.ste import clip, value_ste
+from qrepro.quant.ste import clip, round_ste, value_ste
 
 WEIGHT_SCHEMES = ("original", "modified", "centered")
 VARIANCES = ("sample", "mean_square")
@@ -31,6 +31,12 @@ def clamp_weight(w: torch.Tensor) -> torch.Tensor:
     """Eq. (5)-(6): W^ = tanh(W) / max|tanh(W)| (per tensor, the max is *not* detached), in [-1, 1]."""
     t = torch.tanh(w)
     return t / t.abs().amax()
+
+
+def quantize_k(r: torch.Tensor, k: int) -> torch.Tensor:
+    """DoReFa's quantize_k: round((2^k - 1)·r)/(2^k - 1) for r in [0, 1], identity gradient."""
+    n = float(2**k - 1)
+    return round_ste(r * n) / n
 
 
 def quantize_unit(u: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:
@@ -49,8 +55,7 @@ def quantize_unit(u: torch.Tensor, bits: int, scheme: str = "original") -> torch
     if bits == FP_BITS:
         return u
     if scheme == "original":
-        a = float(2**bits - 1)
-        return value_ste(u * a, torch.round(u * a)) / a
+        return quantize_k(u, bits)
     n = float(2**bits)
     k = value_ste(u * n, torch.clamp(torch.floor(u * n), max=n - 1))
     if scheme == "centered":
@@ -155,10 +160,7 @@ def pact(
     if bits == FP_BITS:  # clipping only (PACT as an activation function, no rounding)
         return xc
     span = a - lo
-    levels = float(2**bits - 1)
-    u = (xc - lo) / span
-    qk = value_ste(u * levels, torch.round(u * levels)) / levels
-    q = lo + span * qk
+    q = lo + span * quantize_k((xc - lo) / span, bits)
     if calibrated:
         return q
     return xc + (q - xc).detach()
