@@ -8,6 +8,21 @@ from torch import nn
 
 from qrepro.errors import QreproError
 
+# MobileNet-V2's inverted residual stages (t, c, n, s) = expansion, output channels, repeats, stride of the first
+# block (ImageNet). For 32x32 inputs the first two stride-2 stages (24 and 32 channels) use stride 1 and the stem
+# conv too, so the total downsampling is 4 (32x32 -> 8x8 before pooling, the same final map as the CIFAR ResNets)
+# instead of 32 (which would leave a 1x1 map).
+MBV2_STAGES = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
+MBV2_CIFAR_STAGES = [(t, c, n, 1 if i in (1, 2) else s) for i, (t, c, n, s) in enumerate(MBV2_STAGES)]
+
 
 def check_choice(model: str, option: str, value: object, choices: tuple[object, ...]) -> None:
     """Raise a one-line QreproError if ``value`` is not one of ``choices``."""

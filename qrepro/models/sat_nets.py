@@ -33,20 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from qrepro.models import MODELS
-from qrepro.models._common import block_stages, conv_bn
+from qrepro.models._common import MBV2_CIFAR_STAGES, MBV2_STAGES, block_stages, conv_bn
 
 MBV1_STAGES = [(64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2)]  # (channels, blocks, stride)
-MBV2_STAGES = [
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-]
-# 32x32 inputs: stem and the 24-/32-channel stages at stride 1 (overall stride 4 instead of 32)
-MBV2_CIFAR_STAGES = [(t, c, n, 1 if i in (1, 2) else s) for i, (t, c, n, s) in enumerate(MBV2_STAGES)]
 
 
 def sat_init(model: nn.Module) -> None:
@@ -222,13 +211,8 @@ def adabits_state_dict(sd: dict[str, Any], target: dict[str, Any], bits_index: i
         if key.endswith(".aq.alpha") and isinstance(v, Tensor) and v.dim() == 1:
             v = v[bits_index]
         out[key] = v
-    missing = []
-    for k, v in target.items():
-        if k not in out:
-            if k.endswith((".aq.signed", ".wq.rescale_on")):
-                out[k] = v
-            else:
-                missing.append(k)
+    out.update({k: v for k, v in target.items() if k not in out and k.endswith((".aq.signed", ".wq.rescale_on"))})
+    missing = [k for k in target if k not in out]
     if missing:
         raise KeyError(f"not in the authors' state dict: {missing[:8]}")
     return out

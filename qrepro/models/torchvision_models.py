@@ -11,7 +11,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from qrepro.models import MODELS
-from qrepro.models._common import check_dropout, check_positive
+from qrepro.models._common import MBV2_CIFAR_STAGES, check_dropout, check_positive
 
 
 @MODELS.register("resnet18")
@@ -40,34 +40,19 @@ def mobilenet_v2(num_classes: int, width_mult: float = 1.0, dropout: float = 0.2
     return tvm.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=float(width_mult), dropout=dropout)
 
 
-# (t, c, n, s) = expansion, output channels, repeats, stride of the first block; ImageNet strides
-# are 1, 2, 2, 2, 1, 2, 1. For 32x32 inputs the first two stride-2 stages (24 and 32 channels) use
-# stride 1 and the stem conv too, so the total downsampling is 4 (32x32 -> 8x8 before pooling, the
-# same final map as the CIFAR ResNets) instead of 32 (which would leave a 1x1 map).
-_CIFAR_MBV2_SETTING = [
-    [1, 16, 1, 1],
-    [6, 24, 2, 1],
-    [6, 32, 3, 1],
-    [6, 64, 4, 2],
-    [6, 96, 3, 1],
-    [6, 160, 3, 2],
-    [6, 320, 1, 1],
-]
-
-
 @MODELS.register("mobilenet_v2_cifar")
 def mobilenet_v2_cifar(num_classes: int, width_mult: float = 1.0, dropout: float = 0.0) -> nn.Module:
     """MobileNet-V2 for 32x32 inputs: stem conv stride 1 and the 24-/32-channel stages at stride 1.
 
     Same blocks and channel widths as the ImageNet model (torchvision implementation); only strides
-    change (see ``_CIFAR_MBV2_SETTING``). No dropout by default (the usual CIFAR setting).
+    change (see ``MBV2_CIFAR_STAGES``). No dropout by default (the usual CIFAR setting).
     """
     check_positive("mobilenet_v2_cifar", "width_mult", width_mult)
     check_dropout("mobilenet_v2_cifar", dropout)
     model = tvm.MobileNetV2(
         num_classes=num_classes,
         width_mult=float(width_mult),
-        inverted_residual_setting=[list(s) for s in _CIFAR_MBV2_SETTING],
+        inverted_residual_setting=[list(s) for s in MBV2_CIFAR_STAGES],
         dropout=dropout,
     )
     stem = model.features[0][0]
