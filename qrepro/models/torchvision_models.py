@@ -14,22 +14,17 @@ from qrepro.models import MODELS
 from qrepro.models._common import MBV2_CIFAR_STAGES, check_dropout, check_positive
 
 
-@MODELS.register("resnet18")
-def resnet18(num_classes: int) -> nn.Module:
-    """torchvision ResNet-18 (11.7M parameters at 1000 classes)."""
-    return tvm.resnet18(weights=None, num_classes=num_classes)
+def _register_resnet(name: str, doc: str) -> None:
+    def factory(num_classes: int) -> nn.Module:
+        return getattr(tvm, name)(weights=None, num_classes=num_classes)
+
+    factory.__doc__ = doc
+    MODELS.register(name)(factory)
 
 
-@MODELS.register("resnet34")
-def resnet34(num_classes: int) -> nn.Module:
-    """torchvision ResNet-34 (21.8M parameters at 1000 classes)."""
-    return tvm.resnet34(weights=None, num_classes=num_classes)
-
-
-@MODELS.register("resnet50")
-def resnet50(num_classes: int) -> nn.Module:
-    """torchvision ResNet-50 v1.5 (stride in the 3x3 conv; 25.6M parameters at 1000 classes)."""
-    return tvm.resnet50(weights=None, num_classes=num_classes)
+_register_resnet("resnet18", "torchvision ResNet-18 (11.7M parameters at 1000 classes).")
+_register_resnet("resnet34", "torchvision ResNet-34 (21.8M parameters at 1000 classes).")
+_register_resnet("resnet50", "torchvision ResNet-50 v1.5 (stride in the 3x3 conv; 25.6M parameters at 1000 classes).")
 
 
 @MODELS.register("mobilenet_v2")

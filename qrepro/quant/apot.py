@@ -17,6 +17,7 @@ from torch import nn
 
 from qrepro.errors import QreproError
 from qrepro.quant.prepare import _layer_infos
+from qrepro.quant.ste import value_ste
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -163,16 +164,14 @@ def pact_weight(w: torch.Tensor, alpha: torch.Tensor, magnitudes: torch.Tensor, 
     Same forward as RCF; alpha only receives gradient through the clip, not through the levels.
     """
     c = torch.minimum(torch.maximum(_weight_source(w, grad), -alpha), alpha)
-    q = alpha.detach() * project_signed(c.detach() / alpha.detach(), magnitudes)
-    out = c + (q - c).detach()
+    out = value_ste(c, alpha.detach() * project_signed(c.detach() / alpha.detach(), magnitudes))
     return _straight_through(out, w, grad)
 
 
 def pact_act(x: torch.Tensor, alpha: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Plain clipping of activations with the PACT gradient: dx^/dalpha = 1[x > alpha], no lower clamp."""
     c = torch.minimum(x, alpha)
-    q = alpha.detach() * project(c.detach() / alpha.detach(), levels)
-    return c + (q - c).detach()
+    return value_ste(c, alpha.detach() * project(c.detach() / alpha.detach(), levels))
 
 
 def _weight_source(w: torch.Tensor, grad: str) -> torch.Tensor:

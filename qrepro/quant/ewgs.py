@@ -21,14 +21,12 @@ clipping) keeps its true gradient, so ``l`` and ``u`` are learned. δ is either 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from qrepro.errors import QreproError
-
-HALF_NORMAL_STD = math.sqrt(1.0 - 2.0 / math.pi)
+from qrepro.quant.tr import HALF_NORMAL_STD
 
 
 def levels(bits: int) -> int:

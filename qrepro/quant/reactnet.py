@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from qrepro.errors import QreproError
-from qrepro.quant.ste import SavesInputs, clip
+from qrepro.quant.ste import SavesInputs, clip, value_ste
 
 ACT_GRADS = ("approx", "ste")
 WEIGHT_SCALES = ("channel", "tensor", "none")
@@ -61,8 +61,7 @@ def binary_activation(x: torch.Tensor, grad: str = "approx") -> torch.Tensor:
         return _ApproxSign.apply(x)
     if grad != "ste":
         raise QreproError(f"binary activation gradient {grad!r} is not valid; choose one of {', '.join(ACT_GRADS)}")
-    f = _clamp_unit(x)
-    return f + (torch.sign(x) - f).detach()
+    return value_ste(_clamp_unit(x), torch.sign(x))
 
 
 def weight_scale(w: torch.Tensor, mode: str = "channel") -> torch.Tensor:
@@ -80,8 +79,7 @@ def weight_scale(w: torch.Tensor, mode: str = "channel") -> torch.Tensor:
 
 def binarize_weight(w: torch.Tensor, scale: str = "channel") -> torch.Tensor:
     """α·sign(W) forward, gradient of clamp(W, −1, 1) backward (ReActNet's ``HardBinaryConv``)."""
-    c = _clamp_unit(w)
-    return c + (weight_scale(w, scale) * torch.sign(w) - c).detach()
+    return value_ste(_clamp_unit(w), weight_scale(w, scale) * torch.sign(w))
 
 
 def _clamp_unit(x: torch.Tensor) -> torch.Tensor:
