@@ -152,13 +152,9 @@ def tensor_bundle(
     return DataBundle(tr, te, classes, xtr.shape[1], xtr.shape[-1], len(ytr), len(yte))
 
 
-def _load_all() -> None:
-    import_submodules(__name__, __path__)
-
-
 def build_data(name: str, **kwargs: Any) -> DataBundle:
     """Build the registered dataset ``name`` (see configs/dataset/<name>.yaml for the keys)."""
-    _load_all()
+    import_submodules(__name__, __path__)
     factory = DATASETS.get(name)
     try:
         return factory(**kwargs)

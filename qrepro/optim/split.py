@@ -41,9 +41,8 @@ class SGDAdam(torch.optim.SGD):
         for g in self.param_groups:
             g.setdefault("adam", False)
             if g["adam"]:
-                g.setdefault("betas", (0.9, 0.999))
+                g["betas"] = tuple(g.get("betas", (0.9, 0.999)))
                 g.setdefault("eps", 1e-8)
-                g["betas"] = tuple(g["betas"])
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -78,9 +78,7 @@ QUANT_LAYERS = (QConv2d, QLinear)
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QConv2d | QLinear]]:
     """(name, layer) for every quantized layer of ``model`` in module order."""
-    for name, m in model.named_modules():
-        if isinstance(m, QUANT_LAYERS):
-            yield name, m
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, QUANT_LAYERS))
 
 
 def is_quantizer_param(qualified_name: str) -> bool:
