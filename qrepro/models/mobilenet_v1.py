@@ -20,10 +20,6 @@ from qrepro.models._common import check_positive, conv_bn, kaiming_fan_out_init
 _BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2), (1024, 1)]
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(*conv_bn(cin, cout, kernel, stride, groups))
-
-
 class MobileNetV1(nn.Module):
     """MobileNet-V1 with width multiplier ``width_mult``."""
 
@@ -33,11 +29,11 @@ class MobileNetV1(nn.Module):
         def ch(c: int) -> int:
             return max(8, int(c * width_mult))
 
-        layers = [_conv_bn_relu(in_chans, ch(32), 3, 2)]
+        layers = [nn.Sequential(*conv_bn(in_chans, ch(32), 3, 2))]
         cin = ch(32)
         for cout, stride in _BLOCKS:
-            layers.append(_conv_bn_relu(cin, cin, 3, stride, groups=cin))  # depthwise
-            layers.append(_conv_bn_relu(cin, ch(cout), 1, 1))  # pointwise
+            layers.append(nn.Sequential(*conv_bn(cin, cin, 3, stride, groups=cin)))  # depthwise
+            layers.append(nn.Sequential(*conv_bn(cin, ch(cout), 1)))  # pointwise
             cin = ch(cout)
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
