@@ -11,8 +11,6 @@ from qrepro.quant.methods import LayerInfo, Method
 def _layer_infos(model: nn.Module, w_bits: int, a_bits: int) -> list[LayerInfo]:
     named = list(model.named_modules())
     cand = [(i, n, m) for i, (n, m) in enumerate(named) if type(m) in (nn.Conv2d, nn.Linear, QConv2d, QLinear)]
-    if not cand:
-        return []
     last_linear = max((k for k, (_, _, m) in enumerate(cand) if isinstance(m, nn.Linear)), default=None)
     infos = []
     for k, (i, n, m) in enumerate(cand):
