@@ -124,12 +124,7 @@ class TransitionRateMixin:
     param_groups: list[dict[str, Any]]
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        *,
-        model: nn.Module,
-        tr: TRConfig | dict[str, Any] | None = None,
-        **kwargs: Any,
+        self, params: Iterable[Any], *, model: nn.Module, tr: TRConfig | dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         self.tr_cfg = cfg = TRConfig.from_any(tr)
         layers = tr_layers(model)
@@ -170,10 +165,7 @@ class TransitionRateMixin:
     # -- construction ------------------------------------------------------------------------------------
     @staticmethod
     def _tr_split_groups(
-        params: Iterable[Any],
-        layers: list[tuple[str, nn.Parameter, nn.Module]],
-        cfg: TRConfig,
-        base_lr: float,
+        params: Iterable[Any], layers: list[tuple[str, nn.Parameter, nn.Module]], cfg: TRConfig, base_lr: float
     ) -> list[dict[str, Any]]:
         params = list(params)
         if params and not isinstance(params[0], dict):

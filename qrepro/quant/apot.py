@@ -214,12 +214,7 @@ def weight_norm(w: torch.Tensor, *, eps: float = 1e-5, unbiased: bool = False, d
 
 # ------------------------------------------------------------------------------------------- Lloyd-Max
 def lloyd_max_levels(
-    samples: torch.Tensor,
-    n_levels: int,
-    *,
-    iters: int = 30,
-    fix_zero: bool = True,
-    init: torch.Tensor | None = None,
+    samples: torch.Tensor, n_levels: int, *, iters: int = 30, fix_zero: bool = True, init: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Lloyd-Max levels (Cai et al., 2017; APoT Table 3 "Lloyd") fitted to ``samples`` (1-D).
 

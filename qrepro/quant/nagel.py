@@ -98,11 +98,7 @@ def mse_scale(x: torch.Tensor, bits: int, num_candidates: int = 100, margin: flo
 
 @torch.no_grad()
 def track_oscillations(
-    x_int: torch.Tensor,
-    prev_int: torch.Tensor,
-    prev_dir: torch.Tensor,
-    freq: torch.Tensor,
-    momentum: float,
+    x_int: torch.Tensor, prev_int: torch.Tensor, prev_dir: torch.Tensor, freq: torch.Tensor, momentum: float
 ) -> torch.Tensor:
     """One tracking step, in place on ``prev_int``, ``prev_dir``, ``freq``: returns the 0/1 oscillation mask."""
     delta = torch.round(prev_int - x_int)

@@ -128,11 +128,7 @@ def std_rescale(q: torch.Tensor, w: torch.Tensor, variance: str = "mean_square")
 
 
 def pact(
-    x: torch.Tensor,
-    alpha: torch.Tensor,
-    bits: int,
-    calibrated: bool = True,
-    signed: bool | torch.Tensor = False,
+    x: torch.Tensor, alpha: torch.Tensor, bits: int, calibrated: bool = True, signed: bool | torch.Tensor = False
 ) -> torch.Tensor:
     """PACT activation quantization, Eq. (11): clip x to [0, |alpha|] (or [-|alpha|, |alpha|] when signed)
     and quantize q = lo + (|alpha| - lo) q_k((x~ - lo) / (|alpha| - lo)) with a = 2^b - 1 levels steps.
