@@ -21,8 +21,7 @@ class DeviceLoader:
     """Wraps a DataLoader of uint8 batches: moves them to the device and normalises there."""
 
     def __init__(self, loader, device: torch.device, mean, std, raw255: bool) -> None:
-        self.loader, self.device = loader, device
-        self.raw255 = raw255
+        self.loader, self.device, self.raw255 = loader, device, raw255
         self.mean = torch.tensor(mean).view(1, -1, 1, 1).to(device) * 255 if mean else None
         self.std = torch.tensor(std).view(1, -1, 1, 1).to(device) * 255 if std else None
 
