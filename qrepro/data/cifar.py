@@ -33,10 +33,6 @@ _TV_DIRS = {10: "cifar-10-batches-py", 100: "cifar-100-python"}
 _IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QREPRO_CACHE", Path.home() / ".cache" / "qrepro"))
-
-
 def _decode(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -93,7 +89,7 @@ def _from_members(members: list[tuple[str, bytes]], root: str) -> dict[str, tupl
 def _load_archive(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    cached = cache_dir() / f"{path.name}.{key}.pt"
+    cached = Path(os.environ.get("QREPRO_CACHE", Path.home() / ".cache" / "qrepro")) / f"{path.name}.{key}.pt"
     if cached.exists():
         try:
             return torch.load(cached, weights_only=True)
