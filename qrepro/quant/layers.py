@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_HALF = (torch.float16, torch.bfloat16)
-
 
 class _QMixin:
     wq: nn.Module | None
@@ -40,7 +38,7 @@ class _QMixin:
         """``q(t)``; under trainer.amp (or for a half-precision input) the quantizer's arithmetic stays float32."""
         if q is None:
             return t
-        if torch.is_autocast_enabled(t.device.type) or (half_input and t.dtype in _HALF):
+        if torch.is_autocast_enabled(t.device.type) or (half_input and t.dtype in (torch.float16, torch.bfloat16)):
             with torch.autocast(t.device.type, enabled=False):
                 return q(t.float())
         return q(t)

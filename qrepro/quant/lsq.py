@@ -86,13 +86,6 @@ def lsqplus_act_init_minmax(x: torch.Tensor, qn: int, qp: int) -> tuple[torch.Te
     return s, lo + qn * s
 
 
-def _sample(x: torch.Tensor, max_elems: int) -> torch.Tensor:
-    flat = x.detach().reshape(-1)
-    if flat.numel() <= max_elems:
-        return flat
-    return flat[:: math.ceil(flat.numel() / max_elems)]  # deterministic strided subsample
-
-
 @torch.no_grad()
 def lsqplus_act_init_mse(
     x: torch.Tensor, qn: int, qp: int, grid: int = 100, max_elems: int = 1 << 16
@@ -103,7 +96,8 @@ def lsqplus_act_init_mse(
     (j = 0..grid/10; only lo = min(x) when min(x) >= 0), s = (hi - lo)/(Q_P + Q_N), beta = lo + Q_N·s; at most
     ``max_elems`` values of ``x`` (a strided subsample) enter the error. Ties keep the widest range.
     """
-    v = _sample(x, max_elems)
+    flat = x.detach().reshape(-1)
+    v = flat[:: max(1, math.ceil(flat.numel() / max_elems))]
     mn, mx = v.amin(), v.amax()
     if not bool(mx > mn):
         return lsqplus_act_init_minmax(x, qn, qp)
