@@ -21,12 +21,6 @@ def _layer_infos(model: nn.Module, w_bits: int, a_bits: int) -> list[LayerInfo]:
     return infos
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def prepare(model: nn.Module, method: Method) -> nn.Module:
     """Quantize ``model`` in place with ``method`` (parameters are shared, names unchanged)."""
     for info in _layer_infos(model, method.w_bits, method.a_bits):
@@ -36,5 +30,6 @@ def prepare(model: nn.Module, method: Method) -> nn.Module:
         if wq is None and aq is None:
             continue
         cls = QConv2d if isinstance(info.module, nn.Conv2d) else QLinear
-        _set_submodule(model, info.name, cls.from_float(info.module, wq, aq))
+        parent, _, child = info.name.rpartition(".")
+        setattr(model.get_submodule(parent), child, cls.from_float(info.module, wq, aq))  # "" is the model itself
     return model
