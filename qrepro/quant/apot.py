@@ -80,9 +80,7 @@ def magnitude_levels(family: str, bits: int) -> torch.Tensor:
 
     2-bit weights are ternary whatever the family ({0, 1} magnitudes: Q(alpha, 2) = {-alpha, 0, alpha}).
     """
-    if bits == 2:
-        return torch.tensor([0.0, 1.0], dtype=torch.float64)
-    return level_set(family, bits - 1)
+    return torch.tensor([0.0, 1.0], dtype=torch.float64) if bits == 2 else level_set(family, bits - 1)
 
 
 # ------------------------------------------------------------------------------------------- projection
@@ -271,9 +269,7 @@ def quantization_error(w: torch.Tensor, alpha: torch.Tensor | float, magnitudes:
 # -------------------------------------------------------------------------------- model size / FixOPs
 def pot_terms(bits: int, k: int = 2) -> int:
     """Number of additive PoT terms n of an unsigned ``bits``-bit APoT number (Eq. 5: b/k; Eq. 6: n+1)."""
-    if k == 2 and bits % 2 == 1:
-        return (bits - 1) // 2 + 1
-    return max(1, bits // k)
+    return (bits - 1) // 2 + 1 if k == 2 and bits % 2 == 1 else max(1, bits // k)
 
 
 @dataclass

@@ -157,6 +157,4 @@ def pact(
         return xc
     span = a - lo
     q = lo + span * quantize_k((xc - lo) / span, bits)
-    if calibrated:
-        return q
-    return xc + (q - xc).detach()
+    return q if calibrated else value_ste(xc, q)
