@@ -163,14 +163,7 @@ def load_cifar_tensors(root: str | None, classes: int = 10, download: bool = Fal
 
 
 # the loader options (overridden by the dataset config; tensor_bundle takes the others)
-DEFAULTS = {
-    "batch_size": 128,
-    "test_batch_size": 1000,
-    "mean": CIFAR10_MEAN,
-    "std": CIFAR10_STD,
-    "crop_padding": 4,
-    "flip": True,
-}
+DEFAULTS = dict(batch_size=128, test_batch_size=1000, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_padding=4, flip=True)
 
 
 def _build(classes: int):

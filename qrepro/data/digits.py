@@ -24,14 +24,7 @@ def load_digits_tensors(image_size: int = 32, test_fraction: float = 0.2):
 
 
 # the loader options (overridden by the dataset config; tensor_bundle takes the others)
-DEFAULTS = {
-    "batch_size": 64,
-    "test_batch_size": 512,
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-    "crop_padding": 2,
-    "flip": False,
-}
+DEFAULTS = dict(batch_size=64, test_batch_size=512, mean=(0.5,) * 3, std=(0.5,) * 3, crop_padding=2, flip=False)
 
 
 @DATASETS.register("digits")
