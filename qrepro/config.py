@@ -176,7 +176,10 @@ def _without_defaults(overrides: tuple[str, ...], config_name: str) -> tuple[str
 
 
 def _names_run(override: str) -> bool:
-    return key_of(override) not in set(NON_SEMANTIC_KEYS) and not key_of(override).startswith("hydra")
+    """Whether an override changes what a run computes: not a non-semantic key, not Hydra's own (``hydra.run.dir``,
+    ``hydra/launcher=…``). Run directory names and records' overrides both read it."""
+    key = key_of(override)
+    return key not in NON_SEMANTIC_KEYS and not f"{key}.".startswith(("hydra.", "hydra/"))
 
 
 def without_defaults(overrides: Sequence[str], config_name: str = "train") -> list[str]:
@@ -277,9 +280,8 @@ def semantic_overrides(overrides: Sequence[str], *, scratch: bool = False, confi
     recorded with ``init_from=null``."""
     out = [FROM_SCRATCH] if scratch else []
     for o in without_defaults(list(overrides), config_name):
-        key = key_of(o)
-        if key not in NON_SEMANTIC_KEYS and not key.startswith("hydra."):
-            out.append(o.lstrip("+") if key != "seed" else o)
+        if _names_run(o):
+            out.append(o.lstrip("+") if key_of(o) != "seed" else o)
     return sorted(out)
 
 

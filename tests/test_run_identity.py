@@ -74,6 +74,17 @@ def test_an_explicit_default_is_recorded_as_the_cell_and_counts_for_it():
     ]
 
 
+def test_hydra_own_overrides_name_nothing_and_are_not_recorded():
+    """A launcher choice or a run directory changes where a run goes, not what it computes: neither the run's
+    directory name nor the record's overrides (which table cells match on) hold it."""
+    from qrepro.config import semantic_overrides
+
+    cell = ["+experiment=demo_digits_fp", "seed=2"]
+    for own in ("hydra/launcher=submitit_local", "hydra.run.dir=/tmp/x", "hydra.job.chdir=false"):
+        assert run_subdir([*cell, own]) == "seed=2"
+        assert semantic_overrides([*cell, own]) == ["seed=2"]
+
+
 # ------------------------------------------------------------------------------------ a chained cell from scratch
 def test_init_from_null_on_a_chained_cell_names_its_own_run():
     from qrepro.config import semantic_overrides
