@@ -165,6 +165,17 @@ def parse_bits(spec: str | None) -> tuple[dict[str, tuple[int, ...]], tuple[int,
     return per, default
 
 
+def _counts(flag: str, spec: str) -> list[int]:
+    """A comma list of whole numbers >= 1 (``--batch-sizes``, ``--members``), or a one-line error naming the flag."""
+    try:
+        out = [int(k) for k in _csv(spec)]
+    except ValueError:
+        raise QreproError(f"{flag} {spec!r} is not a list of integers (e.g. 1,2,4)") from None
+    if any(k < 1 for k in out):
+        raise QreproError(f"{flag}: every value must be >= 1")
+    return out
+
+
 def _loadavg() -> str | None:
     """The 1/5/15-minute load averages (a shared machine's other jobs slow every case)."""
     try:
@@ -378,6 +389,14 @@ def _error(c: Case, e: Exception) -> Row:
     return _row(c, status=f"error: {type(e).__name__}: {e}".splitlines()[0][:300])
 
 
+def _run_or_error(case: Case, device: torch.device, **timing: Any) -> Row:
+    """:func:`run_case`, or an ``error:`` row: one failing method must not hide the others' numbers."""
+    try:
+        return run_case(case, device, **timing)
+    except Exception as e:  # noqa: BLE001
+        return _error(case, e)
+
+
 def run_interleaved(
     cases: list[Case],
     device: torch.device,
@@ -442,7 +461,7 @@ def run_interleaved(
         progress(i, rows[i])
     for i, c in enumerate(cases):
         if i not in rows:  # an FP case with no case that ran beside it: timed alone
-            rows[i] = run_case(c, device, **timing)
+            rows[i] = _run_or_error(c, device, **timing)
         if c.method == FP_METHOD:
             progress(i, rows[i])
     return [rows[i] for i in range(len(cases))]
@@ -664,14 +683,9 @@ def main(argv: list[str] | None = None) -> int:
             modes = ["eager"] + [m for m in modes if m != "eager"]
         if args.image_size < 8 or args.num_classes < 2:
             raise QreproError("--image-size must be >= 8 and --num-classes >= 2")
-        batch_sizes = [int(b) for b in _csv(args.batch_sizes)]
+        batch_sizes = _counts("--batch-sizes", args.batch_sizes)
         amps = [amp_mode(a) for a in _csv(args.amp)] or ["off"]
-        try:
-            members = [int(k) for k in _csv(args.members)]
-        except ValueError:
-            raise QreproError(f"--members {args.members!r} is not a list of integers (e.g. 1,2,4)") from None
-        if any(k < 1 for k in members):
-            raise QreproError("--members: every K must be >= 1")
+        members = _counts("--members", args.members)
         cases = plan(_csv(args.models), methods, batch_sizes, modes, args.bits, args.image_size, members, amps)
         if args.interleave and args.rounds != 1:
             raise QreproError("--interleave takes every sample in turns already; leave --rounds at 1")
@@ -712,10 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for i, c in enumerate([] if args.interleave else cases * args.rounds, 1):
         t0 = time.perf_counter()
-        try:
-            row = run_case(c, device, **timing)
-        except Exception as e:  # noqa: BLE001 - one failing method must not hide the others' numbers
-            row = _error(c, e)
+        row = _run_or_error(c, device, **timing)
         if i <= len(cases):
             rows.append(row)
         else:

@@ -169,3 +169,23 @@ def test_interleave_without_a_pair_times_fp_alone(tmp_path: Path) -> None:
         rows = json.loads(next(out.glob("*.json")).read_text())["rows"]
         assert rows[0]["method"] == "fp" and rows[0]["status"] == "ok" and len(rows[0]["samples_ms"]) == 2
         assert all(r["status"].startswith("skipped") for r in rows[1:]) and len(rows) == n + 1
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-sizes", "8,x"), ("--batch-sizes", "0"), ("--members", "1,two")])
+def test_a_bad_count_list_is_one_line_error(flag: str, value: str, capsys) -> None:
+    assert bench.main([flag, value, "--out", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag}") and err.count("\n") == 1
+
+
+def test_interleave_reports_fp_alone_that_fails_as_an_error_row(tmp_path: Path, monkeypatch) -> None:
+    """FP timed alone under --interleave fails like any grid case: an ``error:`` row, and the results are written."""
+
+    def broken(*a, **kw):
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(bench, "run_case", broken)
+    args = ["--models", "small_cnn", "--batch-sizes", "4", "--modes", "eager", "--methods", "fp", "--interleave"]
+    assert bench.main([*args, "--warmup", "1", "--steps", "1", "--window", "1", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert row["status"] == "error: RuntimeError: out of memory"
