@@ -361,6 +361,7 @@ def test_bad_ptq_launch_is_one_line_and_writes_nothing(tmp_path, digits_ckpt, ca
         "use a list of [w_bits, a_bits] pairs": [f"init_from={digits_ckpt}", "ptq.bits=[4,4]"],
         "ptq a_bits=40 out of range": [f"init_from={digits_ckpt}", "ptq.bits=[[4,40]]"],
         "ptq.use_ema='maybe' is invalid": [f"init_from={digits_ckpt}", "ptq.use_ema=maybe"],
+        "ptq.round_warmup must be in [0, 1), got 1.0": [f"init_from={digits_ckpt}", "ptq.round_warmup=1.0"],
         "ptq needs the FP checkpoint": [],
         "is corrupt": [f"init_from={corrupt}"],
         "does not exist": [f"init_from={tmp_path / 'nope.pt'}"],

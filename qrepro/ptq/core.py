@@ -143,6 +143,8 @@ class PTQConfig:
             raise QreproError(f"ptq.act_lr_schedule={self.act_lr_schedule!r}; choose cosine or constant")
         if not 0.0 <= self.drop_prob < 1.0:
             raise QreproError(f"ptq.drop_prob must be in [0, 1), got {self.drop_prob}")
+        if not 0.0 <= self.round_warmup < 1.0:  # the rounding regulariser needs at least one step after warmup
+            raise QreproError(f"ptq.round_warmup must be in [0, 1), got {self.round_warmup}")
         if not self.weight_step_scale > 0:
             raise QreproError("ptq.weight_step_scale must be > 0")
 
