@@ -417,9 +417,7 @@ def _train_members(cfg, members: list[_Member], experiment, member_overrides_, d
             t, f = m.trainer, m.trainer.f
             with t.rng:
                 t.setup()
-            slots[id(t)] = MemberSlot(
-                f.model, f.optimizer, f.scheduler, f.hooks, f.ema, t.ctx, t.rng, f.scaler, m.label
-            )
+            slots[id(t)] = MemberSlot(f.model, f.optimizer, f.scheduler, f.hooks, f.ema, t.ctx, t.rng, f.scaler)
         train_trainers(
             [m.trainer for m in members], batched, int(cfg.trainer.epochs), lambda t: _finish_member(by_trainer[id(t)])
         )

@@ -276,7 +276,6 @@ class MemberSlot:
     ctx: Any
     rng: RngState
     scaler: Any = None
-    label: str = ""
 
 
 class BatchedStep:
