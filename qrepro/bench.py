@@ -44,7 +44,7 @@ from qrepro.engine.loop import train_one_epoch
 from qrepro.engine.members import BatchedStep, MemberSlot, RngState
 from qrepro.engine.precision import amp_mode, autocast_factory, make_scaler
 from qrepro.engine.record import git_info, versions, write_json_atomic
-from qrepro.errors import QreproError
+from qrepro.errors import QreproError, report
 from qrepro.hooks import Context
 from qrepro.models import build_model
 from qrepro.optim import build_optimizer, build_scheduler
@@ -690,8 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.interleave and args.rounds != 1:
             raise QreproError("--interleave takes every sample in turns already; leave --rounds at 1")
     except QreproError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     slug = device_slug(device) + (f"-{args.tag}" if args.tag else "")
     out = Path(args.out)
     meta: dict[str, Any] = {
@@ -711,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = {k: getattr(args, k) for k in ("warmup", "steps", "window", "backend", "num_classes")}
     rows: list[Row] = []
 
-    def report(i: int, r: Row, seconds: float) -> None:
+    def progress(i: int, r: Row, seconds: float) -> None:
         print(
             f"[{i}/{len(cases) * args.rounds}] {r.model} b{r.batch_size} {r.method} {r.precision} {r.mode} "
             f"K={r.members} amp={r.amp}: {_fmt(r.step_ms, '.1f')} ms/step {_fmt(r.images_per_s, '.0f')} img/s  "
@@ -722,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interleave:
         t0 = time.perf_counter()
         rows = run_interleaved(
-            cases, device, progress=lambda i, r: report(i + 1, r, time.perf_counter() - t0), **timing
+            cases, device, progress=lambda i, r: progress(i + 1, r, time.perf_counter() - t0), **timing
         )
     for i, c in enumerate([] if args.interleave else cases * args.rounds, 1):
         t0 = time.perf_counter()
@@ -731,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         else:
             merge_rounds(rows[(i - 1) % len(cases)], row)
-        report(i, row, time.perf_counter() - t0)
+        progress(i, row, time.perf_counter() - t0)
     add_ratios(rows)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     meta["load_after"] = _loadavg()

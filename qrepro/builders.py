@@ -29,7 +29,7 @@ from qrepro.errors import QreproError
 from qrepro.models import build_model
 from qrepro.optim import build_optimizer, build_scheduler
 from qrepro.quant import build_method, prepare
-from qrepro.quant.methods import VALID_BITS
+from qrepro.validation import check_precision
 
 _plain = plain  # the older name, still imported by tests
 
@@ -58,12 +58,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_precision(w_bits: int, a_bits: int) -> None:
-    for what, b in (("precision.w_bits", w_bits), ("precision.a_bits", a_bits)):
-        if b not in VALID_BITS:
-            raise QreproError(f"{what}={b} is out of range; use 1..8 or 32 (full precision), e.g. precision=w4a4")
-
-
 def build_model_from_cfg(cfg: DictConfig, num_classes: int) -> nn.Module:
     """The full-precision network of ``cfg.model`` (before the method swaps its layers)."""
     mcfg = plain(cfg.model)
@@ -78,7 +72,7 @@ def build_method_from_cfg(cfg: DictConfig, w_bits: int, a_bits: int) -> Any:
 
 def build_model_and_method(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Any]:
     """The model of ``cfg`` with its layers swapped by the method at ``cfg.precision``."""
-    check_precision(cfg.precision.w_bits, cfg.precision.a_bits)
+    check_precision(plain(cfg.precision))
     model = build_model_from_cfg(cfg, num_classes)
     method = build_method_from_cfg(cfg, cfg.precision.w_bits, cfg.precision.a_bits)
     bind = getattr(method.loss, "bind_models", None)

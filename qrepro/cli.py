@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from qrepro.config import CONFIG_DIR, add_group_plus, check_group_choices, register_resolvers
 from qrepro.engine.fsio import atomic_write
 from qrepro.engine.record import write_json_atomic
-from qrepro.errors import QreproError
+from qrepro.errors import QreproError, report
 from qrepro.validation import precheck
 
 # Hydra's own command-line flags: those that take a value, and those after which Hydra prints and runs nothing
@@ -98,8 +98,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*a, **kw)
         except QreproError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            raise SystemExit(report(e)) from None
         except KeyboardInterrupt as e:
             raise interrupted(e) from None
 

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from qrepro.config import run_subdir
 from qrepro.engine.rundir import file_sha256
-from qrepro.errors import QreproError
+from qrepro.errors import QreproError, report
 from qrepro.tables.compare import elsewhere
 from qrepro.tables.records import (
     DEFAULT_RUN_ROOTS,
@@ -405,8 +405,7 @@ def from_train_argv(train_argv: Sequence[str], runner: Runner = subprocess_runne
     try:
         argv = table_argv(train_argv)
     except QreproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     return None if argv is None else main(argv, runner=runner)
 
 
@@ -442,8 +441,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
             table, jobs, runner=runner, dry_run=args.dry_run, python=args.python, members=members, records=records
         )
     except QreproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,8 @@ def _check_scheduler(s: dict[str, Any]) -> None:
             raise _bad("scheduler.milestones", m, "an ascending list of epoch numbers", "[80,120]")
 
 
-def _check_precision(pr: dict[str, Any]) -> None:
+def check_precision(pr: dict[str, Any]) -> None:
+    """``precision.w_bits``/``a_bits``: whole numbers in 1..8 or 32 (the launch's check and every build's)."""
     for k in ("w_bits", "a_bits"):
         v = pr.get(k)
         if not _is_int(v) or v not in VALID_BITS:
@@ -231,7 +232,7 @@ def validate_config(cfg: DictConfig | dict[str, Any]) -> None:
         "trainer": _check_trainer,
         "optimizer": _check_optimizer,
         "scheduler": _check_scheduler,
-        "precision": _check_precision,
+        "precision": check_precision,
         "dataset": _check_dataset,
         "ptq": _check_ptq,
     }

@@ -43,6 +43,14 @@ def test_api_float64_and_schedule():
     assert 0.0 <= run.evaluate()["test_top1"] <= 100.0
 
 
+def test_api_build_checks_the_precision_as_the_launch_does():
+    from qrepro.errors import QreproError
+
+    for bad, shown in (("9", "9"), ("4.5", "4.5")):
+        with pytest.raises(QreproError, match=rf"^precision.w_bits={shown} is out of range; use 1..8 or 32"):
+            build([*BASE, *CASES["fp"], f"precision.w_bits={bad}"], load_data=False, num_classes=10, steps_per_epoch=1)
+
+
 def test_api_without_data_needs_sizes():
     with pytest.raises(ValueError, match="num_classes"):
         build([*BASE, *CASES["fp"]], load_data=False)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from qrepro.errors import QreproError
+from qrepro.errors import QreproError, report
 from qrepro.tables import figures as figs
 from qrepro.tables.compare import Row, compare, failures, summary
 from qrepro.tables.coverage import coverage, replace_block, update_readme_coverage
@@ -268,5 +268,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except QreproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)

@@ -8,13 +8,12 @@ row is); every other number is grouped by its row's ``why`` and the row's method
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qrepro.errors import QreproError
+from qrepro.errors import QreproError, report
 from qrepro.tables.schema import Cell, Table, default_configs, load_table, table_paths
 
 NO_FP_ROW = "the FP value has no row of its own in the table"
@@ -175,6 +174,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(coverage_markdown(load_coverage(args.configs)), end="")
     except QreproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     return 0

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from qrepro.errors import QreproError
+from qrepro.errors import QreproError, report
 from qrepro.tables.records import DEFAULT_RUN_ROOTS, Record, load_records, match_cell, override_key
 from qrepro.tables.render import fmt
 from qrepro.tables.schema import default_configs, load_table, resolve_table
@@ -217,8 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except QreproError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     except BrokenPipeError:  # `qrepro-runs | head`
         sys.stderr.close()
         return 0
