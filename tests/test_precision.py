@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qrepro.builders import VALID_BITS, make_logger
+from qrepro.builders import make_logger
 from qrepro.cli import CONFIG_DIR
+from qrepro.quant.methods import VALID_BITS
 from qrepro.train import compose, train
 
 ROOT = Path(__file__).resolve().parents[1]
