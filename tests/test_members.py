@@ -253,6 +253,42 @@ def test_digits_multirun_batched_equals_separate(tmp_path, float64_trainer, sepa
     assert all(r.skipped for r in _train(["seed=0", "trainer.members=3"], separate_dir))
 
 
+def test_a_diverged_member_leaves_and_the_others_train_on_as_separate_runs(
+    tmp_path, float64_trainer, separate_dir, monkeypatch
+):
+    """Member seed=1's epoch-1 loss read as NaN: it leaves the batch with a diverged record, the launch ends with
+    the one-line error naming it, and seeds 0 and 2 train epoch 2 as a batch of two (the step rebuilt without
+    it), still equal to their separate runs."""
+    import qrepro.engine.members as mm
+
+    seen, sizes = {"epoch": None}, {}
+    orig_epoch, orig_step = mm.BatchedEpoch.epoch, mm.BatchedStep.__call__
+
+    def epoch(self, e):
+        seen["epoch"] = e
+        return orig_epoch(self, e)
+
+    def step(self, xs, ys):
+        losses, correct = orig_step(self, xs, ys)
+        sizes.setdefault(seen["epoch"], set()).add(len(self.slots))
+        if seen["epoch"] == 0 and len(self.slots) == 3:
+            losses = losses.clone()
+            losses[1] = float("nan")
+        return losses, correct
+
+    monkeypatch.setattr(mm.BatchedEpoch, "epoch", epoch)
+    monkeypatch.setattr(mm.BatchedStep, "__call__", step)
+    with pytest.raises(QreproError, match=r"^training diverged: member seed=1: "):
+        _train(["seed=0", "trainer.members=3"], tmp_path)
+    assert sizes == {0: {3}, 1: {2}}
+    assert _rec(tmp_path, 1)["status"] == "diverged" and _rec(tmp_path, 1)["metrics"]["epochs_done"] == 0
+    for s in (0, 2):
+        a, b = _rec(tmp_path, s), _rec(separate_dir, s)
+        assert a["status"] == "complete" and a["metrics"]["epochs_done"] == 2
+        for k in ("train_loss", "test_loss", "test_top1"):
+            assert a["curves"][k] == pytest.approx(b["curves"][k], rel=1e-9, abs=1e-12), (s, k)
+
+
 def test_batched_job_resumes_every_member(tmp_path, float64_trainer, separate_dir, monkeypatch):
     """A batch stopped after epoch 1 (one member's checkpoint lost, as in a kill between writes) resumes every
     member: the lagging one catches up alone, then the batch finishes; results equal the uninterrupted runs."""
